@@ -1,0 +1,9 @@
+//! The sparse Mixture-of-Experts layer of `moe-layers`: a router, a bank of
+//! experts and a dispatch strategy composed into [`SparseMoe`], the drop-in
+//! replacement for a transformer's feed-forward network.
+
+mod config;
+mod sparse_moe;
+
+pub use config::SparseMoeConfig;
+pub use sparse_moe::{MoeOutput, SparseMoe};

@@ -1,0 +1,46 @@
+use crate::{MoeError, Result};
+use serde::{Deserialize, Serialize};
+use std::str::FromStr;
+use tch::Device;
+
+/// Where to run: the first GPU when there is one (`auto`), the CPU, or CUDA
+/// (an error where no GPU is usable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl DeviceChoice {
+    /// Resolves the choice to a libtorch device.
+    pub fn resolve(self) -> Result<Device> {
+        match self {
+            DeviceChoice::Auto => Ok(Device::cuda_if_available()),
+            DeviceChoice::Cpu => Ok(Device::Cpu),
+            DeviceChoice::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+            DeviceChoice::Cuda => Err(MoeError::DeviceUnavailable(
+                "`cuda` was asked for but libtorch sees no CUDA device \
+                 (no GPU, no driver, or a CPU-only libtorch); use --device cpu or auto"
+                    .to_string(),
+            )),
+        }
+    }
+}
+
+impl FromStr for DeviceChoice {
+    type Err = MoeError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(DeviceChoice::Auto),
+            "cpu" => Ok(DeviceChoice::Cpu),
+            "cuda" | "gpu" => Ok(DeviceChoice::Cuda),
+            other => Err(MoeError::DeviceUnavailable(format!(
+                "unknown device `{other}`: expected one of auto, cpu, cuda"
+            ))),
+        }
+    }
+}

@@ -1,0 +1,92 @@
+use std::path::PathBuf;
+
+/// Everything a user of the library can get wrong, with a message that says
+/// what was wrong and what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum MoeError {
+    /// A configuration value is out of range or inconsistent with another.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// A tensor has the wrong number of dimensions or the wrong size.
+    #[error("wrong shape for {what}: expected {expected}, got {got:?}")]
+    Shape {
+        what: String,
+        expected: String,
+        got: Vec<i64>,
+    },
+
+    /// A tensor has the wrong element type.
+    #[error("wrong dtype for {what}: expected {expected}, got {got:?}")]
+    Kind {
+        what: String,
+        expected: String,
+        got: tch::Kind,
+    },
+
+    /// A tensor lives on another device than the module's parameters.
+    #[error("wrong device for {what}: expected {expected:?}, got {got:?}")]
+    Device {
+        what: String,
+        expected: tch::Device,
+        got: tch::Device,
+    },
+
+    /// A device was asked for that this machine or build cannot provide.
+    #[error("device unavailable: {0}")]
+    DeviceUnavailable(String),
+
+    /// A token id is not in `0..vocab_size`.
+    #[error("token id {id} is outside the vocabulary (expected 0 <= id < {vocab_size})")]
+    TokenOutOfVocab { id: i64, vocab_size: i64 },
+
+    /// A character or string cannot be encoded by the tokenizer.
+    #[error("cannot encode {0}")]
+    Encode(String),
+
+    /// A sequence is longer than the model's context window.
+    #[error("sequence of length {len} is longer than the context (block_size = {block_size})")]
+    SequenceTooLong { len: i64, block_size: i64 },
+
+    /// The training data cannot be used.
+    #[error("data error: {0}")]
+    Data(String),
+
+    /// A checkpoint is missing, truncated, corrupt or does not match the config.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
+
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Training diverged.
+    #[error("training diverged: {0}")]
+    Diverged(String),
+
+    /// An error raised inside libtorch.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+impl MoeError {
+    /// Shorthand for [`MoeError::Config`].
+    pub fn config(msg: impl Into<String>) -> Self {
+        MoeError::Config(msg.into())
+    }
+
+    /// Shorthand for [`MoeError::Io`].
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        MoeError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// `Result` with [`MoeError`].
+pub type Result<T, E = MoeError> = std::result::Result<T, E>;

@@ -1,0 +1,18 @@
+//! Shared foundations of `moe-layers`: the [`MoeError`] type every crate
+//! returns, weight-initialisation schemes, device selection, the [`Routing`]
+//! that routers produce and dispatchers consume, and small tensor checks.
+//!
+//! Every other crate of the workspace depends on this one and on nothing
+//! above it.
+
+mod check;
+mod device;
+mod error;
+mod init;
+mod routing;
+
+pub use check::{check_float, check_rank, check_same_device};
+pub use device::DeviceChoice;
+pub use error::{MoeError, Result};
+pub use init::{linear, WeightInit};
+pub use routing::Routing;

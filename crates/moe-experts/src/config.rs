@@ -1,0 +1,59 @@
+use moe_core::{MoeError, Result, WeightInit};
+use serde::{Deserialize, Serialize};
+
+/// Configuration of an [`crate::ExpertBank`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExpertConfig {
+    /// Number of experts `E`.
+    pub num_experts: i64,
+    /// Token width `d`.
+    pub input_dim: i64,
+    /// Hidden width `h` of each expert (makeMoE: `4 d`).
+    pub hidden_dim: i64,
+    /// Dropout on each expert's output.
+    pub dropout: f64,
+    pub init: WeightInit,
+}
+
+impl Default for ExpertConfig {
+    /// makeMoE's experts: 8 x Linear(128, 512)-ReLU-Linear(512, 128)-Dropout(0.1).
+    fn default() -> Self {
+        ExpertConfig {
+            num_experts: 8,
+            input_dim: 128,
+            hidden_dim: 512,
+            dropout: 0.1,
+            init: WeightInit::default(),
+        }
+    }
+}
+
+impl ExpertConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.num_experts <= 0 {
+            return Err(MoeError::config(format!(
+                "num_experts must be at least 1, got {}",
+                self.num_experts
+            )));
+        }
+        if self.input_dim <= 0 || self.hidden_dim <= 0 {
+            return Err(MoeError::config(format!(
+                "expert input_dim ({}) and hidden_dim ({}) must be positive",
+                self.input_dim, self.hidden_dim
+            )));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(MoeError::config(format!(
+                "expert dropout must be in [0, 1), got {}",
+                self.dropout
+            )));
+        }
+        Ok(())
+    }
+
+    /// Parameters of one expert: `2 d h + h + d`.
+    pub fn params_per_expert(&self) -> i64 {
+        2 * self.input_dim * self.hidden_dim + self.hidden_dim + self.input_dim
+    }
+}

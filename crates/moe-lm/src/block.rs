@@ -1,0 +1,52 @@
+use crate::ModelConfig;
+use moe_attention::CausalSelfAttention;
+use moe_block::{MoeOutput, SparseMoe};
+use moe_core::Result;
+use tch::{nn, nn::Module, Tensor};
+
+/// A pre-LayerNorm transformer block whose feed-forward network is a sparse
+/// MoE layer (makeMoE's `Block`): communication, then computation,
+///
+/// `h = x + Attn(LN_1(x))`, `y = h + MoE(LN_2(h))`.
+#[derive(Debug)]
+pub struct Block {
+    ln1: nn::LayerNorm,
+    attn: CausalSelfAttention,
+    ln2: nn::LayerNorm,
+    moe: SparseMoe,
+}
+
+impl Block {
+    /// Parameters: `p/{ln1,attn,ln2,moe}`.
+    pub fn new(p: &nn::Path, config: &ModelConfig) -> Result<Self> {
+        let c = config.n_embd;
+        Ok(Block {
+            ln1: nn::layer_norm(p / "ln1", vec![c], Default::default()),
+            attn: CausalSelfAttention::new(&(p / "attn"), config.attention_config())?,
+            ln2: nn::layer_norm(p / "ln2", vec![c], Default::default()),
+            moe: SparseMoe::new(&(p / "moe"), config.moe_config())?,
+        })
+    }
+
+    /// `x: [B, T, C]` -> the block's output and the MoE layer's routing.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<MoeOutput> {
+        let h = x + self.attn.forward_t(&self.ln1.forward(x), train)?;
+        let moe = self.moe.forward_t(&self.ln2.forward(&h), train)?;
+        Ok(MoeOutput {
+            output: h + moe.output,
+            routing: moe.routing,
+        })
+    }
+
+    pub fn attention(&self) -> &CausalSelfAttention {
+        &self.attn
+    }
+
+    pub fn moe(&self) -> &SparseMoe {
+        &self.moe
+    }
+
+    pub fn moe_mut(&mut self) -> &mut SparseMoe {
+        &mut self.moe
+    }
+}

@@ -1,0 +1,221 @@
+use moe_attention::{AttentionConfig, AttentionPath, AttentionScale};
+use moe_block::SparseMoeConfig;
+use moe_core::{MoeError, Result, WeightInit};
+use moe_dispatch::DispatchKind;
+use moe_routers::RouterKind;
+use serde::{Deserialize, Serialize};
+use std::str::FromStr;
+
+/// Hyper-parameters of the language model. `Default` is makeMoE's model
+/// with textbook behaviour; [`ModelConfig::preset`] gives makeMoE's quirks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelConfig {
+    /// Vocabulary size (65 characters in tinyshakespeare).
+    pub vocab_size: i64,
+    /// Context length `T`.
+    pub block_size: i64,
+    pub n_embd: i64,
+    pub n_head: i64,
+    pub n_layer: i64,
+    pub dropout: f64,
+    pub num_experts: i64,
+    pub top_k: i64,
+    /// Hidden width of each expert; `None` means `4 * n_embd` (makeMoE).
+    pub expert_hidden: Option<i64>,
+    pub router: RouterKind,
+    pub router_noise_at_eval: bool,
+    pub dispatch: DispatchKind,
+    pub attention: AttentionPath,
+    pub attention_scale: AttentionScale,
+    pub init: WeightInit,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            vocab_size: 65,
+            block_size: 32,
+            n_embd: 128,
+            n_head: 8,
+            n_layer: 8,
+            dropout: 0.1,
+            num_experts: 8,
+            top_k: 2,
+            expert_hidden: None,
+            router: RouterKind::NoisyTopK,
+            router_noise_at_eval: false,
+            dispatch: DispatchKind::MaskLoop,
+            attention: AttentionPath::Fused,
+            attention_scale: AttentionScale::HeadSize,
+            init: WeightInit::Kaiming,
+        }
+    }
+}
+
+/// A named set of behaviours on top of the sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// Textbook choices: attention scaled by `head_size^-0.5`, router noise
+    /// in training only.
+    #[default]
+    Default,
+    /// makeMoE exactly: attention scaled by `n_embd^-0.5`, router noise at
+    /// evaluation and generation too. Reproduces the tutorial's numbers.
+    MakeMoe,
+}
+
+impl FromStr for Preset {
+    type Err = MoeError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "default" => Ok(Preset::Default),
+            "makemoe" => Ok(Preset::MakeMoe),
+            other => Err(MoeError::config(format!(
+                "unknown preset `{other}`: expected default or makemoe"
+            ))),
+        }
+    }
+}
+
+impl ModelConfig {
+    /// makeMoE's sizes with the given preset's behaviour.
+    pub fn preset(preset: Preset) -> Self {
+        let base = ModelConfig::default();
+        match preset {
+            Preset::Default => base,
+            Preset::MakeMoe => ModelConfig {
+                attention_scale: AttentionScale::Embedding,
+                router_noise_at_eval: true,
+                ..base
+            },
+        }
+    }
+
+    pub fn expert_hidden(&self) -> i64 {
+        self.expert_hidden.unwrap_or(4 * self.n_embd)
+    }
+
+    pub fn attention_config(&self) -> AttentionConfig {
+        AttentionConfig {
+            n_embd: self.n_embd,
+            n_head: self.n_head,
+            block_size: self.block_size,
+            dropout: self.dropout,
+            path: self.attention,
+            scale: self.attention_scale,
+            init: self.init,
+        }
+    }
+
+    pub fn moe_config(&self) -> SparseMoeConfig {
+        SparseMoeConfig {
+            n_embd: self.n_embd,
+            num_experts: self.num_experts,
+            top_k: self.top_k,
+            expert_hidden: self.expert_hidden(),
+            dropout: self.dropout,
+            router: self.router,
+            router_noise_at_eval: self.router_noise_at_eval,
+            dispatch: self.dispatch,
+            init: self.init,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.vocab_size <= 0 || self.n_layer <= 0 {
+            return Err(MoeError::config(format!(
+                "vocab_size ({}) and n_layer ({}) must be positive",
+                self.vocab_size, self.n_layer
+            )));
+        }
+        self.attention_config().validate()?;
+        self.moe_config().validate()
+    }
+
+    /// Parameters a token passes through (k experts of each layer, not E).
+    pub fn active_params(&self, total: i64) -> i64 {
+        let moe = self.moe_config();
+        total - self.n_layer * (moe.total_params() - moe.active_params())
+    }
+}
+
+/// Hyper-parameters of training; `Default` is makeMoE's run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainConfig {
+    pub batch_size: i64,
+    pub max_iters: i64,
+    /// Evaluate every this many steps (and at the last step).
+    pub eval_interval: i64,
+    /// Batches per split in each evaluation.
+    pub eval_iters: i64,
+    pub learning_rate: f64,
+    /// AdamW's decoupled weight decay (PyTorch's default, which makeMoE keeps).
+    pub weight_decay: f64,
+    pub seed: i64,
+    /// Fraction of the corpus used for training; the rest is validation.
+    pub train_fraction: f64,
+    /// Largest number of sequences evaluated in one forward pass: the
+    /// `eval_iters` batches are stacked into chunks of at most this size.
+    pub eval_rows: i64,
+    /// Print a progress line every this many steps.
+    pub log_interval: i64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            batch_size: 16,
+            max_iters: 5000,
+            eval_interval: 100,
+            eval_iters: 400,
+            learning_rate: 1e-3,
+            weight_decay: 0.01,
+            seed: 1337,
+            train_fraction: 0.9,
+            eval_rows: 1024,
+            log_interval: 10,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("batch_size", self.batch_size),
+            ("eval_interval", self.eval_interval),
+            ("eval_iters", self.eval_iters),
+            ("eval_rows", self.eval_rows),
+            ("log_interval", self.log_interval),
+        ];
+        for (name, v) in positive {
+            if v <= 0 {
+                return Err(MoeError::config(format!(
+                    "{name} must be positive, got {v}"
+                )));
+            }
+        }
+        if self.max_iters < 0 {
+            return Err(MoeError::config(format!(
+                "max_iters must be >= 0, got {}",
+                self.max_iters
+            )));
+        }
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return Err(MoeError::config(format!(
+                "learning_rate must be a positive number, got {}",
+                self.learning_rate
+            )));
+        }
+        if !(self.train_fraction > 0.0 && self.train_fraction < 1.0) {
+            return Err(MoeError::config(format!(
+                "train_fraction must be in (0, 1), got {}",
+                self.train_fraction
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,159 @@
+use crate::{Batch, Block, ModelConfig};
+use moe_core::{check_rank, check_same_device, MoeError, Result, Routing};
+use tch::{nn, nn::Module, Device, Kind, Tensor};
+
+/// makeMoE's `SparseMoELanguageModel`: token and position embeddings,
+/// `n_layer` attention + sparse-MoE blocks, a final LayerNorm and a linear
+/// head to next-token logits,
+///
+/// `logits = W_lm LN_f(Blocks(E_tok[idx] + E_pos[0..T])) + b_lm`.
+#[derive(Debug)]
+pub struct MoeLanguageModel {
+    tok_emb: nn::Embedding,
+    pos_emb: nn::Embedding,
+    blocks: Vec<Block>,
+    ln_f: nn::LayerNorm,
+    lm_head: nn::Linear,
+    config: ModelConfig,
+}
+
+/// Logits and the routing of every MoE layer.
+#[derive(Debug)]
+pub struct ForwardOutput {
+    /// `[B, T, vocab_size]`.
+    pub logits: Tensor,
+    /// One per block, over its `B * T` tokens.
+    pub routings: Vec<Routing>,
+}
+
+impl MoeLanguageModel {
+    /// Creates the model's parameters under `p`. Embeddings are N(0, 1) and
+    /// LayerNorms (1, 0), as in PyTorch; linear weights follow `config.init`.
+    pub fn new(p: &nn::Path, config: &ModelConfig) -> Result<Self> {
+        config.validate()?;
+        let (v, c) = (config.vocab_size, config.n_embd);
+        let emb = nn::EmbeddingConfig {
+            ws_init: nn::Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            },
+            ..Default::default()
+        };
+        let blocks = (0..config.n_layer)
+            .map(|i| Block::new(&(p / "blocks" / i), config))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(MoeLanguageModel {
+            tok_emb: nn::embedding(p / "tok_emb", v, c, emb),
+            pos_emb: nn::embedding(p / "pos_emb", config.block_size, c, emb),
+            blocks,
+            ln_f: nn::layer_norm(p / "ln_f", vec![c], Default::default()),
+            lm_head: moe_core::linear(p / "lm_head", c, v, true, config.init),
+            config: config.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// Where the parameters live.
+    pub fn device(&self) -> Device {
+        self.lm_head.ws.device()
+    }
+
+    pub fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+
+    pub fn blocks_mut(&mut self) -> &mut [Block] {
+        &mut self.blocks
+    }
+
+    /// `idx: [B, T]` int64 token ids, `T <= block_size`, ids in the vocabulary.
+    pub fn forward_t(&self, idx: &Tensor, train: bool) -> Result<ForwardOutput> {
+        self.check_tokens(idx, "token ids")?;
+        self.forward_trusted(idx, train)
+    }
+
+    /// Mean next-token cross-entropy of `idx` against `targets` (both `[B, T]`).
+    pub fn loss(&self, idx: &Tensor, targets: &Tensor, train: bool) -> Result<Tensor> {
+        self.check_tokens(idx, "token ids")?;
+        self.check_tokens(targets, "targets")?;
+        if idx.size() != targets.size() {
+            return Err(MoeError::Shape {
+                what: "targets".into(),
+                expected: format!("the shape of the token ids, {:?}", idx.size()),
+                got: targets.size(),
+            });
+        }
+        let out = self.forward_trusted(idx, train)?;
+        Ok(cross_entropy(&out.logits, targets))
+    }
+
+    /// The loss of a batch drawn from a [`crate::Dataset`], whose tokens were
+    /// validated when the dataset was built: no per-step host synchronisation.
+    pub fn batch_loss(&self, batch: &Batch, train: bool) -> Result<Tensor> {
+        let out = self.forward_trusted(&batch.x, train)?;
+        Ok(cross_entropy(&out.logits, &batch.y))
+    }
+
+    fn forward_trusted(&self, idx: &Tensor, train: bool) -> Result<ForwardOutput> {
+        let t = idx.size()[1];
+        if t > self.config.block_size {
+            return Err(MoeError::SequenceTooLong {
+                len: t,
+                block_size: self.config.block_size,
+            });
+        }
+        let pos = Tensor::arange(t, (Kind::Int64, idx.device()));
+        let mut x = self.tok_emb.forward(idx) + self.pos_emb.forward(&pos);
+        let mut routings = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            let out = block.forward_t(&x, train)?;
+            x = out.output;
+            routings.push(out.routing);
+        }
+        let logits = self.lm_head.forward(&self.ln_f.forward(&x));
+        Ok(ForwardOutput { logits, routings })
+    }
+
+    /// Rank, dtype, device, length and range checks of a token tensor.
+    /// The range check reads two numbers back from the device.
+    fn check_tokens(&self, idx: &Tensor, what: &str) -> Result<()> {
+        check_rank(idx, &format!("{what} [B, T]"), 2, None)?;
+        if idx.kind() != Kind::Int64 {
+            return Err(MoeError::Kind {
+                what: what.into(),
+                expected: "int64 token ids".into(),
+                got: idx.kind(),
+            });
+        }
+        check_same_device(idx, what, self.lm_head.ws.device())?;
+        let t = idx.size()[1];
+        if t > self.config.block_size {
+            return Err(MoeError::SequenceTooLong {
+                len: t,
+                block_size: self.config.block_size,
+            });
+        }
+        if idx.numel() > 0 {
+            let vocab_size = self.config.vocab_size;
+            let (lo, hi) = (idx.min().int64_value(&[]), idx.max().int64_value(&[]));
+            if lo < 0 {
+                return Err(MoeError::TokenOutOfVocab { id: lo, vocab_size });
+            }
+            if hi >= vocab_size {
+                return Err(MoeError::TokenOutOfVocab { id: hi, vocab_size });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
+    let v = logits.size()[2];
+    logits
+        .view([-1, v])
+        .to_kind(Kind::Float)
+        .cross_entropy_for_logits(&targets.view([-1]))
+}

@@ -1,0 +1,133 @@
+//! The `shakespeare` example as a user runs it: a short real run writes the
+//! promised files, and each bad input exits non-zero with one readable line.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// `target/<profile>/examples/shakespeare`, built by `cargo test --all-targets`.
+fn example() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = profile_dir.join("examples").join("shakespeare");
+    assert!(
+        path.is_file(),
+        "build the example first: cargo test --all-targets ({})",
+        path.display()
+    );
+    path
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("moe-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(example()).args(args).output().unwrap()
+}
+
+fn assert_one_line_error(out: &Output, needle: &str) {
+    assert!(!out.status.success(), "expected failure, got success");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got:\n{stderr}");
+    assert!(
+        lines[0].starts_with("error: ") && lines[0].contains(needle),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_short_run_writes_metrics_checkpoint_and_a_sample() {
+    let out_dir = temp_dir("ok");
+    let out = run(&[
+        "--max-iters",
+        "20",
+        "--eval-interval",
+        "10",
+        "--eval-iters",
+        "2",
+        "--sample-chars",
+        "30",
+        "--device",
+        "cpu",
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("8.996545 M parameters"), "{stdout}");
+    assert!(
+        stdout.contains("tokens/s") && stdout.contains("ETA"),
+        "{stdout}"
+    );
+
+    let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records[0]["event"], "start");
+    assert_eq!(records[0]["parameters"], 8_996_545);
+    assert_eq!(records[0]["config"]["model"]["n_layer"], 8);
+    let evals: Vec<&serde_json::Value> = records.iter().filter(|r| r["event"] == "eval").collect();
+    assert_eq!(
+        evals
+            .iter()
+            .map(|r| r["step"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![0, 10, 19]
+    );
+    for key in ["train_loss", "val_loss", "ms_per_step", "tokens_per_s"] {
+        assert!(evals[2][key].as_f64().unwrap() > 0.0, "{key}");
+    }
+    assert_eq!(records.last().unwrap()["event"], "end");
+    assert!(out_dir.join("model.safetensors").is_file());
+    assert!(out_dir.join("config.json").is_file());
+    let sample = stdout.split("--- sample ---\n").nth(1).unwrap();
+    let sample = sample.split("\n--------------").next().unwrap();
+    assert_eq!(sample.chars().count(), 30, "{sample:?}");
+    let _ = std::fs::remove_dir_all(&out_dir);
+}
+
+#[test]
+fn bad_inputs_exit_with_one_readable_line() {
+    let out_dir = temp_dir("bad");
+    let out_s = out_dir.to_str().unwrap();
+    let missing = run(&["--data", "/nonexistent/corpus.txt", "--out", out_s]);
+    assert_one_line_error(&missing, "/nonexistent/corpus.txt");
+
+    let short = out_dir.with_extension("short.txt");
+    std::fs::write(&short, "To be, or not to be").unwrap();
+    let too_short = run(&["--data", short.to_str().unwrap(), "--out", out_s]);
+    assert_one_line_error(&too_short, "block_size + 1");
+
+    assert_one_line_error(
+        &run(&["--device", "tpu", "--out", out_s]),
+        "unknown device `tpu`",
+    );
+    if !tch_cuda_available() {
+        assert_one_line_error(&run(&["--device", "cuda", "--out", out_s]), "cuda");
+    }
+
+    let file_not_dir = out_dir.with_extension("file");
+    std::fs::write(&file_not_dir, "").unwrap();
+    let unwritable = run(&[
+        "--out",
+        file_not_dir.join("sub").to_str().unwrap(),
+        "--max-iters",
+        "1",
+    ]);
+    assert_one_line_error(&unwritable, "sub");
+    let _ = std::fs::remove_file(short);
+    let _ = std::fs::remove_file(file_not_dir);
+}
+
+fn tch_cuda_available() -> bool {
+    tch::Cuda::is_available()
+}

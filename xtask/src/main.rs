@@ -1,0 +1,175 @@
+//! `cargo xtask`: the project's set-up-complete entry points.
+//!
+//! - `cargo xtask shakespeare [-- ARGS]`: trains the makeMoE Shakespeare model.
+//! - `cargo xtask test [-- ARGS]`: runs every test of the workspace.
+//! - `cargo xtask env`: prints the exports that make plain `cargo` work.
+//! - `cargo xtask run CARGO-ARGS...`: any cargo command in that environment.
+//!
+//! Each first makes sure `.venv` holds PyPI's `torch==2.11.0` (the libtorch
+//! that `tch 0.24` is built against), creating it with `python3 -m venv` and
+//! pip when missing. It has no dependencies so that it builds in seconds,
+//! before libtorch exists.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::{exit, Command};
+
+const TORCH_VERSION: &str = "2.11.0";
+
+fn main() {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let (task, rest) = match args.split_first() {
+        Some((t, r)) => (t.as_str(), strip_dashes(r)),
+        None => usage(),
+    };
+    let root = workspace_root();
+    let result = match task {
+        "env" => ensure_torch(&root).map(|lib| print_env(&root, &lib)),
+        "test" => cargo(&root, &["test", "--workspace", "--all-targets"], &rest).and_then(|_| {
+            // Doctests (the README's example among them) are not part of --all-targets.
+            cargo(&root, &["test", "--workspace", "--doc"], &[])
+        }),
+        "shakespeare" => cargo(
+            &root,
+            &["run", "--release", "--example", "shakespeare", "--"],
+            &rest,
+        ),
+        "run" => cargo(&root, &[], &rest),
+        _ => usage(),
+    };
+    if let Err(msg) = result {
+        eprintln!("xtask: {msg}");
+        exit(1);
+    }
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: cargo xtask <shakespeare|test|env|run> [-- ARGS]\n\
+         \n  shakespeare   train the makeMoE model on the bundled tinyshakespeare\
+         \n  test          run every test of the workspace\
+         \n  env           print the exports that make plain cargo find libtorch\
+         \n  run ARGS      run `cargo ARGS` with that environment"
+    );
+    exit(2)
+}
+
+fn strip_dashes(rest: &[String]) -> Vec<String> {
+    match rest.first() {
+        Some(first) if first == "--" => rest[1..].to_vec(),
+        _ => rest.to_vec(),
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(Path::to_path_buf).unwrap_or(manifest)
+}
+
+fn venv(root: &Path) -> PathBuf {
+    root.join(".venv")
+}
+
+fn venv_python(root: &Path) -> PathBuf {
+    venv(root).join("bin").join("python")
+}
+
+/// Returns torch's `lib` folder, installing torch into `.venv` first if needed.
+fn ensure_torch(root: &Path) -> Result<PathBuf, String> {
+    if let Some(lib) = torch_lib(root) {
+        return Ok(lib);
+    }
+    let python = venv_python(root);
+    if !python.exists() {
+        eprintln!("xtask: creating {}", venv(root).display());
+        run(Command::new("python3").args(["-m", "venv"]).arg(venv(root)))?;
+    }
+    eprintln!(
+        "xtask: installing torch=={TORCH_VERSION} into .venv from PyPI \
+         (libtorch for tch 0.24; a few GiB, once)"
+    );
+    run(Command::new(&python).args([
+        "-m",
+        "pip",
+        "install",
+        "--disable-pip-version-check",
+        "--progress-bar",
+        "off",
+        &format!("torch=={TORCH_VERSION}"),
+    ]))?;
+    torch_lib(root).ok_or_else(|| {
+        format!("torch=={TORCH_VERSION} was installed but `import torch` still fails in .venv")
+    })
+}
+
+/// torch's `lib` folder when `.venv` holds the right torch version.
+fn torch_lib(root: &Path) -> Option<PathBuf> {
+    let out = Command::new(venv_python(root))
+        .args([
+            "-c",
+            "import os, torch; print(torch.__version__.split('+')[0]); \
+             print(os.path.join(os.path.dirname(torch.__file__), 'lib'))",
+        ])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lines = text.lines();
+    let version = lines.next()?.trim();
+    let lib = PathBuf::from(lines.next()?.trim());
+    (version == TORCH_VERSION && lib.is_dir()).then_some(lib)
+}
+
+/// The environment under which `tch` builds and its binaries run.
+fn torch_env(root: &Path, lib: &Path) -> Vec<(String, String)> {
+    let venv = venv(root);
+    let path = format!(
+        "{}:{}",
+        venv.join("bin").display(),
+        env::var("PATH").unwrap_or_default()
+    );
+    let ld = match env::var("LD_LIBRARY_PATH") {
+        Ok(old) if !old.is_empty() => format!("{}:{old}", lib.display()),
+        _ => lib.display().to_string(),
+    };
+    vec![
+        ("LIBTORCH_USE_PYTORCH".into(), "1".into()),
+        ("VIRTUAL_ENV".into(), venv.display().to_string()),
+        ("PATH".into(), path),
+        ("LD_LIBRARY_PATH".into(), ld),
+    ]
+}
+
+fn print_env(root: &Path, lib: &Path) {
+    for (k, v) in torch_env(root, lib) {
+        println!("export {k}='{v}'");
+    }
+}
+
+fn cargo(root: &Path, fixed: &[&str], rest: &[String]) -> Result<(), String> {
+    let lib = ensure_torch(root)?;
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root).args(fixed).args(rest);
+    for (k, v) in torch_env(root, &lib) {
+        cmd.env(k, v);
+    }
+    run(&mut cmd)
+}
+
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let status = cmd
+        .status()
+        .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{:?} {:?} failed ({status})",
+            cmd.get_program(),
+            cmd.get_args().collect::<Vec<_>>()
+        ))
+    }
+}
