@@ -1,6 +1,6 @@
 use moe_core::{MoeError, Result, WeightInit};
 use moe_dispatch::DispatchKind;
-use moe_experts::ExpertConfig;
+use moe_experts::{Activation, ExpertConfig};
 use moe_routers::{RouterConfig, RouterKind};
 use serde::{Deserialize, Serialize};
 
@@ -18,6 +18,8 @@ pub struct SparseMoeConfig {
     pub expert_hidden: i64,
     /// Dropout on expert outputs.
     pub dropout: f64,
+    /// The experts' non-linearity (ReLU in makeMoE).
+    pub activation: Activation,
     pub router: RouterKind,
     /// Noisy router only: add noise outside training too (makeMoE).
     pub router_noise_at_eval: bool,
@@ -34,6 +36,7 @@ impl Default for SparseMoeConfig {
             top_k: 2,
             expert_hidden: 512,
             dropout: 0.1,
+            activation: Activation::default(),
             router: RouterKind::default(),
             router_noise_at_eval: false,
             dispatch: DispatchKind::default(),
@@ -60,6 +63,7 @@ impl SparseMoeConfig {
             input_dim: self.n_embd,
             hidden_dim: self.expert_hidden,
             dropout: self.dropout,
+            activation: self.activation,
             init: self.init,
         }
     }

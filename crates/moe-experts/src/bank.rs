@@ -1,20 +1,23 @@
-use crate::ExpertConfig;
+use crate::{Activation, ExpertConfig};
 use moe_core::{Result, WeightInit};
 use tch::{nn, Tensor};
 
-/// `E` two-layer ReLU experts (makeMoE's `Expert`), stacked:
+/// `E` two-layer experts, stacked (makeMoE's `Expert`, or a SwiGLU FFN):
 ///
-/// `FFN_e(x) = Dropout(ReLU(x W_in[e] + b_in[e]) W_out[e] + b_out[e])`
+/// `FFN_e(x) = Dropout(act_e(x) W_out[e] + b_out[e])`, with
+/// `act_e(x) = ReLU(x W_in[e] + b_in[e])` or
+/// `act_e(x) = SiLU(x W_gate[e]) * (x W_in[e] + b_in[e])`,
 ///
-/// with `W_in: [E, d, h]`, `b_in: [E, h]`, `W_out: [E, h, d]`, `b_out: [E, d]`.
-/// Note the layout: `W_in[e]` is the transpose of PyTorch's
-/// `nn.Linear(d, h).weight`, so that `x W_in[e]` needs no transpose and the
-/// bank is ready for grouped GEMM. Checkpoints store these four tensors under
-/// `<layer>/experts/{w_in,b_in,w_out,b_out}`.
+/// `W_in, W_gate: [E, d, h]`, `b_in: [E, h]`, `W_out: [E, h, d]`, `b_out: [E, d]`.
+/// `W_in[e]` is the transpose of PyTorch's `nn.Linear(d, h).weight`, so that
+/// `x W_in[e]` needs no transpose and grouped GEMM reads the bank as it is.
+/// Checkpoints store these tensors under `<layer>/experts/{w_in,b_in,w_gate,w_out,b_out}`.
 #[derive(Debug)]
 pub struct ExpertBank {
     pub w_in: Tensor,
     pub b_in: Tensor,
+    /// SwiGLU only.
+    pub w_gate: Option<Tensor>,
     pub w_out: Tensor,
     pub b_out: Tensor,
     config: ExpertConfig,
@@ -25,9 +28,14 @@ impl ExpertBank {
         config.validate()?;
         let (e, d, h) = (config.num_experts, config.input_dim, config.hidden_dim);
         let init = config.init;
+        let w_gate = match config.activation {
+            Activation::Relu => None,
+            Activation::SwiGlu => Some(p.var("w_gate", &[e, d, h], init.weight(d, h))),
+        };
         Ok(ExpertBank {
             w_in: p.var("w_in", &[e, d, h], init.weight(d, h)),
             b_in: p.var("b_in", &[e, h], WeightInit::bias(d)),
+            w_gate,
             w_out: p.var("w_out", &[e, h, d], init.weight(h, d)),
             b_out: p.var("b_out", &[e, d], WeightInit::bias(h)),
             config: config.clone(),
@@ -42,18 +50,35 @@ impl ExpertBank {
         self.config.num_experts
     }
 
-    /// Expert `e` on its tokens `x: [n, d]` -> `[n, d]`.
-    pub fn forward_expert(&self, e: i64, x: &Tensor, train: bool) -> Tensor {
-        let hidden = (x.matmul(&self.w_in.get(e)) + self.b_in.get(e)).relu();
-        let out = hidden.matmul(&self.w_out.get(e)) + self.b_out.get(e);
+    /// The hidden activation from the two pre-activations: `ReLU(pre)` or
+    /// `SiLU(gate) * pre`. Shared by every dispatch strategy, whatever way it
+    /// computed `pre = x W_in + b_in` and `gate = x W_gate`.
+    pub fn activate(&self, pre: Tensor, gate: Option<Tensor>) -> Tensor {
+        match (self.config.activation, gate) {
+            (Activation::SwiGlu, Some(gate)) => gate.silu() * pre,
+            _ => pre.relu(),
+        }
+    }
+
+    /// Output dropout, applied to each (token, expert) output before weighting.
+    pub fn output_dropout(&self, out: Tensor, train: bool) -> Tensor {
         out.dropout(self.config.dropout, train)
     }
 
+    /// Expert `e` on its tokens `x: [n, d]` -> `[n, d]`.
+    pub fn forward_expert(&self, e: i64, x: &Tensor, train: bool) -> Tensor {
+        let pre = x.matmul(&self.w_in.get(e)) + self.b_in.get(e);
+        let gate = self.w_gate.as_ref().map(|w| x.matmul(&w.get(e)));
+        let out = self.activate(pre, gate).matmul(&self.w_out.get(e)) + self.b_out.get(e);
+        self.output_dropout(out, train)
+    }
+
     /// Every expert on every token, `x: [N, d]` -> `[E, N, d]`: the dense
-    /// reference computation, `E` times the work of a sparse layer with k = 1.
+    /// reference computation.
     pub fn forward_all(&self, x: &Tensor, train: bool) -> Tensor {
-        let hidden = (x.matmul(&self.w_in) + self.b_in.unsqueeze(1)).relu();
-        let out = hidden.matmul(&self.w_out) + self.b_out.unsqueeze(1);
-        out.dropout(self.config.dropout, train)
+        let pre = x.matmul(&self.w_in) + self.b_in.unsqueeze(1);
+        let gate = self.w_gate.as_ref().map(|w| x.matmul(w));
+        let out = self.activate(pre, gate).matmul(&self.w_out) + self.b_out.unsqueeze(1);
+        self.output_dropout(out, train)
     }
 }

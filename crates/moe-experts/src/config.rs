@@ -1,6 +1,18 @@
 use moe_core::{MoeError, Result, WeightInit};
 use serde::{Deserialize, Serialize};
 
+/// The non-linearity inside each expert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// `ReLU(x W_in + b_in)` (makeMoE, Switch).
+    #[default]
+    Relu,
+    /// `SiLU(x W_gate) * (x W_in + b_in)` (Shazeer 2020, arXiv 2002.05202;
+    /// Mixtral, LLaMA, DeepSeek). Adds a gate matrix `[E, d, h]` per bank.
+    SwiGlu,
+}
+
 /// Configuration of an [`crate::ExpertBank`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -13,6 +25,7 @@ pub struct ExpertConfig {
     pub hidden_dim: i64,
     /// Dropout on each expert's output.
     pub dropout: f64,
+    pub activation: Activation,
     pub init: WeightInit,
 }
 
@@ -24,6 +37,7 @@ impl Default for ExpertConfig {
             input_dim: 128,
             hidden_dim: 512,
             dropout: 0.1,
+            activation: Activation::default(),
             init: WeightInit::default(),
         }
     }
@@ -52,8 +66,13 @@ impl ExpertConfig {
         Ok(())
     }
 
-    /// Parameters of one expert: `2 d h + h + d`.
+    /// Parameters of one expert: `2 d h + h + d`, plus `d h` for SwiGLU's gate.
     pub fn params_per_expert(&self) -> i64 {
-        2 * self.input_dim * self.hidden_dim + self.hidden_dim + self.input_dim
+        let (d, h) = (self.input_dim, self.hidden_dim);
+        let gate = match self.activation {
+            Activation::Relu => 0,
+            Activation::SwiGlu => d * h,
+        };
+        2 * d * h + h + d + gate
     }
 }

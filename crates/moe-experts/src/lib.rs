@@ -9,4 +9,4 @@ mod bank;
 mod config;
 
 pub use bank::ExpertBank;
-pub use config::ExpertConfig;
+pub use config::{Activation, ExpertConfig};

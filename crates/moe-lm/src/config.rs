@@ -117,6 +117,7 @@ impl ModelConfig {
             top_k: self.top_k,
             expert_hidden: self.expert_hidden(),
             dropout: self.dropout,
+            activation: Default::default(),
             router: self.router,
             router_noise_at_eval: self.router_noise_at_eval,
             dispatch: self.dispatch,
