@@ -42,8 +42,8 @@ struct Args {
     /// makemoe (the tutorial's quirks) or default (textbook attention scale, no eval noise)
     #[arg(long, default_value = "makemoe")]
     preset: String,
-    /// mask_loop or dense_reference
-    #[arg(long, default_value = "mask_loop")]
+    /// auto, mask_loop, indexed_loop, grouped, capacity[:FACTOR] or dense_reference
+    #[arg(long, default_value = "auto")]
     dispatch: String,
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/tinyshakespeare.txt"))]
     data: PathBuf,

@@ -76,6 +76,7 @@ impl SparseMoeConfig {
             )));
         }
         self.router_config().validate()?;
+        self.dispatch.validate()?;
         self.expert_config().validate()
     }
 

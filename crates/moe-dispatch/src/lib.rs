@@ -4,17 +4,36 @@
 //!
 //! `y_n = sum_{j < k} w[n, j] * FFN_{i[n, j]}(x_n)`
 //!
-//! Every strategy implements [`Dispatch`] and computes the same `y`; they
-//! differ in how much work and host synchronisation it costs.
-//! [`DenseReference`] runs every expert on every token and is the oracle the
-//! sparse strategies are tested against.
+//! Every strategy implements [`Dispatch`] and computes the same `y` (the
+//! capacity strategy drops overflowing slots by design); they differ in how
+//! much work and host synchronisation it costs:
+//!
+//! | strategy | work | host syncs per layer | source |
+//! |---|---|---|---|
+//! | [`MaskLoop`] | k/E of dense + E masks | E | makeMoE |
+//! | [`IndexedLoop`] | k/E of dense + E gathers | E | Mixtral (HF) |
+//! | [`Grouped`] | k/E of dense, 2 grouped GEMMs | 0 | MegaBlocks |
+//! | [`Capacity`] | factor x k/E of dense, batched matmuls | 0 | GShard/Switch |
+//! | [`DenseReference`] | all experts on all tokens | 0 | tests |
+//!
+//! [`DispatchKind::Auto`] picks one by device (see its docs).
 
+mod auto;
+mod capacity;
 mod config;
 mod dense_reference;
 mod dispatch;
+mod grouped;
+mod indexed_loop;
 mod mask_loop;
+mod sorted_slots;
 
+pub use auto::Auto;
+pub use capacity::{Capacity, CapacityPlan};
 pub use config::DispatchKind;
 pub use dense_reference::DenseReference;
 pub use dispatch::Dispatch;
+pub use grouped::{grouped_mm_supported, Grouped};
+pub use indexed_loop::IndexedLoop;
 pub use mask_loop::MaskLoop;
+pub use sorted_slots::SortedSlots;

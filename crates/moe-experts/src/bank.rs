@@ -65,12 +65,17 @@ impl ExpertBank {
         out.dropout(self.config.dropout, train)
     }
 
-    /// Expert `e` on its tokens `x: [n, d]` -> `[n, d]`.
+    /// Expert `e` on its tokens `x: [n, d]` -> `[n, d]`, dropout included.
     pub fn forward_expert(&self, e: i64, x: &Tensor, train: bool) -> Tensor {
+        self.output_dropout(self.ffn(e, x), train)
+    }
+
+    /// Expert `e`'s FFN without the output dropout (for strategies that
+    /// apply dropout once to all slots).
+    pub fn ffn(&self, e: i64, x: &Tensor) -> Tensor {
         let pre = x.matmul(&self.w_in.get(e)) + self.b_in.get(e);
         let gate = self.w_gate.as_ref().map(|w| x.matmul(&w.get(e)));
-        let out = self.activate(pre, gate).matmul(&self.w_out.get(e)) + self.b_out.get(e);
-        self.output_dropout(out, train)
+        self.activate(pre, gate).matmul(&self.w_out.get(e)) + self.b_out.get(e)
     }
 
     /// Every expert on every token, `x: [N, d]` -> `[E, N, d]`: the dense

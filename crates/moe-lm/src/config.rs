@@ -45,7 +45,7 @@ impl Default for ModelConfig {
             expert_hidden: None,
             router: RouterKind::NoisyTopK,
             router_noise_at_eval: false,
-            dispatch: DispatchKind::MaskLoop,
+            dispatch: DispatchKind::Auto,
             attention: AttentionPath::Fused,
             attention_scale: AttentionScale::HeadSize,
             init: WeightInit::Kaiming,

@@ -1,0 +1,36 @@
+use moe_core::Routing;
+use tch::{Kind, Tensor};
+
+/// The `N * k` routing slots sorted by expert: the permutation that turns
+/// scattered (token, expert) pairs into one contiguous segment per expert,
+/// computed on the device without reading anything back.
+///
+/// Slot `s = n * k + j` is token `n`'s `j`-th choice. After a stable sort by
+/// expert, segment `e` is `[offsets[e-1], offsets[e])`, in token order.
+#[derive(Debug)]
+pub struct SortedSlots {
+    /// Token of each sorted slot, `[S]` int64.
+    pub token: Tensor,
+    /// Expert of each sorted slot (non-decreasing), `[S]` int64.
+    pub expert: Tensor,
+    /// Router weight of each sorted slot, `[S]`.
+    pub weight: Tensor,
+    /// End offset of each expert's segment, `[E]` int32 (cumulative counts),
+    /// the layout `_grouped_mm` expects.
+    pub offsets: Tensor,
+}
+
+impl SortedSlots {
+    pub fn new(routing: &Routing) -> Self {
+        let k = routing.top_k();
+        let flat_expert = routing.indices.flatten(0, -1);
+        let (expert, order) = flat_expert.sort_stable(true, 0, false);
+        let counts = flat_expert.bincount::<Tensor>(None, routing.num_experts);
+        SortedSlots {
+            token: order.divide_scalar_mode(k, "trunc"),
+            weight: routing.weights.flatten(0, -1).index_select(0, &order),
+            expert,
+            offsets: counts.cumsum(0, Kind::Int).to_kind(Kind::Int),
+        }
+    }
+}

@@ -1,0 +1,101 @@
+use approx::assert_abs_diff_eq;
+use moe_core::Routing;
+use moe_dispatch::{Capacity, Dispatch};
+use moe_experts::{ExpertBank, ExpertConfig};
+use tch::{nn, Device, Kind, Tensor};
+
+/// Experts on 1-d tokens: `FFN_e(x) = scale[e] * ReLU(x)`.
+fn scaling_experts(vs: &nn::VarStore, scale: &[f32]) -> ExpertBank {
+    let e = scale.len() as i64;
+    let cfg = ExpertConfig {
+        num_experts: e,
+        input_dim: 1,
+        hidden_dim: 1,
+        dropout: 0.0,
+        ..Default::default()
+    };
+    let bank = ExpertBank::new(&vs.root(), &cfg).unwrap();
+    let vars = vs.variables();
+    tch::no_grad(|| {
+        vars["w_in"].shallow_clone().fill_(1.0);
+        vars["b_in"].shallow_clone().fill_(0.0);
+        vars["w_out"]
+            .shallow_clone()
+            .copy_(&Tensor::from_slice(scale).view([e, 1, 1]));
+        vars["b_out"].shallow_clone().fill_(0.0);
+    });
+    bank
+}
+
+fn routing(indices: &[i64], weights: &[f32], n: i64, k: i64, e: i64) -> Routing {
+    Routing {
+        indices: Tensor::from_slice(indices).view([n, k]),
+        weights: Tensor::from_slice(weights).view([n, k]),
+        logits: Tensor::zeros([n, e], (Kind::Float, Device::Cpu)),
+        num_experts: e,
+    }
+}
+
+#[test]
+fn overflowing_slots_are_dropped_in_token_order_without_renormalising() {
+    // N = 3, k = 2, E = 3, factor 1: C = floor(6 / 3) = 2 rows per expert.
+    // Expert 0 is chosen by tokens 0, 1 and 2: token 2's slot overflows.
+    let vs = nn::VarStore::new(Device::Cpu);
+    let experts = scaling_experts(&vs, &[1.0, 10.0, 100.0]);
+    let r = routing(
+        &[0, 1, 0, 2, 0, 1],
+        &[0.75, 0.25, 0.5, 0.5, 0.6, 0.4],
+        3,
+        2,
+        3,
+    );
+    let capacity = Capacity {
+        capacity_factor: 1.0,
+    };
+    let plan = capacity.plan(&r);
+    assert_eq!(plan.capacity, 2);
+    // Rows: expert * C + position, the spare row E * C = 6 for the dropped slot.
+    assert_eq!(
+        Vec::<i64>::try_from(&plan.row).unwrap(),
+        vec![0, 2, 1, 4, 6, 3]
+    );
+    assert_eq!(capacity.dropped_slots(&r).int64_value(&[]), 1);
+
+    let x = Tensor::from_slice(&[1f32, 2., 3.]).view([3, 1]);
+    let y = Vec::<f32>::try_from(capacity.combine(&x, &r, &experts, false).view([-1])).unwrap();
+    // y0 = 0.75 * 1 * 1 + 0.25 * 10 * 1; y1 = 0.5 * 1 * 2 + 0.5 * 100 * 2;
+    // y2 = (expert 0 dropped) + 0.4 * 10 * 3, the 0.4 not renormalised to 1.
+    for (got, want) in y.iter().zip([3.25f32, 101.0, 12.0]) {
+        assert_abs_diff_eq!(*got, want, epsilon = 1e-5);
+    }
+}
+
+#[test]
+fn capacity_is_floor_of_the_fair_share_times_the_factor() {
+    let c = Capacity {
+        capacity_factor: 1.25,
+    };
+    assert_eq!(c.capacity(512, 2, 8), 160);
+    assert_eq!(c.capacity(3, 1, 8), 1, "at least one row");
+    assert_eq!(
+        Capacity {
+            capacity_factor: 1.0
+        }
+        .capacity(10, 1, 4),
+        2
+    );
+}
+
+#[test]
+fn k1_all_tokens_on_one_expert_keeps_exactly_capacity_tokens() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let experts = scaling_experts(&vs, &[2.0, 3.0]);
+    let r = routing(&[0, 0, 0, 0], &[1.0; 4], 4, 1, 2);
+    let capacity = Capacity {
+        capacity_factor: 1.0,
+    };
+    let x = Tensor::from_slice(&[1f32, 2., 3., 4.]).view([4, 1]);
+    let y = Vec::<f32>::try_from(capacity.combine(&x, &r, &experts, false).view([-1])).unwrap();
+    assert_eq!(y, vec![2.0, 4.0, 0.0, 0.0]);
+    assert_eq!(capacity.dropped_slots(&r).int64_value(&[]), 2);
+}
