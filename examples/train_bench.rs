@@ -47,8 +47,8 @@ fn main() {
 
 fn run(args: Args) -> Result<()> {
     let device = args.device.parse::<DeviceChoice>()?.resolve()?;
-    let text = std::fs::read_to_string(&args.data)
-        .map_err(|e| moe_layers::MoeError::io(&args.data, e))?;
+    let text =
+        std::fs::read_to_string(&args.data).map_err(|e| moe_layers::MoeError::io(&args.data, e))?;
     let tokenizer = CharTokenizer::from_text(&text)?;
     let tokens = tokenizer.encode(&text)?;
     for name in args.dispatch.split(',') {

@@ -13,7 +13,10 @@ fn cuda() -> Option<Device> {
         eprintln!("skipped: set MOE_CUDA_TESTS=1 to run the CUDA tests");
         return None;
     }
-    assert!(tch::Cuda::is_available(), "MOE_CUDA_TESTS=1 but libtorch sees no CUDA device");
+    assert!(
+        tch::Cuda::is_available(),
+        "MOE_CUDA_TESTS=1 but libtorch sees no CUDA device"
+    );
     Some(Device::Cuda(0))
 }
 
@@ -30,25 +33,44 @@ fn run(moe: &mut SparseMoe, kind: DispatchKind, x: &Tensor) -> (Tensor, Tensor) 
 #[test]
 fn every_strategy_equals_the_dense_reference_on_cuda() {
     let Some(device) = cuda() else { return };
-    for (n, d, h, e, k) in [(512, 128, 512, 8, 2), (300, 64, 128, 16, 4), (1, 32, 64, 4, 2)] {
+    for (n, d, h, e, k) in [
+        (512, 128, 512, 8, 2),
+        (300, 64, 128, 16, 4),
+        (1, 32, 64, 4, 2),
+    ] {
         for kind in [Kind::Float, Kind::BFloat16] {
             tch::manual_seed(0);
             let mut vs = nn::VarStore::new(device);
             let config = SparseMoeConfig {
-                n_embd: d, num_experts: e, top_k: k, expert_hidden: h, dropout: 0.0,
+                n_embd: d,
+                num_experts: e,
+                top_k: k,
+                expert_hidden: h,
+                dropout: 0.0,
                 ..Default::default()
             };
             let mut moe = SparseMoe::new(&vs.root(), config).unwrap();
             vs.set_kind(kind);
             let x = Tensor::randn([n, d], (Kind::Float, device)).to_kind(kind);
             let (y_ref, g_ref) = run(&mut moe, DispatchKind::DenseReference, &x);
-            let roomy = DispatchKind::Capacity { capacity_factor: e as f64 };
+            let roomy = DispatchKind::Capacity {
+                capacity_factor: e as f64,
+            };
             let tol = if kind == Kind::Float { 1e-4 } else { 5e-2 };
-            for strategy in [DispatchKind::MaskLoop, DispatchKind::IndexedLoop, DispatchKind::Grouped, DispatchKind::Auto, roomy] {
+            for strategy in [
+                DispatchKind::MaskLoop,
+                DispatchKind::IndexedLoop,
+                DispatchKind::Grouped,
+                DispatchKind::Auto,
+                roomy,
+            ] {
                 let (y, g) = run(&mut moe, strategy, &x);
                 let scale = y_ref.abs().max().double_value(&[]).max(1.0);
                 let dy = (&y - &y_ref).abs().max().double_value(&[]);
-                assert!(dy <= tol * scale, "{strategy:?} {kind:?} N={n}: output differs by {dy}");
+                assert!(
+                    dy <= tol * scale,
+                    "{strategy:?} {kind:?} N={n}: output differs by {dy}"
+                );
                 if kind == Kind::Float {
                     let gs = g_ref.abs().max().double_value(&[]).max(1.0);
                     let dg = (&g - &g_ref).abs().max().double_value(&[]);
@@ -66,11 +88,26 @@ fn the_language_model_trains_on_cuda() {
     let text = std::fs::read_to_string(path).unwrap();
     let tok = CharTokenizer::from_text(&text).unwrap();
     tch::manual_seed(1337);
-    let config = ModelConfig { vocab_size: tok.vocab_size(), ..ModelConfig::default() };
+    let config = ModelConfig {
+        vocab_size: tok.vocab_size(),
+        ..ModelConfig::default()
+    };
     let vs = nn::VarStore::new(device);
     let model = MoeLanguageModel::new(&vs.root(), &config).unwrap();
-    let data = Dataset::new(&tok.encode(&text).unwrap(), tok.vocab_size(), 0.9, 32, device).unwrap();
-    let train = TrainConfig { max_iters: 200, eval_interval: 199, eval_iters: 20, ..TrainConfig::default() };
+    let data = Dataset::new(
+        &tok.encode(&text).unwrap(),
+        tok.vocab_size(),
+        0.9,
+        32,
+        device,
+    )
+    .unwrap();
+    let train = TrainConfig {
+        max_iters: 200,
+        eval_interval: 199,
+        eval_iters: 20,
+        ..TrainConfig::default()
+    };
     let mut evals = Vec::new();
     Trainer::new(&vs, &model, &data, train)
         .unwrap()

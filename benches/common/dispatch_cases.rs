@@ -21,17 +21,66 @@ pub struct Case {
 
 /// The CPU fp32 cases.
 pub const CPU_CASES: [Case; 3] = [
-    Case { name: "makemoe", n: 512, d: 128, h: 512, e: 8, k: 2 },
-    Case { name: "mid", n: 4096, d: 256, h: 1024, e: 8, k: 2 },
-    Case { name: "fine_grained", n: 4096, d: 256, h: 256, e: 64, k: 8 },
+    Case {
+        name: "makemoe",
+        n: 512,
+        d: 128,
+        h: 512,
+        e: 8,
+        k: 2,
+    },
+    Case {
+        name: "mid",
+        n: 4096,
+        d: 256,
+        h: 1024,
+        e: 8,
+        k: 2,
+    },
+    Case {
+        name: "fine_grained",
+        n: 4096,
+        d: 256,
+        h: 256,
+        e: 64,
+        k: 8,
+    },
 ];
 
 /// The CUDA bf16 cases (makeMoE's own size first).
 pub const CUDA_CASES: [Case; 4] = [
-    Case { name: "makemoe", n: 512, d: 128, h: 512, e: 8, k: 2 },
-    Case { name: "mid", n: 16384, d: 1024, h: 4096, e: 8, k: 2 },
-    Case { name: "fine_grained", n: 16384, d: 1024, h: 1024, e: 64, k: 8 },
-    Case { name: "large", n: 65536, d: 2048, h: 8192, e: 8, k: 2 },
+    Case {
+        name: "makemoe",
+        n: 512,
+        d: 128,
+        h: 512,
+        e: 8,
+        k: 2,
+    },
+    Case {
+        name: "mid",
+        n: 16384,
+        d: 1024,
+        h: 4096,
+        e: 8,
+        k: 2,
+    },
+    Case {
+        name: "fine_grained",
+        n: 16384,
+        d: 1024,
+        h: 1024,
+        e: 64,
+        k: 8,
+    },
+    Case {
+        name: "large",
+        n: 65536,
+        d: 2048,
+        h: 8192,
+        e: 8,
+        k: 2,
+    },
 ];
 
 /// The strategies that compete (the dense reference is a test oracle:
@@ -40,7 +89,9 @@ pub const STRATEGIES: [DispatchKind; 5] = [
     DispatchKind::MaskLoop,
     DispatchKind::IndexedLoop,
     DispatchKind::Grouped,
-    DispatchKind::Capacity { capacity_factor: 1.25 },
+    DispatchKind::Capacity {
+        capacity_factor: 1.25,
+    },
     DispatchKind::Auto,
 ];
 
@@ -56,7 +107,12 @@ pub struct Layer {
 impl Layer {
     fn new(vs: nn::VarStore, run: Box<dyn Fn(&Tensor) -> Tensor>, x: Tensor) -> Self {
         let grad = x.randn_like();
-        Layer { _vs: vs, run, x, grad }
+        Layer {
+            _vs: vs,
+            run,
+            x,
+            grad,
+        }
     }
 
     /// Forward only (no graph), or forward + backward into the parameters.
@@ -102,8 +158,18 @@ pub fn moe_layer(case: &Case, dispatch: DispatchKind, device: Device, kind: Kind
 pub fn dense_layer(case: &Case, device: Device, kind: Kind) -> Layer {
     tch::manual_seed(0);
     let mut vs = nn::VarStore::new(device);
-    let up = nn::linear(vs.root() / "up", case.d, case.k * case.h, Default::default());
-    let down = nn::linear(vs.root() / "down", case.k * case.h, case.d, Default::default());
+    let up = nn::linear(
+        vs.root() / "up",
+        case.d,
+        case.k * case.h,
+        Default::default(),
+    );
+    let down = nn::linear(
+        vs.root() / "down",
+        case.k * case.h,
+        case.d,
+        Default::default(),
+    );
     if kind != Kind::Float {
         vs.set_kind(kind);
     }

@@ -85,11 +85,27 @@ impl Dispatch for Capacity {
         let c = plan.capacity;
         let kind = x.kind();
 
-        // Scatter tokens into [E * C + 1, d]; the spare row collects drops.
-        let token = Tensor::arange(n * k, (Kind::Int64, x.device())).divide_scalar_mode(k, "trunc");
-        let buffer = Tensor::zeros([e * c + 1, d], (kind, x.device()))
-            .index_add(0, &plan.row, &x.index_select(0, &token))
-            .narrow(0, 0, e * c)
+        // Fill the [E, C, d] buffer by gathering: each buffer row looks up
+        // the slot that owns it (rows nobody owns read a zero row). A gather
+        // writes every row once; scattering tokens in would need atomics.
+        let slots = n * k;
+        let opts = (Kind::Int64, x.device());
+        let slot_of_row = Tensor::full([e * c + 1], slots, opts)
+            .scatter(0, &plan.row, &Tensor::arange(slots, opts))
+            .narrow(0, 0, e * c);
+        let token_of_slot = Tensor::cat(
+            &[
+                Tensor::arange(slots, opts).divide_scalar_mode(k, "trunc"),
+                Tensor::full([1], n, opts),
+            ],
+            0,
+        );
+        let x_or_zero = Tensor::cat(
+            &[x.shallow_clone(), x.new_zeros([1, d], (kind, x.device()))],
+            0,
+        );
+        let buffer = x_or_zero
+            .index_select(0, &token_of_slot.index_select(0, &slot_of_row))
             .view([e, c, d]);
 
         let w = |t: &Tensor| t.to_kind(kind);
