@@ -70,10 +70,13 @@ fn expert_segments_looped(experts: &ExpertBank, xs: &Tensor, slots: &SortedSlots
     Tensor::cat(&parts, 0)
 }
 
+/// (device, dtype, d, h) -> whether `_grouped_mm` runs there.
+type SupportCache = Mutex<Option<HashMap<(Device, Kind, i64, i64), bool>>>;
+
 /// Whether `_grouped_mm` runs for this bank's sizes on its device in `kind`.
 /// Probed once per (device, dtype, d, h) with a tiny call.
 pub fn grouped_mm_supported(experts: &ExpertBank, kind: Kind) -> bool {
-    static CACHE: Mutex<Option<HashMap<(Device, Kind, i64, i64), bool>>> = Mutex::new(None);
+    static CACHE: SupportCache = Mutex::new(None);
     let device = experts.w_in.device();
     let (d, h) = (experts.config().input_dim, experts.config().hidden_dim);
     let key = (device, kind, d, h);

@@ -17,12 +17,12 @@ fn scaling_experts(vs: &nn::VarStore, scale: &[f32]) -> ExpertBank {
     let bank = ExpertBank::new(&vs.root(), &cfg).unwrap();
     let vars = vs.variables();
     tch::no_grad(|| {
-        vars["w_in"].shallow_clone().fill_(1.0);
-        vars["b_in"].shallow_clone().fill_(0.0);
+        let _ = vars["w_in"].shallow_clone().fill_(1.0);
+        let _ = vars["b_in"].shallow_clone().fill_(0.0);
         vars["w_out"]
             .shallow_clone()
             .copy_(&Tensor::from_slice(scale).view([e, 1, 1]));
-        vars["b_out"].shallow_clone().fill_(0.0);
+        let _ = vars["b_out"].shallow_clone().fill_(0.0);
     });
     bank
 }
