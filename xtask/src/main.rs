@@ -61,8 +61,13 @@ fn strip_dashes(rest: &[String]) -> Vec<String> {
     }
 }
 
+/// The checkout this xtask runs for. `cargo run` sets `CARGO_MANIFEST_DIR`
+/// at run time, which stays right when a built xtask is copied with its
+/// target folder to another checkout; the compile-time value is the fallback.
 fn workspace_root() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let manifest = env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
     manifest.parent().map(Path::to_path_buf).unwrap_or(manifest)
 }
 

@@ -6,37 +6,48 @@ use moe_routers::Router;
 use tch::{nn, Tensor};
 
 /// Sparse Mixture-of-Experts feed-forward layer (Shazeer et al. 2017;
-/// Mixtral, arXiv 2401.04088):
+/// Mixtral, arXiv 2401.04088), with DeepSeekMoE's shared experts
+/// (arXiv 2401.06066, eq. 9-11):
 ///
-/// `y(x) = sum_{e in TopK(x)} G(x)_e * FFN_e(x)`
+/// `y(x) = sum_{s < K_s} FFN^shared_s(x) + sum_{e in TopK(x)} G(x)_e * FFN_e(x)`
 ///
 /// The router picks `k` experts per token; the dispatch strategy runs only
-/// those experts and sums their outputs weighted by the gate.
+/// those experts and sums their outputs weighted by the gate; shared experts
+/// see every token with weight 1.
 #[derive(Debug)]
 pub struct SparseMoe {
     router: Box<dyn Router>,
     experts: ExpertBank,
+    shared_experts: Option<ExpertBank>,
     dispatch: Box<dyn Dispatch>,
     config: SparseMoeConfig,
 }
 
-/// The layer's output and the routing that produced it (for balance
-/// losses and routing statistics).
+/// The layer's output, the routing that produced it (for routing statistics
+/// and the aux-free bias update) and its balance loss.
 #[derive(Debug)]
 pub struct MoeOutput {
     /// Same shape as the input.
     pub output: Tensor,
     /// Routing of the flattened tokens, `N = x.numel() / d`.
     pub routing: Routing,
+    /// The configured balance losses, weighted; `None` when none is on.
+    pub aux_loss: Option<Tensor>,
 }
 
 impl SparseMoe {
-    /// Parameters: `p/router/...` and `p/experts/{w_in,b_in,w_out,b_out}`.
+    /// Parameters: `p/router/...`, `p/experts/{w_in,b_in,w_out,b_out}` and,
+    /// with shared experts, `p/shared_experts/...`.
     pub fn new(p: &nn::Path, config: SparseMoeConfig) -> Result<Self> {
         config.validate()?;
+        let shared_experts = match config.shared_expert_config() {
+            Some(c) => Some(ExpertBank::new(&(p / "shared_experts"), &c)?),
+            None => None,
+        };
         Ok(SparseMoe {
             router: config.router_config().build(&(p / "router"))?,
             experts: ExpertBank::new(&(p / "experts"), &config.expert_config())?,
+            shared_experts,
             dispatch: config.dispatch.build(),
             config,
         })
@@ -46,8 +57,19 @@ impl SparseMoe {
         &self.config
     }
 
+    /// The routed experts.
     pub fn experts(&self) -> &ExpertBank {
         &self.experts
+    }
+
+    /// The routed experts, e.g. to load weights split from a dense FFN.
+    pub fn experts_mut(&mut self) -> &mut ExpertBank {
+        &mut self.experts
+    }
+
+    /// The shared experts, if any.
+    pub fn shared_experts(&self) -> Option<&ExpertBank> {
+        self.shared_experts.as_ref()
     }
 
     pub fn router(&self) -> &dyn Router {
@@ -59,7 +81,14 @@ impl SparseMoe {
         self.dispatch = dispatch;
     }
 
-    /// `x`: `[..., d]` (any leading dims) -> same shape.
+    /// The training loop's hook after an optimizer step (see [`Router::after_step`]).
+    pub fn after_step(&self, routing: &Routing) -> Result<()> {
+        self.router.after_step(routing)
+    }
+
+    /// `x`: `[..., d]` (any leading dims) -> same shape. With a rank of 3 or
+    /// more, the second-to-last dimension is the sequence length that the
+    /// per-sequence balance loss groups by.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<MoeOutput> {
         let d = self.config.n_embd;
         let shape = x.size();
@@ -74,10 +103,18 @@ impl SparseMoe {
         check_same_device(x, "MoE input", self.experts.w_in.device())?;
         let flat = x.reshape([-1, d]);
         let routing = self.router.route(&flat, train)?;
-        let output = self
-            .dispatch
-            .combine(&flat, &routing, &self.experts, train)
-            .view(shape.as_slice());
-        Ok(MoeOutput { output, routing })
+        let mut output = self.dispatch.combine(&flat, &routing, &self.experts, train);
+        if let Some(shared) = &self.shared_experts {
+            output += shared
+                .forward_all(&flat, train)
+                .sum_dim_intlist(0, false, None);
+        }
+        let seq_len = (shape.len() >= 3).then(|| shape[shape.len() - 2]);
+        let aux_loss = self.config.balance.loss(&routing, seq_len)?;
+        Ok(MoeOutput {
+            output: output.view(shape.as_slice()),
+            routing,
+            aux_loss,
+        })
     }
 }

@@ -15,4 +15,4 @@ pub use check::{check_float, check_rank, check_same_device};
 pub use device::DeviceChoice;
 pub use error::{MoeError, Result};
 pub use init::{linear, WeightInit};
-pub use routing::Routing;
+pub use routing::{expert_capacity, Routing};

@@ -1,5 +1,5 @@
 use crate::Dispatch;
-use moe_core::Routing;
+use moe_core::{expert_capacity, Routing};
 use moe_experts::ExpertBank;
 use tch::{Kind, Tensor};
 
@@ -39,13 +39,13 @@ pub struct CapacityPlan {
 }
 
 impl Capacity {
-    /// `C` for `n` tokens.
+    /// `C` for `n` tokens ([`expert_capacity`]).
     pub fn capacity(&self, n: i64, k: i64, num_experts: i64) -> i64 {
-        (((n * k) as f64 / num_experts as f64 * self.capacity_factor).floor() as i64).max(1)
+        expert_capacity(n, k, num_experts, self.capacity_factor)
     }
 
-    /// Buffer positions: a slot's position within its expert is the number
-    /// of earlier slots (in token order) routed to the same expert.
+    /// Buffer positions ([`Routing::slot_positions`]): a slot's row within
+    /// its expert is the number of earlier slots (in token order) routed there.
     pub fn plan(&self, routing: &Routing) -> CapacityPlan {
         let (n, k, e) = (
             routing.indices.size()[0],
@@ -54,9 +54,7 @@ impl Capacity {
         );
         let capacity = self.capacity(n, k, e);
         let expert = routing.indices.flatten(0, -1);
-        let position = (expert.one_hot(e).cumsum(0, Kind::Int64) - 1)
-            .gather(1, &expert.unsqueeze(1), false)
-            .squeeze_dim(1);
+        let position = routing.slot_positions();
         let keep = position.lt(capacity);
         let spare = Tensor::full_like(&expert, e * capacity);
         let row = (expert * capacity + &position).where_self(&keep, &spare);

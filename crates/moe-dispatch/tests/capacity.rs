@@ -32,6 +32,8 @@ fn routing(indices: &[i64], weights: &[f32], n: i64, k: i64, e: i64) -> Routing 
         indices: Tensor::from_slice(indices).view([n, k]),
         weights: Tensor::from_slice(weights).view([n, k]),
         logits: Tensor::zeros([n, e], (Kind::Float, Device::Cpu)),
+        probs: Tensor::full([n, e], 1.0 / e as f64, (Kind::Float, Device::Cpu)),
+        dropped: None,
         num_experts: e,
     }
 }

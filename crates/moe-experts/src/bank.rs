@@ -1,5 +1,5 @@
-use crate::{Activation, ExpertConfig};
-use moe_core::{Result, WeightInit};
+use crate::{Activation, BankWeights, ExpertConfig};
+use moe_core::{MoeError, Result, WeightInit};
 use tch::{nn, Tensor};
 
 /// `E` two-layer experts, stacked (makeMoE's `Expert`, or a SwiGLU FFN):
@@ -48,6 +48,51 @@ impl ExpertBank {
 
     pub fn num_experts(&self) -> i64 {
         self.config.num_experts
+    }
+
+    /// Overwrites the bank's weights with `weights` (e.g. from
+    /// [`crate::split_dense_ffn`] or [`crate::upcycle_dense_ffn`]); shapes
+    /// and the presence of a gate must match the bank's config.
+    pub fn load(&mut self, weights: &BankWeights) -> Result<()> {
+        let gate_pair = match (&mut self.w_gate, &weights.w_gate) {
+            (Some(dst), Some(src)) => Some((dst, src)),
+            (None, None) => None,
+            (dst, _) => {
+                return Err(MoeError::config(format!(
+                    "expert weights {} a SwiGLU gate but the bank {}",
+                    if weights.w_gate.is_some() {
+                        "have"
+                    } else {
+                        "lack"
+                    },
+                    if dst.is_some() { "has one" } else { "has none" }
+                )))
+            }
+        };
+        let mut pairs = vec![
+            ("w_in", &mut self.w_in, &weights.w_in),
+            ("b_in", &mut self.b_in, &weights.b_in),
+            ("w_out", &mut self.w_out, &weights.w_out),
+            ("b_out", &mut self.b_out, &weights.b_out),
+        ];
+        if let Some((dst, src)) = gate_pair {
+            pairs.push(("w_gate", dst, src));
+        }
+        for (name, dst, src) in &pairs {
+            if dst.size() != src.size() {
+                return Err(MoeError::Shape {
+                    what: format!("expert weights {name}"),
+                    expected: format!("{:?}", dst.size()),
+                    got: src.size(),
+                });
+            }
+        }
+        tch::no_grad(|| {
+            for (_, dst, src) in pairs {
+                dst.copy_(src);
+            }
+        });
+        Ok(())
     }
 
     /// The hidden activation from the two pre-activations: `ReLU(pre)` or

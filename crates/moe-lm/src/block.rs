@@ -35,6 +35,7 @@ impl Block {
         Ok(MoeOutput {
             output: h + moe.output,
             routing: moe.routing,
+            aux_loss: moe.aux_loss,
         })
     }
 

@@ -2,7 +2,8 @@ use moe_attention::{AttentionConfig, AttentionPath, AttentionScale};
 use moe_block::SparseMoeConfig;
 use moe_core::{MoeError, Result, WeightInit};
 use moe_dispatch::DispatchKind;
-use moe_routers::RouterKind;
+use moe_experts::Activation;
+use moe_routers::{BalanceLossConfig, RouterKind};
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;
 
@@ -23,8 +24,22 @@ pub struct ModelConfig {
     pub top_k: i64,
     /// Hidden width of each expert; `None` means `4 * n_embd` (makeMoE).
     pub expert_hidden: Option<i64>,
+    /// Experts' non-linearity: ReLU (makeMoE) or SwiGLU (Mixtral, LLaMA, DeepSeek).
+    pub activation: Activation,
+    /// DeepSeekMoE fine-grained segmentation `m` (1: none).
+    pub segments: i64,
+    /// DeepSeekMoE shared experts `K_s`, out of the `m * num_experts`.
+    pub shared_experts: i64,
     pub router: RouterKind,
     pub router_noise_at_eval: bool,
+    /// DeepSeekMoE router: renormalise the chosen probabilities.
+    pub norm_topk_prob: bool,
+    /// Sigmoid aux-free router: bias update speed `gamma`.
+    pub bias_update_rate: f64,
+    /// Expert capacity factor (`None`: no limit).
+    pub capacity_factor: Option<f64>,
+    /// Balance losses added to the training loss (none: makeMoE).
+    pub balance: BalanceLossConfig,
     pub dispatch: DispatchKind,
     pub attention: AttentionPath,
     pub attention_scale: AttentionScale,
@@ -43,8 +58,15 @@ impl Default for ModelConfig {
             num_experts: 8,
             top_k: 2,
             expert_hidden: None,
+            activation: Activation::Relu,
+            segments: 1,
+            shared_experts: 0,
             router: RouterKind::NoisyTopK,
             router_noise_at_eval: false,
+            norm_topk_prob: false,
+            bias_update_rate: 1e-3,
+            capacity_factor: None,
+            balance: BalanceLossConfig::default(),
             dispatch: DispatchKind::Auto,
             attention: AttentionPath::Fused,
             attention_scale: AttentionScale::HeadSize,
@@ -116,10 +138,16 @@ impl ModelConfig {
             num_experts: self.num_experts,
             top_k: self.top_k,
             expert_hidden: self.expert_hidden(),
+            segments: self.segments,
+            shared_experts: self.shared_experts,
             dropout: self.dropout,
-            activation: Default::default(),
+            activation: self.activation,
             router: self.router,
             router_noise_at_eval: self.router_noise_at_eval,
+            norm_topk_prob: self.norm_topk_prob,
+            bias_update_rate: self.bias_update_rate,
+            capacity_factor: self.capacity_factor,
+            balance: self.balance.clone(),
             dispatch: self.dispatch,
             init: self.init,
         }
@@ -136,7 +164,8 @@ impl ModelConfig {
         self.moe_config().validate()
     }
 
-    /// Parameters a token passes through (k experts of each layer, not E).
+    /// Parameters a token passes through (the active and shared experts of
+    /// each layer, not all of them), given the model's `total`.
     pub fn active_params(&self, total: i64) -> i64 {
         let moe = self.moe_config();
         total - self.n_layer * (moe.total_params() - moe.active_params())

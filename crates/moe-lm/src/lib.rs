@@ -19,6 +19,8 @@ pub use config::{ModelConfig, Preset, TrainConfig};
 pub use data::{Batch, Dataset, Split};
 pub use generate::{generate, Sampling};
 pub use metrics::JsonlWriter;
-pub use model::{ForwardOutput, MoeLanguageModel};
+pub use model::{BatchLoss, ForwardOutput, MoeLanguageModel};
 pub use tokenizer::CharTokenizer;
-pub use train::{estimate_loss, parameter_count, EvalLosses, TrainEvent, Trainer};
+pub use train::{
+    estimate_loss, estimate_routing_stats, parameter_count, EvalLosses, TrainEvent, Trainer,
+};

@@ -1,5 +1,6 @@
 use crate::{Batch, Block, ModelConfig};
 use moe_core::{check_rank, check_same_device, MoeError, Result, Routing};
+use moe_routers::RoutingStats;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
 /// makeMoE's `SparseMoELanguageModel`: token and position embeddings,
@@ -23,6 +24,22 @@ pub struct ForwardOutput {
     /// `[B, T, vocab_size]`.
     pub logits: Tensor,
     /// One per block, over its `B * T` tokens.
+    pub routings: Vec<Routing>,
+    /// Sum over blocks of their weighted balance losses; `None` when the
+    /// config turns none on.
+    pub aux_loss: Option<Tensor>,
+}
+
+/// The training objective of a batch and its parts.
+#[derive(Debug)]
+pub struct BatchLoss {
+    /// `cross_entropy + aux`: what the optimizer minimises.
+    pub total: Tensor,
+    /// Mean next-token cross-entropy.
+    pub cross_entropy: Tensor,
+    /// The balance losses of every layer, weighted and summed.
+    pub aux: Option<Tensor>,
+    /// One per block: the aux-free bias update and routing statistics read them.
     pub routings: Vec<Routing>,
 }
 
@@ -90,11 +107,50 @@ impl MoeLanguageModel {
         Ok(cross_entropy(&out.logits, targets))
     }
 
-    /// The loss of a batch drawn from a [`crate::Dataset`], whose tokens were
-    /// validated when the dataset was built: no per-step host synchronisation.
+    /// The training loss of a batch drawn from a [`crate::Dataset`], whose
+    /// tokens were validated when the dataset was built (no per-step host
+    /// synchronisation): cross-entropy plus the configured balance losses.
     pub fn batch_loss(&self, batch: &Batch, train: bool) -> Result<Tensor> {
+        Ok(self.batch_objective(batch, train)?.total)
+    }
+
+    /// [`MoeLanguageModel::batch_loss`] with its parts and the routings.
+    pub fn batch_objective(&self, batch: &Batch, train: bool) -> Result<BatchLoss> {
         let out = self.forward_trusted(&batch.x, train)?;
-        Ok(cross_entropy(&out.logits, &batch.y))
+        let cross_entropy = cross_entropy(&out.logits, &batch.y);
+        let total = match &out.aux_loss {
+            Some(aux) => &cross_entropy + aux,
+            None => cross_entropy.shallow_clone(),
+        };
+        Ok(BatchLoss {
+            total,
+            cross_entropy,
+            aux: out.aux_loss,
+            routings: out.routings,
+        })
+    }
+
+    /// The hook the training loop calls after each optimizer step, with the
+    /// routings of that step: walks the MoE layers so that routers with
+    /// non-learned state (DeepSeek-V3's balancing bias) update it.
+    pub fn after_optimizer_step(&self, routings: &[Routing]) -> Result<()> {
+        if routings.len() != self.blocks.len() {
+            return Err(MoeError::config(format!(
+                "after_optimizer_step needs one routing per block ({}), got {}",
+                self.blocks.len(),
+                routings.len()
+            )));
+        }
+        for (block, routing) in self.blocks.iter().zip(routings) {
+            block.moe().after_step(routing)?;
+        }
+        Ok(())
+    }
+
+    /// Routing statistics of each MoE layer on a batch, in evaluation mode.
+    pub fn routing_stats(&self, batch: &Batch) -> Result<Vec<RoutingStats>> {
+        let out = tch::no_grad(|| self.forward_trusted(&batch.x, false))?;
+        out.routings.iter().map(RoutingStats::of).collect()
     }
 
     fn forward_trusted(&self, idx: &Tensor, train: bool) -> Result<ForwardOutput> {
@@ -108,13 +164,22 @@ impl MoeLanguageModel {
         let pos = Tensor::arange(t, (Kind::Int64, idx.device()));
         let mut x = self.tok_emb.forward(idx) + self.pos_emb.forward(&pos);
         let mut routings = Vec::with_capacity(self.blocks.len());
+        let mut aux_loss: Option<Tensor> = None;
         for block in &self.blocks {
             let out = block.forward_t(&x, train)?;
             x = out.output;
             routings.push(out.routing);
+            aux_loss = match (aux_loss, out.aux_loss) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            };
         }
         let logits = self.lm_head.forward(&self.ln_f.forward(&x));
-        Ok(ForwardOutput { logits, routings })
+        Ok(ForwardOutput {
+            logits,
+            routings,
+            aux_loss,
+        })
     }
 
     /// Rank, dtype, device, length and range checks of a token tensor.

@@ -1,5 +1,6 @@
 use crate::{Dataset, MoeLanguageModel, Split, TrainConfig};
 use moe_core::{MoeError, Result};
+use moe_routers::RoutingStats;
 use std::time::Instant;
 use tch::{nn, nn::OptimizerConfig, Kind, Tensor};
 
@@ -41,7 +42,8 @@ pub fn parameter_count(vs: &nn::VarStore) -> i64 {
         .sum()
 }
 
-/// makeMoE's `estimate_loss`: the mean loss over `eval_iters` random
+/// makeMoE's `estimate_loss`: the mean cross-entropy (balance losses
+/// excluded, so that runs with and without them compare) over `eval_iters` random
 /// batches of each split, in evaluation mode and without gradients. The
 /// batches are stacked into forward passes of up to `eval_rows` sequences
 /// (same expectation, far fewer kernel launches) and the sum is read back
@@ -59,7 +61,7 @@ pub fn estimate_loss(
             while done < config.eval_iters {
                 let batches = per_chunk.min(config.eval_iters - done);
                 let batch = data.batch(split, batches * config.batch_size);
-                total += model.batch_loss(&batch, false)? * batches as f64;
+                total += model.batch_objective(&batch, false)?.cross_entropy * batches as f64;
                 done += batches;
             }
             Ok(total.double_value(&[]) / config.eval_iters as f64)
@@ -69,6 +71,17 @@ pub fn estimate_loss(
         train: mean(Split::Train)?,
         val: mean(Split::Val)?,
     })
+}
+
+/// Routing statistics of each MoE layer over one evaluation-mode forward
+/// pass of `min(eval_rows, eval_iters * batch_size)` random validation sequences.
+pub fn estimate_routing_stats(
+    model: &MoeLanguageModel,
+    data: &Dataset,
+    config: &TrainConfig,
+) -> Result<Vec<RoutingStats>> {
+    let rows = config.eval_rows.min(config.eval_iters * config.batch_size);
+    model.routing_stats(&data.batch(Split::Val, rows))
 }
 
 /// nanoGPT's training loop: AdamW on random batches, with periodic
@@ -111,19 +124,40 @@ impl<'a> Trainer<'a> {
     }
 
     /// One optimisation step on a fresh training batch; returns the loss
-    /// tensor (not read back, so no host synchronisation).
+    /// tensor, balance losses included (not read back, so no host
+    /// synchronisation). After the optimizer step, the model's
+    /// [`MoeLanguageModel::after_optimizer_step`] hook sees the step's routings.
     pub fn step(&mut self) -> Result<Tensor> {
         let batch = self.data.batch(Split::Train, self.config.batch_size);
-        let loss = self.model.batch_loss(&batch, true)?;
+        let objective = self.model.batch_objective(&batch, true)?;
         self.optimizer.zero_grad();
-        loss.backward();
+        objective.total.backward();
         self.optimizer.step();
-        Ok(loss)
+        self.model.after_optimizer_step(&objective.routings)?;
+        Ok(objective.total)
     }
 
     /// Runs `max_iters` steps, reporting through `on_event`; returns the
     /// losses of the last evaluation.
     pub fn run(&mut self, mut on_event: impl FnMut(&TrainEvent)) -> Result<Option<EvalLosses>> {
+        self.run_inner(false, |event, _| on_event(event))
+    }
+
+    /// [`Trainer::run`], also computing [`estimate_routing_stats`] at each
+    /// evaluation and passing them (one per layer) with the `Eval` event;
+    /// `None` with `Step` events. For `metrics.jsonl`.
+    pub fn run_with_routing_stats(
+        &mut self,
+        on_event: impl FnMut(&TrainEvent, Option<&[RoutingStats]>),
+    ) -> Result<Option<EvalLosses>> {
+        self.run_inner(true, on_event)
+    }
+
+    fn run_inner(
+        &mut self,
+        with_stats: bool,
+        mut on_event: impl FnMut(&TrainEvent, Option<&[RoutingStats]>),
+    ) -> Result<Option<EvalLosses>> {
         let cfg = self.config.clone();
         let tokens_per_step = (cfg.batch_size * self.data.block_size()) as f64;
         let last_step = (cfg.max_iters - 1).max(0);
@@ -148,18 +182,26 @@ impl<'a> Trainer<'a> {
             if step % cfg.eval_interval == 0 || step == cfg.max_iters - 1 {
                 let started = Instant::now();
                 let losses = estimate_loss(self.model, self.data, &cfg)?;
+                let stats = if with_stats {
+                    Some(estimate_routing_stats(self.model, self.data, &cfg)?)
+                } else {
+                    None
+                };
                 let eval_s = started.elapsed().as_secs_f64();
                 eval_s_total += eval_s;
                 evals_done += 1;
                 check_finite(step, losses.train)?;
                 let (ms_per_step, tokens_per_s) = speed(step, train_s);
-                on_event(&TrainEvent::Eval {
-                    step,
-                    losses,
-                    ms_per_step,
-                    tokens_per_s,
-                    eval_s,
-                });
+                on_event(
+                    &TrainEvent::Eval {
+                        step,
+                        losses,
+                        ms_per_step,
+                        tokens_per_s,
+                        eval_s,
+                    },
+                    stats.as_deref(),
+                );
                 last = Some(losses);
             }
             let started = Instant::now();
@@ -173,13 +215,16 @@ impl<'a> Trainer<'a> {
                 let evals_left = (evals_total - evals_done) as f64;
                 let eta_s = (cfg.max_iters - step - 1) as f64 * ms_per_step / 1e3
                     + evals_left * eval_s_total / evals_done.max(1) as f64;
-                on_event(&TrainEvent::Step {
-                    step: step + 1,
-                    loss,
-                    ms_per_step,
-                    tokens_per_s,
-                    eta_s,
-                });
+                on_event(
+                    &TrainEvent::Step {
+                        step: step + 1,
+                        loss,
+                        ms_per_step,
+                        tokens_per_s,
+                        eta_s,
+                    },
+                    None,
+                );
             }
         }
         Ok(last)

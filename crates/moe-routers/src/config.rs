@@ -1,4 +1,7 @@
-use crate::{NoisyTopKRouter, Router, TopKRouter};
+use crate::{
+    AttentionRouter, AuxFreeSigmoidRouter, CapacityLimited, DeepSeekMoeRouter, NoisyTopKRouter,
+    Router, TopKRouter,
+};
 use moe_core::{MoeError, Result, WeightInit};
 use serde::{Deserialize, Serialize};
 use tch::nn;
@@ -12,6 +15,41 @@ pub enum RouterKind {
     /// Logits plus learned-scale Gaussian noise, then top-k (makeMoE).
     #[default]
     NoisyTopK,
+    /// Yuan 2.0-M32's attention router: experts attend to each other.
+    Attention,
+    /// DeepSeekMoE: softmax over all experts, then top-k of the probabilities.
+    DeepSeekMoe,
+    /// DeepSeek-V3: sigmoid affinities, a balancing bias for selection only.
+    SigmoidAuxFree,
+}
+
+impl RouterKind {
+    /// Every kind, in the order of the comparison table.
+    pub const ALL: [RouterKind; 5] = [
+        RouterKind::TopK,
+        RouterKind::NoisyTopK,
+        RouterKind::Attention,
+        RouterKind::DeepSeekMoe,
+        RouterKind::SigmoidAuxFree,
+    ];
+}
+
+impl std::str::FromStr for RouterKind {
+    type Err = MoeError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().replace('-', "_").as_str() {
+            "top_k" | "topk" => Ok(RouterKind::TopK),
+            "noisy_top_k" | "noisy" => Ok(RouterKind::NoisyTopK),
+            "attention" => Ok(RouterKind::Attention),
+            "deepseek_moe" | "deepseek" => Ok(RouterKind::DeepSeekMoe),
+            "sigmoid_aux_free" | "aux_free" => Ok(RouterKind::SigmoidAuxFree),
+            other => Err(MoeError::config(format!(
+                "unknown router `{other}`: expected top_k, noisy_top_k, attention, \
+                 deepseek_moe or sigmoid_aux_free"
+            ))),
+        }
+    }
 }
 
 /// Configuration of a router.
@@ -28,6 +66,14 @@ pub struct RouterConfig {
     /// Noisy top-k only: also add noise outside training. makeMoE does (its
     /// router has no notion of mode); the textbook router does not.
     pub noise_at_eval: bool,
+    /// DeepSeekMoE only: renormalise the `k` selected probabilities to sum
+    /// to 1 (`norm_topk_prob` of the reference code; off in the paper).
+    pub norm_topk_prob: bool,
+    /// Sigmoid aux-free only: `gamma`, the bias update speed (DeepSeek-V3: 1e-3).
+    pub bias_update_rate: f64,
+    /// Expert capacity factor: each expert keeps at most
+    /// `floor(N k / E * factor)` slots per batch (Switch Transformer). `None`: no limit.
+    pub capacity_factor: Option<f64>,
     pub init: WeightInit,
 }
 
@@ -40,6 +86,9 @@ impl Default for RouterConfig {
             num_experts: 8,
             top_k: 2,
             noise_at_eval: false,
+            norm_topk_prob: false,
+            bias_update_rate: 1e-3,
+            capacity_factor: None,
             init: WeightInit::default(),
         }
     }
@@ -65,14 +114,47 @@ impl RouterConfig {
                 self.input_dim
             )));
         }
+        if !(self.bias_update_rate >= 0.0 && self.bias_update_rate.is_finite()) {
+            return Err(MoeError::config(format!(
+                "bias_update_rate must be a finite number >= 0, got {}",
+                self.bias_update_rate
+            )));
+        }
+        if let Some(factor) = self.capacity_factor {
+            if !(factor > 0.0 && factor.is_finite()) {
+                return Err(MoeError::config(format!(
+                    "capacity_factor must be a positive number, got {factor}"
+                )));
+            }
+        }
         Ok(())
     }
 
-    /// Builds the configured router under `p`.
+    /// Builds the configured router under `p`, wrapped in a capacity limit
+    /// when `capacity_factor` is set.
     pub fn build(&self, p: &nn::Path) -> Result<Box<dyn Router>> {
-        Ok(match self.kind {
+        let router: Box<dyn Router> = match self.kind {
             RouterKind::TopK => Box::new(TopKRouter::new(p, self)?),
             RouterKind::NoisyTopK => Box::new(NoisyTopKRouter::new(p, self)?),
+            RouterKind::Attention => Box::new(AttentionRouter::new(p, self)?),
+            RouterKind::DeepSeekMoe => Box::new(DeepSeekMoeRouter::new(p, self)?),
+            RouterKind::SigmoidAuxFree => Box::new(AuxFreeSigmoidRouter::new(p, self)?),
+        };
+        Ok(match self.capacity_factor {
+            Some(factor) => Box::new(CapacityLimited::new(router, factor)?),
+            None => router,
         })
+    }
+
+    /// Trainable parameters of the router: `E (d + 1)` per linear gate with
+    /// bias, `E d` per gate without (the balancing bias is not trained).
+    pub fn num_params(&self) -> i64 {
+        let (d, e) = (self.input_dim, self.num_experts);
+        match self.kind {
+            RouterKind::TopK => e * (d + 1),
+            RouterKind::NoisyTopK => 2 * e * (d + 1),
+            RouterKind::Attention => 3 * e * d,
+            RouterKind::DeepSeekMoe | RouterKind::SigmoidAuxFree => e * d,
+        }
     }
 }

@@ -1,0 +1,82 @@
+use crate::Activation;
+use moe_core::{MoeError, Result};
+use tch::Tensor;
+
+/// The weights of one dense two-layer FFN in the bank's layout (no expert
+/// dimension): `w_in, w_gate: [d, h]`, `b_in: [h]`, `w_out: [h, d]`, `b_out: [d]`,
+///
+/// `FFN(x) = act(x) w_out + b_out`, `act(x) = ReLU(x w_in + b_in)` or
+/// `SiLU(x w_gate) * (x w_in + b_in)`.
+///
+/// The source of LLaMA-MoE's expert construction and of upcycling.
+#[derive(Debug)]
+pub struct DenseFfnWeights {
+    pub w_in: Tensor,
+    pub b_in: Tensor,
+    /// SwiGLU only.
+    pub w_gate: Option<Tensor>,
+    pub w_out: Tensor,
+    pub b_out: Tensor,
+}
+
+/// Weights of `E` experts, stacked as in [`crate::ExpertBank`]: `w_in,
+/// w_gate: [E, d, h]`, `b_in: [E, h]`, `w_out: [E, h, d]`, `b_out: [E, d]`.
+#[derive(Debug)]
+pub struct BankWeights {
+    pub w_in: Tensor,
+    pub b_in: Tensor,
+    pub w_gate: Option<Tensor>,
+    pub w_out: Tensor,
+    pub b_out: Tensor,
+}
+
+impl DenseFfnWeights {
+    /// Width `d` and hidden width `h`, after checking the shapes agree.
+    pub fn dims(&self) -> Result<(i64, i64)> {
+        let wrong = |what: &str, expected: String, got: Vec<i64>| MoeError::Shape {
+            what: format!("dense FFN {what}"),
+            expected,
+            got,
+        };
+        let w_in = self.w_in.size();
+        if w_in.len() != 2 {
+            return Err(wrong("w_in", "[d, h]".into(), w_in));
+        }
+        let (d, h) = (w_in[0], w_in[1]);
+        let checks = [
+            ("b_in", vec![h], self.b_in.size()),
+            ("w_out", vec![h, d], self.w_out.size()),
+            ("b_out", vec![d], self.b_out.size()),
+        ];
+        for (what, want, got) in checks {
+            if want != got {
+                return Err(wrong(what, format!("{want:?}"), got));
+            }
+        }
+        if let Some(g) = &self.w_gate {
+            if g.size() != vec![d, h] {
+                return Err(wrong("w_gate", format!("[{d}, {h}]"), g.size()));
+            }
+        }
+        Ok((d, h))
+    }
+
+    /// The activation these weights imply: SwiGLU when there is a gate.
+    pub fn activation(&self) -> Activation {
+        match self.w_gate {
+            Some(_) => Activation::SwiGlu,
+            None => Activation::Relu,
+        }
+    }
+
+    /// `FFN(x)` for `x: [N, d]` (no dropout): the reference that split
+    /// experts must add up to.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let pre = x.matmul(&self.w_in) + &self.b_in;
+        let hidden = match &self.w_gate {
+            Some(g) => x.matmul(g).silu() * pre,
+            None => pre.relu(),
+        };
+        hidden.matmul(&self.w_out) + &self.b_out
+    }
+}

@@ -1,0 +1,70 @@
+use crate::{top_k_softmax, Router, RouterConfig};
+use moe_core::{linear, Result, Routing};
+use tch::{nn, nn::Module, Kind, Tensor};
+
+/// Attention router of Yuan 2.0-M32 (Wu et al. 2024, arXiv 2405.17976, §3):
+/// the experts attend to each other so that the choice of one expert
+/// accounts for its correlation with the others.
+///
+/// Per token `x`: `Q = W_q x`, `K = W_k x`, `V = W_v x`, each in `R^E` (no
+/// bias), and
+///
+/// `P = softmax(Q K^T) V`, i.e. `P_i = sum_j softmax_j(Q_i K_j) V_j`,
+///
+/// an `E x E` attention per token, without `1/sqrt(d)` scaling, computed in
+/// fp32. The top-k of `P` choose the experts, weighted by a softmax over
+/// those `k` values ([`top_k_softmax`]).
+#[derive(Debug)]
+pub struct AttentionRouter {
+    query: nn::Linear,
+    key: nn::Linear,
+    value: nn::Linear,
+    config: RouterConfig,
+}
+
+impl AttentionRouter {
+    /// Parameters: `p/{query,key,value}.weight`, each `[E, d]`.
+    pub fn new(p: &nn::Path, config: &RouterConfig) -> Result<Self> {
+        config.validate()?;
+        let (d, e) = (config.input_dim, config.num_experts);
+        Ok(AttentionRouter {
+            query: linear(p / "query", d, e, false, config.init),
+            key: linear(p / "key", d, e, false, config.init),
+            value: linear(p / "value", d, e, false, config.init),
+            config: config.clone(),
+        })
+    }
+
+    /// `P`, `[N, E]` in fp32.
+    pub fn expert_attention(&self, x: &Tensor) -> Tensor {
+        let q = self.query.forward(x).to_kind(Kind::Float); // [N, E]
+        let k = self.key.forward(x).to_kind(Kind::Float);
+        let v = self.value.forward(x).to_kind(Kind::Float);
+        // scores[n, i, j] = q[n, i] * k[n, j]: the outer product Q K^T of each token.
+        let scores = q.unsqueeze(2) * k.unsqueeze(1);
+        scores
+            .softmax(-1, Kind::Float)
+            .matmul(&v.unsqueeze(2))
+            .squeeze_dim(2)
+    }
+}
+
+impl Router for AttentionRouter {
+    fn route(&self, x: &Tensor, _train: bool) -> Result<Routing> {
+        self.check_input(x, self.query.ws.device())?;
+        let p = self.expert_attention(x).to_kind(x.kind());
+        Ok(top_k_softmax(p, self.config.top_k))
+    }
+
+    fn num_experts(&self) -> i64 {
+        self.config.num_experts
+    }
+
+    fn top_k(&self) -> i64 {
+        self.config.top_k
+    }
+
+    fn input_dim(&self) -> i64 {
+        self.config.input_dim
+    }
+}

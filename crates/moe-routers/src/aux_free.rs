@@ -1,0 +1,89 @@
+use crate::{top_k_of_affinities, Router, RouterConfig};
+use moe_core::{linear, MoeError, Result, Routing};
+use tch::{nn, nn::Module, Kind, Tensor};
+
+/// Sigmoid gate with auxiliary-loss-free load balancing (DeepSeek-V3,
+/// arXiv 2412.19437, §2.1.2, eq. 12-16; Wang et al. 2024, arXiv 2408.15664):
+///
+/// `s_{i,t} = sigmoid(u_t^T e_i)`, experts chosen by `TopK(s_{i,t} + b_i, k)`,
+/// `g_{i,t} = s_{i,t} / sum_{j chosen} s_{j,t}`.
+///
+/// The bias `b` steers selection only. It is not learned by gradient: after
+/// each training step, [`Router::after_step`] applies
+///
+/// `b_i += gamma * sign(mean_j load_j - load_i)`,
+///
+/// lowering the bias of overloaded experts and raising that of idle ones.
+/// `b` is a non-trainable variable (`p/expert_bias`), so checkpoints keep it.
+/// The balance losses read `probs = s / sum_j s_j`, the normalised
+/// affinities of DeepSeek-V3's sequence-wise loss (eq. 19).
+#[derive(Debug)]
+pub struct AuxFreeSigmoidRouter {
+    gate: nn::Linear,
+    expert_bias: Tensor,
+    config: RouterConfig,
+}
+
+impl AuxFreeSigmoidRouter {
+    /// Parameters: `p/gate.weight` (`[E, d]`) and the buffer `p/expert_bias` (`[E]`).
+    pub fn new(p: &nn::Path, config: &RouterConfig) -> Result<Self> {
+        config.validate()?;
+        let (d, e) = (config.input_dim, config.num_experts);
+        Ok(AuxFreeSigmoidRouter {
+            gate: linear(p / "gate", d, e, false, config.init),
+            expert_bias: p.zeros_no_train("expert_bias", &[e]),
+            config: config.clone(),
+        })
+    }
+
+    /// The balancing bias `b`, `[E]`.
+    pub fn expert_bias(&self) -> &Tensor {
+        &self.expert_bias
+    }
+}
+
+impl Router for AuxFreeSigmoidRouter {
+    fn route(&self, x: &Tensor, _train: bool) -> Result<Routing> {
+        self.check_input(x, self.gate.ws.device())?;
+        let logits = self.gate.forward(x);
+        let affinity = logits.sigmoid();
+        let selection = (&affinity + self.expert_bias.to_kind(affinity.kind())).detach();
+        let probs = &affinity / affinity.sum_dim_intlist(-1, true, None);
+        Ok(top_k_of_affinities(
+            logits,
+            &affinity,
+            &selection,
+            probs,
+            self.config.top_k,
+            true,
+        ))
+    }
+
+    fn after_step(&self, routing: &Routing) -> Result<()> {
+        if routing.num_experts != self.config.num_experts {
+            return Err(MoeError::config(format!(
+                "after_step got a routing over {} experts, the router has {}",
+                routing.num_experts, self.config.num_experts
+            )));
+        }
+        let load = routing.expert_counts().to_kind(Kind::Float);
+        let step = (load.mean(Kind::Float) - &load).sign() * self.config.bias_update_rate;
+        let mut bias = self.expert_bias.shallow_clone();
+        tch::no_grad(|| {
+            let _ = bias.g_add_(&step.to_device(bias.device()).to_kind(bias.kind()));
+        });
+        Ok(())
+    }
+
+    fn num_experts(&self) -> i64 {
+        self.config.num_experts
+    }
+
+    fn top_k(&self) -> i64 {
+        self.config.top_k
+    }
+
+    fn input_dim(&self) -> i64 {
+        self.config.input_dim
+    }
+}

@@ -1,0 +1,44 @@
+use super::groups;
+use moe_core::{Result, Routing};
+use tch::{Kind, Tensor};
+
+/// `f_i = N'/(K' T) * count_i` per group of `T` tokens, `[G, E]` (float):
+/// the load of expert `i` relative to a perfectly even load (1 each).
+/// `count_i` counts routed slots, dropped ones included (the router's choice).
+pub fn expert_fractions(routing: &Routing, group: Option<i64>) -> Result<Tensor> {
+    let (g, t) = groups(routing, group)?;
+    let (k, e) = (routing.top_k(), routing.num_experts);
+    let counts = routing
+        .indices
+        .view([g, t * k])
+        .one_hot(e)
+        .sum_dim_intlist(1, false, Kind::Float); // [G, E]
+    Ok(counts * (e as f64 / (k * t) as f64))
+}
+
+/// The expert-level balance loss, without its coefficient:
+///
+/// `L = sum_i f_i P_i`, `f_i = N'/(K'T) count_i`, `P_i = 1/T sum_t s_{i,t}`
+///
+/// (DeepSeekMoE, arXiv 2401.06066, eq. 12-14, `N'` routed experts, `K'`
+/// chosen per token, `T` tokens). It is the Switch Transformer loss
+/// (arXiv 2101.03961, eq. 4-6) written differently: with `f^S_i` the
+/// fraction of routed slots sent to expert `i` (counted over `T K'` slots),
+/// `alpha E sum_i f^S_i P_i = alpha sum_i f_i P_i`. Only `P` carries a
+/// gradient. Its minimum under an even load and uniform probabilities is 1.
+///
+/// `group = Some(T)` computes it per sequence of `T` consecutive tokens and
+/// averages over sequences (DeepSeek-V3's sequence-wise variant, eq. 17-20);
+/// `None` treats the `N` tokens as one group.
+pub fn load_balance_loss(routing: &Routing, group: Option<i64>) -> Result<Tensor> {
+    let f = expert_fractions(routing, group)?;
+    let (g, t) = groups(routing, group)?;
+    let p = routing
+        .probs
+        .to_kind(Kind::Float)
+        .view([g, t, routing.num_experts])
+        .mean_dim(1, false, Kind::Float);
+    Ok((f * p)
+        .sum_dim_intlist(-1, false, Kind::Float)
+        .mean(Kind::Float))
+}

@@ -1,0 +1,93 @@
+use moe_core::{MoeError, Result, Routing};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+/// How evenly a layer's router spread its tokens, over one or more routings
+/// (e.g. the batches of an evaluation).
+///
+/// With `c_i` the slots routed to expert `i` and `mean = sum_i c_i / E`:
+/// `cv = std(c) / mean` (population std), `max_violation = (max_i c_i - mean) / mean`
+/// (the "MaxVio" of Wang et al. 2024, arXiv 2408.15664, §4.1), both 0 under a
+/// perfectly even load.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoutingStats {
+    /// Routed slots per expert, `c_i` (dropped slots included).
+    pub tokens_per_expert: Vec<i64>,
+    /// Coefficient of variation of `c`.
+    pub cv: f64,
+    /// `(max c - mean c) / mean c`.
+    pub max_violation: f64,
+    /// Fraction of slots dropped by a capacity limit (0 without one).
+    pub dropped_fraction: f64,
+    /// Mean over tokens of the entropy of the router probabilities,
+    /// `-sum_i p_i ln p_i` (nats; `ln E` when uniform).
+    pub mean_entropy: f64,
+}
+
+impl RoutingStats {
+    /// Statistics of the union of `routings`, which must share `E`.
+    pub fn from_routings(routings: &[&Routing]) -> Result<Self> {
+        let first = routings
+            .first()
+            .ok_or_else(|| MoeError::config("routing statistics need at least one routing"))?;
+        let e = first.num_experts;
+        if let Some(r) = routings.iter().find(|r| r.num_experts != e) {
+            return Err(MoeError::config(format!(
+                "routing statistics over routings with different expert counts ({e} and {})",
+                r.num_experts
+            )));
+        }
+        let mut counts = vec![0i64; e as usize];
+        let (mut slots, mut dropped, mut tokens, mut entropy_sum) = (0i64, 0i64, 0i64, 0f64);
+        for r in routings {
+            let c = Vec::<i64>::try_from(r.expert_counts())?;
+            counts.iter_mut().zip(&c).for_each(|(a, b)| *a += b);
+            slots += r.indices.numel() as i64;
+            if let Some(d) = &r.dropped {
+                dropped += d.sum(Kind::Int64).int64_value(&[]);
+            }
+            tokens += r.num_tokens();
+            let p = r.probs.to_kind(Kind::Double);
+            // p ln p -> 0 as p -> 0: the clamp only avoids 0 * -inf.
+            let plogp = &p * p.clamp_min(1e-30).log();
+            entropy_sum -= plogp.sum(Kind::Double).double_value(&[]);
+        }
+        let mean = counts.iter().sum::<i64>() as f64 / e as f64;
+        let var = counts
+            .iter()
+            .map(|&c| (c as f64 - mean).powi(2))
+            .sum::<f64>()
+            / e as f64;
+        let max = counts.iter().copied().max().unwrap_or(0) as f64;
+        let relative = |x: f64| if mean > 0.0 { x / mean } else { 0.0 };
+        Ok(RoutingStats {
+            cv: relative(var.sqrt()),
+            max_violation: relative(max - mean),
+            dropped_fraction: if slots > 0 {
+                dropped as f64 / slots as f64
+            } else {
+                0.0
+            },
+            mean_entropy: if tokens > 0 {
+                entropy_sum / tokens as f64
+            } else {
+                0.0
+            },
+            tokens_per_expert: counts,
+        })
+    }
+
+    /// Statistics of one routing.
+    pub fn of(routing: &Routing) -> Result<Self> {
+        Self::from_routings(&[routing])
+    }
+}
+
+/// The mean router probability of each expert, `[E]`: the `P_i` of the
+/// balance losses (used by tests and plots).
+pub fn mean_probs(routing: &Routing) -> Tensor {
+    routing
+        .probs
+        .to_kind(Kind::Float)
+        .mean_dim(0, false, Kind::Float)
+}
