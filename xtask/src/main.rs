@@ -25,10 +25,7 @@ fn main() {
     let root = workspace_root();
     let result = match task {
         "env" => ensure_torch(&root).map(|lib| print_env(&root, &lib)),
-        "test" => cargo(&root, &["test", "--workspace", "--all-targets"], &rest).and_then(|_| {
-            // Doctests (the README's example among them) are not part of --all-targets.
-            cargo(&root, &["test", "--workspace", "--doc"], &[])
-        }),
+        "test" => test(&root, &rest),
         "shakespeare" => cargo(
             &root,
             &["run", "--release", "--example", "shakespeare", "--"],
@@ -164,6 +161,79 @@ fn cargo(root: &Path, fixed: &[&str], rest: &[String]) -> Result<(), String> {
     run(&mut cmd)
 }
 
+/// Every test of the workspace: unit, integration, examples and benches in
+/// test mode, then doctests (the README's example among them), closing with
+/// one line that totals them.
+fn test(root: &Path, rest: &[String]) -> Result<(), String> {
+    let mut totals = (0u64, 0u64);
+    let mut result = cargo_counting(
+        root,
+        &["test", "--workspace", "--all-targets"],
+        rest,
+        &mut totals,
+    );
+    if result.is_ok() {
+        result = cargo_counting(root, &["test", "--workspace", "--doc"], &[], &mut totals);
+    }
+    println!("tests: {} passed, {} failed", totals.0, totals.1);
+    result
+}
+
+/// Runs cargo, echoing its output and adding up libtest's
+/// `test result: ... N passed; M failed` lines into `totals`.
+fn cargo_counting(
+    root: &Path,
+    fixed: &[&str],
+    rest: &[String],
+    totals: &mut (u64, u64),
+) -> Result<(), String> {
+    use std::io::{BufRead, BufReader};
+    let lib = ensure_torch(root)?;
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root)
+        .args(fixed)
+        .args(rest)
+        .stdout(std::process::Stdio::piped());
+    for (k, v) in torch_env(root, &lib) {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start cargo: {e}"))?;
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            println!("{line}");
+            if let Some((passed, failed)) = parse_test_result(&line) {
+                totals.0 += passed;
+                totals.1 += failed;
+            }
+        }
+    }
+    let status = child.wait().map_err(|e| format!("cargo: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("cargo {fixed:?} failed ({status})"))
+    }
+}
+
+/// `test result: ok. 12 passed; 0 failed; ...` -> (12, 0).
+fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let count = |word: &str| {
+        rest.split(';')
+            .find_map(|part| {
+                part.trim()
+                    .trim_start_matches("ok. ")
+                    .trim_start_matches("FAILED. ")
+                    .strip_suffix(word)
+            })
+            .and_then(|n| n.trim().parse().ok())
+    };
+    Some((count(" passed")?, count(" failed")?))
+}
+
 fn run(cmd: &mut Command) -> Result<(), String> {
     let status = cmd
         .status()
@@ -176,5 +246,19 @@ fn run(cmd: &mut Command) -> Result<(), String> {
             cmd.get_program(),
             cmd.get_args().collect::<Vec<_>>()
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_test_result;
+
+    #[test]
+    fn reads_libtest_summaries() {
+        let ok = "test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.09s";
+        assert_eq!(parse_test_result(ok), Some((12, 0)));
+        let bad = "test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out";
+        assert_eq!(parse_test_result(bad), Some((1, 2)));
+        assert_eq!(parse_test_result("running 3 tests"), None);
     }
 }
