@@ -1,5 +1,5 @@
 use crate::ModelConfig;
-use moe_attention::CausalSelfAttention;
+use moe_attention::{CausalSelfAttention, KvCache};
 use moe_block::{MoeOutput, SparseMoe};
 use moe_core::Result;
 use tch::{nn, nn::Module, Tensor};
@@ -32,6 +32,17 @@ impl Block {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<MoeOutput> {
         let h = x + self.attn.forward_t(&self.ln1.forward(x), train)?;
         let moe = self.moe.forward_t(&self.ln2.forward(&h), train)?;
+        Ok(MoeOutput {
+            output: h + moe.output,
+            routing: moe.routing,
+        })
+    }
+
+    /// [`Block::forward_t`] in evaluation mode for the positions after those
+    /// in `cache` (incremental decoding).
+    pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache) -> Result<MoeOutput> {
+        let h = x + self.attn.forward_cached(&self.ln1.forward(x), cache)?;
+        let moe = self.moe.forward_t(&self.ln2.forward(&h), false)?;
         Ok(MoeOutput {
             output: h + moe.output,
             routing: moe.routing,
