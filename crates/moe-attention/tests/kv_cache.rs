@@ -50,7 +50,7 @@ fn a_full_cache_or_another_batch_size_is_an_error() {
     let (_vs, attn) = layer(AttentionPath::Fused);
     let mut cache = KvCache::new();
     let x = Tensor::randn([2, 12, 24], (Kind::Float, Device::Cpu));
-    attn.forward_cached(&x, &mut cache).unwrap();
+    let _ = attn.forward_cached(&x, &mut cache).unwrap();
     let one = x.narrow(1, 0, 1);
     assert!(matches!(
         attn.forward_cached(&one, &mut cache),
@@ -60,7 +60,7 @@ fn a_full_cache_or_another_batch_size_is_an_error() {
         })
     ));
     cache.clear();
-    attn.forward_cached(&one, &mut cache).unwrap();
+    let _ = attn.forward_cached(&one, &mut cache).unwrap();
     let other_batch = Tensor::randn([3, 1, 24], (Kind::Float, Device::Cpu));
     assert!(matches!(
         attn.forward_cached(&other_batch, &mut cache),
