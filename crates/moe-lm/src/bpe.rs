@@ -14,7 +14,8 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct BpeTokenizer {
-    inner: tokenizers::Tokenizer,
+    /// Boxed: the tokenizer is large, and `Tokenizer` enums hold it by value.
+    inner: Box<tokenizers::Tokenizer>,
 }
 
 impl std::fmt::Debug for BpeTokenizer {
@@ -55,7 +56,9 @@ impl BpeTokenizer {
         inner
             .train(&mut trainer, text.split_inclusive('\n'))
             .map_err(|e| MoeError::Data(format!("BPE training failed: {e}")))?;
-        Ok(BpeTokenizer { inner })
+        Ok(BpeTokenizer {
+            inner: Box::new(inner),
+        })
     }
 
     pub fn vocab_size(&self) -> i64 {

@@ -69,7 +69,7 @@ pub fn plot_loss_curve(path: &Path, curves: &LossCurves) -> Result<()> {
         let (a, b) = root.split_vertically(400);
         (a, Some(b))
     };
-    let losses: Vec<(&str, &[(i64, f64)], RGBColor)> = vec![
+    let losses: [Series; 2] = [
         ("train loss", &curves.train, BLUE),
         ("val loss", &curves.val, RED),
     ];

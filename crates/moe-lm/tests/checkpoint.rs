@@ -3,7 +3,7 @@ mod common;
 use common::tiny_config;
 use moe_core::MoeError;
 use moe_lm::{load_checkpoint, save_checkpoint, CharTokenizer, CheckpointMeta, MoeLanguageModel};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, Tensor};
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -12,7 +12,7 @@ fn temp_dir(name: &str) -> PathBuf {
     dir
 }
 
-fn saved_model(dir: &PathBuf) -> (nn::VarStore, MoeLanguageModel, CheckpointMeta) {
+fn saved_model(dir: &Path) -> (nn::VarStore, MoeLanguageModel, CheckpointMeta) {
     tch::manual_seed(11);
     let tokenizer = CharTokenizer::from_text("abcdefghij \n").unwrap();
     let config = tiny_config(tokenizer.vocab_size());
