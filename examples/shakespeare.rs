@@ -1,54 +1,82 @@
 //! Trains makeMoE's sparse MoE language model on tinyshakespeare, writes
-//! `OUT/metrics.jsonl`, saves `OUT/model.safetensors` + `OUT/config.json`,
-//! and prints a generated sample.
+//! `OUT/metrics.jsonl` and an MLflow run (`OUT/mlruns`), saves a resumable
+//! checkpoint in `OUT` (`model.safetensors`, `config.json`,
+//! `optimizer.safetensors`), optionally plots `OUT/loss_curve.png`, and
+//! prints a generated sample.
 //!
 //! `cargo xtask shakespeare -- --preset makemoe` reproduces the tutorial's run.
+//! `--config FILE` (TOML or JSON) sets model, training and tokenizer; flags
+//! override it; `--print-config` prints the resolved config and exits.
 
 use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
 use moe_layers::lm::{
-    generate, parameter_count, save_checkpoint, CharTokenizer, CheckpointMeta, Dataset,
-    JsonlWriter, ModelConfig, MoeLanguageModel, Preset, Sampling, TrainConfig, TrainEvent, Trainer,
+    generate, load_checkpoint_meta, parameter_count, plot_loss_curve, Checkpointing, Dataset,
+    JsonlWriter, LossCurves, MlflowRun, ModelConfig, MoeLanguageModel, Preset, RunConfig,
+    RunStatus, Sampling, TextStream, Tokenizer, TokenizerKind, TrainEvent, Trainer,
 };
 use moe_layers::prelude::{DeviceChoice, DispatchKind, WeightInit};
 use moe_layers::{MoeError, Result};
 use serde_json::json;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Parser, Debug)]
 #[command(about = "Train the makeMoE sparse MoE language model on tinyshakespeare")]
 struct Args {
-    #[arg(long, default_value_t = 5000)]
-    max_iters: i64,
-    #[arg(long, default_value_t = 100)]
-    eval_interval: i64,
-    #[arg(long, default_value_t = 400)]
-    eval_iters: i64,
-    #[arg(long, default_value_t = 16)]
-    batch_size: i64,
-    #[arg(long, default_value_t = 32)]
-    block_size: i64,
-    #[arg(long, default_value_t = 1e-3)]
-    lr: f64,
-    #[arg(long, default_value_t = 1337)]
-    seed: i64,
+    /// TOML or JSON file with [model], [train] and [tokenizer] sections
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the resolved config (TOML) and exit
+    #[arg(long)]
+    print_config: bool,
+    /// Continue the run saved in this folder (its model and tokenizer; flags may change training)
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    #[arg(long)]
+    max_iters: Option<i64>,
+    #[arg(long)]
+    eval_interval: Option<i64>,
+    #[arg(long)]
+    eval_iters: Option<i64>,
+    #[arg(long)]
+    batch_size: Option<i64>,
+    #[arg(long)]
+    block_size: Option<i64>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    seed: Option<i64>,
     /// auto, cpu or cuda
     #[arg(long, default_value = "auto")]
     device: String,
     /// kaiming or xavier
-    #[arg(long, default_value = "kaiming")]
-    init: String,
-    /// makemoe (the tutorial's quirks) or default (textbook attention scale, no eval noise)
-    #[arg(long, default_value = "makemoe")]
-    preset: String,
-    /// auto, mask_loop, indexed_loop, grouped, capacity[:FACTOR] or dense_reference
-    #[arg(long, default_value = "auto")]
-    dispatch: String,
+    #[arg(long)]
+    init: Option<String>,
+    /// makemoe (the tutorial's quirks) or default (textbook attention scale,
+    /// no eval noise); makemoe unless a config file is given
+    #[arg(long)]
+    preset: Option<String>,
+    /// auto (default), mask_loop, indexed_loop, grouped, capacity[:FACTOR] or dense_reference
+    #[arg(long)]
+    dispatch: Option<String>,
+    /// char (makeMoE) or bpe (byte-level BPE trained on the corpus)
+    #[arg(long)]
+    tokenizer: Option<String>,
+    /// Vocabulary size of the BPE tokenizer
+    #[arg(long)]
+    vocab_size: Option<usize>,
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/tinyshakespeare.txt"))]
     data: PathBuf,
     #[arg(long, default_value = "runs/shakespeare")]
     out: PathBuf,
+    /// Save a training checkpoint in OUT every this many steps (and at the end)
+    #[arg(long)]
+    checkpoint_interval: Option<i64>,
+    /// Write OUT/loss_curve.png at the end
+    #[arg(long)]
+    plot: bool,
     /// Characters generated at the end
     #[arg(long, default_value_t = 500)]
     sample_chars: usize,
@@ -61,40 +89,87 @@ fn main() {
     }
 }
 
+/// The config file (or the preset's defaults), then the flags on top.
+fn resolve_config(args: &Args) -> Result<RunConfig> {
+    let mut config = match &args.config {
+        Some(path) => RunConfig::from_file(path)?,
+        None => RunConfig {
+            model: ModelConfig::preset(Preset::MakeMoe),
+            ..RunConfig::default()
+        },
+    };
+    let (m, t) = (&mut config.model, &mut config.train);
+    if let Some(preset) = &args.preset {
+        let p = ModelConfig::preset(preset.parse::<Preset>()?);
+        m.attention_scale = p.attention_scale;
+        m.router_noise_at_eval = p.router_noise_at_eval;
+    }
+    let set = |dst: &mut i64, src: Option<i64>| *dst = src.unwrap_or(*dst);
+    set(&mut m.block_size, args.block_size);
+    set(&mut t.max_iters, args.max_iters);
+    set(&mut t.eval_interval, args.eval_interval);
+    set(&mut t.eval_iters, args.eval_iters);
+    set(&mut t.batch_size, args.batch_size);
+    set(&mut t.seed, args.seed);
+    t.learning_rate = args.lr.unwrap_or(t.learning_rate);
+    if let Some(init) = &args.init {
+        m.init = init.parse::<WeightInit>()?;
+    }
+    if let Some(dispatch) = &args.dispatch {
+        m.dispatch = dispatch.parse::<DispatchKind>()?;
+    }
+    if let Some(kind) = &args.tokenizer {
+        config.tokenizer.kind = kind.parse::<TokenizerKind>()?;
+    }
+    config.tokenizer.vocab_size = args.vocab_size.unwrap_or(config.tokenizer.vocab_size);
+    Ok(config)
+}
+
 fn run(args: Args) -> Result<()> {
     let device = args.device.parse::<DeviceChoice>()?.resolve()?;
-    let preset: Preset = args.preset.parse()?;
-    let init: WeightInit = args.init.parse()?;
-    let dispatch: DispatchKind = args.dispatch.parse()?;
+    let mut config = resolve_config(&args)?;
     let text = std::fs::read_to_string(&args.data).map_err(|e| {
         MoeError::Data(format!(
             "cannot read the corpus {}: {e}",
             args.data.display()
         ))
     })?;
+    // A resumed run keeps its model and tokenizer; training flags still apply.
+    let resumed = match &args.resume {
+        Some(dir) => Some(load_checkpoint_meta(dir)?),
+        None => None,
+    };
+    let tokenizer = match &resumed {
+        Some(meta) => {
+            config.model = meta.model.clone();
+            meta.tokenizer.clone()
+        }
+        None => Tokenizer::train(&text, &config.tokenizer)?,
+    };
+    config.model.vocab_size = tokenizer.vocab_size();
+    config.model.validate()?;
+    config.train.validate()?;
+    if args.print_config {
+        print!("{}", config.to_toml()?);
+        return Ok(());
+    }
+    let (model_config, train_config) = (config.model.clone(), config.train.clone());
+
     std::fs::create_dir_all(&args.out).map_err(|e| MoeError::io(&args.out, e))?;
-    let mut metrics = JsonlWriter::create(args.out.join("metrics.jsonl"))?;
-
-    let tokenizer = CharTokenizer::from_text(&text)?;
-    let model_config = ModelConfig {
-        vocab_size: tokenizer.vocab_size(),
-        block_size: args.block_size,
-        init,
-        dispatch,
-        ..ModelConfig::preset(preset)
+    let metrics_path = args.out.join("metrics.jsonl");
+    let mut metrics = if resumed.is_some() {
+        JsonlWriter::append(&metrics_path)?
+    } else {
+        JsonlWriter::create(&metrics_path)?
     };
-    let train_config = TrainConfig {
-        batch_size: args.batch_size,
-        max_iters: args.max_iters,
-        eval_interval: args.eval_interval,
-        eval_iters: args.eval_iters,
-        learning_rate: args.lr,
-        seed: args.seed,
-        ..TrainConfig::default()
-    };
-    train_config.validate()?;
+    let run_name = args
+        .out
+        .file_name()
+        .map_or("run".into(), |n| n.to_string_lossy().into_owned());
+    let mlflow = MlflowRun::create(&args.out.join("mlruns"), "shakespeare", &run_name)?;
+    log_params(&mlflow, &config)?;
 
-    tch::manual_seed(args.seed);
+    tch::manual_seed(train_config.seed);
     let vs = tch::nn::VarStore::new(device);
     let model = MoeLanguageModel::new(&vs.root(), &model_config)?;
     let tokens = tokenizer.encode(&text)?;
@@ -107,10 +182,10 @@ fn run(args: Args) -> Result<()> {
     )?;
     let params = parameter_count(&vs);
     println!(
-        "{:.6} M parameters ({:.3} M active per token), device {device:?}, preset {}",
+        "{:.6} M parameters ({:.3} M active per token), device {device:?}, vocabulary {}",
         params as f64 / 1e6,
         model_config.active_params(params) as f64 / 1e6,
-        args.preset
+        tokenizer.vocab_size()
     );
     metrics.write(&json!({
         "event": "start", "parameters": params,
@@ -119,9 +194,23 @@ fn run(args: Args) -> Result<()> {
         "config": { "model": &model_config, "train": &train_config },
     }))?;
 
+    let mut trainer = Trainer::new(&vs, &model, &data, train_config.clone())?.with_checkpointing(
+        Checkpointing {
+            dir: args.out.clone(),
+            interval: args
+                .checkpoint_interval
+                .unwrap_or(train_config.max_iters.max(1)),
+            tokenizer: tokenizer.clone(),
+        },
+    )?;
+    if let Some(dir) = &args.resume {
+        trainer.resume(dir)?;
+        println!("resumed {} at step {}", dir.display(), trainer.steps_done());
+    }
     let started = Instant::now();
+    let progress = Progress::new(train_config.max_iters, trainer.steps_done());
     let mut write_error = None;
-    let last = Trainer::new(&vs, &model, &data, train_config.clone())?.run(|event| {
+    let result = trainer.run_with_routing_stats(|event, routing| {
         let written = match *event {
             TrainEvent::Step {
                 step,
@@ -130,13 +219,8 @@ fn run(args: Args) -> Result<()> {
                 tokens_per_s,
                 eta_s,
             } => {
-                println!(
-                    "step {step:>5}/{}: loss {loss:.4}, {ms_per_step:.1} ms/step, \
-                     {tokens_per_s:.0} tokens/s, ETA {}",
-                    train_config.max_iters,
-                    format_secs(eta_s)
-                );
-                Ok(())
+                progress.step(step, loss, ms_per_step, tokens_per_s, eta_s);
+                mlflow.log_metric("loss", loss, step)
             }
             TrainEvent::Eval {
                 step,
@@ -145,68 +229,145 @@ fn run(args: Args) -> Result<()> {
                 tokens_per_s,
                 eval_s,
             } => {
-                println!(
+                progress.println(&format!(
                     "step {step}: train loss {:.4}, val loss {:.4} (eval {eval_s:.1} s)",
                     losses.train, losses.val
-                );
-                metrics.write(&json!({
-                    "event": "eval", "step": step,
-                    "train_loss": losses.train, "val_loss": losses.val,
-                    "ms_per_step": ms_per_step, "tokens_per_s": tokens_per_s,
-                    "eval_s": eval_s,
-                }))
+                ));
+                mlflow
+                    .log_metric("train_loss", losses.train, step)
+                    .and_then(|_| mlflow.log_metric("val_loss", losses.val, step))
+                    .and_then(|_| mlflow.log_metric("tokens_per_s", tokens_per_s, step))
+                    .and_then(|_| {
+                        // Per-layer routing statistics, and their mean CV as one
+                        // plottable balance figure.
+                        let layers = routing.unwrap_or_default();
+                        let load_cv =
+                            layers.iter().map(|s| s.cv).sum::<f64>() / layers.len().max(1) as f64;
+                        metrics.write(&json!({
+                            "event": "eval", "step": step,
+                            "train_loss": losses.train, "val_loss": losses.val,
+                            "ms_per_step": ms_per_step, "tokens_per_s": tokens_per_s,
+                            "eval_s": eval_s, "load_cv": load_cv, "routing": layers,
+                        }))
+                    })
             }
         };
         if let Err(e) = written {
             write_error.get_or_insert(e);
         }
-    })?;
-    if let Some(e) = write_error {
-        return Err(e);
-    }
-    let wall_s = started.elapsed().as_secs_f64();
-
-    let meta = CheckpointMeta {
-        model: model_config,
-        tokenizer: tokenizer.clone(),
-        train: Some(train_config.clone()),
-        step: train_config.max_iters,
-    };
-    save_checkpoint(&args.out, &vs, &meta)?;
-    println!("saved {}", args.out.display());
-
-    if args.sample_chars > 0 {
-        println!("--- sample ---");
-        let mut stdout = std::io::stdout();
-        let mut decode_error = None;
-        generate(
-            &model,
-            &[],
-            args.sample_chars,
-            Sampling::default(),
-            |id| match tokenizer.decode_one(id) {
-                Ok(c) => {
-                    print!("{c}");
-                    let _ = stdout.flush();
-                }
-                Err(e) => {
-                    decode_error.get_or_insert(e);
-                }
-            },
-        )?;
-        println!("\n--------------");
-        if let Some(e) = decode_error {
+    });
+    progress.finish();
+    let last = match result.and_then(|last| write_error.map_or(Ok(last), Err)) {
+        Ok(last) => last,
+        Err(e) => {
+            let _ = mlflow.finish(RunStatus::Failed);
             return Err(e);
         }
+    };
+    let wall_s = started.elapsed().as_secs_f64();
+    println!(
+        "saved {} (step {})",
+        args.out.display(),
+        trainer.steps_done()
+    );
+
+    if args.plot {
+        let png = args.out.join("loss_curve.png");
+        plot_loss_curve(&png, &LossCurves::from_jsonl(&metrics_path)?)?;
+        println!("plotted {}", png.display());
+    }
+    if args.sample_chars > 0 {
+        print_sample(&model, &tokenizer, args.sample_chars)?;
     }
     metrics.write(&json!({
         "event": "end",
-        "steps": train_config.max_iters,
+        "steps": trainer.steps_done(),
         "train_loss": last.map(|l| l.train),
         "val_loss": last.map(|l| l.val),
         "wall_s": wall_s,
     }))?;
+    mlflow.finish(RunStatus::Finished)
+}
+
+/// Every field of the config as an MLflow parameter (`model.n_embd`, ...).
+fn log_params(mlflow: &MlflowRun, config: &RunConfig) -> Result<()> {
+    let value = serde_json::to_value(config)
+        .map_err(|e| MoeError::config(format!("cannot serialise the config: {e}")))?;
+    for (section, fields) in value.as_object().into_iter().flatten() {
+        for (key, v) in fields.as_object().into_iter().flatten() {
+            let text = v.as_str().map_or(v.to_string(), str::to_string);
+            mlflow.log_param(&format!("{section}.{key}"), text)?;
+        }
+    }
     Ok(())
+}
+
+/// Generates `n` tokens from an empty prompt, printing the text as it comes.
+fn print_sample(model: &MoeLanguageModel, tokenizer: &Tokenizer, n: usize) -> Result<()> {
+    println!("--- sample ---");
+    let mut stream = TextStream::new(tokenizer);
+    let mut error = None;
+    generate(model, &[], n, Sampling::default(), |id| {
+        match stream.push(id) {
+            Ok(text) => {
+                print!("{text}");
+                let _ = std::io::stdout().flush();
+            }
+            Err(e) => {
+                error.get_or_insert(e);
+            }
+        }
+    })?;
+    println!("\n--------------");
+    error.map_or(Ok(()), Err)
+}
+
+/// An indicatif bar on a terminal; plain log lines otherwise.
+struct Progress {
+    bar: Option<ProgressBar>,
+    total: i64,
+}
+
+impl Progress {
+    fn new(total: i64, done: i64) -> Self {
+        let bar = std::io::stdout().is_terminal().then(|| {
+            let bar = ProgressBar::new(total.max(0) as u64);
+            bar.set_style(
+                ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar.set_position(done.max(0) as u64);
+            bar
+        });
+        Progress { bar, total }
+    }
+
+    fn step(&self, step: i64, loss: f64, ms_per_step: f64, tokens_per_s: f64, eta_s: f64) {
+        let msg = format!(
+            "loss {loss:.4}, {ms_per_step:.1} ms/step, {tokens_per_s:.0} tokens/s, ETA {}",
+            format_secs(eta_s)
+        );
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(step.max(0) as u64);
+                bar.set_message(msg);
+            }
+            None => println!("step {step:>5}/{}: {msg}", self.total),
+        }
+    }
+
+    fn println(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => println!("{line}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
 }
 
 fn format_secs(s: f64) -> String {

@@ -1,21 +1,10 @@
 //! The `shakespeare` example as a user runs it: a short real run writes the
 //! promised files, and each bad input exits non-zero with one readable line.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-/// `target/<profile>/examples/shakespeare`, built by `cargo test --all-targets`.
-fn example() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-    let path = profile_dir.join("examples").join("shakespeare");
-    assert!(
-        path.is_file(),
-        "build the example first: cargo test --all-targets ({})",
-        path.display()
-    );
-    path
-}
+use std::path::PathBuf;
+use std::process::{Command, Output};
 
 fn temp_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("moe-cli-{}-{name}", std::process::id()));
@@ -24,7 +13,10 @@ fn temp_dir(name: &str) -> PathBuf {
 }
 
 fn run(args: &[&str]) -> Output {
-    Command::new(example()).args(args).output().unwrap()
+    Command::new(common::example("shakespeare"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn assert_one_line_error(out: &Output, needle: &str) {
@@ -83,9 +75,20 @@ fn a_short_run_writes_metrics_checkpoint_and_a_sample() {
             .collect::<Vec<_>>(),
         vec![0, 10, 19]
     );
-    for key in ["train_loss", "val_loss", "ms_per_step", "tokens_per_s"] {
+    for key in [
+        "train_loss",
+        "val_loss",
+        "ms_per_step",
+        "tokens_per_s",
+        "load_cv",
+    ] {
         assert!(evals[2][key].as_f64().unwrap() > 0.0, "{key}");
     }
+    // One routing record per layer: 8 experts' loads summing to N k.
+    let routing = evals[2]["routing"].as_array().unwrap();
+    assert_eq!(routing.len(), 8);
+    let loads = routing[0]["tokens_per_expert"].as_array().unwrap();
+    assert_eq!(loads.len(), 8);
     assert_eq!(records.last().unwrap()["event"], "end");
     assert!(out_dir.join("model.safetensors").is_file());
     assert!(out_dir.join("config.json").is_file());

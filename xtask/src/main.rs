@@ -90,15 +90,18 @@ fn ensure_torch(root: &Path) -> Result<PathBuf, String> {
         "xtask: installing torch=={TORCH_VERSION} into .venv from PyPI \
          (libtorch for tch 0.24; a few GiB, once)"
     );
-    run(Command::new(&python).args([
-        "-m",
-        "pip",
-        "install",
-        "--disable-pip-version-check",
-        "--progress-bar",
-        "off",
-        &format!("torch=={TORCH_VERSION}"),
-    ]))?;
+    run(Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--progress-bar",
+            "off",
+            &format!("torch=={TORCH_VERSION}"),
+        ])
+        // stdout is for the exports of `cargo xtask env`; pip talks on stderr.
+        .stdout(std::io::stderr()))?;
     torch_lib(root).ok_or_else(|| {
         format!("torch=={TORCH_VERSION} was installed but `import torch` still fails in .venv")
     })

@@ -1,4 +1,4 @@
-use crate::{AttentionConfig, AttentionPath};
+use crate::{AttentionConfig, AttentionPath, KvCache};
 use moe_core::{check_float, check_rank, check_same_device, linear, MoeError, Result};
 use tch::{nn, nn::Module, Kind, Tensor};
 
@@ -53,14 +53,61 @@ impl CausalSelfAttention {
         Ok(self.proj.forward(&heads).dropout(dropout, train))
     }
 
+    /// Incremental decoding (evaluation mode): `x` holds the `T_new` positions
+    /// that follow the `T_past` positions of `cache`, `[B, T_new, C]`; they
+    /// attend to the cached keys and values and to each other causally, and
+    /// their keys and values are appended to the cache. Computes what
+    /// [`Self::forward_t`] computes at those positions on the whole sequence
+    /// (`T_past + T_new <= block_size`).
+    pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        self.check_input_len(x, cache.len() + x.size().get(1).copied().unwrap_or(0))?;
+        let (b, t, c) = x.size3().expect("checked rank 3");
+        if let Some(cached) = cache.batch_size().filter(|&cached| cached != b) {
+            return Err(MoeError::Shape {
+                what: "attention input with a KV cache".into(),
+                expected: format!("batch size {cached}, the cached sequences'"),
+                got: x.size(),
+            });
+        }
+        let (h, hs) = (self.config.n_head, self.config.head_size());
+        let past = cache.len();
+        let qkv = x.linear::<Tensor>(&self.qkv, None);
+        let split = |i: i64| qkv.narrow(2, i * c, c).view([b, t, h, hs]).transpose(1, 2);
+        let (keys, values) = cache.append(split(1), split(2));
+        // Query i (absolute position past + i) sees keys 0..=past + i.
+        let mask = (past > 0 && t > 1).then(|| {
+            let q_pos = Tensor::arange_start(past, past + t, (Kind::Int64, x.device()));
+            let k_pos = Tensor::arange(past + t, (Kind::Int64, x.device()));
+            k_pos.unsqueeze(0).le_tensor(&q_pos.unsqueeze(1))
+        });
+        let heads = Tensor::scaled_dot_product_attention(
+            &split(0),
+            &keys,
+            &values,
+            mask.as_ref(),
+            0.0,
+            past == 0 && t > 1,
+            self.config.scale_factor(),
+            false,
+        )
+        .transpose(1, 2)
+        .contiguous()
+        .view([b, t, c]);
+        Ok(self.proj.forward(&heads))
+    }
+
     fn check_input(&self, x: &Tensor) -> Result<()> {
+        self.check_input_len(x, x.size().get(1).copied().unwrap_or(0))
+    }
+
+    /// Rank, dtype and device of `x`, and `len <= block_size`.
+    fn check_input_len(&self, x: &Tensor, len: i64) -> Result<()> {
         check_rank(x, "attention input [B, T, C]", 3, Some(self.config.n_embd))?;
         check_float(x, "attention input")?;
         check_same_device(x, "attention input", self.qkv.device())?;
-        let t = x.size()[1];
-        if t > self.config.block_size {
+        if len > self.config.block_size {
             return Err(MoeError::SequenceTooLong {
-                len: t,
+                len,
                 block_size: self.config.block_size,
             });
         }

@@ -9,6 +9,8 @@
 
 mod causal_self_attention;
 mod config;
+mod kv_cache;
 
 pub use causal_self_attention::CausalSelfAttention;
 pub use config::{AttentionConfig, AttentionPath, AttentionScale};
+pub use kv_cache::KvCache;

@@ -1,5 +1,5 @@
 use crate::ModelConfig;
-use moe_attention::CausalSelfAttention;
+use moe_attention::{CausalSelfAttention, KvCache};
 use moe_block::{MoeOutput, SparseMoe};
 use moe_core::Result;
 use tch::{nn, nn::Module, Tensor};
@@ -31,11 +31,22 @@ impl Block {
     /// `x: [B, T, C]` -> the block's output and the MoE layer's routing.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<MoeOutput> {
         let h = x + self.attn.forward_t(&self.ln1.forward(x), train)?;
+        self.moe_residual(h, train)
+    }
+
+    /// [`Block::forward_t`] in evaluation mode for the positions after those
+    /// in `cache` (incremental decoding).
+    pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache) -> Result<MoeOutput> {
+        let h = x + self.attn.forward_cached(&self.ln1.forward(x), cache)?;
+        self.moe_residual(h, false)
+    }
+
+    /// The computation half: `h + MoE(LN_2(h))`.
+    fn moe_residual(&self, h: Tensor, train: bool) -> Result<MoeOutput> {
         let moe = self.moe.forward_t(&self.ln2.forward(&h), train)?;
         Ok(MoeOutput {
             output: h + moe.output,
-            routing: moe.routing,
-            aux_loss: moe.aux_loss,
+            ..moe
         })
     }
 

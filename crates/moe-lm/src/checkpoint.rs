@@ -1,21 +1,32 @@
-use crate::{CharTokenizer, ModelConfig, MoeLanguageModel, TrainConfig};
+//! Checkpoint folders: `model.safetensors` (weights), `config.json` (model,
+//! tokenizer and training configs, step) and, for training checkpoints,
+//! `optimizer.safetensors` (AdamW's moments and step counts).
+//!
+//! Every file is written to a temporary name and renamed; `config.json` is
+//! written last, and its `step` must match the optimizer file's, so a save
+//! interrupted between files is detected when resuming. Loading checks every
+//! tensor (present, no extra, same shape) before it copies any.
+
+use crate::tensor_file::{file_err, read_tensors, write_bytes, write_tensors};
+use crate::{AdamW, ModelConfig, MoeLanguageModel, Tokenizer, TrainConfig};
 use moe_core::{MoeError, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::{nn, Device, Tensor};
 
 /// File names inside a checkpoint folder.
-const WEIGHTS: &str = "model.safetensors";
-const CONFIG: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const CONFIG_FILE: &str = "config.json";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 /// What `config.json` holds beside the weights: everything needed to
-/// rebuild the model and its tokenizer.
+/// rebuild the model and its tokenizer, and to resume training.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointMeta {
     pub model: ModelConfig,
-    pub tokenizer: CharTokenizer,
+    pub tokenizer: Tokenizer,
     #[serde(default)]
     pub train: Option<TrainConfig>,
     /// Optimisation steps taken when saved.
@@ -32,112 +43,107 @@ pub struct Checkpoint {
 }
 
 /// Writes `dir/model.safetensors` (every variable of `vs`, by its path) and
-/// `dir/config.json`. Each file is written to a temporary name and renamed,
-/// so an interrupted save never leaves a half-written checkpoint behind.
+/// `dir/config.json`, each atomically.
 pub fn save_checkpoint(dir: &Path, vs: &nn::VarStore, meta: &CheckpointMeta) -> Result<()> {
-    fs::create_dir_all(dir).map_err(|e| MoeError::io(dir, e))?;
-    let weights = dir.join(WEIGHTS);
-    let tmp = dir.join(format!(".{WEIGHTS}.tmp"));
-    let vars = vs.variables();
-    let mut named: Vec<(&str, &Tensor)> = vars.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    named.sort_by_key(|(k, _)| *k);
-    Tensor::write_safetensors(&named, &tmp).map_err(|e| checkpoint_err(&tmp, e))?;
-    fs::rename(&tmp, &weights).map_err(|e| MoeError::io(&weights, e))?;
-
-    let json =
-        serde_json::to_string_pretty(meta).map_err(|e| checkpoint_err(&dir.join(CONFIG), e))?;
-    write_atomic(&dir.join(CONFIG), json.as_bytes())
+    save_files(dir, &named_variables(vs), None, meta)
 }
 
 /// Rebuilds the model from `dir/config.json` on `device` and loads
-/// `dir/model.safetensors` into it. Every tensor is checked (present, no
-/// extra, same shape) before any is copied.
+/// `dir/model.safetensors` into it.
 pub fn load_checkpoint(dir: &Path, device: Device) -> Result<Checkpoint> {
-    let config_path = dir.join(CONFIG);
-    let text = fs::read_to_string(&config_path).map_err(|e| MoeError::Checkpoint {
-        path: config_path.clone(),
+    let meta = load_checkpoint_meta(dir)?;
+    let vs = nn::VarStore::new(device);
+    let model = MoeLanguageModel::new(&vs.root(), &meta.model)?;
+    let variables = named_variables(&vs);
+    let weights = read_weights(dir, &variables)?;
+    copy_into(&variables, weights);
+    Ok(Checkpoint { vs, model, meta })
+}
+
+/// The variables of `vs`, sorted by name (shallow copies sharing storage).
+pub(crate) fn named_variables(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
+/// Writes weights, then the optimizer state (if any), then `config.json`.
+pub(crate) fn save_files(
+    dir: &Path,
+    variables: &[(String, Tensor)],
+    optimizer: Option<&AdamW>,
+    meta: &CheckpointMeta,
+) -> Result<()> {
+    fs::create_dir_all(dir).map_err(|e| MoeError::io(dir, e))?;
+    write_tensors(&dir.join(WEIGHTS_FILE), variables)?;
+    if let Some(optimizer) = optimizer {
+        optimizer.save(&dir.join(OPTIMIZER_FILE))?;
+    }
+    let config = dir.join(CONFIG_FILE);
+    let json = serde_json::to_string_pretty(meta).map_err(|e| file_err(&config, e))?;
+    write_bytes(&config, json.as_bytes())
+}
+
+/// Reads and checks `dir/config.json` (model, tokenizer, training config, step).
+pub fn load_checkpoint_meta(dir: &Path) -> Result<CheckpointMeta> {
+    let path = dir.join(CONFIG_FILE);
+    let text = fs::read_to_string(&path).map_err(|e| MoeError::Checkpoint {
+        path: path.clone(),
         reason: format!("cannot read the checkpoint's config: {e}"),
     })?;
-    let meta: CheckpointMeta =
-        serde_json::from_str(&text).map_err(|e| checkpoint_err(&config_path, e))?;
+    let meta: CheckpointMeta = serde_json::from_str(&text).map_err(|e| file_err(&path, e))?;
     if meta.tokenizer.vocab_size() != meta.model.vocab_size {
         return Err(MoeError::Checkpoint {
-            path: config_path,
+            path,
             reason: format!(
-                "the tokenizer has {} characters but the model's vocab_size is {}",
+                "the tokenizer has {} tokens but the model's vocab_size is {}",
                 meta.tokenizer.vocab_size(),
                 meta.model.vocab_size
             ),
         });
     }
-    let vs = nn::VarStore::new(device);
-    let model = MoeLanguageModel::new(&vs.root(), &meta.model)?;
-    load_weights(&dir.join(WEIGHTS), &vs)?;
-    Ok(Checkpoint { vs, model, meta })
+    Ok(meta)
 }
 
-/// Loads a safetensors file into `vs`, all or nothing.
-pub(crate) fn load_weights(path: &Path, vs: &nn::VarStore) -> Result<()> {
-    if !path.is_file() {
-        return Err(MoeError::Checkpoint {
-            path: path.to_path_buf(),
-            reason: "the weights file does not exist".into(),
-        });
-    }
-    let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(path)
-        .map_err(|e| checkpoint_err(path, e))?
-        .into_iter()
+/// Reads `dir/model.safetensors`, checked against `variables`.
+pub(crate) fn read_weights(
+    dir: &Path,
+    variables: &[(String, Tensor)],
+) -> Result<HashMap<String, Tensor>> {
+    let expected: Vec<(String, Vec<i64>)> = variables
+        .iter()
+        .map(|(n, t)| (n.clone(), t.size()))
         .collect();
-    let mut vars = vs.variables();
-    let mut names: Vec<&String> = vars.keys().collect();
-    names.sort();
-    let mut problems = Vec::new();
-    for name in names {
-        let var = &vars[name];
-        match tensors.get(name) {
-            None => problems.push(format!("missing tensor `{name}`")),
-            Some(t) if t.size() != var.size() => problems.push(format!(
-                "tensor `{name}` has shape {:?}, the config expects {:?}",
-                t.size(),
-                var.size()
-            )),
-            Some(_) => {}
-        }
-    }
-    let mut extra: Vec<&String> = tensors.keys().filter(|k| !vars.contains_key(*k)).collect();
-    extra.sort();
-    problems.extend(extra.iter().map(|k| format!("unexpected tensor `{k}`")));
-    if !problems.is_empty() {
-        let shown = problems.len().min(5);
-        return Err(MoeError::Checkpoint {
-            path: path.to_path_buf(),
-            reason: format!(
-                "the weights do not match the config ({} problem(s)): {}{}",
-                problems.len(),
-                problems[..shown].join("; "),
-                if problems.len() > shown { "; ..." } else { "" }
-            ),
-        });
-    }
+    read_tensors(&dir.join(WEIGHTS_FILE), "weights", &expected)
+}
+
+/// Copies checked tensors into the variables of the same names.
+pub(crate) fn copy_into(variables: &[(String, Tensor)], mut values: HashMap<String, Tensor>) {
     tch::no_grad(|| {
-        for (name, var) in vars.iter_mut() {
-            let src = &tensors[name];
-            var.f_copy_(&src.to_kind(var.kind()))
-                .map_err(|e| checkpoint_err(path, e))?;
+        for (name, var) in variables {
+            if let Some(src) = values.remove(name) {
+                var.shallow_clone().copy_(&src.to_kind(var.kind()));
+            }
         }
-        Ok(())
-    })
+    });
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp: PathBuf = path.with_extension("tmp");
-    fs::write(&tmp, bytes).map_err(|e| MoeError::io(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| MoeError::io(path, e))
-}
-
-fn checkpoint_err(path: &Path, e: impl std::fmt::Display) -> MoeError {
-    MoeError::Checkpoint {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    }
+/// Names the fields in which two serialisable configs differ, e.g.
+/// `n_embd: 32 (checkpoint) vs 64 (model)`.
+pub(crate) fn config_differences<T: Serialize>(saved: &T, current: &T) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(saved), serde_json::to_value(current))
+    else {
+        return vec!["the configs cannot be compared".into()];
+    };
+    let mut diffs: Vec<String> = a
+        .iter()
+        .filter(|(k, v)| b.get(*k) != Some(v))
+        .map(|(k, v)| {
+            let other = b.get(k).map_or("missing".into(), ToString::to_string);
+            format!("{k}: {v} (checkpoint) vs {other} (model)")
+        })
+        .collect();
+    diffs.sort();
+    diffs
 }

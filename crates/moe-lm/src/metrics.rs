@@ -23,6 +23,21 @@ impl JsonlWriter {
         })
     }
 
+    /// Opens `path` for appending (creating it if missing), e.g. when a
+    /// run resumes.
+    pub fn append(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| MoeError::io(&path, e))?;
+        Ok(JsonlWriter {
+            path,
+            out: BufWriter::new(file),
+        })
+    }
+
     pub fn write<T: Serialize>(&mut self, record: &T) -> Result<()> {
         let line = serde_json::to_string(record)
             .map_err(|e| MoeError::Data(format!("cannot serialise a metrics record: {e}")))?;

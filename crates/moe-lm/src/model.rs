@@ -1,4 +1,5 @@
 use crate::{Batch, Block, ModelConfig};
+use moe_attention::KvCache;
 use moe_core::{check_rank, check_same_device, MoeError, Result, Routing};
 use moe_routers::RoutingStats;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
@@ -90,6 +91,40 @@ impl MoeLanguageModel {
     pub fn forward_t(&self, idx: &Tensor, train: bool) -> Result<ForwardOutput> {
         self.check_tokens(idx, "token ids")?;
         self.forward_trusted(idx, train)
+    }
+
+    /// Incremental decoding: the logits of the `T_new` positions `idx`
+    /// (`[B, T_new]`) that follow the positions held in `cache`, whose keys
+    /// and values are appended to it. Equals the last `T_new` positions of
+    /// [`Self::forward_t`] on the whole sequence, in evaluation mode, while
+    /// the whole sequence fits in `block_size`.
+    pub fn forward_cached(&self, idx: &Tensor, cache: &mut ModelCache) -> Result<ForwardOutput> {
+        self.check_tokens(idx, "token ids")?;
+        if cache.layers.len() != self.blocks.len() {
+            *cache = ModelCache::new(self.blocks.len());
+        }
+        let (past, t) = (cache.len(), idx.size()[1]);
+        if past + t > self.config.block_size {
+            return Err(MoeError::SequenceTooLong {
+                len: past + t,
+                block_size: self.config.block_size,
+            });
+        }
+        let pos = Tensor::arange_start(past, past + t, (Kind::Int64, idx.device()));
+        let mut x = self.tok_emb.forward(idx) + self.pos_emb.forward(&pos);
+        let mut routings = Vec::with_capacity(self.blocks.len());
+        for (block, layer_cache) in self.blocks.iter().zip(cache.layers.iter_mut()) {
+            let out = block.forward_cached(&x, layer_cache)?;
+            x = out.output;
+            routings.push(out.routing);
+        }
+        let logits = self.lm_head.forward(&self.ln_f.forward(&x));
+        // Decoding trains nothing: no balance loss.
+        Ok(ForwardOutput {
+            logits,
+            routings,
+            aux_loss: None,
+        })
     }
 
     /// Mean next-token cross-entropy of `idx` against `targets` (both `[B, T]`).
@@ -212,6 +247,35 @@ impl MoeLanguageModel {
             }
         }
         Ok(())
+    }
+}
+
+/// One [`KvCache`] per block: what [`MoeLanguageModel::forward_cached`]
+/// remembers between calls.
+#[derive(Debug, Default)]
+pub struct ModelCache {
+    layers: Vec<KvCache>,
+}
+
+impl ModelCache {
+    /// An empty cache for a model of `n_layer` blocks.
+    pub fn new(n_layer: usize) -> Self {
+        ModelCache {
+            layers: (0..n_layer).map(|_| KvCache::new()).collect(),
+        }
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> i64 {
+        self.layers.first().map_or(0, KvCache::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(KvCache::clear);
     }
 }
 

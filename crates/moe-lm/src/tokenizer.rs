@@ -1,5 +1,101 @@
+use crate::BpeTokenizer;
 use moe_core::{MoeError, Result};
 use serde::{Deserialize, Serialize};
+use std::str::FromStr;
+
+/// The kind of tokenizer a run trains (`char`: makeMoE's, `bpe`: subwords).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenizerKind {
+    #[default]
+    Char,
+    Bpe,
+}
+
+impl FromStr for TokenizerKind {
+    type Err = MoeError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "char" => Ok(TokenizerKind::Char),
+            "bpe" => Ok(TokenizerKind::Bpe),
+            other => Err(MoeError::config(format!(
+                "unknown tokenizer `{other}`: expected char or bpe"
+            ))),
+        }
+    }
+}
+
+/// How to build a run's tokenizer from its corpus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TokenizerConfig {
+    pub kind: TokenizerKind,
+    /// Vocabulary size of a BPE tokenizer (ignored for `char`).
+    pub vocab_size: usize,
+}
+
+impl Default for TokenizerConfig {
+    fn default() -> Self {
+        TokenizerConfig {
+            kind: TokenizerKind::Char,
+            vocab_size: 512,
+        }
+    }
+}
+
+/// A character or BPE tokenizer; checkpoints store it beside the weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Tokenizer {
+    Char(CharTokenizer),
+    Bpe(BpeTokenizer),
+}
+
+impl From<CharTokenizer> for Tokenizer {
+    fn from(t: CharTokenizer) -> Self {
+        Tokenizer::Char(t)
+    }
+}
+
+impl From<BpeTokenizer> for Tokenizer {
+    fn from(t: BpeTokenizer) -> Self {
+        Tokenizer::Bpe(t)
+    }
+}
+
+impl Tokenizer {
+    /// Builds the tokenizer `config` asks for from `text`.
+    pub fn train(text: &str, config: &TokenizerConfig) -> Result<Self> {
+        match config.kind {
+            TokenizerKind::Char => CharTokenizer::from_text(text).map(Tokenizer::Char),
+            TokenizerKind::Bpe => BpeTokenizer::train(text, config.vocab_size).map(Tokenizer::Bpe),
+        }
+    }
+
+    pub fn vocab_size(&self) -> i64 {
+        match self {
+            Tokenizer::Char(t) => t.vocab_size(),
+            Tokenizer::Bpe(t) => t.vocab_size(),
+        }
+    }
+
+    /// Token ids of `text`; text the tokenizer cannot encode is an error.
+    pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
+        match self {
+            Tokenizer::Char(t) => t.encode(text),
+            Tokenizer::Bpe(t) => t.encode(text),
+        }
+    }
+
+    /// The text of `ids`; an id outside the vocabulary is an error.
+    pub fn decode(&self, ids: &[i64]) -> Result<String> {
+        match self {
+            Tokenizer::Char(t) => t.decode(ids),
+            Tokenizer::Bpe(t) => t.decode(ids),
+        }
+    }
+}
 
 /// makeMoE's character tokenizer: the vocabulary is the sorted set of the
 /// corpus' characters, a token is a character's rank in it.
@@ -65,5 +161,38 @@ impl CharTokenizer {
                 id,
                 vocab_size: self.vocab_size(),
             })
+    }
+}
+
+/// Turns tokens into text as they arrive, for streaming: [`TextStream::push`]
+/// returns the text the new token adds. (A BPE token's bytes may complete a
+/// character only with the next token, so the whole text is decoded and its
+/// new part returned.)
+#[derive(Debug)]
+pub struct TextStream<'a> {
+    tokenizer: &'a Tokenizer,
+    ids: Vec<i64>,
+    emitted: usize,
+}
+
+impl<'a> TextStream<'a> {
+    pub fn new(tokenizer: &'a Tokenizer) -> Self {
+        TextStream {
+            tokenizer,
+            ids: Vec::new(),
+            emitted: 0,
+        }
+    }
+
+    /// The text that `id` adds (possibly empty).
+    pub fn push(&mut self, id: i64) -> Result<String> {
+        self.ids.push(id);
+        let text = self.tokenizer.decode(&self.ids)?;
+        let new = text.get(self.emitted..).unwrap_or_default().to_string();
+        if !text.ends_with(char::REPLACEMENT_CHARACTER) {
+            self.emitted = text.len();
+            return Ok(new);
+        }
+        Ok(String::new())
     }
 }

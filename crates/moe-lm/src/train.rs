@@ -1,8 +1,15 @@
-use crate::{Dataset, MoeLanguageModel, Split, TrainConfig};
+use crate::checkpoint::{
+    config_differences, copy_into, load_checkpoint_meta, named_variables, read_weights, save_files,
+    CONFIG_FILE, OPTIMIZER_FILE,
+};
+use crate::{
+    AdamW, AdamWConfig, CheckpointMeta, Dataset, MoeLanguageModel, Split, Tokenizer, TrainConfig,
+};
 use moe_core::{MoeError, Result};
 use moe_routers::RoutingStats;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{nn, nn::OptimizerConfig, Kind, Tensor};
+use tch::{nn, Kind, Tensor};
 
 /// Mean loss of each split.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -84,18 +91,42 @@ pub fn estimate_routing_stats(
     model.routing_stats(&data.batch(Split::Val, rows))
 }
 
+/// Where and how often [`Trainer::run`] saves training checkpoints.
+#[derive(Debug, Clone)]
+pub struct Checkpointing {
+    /// The folder; each save replaces its files atomically.
+    pub dir: PathBuf,
+    /// Save every this many steps, and after the last step.
+    pub interval: i64,
+    /// Saved in `config.json` so that the checkpoint can generate text.
+    pub tokenizer: Tokenizer,
+}
+
 /// nanoGPT's training loop: AdamW on random batches, with periodic
-/// evaluation of both splits.
+/// evaluation of both splits and, optionally, periodic checkpoints.
+///
+/// Randomness: step `s` (counted from 0) re-seeds libtorch's generators
+/// with `seed + s` before it draws its batch, dropout masks and router
+/// noise. A run resumed from a checkpoint at step `s` therefore draws
+/// exactly what the uninterrupted run draws, without saving generator state.
 pub struct Trainer<'a> {
     model: &'a MoeLanguageModel,
     data: &'a Dataset,
     config: TrainConfig,
-    optimizer: nn::Optimizer,
+    optimizer: AdamW,
+    variables: Vec<(String, Tensor)>,
+    step: i64,
+    checkpointing: Option<Checkpointing>,
+    /// Sum of the training losses not yet checked for finiteness (read
+    /// back at logging and checkpoint times only, to avoid a sync per step).
+    unchecked_loss: Option<Tensor>,
+    last_saved: Option<i64>,
 }
 
 impl<'a> Trainer<'a> {
-    /// AdamW (Loshchilov & Hutter 2019) with PyTorch's defaults
-    /// (betas 0.9/0.999, eps 1e-8) over every trainable variable of `vs`.
+    /// [`AdamW`] with PyTorch's defaults (betas 0.9/0.999, eps 1e-8) and
+    /// `config`'s learning rate and weight decay, over every trainable
+    /// variable of `vs`.
     pub fn new(
         vs: &nn::VarStore,
         model: &'a MoeLanguageModel,
@@ -110,17 +141,53 @@ impl<'a> Trainer<'a> {
                 model.config().block_size
             )));
         }
-        let adamw = nn::AdamW {
-            wd: config.weight_decay,
-            ..Default::default()
-        };
-        let optimizer = adamw.build(vs, config.learning_rate)?;
+        let optimizer = AdamW::new(
+            vs,
+            AdamWConfig {
+                lr: config.learning_rate,
+                weight_decay: config.weight_decay,
+                ..Default::default()
+            },
+        )?;
         Ok(Trainer {
             model,
             data,
             config,
             optimizer,
+            variables: named_variables(vs),
+            step: 0,
+            checkpointing: None,
+            unchecked_loss: None,
+            last_saved: None,
         })
+    }
+
+    /// Saves a training checkpoint every `checkpointing.interval` steps.
+    pub fn with_checkpointing(mut self, checkpointing: Checkpointing) -> Result<Self> {
+        if checkpointing.interval <= 0 {
+            return Err(MoeError::config(format!(
+                "the checkpoint interval must be positive, got {}",
+                checkpointing.interval
+            )));
+        }
+        if checkpointing.tokenizer.vocab_size() != self.model.config().vocab_size {
+            return Err(MoeError::config(format!(
+                "the tokenizer has {} tokens, the model's vocab_size is {}",
+                checkpointing.tokenizer.vocab_size(),
+                self.model.config().vocab_size
+            )));
+        }
+        self.checkpointing = Some(checkpointing);
+        Ok(self)
+    }
+
+    /// Optimisation steps taken so far (including those before a resume).
+    pub fn steps_done(&self) -> i64 {
+        self.step
+    }
+
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optimizer
     }
 
     /// One optimisation step on a fresh training batch; returns the loss
@@ -128,17 +195,79 @@ impl<'a> Trainer<'a> {
     /// synchronisation). After the optimizer step, the model's
     /// [`MoeLanguageModel::after_optimizer_step`] hook sees the step's routings.
     pub fn step(&mut self) -> Result<Tensor> {
+        tch::manual_seed(self.config.seed + self.step);
         let batch = self.data.batch(Split::Train, self.config.batch_size);
         let objective = self.model.batch_objective(&batch, true)?;
         self.optimizer.zero_grad();
         objective.total.backward();
         self.optimizer.step();
         self.model.after_optimizer_step(&objective.routings)?;
+        self.step += 1;
+        let detached = objective.total.detach();
+        self.unchecked_loss = Some(match self.unchecked_loss.take() {
+            Some(sum) => sum + &detached,
+            None => detached,
+        });
         Ok(objective.total)
     }
 
-    /// Runs `max_iters` steps, reporting through `on_event`; returns the
-    /// losses of the last evaluation.
+    /// Writes a training checkpoint (weights, optimizer state, configs,
+    /// step) to `dir`, after checking that no loss since the last check and
+    /// no parameter is NaN or infinite.
+    pub fn save_checkpoint(&mut self, dir: &Path, tokenizer: &Tokenizer) -> Result<()> {
+        self.check_losses()?;
+        self.check_parameters()?;
+        let meta = CheckpointMeta {
+            model: self.model.config().clone(),
+            tokenizer: tokenizer.clone(),
+            train: Some(self.config.clone()),
+            step: self.step,
+        };
+        save_files(dir, &self.variables, Some(&self.optimizer), &meta)?;
+        self.last_saved = Some(self.step);
+        Ok(())
+    }
+
+    /// Continues from a training checkpoint written by
+    /// [`Trainer::save_checkpoint`]: weights, optimizer state and step. The
+    /// checkpoint's model config must equal this model's. Everything is read
+    /// and checked before anything is changed.
+    pub fn resume(&mut self, dir: &Path) -> Result<()> {
+        let meta = load_checkpoint_meta(dir)?;
+        let diffs = config_differences(&meta.model, self.model.config());
+        if !diffs.is_empty() {
+            return Err(MoeError::Checkpoint {
+                path: dir.join(CONFIG_FILE),
+                reason: format!(
+                    "the checkpoint's model config differs from this model's: {}",
+                    diffs.join(", ")
+                ),
+            });
+        }
+        let weights = read_weights(dir, &self.variables)?;
+        let optimizer_path = dir.join(OPTIMIZER_FILE);
+        let state = self.optimizer.read_state(&optimizer_path)?;
+        if state.steps() != meta.step {
+            return Err(MoeError::Checkpoint {
+                path: optimizer_path,
+                reason: format!(
+                    "the optimizer state is from step {} but {CONFIG_FILE} says step {} \
+                     (an interrupted save?)",
+                    state.steps(),
+                    meta.step
+                ),
+            });
+        }
+        copy_into(&self.variables, weights);
+        self.optimizer.apply_state(state);
+        self.step = meta.step;
+        self.unchecked_loss = None;
+        self.last_saved = Some(meta.step);
+        Ok(())
+    }
+
+    /// Runs from the current step to `max_iters`, reporting through
+    /// `on_event`; returns the losses of the last evaluation.
     pub fn run(&mut self, mut on_event: impl FnMut(&TrainEvent)) -> Result<Option<EvalLosses>> {
         self.run_inner(false, |event, _| on_event(event))
     }
@@ -160,9 +289,11 @@ impl<'a> Trainer<'a> {
     ) -> Result<Option<EvalLosses>> {
         let cfg = self.config.clone();
         let tokens_per_step = (cfg.batch_size * self.data.block_size()) as f64;
+        let first = self.step;
         let last_step = (cfg.max_iters - 1).max(0);
-        let evals_total =
-            last_step / cfg.eval_interval + 1 + i64::from(last_step % cfg.eval_interval != 0);
+        let evals_total = (first..cfg.max_iters)
+            .filter(|s| s % cfg.eval_interval == 0 || *s == last_step)
+            .count() as i64;
         let (mut train_s, mut eval_s_total, mut evals_done) = (0.0f64, 0.0f64, 0i64);
         let mut last = None;
         let speed = |steps: i64, secs: f64| {
@@ -178,7 +309,7 @@ impl<'a> Trainer<'a> {
             };
             (ms, tps)
         };
-        for step in 0..cfg.max_iters {
+        for step in first..cfg.max_iters {
             if step % cfg.eval_interval == 0 || step == cfg.max_iters - 1 {
                 let started = Instant::now();
                 let losses = estimate_loss(self.model, self.data, &cfg)?;
@@ -190,8 +321,8 @@ impl<'a> Trainer<'a> {
                 let eval_s = started.elapsed().as_secs_f64();
                 eval_s_total += eval_s;
                 evals_done += 1;
-                check_finite(step, losses.train)?;
-                let (ms_per_step, tokens_per_s) = speed(step, train_s);
+                self.check_finite(step, losses.train)?;
+                let (ms_per_step, tokens_per_s) = speed(step - first, train_s);
                 on_event(
                     &TrainEvent::Eval {
                         step,
@@ -210,8 +341,8 @@ impl<'a> Trainer<'a> {
             let loss_value = log_now.then(|| loss.double_value(&[]));
             train_s += started.elapsed().as_secs_f64();
             if let Some(loss) = loss_value {
-                check_finite(step, loss)?;
-                let (ms_per_step, tokens_per_s) = speed(step + 1, train_s);
+                self.check_losses()?;
+                let (ms_per_step, tokens_per_s) = speed(step + 1 - first, train_s);
                 let evals_left = (evals_total - evals_done) as f64;
                 let eta_s = (cfg.max_iters - step - 1) as f64 * ms_per_step / 1e3
                     + evals_left * eval_s_total / evals_done.max(1) as f64;
@@ -226,17 +357,63 @@ impl<'a> Trainer<'a> {
                     None,
                 );
             }
+            let save_now = self
+                .checkpointing
+                .as_ref()
+                .is_some_and(|c| (step + 1) % c.interval == 0 || step + 1 == cfg.max_iters);
+            if let Some(ckpt) = save_now.then(|| self.checkpointing.clone()).flatten() {
+                self.save_checkpoint(&ckpt.dir, &ckpt.tokenizer)?;
+            }
+        }
+        self.check_losses()?;
+        if let Some(ckpt) = self.checkpointing.clone() {
+            if self.last_saved != Some(self.step) {
+                self.save_checkpoint(&ckpt.dir, &ckpt.tokenizer)?;
+            }
         }
         Ok(last)
     }
-}
 
-fn check_finite(step: i64, loss: f64) -> Result<()> {
-    if loss.is_finite() {
-        Ok(())
-    } else {
-        Err(MoeError::Diverged(format!(
-            "the loss is {loss} at step {step}; lower the learning rate or check the data"
-        )))
+    /// Reads back the sum of the losses since the last check.
+    fn check_losses(&mut self) -> Result<()> {
+        match self.unchecked_loss.take() {
+            Some(sum) => self.check_finite(self.step, sum.double_value(&[])),
+            None => Ok(()),
+        }
+    }
+
+    fn check_parameters(&self) -> Result<()> {
+        let bad = self
+            .variables
+            .iter()
+            .find(|(_, t)| t.isfinite().all().int64_value(&[]) == 0);
+        match bad {
+            Some((name, _)) => Err(self.diverged(format!(
+                "parameter `{name}` holds NaN or infinite values at step {}",
+                self.step
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    fn check_finite(&self, step: i64, loss: f64) -> Result<()> {
+        if loss.is_finite() {
+            Ok(())
+        } else {
+            Err(self.diverged(format!(
+                "the loss is {loss} at or before step {step}; lower the learning rate or check the data"
+            )))
+        }
+    }
+
+    fn diverged(&self, what: String) -> MoeError {
+        let kept = match (&self.checkpointing, self.last_saved) {
+            (Some(c), Some(s)) => format!(
+                "; the last good checkpoint (step {s}) is in {}",
+                c.dir.display()
+            ),
+            _ => String::new(),
+        };
+        MoeError::Diverged(format!("{what}{kept}"))
     }
 }

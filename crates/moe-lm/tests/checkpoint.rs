@@ -20,7 +20,7 @@ fn saved_model(dir: &Path) -> (nn::VarStore, MoeLanguageModel, CheckpointMeta) {
     let model = MoeLanguageModel::new(&vs.root(), &config).unwrap();
     let meta = CheckpointMeta {
         model: config,
-        tokenizer,
+        tokenizer: tokenizer.into(),
         train: None,
         step: 3,
     };

@@ -1,0 +1,155 @@
+//! `loss_curve.png`: train and validation loss against step and, when the
+//! metrics have it, the routing balance, drawn with `plotters` (bitmap
+//! backend, pure Rust). Axis labels need a TrueType font: the first of
+//! [`FONT_PATHS`] that exists is used; without one the curves are drawn
+//! without text (train blue, validation red, balance green).
+
+use moe_core::{MoeError, Result};
+use plotters::prelude::*;
+use std::path::Path;
+use std::sync::OnceLock;
+
+/// Where a font for the labels is looked for (`MOE_PLOT_FONT` first).
+pub const FONT_PATHS: [&str; 3] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+];
+
+/// The series of a run, each a list of `(step, value)`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LossCurves {
+    pub train: Vec<(i64, f64)>,
+    pub val: Vec<(i64, f64)>,
+    /// Routing balance (the mean CV of expert loads over layers), if logged.
+    pub balance: Vec<(i64, f64)>,
+}
+
+impl LossCurves {
+    /// Reads the `eval` records of a `metrics.jsonl` (`step`, `train_loss`,
+    /// `val_loss`, and `load_cv`, the mean coefficient of variation of the
+    /// experts' loads, where present).
+    pub fn from_jsonl(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| MoeError::io(path, e))?;
+        let mut curves = LossCurves::default();
+        for (i, line) in text.lines().enumerate() {
+            let record: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| MoeError::Data(format!("{} line {}: {e}", path.display(), i + 1)))?;
+            if record["event"] != "eval" {
+                continue;
+            }
+            let Some(step) = record["step"].as_i64() else {
+                continue;
+            };
+            let push = |key: &str, into: &mut Vec<(i64, f64)>| {
+                if let Some(v) = record[key].as_f64() {
+                    into.push((step, v));
+                }
+            };
+            push("train_loss", &mut curves.train);
+            push("val_loss", &mut curves.val);
+            push("load_cv", &mut curves.balance);
+        }
+        Ok(curves)
+    }
+}
+
+/// Draws `curves` into a 1000x600 PNG at `path`.
+pub fn plot_loss_curve(path: &Path, curves: &LossCurves) -> Result<()> {
+    let err =
+        |e: &dyn std::fmt::Display| MoeError::Data(format!("plotting {}: {e}", path.display()));
+    if curves.train.is_empty() && curves.val.is_empty() {
+        return Err(err(&"no evaluation records to plot"));
+    }
+    let text = font_available();
+    let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let (top, bottom) = if curves.balance.is_empty() {
+        (root.clone(), None)
+    } else {
+        let (a, b) = root.split_vertically(400);
+        (a, Some(b))
+    };
+    let losses: [Series; 2] = [
+        ("train loss", &curves.train, BLUE),
+        ("val loss", &curves.val, RED),
+    ];
+    draw_panel(&top, &losses, text).map_err(|e| err(&e))?;
+    if let Some(bottom) = bottom {
+        draw_panel(
+            &bottom,
+            &[("routing balance", &curves.balance, GREEN)],
+            text,
+        )
+        .map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))
+}
+
+type Series<'a> = (&'a str, &'a [(i64, f64)], RGBColor);
+
+fn draw_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    series: &[Series],
+    text: bool,
+) -> std::result::Result<(), Box<dyn std::error::Error + 'static>>
+where
+    DB::ErrorType: 'static,
+{
+    let points = series.iter().flat_map(|s| s.1.iter());
+    let (mut x_max, mut y_min, mut y_max) = (1i64, f64::INFINITY, f64::NEG_INFINITY);
+    for &(x, y) in points {
+        x_max = x_max.max(x);
+        y_min = y_min.min(y);
+        y_max = y_max.max(y);
+    }
+    let pad = ((y_max - y_min) * 0.05).max(1e-3);
+    let mut builder = ChartBuilder::on(area);
+    builder.margin(15);
+    if text {
+        builder.x_label_area_size(35).y_label_area_size(55);
+    }
+    let mut chart = builder.build_cartesian_2d(0..x_max, (y_min - pad)..(y_max + pad))?;
+    let mut mesh = chart.configure_mesh();
+    if text {
+        mesh.x_desc("step");
+    } else {
+        mesh.x_labels(0).y_labels(0);
+    }
+    mesh.draw()?;
+    for &(name, data, color) in series {
+        let drawn =
+            chart.draw_series(LineSeries::new(data.iter().copied(), color.stroke_width(2)))?;
+        if text {
+            drawn
+                .label(name)
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color));
+        }
+    }
+    if text {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+    }
+    Ok(())
+}
+
+/// Registers the first font found as "sans-serif", once.
+fn font_available() -> bool {
+    static FOUND: OnceLock<bool> = OnceLock::new();
+    *FOUND.get_or_init(|| {
+        let env = std::env::var("MOE_PLOT_FONT").ok();
+        let candidates = env.iter().map(String::as_str).chain(FONT_PATHS);
+        for path in candidates {
+            if let Ok(bytes) = std::fs::read(path) {
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+}
