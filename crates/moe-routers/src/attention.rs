@@ -56,15 +56,7 @@ impl Router for AttentionRouter {
         Ok(top_k_softmax(p, self.config.top_k))
     }
 
-    fn num_experts(&self) -> i64 {
-        self.config.num_experts
-    }
-
-    fn top_k(&self) -> i64 {
-        self.config.top_k
-    }
-
-    fn input_dim(&self) -> i64 {
-        self.config.input_dim
+    fn config(&self) -> &RouterConfig {
+        &self.config
     }
 }

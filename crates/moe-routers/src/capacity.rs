@@ -1,4 +1,4 @@
-use crate::Router;
+use crate::{Router, RouterConfig};
 use moe_core::{expert_capacity, MoeError, Result, Routing};
 use tch::Tensor;
 
@@ -67,15 +67,7 @@ impl Router for CapacityLimited {
         self.inner.after_step(routing)
     }
 
-    fn num_experts(&self) -> i64 {
-        self.inner.num_experts()
-    }
-
-    fn top_k(&self) -> i64 {
-        self.inner.top_k()
-    }
-
-    fn input_dim(&self) -> i64 {
-        self.inner.input_dim()
+    fn config(&self) -> &RouterConfig {
+        self.inner.config()
     }
 }

@@ -1,3 +1,4 @@
+use crate::RouterConfig;
 use moe_core::{check_float, check_rank, check_same_device, Result, Routing};
 use tch::Tensor;
 
@@ -7,14 +8,23 @@ pub trait Router: std::fmt::Debug + Send {
     /// such as noise.
     fn route(&self, x: &Tensor, train: bool) -> Result<Routing>;
 
+    /// The configuration the router was built from.
+    fn config(&self) -> &RouterConfig;
+
     /// `E`, the number of experts routed over.
-    fn num_experts(&self) -> i64;
+    fn num_experts(&self) -> i64 {
+        self.config().num_experts
+    }
 
     /// `k`, the experts chosen per token.
-    fn top_k(&self) -> i64;
+    fn top_k(&self) -> i64 {
+        self.config().top_k
+    }
 
     /// Width `d` of the tokens the router expects.
-    fn input_dim(&self) -> i64;
+    fn input_dim(&self) -> i64 {
+        self.config().input_dim
+    }
 
     /// Called by the training loop after each optimizer step with the
     /// routing of that step's forward pass. Routers with state that is not
