@@ -168,6 +168,9 @@ fn cargo(root: &Path, fixed: &[&str], rest: &[String]) -> Result<(), String> {
 /// test mode, then doctests (the README's example among them), closing with
 /// one line that totals them.
 fn test(root: &Path, rest: &[String]) -> Result<(), String> {
+    // The end-to-end tests run the examples' plain binaries, which
+    // `cargo test --all-targets` builds only as test harnesses.
+    cargo(root, &["build", "--workspace", "--examples"], &[])?;
     let mut totals = (0u64, 0u64);
     let mut result = cargo_counting(
         root,
