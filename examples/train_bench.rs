@@ -36,6 +36,10 @@ struct Args {
     eval_iters: i64,
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/tinyshakespeare.txt"))]
     data: PathBuf,
+    /// Also time the phases of each step (batch, forward, backward,
+    /// optimizer) in a second pass of `--steps` steps, printed as "phases_ms"
+    #[arg(long)]
+    phases: bool,
 }
 
 fn main() {
@@ -84,6 +88,21 @@ fn run(args: Args) -> Result<()> {
         let loss = last.map(|l| l.double_value(&[]));
         sync();
         let secs = started.elapsed().as_secs_f64();
+        let phases_ms = if args.phases {
+            trainer.time_phases();
+            for _ in 0..args.steps {
+                let _ = trainer.step()?;
+            }
+            trainer.phases().map(|p| {
+                let per_step = |s: f64| 1e3 * s / p.steps.max(1) as f64;
+                json!({
+                    "batch": per_step(p.batch_s), "forward": per_step(p.forward_s),
+                    "backward": per_step(p.backward_s), "optimizer": per_step(p.optimizer_s),
+                })
+            })
+        } else {
+            None
+        };
         let eval_s = if args.eval_iters > 0 {
             let t = Instant::now();
             estimate_loss(&model, &data, &train)?;
@@ -101,6 +120,7 @@ fn run(args: Args) -> Result<()> {
                 "dispatch": dispatch.build().name(), "threads": tch::get_num_threads(),
                 "steps": args.steps, "ms_per_step": ms, "tokens_per_s": tokens_per_step * 1e3 / ms,
                 "last_loss": loss, "eval_iters": args.eval_iters, "eval_s": eval_s,
+                "phases_ms": phases_ms,
             })
         );
     }

@@ -38,6 +38,6 @@ pub use plot::{plot_loss_curve, LossCurves, FONT_PATHS};
 pub use run_config::RunConfig;
 pub use tokenizer::{CharTokenizer, TextStream, Tokenizer, TokenizerConfig, TokenizerKind};
 pub use train::{
-    estimate_loss, estimate_routing_stats, parameter_count, Checkpointing, EvalLosses, TrainEvent,
-    Trainer,
+    estimate_loss, estimate_routing_stats, parameter_count, Checkpointing, EvalLosses, StepPhases,
+    TrainEvent, Trainer,
 };

@@ -41,6 +41,23 @@ pub enum TrainEvent {
     },
 }
 
+/// Wall-clock seconds spent in each phase of [`Trainer::step`], summed over
+/// the steps timed since [`Trainer::time_phases`] was called. On CUDA the
+/// device is synchronised at each phase boundary, which itself costs time:
+/// use it to see where a step goes, not to measure the step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct StepPhases {
+    pub steps: i64,
+    /// Sampling the batch (and re-seeding).
+    pub batch_s: f64,
+    /// Forward pass and losses.
+    pub forward_s: f64,
+    /// `backward()`.
+    pub backward_s: f64,
+    /// Zeroing gradients, the AdamW update and the model's post-step hook.
+    pub optimizer_s: f64,
+}
+
 /// Number of trainable parameters.
 pub fn parameter_count(vs: &nn::VarStore) -> i64 {
     vs.trainable_variables()
@@ -121,6 +138,7 @@ pub struct Trainer<'a> {
     /// back at logging and checkpoint times only, to avoid a sync per step).
     unchecked_loss: Option<Tensor>,
     last_saved: Option<i64>,
+    phases: Option<StepPhases>,
 }
 
 impl<'a> Trainer<'a> {
@@ -159,6 +177,7 @@ impl<'a> Trainer<'a> {
             checkpointing: None,
             unchecked_loss: None,
             last_saved: None,
+            phases: None,
         })
     }
 
@@ -190,18 +209,40 @@ impl<'a> Trainer<'a> {
         &self.optimizer
     }
 
+    /// Starts (or restarts from zero) timing the phases of each step.
+    pub fn time_phases(&mut self) {
+        self.phases = Some(StepPhases::default());
+    }
+
+    /// The phase times since [`Trainer::time_phases`], if it was called.
+    pub fn phases(&self) -> Option<StepPhases> {
+        self.phases
+    }
+
     /// One optimisation step on a fresh training batch; returns the loss
     /// tensor, balance losses included (not read back, so no host
     /// synchronisation). After the optimizer step, the model's
     /// [`MoeLanguageModel::after_optimizer_step`] hook sees the step's routings.
     pub fn step(&mut self) -> Result<Tensor> {
+        let mut clock = self.phases.map(|_| PhaseClock::start(self.model.device()));
         tch::manual_seed(self.config.seed + self.step);
         let batch = self.data.batch(Split::Train, self.config.batch_size);
+        let batch_s = clock.as_mut().map(PhaseClock::lap);
         let objective = self.model.batch_objective(&batch, true)?;
+        let forward_s = clock.as_mut().map(PhaseClock::lap);
         self.optimizer.zero_grad();
         objective.total.backward();
+        let backward_s = clock.as_mut().map(PhaseClock::lap);
         self.optimizer.step();
         self.model.after_optimizer_step(&objective.routings)?;
+        let optimizer_s = clock.as_mut().map(PhaseClock::lap);
+        if let Some(phases) = self.phases.as_mut() {
+            phases.steps += 1;
+            phases.batch_s += batch_s.unwrap_or(0.0);
+            phases.forward_s += forward_s.unwrap_or(0.0);
+            phases.backward_s += backward_s.unwrap_or(0.0);
+            phases.optimizer_s += optimizer_s.unwrap_or(0.0);
+        }
         self.step += 1;
         let detached = objective.total.detach();
         self.unchecked_loss = Some(match self.unchecked_loss.take() {
@@ -415,5 +456,33 @@ impl<'a> Trainer<'a> {
             _ => String::new(),
         };
         MoeError::Diverged(format!("{what}{kept}"))
+    }
+}
+
+/// Lap timer for [`StepPhases`]; waits for the device so that each lap
+/// holds the kernels launched in it.
+struct PhaseClock {
+    device: tch::Device,
+    last: Instant,
+}
+
+impl PhaseClock {
+    fn start(device: tch::Device) -> Self {
+        let mut clock = PhaseClock {
+            device,
+            last: Instant::now(),
+        };
+        clock.lap();
+        clock
+    }
+
+    fn lap(&mut self) -> f64 {
+        if let tch::Device::Cuda(i) = self.device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        let now = Instant::now();
+        let secs = now.duration_since(self.last).as_secs_f64();
+        self.last = now;
+        secs
     }
 }
