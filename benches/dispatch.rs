@@ -38,5 +38,12 @@ fn layer_name(kind: moe_layers::dispatch::DispatchKind) -> String {
     kind.build().name().to_string()
 }
 
-criterion_group!(benches, dispatch);
+criterion_group! {
+    name = benches;
+    // No plots: criterion's plotters backend panics on machines without
+    // system fonts (CI, containers); the numbers are in the terminal and
+    // in target/criterion/*/new/estimates.json.
+    config = Criterion::default().without_plots();
+    targets = dispatch
+}
 criterion_main!(benches);

@@ -15,7 +15,7 @@ use moe_layers::lm::{
     JsonlWriter, LossCurves, MlflowRun, ModelConfig, MoeLanguageModel, Preset, RunConfig,
     RunStatus, Sampling, TextStream, Tokenizer, TokenizerKind, TrainEvent, Trainer,
 };
-use moe_layers::prelude::{DeviceChoice, DispatchKind, WeightInit};
+use moe_layers::prelude::{DeviceChoice, DispatchKind, Precision, WeightInit};
 use moe_layers::{MoeError, Result};
 use serde_json::json;
 use std::io::{IsTerminal, Write};
@@ -61,6 +61,10 @@ struct Args {
     /// auto (default), mask_loop, indexed_loop, grouped, capacity[:FACTOR] or dense_reference
     #[arg(long)]
     dispatch: Option<String>,
+    /// fp32 (default) or bf16: compute dtype of attention and experts
+    /// (mixed precision; parameters stay f32)
+    #[arg(long)]
+    precision: Option<String>,
     /// char (makeMoE) or bpe (byte-level BPE trained on the corpus)
     #[arg(long)]
     tokenizer: Option<String>,
@@ -114,6 +118,9 @@ fn resolve_config(args: &Args) -> Result<RunConfig> {
     t.learning_rate = args.lr.unwrap_or(t.learning_rate);
     if let Some(init) = &args.init {
         m.init = init.parse::<WeightInit>()?;
+    }
+    if let Some(precision) = &args.precision {
+        m.precision = precision.parse::<Precision>()?;
     }
     if let Some(dispatch) = &args.dispatch {
         m.dispatch = dispatch.parse::<DispatchKind>()?;

@@ -4,6 +4,14 @@
 //! "tokens_per_s":..,"eval_s":..}`.
 //!
 //! `cargo xtask run run --release --example train_bench -- --device cpu --steps 30`
+//!
+//! With `--versus-makemoe` it times makeMoE's own PyTorch step
+//! (`scripts/makemoe_reference.py`, run by the `python` on `PATH`, which
+//! `cargo xtask run` points at `.venv`) on the same device with the same
+//! number of threads, in rounds alternating with ours so that both see the
+//! same machine load, and prints a last line with both medians and their ratio:
+//!
+//! `cargo xtask run run --release --example train_bench -- --device cpu --dispatch auto --eval-iters 0 --versus-makemoe`
 
 use clap::Parser;
 use moe_layers::dispatch::DispatchKind;
@@ -11,10 +19,11 @@ use moe_layers::lm::{
     estimate_loss, CharTokenizer, Dataset, ModelConfig, MoeLanguageModel, Preset, TrainConfig,
     Trainer,
 };
-use moe_layers::prelude::DeviceChoice;
+use moe_layers::prelude::{DeviceChoice, Precision};
 use moe_layers::Result;
 use serde_json::json;
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::Instant;
 
 #[derive(Parser, Debug)]
@@ -31,6 +40,9 @@ struct Args {
     /// makemoe or default
     #[arg(long, default_value = "makemoe")]
     preset: String,
+    /// Comma-separated compute dtypes (fp32, bf16); each is timed with each strategy
+    #[arg(long, default_value = "fp32")]
+    precision: String,
     /// Batches per split of the timed evaluation (0: skip)
     #[arg(long, default_value_t = 400)]
     eval_iters: i64,
@@ -40,6 +52,19 @@ struct Args {
     /// optimizer) in a second pass of `--steps` steps, printed as "phases_ms"
     #[arg(long)]
     phases: bool,
+    /// Also time makeMoE's PyTorch step (scripts/makemoe_reference.py) in
+    /// rounds alternating with ours (the first strategy of --dispatch)
+    #[arg(long)]
+    versus_makemoe: bool,
+    /// Rounds of --versus-makemoe
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Python interpreter that runs the reference
+    #[arg(long, default_value = "python")]
+    python: String,
+    /// The reference script
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/makemoe_reference.py"))]
+    reference_script: PathBuf,
 }
 
 fn main() {
@@ -55,11 +80,24 @@ fn run(args: Args) -> Result<()> {
         std::fs::read_to_string(&args.data).map_err(|e| moe_layers::MoeError::io(&args.data, e))?;
     let tokenizer = CharTokenizer::from_text(&text)?;
     let tokens = tokenizer.encode(&text)?;
-    for name in args.dispatch.split(',') {
-        let dispatch: DispatchKind = name.trim().parse()?;
+    let precisions = args
+        .precision
+        .split(',')
+        .map(|p| p.trim().parse::<Precision>())
+        .collect::<Result<Vec<_>>>()?;
+    let dispatches = args
+        .dispatch
+        .split(',')
+        .map(|d| d.trim().parse::<DispatchKind>())
+        .collect::<Result<Vec<_>>>()?;
+    for (precision, dispatch) in precisions
+        .iter()
+        .flat_map(|&p| dispatches.iter().map(move |&d| (p, d)))
+    {
         let config = ModelConfig {
             vocab_size: tokenizer.vocab_size(),
             dispatch,
+            precision,
             ..ModelConfig::preset(args.preset.parse::<Preset>()?)
         };
         let train = TrainConfig {
@@ -71,23 +109,14 @@ fn run(args: Args) -> Result<()> {
         let model = MoeLanguageModel::new(&vs.root(), &config)?;
         let data = Dataset::new(&tokens, config.vocab_size, 0.9, config.block_size, device)?;
         let mut trainer = Trainer::new(&vs, &model, &data, train.clone())?;
-        let sync = || {
-            if let tch::Device::Cuda(i) = device {
-                tch::Cuda::synchronize(i as i64);
-            }
-        };
+        let sync = || sync_device(device);
         for _ in 0..5 {
             let _ = trainer.step()?;
         }
-        sync();
-        let started = Instant::now();
-        let mut last = None;
-        for _ in 0..args.steps {
-            last = Some(trainer.step()?);
+        let (ms, loss) = time_steps(&mut trainer, args.steps, device)?;
+        if args.versus_makemoe {
+            return versus_makemoe(&args, &mut trainer, device, ms);
         }
-        let loss = last.map(|l| l.double_value(&[]));
-        sync();
-        let secs = started.elapsed().as_secs_f64();
         let phases_ms = if args.phases {
             trainer.time_phases();
             for _ in 0..args.steps {
@@ -111,12 +140,11 @@ fn run(args: Args) -> Result<()> {
         } else {
             None
         };
-        let ms = 1e3 * secs / args.steps.max(1) as f64;
         let tokens_per_step = (train.batch_size * config.block_size) as f64;
         println!(
             "{}",
             json!({
-                "device": format!("{device:?}"), "preset": args.preset,
+                "device": format!("{device:?}"), "preset": args.preset, "precision": precision.to_string(),
                 "dispatch": dispatch.build().name(), "threads": tch::get_num_threads(),
                 "steps": args.steps, "ms_per_step": ms, "tokens_per_s": tokens_per_step * 1e3 / ms,
                 "last_loss": loss, "eval_iters": args.eval_iters, "eval_s": eval_s,
@@ -124,5 +152,113 @@ fn run(args: Args) -> Result<()> {
             })
         );
     }
+    Ok(())
+}
+
+fn sync_device(device: tch::Device) {
+    if let tch::Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// Milliseconds per step over `steps` steps, and the last step's loss.
+fn time_steps(
+    trainer: &mut Trainer,
+    steps: i64,
+    device: tch::Device,
+) -> Result<(f64, Option<f64>)> {
+    sync_device(device);
+    let started = Instant::now();
+    let mut last = None;
+    for _ in 0..steps {
+        last = Some(trainer.step()?);
+    }
+    let loss = last.map(|l| l.double_value(&[]));
+    sync_device(device);
+    Ok((
+        1e3 * started.elapsed().as_secs_f64() / steps.max(1) as f64,
+        loss,
+    ))
+}
+
+/// One run of scripts/makemoe_reference.py; its ms per step.
+fn makemoe_step_ms(args: &Args, device: tch::Device) -> Result<f64> {
+    let script = &args.reference_script;
+    let device_arg = match device {
+        tch::Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".to_string(),
+    };
+    let failed = |why: String| {
+        moe_layers::MoeError::config(format!(
+            "the makeMoE reference ({} {}) failed: {why}",
+            args.python,
+            script.display()
+        ))
+    };
+    let out = Command::new(&args.python)
+        .arg(script)
+        .args(["--steps", &args.steps.to_string(), "--device", &device_arg])
+        .args(["--threads", &tch::get_num_threads().to_string()])
+        .arg("--data")
+        .arg(&args.data)
+        .output()
+        .map_err(|e| failed(e.to_string()))?;
+    if !out.status.success() {
+        return Err(failed(String::from_utf8_lossy(&out.stderr).into_owned()));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().last().unwrap_or_default();
+    let value: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| failed(format!("{e} in {line:?}")))?;
+    value["ms_per_step"]
+        .as_f64()
+        .ok_or_else(|| failed(format!("no ms_per_step in {line:?}")))
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+/// `--versus-makemoe`: alternating rounds of makeMoE's step and ours.
+fn versus_makemoe(
+    args: &Args,
+    trainer: &mut Trainer,
+    device: tch::Device,
+    first: f64,
+) -> Result<()> {
+    if args.preset != "makemoe" {
+        return Err(moe_layers::MoeError::config(format!(
+            "--versus-makemoe compares makeMoE's own model, so it needs --preset makemoe, got {}",
+            args.preset
+        )));
+    }
+    let mut ours = vec![first];
+    let mut theirs = Vec::new();
+    for round in 0..args.rounds.max(1) {
+        theirs.push(makemoe_step_ms(args, device)?);
+        if round > 0 {
+            ours.push(time_steps(trainer, args.steps, device)?.0);
+        }
+        eprintln!(
+            "round {}: ours {:.1} ms/step, makeMoE {:.1} ms/step",
+            round + 1,
+            ours[round],
+            theirs[round]
+        );
+    }
+    let (ours_ms, theirs_ms) = (median(&ours), median(&theirs));
+    println!(
+        "{}",
+        json!({
+            "versus": "makemoe-pytorch", "device": format!("{device:?}"),
+            "threads": tch::get_num_threads(), "steps": args.steps, "preset": args.preset,
+            "precision": args.precision, "dispatch": args.dispatch,
+            "ours_ms_per_step": ours, "makemoe_ms_per_step": theirs,
+            "ours_median_ms": ours_ms, "makemoe_median_ms": theirs_ms,
+            "ratio": ours_ms / theirs_ms,
+        })
+    );
     Ok(())
 }

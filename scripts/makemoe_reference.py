@@ -3,12 +3,13 @@
 boolean-mask loop over experts, Kaiming-normal init, torch.optim.AdamW).
 
 It exists to time makeMoE's step side by side with ours on the same machine
-(issue #6): `cargo xtask compare-makemoe` runs it with the `.venv` torch and
-then `train_bench`, and prints both step times and their ratio. It prints one
-JSON line: {"impl":"makemoe-pytorch", "ms_per_step":..., ...}.
+(issue #6): `train_bench --versus-makemoe` runs it with the `.venv` torch in
+rounds alternating with our own step, and prints both step times and their
+ratio. It prints one JSON line: {"impl":"makemoe-pytorch", "ms_per_step":..., ...}.
 
 Usage: python scripts/makemoe_reference.py [--steps 30] [--warmup 5]
        [--device cpu|cuda] [--eval-iters 0] [--data data/tinyshakespeare.txt]
+       [--threads N]
 """
 
 import argparse
@@ -163,7 +164,10 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--eval-iters", type=int, default=0)
     parser.add_argument("--data", default="data/tinyshakespeare.txt")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(1337)
     text = open(args.data, encoding="utf-8").read()

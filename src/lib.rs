@@ -32,7 +32,7 @@ pub use moe_core::{MoeError, Result};
 pub mod prelude {
     pub use moe_attention::{AttentionConfig, AttentionPath, AttentionScale, CausalSelfAttention};
     pub use moe_block::{MoeOutput, SparseMoe, SparseMoeConfig};
-    pub use moe_core::{DeviceChoice, MoeError, Result, Routing, WeightInit};
+    pub use moe_core::{DeviceChoice, MoeError, Precision, Result, Routing, WeightInit};
     pub use moe_dispatch::{Dispatch, DispatchKind};
     pub use moe_experts::{ExpertBank, ExpertConfig};
     pub use moe_lm::{

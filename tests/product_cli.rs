@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::ok;
+
 use std::process::{Command, Output};
 
 fn run(name: &str, args: &[&str]) -> Output {
@@ -12,16 +14,6 @@ fn run(name: &str, args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap()
-}
-
-fn ok(out: &Output) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
 }
 
 const TINY: &str = "[model]\nn_embd = 32\nn_head = 4\nn_layer = 2\nnum_experts = 4\n\

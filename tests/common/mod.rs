@@ -1,6 +1,7 @@
 //! Helpers shared by the end-to-end tests of the examples.
 
 use std::path::{Path, PathBuf};
+use std::process::Output;
 
 /// The plain (non-test) binary of example `name` in this test's profile
 /// folder. `cargo test --all-targets` builds examples only as test harnesses,
@@ -16,4 +17,17 @@ pub fn example(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// The stdout of a run that must have succeeded (else both streams, in the
+/// failure message).
+#[allow(dead_code)] // not every test binary checks a successful run
+pub fn ok(out: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }

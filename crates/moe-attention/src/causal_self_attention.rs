@@ -1,6 +1,9 @@
 use crate::{AttentionConfig, AttentionPath, KvCache};
-use moe_core::{check_float, check_rank, check_same_device, linear, MoeError, Result};
-use tch::{nn, nn::Module, Kind, Tensor};
+use moe_core::{
+    as_kind_of, check_float, check_rank, check_same_device, linear, linear_in_input_dtype,
+    MoeError, Result,
+};
+use tch::{nn, Kind, Tensor};
 
 /// Causal multi-head self-attention:
 ///
@@ -50,7 +53,7 @@ impl CausalSelfAttention {
             AttentionPath::PerHead => self.heads_per_head(x, train),
         };
         let dropout = if train { self.config.dropout } else { 0.0 };
-        Ok(self.proj.forward(&heads).dropout(dropout, train))
+        Ok(linear_in_input_dtype(&heads, &self.proj).dropout(dropout, train))
     }
 
     /// Incremental decoding (evaluation mode): `x` holds the `T_new` positions
@@ -71,7 +74,7 @@ impl CausalSelfAttention {
         }
         let (h, hs) = (self.config.n_head, self.config.head_size());
         let past = cache.len();
-        let qkv = x.linear::<Tensor>(&self.qkv, None);
+        let qkv = x.linear::<Tensor>(&as_kind_of(&self.qkv, x), None);
         let split = |i: i64| qkv.narrow(2, i * c, c).view([b, t, h, hs]).transpose(1, 2);
         let (keys, values) = cache.append(split(1), split(2));
         // Query i (absolute position past + i) sees keys 0..=past + i.
@@ -93,7 +96,7 @@ impl CausalSelfAttention {
         .transpose(1, 2)
         .contiguous()
         .view([b, t, c]);
-        Ok(self.proj.forward(&heads))
+        Ok(linear_in_input_dtype(&heads, &self.proj))
     }
 
     fn check_input(&self, x: &Tensor) -> Result<()> {
@@ -119,7 +122,7 @@ impl CausalSelfAttention {
     fn heads_fused(&self, x: &Tensor, train: bool) -> Tensor {
         let (b, t, c) = x.size3().expect("checked rank 3");
         let (h, hs) = (self.config.n_head, self.config.head_size());
-        let qkv = x.linear::<Tensor>(&self.qkv, None);
+        let qkv = x.linear::<Tensor>(&as_kind_of(&self.qkv, x), None);
         let split = |i: i64| qkv.narrow(2, i * c, c).view([b, t, h, hs]).transpose(1, 2);
         let dropout = if train { self.config.dropout } else { 0.0 };
         Tensor::scaled_dot_product_attention::<Tensor>(
@@ -142,9 +145,10 @@ impl CausalSelfAttention {
         let t = x.size()[1];
         let (c, hs) = (self.config.n_embd, self.config.head_size());
         let causal = Tensor::ones([t, t], (Kind::Bool, x.device())).tril(0);
+        let qkv = as_kind_of(&self.qkv, x);
         let heads: Vec<Tensor> = (0..self.config.n_head)
             .map(|head| {
-                let rows = |block: i64| self.qkv.narrow(0, block * c + head * hs, hs);
+                let rows = |block: i64| qkv.narrow(0, block * c + head * hs, hs);
                 let q = x.linear::<Tensor>(&rows(0), None);
                 let k = x.linear::<Tensor>(&rows(1), None);
                 let v = x.linear::<Tensor>(&rows(2), None);

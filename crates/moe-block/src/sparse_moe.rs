@@ -102,7 +102,12 @@ impl SparseMoe {
         check_float(x, "MoE input")?;
         check_same_device(x, "MoE input", self.experts.w_in.device())?;
         let flat = x.reshape([-1, d]);
-        let routing = self.router.route(&flat, train)?;
+        // The router computes in the parameters' dtype (f32 under mixed
+        // precision, see `moe_core::Precision`): its softmax and top-k decide
+        // which experts run, and bf16 logits tie and round.
+        let routing = self
+            .router
+            .route(&flat.to_kind(self.experts.w_in.kind()), train)?;
         let mut output = self.dispatch.combine(&flat, &routing, &self.experts, train);
         if let Some(shared) = &self.shared_experts {
             output += shared

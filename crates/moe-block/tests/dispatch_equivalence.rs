@@ -200,3 +200,56 @@ fn edge_cases_match_the_dense_reference() {
         7,
     );
 }
+
+/// Mixed precision (`Precision::Bf16`): a bf16 input with the f32 parameters
+/// gives, with every strategy, the f32 reference's output and gradients up to
+/// bf16 rounding, and the parameters' gradients stay f32.
+#[test]
+fn bf16_compute_with_f32_parameters_matches_the_f32_reference() {
+    tch::set_num_threads(1);
+    tch::manual_seed(11);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let config = SparseMoeConfig {
+        n_embd: 16,
+        num_experts: 4,
+        top_k: 2,
+        expert_hidden: 32,
+        dropout: 0.0,
+        router: RouterKind::TopK,
+        activation: Activation::SwiGlu,
+        ..Default::default()
+    };
+    let mut moe = SparseMoe::new(&vs.root(), config).unwrap();
+    // Representable in bf16, so that both runs route exactly alike (the
+    // router computes in f32 either way).
+    let x = Tensor::randn([40, 16], (Kind::Float, Device::Cpu))
+        .to_kind(Kind::BFloat16)
+        .to_kind(Kind::Float);
+    let reference = run(&vs, &mut moe, DispatchKind::DenseReference, &x);
+    let strategies = [
+        DispatchKind::DenseReference,
+        DispatchKind::MaskLoop,
+        DispatchKind::IndexedLoop,
+        DispatchKind::Grouped,
+        DispatchKind::Auto,
+        DispatchKind::Capacity {
+            capacity_factor: 4.0,
+        },
+    ];
+    for kind in strategies {
+        let got = run(&vs, &mut moe, kind, &x.to_kind(Kind::BFloat16));
+        assert_eq!(got[0].1.kind(), Kind::BFloat16, "{kind:?}: output dtype");
+        for ((name, want), (_, have)) in reference.iter().zip(&got) {
+            if name.starts_with("grad ") && name != "grad x" {
+                assert_eq!(have.kind(), Kind::Float, "{kind:?}: {name} dtype");
+            }
+            let have = have.to_kind(Kind::Float);
+            let err = (want - &have).norm().double_value(&[]);
+            let scale = want.norm().double_value(&[]).max(1e-6);
+            assert!(
+                err <= 2e-2 * scale,
+                "{kind:?} in bf16 differs from the f32 reference in {name}: |diff| {err}, |ref| {scale}"
+            );
+        }
+    }
+}

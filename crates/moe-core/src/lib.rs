@@ -9,10 +9,12 @@ mod check;
 mod device;
 mod error;
 mod init;
+mod precision;
 mod routing;
 
 pub use check::{check_float, check_rank, check_same_device};
 pub use device::DeviceChoice;
 pub use error::{MoeError, Result};
 pub use init::{linear, WeightInit};
+pub use precision::{as_kind_of, linear_in_input_dtype, Precision};
 pub use routing::{expert_capacity, Routing};

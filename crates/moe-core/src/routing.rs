@@ -70,24 +70,29 @@ impl Routing {
     /// Slots routed to each expert, `[E]` (int64); sums to `N * k`. Dropped
     /// slots count: this is the router's choice, the load it asked for.
     pub fn expert_counts(&self) -> Tensor {
-        self.indices
-            .flatten(0, -1)
-            .bincount::<Tensor>(None, self.num_experts)
-            .to_kind(Kind::Int64)
+        self.count_slots(None)
     }
 
     /// Slots each expert actually processes, `[E]`: [`Routing::expert_counts`]
     /// less the slots dropped by a capacity limit.
     pub fn kept_counts(&self) -> Tensor {
-        match &self.dropped {
-            None => self.expert_counts(),
-            Some(dropped) => {
-                let kept = dropped.logical_not().flatten(0, -1).to_kind(Kind::Float);
-                self.indices
-                    .flatten(0, -1)
-                    .bincount(Some(&kept), self.num_experts)
-                    .to_kind(Kind::Int64)
-            }
-        }
+        let kept = self.dropped.as_ref().map(Tensor::logical_not);
+        self.count_slots(kept.as_ref())
+    }
+
+    /// Per expert, the number of slots (those where `mask` is true, if
+    /// given). A scatter-add rather than `bincount`, which on CUDA reads the
+    /// largest index back to the host to size its output.
+    fn count_slots(&self, mask: Option<&Tensor>) -> Tensor {
+        let expert = self.indices.flatten(0, -1);
+        let ones = match mask {
+            Some(mask) => mask.flatten(0, -1).to_kind(Kind::Int64),
+            None => expert.ones_like().to_kind(Kind::Int64),
+        };
+        Tensor::zeros([self.num_experts], (Kind::Int64, expert.device())).scatter_add(
+            0,
+            &expert.to_kind(Kind::Int64),
+            &ones,
+        )
     }
 }

@@ -1,3 +1,4 @@
+use crate::dispatch::gather_weighted_sum;
 use crate::Dispatch;
 use moe_core::{expert_capacity, Routing};
 use moe_experts::ExpertBank;
@@ -122,8 +123,6 @@ impl Dispatch for Capacity {
             0,
         );
         let weight = routing.weights.flatten(0, -1).to_kind(kind) * plan.keep.to_kind(kind);
-        (rows.index_select(0, &plan.row) * weight.unsqueeze(1))
-            .view([n, k, d])
-            .sum_dim_intlist(1, false, None)
+        gather_weighted_sum(&rows, &plan.row, &weight, (n, k))
     }
 }

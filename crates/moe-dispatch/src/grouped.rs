@@ -1,3 +1,4 @@
+use crate::dispatch::gather_weighted_sum;
 use crate::{Dispatch, SortedSlots};
 use moe_core::Routing;
 use moe_experts::ExpertBank;
@@ -13,12 +14,16 @@ use tch::{Device, Kind, Tensor};
 /// 3. `H = act(GroupedMM(X_s, W_in, offsets) + b_in[e_s])`,
 ///    `O = GroupedMM(H, W_out, offsets) + b_out[e_s]` — every expert's segment
 ///    in one kernel, no padding, no dropped token;
-/// 4. scale by the slot weights and scatter-add back to tokens in one `index_add`.
+/// 4. each token gathers its `k` rows back and sums them weighted (no
+///    scatter-add, so no atomics).
 ///
-/// Nothing is read back to the host, in forward or backward. Where libtorch's
-/// `_grouped_mm` does not support the device, dtype or sizes (probed once and
-/// remembered), the GEMMs run as a loop over segments, which reads the
-/// offsets back once per call.
+/// On a GPU nothing is read back to the host, in forward or backward, where
+/// libtorch has a native `_grouped_mm` kernel (bf16 on sm90/sm100; its
+/// fallback for other cases reads the offsets back itself). Where
+/// `_grouped_mm` does not support the device, dtype or sizes (probed once
+/// and remembered), and on CPU from [`CPU_SEGMENT_LOOP_MIN_ROWS`] rows per
+/// expert, the GEMMs run as a loop over segments, which reads the segment
+/// sizes back once per call.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Grouped;
 
@@ -30,14 +35,16 @@ impl Dispatch for Grouped {
     fn combine(&self, x: &Tensor, routing: &Routing, experts: &ExpertBank, train: bool) -> Tensor {
         let slots = SortedSlots::new(routing);
         let xs = x.index_select(0, &slots.token);
-        let out = if grouped_mm_supported(experts, x.kind()) {
-            expert_segments_grouped(experts, &xs, &slots)
-        } else {
+        let out = if segment_loop_is_faster(x, routing) || !grouped_mm_supported(experts, x.kind())
+        {
             expert_segments_looped(experts, &xs, &slots)
+        } else {
+            expert_segments_grouped(experts, &xs, &slots)
         };
         let out = experts.output_dropout(out, train);
-        let weighted = out * slots.weight.unsqueeze(1).to_kind(x.kind());
-        x.zeros_like().index_add(0, &slots.token, &weighted)
+        let n = x.size()[0];
+        let slot_weight = routing.weights.flatten(0, -1);
+        gather_weighted_sum(&out, &slots.position, &slot_weight, (n, routing.top_k()))
     }
 }
 
@@ -56,21 +63,37 @@ fn expert_segments_grouped(experts: &ExpertBank, xs: &Tensor, slots: &SortedSlot
 }
 
 /// The same computation as a loop over segments (fallback; one host read).
+/// One bias-fused GEMM pair per non-empty segment ([`ExpertBank::views`]),
+/// the segment sizes read back to the host.
 fn expert_segments_looped(experts: &ExpertBank, xs: &Tensor, slots: &SortedSlots) -> Tensor {
-    let ends =
-        Vec::<i64>::try_from(slots.offsets.to_kind(Kind::Int64)).expect("offsets convert to int64");
-    let mut start = 0;
-    let mut parts = Vec::with_capacity(ends.len());
-    for (e, &end) in ends.iter().enumerate() {
-        if end > start {
-            parts.push(experts.ffn(e as i64, &xs.narrow(0, start, end - start)));
-        }
-        start = end;
-    }
+    let counts = Vec::<i64>::try_from(&slots.counts).expect("counts are int64");
+    let views = experts.views(xs);
+    let parts: Vec<Tensor> = xs
+        .split_with_sizes(&counts, 0)
+        .iter()
+        .enumerate()
+        .filter(|(e, _)| counts[*e] > 0)
+        .map(|(e, segment)| experts.ffn_view(&views, e, segment))
+        .collect();
     Tensor::cat(&parts, 0)
 }
 
-/// (device, dtype, d, h) -> whether `_grouped_mm` runs there.
+/// Average segment length (`N k / E` rows) from which, on CPU, a loop of
+/// BLAS GEMMs beats libtorch's CPU `_grouped_mm`. Measured on the 2-core
+/// development machine (`dispatch_bench --device cpu`, forward + backward):
+/// the loop is faster at 1024 rows per expert (mid) and 512 (64 fine-grained
+/// experts), slower at 128 (makeMoE's size), where `_grouped_mm`'s single
+/// call saves the loop's per-expert overhead.
+pub const CPU_SEGMENT_LOOP_MIN_ROWS: i64 = 256;
+
+/// On CPU a host read costs nothing, and from [`CPU_SEGMENT_LOOP_MIN_ROWS`]
+/// rows per expert the segment loop is faster; on GPUs `_grouped_mm` runs
+/// without reading anything back.
+fn segment_loop_is_faster(x: &Tensor, routing: &Routing) -> bool {
+    let rows = routing.num_tokens() * routing.top_k() / routing.num_experts.max(1);
+    x.device() == Device::Cpu && rows >= CPU_SEGMENT_LOOP_MIN_ROWS
+}
+
 type SupportCache = Mutex<Option<HashMap<(Device, Kind, i64, i64), bool>>>;
 
 /// Whether `_grouped_mm` runs for this bank's sizes on its device in `kind`.

@@ -28,18 +28,20 @@ impl Dispatch for IndexedLoop {
             .one_hot(routing.num_experts)
             .permute([2, 0, 1])
             .to_kind(Kind::Bool);
+        let views = experts.views(x);
         for e in 0..routing.num_experts {
             let pairs = per_expert.get(e).nonzero(); // [m, 2]: (token, choice)
             if pairs.size()[0] == 0 {
                 continue;
             }
             let (tokens, choices) = (pairs.select(1, 0), pairs.select(1, 1));
-            let weight =
-                routing
-                    .weights
-                    .index_select(0, &tokens)
-                    .gather(1, &choices.unsqueeze(1), false);
-            let out = experts.forward_expert(e, &x.index_select(0, &tokens), train);
+            let weight = routing
+                .weights
+                .index_select(0, &tokens)
+                .gather(1, &choices.unsqueeze(1), false)
+                .to_kind(x.kind());
+            let out = experts.ffn_view(&views, e as usize, &x.index_select(0, &tokens));
+            let out = experts.output_dropout(out, train);
             y = y.index_add(0, &tokens, &(out * weight));
         }
         y

@@ -22,6 +22,7 @@ impl Dispatch for MaskLoop {
 
     fn combine(&self, x: &Tensor, routing: &Routing, experts: &ExpertBank, train: bool) -> Tensor {
         let gates = routing.dense_gates().to_kind(x.kind());
+        let views = experts.views(x);
         let mut y = x.zeros_like();
         for e in 0..experts.num_experts() {
             let mask = routing.indices.eq(e).any_dim(-1, false);
@@ -29,7 +30,8 @@ impl Dispatch for MaskLoop {
             if rows.size()[0] == 0 {
                 continue;
             }
-            let out = experts.forward_expert(e, &x.index_select(0, &rows), train);
+            let out = experts.ffn_view(&views, e as usize, &x.index_select(0, &rows));
+            let out = experts.output_dropout(out, train);
             let gate = gates.index_select(0, &rows).select(1, e).unsqueeze(1);
             y = y.index_add(0, &rows, &(out * gate));
         }

@@ -13,8 +13,11 @@ pub struct SortedSlots {
     pub token: Tensor,
     /// Expert of each sorted slot (non-decreasing), `[S]` int64.
     pub expert: Tensor,
-    /// Router weight of each sorted slot, `[S]`.
-    pub weight: Tensor,
+    /// Sorted position of each slot `s` (slot order), `[S]` int64: the
+    /// inverse permutation, where token `n`'s `j`-th output lands.
+    pub position: Tensor,
+    /// Slots per expert, `[E]` int64.
+    pub counts: Tensor,
     /// End offset of each expert's segment, `[E]` int32 (cumulative counts),
     /// the layout `_grouped_mm` expects.
     pub offsets: Tensor,
@@ -25,12 +28,14 @@ impl SortedSlots {
         let k = routing.top_k();
         let flat_expert = routing.indices.flatten(0, -1);
         let (expert, order) = flat_expert.sort_stable(true, 0, false);
-        let counts = flat_expert.bincount::<Tensor>(None, routing.num_experts);
+        let counts = routing.expert_counts();
+        let slots = Tensor::arange(order.size()[0], (Kind::Int64, order.device()));
         SortedSlots {
             token: order.divide_scalar_mode(k, "trunc"),
-            weight: routing.weights.flatten(0, -1).index_select(0, &order),
+            position: order.zeros_like().scatter(0, &order, &slots),
             expert,
             offsets: counts.cumsum(0, Kind::Int).to_kind(Kind::Int),
+            counts,
         }
     }
 }

@@ -1,5 +1,5 @@
 use crate::{Activation, BankWeights, ExpertConfig};
-use moe_core::{MoeError, Result, WeightInit};
+use moe_core::{as_kind_of, MoeError, Result, WeightInit};
 use tch::{nn, Tensor};
 
 /// `E` two-layer experts, stacked (makeMoE's `Expert`, or a SwiGLU FFN):
@@ -115,20 +115,57 @@ impl ExpertBank {
         self.output_dropout(self.ffn(e, x), train)
     }
 
+    /// The bank split along the expert axis (`unbind`), in `like`'s dtype,
+    /// for strategies that loop over experts. Taking `w_in[e]` once per
+    /// expert would give each expert's backward its own zero-filled
+    /// gradient of the whole bank (`select`'s backward), `E` times the
+    /// bank's size in memory traffic; `unbind`'s backward stacks the `E`
+    /// gradients once.
+    pub fn views(&self, like: &Tensor) -> ExpertViews {
+        let split = |t: &Tensor| as_kind_of(t, like).unbind(0);
+        ExpertViews {
+            w_in: split(&self.w_in),
+            b_in: split(&self.b_in),
+            w_gate: self.w_gate.as_ref().map(split),
+            w_out: split(&self.w_out),
+            b_out: split(&self.b_out),
+        }
+    }
+
+    /// Expert `e`'s FFN (no output dropout) through `views`, with the biases
+    /// fused into the GEMMs: `act(b_in + x W_in) W_out + b_out` as two `addmm`.
+    pub fn ffn_view(&self, views: &ExpertViews, e: usize, x: &Tensor) -> Tensor {
+        let pre = views.b_in[e].addmm(x, &views.w_in[e]);
+        let gate = views.w_gate.as_ref().map(|g| x.matmul(&g[e]));
+        views.b_out[e].addmm(&self.activate(pre, gate), &views.w_out[e])
+    }
+
     /// Expert `e`'s FFN without the output dropout (for strategies that
     /// apply dropout once to all slots).
     pub fn ffn(&self, e: i64, x: &Tensor) -> Tensor {
-        let pre = x.matmul(&self.w_in.get(e)) + self.b_in.get(e);
-        let gate = self.w_gate.as_ref().map(|w| x.matmul(&w.get(e)));
-        self.activate(pre, gate).matmul(&self.w_out.get(e)) + self.b_out.get(e)
+        let w = |t: &Tensor| as_kind_of(&t.get(e), x);
+        let pre = x.matmul(&w(&self.w_in)) + w(&self.b_in);
+        let gate = self.w_gate.as_ref().map(|g| x.matmul(&w(g)));
+        self.activate(pre, gate).matmul(&w(&self.w_out)) + w(&self.b_out)
     }
 
     /// Every expert on every token, `x: [N, d]` -> `[E, N, d]`: the dense
     /// reference computation.
     pub fn forward_all(&self, x: &Tensor, train: bool) -> Tensor {
-        let pre = x.matmul(&self.w_in) + self.b_in.unsqueeze(1);
-        let gate = self.w_gate.as_ref().map(|w| x.matmul(w));
-        let out = self.activate(pre, gate).matmul(&self.w_out) + self.b_out.unsqueeze(1);
+        let w = |t: &Tensor| as_kind_of(t, x);
+        let pre = x.matmul(&w(&self.w_in)) + w(&self.b_in).unsqueeze(1);
+        let gate = self.w_gate.as_ref().map(|g| x.matmul(&w(g)));
+        let out = self.activate(pre, gate).matmul(&w(&self.w_out)) + w(&self.b_out).unsqueeze(1);
         self.output_dropout(out, train)
     }
+}
+
+/// One view per expert of each stacked parameter ([`ExpertBank::views`]).
+#[derive(Debug)]
+pub struct ExpertViews {
+    w_in: Vec<Tensor>,
+    b_in: Vec<Tensor>,
+    w_gate: Option<Vec<Tensor>>,
+    w_out: Vec<Tensor>,
+    b_out: Vec<Tensor>,
 }

@@ -1,6 +1,6 @@
 use moe_attention::{AttentionConfig, AttentionPath, AttentionScale};
 use moe_block::SparseMoeConfig;
-use moe_core::{MoeError, Result, WeightInit};
+use moe_core::{MoeError, Precision, Result, WeightInit};
 use moe_dispatch::DispatchKind;
 use moe_experts::Activation;
 use moe_routers::{BalanceLossConfig, RouterKind};
@@ -44,6 +44,8 @@ pub struct ModelConfig {
     pub attention: AttentionPath,
     pub attention_scale: AttentionScale,
     pub init: WeightInit,
+    /// Compute dtype of attention and experts; parameters stay f32.
+    pub precision: Precision,
 }
 
 impl Default for ModelConfig {
@@ -71,6 +73,7 @@ impl Default for ModelConfig {
             attention: AttentionPath::Fused,
             attention_scale: AttentionScale::HeadSize,
             init: WeightInit::Kaiming,
+            precision: Precision::Fp32,
         }
     }
 }

@@ -15,6 +15,14 @@ fn store() -> nn::VarStore {
     vs
 }
 
+/// `store()` plus a parameter that the loss never uses, so it never gets a
+/// gradient (the per-parameter path of the optimizer).
+fn store_with_unused() -> nn::VarStore {
+    let vs = store();
+    let _ = (vs.root() / "unused").randn("w", &[2, 2], 0.0, 1.0);
+    vs
+}
+
 fn loss(vs: &nn::VarStore, x: &Tensor) -> Tensor {
     let v = vs.variables();
     let h = x.linear::<Tensor>(&v["a.w"], None).tanh();
@@ -25,6 +33,28 @@ fn loss(vs: &nn::VarStore, x: &Tensor) -> Tensor {
 
 #[test]
 fn matches_libtorch_adamw_step_for_step() {
+    let _ = matches_libtorch(store, false);
+}
+
+#[test]
+fn the_flat_update_matches_libtorch_step_for_step() {
+    let _ = matches_libtorch(store, true);
+}
+
+#[test]
+fn skips_a_parameter_without_gradient_like_libtorch() {
+    let (vs, initial) = matches_libtorch(store_with_unused, true);
+    assert!(
+        vs.variables()["unused.w"].equal(&initial),
+        "a parameter without gradient moved"
+    );
+}
+
+/// Runs ours (flat or per-parameter update) and libtorch's AdamW side by
+/// side for 8 steps; returns ours and the initial value of `unused.w` (if
+/// any). Snapshots rather than re-seeding: tests run in parallel threads
+/// that share libtorch's generator.
+fn matches_libtorch(store: fn() -> nn::VarStore, flat: bool) -> (nn::VarStore, Tensor) {
     tch::manual_seed(3);
     let ours_vs = store();
     let mut theirs_vs = store();
@@ -35,7 +65,12 @@ fn matches_libtorch_adamw_step_for_step() {
         ..Default::default()
     };
     let initial = ours_vs.variables()["b.w"].copy();
-    let mut ours = AdamW::new(&ours_vs, config).unwrap();
+    let unused = ours_vs.variables().get("unused.w").map_or_else(
+        || Tensor::zeros([0], (Kind::Float, Device::Cpu)),
+        Tensor::copy,
+    );
+    let mut ours = AdamW::new(&ours_vs, config).unwrap().with_flat_update(flat);
+    assert_eq!(ours.flat_update(), flat);
     let mut theirs = nn::AdamW {
         wd: config.weight_decay,
         ..Default::default()
@@ -60,6 +95,7 @@ fn matches_libtorch_adamw_step_for_step() {
     let moved = (&ours_vs.variables()["b.w"] - &initial).abs().max();
     assert!(moved.double_value(&[]) > 1e-3);
     assert_eq!(ours.steps(), 8);
+    (ours_vs, unused)
 }
 
 #[test]

@@ -1,10 +1,11 @@
 mod common;
 
+use moe_core::Precision;
 use moe_lm::{
-    estimate_loss, CharTokenizer, Dataset, ModelConfig, MoeLanguageModel, TrainConfig, TrainEvent,
-    Trainer,
+    estimate_loss, CharTokenizer, Dataset, ModelConfig, MoeLanguageModel, Split, TrainConfig,
+    TrainEvent, Trainer,
 };
-use tch::{nn, Device};
+use tch::{nn, Device, Kind};
 
 /// A short run of the real model on the real corpus must learn: from ~4.2
 /// (uniform over 65 characters) to below 2.6 in 300 steps, as makeMoE does
@@ -61,4 +62,68 @@ fn three_hundred_steps_on_shakespeare_reach_val_loss_below_2_6() {
     let after = estimate_loss(&model, &data, &train).unwrap();
     assert!(after.val < 2.6, "val loss after 300 steps: {}", after.val);
     assert!(after.train < before.train - 1.0);
+}
+
+/// Mixed precision: the same weights give the same logits in bf16 as in f32
+/// up to bf16 rounding; a bf16 model keeps f32 parameters and gradients and
+/// learns on the corpus.
+#[test]
+fn bf16_compute_matches_f32_and_trains() {
+    let text = common::corpus();
+    let tok = CharTokenizer::from_text(&text).unwrap();
+    let f32_config = common::tiny_config(tok.vocab_size());
+    let bf16_config = ModelConfig {
+        precision: Precision::Bf16,
+        ..f32_config.clone()
+    };
+    let data = Dataset::new(
+        &tok.encode(&text).unwrap(),
+        tok.vocab_size(),
+        0.9,
+        f32_config.block_size,
+        Device::Cpu,
+    )
+    .unwrap();
+    let model = |config: &ModelConfig| {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let m = MoeLanguageModel::new(&vs.root(), config).unwrap();
+        (vs, m)
+    };
+    let (vs32, m32) = model(&f32_config);
+    let (mut vs16, m16) = model(&bf16_config);
+    // Copied, not re-seeded: tests in parallel threads share the generator.
+    vs16.copy(&vs32).unwrap();
+    let batch = data.batch(Split::Val, 8);
+    let logits =
+        |m: &MoeLanguageModel| tch::no_grad(|| m.forward_t(&batch.x, false).unwrap().logits);
+    let (a, b) = (logits(&m32), logits(&m16));
+    assert_eq!(b.kind(), Kind::Float, "the LM head computes in f32");
+    // bf16 keeps 8 bits of mantissa (relative rounding 2^-9 per operation);
+    // through two blocks, and the odd token whose top-2 experts swap on
+    // a near tie, a few percent of the logits' norm.
+    let rel = (&a - &b).norm().double_value(&[]) / a.norm().double_value(&[]);
+    assert!(
+        rel > 0.0 && rel < 5e-2,
+        "bf16 vs f32 logits: relative difference {rel}"
+    );
+
+    let train = TrainConfig {
+        batch_size: 8,
+        eval_iters: 10,
+        ..TrainConfig::default()
+    };
+    let before = estimate_loss(&m16, &data, &train).unwrap().val;
+    let mut trainer = Trainer::new(&vs16, &m16, &data, train.clone()).unwrap();
+    for _ in 0..100 {
+        let _ = trainer.step().unwrap();
+    }
+    for (name, p) in vs16.variables() {
+        assert_eq!(p.kind(), Kind::Float, "{name} stays f32");
+        assert_eq!(p.grad().kind(), Kind::Float, "{name}'s gradient is f32");
+    }
+    let after = estimate_loss(&m16, &data, &train).unwrap().val;
+    assert!(
+        after < before - 0.5,
+        "bf16 training: val {before} -> {after}"
+    );
 }

@@ -1,0 +1,68 @@
+use crate::{MoeError, Result};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+use tch::{nn, Kind, Tensor};
+
+/// The dtype the layers compute in (mixed-precision training, Micikevicius
+/// et al. 2018, arXiv 1710.03740, with bf16 instead of fp16 so that no loss
+/// scaling is needed).
+///
+/// Parameters are always stored in f32: they are the optimizer's master
+/// copy. With [`Precision::Bf16`] the matrix products (attention
+/// projections and scores, experts, shared experts) run in bf16 with the
+/// weights cast at use, as PyTorch's autocast does for matmuls; layer norms,
+/// the residual stream, router logits and softmax, the LM head and the loss
+/// stay f32. Gradients reach the f32 parameters through the casts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Bf16,
+}
+
+impl Precision {
+    /// The compute dtype.
+    pub fn kind(self) -> Kind {
+        match self {
+            Precision::Fp32 => Kind::Float,
+            Precision::Bf16 => Kind::BFloat16,
+        }
+    }
+}
+
+impl FromStr for Precision {
+    type Err = MoeError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "fp32" | "f32" | "float32" => Ok(Precision::Fp32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            other => Err(MoeError::config(format!(
+                "unknown precision `{other}`: expected fp32 or bf16"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Precision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        })
+    }
+}
+
+/// `t` in the dtype of `like` (the same tensor, no copy, when they match):
+/// how a layer brings its f32 parameters to its input's compute dtype.
+pub fn as_kind_of(t: &Tensor, like: &Tensor) -> Tensor {
+    t.to_kind(like.kind())
+}
+
+/// `y = x W^T + b` computed in `x`'s dtype ([`Precision`]).
+pub fn linear_in_input_dtype(x: &Tensor, layer: &nn::Linear) -> Tensor {
+    let bias = layer.bs.as_ref().map(|b| as_kind_of(b, x));
+    x.linear(&as_kind_of(&layer.ws, x), bias.as_ref())
+}
