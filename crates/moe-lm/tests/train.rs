@@ -71,7 +71,12 @@ fn three_hundred_steps_on_shakespeare_reach_val_loss_below_2_6() {
 fn bf16_compute_matches_f32_and_trains() {
     let text = common::corpus();
     let tok = CharTokenizer::from_text(&text).unwrap();
-    let f32_config = common::tiny_config(tok.vocab_size());
+    // Every expert active: the comparison measures rounding, not the odd
+    // token whose top-k choice flips on a near tie (a discrete jump).
+    let f32_config = ModelConfig {
+        top_k: 4,
+        ..common::tiny_config(tok.vocab_size())
+    };
     let bf16_config = ModelConfig {
         precision: Precision::Bf16,
         ..f32_config.clone()
@@ -98,12 +103,12 @@ fn bf16_compute_matches_f32_and_trains() {
         |m: &MoeLanguageModel| tch::no_grad(|| m.forward_t(&batch.x, false).unwrap().logits);
     let (a, b) = (logits(&m32), logits(&m16));
     assert_eq!(b.kind(), Kind::Float, "the LM head computes in f32");
-    // bf16 keeps 8 bits of mantissa (relative rounding 2^-9 per operation);
-    // through two blocks, and the odd token whose top-2 experts swap on
-    // a near tie, a few percent of the logits' norm.
+    // bf16 keeps 8 bits of mantissa (relative rounding 2^-9 per operation),
+    // compounded through two blocks: about 1% of the logits' norm.
     let rel = (&a - &b).norm().double_value(&[]) / a.norm().double_value(&[]);
+    eprintln!("bf16 vs f32 logits: relative difference {rel:.4}");
     assert!(
-        rel > 0.0 && rel < 5e-2,
+        rel > 0.0 && rel < 3e-2,
         "bf16 vs f32 logits: relative difference {rel}"
     );
 
