@@ -1,7 +1,8 @@
 //! Helpers shared by this crate's test files.
 #![allow(dead_code)]
 
-use moe_lm::ModelConfig;
+use moe_lm::{CharTokenizer, Dataset, ModelConfig};
+use tch::Device;
 
 pub fn corpus() -> String {
     let path = concat!(
@@ -23,4 +24,12 @@ pub fn tiny_config(vocab_size: i64) -> ModelConfig {
         top_k: 2,
         ..ModelConfig::default()
     }
+}
+
+/// makeMoE's 90/10 split of the character-encoded corpus, on the CPU.
+pub fn corpus_dataset(tok: &CharTokenizer, text: &str, block_size: i64) -> Dataset {
+    let tokens = tok
+        .encode(text)
+        .expect("the corpus encodes with its own tokenizer");
+    Dataset::new(&tokens, tok.vocab_size(), 0.9, block_size, Device::Cpu).unwrap()
 }

@@ -49,14 +49,7 @@ fn setup(seed: i64) -> Setup {
     };
     let vs = nn::VarStore::new(Device::Cpu);
     let model = MoeLanguageModel::new(&vs.root(), &config).unwrap();
-    let data = Dataset::new(
-        &tok.encode(&corpus).unwrap(),
-        tok.vocab_size(),
-        0.9,
-        config.block_size,
-        Device::Cpu,
-    )
-    .unwrap();
+    let data = common::corpus_dataset(&tok, &corpus, config.block_size);
     Setup {
         vs,
         model,

@@ -2,8 +2,8 @@ mod common;
 
 use moe_core::Precision;
 use moe_lm::{
-    estimate_loss, CharTokenizer, Dataset, ModelConfig, MoeLanguageModel, Split, TrainConfig,
-    TrainEvent, Trainer,
+    estimate_loss, CharTokenizer, ModelConfig, MoeLanguageModel, Split, TrainConfig, TrainEvent,
+    Trainer,
 };
 use tch::{nn, Device, Kind};
 
@@ -28,14 +28,7 @@ fn three_hundred_steps_on_shakespeare_reach_val_loss_below_2_6() {
     };
     let vs = nn::VarStore::new(Device::Cpu);
     let model = MoeLanguageModel::new(&vs.root(), &config).unwrap();
-    let data = Dataset::new(
-        &tok.encode(&text).unwrap(),
-        tok.vocab_size(),
-        0.9,
-        config.block_size,
-        Device::Cpu,
-    )
-    .unwrap();
+    let data = common::corpus_dataset(&tok, &text, config.block_size);
     let before = estimate_loss(&model, &data, &train).unwrap();
     assert!(
         before.val > 3.5,
@@ -81,14 +74,7 @@ fn bf16_compute_matches_f32_and_trains() {
         precision: Precision::Bf16,
         ..f32_config.clone()
     };
-    let data = Dataset::new(
-        &tok.encode(&text).unwrap(),
-        tok.vocab_size(),
-        0.9,
-        f32_config.block_size,
-        Device::Cpu,
-    )
-    .unwrap();
+    let data = common::corpus_dataset(&tok, &text, f32_config.block_size);
     let model = |config: &ModelConfig| {
         let vs = nn::VarStore::new(Device::Cpu);
         let m = MoeLanguageModel::new(&vs.root(), config).unwrap();
