@@ -80,10 +80,11 @@ fn expert_segments_looped(experts: &ExpertBank, xs: &Tensor, slots: &SortedSlots
 
 /// Average segment length (`N k / E` rows) from which, on CPU, a loop of
 /// BLAS GEMMs beats libtorch's CPU `_grouped_mm`. Measured on the 2-core
-/// development machine (`dispatch_bench --device cpu`, forward + backward):
-/// the loop is faster at 1024 rows per expert (mid) and 512 (64 fine-grained
-/// experts), slower at 128 (makeMoE's size), where `_grouped_mm`'s single
-/// call saves the loop's per-expert overhead.
+/// development machine (`scripts/cpu_grouped_mm.py`, forward + backward,
+/// `docs/results/cpu/cpu_grouped_mm.jsonl`): the loop took 271 vs 349 ms at
+/// 1024 rows per expert (mid) and 489 vs 631 ms at 512 (64 fine-grained
+/// experts); at 128 (makeMoE's size) the two were within noise (15.5 vs
+/// 16.0 ms), and `_grouped_mm` is kept there.
 pub const CPU_SEGMENT_LOOP_MIN_ROWS: i64 = 256;
 
 /// On CPU a host read costs nothing, and from [`CPU_SEGMENT_LOOP_MIN_ROWS`]
