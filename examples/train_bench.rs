@@ -48,6 +48,10 @@ struct Args {
     eval_iters: i64,
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/tinyshakespeare.txt"))]
     data: PathBuf,
+    /// AdamW's update: `fused` (libtorch's fused kernel) or `tensor-ops`
+    /// (nine tensor operations per parameter)
+    #[arg(long, default_value = "fused", value_parser = ["fused", "tensor-ops"])]
+    optimizer: String,
     /// Also time the phases of each step (batch, forward, backward,
     /// optimizer) in a second pass of `--steps` steps, printed as "phases_ms"
     #[arg(long)]
@@ -109,6 +113,7 @@ fn run(args: Args) -> Result<()> {
         let model = MoeLanguageModel::new(&vs.root(), &config)?;
         let data = Dataset::new(&tokens, config.vocab_size, 0.9, config.block_size, device)?;
         let mut trainer = Trainer::new(&vs, &model, &data, train.clone())?;
+        trainer.optimizer_mut().set_fused(args.optimizer == "fused");
         let sync = || sync_device(device);
         for _ in 0..5 {
             let _ = trainer.step()?;
@@ -146,6 +151,7 @@ fn run(args: Args) -> Result<()> {
             json!({
                 "device": format!("{device:?}"), "preset": args.preset, "precision": precision.to_string(),
                 "dispatch": dispatch.build().name(), "threads": tch::get_num_threads(),
+                "optimizer": if trainer.optimizer().fused() { "fused" } else { "tensor-ops" },
                 "steps": args.steps, "ms_per_step": ms, "tokens_per_s": tokens_per_step * 1e3 / ms,
                 "last_loss": loss, "eval_iters": args.eval_iters, "eval_s": eval_s,
                 "phases_ms": phases_ms,

@@ -10,14 +10,16 @@
 //!
 //! | module | crate | job |
 //! |---|---|---|
-//! | [`core`] | `moe-core` | `MoeError`, init schemes, devices, `Routing` |
+//! | [`core`] | `moe-core` | `MoeError`, init schemes, devices, dropout, `Routing` |
+//! | [`aten`] | `moe-aten` | libtorch operators tch does not bind (fused AdamW) |
 //! | [`attention`] | `moe-attention` | causal multi-head self-attention |
-//! | [`routers`] | `moe-routers` | top-k and noisy top-k gates |
+//! | [`routers`] | `moe-routers` | top-k, noisy top-k, attention, DeepSeekMoE and aux-free gates |
 //! | [`experts`] | `moe-experts` | stacked expert FFN banks |
 //! | [`dispatch`] | `moe-dispatch` | sending tokens to experts and combining |
 //! | [`block`] | `moe-block` | the `SparseMoe` layer |
 //! | [`lm`] | `moe-lm` | the language model, training, generation, checkpoints |
 
+pub use moe_aten as aten;
 pub use moe_attention as attention;
 pub use moe_block as block;
 pub use moe_core as core;

@@ -1,9 +1,9 @@
 use crate::{AttentionConfig, AttentionPath, KvCache};
 use moe_core::{
-    as_kind_of, check_float, check_rank, check_same_device, linear, linear_in_input_dtype,
+    as_kind_of, check_float, check_rank, check_same_device, dropout, linear, linear_in_input_dtype,
     MoeError, Result,
 };
-use tch::{nn, Kind, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 /// Causal multi-head self-attention:
 ///
@@ -52,8 +52,8 @@ impl CausalSelfAttention {
             AttentionPath::Fused => self.heads_fused(x, train),
             AttentionPath::PerHead => self.heads_per_head(x, train),
         };
-        let dropout = if train { self.config.dropout } else { 0.0 };
-        Ok(linear_in_input_dtype(&heads, &self.proj).dropout(dropout, train))
+        let out = linear_in_input_dtype(&heads, &self.proj);
+        Ok(dropout(&out, self.config.dropout, train))
     }
 
     /// Incremental decoding (evaluation mode): `x` holds the `T_new` positions
@@ -124,20 +124,17 @@ impl CausalSelfAttention {
         let (h, hs) = (self.config.n_head, self.config.head_size());
         let qkv = x.linear::<Tensor>(&as_kind_of(&self.qkv, x), None);
         let split = |i: i64| qkv.narrow(2, i * c, c).view([b, t, h, hs]).transpose(1, 2);
-        let dropout = if train { self.config.dropout } else { 0.0 };
-        Tensor::scaled_dot_product_attention::<Tensor>(
-            &split(0),
-            &split(1),
-            &split(2),
-            None,
-            dropout,
-            true,
-            self.config.scale_factor(),
-            false,
-        )
-        .transpose(1, 2)
-        .contiguous()
-        .view([b, t, c])
+        let (q, k, v) = (split(0), split(1), split(2));
+        let scale = self.config.scale_factor();
+        let p = if train { self.config.dropout } else { 0.0 };
+        let heads = if p > 0.0 && x.device() == Device::Cpu {
+            // libtorch's CPU kernels take the math path whenever there is
+            // dropout; spelling that path out lets it use the fast CPU mask.
+            causal_attention_math(&q, &k, &v, scale, p)
+        } else {
+            Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, p, true, scale, false)
+        };
+        heads.transpose(1, 2).contiguous().view([b, t, c])
     }
 
     /// makeMoE's `Head.forward`, once per head, outputs concatenated.
@@ -155,11 +152,24 @@ impl CausalSelfAttention {
                 let wei = (q.matmul(&k.transpose(-2, -1)) * self.config.scale_factor())
                     .masked_fill(&causal.logical_not(), f64::NEG_INFINITY)
                     .softmax(-1, Kind::Float)
-                    .to_kind(x.kind())
-                    .dropout(self.config.dropout, train);
-                wei.matmul(&v)
+                    .to_kind(x.kind());
+                dropout(&wei, self.config.dropout, train).matmul(&v)
             })
             .collect();
         Tensor::cat(&heads, -1)
     }
+}
+
+/// `Dropout_p(softmax(s Q K^T + M)) V` over `[B, H, T, hs]` inputs, with the
+/// causal mask `M[i, j] = -inf` for `j > i`: what libtorch's
+/// `scaled_dot_product_attention` computes on its math path, with the
+/// dropout of [`moe_core::dropout`]. The softmax runs in f32.
+fn causal_attention_math(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, p: f64) -> Tensor {
+    let t = q.size()[2];
+    let future = Tensor::ones([t, t], (Kind::Bool, q.device())).triu(1);
+    let weights = (q.matmul(&k.transpose(-2, -1)) * scale)
+        .masked_fill(&future, f64::NEG_INFINITY)
+        .softmax(-1, Kind::Float)
+        .to_kind(q.kind());
+    dropout(&weights, p, true).matmul(v)
 }

@@ -126,3 +126,53 @@ fn bad_configs_and_inputs_are_errors() {
         errs[3]
     );
 }
+
+#[test]
+fn training_path_with_dropout_computes_scaled_dot_product_attention() {
+    // A dropout probability that rounds to "keep everything" sends training
+    // through the CPU math path (scores, causal mask, softmax, mask
+    // dropout) while dropping nothing: it must give libtorch's
+    // `scaled_dot_product_attention` output of evaluation mode.
+    tch::manual_seed(2);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let tiny = AttentionConfig {
+        dropout: 1e-9,
+        ..config(AttentionScale::HeadSize)
+    };
+    let attn = CausalSelfAttention::new(&vs.root(), tiny).unwrap();
+    let x = Tensor::randn([3, 16, 32], (Kind::Float, Device::Cpu));
+    let train = attn.forward_t(&x, true).unwrap();
+    let eval = attn.forward_t(&x, false).unwrap();
+    assert!(max_abs_diff(&train, &eval) < 1e-5);
+}
+
+#[test]
+fn training_drops_attention_weights_at_the_configured_rate() {
+    // With p = 0.5 on the attention weights and the output, an output element
+    // averaged over many draws converges to its evaluation value (inverted
+    // dropout is unbiased), and single draws differ from it.
+    tch::manual_seed(3);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let half = AttentionConfig {
+        dropout: 0.5,
+        ..config(AttentionScale::HeadSize)
+    };
+    let attn = CausalSelfAttention::new(&vs.root(), half).unwrap();
+    let x = Tensor::randn([1, 16, 32], (Kind::Float, Device::Cpu));
+    let eval = attn.forward_t(&x, false).unwrap();
+    let draws = 4000;
+    let mean = tch::no_grad(|| {
+        let batch = x.expand([draws, 16, 32], false).contiguous();
+        attn.forward_t(&batch, true)
+            .unwrap()
+            .mean_dim(0, true, Kind::Float)
+    });
+    let one = tch::no_grad(|| attn.forward_t(&x, true).unwrap());
+    assert!(max_abs_diff(&one, &eval) > 1e-2, "nothing was dropped");
+    let scale = eval.abs().max().double_value(&[]);
+    let err = max_abs_diff(&mean, &eval);
+    assert!(
+        err < 0.1 * scale,
+        "mean over draws off by {err} (scale {scale})"
+    );
+}

@@ -1,5 +1,5 @@
 //! Shared foundations of `moe-layers`: the [`MoeError`] type every crate
-//! returns, weight-initialisation schemes, device selection, the [`Routing`]
+//! returns, weight-initialisation schemes, device selection, dropout, the [`Routing`]
 //! that routers produce and dispatchers consume, and small tensor checks.
 //!
 //! Every other crate of the workspace depends on this one and on nothing
@@ -7,6 +7,7 @@
 
 mod check;
 mod device;
+mod dropout;
 mod error;
 mod init;
 mod precision;
@@ -14,6 +15,7 @@ mod routing;
 
 pub use check::{check_float, check_rank, check_same_device};
 pub use device::DeviceChoice;
+pub use dropout::{dropout, keep_mask, keep_scale};
 pub use error::{MoeError, Result};
 pub use init::{linear, WeightInit};
 pub use precision::{as_kind_of, linear_in_input_dtype, Precision};

@@ -1,5 +1,5 @@
 use crate::{Activation, BankWeights, ExpertConfig};
-use moe_core::{as_kind_of, MoeError, Result, WeightInit};
+use moe_core::{as_kind_of, dropout, MoeError, Result, WeightInit};
 use tch::{nn, Tensor};
 
 /// `E` two-layer experts, stacked (makeMoE's `Expert`, or a SwiGLU FFN):
@@ -107,7 +107,7 @@ impl ExpertBank {
 
     /// Output dropout, applied to each (token, expert) output before weighting.
     pub fn output_dropout(&self, out: Tensor, train: bool) -> Tensor {
-        out.dropout(self.config.dropout, train)
+        dropout(&out, self.config.dropout, train)
     }
 
     /// Expert `e` on its tokens `x: [n, d]` -> `[n, d]`, dropout included.

@@ -2,6 +2,7 @@
 //! (tch's `nn::Optimizer` keeps its state inside libtorch, out of reach).
 
 use crate::tensor_file::{read_tensors, write_tensors};
+use moe_aten::{AdamWHyper, AdamWTensors};
 use moe_core::{MoeError, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -16,6 +17,18 @@ pub struct AdamWConfig {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+}
+
+impl AdamWConfig {
+    fn hyper(&self) -> AdamWHyper {
+        AdamWHyper {
+            lr: self.lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
 }
 
 impl Default for AdamWConfig {
@@ -39,6 +52,10 @@ struct Slot {
     exp_avg_sq: Tensor,
     /// Steps this parameter took (PyTorch keeps one count per parameter).
     steps: i64,
+    /// `steps` as the f32 scalar on the parameter's device that the fused
+    /// kernel reads and increments, so that a GPU step never waits on the
+    /// host for it.
+    step_count: Tensor,
 }
 
 /// AdamW (Loshchilov & Hutter 2019, arXiv 1711.05101) exactly as
@@ -54,33 +71,22 @@ struct Slot {
 ///
 /// A parameter without a gradient is skipped, as in PyTorch.
 ///
-/// When every parameter lives on one device with one dtype, [`AdamW::new`]
-/// moves them (values unchanged) into one flat buffer and makes each a view
-/// of it, as PyTorch's FSDP does with its flat parameters; the moments are
-/// views of two more flat buffers. On a GPU a step then concatenates the
-/// gradients once and updates the whole model with a handful of kernels
-/// instead of a handful per parameter: 9 launches instead of about 900 for
-/// the makeMoE model, whose GPU step is bound by launches. On a CPU the
-/// update stays per parameter: each parameter's passes then run over a few
-/// MiB that stay in cache, where passes over the whole 36 MiB buffers stream
-/// from memory (measured on the makeMoE model with `train_bench --device cpu
-/// --phases` while the flat update was the default on every device: 91 ms
-/// per update flat, 26 ms per parameter).
+/// When every parameter lives on one device with one dtype (always, for
+/// the language model), a step is one call of libtorch's fused AdamW
+/// kernel ([`moe_aten::fused_adamw_`], PyTorch's `AdamW(fused=True)`): on
+/// a GPU a few multi-tensor launches instead of about 900 small kernels
+/// for the makeMoE model, whose GPU step is bound by launches; on a CPU
+/// one pass over each tensor instead of nine. Otherwise, or after
+/// [`AdamW::set_fused`]`(false)`, each parameter is updated with nine
+/// tensor operations.
 #[derive(Debug)]
 pub struct AdamW {
     config: AdamWConfig,
     slots: Vec<Slot>,
-    flat: Option<FlatState>,
-    /// Update through `flat` (when it exists); by default on GPUs only.
-    flat_update: bool,
-}
-
-/// The buffers that the slots' parameters and moments are views of.
-#[derive(Debug)]
-struct FlatState {
-    param: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
+    /// Whether the parameters share one device and dtype (the fused
+    /// kernel's requirement).
+    fusable: bool,
+    fused: bool,
 }
 
 impl AdamW {
@@ -105,17 +111,15 @@ impl AdamW {
             .filter(|(_, t)| t.requires_grad())
             .collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let uniform = vars
+        let fusable = vars
             .windows(2)
             .all(|w| (w[0].1.device(), w[0].1.kind()) == (w[1].1.device(), w[1].1.kind()));
-        if uniform && !vars.is_empty() {
-            return Ok(Self::flat(config, vars));
-        }
         let slots = vars
             .into_iter()
             .map(|(name, param)| Slot {
                 exp_avg: param.zeros_like(),
                 exp_avg_sq: param.zeros_like(),
+                step_count: Tensor::zeros([], (Kind::Float, param.device())),
                 name,
                 param,
                 steps: 0,
@@ -124,61 +128,21 @@ impl AdamW {
         Ok(AdamW {
             config,
             slots,
-            flat: None,
-            flat_update: false,
+            fusable,
+            fused: fusable,
         })
     }
 
-    /// Re-homes `vars` into one flat buffer (see the type's doc).
-    fn flat(config: AdamWConfig, vars: Vec<(String, Tensor)>) -> Self {
-        let flattened: Vec<Tensor> = vars.iter().map(|(_, p)| p.detach().reshape([-1])).collect();
-        let param = Tensor::cat(&flattened, 0);
-        let exp_avg = param.zeros_like();
-        let exp_avg_sq = param.zeros_like();
-        let mut offset = 0;
-        let slots = vars
-            .into_iter()
-            .map(|(name, mut p)| {
-                let (n, shape) = (p.numel() as i64, p.size());
-                let view = |buffer: &Tensor| buffer.narrow(0, offset, n).view(shape.as_slice());
-                // Every holder of this tensor (the VarStore, the layers) shares
-                // its TensorImpl, so all of them now read the flat buffer.
-                tch::no_grad(|| p.set_data(&view(&param)));
-                let slot = Slot {
-                    exp_avg: view(&exp_avg),
-                    exp_avg_sq: view(&exp_avg_sq),
-                    name,
-                    param: p,
-                    steps: 0,
-                };
-                offset += n;
-                slot
-            })
-            .collect();
-        AdamW {
-            config,
-            flat_update: param.device().is_cuda(),
-            slots,
-            flat: Some(FlatState {
-                param,
-                exp_avg,
-                exp_avg_sq,
-            }),
-        }
+    /// Chooses between the fused kernel and the update written as tensor
+    /// operations; both compute the same update. Without effect when the
+    /// parameters do not share one device and dtype (then never fused).
+    pub fn set_fused(&mut self, on: bool) {
+        self.fused = on && self.fusable;
     }
 
-    /// Chooses between the flat update (one set of kernels over all
-    /// parameters) and the per-parameter one, whatever the device; both
-    /// compute the same update. Without effect when the parameters could
-    /// not be made views of one buffer (mixed devices or dtypes).
-    pub fn with_flat_update(mut self, on: bool) -> Self {
-        self.flat_update = on && self.flat.is_some();
-        self
-    }
-
-    /// Whether steps take the flat update (see [`AdamW::with_flat_update`]).
-    pub fn flat_update(&self) -> bool {
-        self.flat_update
+    /// Whether steps run the fused kernel (see [`AdamW::set_fused`]).
+    pub fn fused(&self) -> bool {
+        self.fused
     }
 
     pub fn config(&self) -> &AdamWConfig {
@@ -197,41 +161,49 @@ impl AdamW {
     }
 
     /// One update of every parameter that has a gradient.
-    pub fn step(&mut self) {
+    pub fn step(&mut self) -> Result<()> {
         tch::no_grad(|| {
             let grads: Vec<Tensor> = self.slots.iter().map(|s| s.param.grad()).collect();
-            let t = self.slots.first().map_or(0, |s| s.steps) + 1;
-            let in_step = self.slots.iter().all(|s| s.steps + 1 == t);
-            if let Some(flat) = self.flat.as_ref().filter(|_| in_step && self.flat_update) {
-                if grads.iter().all(Tensor::defined) {
-                    let flattened: Vec<Tensor> = grads.iter().map(|g| g.reshape([-1])).collect();
-                    let grad = Tensor::cat(&flattened, 0);
-                    update(
-                        &self.config,
-                        t,
-                        &flat.param,
-                        &flat.exp_avg,
-                        &flat.exp_avg_sq,
-                        &grad,
-                    );
-                    self.slots.iter_mut().for_each(|s| s.steps = t);
-                    return;
-                }
+            let (slots, grads): (Vec<&mut Slot>, Vec<Tensor>) = self
+                .slots
+                .iter_mut()
+                .zip(grads)
+                .filter(|(_, g)| g.defined())
+                .unzip();
+            if self.fused {
+                let list = |f: fn(&Slot) -> &Tensor| {
+                    slots
+                        .iter()
+                        .map(|s| f(s).shallow_clone())
+                        .collect::<Vec<_>>()
+                };
+                moe_aten::fused_adamw_(
+                    &AdamWTensors {
+                        params: &list(|s| &s.param),
+                        grads: &grads,
+                        exp_avgs: &list(|s| &s.exp_avg),
+                        exp_avg_sqs: &list(|s| &s.exp_avg_sq),
+                        steps: &list(|s| &s.step_count),
+                    },
+                    self.config.hyper(),
+                )?;
+                slots.into_iter().for_each(|s| s.steps += 1);
+                return Ok(());
             }
-            for (slot, grad) in self.slots.iter_mut().zip(&grads) {
-                if grad.defined() {
-                    slot.steps += 1;
-                    update(
-                        &self.config,
-                        slot.steps,
-                        &slot.param,
-                        &slot.exp_avg,
-                        &slot.exp_avg_sq,
-                        grad,
-                    );
-                }
+            for (slot, grad) in slots.into_iter().zip(&grads) {
+                slot.steps += 1;
+                let _ = slot.step_count.fill_(slot.steps as f64);
+                update(
+                    &self.config,
+                    slot.steps,
+                    &slot.param,
+                    &slot.exp_avg,
+                    &slot.exp_avg_sq,
+                    grad,
+                );
             }
-        });
+            Ok(())
+        })
     }
 
     /// Steps taken (by the first parameter; all take the same number when
@@ -303,6 +275,7 @@ impl AdamW {
                 slot.exp_avg.copy_(&m.to_kind(slot.exp_avg.kind()));
                 slot.exp_avg_sq.copy_(&v.to_kind(slot.exp_avg_sq.kind()));
                 slot.steps = steps;
+                let _ = slot.step_count.fill_(steps as f64);
             }
         });
     }

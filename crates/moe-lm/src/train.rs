@@ -205,6 +205,10 @@ impl<'a> Trainer<'a> {
         self.step
     }
 
+    pub fn optimizer_mut(&mut self) -> &mut AdamW {
+        &mut self.optimizer
+    }
+
     pub fn optimizer(&self) -> &AdamW {
         &self.optimizer
     }
@@ -233,7 +237,7 @@ impl<'a> Trainer<'a> {
         self.optimizer.zero_grad();
         objective.total.backward();
         let backward_s = clock.as_mut().map(PhaseClock::lap);
-        self.optimizer.step();
+        self.optimizer.step()?;
         self.model.after_optimizer_step(&objective.routings)?;
         let optimizer_s = clock.as_mut().map(PhaseClock::lap);
         if let Some(phases) = self.phases.as_mut() {

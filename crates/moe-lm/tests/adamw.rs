@@ -32,29 +32,31 @@ fn loss(vs: &nn::VarStore, x: &Tensor) -> Tensor {
 }
 
 #[test]
-fn matches_libtorch_adamw_step_for_step() {
+fn tensor_operations_match_libtorch_adamw_step_for_step() {
     let _ = matches_libtorch(store, false);
 }
 
 #[test]
-fn the_flat_update_matches_libtorch_step_for_step() {
+fn the_fused_kernel_matches_libtorch_step_for_step() {
     let _ = matches_libtorch(store, true);
 }
 
 #[test]
 fn skips_a_parameter_without_gradient_like_libtorch() {
-    let (vs, initial) = matches_libtorch(store_with_unused, true);
-    assert!(
-        vs.variables()["unused.w"].equal(&initial),
-        "a parameter without gradient moved"
-    );
+    for fused in [true, false] {
+        let (vs, initial) = matches_libtorch(store_with_unused, fused);
+        assert!(
+            vs.variables()["unused.w"].equal(&initial),
+            "a parameter without gradient moved (fused: {fused})"
+        );
+    }
 }
 
-/// Runs ours (flat or per-parameter update) and libtorch's AdamW side by
+/// Runs ours (fused kernel or tensor operations) and libtorch's AdamW side by
 /// side for 8 steps; returns ours and the initial value of `unused.w` (if
 /// any). Snapshots rather than re-seeding: tests run in parallel threads
 /// that share libtorch's generator.
-fn matches_libtorch(store: fn() -> nn::VarStore, flat: bool) -> (nn::VarStore, Tensor) {
+fn matches_libtorch(store: fn() -> nn::VarStore, fused: bool) -> (nn::VarStore, Tensor) {
     tch::manual_seed(3);
     let ours_vs = store();
     let mut theirs_vs = store();
@@ -69,8 +71,9 @@ fn matches_libtorch(store: fn() -> nn::VarStore, flat: bool) -> (nn::VarStore, T
         || Tensor::zeros([0], (Kind::Float, Device::Cpu)),
         Tensor::copy,
     );
-    let mut ours = AdamW::new(&ours_vs, config).unwrap().with_flat_update(flat);
-    assert_eq!(ours.flat_update(), flat);
+    let mut ours = AdamW::new(&ours_vs, config).unwrap();
+    ours.set_fused(fused);
+    assert_eq!(ours.fused(), fused);
     let mut theirs = nn::AdamW {
         wd: config.weight_decay,
         ..Default::default()
@@ -81,7 +84,7 @@ fn matches_libtorch(store: fn() -> nn::VarStore, flat: bool) -> (nn::VarStore, T
         let x = Tensor::randn([5, 4], (Kind::Float, Device::Cpu));
         ours.zero_grad();
         loss(&ours_vs, &x).backward();
-        ours.step();
+        ours.step().unwrap();
         theirs.zero_grad();
         loss(&theirs_vs, &x).backward();
         theirs.step();
@@ -107,7 +110,7 @@ fn state_round_trips_through_a_file_and_rejects_other_shapes() {
     for _ in 0..3 {
         opt.zero_grad();
         loss(&vs, &x).backward();
-        opt.step();
+        opt.step().unwrap();
     }
     let path: PathBuf =
         std::env::temp_dir().join(format!("moe-adamw-{}.safetensors", std::process::id()));
@@ -122,7 +125,7 @@ fn state_round_trips_through_a_file_and_rejects_other_shapes() {
     for (o, v) in [(&mut opt, &vs), (&mut restored, &vs2)] {
         o.zero_grad();
         loss(v, &x).backward();
-        o.step();
+        o.step().unwrap();
     }
     assert!(vs.variables()["a.w"].equal(&vs2.variables()["a.w"]));
 
