@@ -12,7 +12,10 @@ fn main() {
     // is tch's own default for a plain libtorch.
     let abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
-    println!("cargo:rerun-if-changed=csrc/fused_adamw.cpp");
+    let sources = ["csrc/fused_adamw.cpp", "csrc/clear_grads.cpp"];
+    for source in sources {
+        println!("cargo:rerun-if-changed={source}");
+    }
     cc::Build::new()
         .cpp(true)
         .pic(true)
@@ -20,6 +23,6 @@ fn main() {
         .include(root.join("include"))
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
         .warnings(false)
-        .file("csrc/fused_adamw.cpp")
+        .files(sources)
         .compile("moe_aten");
 }

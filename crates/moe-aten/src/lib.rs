@@ -4,7 +4,8 @@
 //! tch's bindings are generated from ATen's operator list, minus the
 //! operators that return nothing and take lists of tensors: the `_foreach_`
 //! and `_fused_` families that PyTorch's optimizers are built on. This
-//! crate exposes the one the training loop needs, [`fused_adamw_`].
+//! crate exposes what the training loop needs: [`fused_adamw_`], and
+//! [`clear_grads`], which tch's API cannot express.
 
 use moe_core::{check_same_device, MoeError, Result};
 use std::ffi::{c_char, c_int, CStr};
@@ -27,6 +28,40 @@ extern "C" {
         error: *mut c_char,
         error_len: usize,
     ) -> c_int;
+
+    fn moe_aten_clear_grads(
+        tensors: *const *const C_tensor,
+        n: usize,
+        error: *mut c_char,
+        error_len: usize,
+    ) -> c_int;
+}
+
+/// Runs a shim function that reports failure through a message buffer.
+fn call_shim(f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
+    let mut error = [0 as c_char; 1024];
+    if f(error.as_mut_ptr(), error.len()) == 0 {
+        return Ok(());
+    }
+    // SAFETY: the shim NUL-terminated its message (snprintf).
+    let message = unsafe { CStr::from_ptr(error.as_ptr()) };
+    Err(TchError::Torch(message.to_string_lossy().into_owned()).into())
+}
+
+fn handles(list: &[Tensor]) -> Vec<*const C_tensor> {
+    list.iter().map(Tensor::as_ptr).collect()
+}
+
+/// Drops the gradient of each tensor, as PyTorch's
+/// `optimizer.zero_grad(set_to_none=True)` (its default) does: the next
+/// backward then stores each gradient instead of adding it into a zeroed
+/// buffer, which saves a fill and an add over every parameter per step.
+/// Afterwards `t.grad()` is undefined until a backward reaches `t`.
+pub fn clear_grads(tensors: &[Tensor]) -> Result<()> {
+    let list = handles(tensors);
+    // SAFETY: `list` holds live tch handles (`at::Tensor*`) borrowed for the
+    // call; the shim writes at most `len` bytes, NUL-terminated, to `error`.
+    call_shim(|error, len| unsafe { moe_aten_clear_grads(list.as_ptr(), list.len(), error, len) })
 }
 
 /// AdamW's hyper-parameters, as [`fused_adamw_`] takes them.
@@ -94,7 +129,6 @@ pub fn fused_adamw_(tensors: &AdamWTensors<'_>, hyper: AdamWHyper) -> Result<()>
             }
         }
     }
-    let handles = |list: &[Tensor]| list.iter().map(Tensor::as_ptr).collect::<Vec<_>>();
     let (p, g, m, v, s) = (
         handles(params),
         handles(grads),
@@ -102,11 +136,10 @@ pub fn fused_adamw_(tensors: &AdamWTensors<'_>, hyper: AdamWHyper) -> Result<()>
         handles(exp_avg_sqs),
         handles(steps),
     );
-    let mut error = [0 as c_char; 1024];
     // SAFETY: every pointer is a live tch tensor handle (`at::Tensor*`)
     // borrowed for the call, each list holds `n` of them, and the shim
-    // writes at most `error.len()` bytes, NUL-terminated, into `error`.
-    let status = unsafe {
+    // writes at most `len` bytes, NUL-terminated, into `error`.
+    call_shim(|error, len| unsafe {
         moe_aten_fused_adamw(
             p.as_ptr(),
             g.as_ptr(),
@@ -119,15 +152,8 @@ pub fn fused_adamw_(tensors: &AdamWTensors<'_>, hyper: AdamWHyper) -> Result<()>
             hyper.beta2,
             hyper.weight_decay,
             hyper.eps,
-            error.as_mut_ptr(),
-            error.len(),
+            error,
+            len,
         )
-    };
-    if status == 0 {
-        Ok(())
-    } else {
-        // SAFETY: the shim NUL-terminated the message (snprintf).
-        let message = unsafe { CStr::from_ptr(error.as_ptr()) };
-        Err(TchError::Torch(message.to_string_lossy().into_owned()).into())
-    }
+    })
 }

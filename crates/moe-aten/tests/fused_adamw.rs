@@ -123,3 +123,20 @@ fn mismatched_lists_and_dtypes_are_errors_not_crashes() {
     .unwrap_err();
     assert!(matches!(err, MoeError::Torch(_)), "{err}");
 }
+
+#[test]
+fn cleared_gradients_are_undefined_and_the_next_backward_stores_fresh_ones() {
+    let w = Tensor::from_slice(&[1.0f32, 2.0, 3.0]).set_requires_grad(true);
+    let x = Tensor::from_slice(&[0.5f32, -1.0, 4.0]);
+    (&w * &x).sum(Kind::Float).backward();
+    (&w * &x).sum(Kind::Float).backward();
+    // Two backwards accumulate: 2x.
+    assert!(w.grad().allclose(&(&x * 2.0), 1e-6, 1e-6, false));
+    moe_aten::clear_grads(&[w.shallow_clone()]).unwrap();
+    assert!(!w.grad().defined(), "the gradient was dropped");
+    (&w * &x).sum(Kind::Float).backward();
+    assert!(
+        w.grad().allclose(&x, 1e-6, 1e-6, false),
+        "fresh, not accumulated"
+    );
+}

@@ -153,11 +153,13 @@ impl AdamW {
         self.config.lr = lr;
     }
 
-    /// Zeroes every parameter's gradient.
-    pub fn zero_grad(&mut self) {
-        for slot in &mut self.slots {
-            slot.param.zero_grad();
-        }
+    /// Drops every parameter's gradient (PyTorch's default
+    /// `zero_grad(set_to_none=True)`): the next backward stores fresh
+    /// gradients instead of adding into zeroed ones, a fill and an add over
+    /// all parameters saved per step. Until then `param.grad()` is undefined.
+    pub fn zero_grad(&mut self) -> Result<()> {
+        let params: Vec<Tensor> = self.slots.iter().map(|s| s.param.shallow_clone()).collect();
+        moe_aten::clear_grads(&params)
     }
 
     /// One update of every parameter that has a gradient.

@@ -234,7 +234,7 @@ impl<'a> Trainer<'a> {
         let batch_s = clock.as_mut().map(PhaseClock::lap);
         let objective = self.model.batch_objective(&batch, true)?;
         let forward_s = clock.as_mut().map(PhaseClock::lap);
-        self.optimizer.zero_grad();
+        self.optimizer.zero_grad()?;
         objective.total.backward();
         let backward_s = clock.as_mut().map(PhaseClock::lap);
         self.optimizer.step()?;

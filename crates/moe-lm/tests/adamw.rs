@@ -82,7 +82,7 @@ fn matches_libtorch(store: fn() -> nn::VarStore, fused: bool) -> (nn::VarStore, 
     .unwrap();
     for step in 0..8 {
         let x = Tensor::randn([5, 4], (Kind::Float, Device::Cpu));
-        ours.zero_grad();
+        ours.zero_grad().unwrap();
         loss(&ours_vs, &x).backward();
         ours.step().unwrap();
         theirs.zero_grad();
@@ -108,7 +108,7 @@ fn state_round_trips_through_a_file_and_rejects_other_shapes() {
     let mut opt = AdamW::new(&vs, AdamWConfig::default()).unwrap();
     let x = Tensor::randn([5, 4], (Kind::Float, Device::Cpu));
     for _ in 0..3 {
-        opt.zero_grad();
+        opt.zero_grad().unwrap();
         loss(&vs, &x).backward();
         opt.step().unwrap();
     }
@@ -123,7 +123,7 @@ fn state_round_trips_through_a_file_and_rejects_other_shapes() {
     restored.load(&path).unwrap();
     assert_eq!(restored.steps(), 3);
     for (o, v) in [(&mut opt, &vs), (&mut restored, &vs2)] {
-        o.zero_grad();
+        o.zero_grad().unwrap();
         loss(v, &x).backward();
         o.step().unwrap();
     }
