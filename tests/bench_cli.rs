@@ -92,7 +92,11 @@ fn train_bench_times_makemoe_pytorch_side_by_side() {
         Some(venv) => PathBuf::from(venv).join("bin").join("python"),
         None => PathBuf::from("python3"),
     };
+    // One thread for ours and for makeMoE's child process: this test runs
+    // beside the parallel compare_routers runs, and libtorch's OpenMP
+    // threads stall badly when a 2-core machine is oversubscribed.
     let out = Command::new(common::example("train_bench"))
+        .env("OMP_NUM_THREADS", "1")
         .args(["--device", "cpu", "--steps", "2", "--eval-iters", "0"])
         .args(["--dispatch", "auto", "--versus-makemoe", "--rounds", "2"])
         .arg("--python")
