@@ -139,33 +139,34 @@ impl CausalSelfAttention {
 
     /// makeMoE's `Head.forward`, once per head, outputs concatenated.
     fn heads_per_head(&self, x: &Tensor, train: bool) -> Tensor {
-        let t = x.size()[1];
         let (c, hs) = (self.config.n_embd, self.config.head_size());
-        let causal = Tensor::ones([t, t], (Kind::Bool, x.device())).tril(0);
+        let p = if train { self.config.dropout } else { 0.0 };
         let qkv = as_kind_of(&self.qkv, x);
         let heads: Vec<Tensor> = (0..self.config.n_head)
             .map(|head| {
                 let rows = |block: i64| qkv.narrow(0, block * c + head * hs, hs);
-                let q = x.linear::<Tensor>(&rows(0), None);
-                let k = x.linear::<Tensor>(&rows(1), None);
-                let v = x.linear::<Tensor>(&rows(2), None);
-                let wei = (q.matmul(&k.transpose(-2, -1)) * self.config.scale_factor())
-                    .masked_fill(&causal.logical_not(), f64::NEG_INFINITY)
-                    .softmax(-1, Kind::Float)
-                    .to_kind(x.kind());
-                dropout(&wei, self.config.dropout, train).matmul(&v)
+                let project = |block: i64| x.linear::<Tensor>(&rows(block), None);
+                causal_attention_math(
+                    &project(0),
+                    &project(1),
+                    &project(2),
+                    self.config.scale_factor(),
+                    p,
+                )
             })
             .collect();
         Tensor::cat(&heads, -1)
     }
 }
 
-/// `Dropout_p(softmax(s Q K^T + M)) V` over `[B, H, T, hs]` inputs, with the
-/// causal mask `M[i, j] = -inf` for `j > i`: what libtorch's
+/// `Dropout_p(softmax(s Q K^T + M)) V` over `[..., T, hs]` inputs (all heads
+/// `[B, H, T, hs]`, or one head `[B, T, hs]`), with the causal mask
+/// `M[i, j] = -inf` for `j > i`: what libtorch's
 /// `scaled_dot_product_attention` computes on its math path, with the
 /// dropout of [`moe_core::dropout`]. The softmax runs in f32.
 fn causal_attention_math(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, p: f64) -> Tensor {
-    let t = q.size()[2];
+    let size = q.size();
+    let t = size[size.len() - 2];
     let future = Tensor::ones([t, t], (Kind::Bool, q.device())).triu(1);
     let weights = (q.matmul(&k.transpose(-2, -1)) * scale)
         .masked_fill(&future, f64::NEG_INFINITY)
