@@ -8,6 +8,7 @@
 //! [`clear_grads`], which tch's API cannot express.
 
 use moe_core::{check_same_device, MoeError, Result};
+use serde::{Deserialize, Serialize};
 use std::ffi::{c_char, c_int, CStr};
 use tch::{TchError, Tensor};
 use torch_sys::C_tensor;
@@ -64,14 +65,28 @@ pub fn clear_grads(tensors: &[Tensor]) -> Result<()> {
     call_shim(|error, len| unsafe { moe_aten_clear_grads(list.as_ptr(), list.len(), error, len) })
 }
 
-/// AdamW's hyper-parameters, as [`fused_adamw_`] takes them.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AdamWHyper {
+/// AdamW's hyper-parameters; `Default` is PyTorch's `torch.optim.AdamW`.
+/// The training loop's optimizer (`moe_lm::AdamW`) is configured with it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AdamWConfig {
     pub lr: f64,
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
 }
 
 /// The tensors of one [`fused_adamw_`] call, index `i` of each list
@@ -103,7 +118,7 @@ pub struct AdamWTensors<'a> {
 /// pass instead of the nine of an update written with tensor operations.
 /// Every tensor must be on one device with one floating dtype (f32 step
 /// counts aside), and the lists must have one length.
-pub fn fused_adamw_(tensors: &AdamWTensors<'_>, hyper: AdamWHyper) -> Result<()> {
+pub fn fused_adamw_(tensors: &AdamWTensors<'_>, hyper: &AdamWConfig) -> Result<()> {
     let AdamWTensors {
         params,
         grads,

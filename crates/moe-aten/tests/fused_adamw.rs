@@ -1,9 +1,9 @@
 use approx::assert_abs_diff_eq;
-use moe_aten::{fused_adamw_, AdamWHyper, AdamWTensors};
+use moe_aten::{fused_adamw_, AdamWConfig, AdamWTensors};
 use moe_core::MoeError;
 use tch::{Device, Kind, Tensor};
 
-const HYPER: AdamWHyper = AdamWHyper {
+const HYPER: AdamWConfig = AdamWConfig {
     lr: 0.1,
     beta1: 0.9,
     beta2: 0.999,
@@ -12,7 +12,7 @@ const HYPER: AdamWHyper = AdamWHyper {
 };
 
 /// AdamW on one scalar, written out in f64 (the formula of `fused_adamw_`).
-fn reference(p: &mut f64, m: &mut f64, v: &mut f64, g: f64, t: i32, h: AdamWHyper) {
+fn reference(p: &mut f64, m: &mut f64, v: &mut f64, g: f64, t: i32, h: AdamWConfig) {
     *p *= 1.0 - h.lr * h.weight_decay;
     *m = h.beta1 * *m + (1.0 - h.beta1) * g;
     *v = h.beta2 * *v + (1.0 - h.beta2) * g * g;
@@ -43,7 +43,7 @@ fn one_step_by_hand_then_three_against_the_formula() {
             exp_avg_sqs: &exp_avg_sqs,
             steps: &steps,
         };
-        fused_adamw_(&tensors, HYPER).unwrap();
+        fused_adamw_(&tensors, &HYPER).unwrap();
         for (i, (p, m, v)) in expected.iter_mut().enumerate() {
             let g = grads[i].double_value(&[0]);
             reference(p, m, v, g, step as i32 + 1, HYPER);
@@ -72,7 +72,7 @@ fn updates_whole_tensors_elementwise() {
         exp_avg_sqs: &[v],
         steps: &[Tensor::from(0f32)],
     };
-    fused_adamw_(&tensors, HYPER).unwrap();
+    fused_adamw_(&tensors, &HYPER).unwrap();
     let after: Vec<f32> = Vec::try_from(p.reshape([-1])).unwrap();
     for ((&b, &g), &a) in before.iter().zip(&grads).zip(&after) {
         let (mut p, mut m, mut v) = (f64::from(b), 0.0, 0.0);
@@ -95,7 +95,7 @@ fn mismatched_lists_and_dtypes_are_errors_not_crashes() {
             exp_avg_sqs: &zeros,
             steps: &steps,
         },
-        HYPER,
+        &HYPER,
     )
     .unwrap_err();
     assert!(matches!(err, MoeError::Config(_)), "{err}");
@@ -118,7 +118,7 @@ fn mismatched_lists_and_dtypes_are_errors_not_crashes() {
             exp_avg_sqs: &zeros,
             steps: &steps,
         },
-        HYPER,
+        &HYPER,
     )
     .unwrap_err();
     assert!(matches!(err, MoeError::Torch(_)), "{err}");

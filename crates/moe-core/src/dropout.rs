@@ -28,7 +28,7 @@ pub fn dropout(x: &Tensor, p: f64, train: bool) -> Tensor {
 /// The dropout factor `m / (1 - p)` of [`dropout`] on a CPU, `[shape]` in
 /// `kind`: `1 / (1 - p)` where [`keep_mask`] keeps, 0 elsewhere. Outside
 /// autograd: gradients flow through the product with it.
-pub fn keep_scale(shape: &[i64], p: f64, kind: Kind) -> Tensor {
+fn keep_scale(shape: &[i64], p: f64, kind: Kind) -> Tensor {
     let keep = keep_mask(shape, p, Device::Cpu);
     tch::no_grad(|| Tensor::where_scalar(&keep, 1.0 / (1.0 - p), 0.0).to_kind(kind))
 }

@@ -15,7 +15,7 @@ mod routing;
 
 pub use check::{check_float, check_rank, check_same_device};
 pub use device::DeviceChoice;
-pub use dropout::{dropout, keep_mask, keep_scale};
+pub use dropout::{dropout, keep_mask};
 pub use error::{MoeError, Result};
 pub use init::{linear, WeightInit};
 pub use precision::{as_kind_of, linear_in_input_dtype, Precision};

@@ -2,46 +2,11 @@
 //! (tch's `nn::Optimizer` keeps its state inside libtorch, out of reach).
 
 use crate::tensor_file::{read_tensors, write_tensors};
-use moe_aten::{AdamWHyper, AdamWTensors};
+pub use moe_aten::AdamWConfig;
+use moe_aten::AdamWTensors;
 use moe_core::{MoeError, Result};
-use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::{nn, Kind, Tensor};
-
-/// AdamW's hyper-parameters; `Default` is PyTorch's `torch.optim.AdamW`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct AdamWConfig {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-}
-
-impl AdamWConfig {
-    fn hyper(&self) -> AdamWHyper {
-        AdamWHyper {
-            lr: self.lr,
-            beta1: self.beta1,
-            beta2: self.beta2,
-            eps: self.eps,
-            weight_decay: self.weight_decay,
-        }
-    }
-}
-
-impl Default for AdamWConfig {
-    fn default() -> Self {
-        AdamWConfig {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        }
-    }
-}
 
 /// One parameter and its moment estimates.
 #[derive(Debug)]
@@ -187,7 +152,7 @@ impl AdamW {
                         exp_avg_sqs: &list(|s| &s.exp_avg_sq),
                         steps: &list(|s| &s.step_count),
                     },
-                    self.config.hyper(),
+                    &self.config,
                 )?;
                 slots.into_iter().for_each(|s| s.steps += 1);
                 return Ok(());
