@@ -14,8 +14,8 @@
 
 use clap::Parser;
 use moe_layers::lm::{
-    parameter_count, CharTokenizer, Dataset, JsonlWriter, ModelConfig, MoeLanguageModel,
-    TrainConfig, TrainEvent, Trainer,
+    parameter_count, CharTokenizer, Dataset, JsonlWriter, MakeMoeConfig, MakeMoeModel, TrainConfig,
+    TrainEvent, Trainer,
 };
 use moe_layers::prelude::DeviceChoice;
 use moe_layers::routers::{BalanceLossConfig, RouterKind, RoutingStats};
@@ -79,11 +79,11 @@ const RESULT_PREFIX: &str = "RESULT ";
 struct Design {
     name: &'static str,
     balance: &'static str,
-    config: ModelConfig,
+    config: MakeMoeConfig,
 }
 
-fn designs(base: &ModelConfig) -> Vec<Design> {
-    let with = |f: &dyn Fn(&mut ModelConfig)| {
+fn designs(base: &MakeMoeConfig) -> Vec<Design> {
+    let with = |f: &dyn Fn(&mut MakeMoeConfig)| {
         let mut c = base.clone();
         f(&mut c);
         c
@@ -169,9 +169,9 @@ fn run(args: Args) -> Result<()> {
     let text = std::fs::read_to_string(&args.data)
         .map_err(|e| MoeError::Data(format!("cannot read {}: {e}", args.data.display())))?;
     let tokenizer = CharTokenizer::from_text(&text)?;
-    let base = ModelConfig {
+    let base = MakeMoeConfig {
         vocab_size: tokenizer.vocab_size(),
-        ..ModelConfig::default()
+        ..MakeMoeConfig::default()
     };
     let train = TrainConfig {
         max_iters: args.max_iters,
@@ -274,7 +274,7 @@ fn train_one(
 ) -> Result<RunResult> {
     tch::manual_seed(seed);
     let vs = tch::nn::VarStore::new(device);
-    let model = MoeLanguageModel::new(&vs.root(), &design.config)?;
+    let model = MakeMoeModel::new(&vs.root(), &design.config)?;
     let total_params = parameter_count(&vs);
     let active_params = design.config.active_params(total_params);
     println!(

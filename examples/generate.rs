@@ -11,7 +11,7 @@
 
 use clap::Parser;
 use moe_layers::lm::{
-    generate, generate_recompute, load_checkpoint, MoeLanguageModel, Sampling, TextStream,
+    generate, generate_recompute, load_checkpoint, CausalLm, Sampling, TextStream,
 };
 use moe_layers::prelude::DeviceChoice;
 use moe_layers::Result;
@@ -63,7 +63,7 @@ fn run(args: Args) -> Result<()> {
     };
     if args.bench {
         return bench(
-            &checkpoint.model,
+            checkpoint.model.as_ref(),
             &prompt,
             args.max_new_tokens,
             sampling,
@@ -75,7 +75,7 @@ fn run(args: Args) -> Result<()> {
     let mut stream = TextStream::new(tokenizer);
     let mut error = None;
     generate(
-        &checkpoint.model,
+        checkpoint.model.as_ref(),
         &prompt,
         args.max_new_tokens,
         sampling,
@@ -95,13 +95,13 @@ fn run(args: Args) -> Result<()> {
 
 /// Times both generators on the same task and prints the speed-up.
 fn bench(
-    model: &MoeLanguageModel,
+    model: &dyn CausalLm,
     prompt: &[i64],
     n: usize,
     sampling: Sampling,
     seed: i64,
 ) -> Result<()> {
-    let block_size = model.config().block_size;
+    let context = model.max_context();
     let time = |cached: bool| -> Result<f64> {
         tch::manual_seed(seed);
         let started = Instant::now();
@@ -115,11 +115,10 @@ fn bench(
     let cached_s = time(true)?;
     let recompute_s = time(false)?;
     println!(
-        "{n} tokens, block_size {block_size}, {} layers, n_embd {}: \
+        "{n} tokens, context {context}, {} MoE layers: \
          KV cache {cached_s:.2} s ({:.2} ms/token), recompute {recompute_s:.2} s \
          ({:.2} ms/token), speed-up {:.1}x",
-        model.config().n_layer,
-        model.config().n_embd,
+        model.num_moe_layers(),
         1e3 * cached_s / n as f64,
         1e3 * recompute_s / n as f64,
         recompute_s / cached_s

@@ -9,16 +9,15 @@
 //! override it; `--print-config` prints the resolved config and exits.
 
 use clap::Parser;
-use indicatif::{ProgressBar, ProgressStyle};
 use moe_layers::lm::{
-    generate, load_checkpoint_meta, parameter_count, plot_loss_curve, Checkpointing, Dataset,
-    JsonlWriter, LossCurves, MlflowRun, ModelConfig, MoeLanguageModel, Preset, RunConfig,
-    RunStatus, Sampling, TextStream, Tokenizer, TokenizerKind, TrainEvent, Trainer,
+    generate, load_checkpoint_meta, parameter_count, plot_loss_curve, CausalLm, Checkpointing,
+    Dataset, JsonlWriter, LmConfig, LossCurves, MakeMoeConfig, MlflowRun, Preset, Progress,
+    RunConfig, RunStatus, Sampling, TextStream, Tokenizer, TokenizerKind, TrainEvent, Trainer,
 };
 use moe_layers::prelude::{DeviceChoice, DispatchKind, Precision, WeightInit};
 use moe_layers::{MoeError, Result};
 use serde_json::json;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -98,24 +97,36 @@ fn resolve_config(args: &Args) -> Result<RunConfig> {
     let mut config = match &args.config {
         Some(path) => RunConfig::from_file(path)?,
         None => RunConfig {
-            model: ModelConfig::preset(Preset::MakeMoe),
+            model: LmConfig::MakeMoe(MakeMoeConfig::preset(Preset::MakeMoe)),
             ..RunConfig::default()
         },
     };
-    let (m, t) = (&mut config.model, &mut config.train);
-    if let Some(preset) = &args.preset {
-        let p = ModelConfig::preset(preset.parse::<Preset>()?);
-        m.attention_scale = p.attention_scale;
-        m.router_noise_at_eval = p.router_noise_at_eval;
-    }
+    let t = &mut config.train;
     let set = |dst: &mut i64, src: Option<i64>| *dst = src.unwrap_or(*dst);
-    set(&mut m.block_size, args.block_size);
     set(&mut t.max_iters, args.max_iters);
     set(&mut t.eval_interval, args.eval_interval);
     set(&mut t.eval_iters, args.eval_iters);
     set(&mut t.batch_size, args.batch_size);
     set(&mut t.seed, args.seed);
     t.learning_rate = args.lr.unwrap_or(t.learning_rate);
+    match &mut config.model {
+        LmConfig::MakeMoe(m) => apply_make_moe_flags(args, m)?,
+    }
+    if let Some(kind) = &args.tokenizer {
+        config.tokenizer.kind = kind.parse::<TokenizerKind>()?;
+    }
+    config.tokenizer.vocab_size = args.vocab_size.unwrap_or(config.tokenizer.vocab_size);
+    Ok(config)
+}
+
+/// The model flags, on makeMoE's config.
+fn apply_make_moe_flags(args: &Args, m: &mut MakeMoeConfig) -> Result<()> {
+    if let Some(preset) = &args.preset {
+        let p = MakeMoeConfig::preset(preset.parse::<Preset>()?);
+        m.attention_scale = p.attention_scale;
+        m.router_noise_at_eval = p.router_noise_at_eval;
+    }
+    m.block_size = args.block_size.unwrap_or(m.block_size);
     if let Some(init) = &args.init {
         m.init = init.parse::<WeightInit>()?;
     }
@@ -125,11 +136,7 @@ fn resolve_config(args: &Args) -> Result<RunConfig> {
     if let Some(dispatch) = &args.dispatch {
         m.dispatch = dispatch.parse::<DispatchKind>()?;
     }
-    if let Some(kind) = &args.tokenizer {
-        config.tokenizer.kind = kind.parse::<TokenizerKind>()?;
-    }
-    config.tokenizer.vocab_size = args.vocab_size.unwrap_or(config.tokenizer.vocab_size);
-    Ok(config)
+    Ok(())
 }
 
 fn run(args: Args) -> Result<()> {
@@ -153,7 +160,7 @@ fn run(args: Args) -> Result<()> {
         }
         None => Tokenizer::train(&text, &config.tokenizer)?,
     };
-    config.model.vocab_size = tokenizer.vocab_size();
+    config.model.set_vocab_size(tokenizer.vocab_size());
     config.model.validate()?;
     config.train.validate()?;
     if args.print_config {
@@ -178,13 +185,13 @@ fn run(args: Args) -> Result<()> {
 
     tch::manual_seed(train_config.seed);
     let vs = tch::nn::VarStore::new(device);
-    let model = MoeLanguageModel::new(&vs.root(), &model_config)?;
+    let model = model_config.build(&vs.root())?;
     let tokens = tokenizer.encode(&text)?;
     let data = Dataset::new(
         &tokens,
         tokenizer.vocab_size(),
         train_config.train_fraction,
-        model_config.block_size,
+        model_config.max_context(),
         device,
     )?;
     let params = parameter_count(&vs);
@@ -201,15 +208,14 @@ fn run(args: Args) -> Result<()> {
         "config": { "model": &model_config, "train": &train_config },
     }))?;
 
-    let mut trainer = Trainer::new(&vs, &model, &data, train_config.clone())?.with_checkpointing(
-        Checkpointing {
+    let mut trainer = Trainer::new(&vs, model.as_ref(), &data, train_config.clone())?
+        .with_checkpointing(Checkpointing {
             dir: args.out.clone(),
             interval: args
                 .checkpoint_interval
                 .unwrap_or(train_config.max_iters.max(1)),
             tokenizer: tokenizer.clone(),
-        },
-    )?;
+        })?;
     if let Some(dir) = &args.resume {
         trainer.resume(dir)?;
         println!("resumed {} at step {}", dir.display(), trainer.steps_done());
@@ -284,7 +290,7 @@ fn run(args: Args) -> Result<()> {
         println!("plotted {}", png.display());
     }
     if args.sample_chars > 0 {
-        print_sample(&model, &tokenizer, args.sample_chars)?;
+        print_sample(model.as_ref(), &tokenizer, args.sample_chars)?;
     }
     metrics.write(&json!({
         "event": "end",
@@ -310,7 +316,7 @@ fn log_params(mlflow: &MlflowRun, config: &RunConfig) -> Result<()> {
 }
 
 /// Generates `n` tokens from an empty prompt, printing the text as it comes.
-fn print_sample(model: &MoeLanguageModel, tokenizer: &Tokenizer, n: usize) -> Result<()> {
+fn print_sample(model: &dyn CausalLm, tokenizer: &Tokenizer, n: usize) -> Result<()> {
     println!("--- sample ---");
     let mut stream = TextStream::new(tokenizer);
     let mut error = None;
@@ -327,57 +333,4 @@ fn print_sample(model: &MoeLanguageModel, tokenizer: &Tokenizer, n: usize) -> Re
     })?;
     println!("\n--------------");
     error.map_or(Ok(()), Err)
-}
-
-/// An indicatif bar on a terminal; plain log lines otherwise.
-struct Progress {
-    bar: Option<ProgressBar>,
-    total: i64,
-}
-
-impl Progress {
-    fn new(total: i64, done: i64) -> Self {
-        let bar = std::io::stdout().is_terminal().then(|| {
-            let bar = ProgressBar::new(total.max(0) as u64);
-            bar.set_style(
-                ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
-            );
-            bar.set_position(done.max(0) as u64);
-            bar
-        });
-        Progress { bar, total }
-    }
-
-    fn step(&self, step: i64, loss: f64, ms_per_step: f64, tokens_per_s: f64, eta_s: f64) {
-        let msg = format!(
-            "loss {loss:.4}, {ms_per_step:.1} ms/step, {tokens_per_s:.0} tokens/s, ETA {}",
-            format_secs(eta_s)
-        );
-        match &self.bar {
-            Some(bar) => {
-                bar.set_position(step.max(0) as u64);
-                bar.set_message(msg);
-            }
-            None => println!("step {step:>5}/{}: {msg}", self.total),
-        }
-    }
-
-    fn println(&self, line: &str) {
-        match &self.bar {
-            Some(bar) => bar.println(line),
-            None => println!("{line}"),
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(bar) = &self.bar {
-            bar.finish();
-        }
-    }
-}
-
-fn format_secs(s: f64) -> String {
-    let s = s.max(0.0).round() as u64;
-    format!("{}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
 }

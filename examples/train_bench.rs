@@ -16,7 +16,7 @@
 use clap::Parser;
 use moe_layers::dispatch::DispatchKind;
 use moe_layers::lm::{
-    estimate_loss, CharTokenizer, Dataset, ModelConfig, MoeLanguageModel, Preset, TrainConfig,
+    estimate_loss, CharTokenizer, Dataset, MakeMoeConfig, MakeMoeModel, Preset, TrainConfig,
     Trainer,
 };
 use moe_layers::prelude::{DeviceChoice, Precision};
@@ -98,11 +98,11 @@ fn run(args: Args) -> Result<()> {
         .iter()
         .flat_map(|&p| dispatches.iter().map(move |&d| (p, d)))
     {
-        let config = ModelConfig {
+        let config = MakeMoeConfig {
             vocab_size: tokenizer.vocab_size(),
             dispatch,
             precision,
-            ..ModelConfig::preset(args.preset.parse::<Preset>()?)
+            ..MakeMoeConfig::preset(args.preset.parse::<Preset>()?)
         };
         let train = TrainConfig {
             eval_iters: args.eval_iters.max(1),
@@ -110,7 +110,7 @@ fn run(args: Args) -> Result<()> {
         };
         tch::manual_seed(1337);
         let vs = tch::nn::VarStore::new(device);
-        let model = MoeLanguageModel::new(&vs.root(), &config)?;
+        let model = MakeMoeModel::new(&vs.root(), &config)?;
         let data = Dataset::new(&tokens, config.vocab_size, 0.9, config.block_size, device)?;
         let mut trainer = Trainer::new(&vs, &model, &data, train.clone())?;
         trainer.optimizer_mut().set_fused(args.optimizer == "fused");
@@ -169,7 +169,7 @@ fn sync_device(device: tch::Device) {
 
 /// Milliseconds per step over `steps` steps, and the last step's loss.
 fn time_steps(
-    trainer: &mut Trainer,
+    trainer: &mut Trainer<MakeMoeModel>,
     steps: i64,
     device: tch::Device,
 ) -> Result<(f64, Option<f64>)> {
@@ -230,7 +230,7 @@ fn median(values: &[f64]) -> f64 {
 /// `--versus-makemoe`: alternating rounds of makeMoE's step and ours.
 fn versus_makemoe(
     args: &Args,
-    trainer: &mut Trainer,
+    trainer: &mut Trainer<MakeMoeModel>,
     device: tch::Device,
     first: f64,
 ) -> Result<()> {

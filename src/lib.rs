@@ -1,47 +1,65 @@
 //! # moe-layers
 //!
-//! Sparse Mixture-of-Experts layers for Rust on libtorch (`tch`): causal
-//! self-attention, routers, stacked expert banks, dispatch strategies, the
-//! [`SparseMoe`](block::SparseMoe) layer, and the makeMoE character-level
-//! language model that trains on tinyshakespeare and generates text.
+//! Sparse Mixture-of-Experts layers and models for Rust on libtorch (`tch`):
+//! attention, routers, stacked expert banks, dispatch strategies, the
+//! [`SparseMoe`](block::SparseMoe) layer, model families behind one
+//! [`CausalLm`](models::CausalLm) trait, and the tooling to train them.
 //!
 //! This crate is the facade: it re-exports the workspace's crates, one job
-//! each, under short module names.
+//! each, under short module names. Dependencies point down this table.
 //!
 //! | module | crate | job |
 //! |---|---|---|
 //! | [`core`] | `moe-core` | `MoeError`, init schemes, devices, dropout, `Routing` |
 //! | [`aten`] | `moe-aten` | libtorch operators tch does not bind (fused AdamW) |
-//! | [`attention`] | `moe-attention` | causal multi-head self-attention |
-//! | [`routers`] | `moe-routers` | top-k, noisy top-k, attention, DeepSeekMoE and aux-free gates |
+//! | [`nn`] | `moe-nn` | attention with KV cache and the other non-MoE layers |
+//! | [`routers`] | `moe-routers` | gates: top-k, noisy top-k, attention, sigmoid aux-free |
 //! | [`experts`] | `moe-experts` | stacked expert FFN banks |
 //! | [`dispatch`] | `moe-dispatch` | sending tokens to experts and combining |
 //! | [`block`] | `moe-block` | the `SparseMoe` layer |
-//! | [`lm`] | `moe-lm` | the language model, training, generation, checkpoints |
+//! | [`models`] | `moe-models` | model families, the `CausalLm` trait, generation |
+//! | [`data`] | `moe-data` | tokenizers, datasets, batches |
+//! | [`train`] | `moe-train` | optimizer, trainer, evaluation, checkpoints |
+//! | [`run`] | `moe-run` | run configs, metrics, MLflow, plots, progress |
+//!
+//! [`lm`] gathers what a language-model program needs from the last four.
 
 pub use moe_aten as aten;
-pub use moe_attention as attention;
 pub use moe_block as block;
 pub use moe_core as core;
+pub use moe_data as data;
 pub use moe_dispatch as dispatch;
 pub use moe_experts as experts;
-pub use moe_lm as lm;
+pub use moe_models as models;
+pub use moe_nn as nn;
 pub use moe_routers as routers;
+pub use moe_run as run;
+pub use moe_train as train;
 
 pub use moe_core::{MoeError, Result};
 
+/// Everything a language-model program uses, from `models`, `data`,
+/// `train` and `run`, in one place.
+pub mod lm {
+    pub use moe_data::*;
+    pub use moe_models::*;
+    pub use moe_run::*;
+    pub use moe_train::*;
+}
+
 /// The types most programs need.
 pub mod prelude {
-    pub use moe_attention::{AttentionConfig, AttentionPath, AttentionScale, CausalSelfAttention};
     pub use moe_block::{MoeOutput, SparseMoe, SparseMoeConfig};
     pub use moe_core::{DeviceChoice, MoeError, Precision, Result, Routing, WeightInit};
+    pub use moe_data::{CharTokenizer, Dataset};
     pub use moe_dispatch::{Dispatch, DispatchKind};
     pub use moe_experts::{ExpertBank, ExpertConfig};
-    pub use moe_lm::{
-        generate, CharTokenizer, Dataset, ModelConfig, MoeLanguageModel, Preset, Sampling,
-        TrainConfig, Trainer,
+    pub use moe_models::{
+        generate, CausalLm, LmConfig, MakeMoeConfig, MakeMoeModel, Preset, Sampling,
     };
+    pub use moe_nn::{AttentionConfig, AttentionPath, AttentionScale, CausalSelfAttention};
     pub use moe_routers::{Router, RouterConfig, RouterKind};
+    pub use moe_train::{TrainConfig, Trainer};
 }
 
 /// The README's code examples, compiled and run as doctests.

@@ -5,7 +5,7 @@
 
 use moe_layers::block::{SparseMoe, SparseMoeConfig};
 use moe_layers::dispatch::DispatchKind;
-use moe_layers::lm::{CharTokenizer, Dataset, ModelConfig, MoeLanguageModel, TrainConfig, Trainer};
+use moe_layers::lm::{CharTokenizer, Dataset, MakeMoeConfig, MakeMoeModel, TrainConfig, Trainer};
 use tch::{nn, Device, Kind, Tensor};
 
 fn cuda() -> Option<Device> {
@@ -88,12 +88,12 @@ fn the_language_model_trains_on_cuda() {
     let text = std::fs::read_to_string(path).unwrap();
     let tok = CharTokenizer::from_text(&text).unwrap();
     tch::manual_seed(1337);
-    let config = ModelConfig {
+    let config = MakeMoeConfig {
         vocab_size: tok.vocab_size(),
-        ..ModelConfig::default()
+        ..MakeMoeConfig::default()
     };
     let vs = nn::VarStore::new(device);
-    let model = MoeLanguageModel::new(&vs.root(), &config).unwrap();
+    let model = MakeMoeModel::new(&vs.root(), &config).unwrap();
     let data = Dataset::new(
         &tok.encode(&text).unwrap(),
         tok.vocab_size(),

@@ -66,7 +66,7 @@ pub fn clear_grads(tensors: &[Tensor]) -> Result<()> {
 }
 
 /// AdamW's hyper-parameters; `Default` is PyTorch's `torch.optim.AdamW`.
-/// The training loop's optimizer (`moe_lm::AdamW`) is configured with it.
+/// The training loop's optimizer (`moe_train::AdamW`) is configured with it.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct AdamWConfig {

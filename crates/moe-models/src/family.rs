@@ -1,0 +1,111 @@
+//! [`LmConfig`]: which model family, with that family's config. Checkpoints
+//! and run configs store it; [`LmConfig::build`] makes the model.
+
+use crate::makemoe::{MakeMoeConfig, MakeMoeModel};
+use crate::CausalLm;
+use moe_core::Result;
+use serde::{Deserialize, Deserializer, Serialize};
+use tch::nn;
+
+/// A model family and its config, tagged by `family` in JSON and TOML
+/// (`family = "make_moe"`). A config without the tag is makeMoE's, as
+/// checkpoints written before there were families are.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "family", rename_all = "snake_case")]
+pub enum LmConfig {
+    /// makeMoE's character model ([`MakeMoeModel`]).
+    MakeMoe(MakeMoeConfig),
+}
+
+impl Default for LmConfig {
+    fn default() -> Self {
+        LmConfig::MakeMoe(MakeMoeConfig::default())
+    }
+}
+
+impl<'de> Deserialize<'de> for LmConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut value = serde_json::Value::deserialize(deserializer)?;
+        let family = match value.as_object_mut() {
+            Some(fields) => match fields.remove("family") {
+                Some(serde_json::Value::String(f)) => f,
+                Some(other) => {
+                    return Err(D::Error::custom(format!(
+                        "`family` must be a string, got {other}"
+                    )))
+                }
+                None => "make_moe".to_string(),
+            },
+            None => return Err(D::Error::custom("a model config must be a table")),
+        };
+        let parse = |v| serde_json::from_value(v).map_err(D::Error::custom);
+        match family.as_str() {
+            "make_moe" => parse(value).map(LmConfig::MakeMoe),
+            other => Err(D::Error::custom(format!(
+                "unknown model family `{other}`: expected {}",
+                LmConfig::FAMILIES.join(" or ")
+            ))),
+        }
+    }
+}
+
+impl LmConfig {
+    /// The `family` tags.
+    pub const FAMILIES: [&'static str; 1] = ["make_moe"];
+
+    /// Builds the model under `p`.
+    pub fn build(&self, p: &nn::Path) -> Result<Box<dyn CausalLm>> {
+        Ok(match self {
+            LmConfig::MakeMoe(c) => Box::new(MakeMoeModel::new(p, c)?),
+        })
+    }
+
+    /// Checks the config.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            LmConfig::MakeMoe(c) => c.validate(),
+        }
+    }
+
+    /// Vocabulary size.
+    pub fn vocab_size(&self) -> i64 {
+        match self {
+            LmConfig::MakeMoe(c) => c.vocab_size,
+        }
+    }
+
+    /// Sets the vocabulary size (to the tokenizer's).
+    pub fn set_vocab_size(&mut self, vocab_size: i64) {
+        match self {
+            LmConfig::MakeMoe(c) => c.vocab_size = vocab_size,
+        }
+    }
+
+    /// The longest sequence the model takes.
+    pub fn max_context(&self) -> i64 {
+        match self {
+            LmConfig::MakeMoe(c) => c.block_size,
+        }
+    }
+
+    /// Parameters a token passes through, given the model's `total`.
+    pub fn active_params(&self, total: i64) -> i64 {
+        match self {
+            LmConfig::MakeMoe(c) => c.active_params(total),
+        }
+    }
+
+    /// The makeMoE config, or an error naming the family.
+    pub fn as_make_moe(&self) -> Result<&MakeMoeConfig> {
+        match self {
+            LmConfig::MakeMoe(c) => Ok(c),
+        }
+    }
+}
+
+impl From<MakeMoeConfig> for LmConfig {
+    fn from(c: MakeMoeConfig) -> Self {
+        LmConfig::MakeMoe(c)
+    }
+}

@@ -1,0 +1,20 @@
+//! Model families of `moe-layers` behind one trait, [`CausalLm`]:
+//!
+//! - [`makemoe`]: makeMoE's character-level model (learned positions,
+//!   LayerNorm, biases everywhere), whose preset reproduces the tutorial;
+//!
+//! and [`generate`], KV-cached sampling for any of them. [`LmConfig`] names
+//! a family with its config (what checkpoints and run configs store).
+//!
+//! Layers come from the crates below (`moe-nn`, `moe-block`); data,
+//! training and run tooling live above (`moe-data`, `moe-train`, `moe-run`).
+
+mod causal_lm;
+mod family;
+mod generate;
+pub mod makemoe;
+
+pub use causal_lm::{check_context, cross_entropy, BatchLoss, CausalLm, ForwardOutput, ModelCache};
+pub use family::LmConfig;
+pub use generate::{generate, generate_recompute, Sampling};
+pub use makemoe::{MakeMoeConfig, MakeMoeModel, Preset};

@@ -1,0 +1,176 @@
+use moe_block::SparseMoeConfig;
+use moe_core::{MoeError, Precision, Result, WeightInit};
+use moe_dispatch::DispatchKind;
+use moe_experts::Activation;
+use moe_nn::{AttentionConfig, AttentionPath, AttentionScale};
+use moe_routers::{BalanceLossConfig, RouterKind};
+use serde::{Deserialize, Serialize};
+use std::str::FromStr;
+
+/// Hyper-parameters of the language model. `Default` is makeMoE's model
+/// with textbook behaviour; [`MakeMoeConfig::preset`] gives makeMoE's quirks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MakeMoeConfig {
+    /// Vocabulary size (65 characters in tinyshakespeare).
+    pub vocab_size: i64,
+    /// Context length `T`.
+    pub block_size: i64,
+    pub n_embd: i64,
+    pub n_head: i64,
+    pub n_layer: i64,
+    pub dropout: f64,
+    pub num_experts: i64,
+    pub top_k: i64,
+    /// Hidden width of each expert; `None` means `4 * n_embd` (makeMoE).
+    pub expert_hidden: Option<i64>,
+    /// Experts' non-linearity: ReLU (makeMoE) or SwiGLU (Mixtral, LLaMA, DeepSeek).
+    pub activation: Activation,
+    /// DeepSeekMoE fine-grained segmentation `m` (1: none).
+    pub segments: i64,
+    /// DeepSeekMoE shared experts `K_s`, out of the `m * num_experts`.
+    pub shared_experts: i64,
+    pub router: RouterKind,
+    pub router_noise_at_eval: bool,
+    /// DeepSeekMoE router: renormalise the chosen probabilities.
+    pub norm_topk_prob: bool,
+    /// Sigmoid aux-free router: bias update speed `gamma`.
+    pub bias_update_rate: f64,
+    /// Expert capacity factor (`None`: no limit).
+    pub capacity_factor: Option<f64>,
+    /// Balance losses added to the training loss (none: makeMoE).
+    pub balance: BalanceLossConfig,
+    pub dispatch: DispatchKind,
+    pub attention: AttentionPath,
+    pub attention_scale: AttentionScale,
+    pub init: WeightInit,
+    /// Compute dtype of attention and experts; parameters stay f32.
+    pub precision: Precision,
+}
+
+impl Default for MakeMoeConfig {
+    fn default() -> Self {
+        MakeMoeConfig {
+            vocab_size: 65,
+            block_size: 32,
+            n_embd: 128,
+            n_head: 8,
+            n_layer: 8,
+            dropout: 0.1,
+            num_experts: 8,
+            top_k: 2,
+            expert_hidden: None,
+            activation: Activation::Relu,
+            segments: 1,
+            shared_experts: 0,
+            router: RouterKind::NoisyTopK,
+            router_noise_at_eval: false,
+            norm_topk_prob: false,
+            bias_update_rate: 1e-3,
+            capacity_factor: None,
+            balance: BalanceLossConfig::default(),
+            dispatch: DispatchKind::Auto,
+            attention: AttentionPath::Fused,
+            attention_scale: AttentionScale::HeadSize,
+            init: WeightInit::Kaiming,
+            precision: Precision::Fp32,
+        }
+    }
+}
+
+/// A named set of behaviours on top of the sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// Textbook choices: attention scaled by `head_size^-0.5`, router noise
+    /// in training only.
+    #[default]
+    Default,
+    /// makeMoE exactly: attention scaled by `n_embd^-0.5`, router noise at
+    /// evaluation and generation too. Reproduces the tutorial's numbers.
+    MakeMoe,
+}
+
+impl FromStr for Preset {
+    type Err = MoeError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "default" => Ok(Preset::Default),
+            "makemoe" => Ok(Preset::MakeMoe),
+            other => Err(MoeError::config(format!(
+                "unknown preset `{other}`: expected default or makemoe"
+            ))),
+        }
+    }
+}
+
+impl MakeMoeConfig {
+    /// makeMoE's sizes with the given preset's behaviour.
+    pub fn preset(preset: Preset) -> Self {
+        let base = MakeMoeConfig::default();
+        match preset {
+            Preset::Default => base,
+            Preset::MakeMoe => MakeMoeConfig {
+                attention_scale: AttentionScale::Embedding,
+                router_noise_at_eval: true,
+                ..base
+            },
+        }
+    }
+
+    pub fn expert_hidden(&self) -> i64 {
+        self.expert_hidden.unwrap_or(4 * self.n_embd)
+    }
+
+    pub fn attention_config(&self) -> AttentionConfig {
+        AttentionConfig {
+            n_embd: self.n_embd,
+            n_head: self.n_head,
+            block_size: self.block_size,
+            dropout: self.dropout,
+            path: self.attention,
+            scale: self.attention_scale,
+            init: self.init,
+        }
+    }
+
+    pub fn moe_config(&self) -> SparseMoeConfig {
+        SparseMoeConfig {
+            n_embd: self.n_embd,
+            num_experts: self.num_experts,
+            top_k: self.top_k,
+            expert_hidden: self.expert_hidden(),
+            segments: self.segments,
+            shared_experts: self.shared_experts,
+            dropout: self.dropout,
+            activation: self.activation,
+            router: self.router,
+            router_noise_at_eval: self.router_noise_at_eval,
+            norm_topk_prob: self.norm_topk_prob,
+            bias_update_rate: self.bias_update_rate,
+            capacity_factor: self.capacity_factor,
+            balance: self.balance.clone(),
+            dispatch: self.dispatch,
+            init: self.init,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.vocab_size <= 0 || self.n_layer <= 0 {
+            return Err(MoeError::config(format!(
+                "vocab_size ({}) and n_layer ({}) must be positive",
+                self.vocab_size, self.n_layer
+            )));
+        }
+        self.attention_config().validate()?;
+        self.moe_config().validate()
+    }
+
+    /// Parameters a token passes through (the active and shared experts of
+    /// each layer, not all of them), given the model's `total`.
+    pub fn active_params(&self, total: i64) -> i64 {
+        let moe = self.moe_config();
+        total - self.n_layer * (moe.total_params() - moe.active_params())
+    }
+}

@@ -1,0 +1,153 @@
+//! MLflow file-store runs, loss-curve plots and run config files.
+
+use moe_data::TokenizerKind;
+use moe_run::{plot_loss_curve, LossCurves, MlflowRun, RunConfig, RunStatus};
+use std::path::PathBuf;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("moe-metrics-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `key: value` lines of a flat YAML file.
+fn yaml(path: &std::path::Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (k, v) = l
+                .split_once(": ")
+                .unwrap_or_else(|| panic!("not `key: value`: {l}"));
+            (k.to_string(), v.to_string())
+        })
+        .collect()
+}
+
+fn get<'a>(fields: &'a [(String, String)], key: &str) -> &'a str {
+    &fields
+        .iter()
+        .find(|(k, _)| k == key)
+        .unwrap_or_else(|| panic!("no {key}"))
+        .1
+}
+
+#[test]
+fn mlflow_runs_follow_the_file_store_layout() {
+    let root = temp_dir("mlruns").join("mlruns");
+    let run = MlflowRun::create(&root, "shakespeare", "first").unwrap();
+    run.log_param("model.n_embd", 128).unwrap();
+    for (step, v) in [(0, 4.2), (10, 3.1)] {
+        run.log_metric("val_loss", v, step).unwrap();
+    }
+    run.finish(RunStatus::Finished).unwrap();
+
+    let exp = yaml(&root.join("1").join("meta.yaml"));
+    assert_eq!(get(&exp, "name"), "'shakespeare'");
+    assert_eq!(get(&exp, "experiment_id"), "'1'");
+    assert_eq!(get(&exp, "lifecycle_stage"), "active");
+    assert!(get(&exp, "artifact_location").starts_with("file:///"));
+    assert_eq!(
+        get(&yaml(&root.join("0").join("meta.yaml")), "name"),
+        "'Default'"
+    );
+
+    let meta = yaml(&run.dir().join("meta.yaml"));
+    assert_eq!(get(&meta, "run_id"), run.run_id());
+    assert_eq!(run.run_id().len(), 32);
+    assert_eq!(get(&meta, "status"), "3");
+    assert_eq!(get(&meta, "run_name"), "'first'");
+    let (start, end): (u128, u128) = (
+        get(&meta, "start_time").parse().unwrap(),
+        get(&meta, "end_time").parse().unwrap(),
+    );
+    assert!(start > 1_600_000_000_000 && end >= start);
+    assert_eq!(
+        std::fs::read_to_string(run.dir().join("params").join("model.n_embd")).unwrap(),
+        "128"
+    );
+    let lines: Vec<Vec<String>> =
+        std::fs::read_to_string(run.dir().join("metrics").join("val_loss"))
+            .unwrap()
+            .lines()
+            .map(|l| l.split(' ').map(String::from).collect())
+            .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1][1..], ["3.1".to_string(), "10".to_string()]);
+    assert!(lines[1][0].parse::<u128>().unwrap() >= start);
+
+    // A second run of the same experiment goes into the same folder.
+    let again = MlflowRun::create(&root, "shakespeare", "second").unwrap();
+    assert_eq!(
+        again.dir().parent().unwrap(),
+        root.join("1").canonicalize().unwrap()
+    );
+    let other = MlflowRun::create(&root, "other", "x").unwrap();
+    assert!(other
+        .dir()
+        .starts_with(root.join("2").canonicalize().unwrap()));
+}
+
+#[test]
+fn loss_curves_are_read_from_metrics_and_plotted_as_png() {
+    let dir = temp_dir("plot");
+    let metrics = dir.join("metrics.jsonl");
+    std::fs::write(
+        &metrics,
+        "{\"event\":\"start\"}\n\
+         {\"event\":\"eval\",\"step\":0,\"train_loss\":4.2,\"val_loss\":4.3}\n\
+         {\"event\":\"eval\",\"step\":100,\"train_loss\":2.5,\"val_loss\":2.6,\"load_cv\":0.02}\n",
+    )
+    .unwrap();
+    let curves = LossCurves::from_jsonl(&metrics).unwrap();
+    assert_eq!(curves.train, vec![(0, 4.2), (100, 2.5)]);
+    assert_eq!(curves.val, vec![(0, 4.3), (100, 2.6)]);
+    assert_eq!(curves.balance, vec![(100, 0.02)]);
+    let png = dir.join("loss_curve.png");
+    plot_loss_curve(&png, &curves).unwrap();
+    let bytes = std::fs::read(&png).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    let be = |i: usize| u32::from_be_bytes(bytes[i..i + 4].try_into().unwrap());
+    assert_eq!((be(16), be(20)), (1000, 600), "IHDR width and height");
+    assert!(plot_loss_curve(&png, &LossCurves::default()).is_err());
+}
+
+#[test]
+fn run_configs_read_toml_and_json_with_defaults_and_reject_unknown_fields() {
+    let dir = temp_dir("config");
+    let toml_path = dir.join("run.toml");
+    std::fs::write(
+        &toml_path,
+        "[model]\nn_layer = 3\nrouter = \"top_k\"\n[train]\nmax_iters = 7\n[tokenizer]\nkind = \"bpe\"\n",
+    )
+    .unwrap();
+    let config = RunConfig::from_file(&toml_path).unwrap();
+    // No `family`: makeMoE's, as configs written before there were families.
+    let model = config.model.as_make_moe().unwrap();
+    assert_eq!(model.n_layer, 3);
+    let default = RunConfig::default();
+    assert_eq!(model.n_embd, default.model.as_make_moe().unwrap().n_embd);
+    assert_eq!(config.train.max_iters, 7);
+    assert_eq!(config.tokenizer.kind, TokenizerKind::Bpe);
+    // TOML out, TOML in: the same config; JSON too.
+    let printed = dir.join("printed.toml");
+    std::fs::write(&printed, config.to_toml().unwrap()).unwrap();
+    assert_eq!(RunConfig::from_file(&printed).unwrap(), config);
+    let json_path = dir.join("run.json");
+    std::fs::write(&json_path, serde_json::to_string(&config).unwrap()).unwrap();
+    assert_eq!(RunConfig::from_file(&json_path).unwrap(), config);
+
+    std::fs::write(&toml_path, "[model]\nn_layers = 3\n").unwrap();
+    let err = RunConfig::from_file(&toml_path).unwrap_err().to_string();
+    assert!(
+        err.contains("run.toml") && err.contains("n_layers"),
+        "{err}"
+    );
+    let yaml = dir.join("run.yaml");
+    std::fs::write(&yaml, "").unwrap();
+    assert!(RunConfig::from_file(&yaml)
+        .unwrap_err()
+        .to_string()
+        .contains(".toml or .json"));
+}
