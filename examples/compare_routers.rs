@@ -287,38 +287,31 @@ fn train_one(
     };
     let mut metrics = metrics.map(JsonlWriter::create).transpose()?;
     let mut last: Option<(f64, f64, Vec<RoutingStats>)> = None;
-    let mut write_error = None;
-    Trainer::new(&vs, &model, data, config)?.run_with_routing_stats(|event, stats| {
-        if let (
-            TrainEvent::Eval {
-                step,
-                losses,
-                ms_per_step,
-                ..
-            },
-            Some(stats),
-        ) = (event, stats)
+    Trainer::new(&vs, &model, data, config)?.run(|event| {
+        if let TrainEvent::Eval {
+            step,
+            train_loss,
+            val_loss,
+            ms_per_step,
+            routing,
+            ..
+        } = event
         {
             println!(
-                "  {} (seed {seed}) step {step}: val loss {:.4}",
-                design.name, losses.val
+                "  {} (seed {seed}) step {step}: val loss {val_loss:.4}",
+                design.name
             );
             if let Some(m) = metrics.as_mut() {
-                let written = m.write(&json!({
+                m.write(&json!({
                     "design": design.name, "seed": seed, "step": step,
-                    "train_loss": losses.train, "val_loss": losses.val,
-                    "ms_per_step": ms_per_step, "routing": stats,
-                }));
-                if let Err(e) = written {
-                    write_error.get_or_insert(e);
-                }
+                    "train_loss": train_loss, "val_loss": val_loss,
+                    "ms_per_step": ms_per_step, "routing": routing,
+                }))?;
             }
-            last = Some((losses.val, *ms_per_step, stats.to_vec()));
+            last = Some((*val_loss, *ms_per_step, routing.clone()));
         }
+        Ok(())
     })?;
-    if let Some(e) = write_error {
-        return Err(e);
-    }
     let (val_loss, ms_per_step, stats) =
         last.ok_or_else(|| MoeError::Data("the run made no evaluation".into()))?;
     let per_layer = |f: fn(&RoutingStats) -> f64| mean(&stats.iter().map(f).collect::<Vec<_>>());

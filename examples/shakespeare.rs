@@ -10,16 +10,14 @@
 
 use clap::Parser;
 use moe_layers::lm::{
-    generate, load_checkpoint_meta, parameter_count, plot_loss_curve, CausalLm, Checkpointing,
-    Dataset, JsonlWriter, LmConfig, LossCurves, MakeMoeConfig, MlflowRun, Preset, Progress,
-    RunConfig, RunStatus, Sampling, TextStream, Tokenizer, TokenizerKind, TrainEvent, Trainer,
+    generate, load_checkpoint_meta, plot_loss_curve, CausalLm, Checkpointing, Dataset, JsonlWriter,
+    LmConfig, LossCurves, MakeMoeConfig, MlflowRun, Preset, Progress, RunConfig, RunStatus,
+    Sampling, TextStream, Tokenizer, TokenizerKind, TrainEvent, Trainer,
 };
 use moe_layers::prelude::{DeviceChoice, DispatchKind, Precision, WeightInit};
 use moe_layers::{MoeError, Result};
-use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Instant;
 
 #[derive(Parser, Debug)]
 #[command(about = "Train the makeMoE sparse MoE language model on tinyshakespeare")]
@@ -194,20 +192,6 @@ fn run(args: Args) -> Result<()> {
         model_config.max_context(),
         device,
     )?;
-    let params = parameter_count(&vs);
-    println!(
-        "{:.6} M parameters ({:.3} M active per token), device {device:?}, vocabulary {}",
-        params as f64 / 1e6,
-        model_config.active_params(params) as f64 / 1e6,
-        tokenizer.vocab_size()
-    );
-    metrics.write(&json!({
-        "event": "start", "parameters": params,
-        "active_parameters": model_config.active_params(params),
-        "device": format!("{device:?}"),
-        "config": { "model": &model_config, "train": &train_config },
-    }))?;
-
     let mut trainer = Trainer::new(&vs, model.as_ref(), &data, train_config.clone())?
         .with_checkpointing(Checkpointing {
             dir: args.out.clone(),
@@ -220,64 +204,62 @@ fn run(args: Args) -> Result<()> {
         trainer.resume(dir)?;
         println!("resumed {} at step {}", dir.display(), trainer.steps_done());
     }
-    let started = Instant::now();
     let progress = Progress::new(train_config.max_iters, trainer.steps_done());
-    let mut write_error = None;
-    let result = trainer.run_with_routing_stats(|event, routing| {
-        let written = match *event {
+    // Every event goes to metrics.jsonl; the progress bar and MLflow show
+    // what a person follows.
+    let result = trainer.run(|event| {
+        metrics.write(event)?;
+        match *event {
+            TrainEvent::Start {
+                parameters,
+                active_parameters,
+                ref device,
+                ..
+            } => progress.println(&format!(
+                "{:.6} M parameters ({:.3} M active per token), device {device}, vocabulary {}",
+                parameters as f64 / 1e6,
+                active_parameters as f64 / 1e6,
+                tokenizer.vocab_size()
+            )),
             TrainEvent::Step {
                 step,
                 loss,
+                lr,
                 ms_per_step,
                 tokens_per_s,
                 eta_s,
+                ..
             } => {
                 progress.step(step, loss, ms_per_step, tokens_per_s, eta_s);
-                mlflow.log_metric("loss", loss, step)
+                mlflow.log_metric("loss", loss, step)?;
+                mlflow.log_metric("lr", lr, step)?;
             }
             TrainEvent::Eval {
                 step,
-                losses,
-                ms_per_step,
+                train_loss,
+                val_loss,
                 tokens_per_s,
                 eval_s,
+                load_cv,
+                ..
             } => {
                 progress.println(&format!(
-                    "step {step}: train loss {:.4}, val loss {:.4} (eval {eval_s:.1} s)",
-                    losses.train, losses.val
+                    "step {step}: train loss {train_loss:.4}, val loss {val_loss:.4} (eval {eval_s:.1} s)"
                 ));
-                mlflow
-                    .log_metric("train_loss", losses.train, step)
-                    .and_then(|_| mlflow.log_metric("val_loss", losses.val, step))
-                    .and_then(|_| mlflow.log_metric("tokens_per_s", tokens_per_s, step))
-                    .and_then(|_| {
-                        // Per-layer routing statistics, and their mean CV as one
-                        // plottable balance figure.
-                        let layers = routing.unwrap_or_default();
-                        let load_cv =
-                            layers.iter().map(|s| s.cv).sum::<f64>() / layers.len().max(1) as f64;
-                        metrics.write(&json!({
-                            "event": "eval", "step": step,
-                            "train_loss": losses.train, "val_loss": losses.val,
-                            "ms_per_step": ms_per_step, "tokens_per_s": tokens_per_s,
-                            "eval_s": eval_s, "load_cv": load_cv, "routing": layers,
-                        }))
-                    })
+                mlflow.log_metric("train_loss", train_loss, step)?;
+                mlflow.log_metric("val_loss", val_loss, step)?;
+                mlflow.log_metric("tokens_per_s", tokens_per_s, step)?;
+                mlflow.log_metric("load_cv", load_cv, step)?;
             }
-        };
-        if let Err(e) = written {
-            write_error.get_or_insert(e);
+            TrainEvent::End { .. } => {}
         }
+        Ok(())
     });
     progress.finish();
-    let last = match result.and_then(|last| write_error.map_or(Ok(last), Err)) {
-        Ok(last) => last,
-        Err(e) => {
-            let _ = mlflow.finish(RunStatus::Failed);
-            return Err(e);
-        }
-    };
-    let wall_s = started.elapsed().as_secs_f64();
+    if let Err(e) = result {
+        let _ = mlflow.finish(RunStatus::Failed);
+        return Err(e);
+    }
     println!(
         "saved {} (step {})",
         args.out.display(),
@@ -292,13 +274,6 @@ fn run(args: Args) -> Result<()> {
     if args.sample_chars > 0 {
         print_sample(model.as_ref(), &tokenizer, args.sample_chars)?;
     }
-    metrics.write(&json!({
-        "event": "end",
-        "steps": trainer.steps_done(),
-        "train_loss": last.map(|l| l.train),
-        "val_loss": last.map(|l| l.val),
-        "wall_s": wall_s,
-    }))?;
     mlflow.finish(RunStatus::Finished)
 }
 

@@ -112,9 +112,10 @@ fn the_language_model_trains_on_cuda() {
     Trainer::new(&vs, &model, &data, train)
         .unwrap()
         .run(|e| {
-            if let moe_layers::lm::TrainEvent::Eval { losses, .. } = e {
-                evals.push(losses.val);
+            if let moe_layers::lm::TrainEvent::Eval { val_loss, .. } = e {
+                evals.push(*val_loss);
             }
+            Ok(())
         })
         .unwrap();
     assert!(evals[0] > 3.5 && evals[1] < 2.8, "val losses {evals:?}");

@@ -66,7 +66,8 @@ fn a_short_run_writes_metrics_checkpoint_and_a_sample() {
         .collect();
     assert_eq!(records[0]["event"], "start");
     assert_eq!(records[0]["parameters"], 8_996_545);
-    assert_eq!(records[0]["config"]["model"]["n_layer"], 8);
+    assert_eq!(records[0]["model"]["n_layer"], 8);
+    assert_eq!(records[0]["model"]["family"], "make_moe");
     let evals: Vec<&serde_json::Value> = records.iter().filter(|r| r["event"] == "eval").collect();
     assert_eq!(
         evals
@@ -90,6 +91,9 @@ fn a_short_run_writes_metrics_checkpoint_and_a_sample() {
     let loads = routing[0]["tokens_per_expert"].as_array().unwrap();
     assert_eq!(loads.len(), 8);
     assert_eq!(records.last().unwrap()["event"], "end");
+    assert!(records
+        .iter()
+        .any(|r| r["event"] == "step" && r["lr"] == 1e-3));
     assert!(out_dir.join("model.safetensors").is_file());
     assert!(out_dir.join("config.json").is_file());
     let sample = stdout.split("--- sample ---\n").nth(1).unwrap();

@@ -5,6 +5,7 @@
 //! without text (train blue, validation red, balance green).
 
 use moe_core::{MoeError, Result};
+use moe_train::TrainEvent;
 use plotters::prelude::*;
 use std::path::Path;
 use std::sync::OnceLock;
@@ -26,29 +27,34 @@ pub struct LossCurves {
 }
 
 impl LossCurves {
-    /// Reads the `eval` records of a `metrics.jsonl` (`step`, `train_loss`,
-    /// `val_loss`, and `load_cv`, the mean coefficient of variation of the
-    /// experts' loads, where present).
+    /// Reads the [`TrainEvent::Eval`] records of a `metrics.jsonl`: train
+    /// and validation loss, and `load_cv`, the mean coefficient of
+    /// variation of the experts' loads. Other records are skipped; a line
+    /// that is not JSON, or an `eval` record that does not parse, is an
+    /// error naming the line.
     pub fn from_jsonl(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| MoeError::io(path, e))?;
         let mut curves = LossCurves::default();
         for (i, line) in text.lines().enumerate() {
-            let record: serde_json::Value = serde_json::from_str(line)
-                .map_err(|e| MoeError::Data(format!("{} line {}: {e}", path.display(), i + 1)))?;
+            let bad = |e: serde_json::Error| {
+                MoeError::Data(format!("{} line {}: {e}", path.display(), i + 1))
+            };
+            let record: serde_json::Value = serde_json::from_str(line).map_err(bad)?;
             if record["event"] != "eval" {
                 continue;
             }
-            let Some(step) = record["step"].as_i64() else {
-                continue;
-            };
-            let push = |key: &str, into: &mut Vec<(i64, f64)>| {
-                if let Some(v) = record[key].as_f64() {
-                    into.push((step, v));
-                }
-            };
-            push("train_loss", &mut curves.train);
-            push("val_loss", &mut curves.val);
-            push("load_cv", &mut curves.balance);
+            if let TrainEvent::Eval {
+                step,
+                train_loss,
+                val_loss,
+                load_cv,
+                ..
+            } = serde_json::from_value(record).map_err(bad)?
+            {
+                curves.train.push((step, train_loss));
+                curves.val.push((step, val_loss));
+                curves.balance.push((step, load_cv));
+            }
         }
         Ok(curves)
     }

@@ -1,7 +1,8 @@
 //! MLflow file-store runs, loss-curve plots and run config files.
 
 use moe_data::TokenizerKind;
-use moe_run::{plot_loss_curve, LossCurves, MlflowRun, RunConfig, RunStatus};
+use moe_run::{plot_loss_curve, JsonlWriter, LossCurves, MlflowRun, RunConfig, RunStatus};
+use moe_train::TrainEvent;
 use std::path::PathBuf;
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -93,17 +94,34 @@ fn mlflow_runs_follow_the_file_store_layout() {
 fn loss_curves_are_read_from_metrics_and_plotted_as_png() {
     let dir = temp_dir("plot");
     let metrics = dir.join("metrics.jsonl");
-    std::fs::write(
-        &metrics,
-        "{\"event\":\"start\"}\n\
-         {\"event\":\"eval\",\"step\":0,\"train_loss\":4.2,\"val_loss\":4.3}\n\
-         {\"event\":\"eval\",\"step\":100,\"train_loss\":2.5,\"val_loss\":2.6,\"load_cv\":0.02}\n",
-    )
-    .unwrap();
+    let eval = |step, train_loss, val_loss, load_cv| TrainEvent::Eval {
+        step,
+        train_loss,
+        val_loss,
+        ms_per_step: 1.0,
+        tokens_per_s: 1.0,
+        eval_s: 0.1,
+        load_cv,
+        routing: Vec::new(),
+    };
+    let end = TrainEvent::End {
+        steps: 100,
+        train_loss: Some(2.5),
+        val_loss: Some(2.6),
+        wall_s: 3.0,
+    };
+    let mut writer = JsonlWriter::create(&metrics).unwrap();
+    for record in [eval(0, 4.2, 4.3, 0.5), eval(100, 2.5, 2.6, 0.02), end] {
+        writer.write(&record).unwrap();
+    }
     let curves = LossCurves::from_jsonl(&metrics).unwrap();
     assert_eq!(curves.train, vec![(0, 4.2), (100, 2.5)]);
     assert_eq!(curves.val, vec![(0, 4.3), (100, 2.6)]);
-    assert_eq!(curves.balance, vec![(100, 0.02)]);
+    assert_eq!(curves.balance, vec![(0, 0.5), (100, 0.02)]);
+    // An eval record that lacks a field is an error naming the line.
+    std::fs::write(&metrics, "{\"event\":\"eval\",\"step\":0}\n").unwrap();
+    let err = LossCurves::from_jsonl(&metrics).unwrap_err().to_string();
+    assert!(err.contains("line 1"), "{err}");
     let png = dir.join("loss_curve.png");
     plot_loss_curve(&png, &curves).unwrap();
     let bytes = std::fs::read(&png).unwrap();

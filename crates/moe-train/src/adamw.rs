@@ -21,6 +21,8 @@ struct Slot {
     /// kernel reads and increments, so that a GPU step never waits on the
     /// host for it.
     step_count: Tensor,
+    /// Whether weight decay applies to this parameter.
+    decay: bool,
 }
 
 /// AdamW (Loshchilov & Hutter 2019, arXiv 1711.05101) exactly as
@@ -55,8 +57,19 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// Over every trainable variable of `vs`, in name order.
+    /// Over every trainable variable of `vs`, in name order, all decayed.
     pub fn new(vs: &nn::VarStore, config: AdamWConfig) -> Result<Self> {
+        Self::with_no_decay(vs, config, |_, _| false)
+    }
+
+    /// Over every trainable variable of `vs`, in name order; weight decay
+    /// skips the variables for which `no_decay(name, shape)` holds (nanoGPT's
+    /// two parameter groups: biases, norms and embeddings undecayed).
+    pub fn with_no_decay(
+        vs: &nn::VarStore,
+        config: AdamWConfig,
+        no_decay: impl Fn(&str, &[i64]) -> bool,
+    ) -> Result<Self> {
         if !(config.lr > 0.0 && config.lr.is_finite()) {
             return Err(MoeError::config(format!(
                 "learning rate must be a positive number, got {}",
@@ -82,6 +95,7 @@ impl AdamW {
         let slots = vars
             .into_iter()
             .map(|(name, param)| Slot {
+                decay: !no_decay(&name, &param.size()),
                 exp_avg: param.zeros_like(),
                 exp_avg_sq: param.zeros_like(),
                 step_count: Tensor::zeros([], (Kind::Float, param.device())),
@@ -129,6 +143,8 @@ impl AdamW {
 
     /// One update of every parameter that has a gradient.
     pub fn step(&mut self) -> Result<()> {
+        let (decayed, undecayed) = (self.group_config(true), self.group_config(false));
+        let group_config = |decay: bool| if decay { decayed } else { undecayed };
         tch::no_grad(|| {
             let grads: Vec<Tensor> = self.slots.iter().map(|s| s.param.grad()).collect();
             let (slots, grads): (Vec<&mut Slot>, Vec<Tensor>) = self
@@ -138,22 +154,35 @@ impl AdamW {
                 .filter(|(_, g)| g.defined())
                 .unzip();
             if self.fused {
-                let list = |f: fn(&Slot) -> &Tensor| {
-                    slots
+                // One kernel call per weight-decay group.
+                for decay in [true, false] {
+                    let group: Vec<(&&mut Slot, &Tensor)> = slots
                         .iter()
-                        .map(|s| f(s).shallow_clone())
-                        .collect::<Vec<_>>()
-                };
-                moe_aten::fused_adamw_(
-                    &AdamWTensors {
-                        params: &list(|s| &s.param),
-                        grads: &grads,
-                        exp_avgs: &list(|s| &s.exp_avg),
-                        exp_avg_sqs: &list(|s| &s.exp_avg_sq),
-                        steps: &list(|s| &s.step_count),
-                    },
-                    &self.config,
-                )?;
+                        .zip(&grads)
+                        .filter(|(s, _)| s.decay == decay)
+                        .collect();
+                    if group.is_empty() {
+                        continue;
+                    }
+                    let list = |f: fn(&Slot) -> &Tensor| {
+                        group
+                            .iter()
+                            .map(|(s, _)| f(s).shallow_clone())
+                            .collect::<Vec<_>>()
+                    };
+                    let group_grads: Vec<Tensor> =
+                        group.iter().map(|(_, g)| g.shallow_clone()).collect();
+                    moe_aten::fused_adamw_(
+                        &AdamWTensors {
+                            params: &list(|s| &s.param),
+                            grads: &group_grads,
+                            exp_avgs: &list(|s| &s.exp_avg),
+                            exp_avg_sqs: &list(|s| &s.exp_avg_sq),
+                            steps: &list(|s| &s.step_count),
+                        },
+                        &group_config(decay),
+                    )?;
+                }
                 slots.into_iter().for_each(|s| s.steps += 1);
                 return Ok(());
             }
@@ -161,7 +190,7 @@ impl AdamW {
                 slot.steps += 1;
                 let _ = slot.step_count.fill_(slot.steps as f64);
                 update(
-                    &self.config,
+                    &group_config(slot.decay),
                     slot.steps,
                     &slot.param,
                     &slot.exp_avg,
@@ -171,6 +200,24 @@ impl AdamW {
             }
             Ok(())
         })
+    }
+
+    /// The hyper-parameters of a weight-decay group: the config's, with
+    /// weight decay 0 for the undecayed group.
+    fn group_config(&self, decay: bool) -> AdamWConfig {
+        AdamWConfig {
+            weight_decay: if decay { self.config.weight_decay } else { 0.0 },
+            ..self.config
+        }
+    }
+
+    /// Names of the variables weight decay skips.
+    pub fn no_decay_names(&self) -> Vec<&str> {
+        self.slots
+            .iter()
+            .filter(|s| !s.decay)
+            .map(|s| s.name.as_str())
+            .collect()
     }
 
     /// Steps taken (by the first parameter; all take the same number when

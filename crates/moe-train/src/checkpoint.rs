@@ -8,7 +8,7 @@
 //! tensor (present, no extra, same shape) before it copies any.
 
 use crate::tensor_file::{file_err, read_tensors, write_bytes, write_tensors};
-use crate::{AdamW, TrainConfig};
+use crate::{Optimizer, TrainConfig};
 use moe_core::{MoeError, Result};
 use moe_data::Tokenizer;
 use moe_models::{CausalLm, LmConfig};
@@ -74,7 +74,7 @@ pub(crate) fn named_variables(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
 pub(crate) fn save_files(
     dir: &Path,
     variables: &[(String, Tensor)],
-    optimizer: Option<&AdamW>,
+    optimizer: Option<&dyn Optimizer>,
     meta: &CheckpointMeta,
 ) -> Result<()> {
     fs::create_dir_all(dir).map_err(|e| MoeError::io(dir, e))?;

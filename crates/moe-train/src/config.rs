@@ -22,6 +22,98 @@ pub struct TrainConfig {
     pub eval_rows: i64,
     /// Print a progress line every this many steps.
     pub log_interval: i64,
+    /// How the learning rate moves over the run (makeMoE: constant).
+    pub lr_schedule: LrSchedule,
+    /// Clip the gradients' global L2 norm to this value before each update
+    /// (nanoGPT: 1.0); `None`: no clipping (makeMoE).
+    pub grad_clip: Option<f64>,
+    /// Micro-batches of `batch_size` sequences whose gradients are summed
+    /// (each loss divided by this count) before one optimizer step: the
+    /// effective batch is `batch_size * grad_accum_steps` sequences.
+    pub grad_accum_steps: i64,
+    /// Which parameters weight decay applies to (makeMoE: all).
+    pub weight_decay_on: DecayGroups,
+}
+
+/// Which trainable variables AdamW decays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecayGroups {
+    /// Every trainable variable (PyTorch's `AdamW(model.parameters())`, makeMoE).
+    #[default]
+    All,
+    /// Weight matrices only: biases, norm gains and embeddings are not
+    /// decayed (nanoGPT's `configure_optimizers`; the model decides which
+    /// variables those are, [`moe_models::CausalLm::is_no_decay`]).
+    Matrices,
+}
+
+/// The learning rate at each step.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum LrSchedule {
+    /// `learning_rate` at every step.
+    #[default]
+    Constant,
+    /// nanoGPT's `get_lr`: linear warmup from 0 over `warmup_iters` steps,
+    /// then a cosine decay from `learning_rate` to `min_lr` at
+    /// `decay_iters` (the run's `max_iters` when `None`), `min_lr` after:
+    ///
+    /// `lr(s) = lr_max (s + 1) / warmup` for `s < warmup`;
+    /// `lr(s) = min_lr + (lr_max - min_lr) (1 + cos(pi r)) / 2`,
+    /// `r = (s - warmup) / (decay - warmup)`, for `warmup <= s <= decay`.
+    WarmupCosine {
+        warmup_iters: i64,
+        min_lr: f64,
+        decay_iters: Option<i64>,
+    },
+}
+
+impl LrSchedule {
+    /// The learning rate of step `step` (counted from 0) of a run of
+    /// `max_iters` steps whose peak rate is `lr_max`.
+    pub fn lr_at(&self, step: i64, lr_max: f64, max_iters: i64) -> f64 {
+        match *self {
+            LrSchedule::Constant => lr_max,
+            LrSchedule::WarmupCosine {
+                warmup_iters,
+                min_lr,
+                decay_iters,
+            } => {
+                let decay = decay_iters.unwrap_or(max_iters);
+                if step < warmup_iters {
+                    return lr_max * (step + 1) as f64 / warmup_iters as f64;
+                }
+                if step > decay || decay <= warmup_iters {
+                    return min_lr;
+                }
+                let ratio = (step - warmup_iters) as f64 / (decay - warmup_iters) as f64;
+                min_lr + 0.5 * (lr_max - min_lr) * (1.0 + (std::f64::consts::PI * ratio).cos())
+            }
+        }
+    }
+
+    /// Checks the schedule against the peak rate.
+    pub fn validate(&self, lr_max: f64) -> Result<()> {
+        if let LrSchedule::WarmupCosine {
+            warmup_iters,
+            min_lr,
+            decay_iters,
+        } = *self
+        {
+            if warmup_iters < 0 || decay_iters.is_some_and(|d| d < warmup_iters) {
+                return Err(MoeError::config(format!(
+                    "warmup_iters ({warmup_iters}) must be >= 0 and at most decay_iters ({decay_iters:?})"
+                )));
+            }
+            if !(min_lr >= 0.0 && min_lr <= lr_max) {
+                return Err(MoeError::config(format!(
+                    "min_lr must be in [0, learning_rate = {lr_max}], got {min_lr}"
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for TrainConfig {
@@ -37,6 +129,10 @@ impl Default for TrainConfig {
             train_fraction: 0.9,
             eval_rows: 1024,
             log_interval: 10,
+            lr_schedule: LrSchedule::Constant,
+            grad_clip: None,
+            grad_accum_steps: 1,
+            weight_decay_on: DecayGroups::All,
         }
     }
 }
@@ -49,6 +145,7 @@ impl TrainConfig {
             ("eval_iters", self.eval_iters),
             ("eval_rows", self.eval_rows),
             ("log_interval", self.log_interval),
+            ("grad_accum_steps", self.grad_accum_steps),
         ];
         for (name, v) in positive {
             if v <= 0 {
@@ -75,6 +172,13 @@ impl TrainConfig {
                 self.train_fraction
             )));
         }
-        Ok(())
+        if let Some(clip) = self.grad_clip {
+            if !(clip > 0.0 && clip.is_finite()) {
+                return Err(MoeError::config(format!(
+                    "grad_clip must be a positive number, got {clip}"
+                )));
+            }
+        }
+        self.lr_schedule.validate(self.learning_rate)
     }
 }

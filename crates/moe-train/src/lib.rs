@@ -1,11 +1,21 @@
-//! Training of `moe-layers` models: [`Trainer`], nanoGPT's loop over any
-//! [`CausalLm`](moe_models::CausalLm), with [`AdamW`] (libtorch's fused
-//! kernel, its state checkpointable), evaluation ([`estimate_loss`]) and
-//! resumable checkpoints (safetensors + `config.json`).
+//! Training of `moe-layers` models, each concern in its own file:
+//!
+//! | file | what |
+//! |---|---|
+//! | `config.rs` | [`TrainConfig`]: batches, schedule ([`LrSchedule`]), clipping, accumulation, decay groups |
+//! | `optimizer.rs` | the [`Optimizer`] trait, [`clip_grad_norm`] |
+//! | `adamw.rs` | [`AdamW`] (libtorch's fused kernel, checkpointable state) |
+//! | `trainer.rs` | [`Trainer`], nanoGPT's loop over any [`CausalLm`](moe_models::CausalLm) |
+//! | `eval.rs` | [`estimate_loss`], routing statistics |
+//! | `events.rs` | [`TrainEvent`], the typed records of a run |
+//! | `checkpoint.rs` | resumable checkpoints (safetensors + `config.json`) |
 
 mod adamw;
 mod checkpoint;
 mod config;
+mod eval;
+mod events;
+mod optimizer;
 mod tensor_file;
 mod trainer;
 
@@ -14,8 +24,8 @@ pub use checkpoint::{
     load_checkpoint, load_checkpoint_meta, save_checkpoint, Checkpoint, CheckpointMeta,
     CONFIG_FILE, OPTIMIZER_FILE, WEIGHTS_FILE,
 };
-pub use config::TrainConfig;
-pub use trainer::{
-    estimate_loss, estimate_routing_stats, parameter_count, Checkpointing, EvalLosses, StepPhases,
-    TrainEvent, Trainer,
-};
+pub use config::{DecayGroups, LrSchedule, TrainConfig};
+pub use eval::{estimate_loss, estimate_routing_stats, parameter_count, EvalLosses};
+pub use events::TrainEvent;
+pub use optimizer::{clip_grad_norm, Optimizer};
+pub use trainer::{Checkpointing, StepPhases, Trainer};

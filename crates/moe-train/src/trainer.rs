@@ -1,45 +1,22 @@
+//! nanoGPT's training loop over any [`CausalLm`]: random batches, AdamW
+//! (or any [`Optimizer`]) with a learning-rate schedule, gradient
+//! accumulation and clipping, periodic evaluation, resumable checkpoints,
+//! and typed [`TrainEvent`]s for whoever records the run.
+
 use crate::checkpoint::{
     config_differences, copy_into, load_checkpoint_meta, named_variables, read_weights, save_files,
     CONFIG_FILE, OPTIMIZER_FILE,
 };
-use crate::{AdamW, AdamWConfig, CheckpointMeta, TrainConfig};
-use moe_core::{MoeError, Result};
+use crate::{
+    clip_grad_norm, estimate_loss, estimate_routing_stats, parameter_count, AdamW, AdamWConfig,
+    CheckpointMeta, DecayGroups, EvalLosses, Optimizer, TrainConfig, TrainEvent,
+};
+use moe_core::{MoeError, Result, Routing};
 use moe_data::{Dataset, Split, Tokenizer};
 use moe_models::CausalLm;
-use moe_routers::RoutingStats;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-use tch::{nn, Kind, Tensor};
-
-/// Mean loss of each split.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct EvalLosses {
-    pub train: f64,
-    pub val: f64,
-}
-
-/// What the training loop reports as it goes.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum TrainEvent {
-    /// Every `log_interval` steps: the loss of the last step and the speed
-    /// of the steps since the start (evaluation excluded).
-    Step {
-        step: i64,
-        loss: f64,
-        ms_per_step: f64,
-        tokens_per_s: f64,
-        /// Seconds left, training and remaining evaluations included.
-        eta_s: f64,
-    },
-    /// Every `eval_interval` steps and at the last step, before that step trains.
-    Eval {
-        step: i64,
-        losses: EvalLosses,
-        ms_per_step: f64,
-        tokens_per_s: f64,
-        eval_s: f64,
-    },
-}
+use tch::{nn, Tensor};
 
 /// Wall-clock seconds spent in each phase of [`Trainer::step`], summed over
 /// the steps timed since [`Trainer::time_phases`] was called. On CUDA the
@@ -58,57 +35,15 @@ pub struct StepPhases {
     pub optimizer_s: f64,
 }
 
-/// Number of trainable parameters.
-pub fn parameter_count(vs: &nn::VarStore) -> i64 {
-    vs.trainable_variables()
-        .iter()
-        .map(|t| t.numel() as i64)
-        .sum()
-}
-
-/// makeMoE's `estimate_loss`: the mean cross-entropy (balance losses
-/// excluded, so that runs with and without them compare) over `eval_iters` random
-/// batches of each split, in evaluation mode and without gradients. The
-/// batches are stacked into forward passes of up to `eval_rows` sequences
-/// (same expectation, far fewer kernel launches) and the sum is read back
-/// once per split.
-pub fn estimate_loss<M: CausalLm + ?Sized>(
-    model: &M,
-    data: &Dataset,
-    config: &TrainConfig,
-) -> Result<EvalLosses> {
-    let per_chunk = (config.eval_rows / config.batch_size).max(1);
-    let mean = |split: Split| -> Result<f64> {
-        tch::no_grad(|| {
-            let mut total = Tensor::zeros([], (Kind::Float, model.device()));
-            let mut done = 0;
-            while done < config.eval_iters {
-                let batches = per_chunk.min(config.eval_iters - done);
-                let batch = data.batch(split, batches * config.batch_size);
-                total += model
-                    .batch_objective(&batch.x, &batch.y, false)?
-                    .cross_entropy
-                    * batches as f64;
-                done += batches;
-            }
-            Ok(total.double_value(&[]) / config.eval_iters as f64)
-        })
-    };
-    Ok(EvalLosses {
-        train: mean(Split::Train)?,
-        val: mean(Split::Val)?,
-    })
-}
-
-/// Routing statistics of each MoE layer over one evaluation-mode forward
-/// pass of `min(eval_rows, eval_iters * batch_size)` random validation sequences.
-pub fn estimate_routing_stats<M: CausalLm + ?Sized>(
-    model: &M,
-    data: &Dataset,
-    config: &TrainConfig,
-) -> Result<Vec<RoutingStats>> {
-    let rows = config.eval_rows.min(config.eval_iters * config.batch_size);
-    model.routing_stats(&data.batch(Split::Val, rows).x)
+impl StepPhases {
+    /// Adds the laps of one step.
+    fn add(&mut self, step: &StepPhases) {
+        self.steps += 1;
+        self.batch_s += step.batch_s;
+        self.forward_s += step.forward_s;
+        self.backward_s += step.backward_s;
+        self.optimizer_s += step.optimizer_s;
+    }
 }
 
 /// Where and how often [`Trainer::run`] saves training checkpoints.
@@ -122,37 +57,74 @@ pub struct Checkpointing {
     pub tokenizer: Tokenizer,
 }
 
-/// nanoGPT's training loop: AdamW on random batches, with periodic
+/// nanoGPT's training loop: an optimizer on random batches, with periodic
 /// evaluation of both splits and, optionally, periodic checkpoints.
 ///
-/// Randomness: step `s` (counted from 0) re-seeds libtorch's generators
-/// with `seed + s` before it draws its batch, dropout masks and router
-/// noise. A run resumed from a checkpoint at step `s` therefore draws
-/// exactly what the uninterrupted run draws, without saving generator state.
-pub struct Trainer<'a, M: CausalLm + ?Sized> {
+/// One step, [`Trainer::step`]:
+///
+/// 1. re-seed libtorch's generators with `seed + step` (so a run resumed
+///    at step `s` draws exactly what the uninterrupted run draws, without
+///    saving generator state) and set the learning rate of the schedule;
+/// 2. for each of `grad_accum_steps` micro-batches: draw a batch, forward,
+///    backward of `loss / grad_accum_steps` (gradients add up);
+/// 3. clip the gradients' global norm (if `grad_clip`), optimizer step;
+/// 4. the model's post-step hook sees the step's routings (DeepSeek-V3's
+///    balancing bias).
+pub struct Trainer<'a, M: CausalLm + ?Sized, O: Optimizer = AdamW> {
     model: &'a M,
     data: &'a Dataset,
     config: TrainConfig,
-    optimizer: AdamW,
+    optimizer: O,
     variables: Vec<(String, Tensor)>,
+    trainable: Vec<Tensor>,
+    parameters: i64,
     step: i64,
     checkpointing: Option<Checkpointing>,
     /// Sum of the training losses not yet checked for finiteness (read
     /// back at logging and checkpoint times only, to avoid a sync per step).
     unchecked_loss: Option<Tensor>,
+    /// Global gradient norm of the last step, when clipping is on.
+    last_grad_norm: Option<Tensor>,
     last_saved: Option<i64>,
     phases: Option<StepPhases>,
 }
 
-impl<'a, M: CausalLm + ?Sized> Trainer<'a, M> {
+impl<'a, M: CausalLm + ?Sized> Trainer<'a, M, AdamW> {
     /// [`AdamW`] with PyTorch's defaults (betas 0.9/0.999, eps 1e-8) and
     /// `config`'s learning rate and weight decay, over every trainable
-    /// variable of `vs`.
+    /// variable of `vs`; with [`DecayGroups::Matrices`], the variables the
+    /// model calls no-decay ([`CausalLm::is_no_decay`]) are not decayed.
     pub fn new(
         vs: &nn::VarStore,
         model: &'a M,
         data: &'a Dataset,
         config: TrainConfig,
+    ) -> Result<Self> {
+        config.validate()?;
+        let adamw = AdamWConfig {
+            lr: config.learning_rate,
+            weight_decay: config.weight_decay,
+            ..Default::default()
+        };
+        let optimizer = match config.weight_decay_on {
+            DecayGroups::All => AdamW::new(vs, adamw)?,
+            DecayGroups::Matrices => {
+                AdamW::with_no_decay(vs, adamw, |name, shape| model.is_no_decay(name, shape))?
+            }
+        };
+        Self::with_optimizer(vs, model, data, config, optimizer)
+    }
+}
+
+impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
+    /// A trainer driving `optimizer`, which must hold the trainable
+    /// variables of `vs`.
+    pub fn with_optimizer(
+        vs: &nn::VarStore,
+        model: &'a M,
+        data: &'a Dataset,
+        config: TrainConfig,
+        optimizer: O,
     ) -> Result<Self> {
         config.validate()?;
         if data.block_size() > model.max_context() {
@@ -162,23 +134,25 @@ impl<'a, M: CausalLm + ?Sized> Trainer<'a, M> {
                 model.max_context()
             )));
         }
-        let optimizer = AdamW::new(
-            vs,
-            AdamWConfig {
-                lr: config.learning_rate,
-                weight_decay: config.weight_decay,
-                ..Default::default()
-            },
-        )?;
+        if data.vocab_size() > model.vocab_size() {
+            return Err(MoeError::config(format!(
+                "the dataset's vocabulary ({} tokens) is larger than the model's ({})",
+                data.vocab_size(),
+                model.vocab_size()
+            )));
+        }
         Ok(Trainer {
             model,
             data,
             config,
             optimizer,
             variables: named_variables(vs),
+            trainable: vs.trainable_variables(),
+            parameters: parameter_count(vs),
             step: 0,
             checkpointing: None,
             unchecked_loss: None,
+            last_grad_norm: None,
             last_saved: None,
             phases: None,
         })
@@ -208,12 +182,19 @@ impl<'a, M: CausalLm + ?Sized> Trainer<'a, M> {
         self.step
     }
 
-    pub fn optimizer_mut(&mut self) -> &mut AdamW {
+    /// The optimizer, e.g. to switch AdamW's fused kernel off.
+    pub fn optimizer_mut(&mut self) -> &mut O {
         &mut self.optimizer
     }
 
-    pub fn optimizer(&self) -> &AdamW {
+    /// The optimizer.
+    pub fn optimizer(&self) -> &O {
         &self.optimizer
+    }
+
+    /// The training config.
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
     }
 
     /// Starts (or restarts from zero) timing the phases of each step.
@@ -226,37 +207,60 @@ impl<'a, M: CausalLm + ?Sized> Trainer<'a, M> {
         self.phases
     }
 
-    /// One optimisation step on a fresh training batch; returns the loss
-    /// tensor, balance losses included (not read back, so no host
-    /// synchronisation). After the optimizer step, the model's
-    /// [`CausalLm::after_optimizer_step`] hook sees the step's routings.
+    /// One optimisation step (see [`Trainer`]); returns the step's mean
+    /// training loss, balance losses included, as a device scalar (not read
+    /// back, so no host synchronisation).
     pub fn step(&mut self) -> Result<Tensor> {
         let mut clock = self.phases.map(|_| PhaseClock::start(self.model.device()));
+        let mut laps = StepPhases::default();
         tch::manual_seed(self.config.seed + self.step);
-        let batch = self.data.batch(Split::Train, self.config.batch_size);
-        let batch_s = clock.as_mut().map(PhaseClock::lap);
-        let objective = self.model.batch_objective(&batch.x, &batch.y, true)?;
-        let forward_s = clock.as_mut().map(PhaseClock::lap);
+        let lr = self.config.lr_schedule.lr_at(
+            self.step,
+            self.config.learning_rate,
+            self.config.max_iters,
+        );
+        self.optimizer.set_lr(lr);
         self.optimizer.zero_grad()?;
-        objective.total.backward();
-        let backward_s = clock.as_mut().map(PhaseClock::lap);
+
+        let micro_batches = self.config.grad_accum_steps;
+        let mut loss_sum: Option<Tensor> = None;
+        let mut routings = Vec::with_capacity(micro_batches as usize);
+        for _ in 0..micro_batches {
+            let batch = self.data.batch(Split::Train, self.config.batch_size);
+            laps.batch_s += clock.as_mut().map_or(0.0, PhaseClock::lap);
+            let objective = self.model.batch_objective(&batch.x, &batch.y, true)?;
+            laps.forward_s += clock.as_mut().map_or(0.0, PhaseClock::lap);
+            if micro_batches == 1 {
+                objective.total.backward();
+            } else {
+                (&objective.total / micro_batches as f64).backward();
+            }
+            laps.backward_s += clock.as_mut().map_or(0.0, PhaseClock::lap);
+            let loss = objective.total.detach();
+            loss_sum = Some(match loss_sum {
+                Some(sum) => sum + loss,
+                None => loss,
+            });
+            routings.push(objective.routings);
+        }
+
+        if let Some(max_norm) = self.config.grad_clip {
+            self.last_grad_norm = Some(clip_grad_norm(&self.trainable, max_norm));
+        }
         self.optimizer.step()?;
-        self.model.after_optimizer_step(&objective.routings)?;
-        let optimizer_s = clock.as_mut().map(PhaseClock::lap);
+        self.model
+            .after_optimizer_step(&concat_micro_batches(routings))?;
+        laps.optimizer_s += clock.as_mut().map_or(0.0, PhaseClock::lap);
         if let Some(phases) = self.phases.as_mut() {
-            phases.steps += 1;
-            phases.batch_s += batch_s.unwrap_or(0.0);
-            phases.forward_s += forward_s.unwrap_or(0.0);
-            phases.backward_s += backward_s.unwrap_or(0.0);
-            phases.optimizer_s += optimizer_s.unwrap_or(0.0);
+            phases.add(&laps);
         }
         self.step += 1;
-        let detached = objective.total.detach();
+        let loss = loss_sum.expect("grad_accum_steps >= 1") / micro_batches as f64;
         self.unchecked_loss = Some(match self.unchecked_loss.take() {
-            Some(sum) => sum + &detached,
-            None => detached,
+            Some(sum) => sum + &loss,
+            None => loss.shallow_clone(),
         });
-        Ok(objective.total)
+        Ok(loss)
     }
 
     /// Writes a training checkpoint (weights, optimizer state, configs,
@@ -293,55 +297,30 @@ impl<'a, M: CausalLm + ?Sized> Trainer<'a, M> {
             });
         }
         let weights = read_weights(dir, &self.variables)?;
-        let optimizer_path = dir.join(OPTIMIZER_FILE);
-        let state = self.optimizer.read_state(&optimizer_path)?;
-        if state.steps() != meta.step {
-            return Err(MoeError::Checkpoint {
-                path: optimizer_path,
-                reason: format!(
-                    "the optimizer state is from step {} but {CONFIG_FILE} says step {} \
-                     (an interrupted save?)",
-                    state.steps(),
-                    meta.step
-                ),
-            });
-        }
+        self.optimizer
+            .load_checked(&dir.join(OPTIMIZER_FILE), meta.step)?;
         copy_into(&self.variables, weights);
-        self.optimizer.apply_state(state);
         self.step = meta.step;
         self.unchecked_loss = None;
         self.last_saved = Some(meta.step);
         Ok(())
     }
 
-    /// Runs from the current step to `max_iters`, reporting through
-    /// `on_event`; returns the losses of the last evaluation.
-    pub fn run(&mut self, mut on_event: impl FnMut(&TrainEvent)) -> Result<Option<EvalLosses>> {
-        self.run_inner(false, |event, _| on_event(event))
-    }
-
-    /// [`Trainer::run`], also computing [`estimate_routing_stats`] at each
-    /// evaluation and passing them (one per layer) with the `Eval` event;
-    /// `None` with `Step` events. For `metrics.jsonl`.
-    pub fn run_with_routing_stats(
+    /// Runs from the current step to `max_iters`, reporting every
+    /// [`TrainEvent`] to `on_event`; an error from `on_event` stops the run
+    /// and is returned. Returns the losses of the last evaluation.
+    pub fn run(
         &mut self,
-        on_event: impl FnMut(&TrainEvent, Option<&[RoutingStats]>),
+        mut on_event: impl FnMut(&TrainEvent) -> Result<()>,
     ) -> Result<Option<EvalLosses>> {
-        self.run_inner(true, on_event)
-    }
-
-    fn run_inner(
-        &mut self,
-        with_stats: bool,
-        mut on_event: impl FnMut(&TrainEvent, Option<&[RoutingStats]>),
-    ) -> Result<Option<EvalLosses>> {
+        let run_started = Instant::now();
         let cfg = self.config.clone();
-        let tokens_per_step = (cfg.batch_size * self.data.block_size()) as f64;
+        let tokens_per_step =
+            (cfg.batch_size * cfg.grad_accum_steps * self.data.block_size()) as f64;
         let first = self.step;
         let last_step = (cfg.max_iters - 1).max(0);
-        let evals_total = (first..cfg.max_iters)
-            .filter(|s| s % cfg.eval_interval == 0 || *s == last_step)
-            .count() as i64;
+        let is_eval_step = |s: i64| s % cfg.eval_interval == 0 || s == last_step;
+        let evals_total = (first..cfg.max_iters).filter(|&s| is_eval_step(s)).count() as i64;
         let (mut train_s, mut eval_s_total, mut evals_done) = (0.0f64, 0.0f64, 0i64);
         let mut last = None;
         let speed = |steps: i64, secs: f64| {
@@ -357,30 +336,37 @@ impl<'a, M: CausalLm + ?Sized> Trainer<'a, M> {
             };
             (ms, tps)
         };
+        let lm_config = self.model.lm_config();
+        on_event(&TrainEvent::Start {
+            step: first,
+            parameters: self.parameters,
+            active_parameters: lm_config.active_params(self.parameters),
+            device: format!("{:?}", self.model.device()),
+            model: lm_config,
+            train: cfg.clone(),
+        })?;
         for step in first..cfg.max_iters {
-            if step % cfg.eval_interval == 0 || step == cfg.max_iters - 1 {
+            if is_eval_step(step) {
                 let started = Instant::now();
                 let losses = estimate_loss(self.model, self.data, &cfg)?;
-                let stats = if with_stats {
-                    Some(estimate_routing_stats(self.model, self.data, &cfg)?)
-                } else {
-                    None
-                };
+                let routing = estimate_routing_stats(self.model, self.data, &cfg)?;
                 let eval_s = started.elapsed().as_secs_f64();
                 eval_s_total += eval_s;
                 evals_done += 1;
                 self.check_finite(step, losses.train)?;
                 let (ms_per_step, tokens_per_s) = speed(step - first, train_s);
-                on_event(
-                    &TrainEvent::Eval {
-                        step,
-                        losses,
-                        ms_per_step,
-                        tokens_per_s,
-                        eval_s,
-                    },
-                    stats.as_deref(),
-                );
+                let load_cv =
+                    routing.iter().map(|s| s.cv).sum::<f64>() / routing.len().max(1) as f64;
+                on_event(&TrainEvent::Eval {
+                    step,
+                    train_loss: losses.train,
+                    val_loss: losses.val,
+                    ms_per_step,
+                    tokens_per_s,
+                    eval_s,
+                    load_cv,
+                    routing,
+                })?;
                 last = Some(losses);
             }
             let started = Instant::now();
@@ -394,16 +380,15 @@ impl<'a, M: CausalLm + ?Sized> Trainer<'a, M> {
                 let evals_left = (evals_total - evals_done) as f64;
                 let eta_s = (cfg.max_iters - step - 1) as f64 * ms_per_step / 1e3
                     + evals_left * eval_s_total / evals_done.max(1) as f64;
-                on_event(
-                    &TrainEvent::Step {
-                        step: step + 1,
-                        loss,
-                        ms_per_step,
-                        tokens_per_s,
-                        eta_s,
-                    },
-                    None,
-                );
+                on_event(&TrainEvent::Step {
+                    step: step + 1,
+                    loss,
+                    lr: self.optimizer.lr(),
+                    grad_norm: self.last_grad_norm.as_ref().map(|n| n.double_value(&[])),
+                    ms_per_step,
+                    tokens_per_s,
+                    eta_s,
+                })?;
             }
             let save_now = self
                 .checkpointing
@@ -419,6 +404,12 @@ impl<'a, M: CausalLm + ?Sized> Trainer<'a, M> {
                 self.save_checkpoint(&ckpt.dir, &ckpt.tokenizer)?;
             }
         }
+        on_event(&TrainEvent::End {
+            steps: self.step,
+            train_loss: last.map(|l| l.train),
+            val_loss: last.map(|l| l.val),
+            wall_s: run_started.elapsed().as_secs_f64(),
+        })?;
         Ok(last)
     }
 
@@ -464,6 +455,37 @@ impl<'a, M: CausalLm + ?Sized> Trainer<'a, M> {
         };
         MoeError::Diverged(format!("{what}{kept}"))
     }
+}
+
+/// The routings of a step's micro-batches, layer by layer, as one routing
+/// per layer over all their tokens (the aux-free bias update counts the
+/// load of the whole step).
+fn concat_micro_batches(mut micro: Vec<Vec<Routing>>) -> Vec<Routing> {
+    if micro.len() == 1 {
+        return micro.pop().unwrap_or_default();
+    }
+    let layers = micro.first().map_or(0, Vec::len);
+    (0..layers)
+        .map(|layer| {
+            let parts: Vec<&Routing> = micro.iter().map(|m| &m[layer]).collect();
+            let cat = |f: fn(&Routing) -> &Tensor| {
+                Tensor::cat(&parts.iter().map(|r| f(r)).collect::<Vec<_>>(), 0)
+            };
+            let dropped = parts
+                .iter()
+                .map(|r| r.dropped.as_ref())
+                .collect::<Option<Vec<_>>>()
+                .map(|d| Tensor::cat(&d, 0));
+            Routing {
+                indices: cat(|r| &r.indices),
+                weights: cat(|r| &r.weights),
+                logits: cat(|r| &r.logits),
+                probs: cat(|r| &r.probs),
+                dropped,
+                num_experts: parts[0].num_experts,
+            }
+        })
+        .collect()
 }
 
 /// Lap timer for [`StepPhases`]; waits for the device so that each lap

@@ -209,6 +209,7 @@ fn a_nan_stops_training_and_keeps_the_last_good_checkpoint() {
                     let _ = poison.shallow_clone().fill_(f64::NAN);
                 });
             }
+            Ok(())
         })
         .unwrap_err();
     assert!(matches!(err, MoeError::Diverged(_)), "{err}");
