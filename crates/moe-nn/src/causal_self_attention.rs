@@ -1,9 +1,10 @@
+use crate::sdpa::{causal_attention, causal_attention_math};
 use crate::{AttentionConfig, AttentionPath, KvCache};
 use moe_core::{
     as_kind_of, check_float, check_rank, check_same_device, dropout, linear, linear_in_input_dtype,
     MoeError, Result,
 };
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Tensor};
 
 /// Causal multi-head self-attention:
 ///
@@ -77,25 +78,11 @@ impl CausalSelfAttention {
         let qkv = x.linear::<Tensor>(&as_kind_of(&self.qkv, x), None);
         let split = |i: i64| qkv.narrow(2, i * c, c).view([b, t, h, hs]).transpose(1, 2);
         let (keys, values) = cache.append(split(1), split(2));
-        // Query i (absolute position past + i) sees keys 0..=past + i.
-        let mask = (past > 0 && t > 1).then(|| {
-            let q_pos = Tensor::arange_start(past, past + t, (Kind::Int64, x.device()));
-            let k_pos = Tensor::arange(past + t, (Kind::Int64, x.device()));
-            k_pos.unsqueeze(0).le_tensor(&q_pos.unsqueeze(1))
-        });
-        let heads = Tensor::scaled_dot_product_attention(
-            &split(0),
-            &keys,
-            &values,
-            mask.as_ref(),
-            0.0,
-            past == 0 && t > 1,
-            self.config.scale_factor(),
-            false,
-        )
-        .transpose(1, 2)
-        .contiguous()
-        .view([b, t, c]);
+        let scale = self.config.scale_factor();
+        let heads = causal_attention(&split(0), &keys, &values, past, scale, 0.0)
+            .transpose(1, 2)
+            .contiguous()
+            .view([b, t, c]);
         Ok(linear_in_input_dtype(&heads, &self.proj))
     }
 
@@ -127,13 +114,7 @@ impl CausalSelfAttention {
         let (q, k, v) = (split(0), split(1), split(2));
         let scale = self.config.scale_factor();
         let p = if train { self.config.dropout } else { 0.0 };
-        let heads = if p > 0.0 && x.device() == Device::Cpu {
-            // libtorch's CPU kernels take the math path whenever there is
-            // dropout; spelling that path out lets it use the fast CPU mask.
-            causal_attention_math(&q, &k, &v, scale, p)
-        } else {
-            Tensor::scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, p, true, scale, false)
-        };
+        let heads = causal_attention(&q, &k, &v, 0, scale, p);
         heads.transpose(1, 2).contiguous().view([b, t, c])
     }
 
@@ -150,6 +131,7 @@ impl CausalSelfAttention {
                     &project(0),
                     &project(1),
                     &project(2),
+                    0,
                     self.config.scale_factor(),
                     p,
                 )
@@ -157,20 +139,4 @@ impl CausalSelfAttention {
             .collect();
         Tensor::cat(&heads, -1)
     }
-}
-
-/// `Dropout_p(softmax(s Q K^T + M)) V` over `[..., T, hs]` inputs (all heads
-/// `[B, H, T, hs]`, or one head `[B, T, hs]`), with the causal mask
-/// `M[i, j] = -inf` for `j > i`: what libtorch's
-/// `scaled_dot_product_attention` computes on its math path, with the
-/// dropout of [`moe_core::dropout`]. The softmax runs in f32.
-fn causal_attention_math(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, p: f64) -> Tensor {
-    let size = q.size();
-    let t = size[size.len() - 2];
-    let future = Tensor::ones([t, t], (Kind::Bool, q.device())).triu(1);
-    let weights = (q.matmul(&k.transpose(-2, -1)) * scale)
-        .masked_fill(&future, f64::NEG_INFINITY)
-        .softmax(-1, Kind::Float)
-        .to_kind(q.kind());
-    dropout(&weights, p, true).matmul(v)
 }

@@ -1,15 +1,22 @@
+use crate::lfa::LfState;
 use tch::Tensor;
 
-/// The keys and values of the positions a [`crate::CausalSelfAttention`]
-/// layer has already seen, `[B, H, T_past, head_size]` each, so that the next
-/// positions attend to them without recomputing them (incremental decoding).
+/// What an attention layer ([`crate::CausalSelfAttention`],
+/// [`crate::GroupedQueryAttention`]) keeps of the positions it has already
+/// seen, so that the next positions attend to them without recomputing them
+/// (incremental decoding): their keys and values, `[B, H_kv, T_past,
+/// head_size]` each (after RoPE where the layer has it), and, for a layer
+/// with Yuan's [`crate::LocalizedFiltering`], the filter's state (the last
+/// input and the last first-convolution output). One cache per layer.
 #[derive(Debug, Default)]
 pub struct KvCache {
     keys: Option<Tensor>,
     values: Option<Tensor>,
+    lf: Option<LfState>,
 }
 
 impl KvCache {
+    /// An empty cache.
     pub fn new() -> Self {
         Self::default()
     }
@@ -19,6 +26,7 @@ impl KvCache {
         self.keys.as_ref().map_or(0, |k| k.size()[2])
     }
 
+    /// Whether no position is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -33,6 +41,11 @@ impl KvCache {
         *self = Self::default();
     }
 
+    /// The cached keys, `[B, H_kv, T_past, hs]` (`None` while empty).
+    pub(crate) fn keys(&self) -> Option<&Tensor> {
+        self.keys.as_ref()
+    }
+
     /// Appends `[B, H, T_new, hs]` keys and values; returns all of them.
     pub(crate) fn append(&mut self, keys: Tensor, values: Tensor) -> (Tensor, Tensor) {
         let join = |old: Option<Tensor>, new: Tensor| match old {
@@ -44,5 +57,16 @@ impl KvCache {
         self.keys = Some(keys.shallow_clone());
         self.values = Some(values.shallow_clone());
         (keys, values)
+    }
+
+    /// The localized filter's state after the cached positions (`None` while
+    /// empty, or when the layer has no filter).
+    pub(crate) fn lf_state(&self) -> Option<&LfState> {
+        self.lf.as_ref()
+    }
+
+    /// Replaces the localized filter's state.
+    pub(crate) fn set_lf_state(&mut self, state: LfState) {
+        self.lf = Some(state);
     }
 }

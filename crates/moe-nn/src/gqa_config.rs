@@ -1,0 +1,154 @@
+use moe_core::{MoeError, Result, WeightInit};
+use serde::{Deserialize, Serialize};
+
+/// Normalisation of queries and keys before RoPE (QK-norm), which keeps
+/// attention logits from growing during training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QkNorm {
+    /// No normalisation (Llama, Mixtral, Qwen2-MoE, DeepSeek-V3, Yuan 2.0).
+    #[default]
+    None,
+    /// OLMoE's (Muennighoff et al. 2024, arXiv 2409.02060; Hugging Face's
+    /// `modeling_olmoe.py`): `q_norm = RMSNorm(num_attention_heads *
+    /// head_dim)` and `k_norm = RMSNorm(num_key_value_heads * head_dim)` over
+    /// the whole projections, before they are split into heads.
+    Projection,
+    /// Qwen3's (Hugging Face's `modeling_qwen3.py`): one `RMSNorm(head_dim)`
+    /// for queries and one for keys, applied to every head.
+    Head,
+}
+
+/// Configuration of a [`crate::GroupedQueryAttention`] layer, with Hugging
+/// Face's field names (`LlamaConfig`, `Qwen2MoeConfig`, `OlmoeConfig`, ...).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GqaConfig {
+    /// Model width `C`.
+    pub hidden_size: i64,
+    /// Number of query heads `H`.
+    pub num_attention_heads: i64,
+    /// Number of key/value heads `H_kv`; must divide `H` (`H_kv = H` is
+    /// multi-head attention, `H_kv = 1` multi-query attention).
+    pub num_key_value_heads: i64,
+    /// Width of a head; `hidden_size / num_attention_heads` when `None`
+    /// (then `hidden_size` must be a multiple of `num_attention_heads`).
+    /// Must be even (RoPE rotates pairs).
+    pub head_dim: Option<i64>,
+    /// Longest sequence (prompt and generated positions) the layer accepts.
+    pub max_position_embeddings: i64,
+    /// RoPE base `theta`.
+    pub rope_theta: f64,
+    /// Bias on the q, k and v projections (Qwen2); `o_proj` never has one.
+    pub attention_bias: bool,
+    /// QK-norm before RoPE, if any.
+    pub qk_norm: QkNorm,
+    /// `eps` of the QK-norm and localized-filtering RMSNorms.
+    pub rms_norm_eps: f64,
+    /// Dropout on the attention weights in training.
+    pub attention_dropout: f64,
+    /// Yuan 2.0's localized filtering of the query/key input
+    /// ([`crate::LocalizedFiltering`]); needs an even `hidden_size`.
+    pub localized_filtering: bool,
+    /// How the projection (and filter convolution) weights are drawn.
+    pub init: WeightInit,
+}
+
+impl Default for GqaConfig {
+    /// A small layer: C = 64, 4 query heads of width 16 sharing 2 key/value
+    /// heads, 256 positions, RoPE base 10000, no bias, no QK-norm.
+    fn default() -> Self {
+        GqaConfig {
+            hidden_size: 64,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: None,
+            max_position_embeddings: 256,
+            rope_theta: 10000.0,
+            attention_bias: false,
+            qk_norm: QkNorm::None,
+            rms_norm_eps: 1e-6,
+            attention_dropout: 0.0,
+            localized_filtering: false,
+            init: WeightInit::default(),
+        }
+    }
+}
+
+impl GqaConfig {
+    /// Checks the sizes and ranges; every constructor calls it.
+    pub fn validate(&self) -> Result<()> {
+        let sizes = [
+            ("hidden_size", self.hidden_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim.unwrap_or(1)),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        if let Some((name, value)) = sizes.iter().find(|(_, v)| *v <= 0) {
+            return Err(MoeError::config(format!(
+                "{name} must be positive, got {value}"
+            )));
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(MoeError::config(format!(
+                "num_key_value_heads ({}) must divide num_attention_heads ({})",
+                self.num_key_value_heads, self.num_attention_heads
+            )));
+        }
+        if self.head_dim.is_none() && self.hidden_size % self.num_attention_heads != 0 {
+            return Err(MoeError::config(format!(
+                "hidden_size ({}) must be divisible by num_attention_heads ({}) when head_dim \
+                 is not given",
+                self.hidden_size, self.num_attention_heads
+            )));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(MoeError::config(format!(
+                "head_dim ({}) must be even for RoPE",
+                self.head_dim()
+            )));
+        }
+        if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
+            return Err(MoeError::config(format!(
+                "rope_theta must be positive and finite, got {}",
+                self.rope_theta
+            )));
+        }
+        if !(self.rms_norm_eps >= 0.0 && self.rms_norm_eps.is_finite()) {
+            return Err(MoeError::config(format!(
+                "rms_norm_eps must be finite and non-negative, got {}",
+                self.rms_norm_eps
+            )));
+        }
+        if !(0.0..1.0).contains(&self.attention_dropout) {
+            return Err(MoeError::config(format!(
+                "attention_dropout must be in [0, 1), got {}",
+                self.attention_dropout
+            )));
+        }
+        if self.localized_filtering && self.hidden_size % 2 != 0 {
+            return Err(MoeError::config(format!(
+                "localized filtering needs an even hidden_size, got {}",
+                self.hidden_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Width of a head: `head_dim`, or `hidden_size / num_attention_heads`.
+    pub fn head_dim(&self) -> i64 {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Query heads per key/value head, `H / H_kv`.
+    pub fn num_key_value_groups(&self) -> i64 {
+        self.num_attention_heads / self.num_key_value_heads.max(1)
+    }
+
+    /// The score scale `head_dim^-0.5`.
+    pub fn scale_factor(&self) -> f64 {
+        (self.head_dim() as f64).powf(-0.5)
+    }
+}

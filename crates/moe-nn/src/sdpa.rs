@@ -1,0 +1,88 @@
+//! The attention kernel shared by [`crate::CausalSelfAttention`] and
+//! [`crate::GroupedQueryAttention`]: causal scaled dot-product attention of
+//! `T` new queries over the `S = past + T` keys of the sequence so far.
+
+use moe_core::dropout;
+use tch::{Device, Kind, Tensor};
+
+/// `Dropout_p(softmax(s Q K^T + M)) V` for queries at absolute positions
+/// `past .. past + T` over keys at positions `0 .. past + T`, with the causal
+/// mask `M[i, j] = -inf` for `j > past + i`.
+///
+/// `q`: `[B, H, T, hs]`; `k`, `v`: `[B, H_kv, past + T, hs]` with `H_kv`
+/// dividing `H`: query head `h` reads key/value head `h / (H / H_kv)`
+/// (grouped-query attention; `H_kv = H` is multi-head attention). Returns
+/// `[B, H, T, hs]`.
+///
+/// libtorch's `scaled_dot_product_attention` computes it, with
+/// `enable_gqa` when `H_kv < H` (libtorch repeats the key/value heads itself
+/// where a kernel needs it), `is_causal` when there is no past, and an
+/// explicit boolean mask when new queries follow cached positions (libtorch's
+/// `is_causal` aligns the mask to the top-left corner, which is wrong once
+/// `S > T`). With dropout on a CPU it runs [`causal_attention_math`] instead.
+pub(crate) fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    past: i64,
+    scale: f64,
+    p: f64,
+) -> Tensor {
+    if p > 0.0 && q.device() == Device::Cpu {
+        // libtorch's CPU kernels take the math path whenever there is
+        // dropout; spelling that path out lets it use the fast CPU mask.
+        return causal_attention_math(q, k, v, past, scale, p);
+    }
+    let size = q.size();
+    let t = size[size.len() - 2];
+    let gqa = size.len() == 4 && k.size()[1] != size[1];
+    // Query i (absolute position past + i) sees keys 0..=past + i.
+    let mask = (past > 0 && t > 1).then(|| {
+        let q_pos = Tensor::arange_start(past, past + t, (Kind::Int64, q.device()));
+        let k_pos = Tensor::arange(past + t, (Kind::Int64, q.device()));
+        k_pos.unsqueeze(0).le_tensor(&q_pos.unsqueeze(1))
+    });
+    Tensor::scaled_dot_product_attention(q, k, v, mask.as_ref(), p, past == 0 && t > 1, scale, gqa)
+}
+
+/// What [`causal_attention`] computes, spelled out: what libtorch's
+/// `scaled_dot_product_attention` computes on its math path, with the
+/// dropout of [`moe_core::dropout`]. Takes all heads (`[B, H, T, hs]`
+/// queries, `[B, H_kv, S, hs]` keys and values, whose heads it repeats when
+/// `H_kv < H`) or one head (`[B, T, hs]`, `[B, S, hs]`). The softmax runs in
+/// f32.
+pub(crate) fn causal_attention_math(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    past: i64,
+    scale: f64,
+    p: f64,
+) -> Tensor {
+    let size = q.size();
+    let t = size[size.len() - 2];
+    let (k, v) = if size.len() == 4 && k.size()[1] != size[1] {
+        let groups = size[1] / k.size()[1];
+        (repeat_kv(k, groups), repeat_kv(v, groups))
+    } else {
+        (k.shallow_clone(), v.shallow_clone())
+    };
+    let future = Tensor::ones([t, past + t], (Kind::Bool, q.device())).triu(past + 1);
+    let weights = (q.matmul(&k.transpose(-2, -1)) * scale)
+        .masked_fill(&future, f64::NEG_INFINITY)
+        .softmax(-1, Kind::Float)
+        .to_kind(q.kind());
+    dropout(&weights, p, true).matmul(&v)
+}
+
+/// `[B, H_kv, S, hs] -> [B, H_kv * groups, S, hs]`, each head repeated
+/// `groups` times in a row (head `h` of the result is head `h / groups`).
+pub(crate) fn repeat_kv(x: &Tensor, groups: i64) -> Tensor {
+    if groups == 1 {
+        return x.shallow_clone();
+    }
+    let (b, h, s, d) = x.size4().expect("[B, H, S, hs]");
+    x.unsqueeze(2)
+        .expand([b, h, groups, s, d], false)
+        .reshape([b, h * groups, s, d])
+}
