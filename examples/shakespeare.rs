@@ -1,16 +1,20 @@
-//! Trains makeMoE's sparse MoE language model on tinyshakespeare, writes
+//! Trains a sparse MoE language model on tinyshakespeare (makeMoE's by
+//! default, or the Mixtral-style decoder with `--family decoder`), writes
 //! `OUT/metrics.jsonl` and an MLflow run (`OUT/mlruns`), saves a resumable
 //! checkpoint in `OUT` (`model.safetensors`, `config.json`,
 //! `optimizer.safetensors`), optionally plots `OUT/loss_curve.png`, and
 //! prints a generated sample.
 //!
-//! `cargo xtask shakespeare -- --preset makemoe` reproduces the tutorial's run.
+//! `cargo xtask shakespeare -- --preset makemoe` reproduces the tutorial's run;
+//! `cargo xtask shakespeare -- --family decoder [--preset yuan]` trains a
+//! decoder-family model with the same CLI, metrics, checkpoints and resume.
 //! `--config FILE` (TOML or JSON) sets model, training and tokenizer; flags
 //! override it; `--print-config` prints the resolved config and exits.
 
 use clap::Parser;
 use moe_layers::lm::{
-    generate, load_checkpoint_meta, plot_loss_curve, CausalLm, Checkpointing, Dataset, JsonlWriter,
+    generate, load_checkpoint_meta, plot_loss_curve, CausalLm, Checkpointing, Dataset,
+    DecoderConfig, JsonlWriter,
     LmConfig, LossCurves, MakeMoeConfig, MlflowRun, Preset, Progress, RunConfig, RunStatus,
     Sampling, TextStream, Tokenizer, TokenizerKind, TrainEvent, Trainer,
 };
@@ -20,7 +24,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(about = "Train the makeMoE sparse MoE language model on tinyshakespeare")]
+#[command(about = "Train a sparse MoE language model (makeMoE or the decoder family) on tinyshakespeare")]
 struct Args {
     /// TOML or JSON file with [model], [train] and [tokenizer] sections
     #[arg(long)]
@@ -51,8 +55,14 @@ struct Args {
     /// kaiming or xavier
     #[arg(long)]
     init: Option<String>,
-    /// makemoe (the tutorial's quirks) or default (textbook attention scale,
-    /// no eval noise); makemoe unless a config file is given
+    /// Model family: make_moe (the tutorial's model) or decoder (Mixtral-style:
+    /// RMSNorm, RoPE, grouped-query attention, SwiGLU experts); make_moe
+    /// unless a config file says otherwise
+    #[arg(long)]
+    family: Option<String>,
+    /// make_moe: makemoe (the tutorial's quirks) or default (textbook
+    /// attention scale, no eval noise), makemoe unless a config file is
+    /// given; decoder: mixtral (default), qwen2_moe, deepseek_v3, olmoe, yuan or llama
     #[arg(long)]
     preset: Option<String>,
     /// auto (default), mask_loop, indexed_loop, grouped, capacity[:FACTOR] or dense_reference
@@ -99,6 +109,22 @@ fn resolve_config(args: &Args) -> Result<RunConfig> {
             ..RunConfig::default()
         },
     };
+    match args.family.as_deref() {
+        None => {}
+        Some(family) if family == config.model.family() => {}
+        Some("decoder") => {
+            let preset = args.preset.as_deref().unwrap_or("mixtral");
+            config.model = LmConfig::Decoder(DecoderConfig::preset(preset.parse()?));
+        }
+        Some("make_moe" | "makemoe") => {
+            config.model = LmConfig::MakeMoe(MakeMoeConfig::preset(Preset::MakeMoe));
+        }
+        Some(other) => {
+            return Err(MoeError::config(format!(
+                "unknown family `{other}`: expected make_moe or decoder"
+            )))
+        }
+    }
     let t = &mut config.train;
     let set = |dst: &mut i64, src: Option<i64>| *dst = src.unwrap_or(*dst);
     set(&mut t.max_iters, args.max_iters);
@@ -109,6 +135,7 @@ fn resolve_config(args: &Args) -> Result<RunConfig> {
     t.learning_rate = args.lr.unwrap_or(t.learning_rate);
     match &mut config.model {
         LmConfig::MakeMoe(m) => apply_make_moe_flags(args, m)?,
+        LmConfig::Decoder(d) => apply_decoder_flags(args, d)?,
     }
     if let Some(kind) = &args.tokenizer {
         config.tokenizer.kind = kind.parse::<TokenizerKind>()?;
@@ -133,6 +160,30 @@ fn apply_make_moe_flags(args: &Args, m: &mut MakeMoeConfig) -> Result<()> {
     }
     if let Some(dispatch) = &args.dispatch {
         m.dispatch = dispatch.parse::<DispatchKind>()?;
+    }
+    Ok(())
+}
+
+/// The model flags, on the decoder's config (`--block-size` is its
+/// context, `max_position_embeddings`).
+fn apply_decoder_flags(args: &Args, d: &mut DecoderConfig) -> Result<()> {
+    if let Some(preset) = &args.preset {
+        let sizes = d.clone();
+        *d = DecoderConfig {
+            vocab_size: sizes.vocab_size,
+            max_position_embeddings: sizes.max_position_embeddings,
+            ..DecoderConfig::preset(preset.parse()?)
+        };
+    }
+    d.max_position_embeddings = args.block_size.unwrap_or(d.max_position_embeddings);
+    if let Some(init) = &args.init {
+        d.init = init.parse::<WeightInit>()?;
+    }
+    if let Some(precision) = &args.precision {
+        d.precision = precision.parse::<Precision>()?;
+    }
+    if let Some(dispatch) = &args.dispatch {
+        d.dispatch = dispatch.parse::<DispatchKind>()?;
     }
     Ok(())
 }

@@ -23,23 +23,36 @@
 //! | [`run`] | `moe-run` | run configs, metrics, MLflow, plots, progress |
 //!
 //! [`lm`] gathers what a language-model program needs from the last four.
+//!
+//! ## Features
+//!
+//! The layers are always compiled. `models`, `data` (tokenizers), `train`
+//! (the C++ shim for fused AdamW), `run` (plotters, TOML) and `lm` (all
+//! four, the default) add the rest: `default-features = false` gives
+//! `SparseMoe` and its parts without tokenizers or plotting.
 
+#[cfg(feature = "train")]
 pub use moe_aten as aten;
 pub use moe_block as block;
 pub use moe_core as core;
+#[cfg(feature = "data")]
 pub use moe_data as data;
 pub use moe_dispatch as dispatch;
 pub use moe_experts as experts;
+#[cfg(feature = "models")]
 pub use moe_models as models;
 pub use moe_nn as nn;
 pub use moe_routers as routers;
+#[cfg(feature = "run")]
 pub use moe_run as run;
+#[cfg(feature = "train")]
 pub use moe_train as train;
 
 pub use moe_core::{MoeError, Result};
 
 /// Everything a language-model program uses, from `models`, `data`,
 /// `train` and `run`, in one place.
+#[cfg(feature = "lm")]
 pub mod lm {
     pub use moe_data::*;
     pub use moe_models::*;
@@ -51,18 +64,22 @@ pub mod lm {
 pub mod prelude {
     pub use moe_block::{MoeOutput, SparseMoe, SparseMoeConfig};
     pub use moe_core::{DeviceChoice, MoeError, Precision, Result, Routing, WeightInit};
+    #[cfg(feature = "data")]
     pub use moe_data::{CharTokenizer, Dataset};
     pub use moe_dispatch::{Dispatch, DispatchKind};
     pub use moe_experts::{ExpertBank, ExpertConfig};
+    #[cfg(feature = "models")]
     pub use moe_models::{
-        generate, CausalLm, LmConfig, MakeMoeConfig, MakeMoeModel, Preset, Sampling,
+        generate, CausalLm, DecoderConfig, DecoderModel, LmConfig, MakeMoeConfig, MakeMoeModel,
+        Preset, Sampling,
     };
     pub use moe_nn::{AttentionConfig, AttentionPath, AttentionScale, CausalSelfAttention};
     pub use moe_routers::{Router, RouterConfig, RouterKind};
+    #[cfg(feature = "train")]
     pub use moe_train::{TrainConfig, Trainer};
 }
 
 /// The README's code examples, compiled and run as doctests.
-#[cfg(doctest)]
+#[cfg(all(doctest, feature = "lm"))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;

@@ -1,9 +1,10 @@
 //! [`LmConfig`]: which model family, with that family's config. Checkpoints
 //! and run configs store it; [`LmConfig::build`] makes the model.
 
+use crate::decoder::{DecoderConfig, DecoderModel};
 use crate::makemoe::{MakeMoeConfig, MakeMoeModel};
 use crate::CausalLm;
-use moe_core::Result;
+use moe_core::{MoeError, Result};
 use serde::{Deserialize, Deserializer, Serialize};
 use tch::nn;
 
@@ -15,6 +16,8 @@ use tch::nn;
 pub enum LmConfig {
     /// makeMoE's character model ([`MakeMoeModel`]).
     MakeMoe(MakeMoeConfig),
+    /// The Mixtral-style decoder family ([`DecoderModel`]).
+    Decoder(DecoderConfig),
 }
 
 impl Default for LmConfig {
@@ -42,6 +45,7 @@ impl<'de> Deserialize<'de> for LmConfig {
         let parse = |v| serde_json::from_value(v).map_err(D::Error::custom);
         match family.as_str() {
             "make_moe" => parse(value).map(LmConfig::MakeMoe),
+            "decoder" => parse(value).map(LmConfig::Decoder),
             other => Err(D::Error::custom(format!(
                 "unknown model family `{other}`: expected {}",
                 LmConfig::FAMILIES.join(" or ")
@@ -52,12 +56,13 @@ impl<'de> Deserialize<'de> for LmConfig {
 
 impl LmConfig {
     /// The `family` tags.
-    pub const FAMILIES: [&'static str; 1] = ["make_moe"];
+    pub const FAMILIES: [&'static str; 2] = ["make_moe", "decoder"];
 
     /// Builds the model under `p`.
     pub fn build(&self, p: &nn::Path) -> Result<Box<dyn CausalLm>> {
         Ok(match self {
             LmConfig::MakeMoe(c) => Box::new(MakeMoeModel::new(p, c)?),
+            LmConfig::Decoder(c) => Box::new(DecoderModel::new(p, c)?),
         })
     }
 
@@ -65,6 +70,7 @@ impl LmConfig {
     pub fn validate(&self) -> Result<()> {
         match self {
             LmConfig::MakeMoe(c) => c.validate(),
+            LmConfig::Decoder(c) => c.validate(),
         }
     }
 
@@ -72,6 +78,7 @@ impl LmConfig {
     pub fn vocab_size(&self) -> i64 {
         match self {
             LmConfig::MakeMoe(c) => c.vocab_size,
+            LmConfig::Decoder(c) => c.vocab_size,
         }
     }
 
@@ -79,6 +86,7 @@ impl LmConfig {
     pub fn set_vocab_size(&mut self, vocab_size: i64) {
         match self {
             LmConfig::MakeMoe(c) => c.vocab_size = vocab_size,
+            LmConfig::Decoder(c) => c.vocab_size = vocab_size,
         }
     }
 
@@ -86,6 +94,7 @@ impl LmConfig {
     pub fn max_context(&self) -> i64 {
         match self {
             LmConfig::MakeMoe(c) => c.block_size,
+            LmConfig::Decoder(c) => c.max_position_embeddings,
         }
     }
 
@@ -93,6 +102,15 @@ impl LmConfig {
     pub fn active_params(&self, total: i64) -> i64 {
         match self {
             LmConfig::MakeMoe(c) => c.active_params(total),
+            LmConfig::Decoder(c) => c.active_params(total),
+        }
+    }
+
+    /// The family's tag.
+    pub fn family(&self) -> &'static str {
+        match self {
+            LmConfig::MakeMoe(_) => "make_moe",
+            LmConfig::Decoder(_) => "decoder",
         }
     }
 
@@ -100,7 +118,28 @@ impl LmConfig {
     pub fn as_make_moe(&self) -> Result<&MakeMoeConfig> {
         match self {
             LmConfig::MakeMoe(c) => Ok(c),
+            other => Err(MoeError::config(format!(
+                "expected a make_moe config, got a {} one",
+                other.family()
+            ))),
         }
+    }
+
+    /// The decoder config, or an error naming the family.
+    pub fn as_decoder(&self) -> Result<&DecoderConfig> {
+        match self {
+            LmConfig::Decoder(c) => Ok(c),
+            other => Err(MoeError::config(format!(
+                "expected a decoder config, got a {} one",
+                other.family()
+            ))),
+        }
+    }
+}
+
+impl From<DecoderConfig> for LmConfig {
+    fn from(c: DecoderConfig) -> Self {
+        LmConfig::Decoder(c)
     }
 }
 

@@ -2,6 +2,9 @@
 //!
 //! - [`makemoe`]: makeMoE's character-level model (learned positions,
 //!   LayerNorm, biases everywhere), whose preset reproduces the tutorial;
+//! - [`decoder`]: the Mixtral-style decoder (RMSNorm, RoPE, grouped-query
+//!   attention, SwiGLU experts), whose config covers Mixtral, Qwen2-MoE,
+//!   DeepSeek-V3 without MLA, OLMoE, LLaMA(-MoE) and Yuan 2.0-M32;
 //!
 //! and [`generate`], KV-cached sampling for any of them. [`LmConfig`] names
 //! a family with its config (what checkpoints and run configs store).
@@ -10,11 +13,13 @@
 //! training and run tooling live above (`moe-data`, `moe-train`, `moe-run`).
 
 mod causal_lm;
+pub mod decoder;
 mod family;
 mod generate;
 pub mod makemoe;
 
 pub use causal_lm::{check_context, cross_entropy, BatchLoss, CausalLm, ForwardOutput, ModelCache};
+pub use decoder::{DecoderConfig, DecoderModel, DecoderPreset};
 pub use family::LmConfig;
 pub use generate::{generate, generate_recompute, Sampling};
 pub use makemoe::{MakeMoeConfig, MakeMoeModel, Preset};

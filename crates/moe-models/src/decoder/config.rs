@@ -1,0 +1,353 @@
+use moe_block::{SharedExperts, SparseMoeConfig};
+use moe_core::{MoeError, Precision, Result, WeightInit};
+use moe_dispatch::DispatchKind;
+use moe_experts::Activation;
+use moe_nn::{GqaConfig, QkNorm};
+use moe_routers::{BalanceLossConfig, Gate, RouterConfig};
+use serde::{Deserialize, Serialize};
+use std::str::FromStr;
+
+/// Hyper-parameters of the decoder family ([`super::DecoderModel`]):
+/// Mixtral, Qwen2-MoE, DeepSeek-V3 (without MLA), OLMoE, LLaMA-MoE and
+/// Yuan 2.0-M32 are settings of it.
+///
+/// Field names are Hugging Face's (`config.json` of `MixtralConfig`,
+/// `Qwen2MoeConfig`, `DeepseekV3Config`, `OlmoeConfig`), with the aliases of
+/// the families that name a field differently (`num_local_experts` =
+/// `n_routed_experts` = `num_experts`). What Hugging Face spreads over flat
+/// keys that only make sense for one router (`norm_topk_prob`, `n_group`,
+/// `topk_group`, `routed_scaling_factor`, `scoring_func`) lives here in one
+/// place, the nested [`RouterConfig`] whose [`Gate`] variant carries its own
+/// settings. Fields that Hugging Face does not have are ours:
+/// `qk_norm`, `localized_filtering`, `router`, `dispatch`, `init`, `precision`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DecoderConfig {
+    /// Vocabulary size `V`.
+    pub vocab_size: i64,
+    /// Model width `d`.
+    pub hidden_size: i64,
+    /// Hidden width of the dense SwiGLU MLPs (LLaMA, the first
+    /// `first_k_dense_replace` layers of DeepSeek), and of each expert when
+    /// `moe_intermediate_size` is not set (Mixtral, OLMoE).
+    pub intermediate_size: i64,
+    /// Hidden width of each routed expert (DeepSeek, Qwen2-MoE).
+    pub moe_intermediate_size: Option<i64>,
+    /// Decoder layers.
+    pub num_hidden_layers: i64,
+    /// Query heads.
+    pub num_attention_heads: i64,
+    /// Key/value heads (grouped-query attention); divides `num_attention_heads`.
+    pub num_key_value_heads: i64,
+    /// Width of one head; `hidden_size / num_attention_heads` when not set.
+    pub head_dim: Option<i64>,
+    /// Longest sequence (the RoPE table's length).
+    pub max_position_embeddings: i64,
+    /// RoPE base `theta`.
+    pub rope_theta: f64,
+    /// Epsilon of every RMSNorm.
+    pub rms_norm_eps: f64,
+    /// Bias on the q, k, v projections (Qwen2).
+    pub attention_bias: bool,
+    /// Dropout on the attention weights in training.
+    pub attention_dropout: f64,
+    /// The LM head shares the token embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// RMSNorm on queries and keys (OLMoE: over the whole projection).
+    pub qk_norm: QkNorm,
+    /// Yuan 2.0's localized filtering of the query/key stream.
+    pub localized_filtering: bool,
+    /// Routed experts `E` (0: every layer is dense, as LLaMA).
+    #[serde(alias = "num_local_experts", alias = "n_routed_experts")]
+    pub num_experts: i64,
+    /// Experts per token `k`.
+    pub num_experts_per_tok: i64,
+    /// DeepSeek's shared experts: this many experts of the routed width that
+    /// every token passes through.
+    pub n_shared_experts: i64,
+    /// Qwen2-MoE's shared expert: one expert of this width whose output is
+    /// gated by `sigmoid(x w_g)`.
+    pub shared_expert_intermediate_size: Option<i64>,
+    /// DeepSeek: the first this many layers have a dense MLP instead of MoE.
+    pub first_k_dense_replace: i64,
+    /// Gate, gate bias, scaling factor, capacity.
+    pub router: RouterConfig,
+    /// Switch load-balance coefficient (Mixtral's `router_aux_loss_coef`,
+    /// 0.02 in Mixtral; 0: none).
+    pub router_aux_loss_coef: f64,
+    /// How tokens reach their experts.
+    pub dispatch: DispatchKind,
+    /// Initialisation of the linear layers (embeddings: N(0, 0.02^2)).
+    pub init: WeightInit,
+    /// Compute dtype of attention and MLPs; parameters stay f32.
+    pub precision: Precision,
+}
+
+impl Default for DecoderConfig {
+    /// A small Mixtral: 8 layers of width 128, 8 query and 4 key/value
+    /// heads, 8 SwiGLU experts of width 368 with top-2 softmax routing,
+    /// context 32 (makeMoE's), about makeMoE's active parameters (2.67 M).
+    fn default() -> Self {
+        DecoderConfig {
+            vocab_size: 65,
+            hidden_size: 128,
+            intermediate_size: 368,
+            moe_intermediate_size: None,
+            num_hidden_layers: 8,
+            num_attention_heads: 8,
+            num_key_value_heads: 4,
+            head_dim: None,
+            max_position_embeddings: 32,
+            rope_theta: 10_000.0,
+            rms_norm_eps: 1e-5,
+            attention_bias: false,
+            attention_dropout: 0.0,
+            tie_word_embeddings: true,
+            qk_norm: QkNorm::None,
+            localized_filtering: false,
+            num_experts: 8,
+            num_experts_per_tok: 2,
+            n_shared_experts: 0,
+            shared_expert_intermediate_size: None,
+            first_k_dense_replace: 0,
+            router: RouterConfig {
+                gate: Gate::TopK {
+                    norm_topk_prob: true,
+                },
+                bias: false,
+                ..RouterConfig::default()
+            },
+            router_aux_loss_coef: 0.01,
+            dispatch: DispatchKind::Auto,
+            init: WeightInit::default(),
+            precision: Precision::Fp32,
+        }
+    }
+}
+
+/// The settings by which the families of the decoder differ, on the sizes
+/// of [`DecoderConfig::default`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecoderPreset {
+    /// Mixtral: softmax top-2 over 8 experts, renormalised.
+    #[default]
+    Mixtral,
+    /// Qwen2-MoE: q/k/v bias, fine-grained experts, no renormalisation, a
+    /// sigmoid-gated shared expert.
+    Qwen2Moe,
+    /// DeepSeek-V3 without MLA: sigmoid gate with aux-free bias,
+    /// group-limited top-k, routed scaling 2.5, one shared expert, a first
+    /// dense layer.
+    DeepseekV3,
+    /// OLMoE: QK-norm, softmax top-2 without renormalisation.
+    Olmoe,
+    /// Yuan 2.0-M32: localized filtering attention and the attention router.
+    Yuan,
+    /// LLaMA (dense): every layer a SwiGLU MLP; the source of LLaMA-MoE.
+    Llama,
+}
+
+impl FromStr for DecoderPreset {
+    type Err = MoeError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().replace('-', "_").as_str() {
+            "mixtral" => Ok(DecoderPreset::Mixtral),
+            "qwen2_moe" | "qwen" => Ok(DecoderPreset::Qwen2Moe),
+            "deepseek_v3" | "deepseek" => Ok(DecoderPreset::DeepseekV3),
+            "olmoe" => Ok(DecoderPreset::Olmoe),
+            "yuan" => Ok(DecoderPreset::Yuan),
+            "llama" => Ok(DecoderPreset::Llama),
+            other => Err(MoeError::config(format!(
+                "unknown decoder preset `{other}`: expected mixtral, qwen2_moe, deepseek_v3, \
+                 olmoe, yuan or llama"
+            ))),
+        }
+    }
+}
+
+impl DecoderConfig {
+    /// The preset's family settings on the default sizes.
+    pub fn preset(preset: DecoderPreset) -> Self {
+        let base = DecoderConfig::default();
+        match preset {
+            DecoderPreset::Mixtral => base,
+            DecoderPreset::Qwen2Moe => DecoderConfig {
+                attention_bias: true,
+                num_experts: 16,
+                num_experts_per_tok: 4,
+                moe_intermediate_size: Some(128),
+                shared_expert_intermediate_size: Some(256),
+                router: RouterConfig {
+                    gate: Gate::TopK {
+                        norm_topk_prob: false,
+                    },
+                    ..base.router.clone()
+                },
+                ..base
+            },
+            DecoderPreset::DeepseekV3 => DecoderConfig {
+                num_experts: 16,
+                num_experts_per_tok: 4,
+                moe_intermediate_size: Some(128),
+                n_shared_experts: 1,
+                first_k_dense_replace: 1,
+                intermediate_size: 512,
+                router: RouterConfig {
+                    gate: Gate::SigmoidAuxFree {
+                        norm_topk_prob: true,
+                        bias_update_rate: 1e-3,
+                        n_group: 4,
+                        topk_group: 2,
+                    },
+                    routed_scaling_factor: 2.5,
+                    ..base.router.clone()
+                },
+                router_aux_loss_coef: 0.0,
+                ..base
+            },
+            DecoderPreset::Olmoe => DecoderConfig {
+                qk_norm: QkNorm::Projection,
+                router: RouterConfig {
+                    gate: Gate::TopK {
+                        norm_topk_prob: false,
+                    },
+                    ..base.router.clone()
+                },
+                ..base
+            },
+            DecoderPreset::Yuan => DecoderConfig {
+                localized_filtering: true,
+                router: RouterConfig {
+                    gate: Gate::Attention,
+                    ..base.router.clone()
+                },
+                ..base
+            },
+            DecoderPreset::Llama => DecoderConfig {
+                num_experts: 0,
+                intermediate_size: 4 * base.hidden_size,
+                router_aux_loss_coef: 0.0,
+                ..base
+            },
+        }
+    }
+
+    /// Width of each routed expert.
+    pub fn expert_width(&self) -> i64 {
+        self.moe_intermediate_size.unwrap_or(self.intermediate_size)
+    }
+
+    /// Whether layer `i` has an MoE feed-forward network (else a dense MLP).
+    pub fn is_moe_layer(&self, i: i64) -> bool {
+        self.num_experts > 0 && i >= self.first_k_dense_replace
+    }
+
+    /// Number of MoE layers.
+    pub fn num_moe_layers(&self) -> i64 {
+        (0..self.num_hidden_layers)
+            .filter(|&i| self.is_moe_layer(i))
+            .count() as i64
+    }
+
+    /// The attention layers' config.
+    pub fn attention_config(&self) -> GqaConfig {
+        GqaConfig {
+            hidden_size: self.hidden_size,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: self.num_key_value_heads,
+            head_dim: self.head_dim,
+            max_position_embeddings: self.max_position_embeddings,
+            rope_theta: self.rope_theta,
+            attention_bias: self.attention_bias,
+            qk_norm: self.qk_norm,
+            rms_norm_eps: self.rms_norm_eps,
+            attention_dropout: self.attention_dropout,
+            localized_filtering: self.localized_filtering,
+            init: self.init,
+        }
+    }
+
+    /// The shared experts: DeepSeek's `n_shared_experts` of the routed
+    /// width, or Qwen2-MoE's gated one of `shared_expert_intermediate_size`.
+    pub fn shared_experts(&self) -> Option<SharedExperts> {
+        match (self.n_shared_experts, self.shared_expert_intermediate_size) {
+            (0, None) => None,
+            (n, None) => Some(SharedExperts {
+                num_experts: n,
+                hidden: self.expert_width(),
+                sigmoid_gate: false,
+            }),
+            (_, Some(hidden)) => Some(SharedExperts {
+                num_experts: 1,
+                hidden,
+                sigmoid_gate: true,
+            }),
+        }
+    }
+
+    /// The MoE layers' config: SwiGLU experts without bias, no dropout.
+    pub fn moe_config(&self) -> SparseMoeConfig {
+        SparseMoeConfig {
+            n_embd: self.hidden_size,
+            num_experts: self.num_experts,
+            top_k: self.num_experts_per_tok,
+            expert_hidden: self.expert_width(),
+            shared_experts: self.shared_experts(),
+            dropout: 0.0,
+            activation: Activation::SwiGlu,
+            expert_bias: false,
+            router: self.router.clone(),
+            balance: BalanceLossConfig {
+                load_balance: self.router_aux_loss_coef,
+                ..BalanceLossConfig::default()
+            },
+            dispatch: self.dispatch,
+            init: self.init,
+        }
+    }
+
+    /// Parameters a token passes through (the chosen and shared experts of
+    /// each MoE layer, not all of them), given the model's `total`.
+    pub fn active_params(&self, total: i64) -> i64 {
+        if self.num_experts == 0 {
+            return total;
+        }
+        let moe = self.moe_config();
+        total - self.num_moe_layers() * (moe.total_params() - moe.active_params())
+    }
+
+    /// Checks every size and option; the layers' configs check theirs.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (name, v) in positive {
+            if v <= 0 {
+                return Err(MoeError::config(format!("{name} must be positive, got {v}")));
+            }
+        }
+        if self.num_experts < 0 || self.n_shared_experts < 0 || self.first_k_dense_replace < 0 {
+            return Err(MoeError::config(format!(
+                "num_experts ({}), n_shared_experts ({}) and first_k_dense_replace ({}) must be >= 0",
+                self.num_experts, self.n_shared_experts, self.first_k_dense_replace
+            )));
+        }
+        if self.n_shared_experts > 0 && self.shared_expert_intermediate_size.is_some() {
+            return Err(MoeError::config(
+                "set n_shared_experts (DeepSeek's ungated shared experts) or \
+                 shared_expert_intermediate_size (Qwen2-MoE's gated one), not both",
+            ));
+        }
+        self.attention_config().validate()?;
+        if self.num_experts > 0 {
+            self.moe_config().validate()?;
+        }
+        Ok(())
+    }
+}

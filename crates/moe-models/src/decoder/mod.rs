@@ -1,0 +1,18 @@
+//! The decoder family: pre-RMSNorm layers, rotary positions, grouped-query
+//! attention, bias-free projections, SwiGLU experts, any router of the
+//! library, tied or untied embeddings, optional QK-norm (OLMoE) and
+//! localized filtering (Yuan 2.0). One [`DecoderConfig`] with Hugging
+//! Face's field names covers Mixtral, Qwen2-MoE, DeepSeek-V3 (without MLA),
+//! OLMoE, LLaMA(-MoE) and Yuan 2.0-M32 ([`DecoderPreset`]).
+//!
+//! - `config.rs`: [`DecoderConfig`], [`DecoderPreset`];
+//! - `layer.rs`: [`DecoderLayer`] (attention + dense or MoE feed-forward);
+//! - `model.rs`: [`DecoderModel`], the [`crate::CausalLm`].
+
+mod config;
+mod layer;
+mod model;
+
+pub use config::{DecoderConfig, DecoderPreset};
+pub use layer::{DecoderLayer, FeedForward, LayerOutput};
+pub use model::DecoderModel;

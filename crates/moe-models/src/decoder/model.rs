@@ -1,0 +1,173 @@
+use super::{DecoderConfig, DecoderLayer, LayerOutput};
+use crate::{check_context, CausalLm, ForwardOutput, LmConfig, ModelCache};
+use moe_core::{linear, MoeError, Result, Routing};
+use moe_nn::{KvCache, RmsNorm};
+use tch::{nn, nn::Module, Device, Tensor};
+
+/// The decoder family's causal language model (Mixtral's
+/// `MixtralForCausalLM` and its relatives):
+///
+/// `logits = W_lm RMSNorm(Layers(E[idx]))`,
+///
+/// with `W_lm = E` when `tie_word_embeddings`. Positions enter through the
+/// rotary embeddings of every attention layer, so the model takes any
+/// length up to `max_position_embeddings`. Parameters carry Hugging Face's
+/// names: `model/embed_tokens`, `model/layers/N/...`, `model/norm`,
+/// `lm_head` (absent when tied).
+#[derive(Debug)]
+pub struct DecoderModel {
+    embed_tokens: nn::Embedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Option<nn::Linear>,
+    config: DecoderConfig,
+}
+
+impl DecoderModel {
+    /// Creates the parameters under `p`: embeddings N(0, 0.02^2) (as
+    /// Hugging Face's `initializer_range`), RMSNorm gains 1, linear layers
+    /// by `config.init`.
+    pub fn new(p: &nn::Path, config: &DecoderConfig) -> Result<Self> {
+        config.validate()?;
+        let (v, d) = (config.vocab_size, config.hidden_size);
+        let model = p / "model";
+        let embed_tokens = nn::embedding(
+            &model / "embed_tokens",
+            v,
+            d,
+            nn::EmbeddingConfig {
+                ws_init: nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: 0.02,
+                },
+                ..Default::default()
+            },
+        );
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| DecoderLayer::new(&(&model / "layers" / i), config, i))
+            .collect::<Result<Vec<_>>>()?;
+        let lm_head = (!config.tie_word_embeddings)
+            .then(|| linear(p / "lm_head", d, v, false, config.init));
+        Ok(DecoderModel {
+            embed_tokens,
+            layers,
+            norm: RmsNorm::new(&(&model / "norm"), d, config.rms_norm_eps),
+            lm_head,
+            config: config.clone(),
+        })
+    }
+
+    /// The config the model was built from.
+    pub fn config(&self) -> &DecoderConfig {
+        &self.config
+    }
+
+    /// The decoder layers.
+    pub fn layers(&self) -> &[DecoderLayer] {
+        &self.layers
+    }
+
+    /// The decoder layers, e.g. to change an MoE layer's dispatch strategy.
+    pub fn layers_mut(&mut self) -> &mut [DecoderLayer] {
+        &mut self.layers
+    }
+
+    /// Embeddings, then `layer_fn` over the layers, then norm and head.
+    fn run(
+        &self,
+        idx: &Tensor,
+        mut layer_fn: impl FnMut(usize, &DecoderLayer, &Tensor) -> Result<LayerOutput>,
+    ) -> Result<ForwardOutput> {
+        let mut x = self.embed_tokens.forward(idx);
+        let mut routings = Vec::new();
+        let mut aux_loss: Option<Tensor> = None;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let out = layer_fn(i, layer, &x)?;
+            x = out.hidden;
+            routings.extend(out.routing);
+            aux_loss = match (aux_loss, out.aux_loss) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            };
+        }
+        let x = self.norm.forward(&x);
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(&x),
+            None => x.matmul(&self.embed_tokens.ws.tr()),
+        };
+        Ok(ForwardOutput {
+            logits,
+            routings,
+            aux_loss,
+        })
+    }
+
+    /// The MoE layers, in order.
+    fn moe_layers(&self) -> impl Iterator<Item = &moe_block::SparseMoe> {
+        self.layers
+            .iter()
+            .filter_map(|l| match l.feed_forward_network() {
+                super::FeedForward::Moe(moe) => Some(moe),
+                super::FeedForward::Dense(_) => None,
+            })
+    }
+}
+
+impl CausalLm for DecoderModel {
+    fn lm_config(&self) -> LmConfig {
+        LmConfig::Decoder(self.config.clone())
+    }
+
+    fn device(&self) -> Device {
+        self.embed_tokens.ws.device()
+    }
+
+    fn num_moe_layers(&self) -> usize {
+        self.config.num_moe_layers() as usize
+    }
+
+    fn vocab_size(&self) -> i64 {
+        self.config.vocab_size
+    }
+
+    fn max_context(&self) -> i64 {
+        self.config.max_position_embeddings
+    }
+
+    fn forward_unchecked(&self, idx: &Tensor, train: bool) -> Result<ForwardOutput> {
+        check_context(idx.size()[1], self.config.max_position_embeddings)?;
+        self.run(idx, |_, layer, x| layer.forward_t(x, train))
+    }
+
+    fn forward_cached(&self, idx: &Tensor, cache: &mut ModelCache) -> Result<ForwardOutput> {
+        self.check_tokens(idx, "token ids")?;
+        let layers = cache.layers_mut(self.layers.len());
+        let past = layers.first().map_or(0, KvCache::len);
+        check_context(past + idx.size()[1], self.config.max_position_embeddings)?;
+        let mut out = self.run(idx, |i, layer, x| layer.forward_cached(x, &mut layers[i]))?;
+        out.aux_loss = None;
+        Ok(out)
+    }
+
+    fn new_cache(&self) -> ModelCache {
+        ModelCache::new(self.layers.len())
+    }
+
+    fn after_optimizer_step(&self, routings: &[Routing]) -> Result<()> {
+        let expected = self.num_moe_layers();
+        if routings.len() != expected {
+            return Err(MoeError::config(format!(
+                "after_optimizer_step needs one routing per MoE layer ({expected}), got {}",
+                routings.len()
+            )));
+        }
+        for (moe, routing) in self.moe_layers().zip(routings) {
+            moe.after_step(routing)?;
+        }
+        Ok(())
+    }
+
+    fn is_no_decay(&self, name: &str, shape: &[i64]) -> bool {
+        shape.len() < 2 || name.contains("embed_tokens")
+    }
+}

@@ -1,0 +1,313 @@
+//! The decoder family: Hugging Face's parameter names, every preset's
+//! structure, causality, KV-cached decoding equal to full recomputation,
+//! and every config error.
+
+use moe_core::MoeError;
+use moe_models::{
+    generate, CausalLm, DecoderConfig, DecoderModel, DecoderPreset, LmConfig, ModelCache,
+    Sampling,
+};
+use moe_nn::QkNorm;
+use moe_routers::Gate;
+use std::sync::{Mutex, MutexGuard};
+use tch::{nn, Device, Kind, Tensor};
+
+/// libtorch's generator is global: tests that seed it run one at a time.
+fn rng_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const PRESETS: [DecoderPreset; 6] = [
+    DecoderPreset::Mixtral,
+    DecoderPreset::Qwen2Moe,
+    DecoderPreset::DeepseekV3,
+    DecoderPreset::Olmoe,
+    DecoderPreset::Yuan,
+    DecoderPreset::Llama,
+];
+
+/// A preset on small sizes, fast enough for tests.
+fn small(preset: DecoderPreset) -> DecoderConfig {
+    let c = DecoderConfig::preset(preset);
+    DecoderConfig {
+        vocab_size: 30,
+        hidden_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        max_position_embeddings: 24,
+        intermediate_size: 48,
+        moe_intermediate_size: c.moe_intermediate_size.map(|_| 16),
+        shared_expert_intermediate_size: c.shared_expert_intermediate_size.map(|_| 24),
+        ..c
+    }
+}
+
+fn build(config: &DecoderConfig, seed: i64) -> (nn::VarStore, DecoderModel) {
+    tch::manual_seed(seed);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = DecoderModel::new(&vs.root(), config).unwrap();
+    (vs, model)
+}
+
+fn names(vs: &nn::VarStore) -> Vec<String> {
+    let mut names: Vec<String> = vs.variables().into_keys().collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn parameters_carry_hugging_face_names_and_no_biases() {
+    let _rng = rng_lock();
+    let (vs, _) = build(&small(DecoderPreset::Mixtral), 0);
+    let names = names(&vs);
+    for want in [
+        "model.embed_tokens.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.self_attn.v_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.post_attention_layernorm.weight",
+        "model.layers.1.mlp.router.gate.weight",
+        "model.layers.1.mlp.experts.w_in",
+        "model.layers.1.mlp.experts.w_gate",
+        "model.layers.1.mlp.experts.w_out",
+        "model.norm.weight",
+    ] {
+        assert!(names.contains(&want.to_string()), "{want} missing: {names:?}");
+    }
+    // Bias-free projections, experts and gate; the head is tied.
+    assert!(
+        !names.iter().any(|n| n.ends_with("bias") || n.contains("b_in") || n.contains("b_out")),
+        "{names:?}"
+    );
+    assert!(!names.iter().any(|n| n.starts_with("lm_head")));
+    let (vs, _) = build(
+        &DecoderConfig {
+            tie_word_embeddings: false,
+            ..small(DecoderPreset::Mixtral)
+        },
+        0,
+    );
+    assert!(names(&vs).contains(&"lm_head.weight".to_string()));
+}
+
+#[test]
+fn each_preset_builds_its_familys_structure() {
+    let _rng = rng_lock();
+    let has = |preset, what: &str| {
+        let (vs, _) = build(&small(preset), 0);
+        names(&vs).iter().any(|n| n.contains(what))
+    };
+    assert!(has(DecoderPreset::Qwen2Moe, "mlp.shared_expert_gate"));
+    assert!(has(DecoderPreset::Qwen2Moe, "self_attn.q_proj.bias"));
+    assert!(has(DecoderPreset::DeepseekV3, "layers.0.mlp.gate_proj"));
+    assert!(has(DecoderPreset::DeepseekV3, "layers.1.mlp.router.expert_bias"));
+    assert!(has(DecoderPreset::DeepseekV3, "layers.1.mlp.shared_experts"));
+    assert!(has(DecoderPreset::Olmoe, "self_attn.q_norm"));
+    assert!(has(DecoderPreset::Yuan, "self_attn.lf_gate.conv1"));
+    assert!(has(DecoderPreset::Yuan, "mlp.router.query"));
+    assert!(has(DecoderPreset::Llama, "layers.1.mlp.down_proj"));
+    assert!(!has(DecoderPreset::Llama, "experts"));
+    for preset in PRESETS {
+        let config = small(preset);
+        let (_vs, model) = build(&config, 1);
+        let idx = Tensor::randint(30, [2, 10], (Kind::Int64, Device::Cpu));
+        let out = model.forward_t(&idx, true).unwrap();
+        assert_eq!(out.logits.size(), vec![2, 10, 30], "{preset:?}");
+        assert_eq!(out.routings.len(), model.num_moe_layers(), "{preset:?}");
+        assert_eq!(
+            out.routings.len() as i64,
+            config.num_moe_layers(),
+            "{preset:?}"
+        );
+        assert!(out.logits.isfinite().all().int64_value(&[]) == 1, "{preset:?}");
+    }
+    let deepseek = small(DecoderPreset::DeepseekV3);
+    assert_eq!(deepseek.num_moe_layers(), 1, "first_k_dense_replace = 1");
+}
+
+#[test]
+fn later_tokens_never_change_earlier_logits() {
+    let _rng = rng_lock();
+    for preset in PRESETS {
+        let (_vs, model) = build(&small(preset), 2);
+        let idx = Tensor::randint(30, [1, 12], (Kind::Int64, Device::Cpu));
+        let changed = idx.copy();
+        let _ = changed.narrow(1, 8, 4).fill_(7);
+        let a = model.forward_t(&idx, false).unwrap().logits.narrow(1, 0, 8);
+        let b = model.forward_t(&changed, false).unwrap().logits.narrow(1, 0, 8);
+        let diff = (a - b).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "{preset:?}: earlier logits moved by {diff}");
+    }
+}
+
+#[test]
+fn cached_logits_and_greedy_generation_equal_full_recomputation() {
+    let _rng = rng_lock();
+    for preset in PRESETS {
+        let (_vs, model) = build(&small(preset), 3);
+        let idx = Tensor::randint(30, [2, 20], (Kind::Int64, Device::Cpu));
+        let full = model.forward_t(&idx, false).unwrap().logits;
+        let mut cache = ModelCache::default();
+        let mut parts = Vec::new();
+        for (start, len) in [(0, 7), (7, 1), (8, 5), (13, 1), (14, 6)] {
+            let chunk = idx.narrow(1, start, len);
+            parts.push(model.forward_cached(&chunk, &mut cache).unwrap().logits);
+        }
+        let diff = (Tensor::cat(&parts, 1) - &full).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "{preset:?}: cached logits differ by {diff}");
+
+        // Greedy decoding within the context, token for token.
+        let prompt = [3i64, 14, 15, 9];
+        let cached = generate(&model, &prompt, 16, Sampling::greedy(), |_| {}).unwrap();
+        let mut context = prompt.to_vec();
+        for &token in &cached {
+            let logits = model
+                .forward_t(&Tensor::from_slice(&context).unsqueeze(0), false)
+                .unwrap()
+                .logits;
+            let want = logits.select(1, -1).argmax(-1, false).int64_value(&[0]);
+            assert_eq!(token, want, "{preset:?}");
+            context.push(token);
+        }
+    }
+}
+
+#[test]
+fn wrong_inputs_are_errors() {
+    let _rng = rng_lock();
+    let (_vs, model) = build(&small(DecoderPreset::Mixtral), 4);
+    let too_long = Tensor::zeros([1, 25], (Kind::Int64, Device::Cpu));
+    assert!(matches!(
+        model.forward_t(&too_long, false),
+        Err(MoeError::SequenceTooLong { len: 25, .. })
+    ));
+    let out_of_vocab = Tensor::from_slice(&[1i64, 30]).unsqueeze(0);
+    assert!(matches!(
+        model.forward_t(&out_of_vocab, false),
+        Err(MoeError::TokenOutOfVocab { id: 30, .. })
+    ));
+    let floats = Tensor::zeros([1, 3], (Kind::Float, Device::Cpu));
+    assert!(matches!(model.forward_t(&floats, false), Err(MoeError::Kind { .. })));
+    let mut cache = ModelCache::default();
+    let prefix = Tensor::zeros([1, 20], (Kind::Int64, Device::Cpu));
+    model.forward_cached(&prefix, &mut cache).unwrap();
+    let more = Tensor::zeros([1, 5], (Kind::Int64, Device::Cpu));
+    assert!(matches!(
+        model.forward_cached(&more, &mut cache),
+        Err(MoeError::SequenceTooLong { len: 25, .. })
+    ));
+}
+
+#[test]
+fn every_config_error_is_a_moe_error() {
+    let base = small(DecoderPreset::Mixtral);
+    let deepseek = small(DecoderPreset::DeepseekV3);
+    let with_gate = |gate: Gate| DecoderConfig {
+        router: moe_routers::RouterConfig {
+            gate,
+            ..deepseek.router.clone()
+        },
+        ..deepseek.clone()
+    };
+    let cases = [
+        (
+            DecoderConfig {
+                num_key_value_heads: 3,
+                ..base.clone()
+            },
+            "num_key_value_heads",
+        ),
+        (
+            DecoderConfig {
+                num_experts_per_tok: 9,
+                ..base.clone()
+            },
+            "top_k",
+        ),
+        (
+            DecoderConfig {
+                hidden_size: 0,
+                ..base.clone()
+            },
+            "hidden_size",
+        ),
+        (
+            DecoderConfig {
+                n_shared_experts: 1,
+                shared_expert_intermediate_size: Some(8),
+                ..base.clone()
+            },
+            "not both",
+        ),
+        (
+            with_gate(Gate::SigmoidAuxFree {
+                norm_topk_prob: true,
+                bias_update_rate: 1e-3,
+                n_group: 4,
+                topk_group: 5,
+            }),
+            "topk_group",
+        ),
+        (
+            with_gate(Gate::SigmoidAuxFree {
+                norm_topk_prob: true,
+                bias_update_rate: 1e-3,
+                n_group: 3,
+                topk_group: 1,
+            }),
+            "n_group",
+        ),
+        (
+            // 4 experts per group of 16/4; one group holds fewer than k = 8.
+            DecoderConfig {
+                num_experts_per_tok: 8,
+                ..with_gate(Gate::SigmoidAuxFree {
+                    norm_topk_prob: true,
+                    bias_update_rate: 1e-3,
+                    n_group: 4,
+                    topk_group: 1,
+                })
+            },
+            "top",
+        ),
+        (
+            DecoderConfig {
+                qk_norm: QkNorm::Projection,
+                hidden_size: 30,
+                ..base.clone()
+            },
+            "",
+        ),
+    ];
+    for (config, needle) in cases {
+        let err = config.validate().unwrap_err();
+        assert!(matches!(err, MoeError::Config(_)), "{err}");
+        assert!(err.to_string().contains(needle), "{needle}: {err}");
+        let vs = nn::VarStore::new(Device::Cpu);
+        assert!(DecoderModel::new(&vs.root(), &config).is_err());
+    }
+}
+
+#[test]
+fn configs_round_trip_through_json_with_the_family_tag() {
+    let config = LmConfig::Decoder(small(DecoderPreset::DeepseekV3));
+    let json = serde_json::to_value(&config).unwrap();
+    assert_eq!(json["family"], "decoder");
+    assert_eq!(json["hidden_size"], 32);
+    let back: LmConfig = serde_json::from_value(json).unwrap();
+    assert_eq!(back, config);
+    // Hugging Face's other names for the expert count.
+    for key in ["num_local_experts", "n_routed_experts"] {
+        let c: DecoderConfig =
+            serde_json::from_value(serde_json::json!({ key: 4, "num_experts_per_tok": 1 }))
+                .unwrap();
+        assert_eq!(c.num_experts, 4, "{key}");
+    }
+    let unknown = serde_json::json!({"family": "gpt5"});
+    let err = serde_json::from_value::<LmConfig>(unknown).unwrap_err();
+    assert!(err.to_string().contains("unknown model family"), "{err}");
+}
