@@ -14,7 +14,7 @@ use moe_layers::lm::{
     Dataset, JsonlWriter, LmConfig, LossCurves, MakeMoeConfig, MlflowRun, Preset, Progress,
     RunConfig, RunStatus, Sampling, TextStream, Tokenizer, TokenizerKind, TrainEvent, Trainer,
 };
-use moe_layers::prelude::{DeviceChoice, DispatchKind, Precision, WeightInit};
+use moe_layers::prelude::{DeviceChoice, DispatchSpec, Precision, WeightInit};
 use moe_layers::{MoeError, Result};
 use serde_json::json;
 use std::io::Write;
@@ -57,7 +57,8 @@ struct Args {
     /// no eval noise); makemoe unless a config file is given
     #[arg(long)]
     preset: Option<String>,
-    /// auto (default), mask_loop, indexed_loop, grouped, capacity[:FACTOR] or dense_reference
+    /// auto (default), mask_loop, indexed_loop, grouped, capacity[:FACTOR] or dense_reference;
+    /// capacity[:FACTOR] also sets the router's capacity factor (default 1.25)
     #[arg(long)]
     dispatch: Option<String>,
     /// fp32 (default) or bf16: compute dtype of attention and experts
@@ -122,9 +123,7 @@ fn resolve_config(args: &Args) -> Result<RunConfig> {
 /// The model flags, on makeMoE's config.
 fn apply_make_moe_flags(args: &Args, m: &mut MakeMoeConfig) -> Result<()> {
     if let Some(preset) = &args.preset {
-        let p = MakeMoeConfig::preset(preset.parse::<Preset>()?);
-        m.attention_scale = p.attention_scale;
-        m.router_noise_at_eval = p.router_noise_at_eval;
+        m.apply_preset(preset.parse::<Preset>()?);
     }
     m.block_size = args.block_size.unwrap_or(m.block_size);
     if let Some(init) = &args.init {
@@ -134,7 +133,7 @@ fn apply_make_moe_flags(args: &Args, m: &mut MakeMoeConfig) -> Result<()> {
         m.precision = precision.parse::<Precision>()?;
     }
     if let Some(dispatch) = &args.dispatch {
-        m.dispatch = dispatch.parse::<DispatchKind>()?;
+        m.set_dispatch(dispatch.parse::<DispatchSpec>()?);
     }
     Ok(())
 }
@@ -195,15 +194,16 @@ fn run(args: Args) -> Result<()> {
         device,
     )?;
     let params = parameter_count(&vs);
+    let active = model_config.active_params(params)?;
     println!(
         "{:.6} M parameters ({:.3} M active per token), device {device:?}, vocabulary {}",
         params as f64 / 1e6,
-        model_config.active_params(params) as f64 / 1e6,
+        active as f64 / 1e6,
         tokenizer.vocab_size()
     );
     metrics.write(&json!({
         "event": "start", "parameters": params,
-        "active_parameters": model_config.active_params(params),
+        "active_parameters": active,
         "device": format!("{device:?}"),
         "config": { "model": &model_config, "train": &train_config },
     }))?;

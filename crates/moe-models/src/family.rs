@@ -90,7 +90,7 @@ impl LmConfig {
     }
 
     /// Parameters a token passes through, given the model's `total`.
-    pub fn active_params(&self, total: i64) -> i64 {
+    pub fn active_params(&self, total: i64) -> Result<i64> {
         match self {
             LmConfig::MakeMoe(c) => c.active_params(total),
         }
