@@ -18,7 +18,7 @@ use moe_layers::lm::{
     TrainEvent, Trainer,
 };
 use moe_layers::prelude::DeviceChoice;
-use moe_layers::routers::{BalanceLossConfig, RouterKind, RoutingStats};
+use moe_layers::routers::{BalanceLossConfig, Gate, RoutingStats};
 use moe_layers::{MoeError, Result};
 use serde_json::json;
 use std::fmt::Write as _;
@@ -93,20 +93,23 @@ fn designs(base: &MakeMoeConfig) -> Vec<Design> {
             name: "top-k (Mixtral)",
             balance: "Switch, alpha 0.01",
             config: with(&|c| {
-                c.router = RouterKind::TopK;
+                c.router.gate = Gate::TopK {
+                    norm_topk_prob: true,
+                };
                 c.balance = BalanceLossConfig::switch();
             }),
         },
         Design {
             name: "noisy top-k (makeMoE)",
             balance: "none",
-            config: with(&|c| c.router = RouterKind::NoisyTopK),
+            config: with(&|c| c.router.gate = Gate::default()),
         },
         Design {
             name: "attention router (Yuan 2.0-M32)",
             balance: "Switch, alpha 0.01",
             config: with(&|c| {
-                c.router = RouterKind::Attention;
+                c.router.gate = Gate::Attention;
+                c.router.bias = false;
                 c.balance = BalanceLossConfig::switch();
             }),
         },
@@ -114,7 +117,10 @@ fn designs(base: &MakeMoeConfig) -> Vec<Design> {
             name: "DeepSeekMoE m=4 + 1 shared",
             balance: "expert-level, alpha1 0.01",
             config: with(&|c| {
-                c.router = RouterKind::DeepSeekMoe;
+                c.router.gate = Gate::TopK {
+                    norm_topk_prob: false,
+                };
+                c.router.bias = false;
                 c.segments = 4;
                 c.shared_experts = 1;
                 c.balance = BalanceLossConfig::switch();
@@ -123,14 +129,17 @@ fn designs(base: &MakeMoeConfig) -> Vec<Design> {
         Design {
             name: "sigmoid + aux-free bias (DeepSeek-V3)",
             balance: "bias, gamma 1e-3",
-            config: with(&|c| c.router = RouterKind::SigmoidAuxFree),
+            config: with(&|c| {
+                c.router.gate = Gate::sigmoid_aux_free();
+                c.router.bias = false;
+            }),
         },
         Design {
             name: "noisy top-k, capacity 1.0",
             balance: "none",
             config: with(&|c| {
-                c.router = RouterKind::NoisyTopK;
-                c.capacity_factor = Some(1.0);
+                c.router.gate = Gate::default();
+                c.router.capacity_factor = Some(1.0);
             }),
         },
     ]
@@ -276,7 +285,7 @@ fn train_one(
     let vs = tch::nn::VarStore::new(device);
     let model = MakeMoeModel::new(&vs.root(), &design.config)?;
     let total_params = parameter_count(&vs);
-    let active_params = design.config.active_params(total_params);
+    let active_params = design.config.active_params(total_params)?;
     println!(
         "{} (seed {seed}): {total_params} parameters, {active_params} active",
         design.name

@@ -14,17 +14,18 @@
 use clap::Parser;
 use moe_layers::lm::{
     generate, load_checkpoint_meta, plot_loss_curve, CausalLm, Checkpointing, Dataset,
-    DecoderConfig, JsonlWriter,
-    LmConfig, LossCurves, MakeMoeConfig, MlflowRun, Preset, Progress, RunConfig, RunStatus,
-    Sampling, TextStream, Tokenizer, TokenizerKind, TrainEvent, Trainer,
+    DecoderConfig, JsonlWriter, LmConfig, LossCurves, MakeMoeConfig, MlflowRun, Preset, Progress,
+    RunConfig, RunStatus, Sampling, TextStream, Tokenizer, TokenizerKind, TrainEvent, Trainer,
 };
-use moe_layers::prelude::{DeviceChoice, DispatchKind, Precision, WeightInit};
+use moe_layers::prelude::{DeviceChoice, DispatchSpec, Precision, WeightInit};
 use moe_layers::{MoeError, Result};
 use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(about = "Train a sparse MoE language model (makeMoE or the decoder family) on tinyshakespeare")]
+#[command(
+    about = "Train a sparse MoE language model (makeMoE or the decoder family) on tinyshakespeare"
+)]
 struct Args {
     /// TOML or JSON file with [model], [train] and [tokenizer] sections
     #[arg(long)]
@@ -65,7 +66,8 @@ struct Args {
     /// given; decoder: mixtral (default), qwen2_moe, deepseek_v3, olmoe, yuan or llama
     #[arg(long)]
     preset: Option<String>,
-    /// auto (default), mask_loop, indexed_loop, grouped, capacity[:FACTOR] or dense_reference
+    /// auto (default), mask_loop, indexed_loop, grouped, capacity[:FACTOR] or dense_reference;
+    /// capacity[:FACTOR] also sets the router's capacity factor (default 1.25)
     #[arg(long)]
     dispatch: Option<String>,
     /// fp32 (default) or bf16: compute dtype of attention and experts
@@ -147,9 +149,7 @@ fn resolve_config(args: &Args) -> Result<RunConfig> {
 /// The model flags, on makeMoE's config.
 fn apply_make_moe_flags(args: &Args, m: &mut MakeMoeConfig) -> Result<()> {
     if let Some(preset) = &args.preset {
-        let p = MakeMoeConfig::preset(preset.parse::<Preset>()?);
-        m.attention_scale = p.attention_scale;
-        m.router_noise_at_eval = p.router_noise_at_eval;
+        m.apply_preset(preset.parse::<Preset>()?);
     }
     m.block_size = args.block_size.unwrap_or(m.block_size);
     if let Some(init) = &args.init {
@@ -159,7 +159,7 @@ fn apply_make_moe_flags(args: &Args, m: &mut MakeMoeConfig) -> Result<()> {
         m.precision = precision.parse::<Precision>()?;
     }
     if let Some(dispatch) = &args.dispatch {
-        m.dispatch = dispatch.parse::<DispatchKind>()?;
+        m.set_dispatch(dispatch.parse::<DispatchSpec>()?);
     }
     Ok(())
 }
@@ -183,7 +183,7 @@ fn apply_decoder_flags(args: &Args, d: &mut DecoderConfig) -> Result<()> {
         d.precision = precision.parse::<Precision>()?;
     }
     if let Some(dispatch) = &args.dispatch {
-        d.dispatch = dispatch.parse::<DispatchKind>()?;
+        d.set_dispatch(dispatch.parse::<DispatchSpec>()?);
     }
     Ok(())
 }

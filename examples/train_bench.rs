@@ -14,7 +14,7 @@
 //! `cargo xtask run run --release --example train_bench -- --device cpu --dispatch auto --eval-iters 0 --versus-makemoe`
 
 use clap::Parser;
-use moe_layers::dispatch::DispatchKind;
+use moe_layers::dispatch::DispatchSpec;
 use moe_layers::lm::{
     estimate_loss, CharTokenizer, Dataset, MakeMoeConfig, MakeMoeModel, Preset, TrainConfig,
     Trainer,
@@ -92,18 +92,18 @@ fn run(args: Args) -> Result<()> {
     let dispatches = args
         .dispatch
         .split(',')
-        .map(|d| d.trim().parse::<DispatchKind>())
+        .map(|d| d.trim().parse::<DispatchSpec>())
         .collect::<Result<Vec<_>>>()?;
     for (precision, dispatch) in precisions
         .iter()
         .flat_map(|&p| dispatches.iter().map(move |&d| (p, d)))
     {
-        let config = MakeMoeConfig {
+        let mut config = MakeMoeConfig {
             vocab_size: tokenizer.vocab_size(),
-            dispatch,
             precision,
             ..MakeMoeConfig::preset(args.preset.parse::<Preset>()?)
         };
+        config.set_dispatch(dispatch);
         let train = TrainConfig {
             eval_iters: args.eval_iters.max(1),
             ..TrainConfig::default()
@@ -150,7 +150,7 @@ fn run(args: Args) -> Result<()> {
             "{}",
             json!({
                 "device": format!("{device:?}"), "preset": args.preset, "precision": precision.to_string(),
-                "dispatch": dispatch.build().name(), "threads": tch::get_num_threads(),
+                "dispatch": dispatch.kind.build().name(), "threads": tch::get_num_threads(),
                 "optimizer": if trainer.optimizer().fused() { "fused" } else { "tensor-ops" },
                 "steps": args.steps, "ms_per_step": ms, "tokens_per_s": tokens_per_step * 1e3 / ms,
                 "last_loss": loss, "eval_iters": args.eval_iters, "eval_s": eval_s,

@@ -13,7 +13,7 @@
 //! | [`core`] | `moe-core` | `MoeError`, init schemes, devices, dropout, `Routing` |
 //! | [`aten`] | `moe-aten` | libtorch operators tch does not bind (fused AdamW) |
 //! | [`nn`] | `moe-nn` | attention with KV cache and the other non-MoE layers |
-//! | [`routers`] | `moe-routers` | gates: top-k, noisy top-k, attention, sigmoid aux-free |
+//! | [`routers`] | `moe-routers` | gates: top-k, noisy top-k, attention, sigmoid aux-free (group-limited) |
 //! | [`experts`] | `moe-experts` | stacked expert FFN banks |
 //! | [`dispatch`] | `moe-dispatch` | sending tokens to experts and combining |
 //! | [`block`] | `moe-block` | the `SparseMoe` layer |
@@ -62,11 +62,11 @@ pub mod lm {
 
 /// The types most programs need.
 pub mod prelude {
-    pub use moe_block::{MoeOutput, SparseMoe, SparseMoeConfig};
+    pub use moe_block::{FineGrained, MoeOutput, SharedExperts, SparseMoe, SparseMoeConfig};
     pub use moe_core::{DeviceChoice, MoeError, Precision, Result, Routing, WeightInit};
     #[cfg(feature = "data")]
     pub use moe_data::{CharTokenizer, Dataset};
-    pub use moe_dispatch::{Dispatch, DispatchKind};
+    pub use moe_dispatch::{Dispatch, DispatchKind, DispatchSpec};
     pub use moe_experts::{ExpertBank, ExpertConfig};
     #[cfg(feature = "models")]
     pub use moe_models::{
@@ -74,7 +74,7 @@ pub mod prelude {
         Preset, Sampling,
     };
     pub use moe_nn::{AttentionConfig, AttentionPath, AttentionScale, CausalSelfAttention};
-    pub use moe_routers::{Router, RouterConfig, RouterKind};
+    pub use moe_routers::{Gate, Router, RouterConfig, RouterDims};
     #[cfg(feature = "train")]
     pub use moe_train::{TrainConfig, Trainer};
 }

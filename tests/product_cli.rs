@@ -17,8 +17,8 @@ fn run(name: &str, args: &[&str]) -> Output {
 }
 
 const TINY: &str = "[model]\nn_embd = 32\nn_head = 4\nn_layer = 2\nnum_experts = 4\n\
-                    block_size = 16\n[train]\nbatch_size = 4\neval_iters = 2\neval_interval = 4\n\
-                    log_interval = 2\n";
+                    block_size = 16\n[model.router]\nkind = \"top_k\"\nbias = false\n\
+                    [train]\nbatch_size = 4\neval_iters = 2\neval_interval = 4\nlog_interval = 2\n";
 
 #[test]
 fn config_checkpoints_resume_mlflow_plot_and_generate() {
@@ -40,6 +40,27 @@ fn config_checkpoints_resume_mlflow_plot_and_generate() {
         "{printed}"
     );
     assert!(printed.contains("vocab_size = 65"), "{printed}");
+    // The router's table; `--dispatch capacity:F` sets the strategy and the
+    // router's capacity factor.
+    let printed = ok(&run(
+        "shakespeare",
+        &[
+            "--config",
+            cfg,
+            "--dispatch",
+            "capacity:2",
+            "--print-config",
+        ],
+    ));
+    for line in [
+        "[model.router]",
+        "kind = \"top_k\"",
+        "bias = false",
+        "capacity_factor = 2.0",
+        "dispatch = \"capacity\"",
+    ] {
+        assert!(printed.contains(line), "{line}: {printed}");
+    }
 
     let common = [
         "--config",
@@ -73,6 +94,8 @@ fn config_checkpoints_resume_mlflow_plot_and_generate() {
         serde_json::from_slice(&std::fs::read(out_dir.join("config.json")).unwrap()).unwrap();
     assert_eq!(meta["step"], 6);
     assert_eq!(meta["model"]["n_embd"], 32);
+    assert_eq!(meta["model"]["router"]["kind"], "top_k");
+    assert_eq!(meta["model"]["router"]["bias"], false);
     let runs: Vec<_> = std::fs::read_dir(out_dir.join("mlruns").join("1"))
         .unwrap()
         .filter_map(|e| e.ok())

@@ -4,8 +4,8 @@
 //! FFN layer per strategy, and the dense FFN with the same active FLOPs.
 
 use moe_layers::block::{SparseMoe, SparseMoeConfig};
-use moe_layers::dispatch::DispatchKind;
-use moe_layers::routers::RouterKind;
+use moe_layers::dispatch::{DispatchKind, DEFAULT_CAPACITY_FACTOR};
+use moe_layers::routers::{Gate, RouterConfig};
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
 /// One benchmark size: `n` tokens of width `d`, `e` experts of hidden `h`, top-`k`.
@@ -89,9 +89,7 @@ pub const STRATEGIES: [DispatchKind; 5] = [
     DispatchKind::MaskLoop,
     DispatchKind::IndexedLoop,
     DispatchKind::Grouped,
-    DispatchKind::Capacity {
-        capacity_factor: 1.25,
-    },
+    DispatchKind::Capacity,
     DispatchKind::Auto,
 ];
 
@@ -132,7 +130,8 @@ fn input(case: &Case, device: Device, kind: Kind) -> Tensor {
     Tensor::randn([case.n, case.d], (Kind::Float, device)).to_kind(kind)
 }
 
-/// The sparse MoE layer (top-k router + experts) with `dispatch`.
+/// The sparse MoE layer (top-k router + experts) with `dispatch` (the
+/// capacity strategy with the router's capacity factor at 1.25).
 pub fn moe_layer(case: &Case, dispatch: DispatchKind, device: Device, kind: Kind) -> Layer {
     tch::manual_seed(0);
     let mut vs = nn::VarStore::new(device);
@@ -142,7 +141,15 @@ pub fn moe_layer(case: &Case, dispatch: DispatchKind, device: Device, kind: Kind
         top_k: case.k,
         expert_hidden: case.h,
         dropout: 0.0,
-        router: RouterKind::TopK,
+        router: RouterConfig {
+            gate: Gate::TopK {
+                norm_topk_prob: true,
+            },
+            // The capacity strategy runs at GShard's factor 1.25.
+            capacity_factor: (dispatch == DispatchKind::Capacity)
+                .then_some(DEFAULT_CAPACITY_FACTOR),
+            ..Default::default()
+        },
         dispatch,
         ..Default::default()
     };

@@ -5,5 +5,5 @@
 mod config;
 mod sparse_moe;
 
-pub use config::SparseMoeConfig;
+pub use config::{FineGrained, SharedExperts, SparseMoeConfig};
 pub use sparse_moe::{MoeOutput, SparseMoe};

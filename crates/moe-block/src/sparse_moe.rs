@@ -1,24 +1,30 @@
 use crate::SparseMoeConfig;
-use moe_core::{check_float, check_same_device, MoeError, Result, Routing};
+use moe_core::{
+    check_float, check_same_device, linear, linear_in_input_dtype, MoeError, Result, Routing,
+};
 use moe_dispatch::Dispatch;
 use moe_experts::ExpertBank;
 use moe_routers::Router;
 use tch::{nn, Tensor};
 
 /// Sparse Mixture-of-Experts feed-forward layer (Shazeer et al. 2017;
-/// Mixtral, arXiv 2401.04088), with DeepSeekMoE's shared experts
-/// (arXiv 2401.06066, eq. 9-11):
+/// Mixtral, arXiv 2401.04088), with shared experts (DeepSeekMoE, arXiv
+/// 2401.06066, eq. 9-11; Qwen2-MoE's sigmoid-gated shared expert, HF
+/// `Qwen2MoeSparseMoeBlock`):
 ///
-/// `y(x) = sum_{s < K_s} FFN^shared_s(x) + sum_{e in TopK(x)} G(x)_e * FFN_e(x)`
+/// `y(x) = sum_{e in TopK(x)} G(x)_e * FFN_e(x) + c(x) sum_{s < K_s} FFN^shared_s(x)`,
+///
+/// `c(x) = sigmoid(x w_g)` with a shared-expert gate, else 1.
 ///
 /// The router picks `k` experts per token; the dispatch strategy runs only
 /// those experts and sums their outputs weighted by the gate; shared experts
-/// see every token with weight 1.
+/// see every token.
 #[derive(Debug)]
 pub struct SparseMoe {
     router: Box<dyn Router>,
     experts: ExpertBank,
     shared_experts: Option<ExpertBank>,
+    shared_expert_gate: Option<nn::Linear>,
     dispatch: Box<dyn Dispatch>,
     config: SparseMoeConfig,
 }
@@ -36,18 +42,32 @@ pub struct MoeOutput {
 }
 
 impl SparseMoe {
-    /// Parameters: `p/router/...`, `p/experts/{w_in,b_in,w_out,b_out}` and,
-    /// with shared experts, `p/shared_experts/...`.
+    /// Parameters: `p/router/...`, `p/experts/{w_in,b_in,w_gate,w_out,b_out}`
+    /// (the biases with `expert_bias`, `w_gate` with SwiGLU) and, with
+    /// shared experts, `p/shared_experts/...` and, with their sigmoid gate,
+    /// `p/shared_expert_gate.weight` (`[1, d]`).
     pub fn new(p: &nn::Path, config: SparseMoeConfig) -> Result<Self> {
         config.validate()?;
         let shared_experts = match config.shared_expert_config() {
             Some(c) => Some(ExpertBank::new(&(p / "shared_experts"), &c)?),
             None => None,
         };
+        let shared_expert_gate = config.shared_experts.filter(|s| s.sigmoid_gate).map(|_| {
+            linear(
+                p / "shared_expert_gate",
+                config.n_embd,
+                1,
+                false,
+                config.init,
+            )
+        });
         Ok(SparseMoe {
-            router: config.router_config().build(&(p / "router"))?,
+            router: config
+                .router
+                .build(&(p / "router"), config.router_dims(), config.init)?,
             experts: ExpertBank::new(&(p / "experts"), &config.expert_config())?,
             shared_experts,
+            shared_expert_gate,
             dispatch: config.dispatch.build(),
             config,
         })
@@ -70,6 +90,11 @@ impl SparseMoe {
     /// The shared experts, if any.
     pub fn shared_experts(&self) -> Option<&ExpertBank> {
         self.shared_experts.as_ref()
+    }
+
+    /// The shared experts' sigmoid gate `w_g`, if configured.
+    pub fn shared_expert_gate(&self) -> Option<&nn::Linear> {
+        self.shared_expert_gate.as_ref()
     }
 
     pub fn router(&self) -> &dyn Router {
@@ -110,9 +135,14 @@ impl SparseMoe {
             .route(&flat.to_kind(self.experts.w_in.kind()), train)?;
         let mut output = self.dispatch.combine(&flat, &routing, &self.experts, train);
         if let Some(shared) = &self.shared_experts {
-            output += shared
+            let y = shared
                 .forward_all(&flat, train)
                 .sum_dim_intlist(0, false, None);
+            output += match &self.shared_expert_gate {
+                // In the compute dtype, as the experts (`moe_core::Precision`).
+                Some(gate) => y * linear_in_input_dtype(&flat, gate).sigmoid(),
+                None => y,
+            };
         }
         let seq_len = (shape.len() >= 3).then(|| shape[shape.len() - 2]);
         let aux_loss = self.config.balance.loss(&routing, seq_len)?;

@@ -22,6 +22,11 @@ pub struct Routing {
     /// Slots removed by an expert-capacity limit, `[N, k]` bool, or `None`
     /// when no limit was applied.
     pub dropped: Option<Tensor>,
+    /// The expert capacity `C` that produced `dropped` ([`expert_capacity`]):
+    /// each expert keeps at most `C` slots of this batch. `None` when no
+    /// limit was applied. The capacity dispatch strategy sizes its per-expert
+    /// buffers with it.
+    pub capacity: Option<i64>,
     /// Number of experts `E`.
     pub num_experts: i64,
 }

@@ -1,31 +1,29 @@
 use crate::dispatch::gather_weighted_sum;
 use crate::Dispatch;
-use moe_core::{expert_capacity, Routing};
+use moe_core::Routing;
 use moe_experts::ExpertBank;
 use tch::{Kind, Tensor};
 
 /// Fixed-capacity dispatch (GShard, arXiv 2006.16668; Switch Transformer,
-/// arXiv 2101.03961): every expert gets a buffer of
+/// arXiv 2101.03961): every expert gets a buffer of `C` rows, the capacity
+/// the router's limit recorded in [`Routing::capacity`],
 ///
 /// `C = max(1, floor(N k / E * capacity_factor))`
 ///
-/// rows. Each expert keeps its first `C` slots in token order; overflowing
+/// with the router's `capacity_factor` (the one capacity setting; a layer
+/// configured with this strategy and no capacity factor is a config error).
+/// Each expert keeps its first `C` slots in token order; overflowing
 /// slots are dropped (they contribute nothing, and the kept weights are not
-/// renormalised). All shapes, `[E, C, d]` included, depend only on
+/// renormalised), exactly the slots the router marked in
+/// [`Routing::dropped`]. All shapes, `[E, C, d]` included, depend only on
 /// `N, k, E, d` — never on the routing — so the computation is three batched
 /// matmuls with no host synchronisation, suitable for CUDA graphs.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Capacity {
-    pub capacity_factor: f64,
-}
-
-impl Default for Capacity {
-    fn default() -> Self {
-        Capacity {
-            capacity_factor: 1.25,
-        }
-    }
-}
+///
+/// A routing without a capacity (none was configured) gets `C = N`: a
+/// token chooses an expert at most once, so nothing overflows, at the cost
+/// of the dense layer's `E N` rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Capacity;
 
 /// Where each slot lands in its expert's buffer.
 #[derive(Debug)]
@@ -40,20 +38,16 @@ pub struct CapacityPlan {
 }
 
 impl Capacity {
-    /// `C` for `n` tokens ([`expert_capacity`]).
-    pub fn capacity(&self, n: i64, k: i64, num_experts: i64) -> i64 {
-        expert_capacity(n, k, num_experts, self.capacity_factor)
+    /// `C` for `routing`: [`Routing::capacity`], or `N` without one.
+    pub fn capacity(&self, routing: &Routing) -> i64 {
+        routing.capacity.unwrap_or_else(|| routing.num_tokens())
     }
 
     /// Buffer positions ([`Routing::slot_positions`]): a slot's row within
     /// its expert is the number of earlier slots (in token order) routed there.
     pub fn plan(&self, routing: &Routing) -> CapacityPlan {
-        let (n, k, e) = (
-            routing.indices.size()[0],
-            routing.top_k(),
-            routing.num_experts,
-        );
-        let capacity = self.capacity(n, k, e);
+        let e = routing.num_experts;
+        let capacity = self.capacity(routing);
         let expert = routing.indices.flatten(0, -1);
         let position = routing.slot_positions();
         let keep = position.lt(capacity);
@@ -107,12 +101,7 @@ impl Dispatch for Capacity {
             .index_select(0, &token_of_slot.index_select(0, &slot_of_row))
             .view([e, c, d]);
 
-        let w = |t: &Tensor| t.to_kind(kind);
-        let pre = buffer.matmul(&w(&experts.w_in)) + w(&experts.b_in).unsqueeze(1);
-        let gate = experts.w_gate.as_ref().map(|g| buffer.matmul(&w(g)));
-        let out =
-            experts.activate(pre, gate).matmul(&w(&experts.w_out)) + w(&experts.b_out).unsqueeze(1);
-        let out = experts.output_dropout(out, train);
+        let out = experts.output_dropout(experts.batched_ffn(&buffer), train);
 
         // Gather each slot's row back (dropped slots read the zero spare row).
         let rows = Tensor::cat(

@@ -2,8 +2,11 @@ use crate::{Auto, Capacity, DenseReference, Dispatch, Grouped, IndexedLoop, Mask
 use moe_core::{MoeError, Result};
 use serde::{Deserialize, Serialize};
 
+/// The capacity factor `capacity` without `:F` stands for (GShard's 1.25).
+pub const DEFAULT_CAPACITY_FACTOR: f64 = 1.25;
+
 /// Which dispatch strategy a MoE layer uses.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DispatchKind {
     /// Picks a dropless strategy by device ([`Auto`]).
@@ -15,8 +18,9 @@ pub enum DispatchKind {
     IndexedLoop,
     /// Sort by expert + grouped GEMM, dropless, no host sync.
     Grouped,
-    /// Fixed capacity per expert, overflow dropped.
-    Capacity { capacity_factor: f64 },
+    /// Fixed capacity per expert, overflow dropped ([`Capacity`]); the
+    /// capacity comes from the router's `capacity_factor`, which must be set.
+    Capacity,
     /// Every expert on every token (tests and small models only).
     DenseReference,
 }
@@ -28,34 +32,19 @@ impl DispatchKind {
             DispatchKind::MaskLoop => Box::new(MaskLoop),
             DispatchKind::IndexedLoop => Box::new(IndexedLoop),
             DispatchKind::Grouped => Box::new(Grouped),
-            DispatchKind::Capacity { capacity_factor } => Box::new(Capacity { capacity_factor }),
+            DispatchKind::Capacity => Box::new(Capacity),
             DispatchKind::DenseReference => Box::new(DenseReference),
         }
     }
 
-    pub fn validate(&self) -> Result<()> {
-        match *self {
-            DispatchKind::Capacity { capacity_factor }
-                if !(capacity_factor > 0.0 && capacity_factor.is_finite()) =>
-            {
-                Err(MoeError::config(format!(
-                    "capacity_factor must be a positive number, got {capacity_factor}"
-                )))
-            }
-            _ => Ok(()),
-        }
-    }
-
-    /// Every strategy, for benchmarks and tests (capacity at factor 1.25).
+    /// Every strategy, for benchmarks and tests.
     pub fn all() -> [DispatchKind; 6] {
         [
             DispatchKind::Auto,
             DispatchKind::MaskLoop,
             DispatchKind::IndexedLoop,
             DispatchKind::Grouped,
-            DispatchKind::Capacity {
-                capacity_factor: 1.25,
-            },
+            DispatchKind::Capacity,
             DispatchKind::DenseReference,
         ]
     }
@@ -64,36 +53,79 @@ impl DispatchKind {
 impl std::str::FromStr for DispatchKind {
     type Err = MoeError;
 
+    /// `auto`, `mask_loop`, `indexed_loop`, `grouped`, `capacity` or
+    /// `dense_reference` (`-` may replace `_`). `capacity:F` is a
+    /// [`DispatchSpec`], since `F` is the router's setting.
+    fn from_str(s: &str) -> Result<Self> {
+        match s.replace('-', "_").as_str() {
+            "auto" => Ok(DispatchKind::Auto),
+            "mask_loop" => Ok(DispatchKind::MaskLoop),
+            "indexed_loop" => Ok(DispatchKind::IndexedLoop),
+            "grouped" => Ok(DispatchKind::Grouped),
+            "capacity" => Ok(DispatchKind::Capacity),
+            "dense_reference" | "dense" => Ok(DispatchKind::DenseReference),
+            other if other.starts_with("capacity:") => Err(MoeError::config(format!(
+                "`{other}` names a capacity factor, which is the router's setting: parse it \
+                 as a DispatchSpec, or set router.capacity_factor and dispatch `capacity`"
+            ))),
+            other => Err(MoeError::config(format!(
+                "unknown dispatch `{other}`: expected auto, mask_loop, indexed_loop, grouped, \
+                 capacity or dense_reference"
+            ))),
+        }
+    }
+}
+
+/// A dispatch strategy as a command line names it: `capacity[:F]` is the
+/// capacity strategy together with the router's capacity factor `F`
+/// (default [`DEFAULT_CAPACITY_FACTOR`]); the other names are a strategy
+/// alone. [`DispatchSpec::apply`] writes both settings into a config.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DispatchSpec {
+    pub kind: DispatchKind,
+    /// The router capacity factor the spec sets (`capacity[:F]` only).
+    pub capacity_factor: Option<f64>,
+}
+
+impl DispatchSpec {
+    /// Sets `dispatch` to the strategy and, for `capacity[:F]`, the router's
+    /// `capacity_factor` to `F`; other strategies leave the capacity factor
+    /// as it was (a capacity limit works with every strategy).
+    pub fn apply(&self, dispatch: &mut DispatchKind, capacity_factor: &mut Option<f64>) {
+        *dispatch = self.kind;
+        if let Some(f) = self.capacity_factor {
+            *capacity_factor = Some(f);
+        }
+    }
+}
+
+impl std::str::FromStr for DispatchSpec {
+    type Err = MoeError;
+
     /// `auto`, `mask_loop`, `indexed_loop`, `grouped`, `capacity` (factor
-    /// 1.25) or `capacity:F`, `dense_reference`.
+    /// 1.25) or `capacity:F` (`F` a positive number), `dense_reference`.
     fn from_str(s: &str) -> Result<Self> {
         let s = s.replace('-', "_");
-        let (name, arg) = match s.split_once(':') {
-            Some((n, a)) => (n, Some(a)),
-            None => (s.as_str(), None),
+        let Some(factor) = s.strip_prefix("capacity:") else {
+            let kind: DispatchKind = s.parse()?;
+            let capacity_factor =
+                (kind == DispatchKind::Capacity).then_some(DEFAULT_CAPACITY_FACTOR);
+            return Ok(DispatchSpec {
+                kind,
+                capacity_factor,
+            });
         };
-        let kind = match (name, arg) {
-            ("auto", None) => DispatchKind::Auto,
-            ("mask_loop", None) => DispatchKind::MaskLoop,
-            ("indexed_loop", None) => DispatchKind::IndexedLoop,
-            ("grouped", None) => DispatchKind::Grouped,
-            ("dense_reference" | "dense", None) => DispatchKind::DenseReference,
-            ("capacity", None) => DispatchKind::Capacity {
-                capacity_factor: 1.25,
-            },
-            ("capacity", Some(f)) => DispatchKind::Capacity {
-                capacity_factor: f.parse().map_err(|_| {
-                    MoeError::config(format!("capacity factor `{f}` is not a number"))
-                })?,
-            },
-            _ => {
-                return Err(MoeError::config(format!(
-                    "unknown dispatch `{s}`: expected auto, mask_loop, indexed_loop, grouped, \
-                     capacity[:FACTOR] or dense_reference"
-                )))
-            }
-        };
-        kind.validate()?;
-        Ok(kind)
+        let factor: f64 = factor
+            .parse()
+            .map_err(|_| MoeError::config(format!("capacity factor `{factor}` is not a number")))?;
+        if !(factor > 0.0 && factor.is_finite()) {
+            return Err(MoeError::config(format!(
+                "capacity factor must be a positive number, got {factor}"
+            )));
+        }
+        Ok(DispatchSpec {
+            kind: DispatchKind::Capacity,
+            capacity_factor: Some(factor),
+        })
     }
 }

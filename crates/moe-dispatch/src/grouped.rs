@@ -1,7 +1,7 @@
 use crate::dispatch::gather_weighted_sum;
 use crate::{Dispatch, SortedSlots};
 use moe_core::Routing;
-use moe_experts::ExpertBank;
+use moe_experts::{plus_bias, ExpertBank};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
@@ -11,8 +11,8 @@ use tch::{Device, Kind, Tensor};
 ///
 /// 1. sort the `N k` slots by expert (stable), counts -> offsets;
 /// 2. gather `x` once into expert-contiguous rows `X_s`;
-/// 3. `H = act(GroupedMM(X_s, W_in, offsets) + b_in[e_s])`,
-///    `O = GroupedMM(H, W_out, offsets) + b_out[e_s]` — every expert's segment
+/// 3. `H = act(GroupedMM(X_s, W_in, offsets) (+ b_in[e_s]))`,
+///    `O = GroupedMM(H, W_out, offsets) (+ b_out[e_s])` — every expert's segment
 ///    in one kernel, no padding, no dropped token;
 /// 4. each token gathers its `k` rows back and sums them weighted (no
 ///    scatter-add, so no atomics).
@@ -55,11 +55,15 @@ fn expert_segments_grouped(experts: &ExpertBank, xs: &Tensor, slots: &SortedSlot
     let mm = |a: &Tensor, w: &Tensor| {
         a.internal_grouped_mm(&w.to_kind(kind), Some(&slots.offsets), None, None)
     };
-    let bias = |b: &Tensor| b.index_select(0, &slots.expert).to_kind(kind);
-    let pre = mm(xs, &experts.w_in) + bias(&experts.b_in);
+    // Each row's expert bias, where the experts have biases.
+    let bias = |b: &Option<Tensor>| {
+        b.as_ref()
+            .map(|b| b.index_select(0, &slots.expert).to_kind(kind))
+    };
+    let pre = plus_bias(mm(xs, &experts.w_in), bias(&experts.b_in));
     let gate = experts.w_gate.as_ref().map(|w| mm(xs, w));
     let hidden = experts.activate(pre, gate);
-    mm(&hidden, &experts.w_out) + bias(&experts.b_out)
+    plus_bias(mm(&hidden, &experts.w_out), bias(&experts.b_out))
 }
 
 /// The same computation as a loop over segments (fallback; one host read).

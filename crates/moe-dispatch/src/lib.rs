@@ -30,7 +30,7 @@ mod sorted_slots;
 
 pub use auto::Auto;
 pub use capacity::{Capacity, CapacityPlan};
-pub use config::DispatchKind;
+pub use config::{DispatchKind, DispatchSpec, DEFAULT_CAPACITY_FACTOR};
 pub use dense_reference::DenseReference;
 pub use dispatch::Dispatch;
 pub use grouped::{grouped_mm_supported, Grouped};

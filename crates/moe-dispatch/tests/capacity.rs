@@ -1,5 +1,5 @@
 use approx::assert_abs_diff_eq;
-use moe_core::Routing;
+use moe_core::{expert_capacity, Routing};
 use moe_dispatch::{Capacity, Dispatch};
 use moe_experts::{ExpertBank, ExpertConfig};
 use tch::{nn, Device, Kind, Tensor};
@@ -27,13 +27,16 @@ fn scaling_experts(vs: &nn::VarStore, scale: &[f32]) -> ExpertBank {
     bank
 }
 
-fn routing(indices: &[i64], weights: &[f32], n: i64, k: i64, e: i64) -> Routing {
+/// A routing whose router applied the capacity `capacity` (not marking the
+/// drops: the strategy finds them itself).
+fn routing(indices: &[i64], weights: &[f32], n: i64, k: i64, e: i64, capacity: i64) -> Routing {
     Routing {
         indices: Tensor::from_slice(indices).view([n, k]),
         weights: Tensor::from_slice(weights).view([n, k]),
         logits: Tensor::zeros([n, e], (Kind::Float, Device::Cpu)),
         probs: Tensor::full([n, e], 1.0 / e as f64, (Kind::Float, Device::Cpu)),
         dropped: None,
+        capacity: Some(capacity),
         num_experts: e,
     }
 }
@@ -50,10 +53,9 @@ fn overflowing_slots_are_dropped_in_token_order_without_renormalising() {
         3,
         2,
         3,
+        expert_capacity(3, 2, 3, 1.0),
     );
-    let capacity = Capacity {
-        capacity_factor: 1.0,
-    };
+    let capacity = Capacity;
     let plan = capacity.plan(&r);
     assert_eq!(plan.capacity, 2);
     // Rows: expert * C + position, the spare row E * C = 6 for the dropped slot.
@@ -74,30 +76,78 @@ fn overflowing_slots_are_dropped_in_token_order_without_renormalising() {
 
 #[test]
 fn capacity_is_floor_of_the_fair_share_times_the_factor() {
-    let c = Capacity {
-        capacity_factor: 1.25,
+    assert_eq!(expert_capacity(512, 2, 8, 1.25), 160);
+    assert_eq!(expert_capacity(3, 1, 8, 1.25), 1, "at least one row");
+    assert_eq!(expert_capacity(10, 1, 4, 1.0), 2);
+    // The strategy reads the routing's capacity; without one, N rows.
+    let r = routing(&[0, 1, 1], &[1.0; 3], 3, 1, 2, 2);
+    assert_eq!(Capacity.capacity(&r), 2);
+    let unlimited = Routing {
+        capacity: None,
+        ..routing(&[0, 1, 1], &[1.0; 3], 3, 1, 2, 2)
     };
-    assert_eq!(c.capacity(512, 2, 8), 160);
-    assert_eq!(c.capacity(3, 1, 8), 1, "at least one row");
-    assert_eq!(
-        Capacity {
-            capacity_factor: 1.0
-        }
-        .capacity(10, 1, 4),
-        2
-    );
+    assert_eq!(Capacity.capacity(&unlimited), 3);
+    assert_eq!(Capacity.dropped_slots(&unlimited).int64_value(&[]), 0);
 }
 
 #[test]
 fn k1_all_tokens_on_one_expert_keeps_exactly_capacity_tokens() {
     let vs = nn::VarStore::new(Device::Cpu);
     let experts = scaling_experts(&vs, &[2.0, 3.0]);
-    let r = routing(&[0, 0, 0, 0], &[1.0; 4], 4, 1, 2);
-    let capacity = Capacity {
-        capacity_factor: 1.0,
-    };
+    let r = routing(
+        &[0, 0, 0, 0],
+        &[1.0; 4],
+        4,
+        1,
+        2,
+        expert_capacity(4, 1, 2, 1.0),
+    );
+    let capacity = Capacity;
     let x = Tensor::from_slice(&[1f32, 2., 3., 4.]).view([4, 1]);
     let y = Vec::<f32>::try_from(capacity.combine(&x, &r, &experts, false).view([-1])).unwrap();
     assert_eq!(y, vec![2.0, 4.0, 0.0, 0.0]);
     assert_eq!(capacity.dropped_slots(&r).int64_value(&[]), 2);
+}
+
+#[test]
+fn dispatch_specs_carry_the_router_capacity_factor() {
+    use moe_dispatch::{DispatchKind, DispatchSpec, DEFAULT_CAPACITY_FACTOR};
+    let spec = |s: &str| s.parse::<DispatchSpec>().unwrap();
+    assert_eq!(
+        spec("capacity"),
+        DispatchSpec {
+            kind: DispatchKind::Capacity,
+            capacity_factor: Some(DEFAULT_CAPACITY_FACTOR),
+        }
+    );
+    assert_eq!(spec("capacity:0.5").capacity_factor, Some(0.5));
+    assert_eq!(
+        spec("indexed-loop"),
+        DispatchSpec {
+            kind: DispatchKind::IndexedLoop,
+            capacity_factor: None,
+        }
+    );
+    for bad in [
+        "capacity:x",
+        "capacity:0",
+        "capacity:-1",
+        "capacity:inf",
+        "sorted",
+    ] {
+        let err = bad.parse::<DispatchSpec>().unwrap_err();
+        assert!(matches!(err, moe_core::MoeError::Config(_)), "{bad}: {err}");
+    }
+    // A DispatchKind alone cannot hold a factor: the factor is the router's.
+    let err = "capacity:2"
+        .parse::<DispatchKind>()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("router"), "{err}");
+    // Applying a spec: capacity[:F] sets both; another strategy keeps the factor.
+    let (mut kind, mut factor) = (DispatchKind::Auto, None);
+    spec("capacity:2").apply(&mut kind, &mut factor);
+    assert_eq!((kind, factor), (DispatchKind::Capacity, Some(2.0)));
+    spec("grouped").apply(&mut kind, &mut factor);
+    assert_eq!((kind, factor), (DispatchKind::Grouped, Some(2.0)));
 }

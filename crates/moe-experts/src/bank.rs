@@ -4,23 +4,35 @@ use tch::{nn, Tensor};
 
 /// `E` two-layer experts, stacked (makeMoE's `Expert`, or a SwiGLU FFN):
 ///
-/// `FFN_e(x) = Dropout(act_e(x) W_out[e] + b_out[e])`, with
-/// `act_e(x) = ReLU(x W_in[e] + b_in[e])` or
-/// `act_e(x) = SiLU(x W_gate[e]) * (x W_in[e] + b_in[e])`,
+/// `FFN_e(x) = Dropout(act_e(x) W_out[e] (+ b_out[e]))`, with
+/// `act_e(x) = ReLU(x W_in[e] (+ b_in[e]))` or
+/// `act_e(x) = SiLU(x W_gate[e]) * (x W_in[e] (+ b_in[e]))`,
 ///
-/// `W_in, W_gate: [E, d, h]`, `b_in: [E, h]`, `W_out: [E, h, d]`, `b_out: [E, d]`.
+/// `W_in, W_gate: [E, d, h]`, `b_in: [E, h]`, `W_out: [E, h, d]`, `b_out: [E, d]`;
+/// the biases exist only with [`ExpertConfig::bias`] (Mixtral, Qwen2-MoE,
+/// DeepSeek and OLMoE experts have none).
 /// `W_in[e]` is the transpose of PyTorch's `nn.Linear(d, h).weight`, so that
 /// `x W_in[e]` needs no transpose and grouped GEMM reads the bank as it is.
 /// Checkpoints store these tensors under `<layer>/experts/{w_in,b_in,w_gate,w_out,b_out}`.
 #[derive(Debug)]
 pub struct ExpertBank {
     pub w_in: Tensor,
-    pub b_in: Tensor,
+    /// With [`ExpertConfig::bias`] only.
+    pub b_in: Option<Tensor>,
     /// SwiGLU only.
     pub w_gate: Option<Tensor>,
     pub w_out: Tensor,
-    pub b_out: Tensor,
+    /// With [`ExpertConfig::bias`] only.
+    pub b_out: Option<Tensor>,
     config: ExpertConfig,
+}
+
+/// `t + b` where there is a bias `b`, `t` itself where there is none.
+pub fn plus_bias(t: Tensor, b: Option<Tensor>) -> Tensor {
+    match b {
+        Some(b) => t + b,
+        None => t,
+    }
 }
 
 impl ExpertBank {
@@ -32,12 +44,13 @@ impl ExpertBank {
             Activation::Relu => None,
             Activation::SwiGlu => Some(p.var("w_gate", &[e, d, h], init.weight(d, h))),
         };
+        let bias = config.bias;
         Ok(ExpertBank {
             w_in: p.var("w_in", &[e, d, h], init.weight(d, h)),
-            b_in: p.var("b_in", &[e, h], WeightInit::bias(d)),
+            b_in: bias.then(|| p.var("b_in", &[e, h], WeightInit::bias(d))),
             w_gate,
             w_out: p.var("w_out", &[e, h, d], init.weight(h, d)),
-            b_out: p.var("b_out", &[e, d], WeightInit::bias(h)),
+            b_out: bias.then(|| p.var("b_out", &[e, d], WeightInit::bias(h))),
             config: config.clone(),
         })
     }
@@ -52,31 +65,32 @@ impl ExpertBank {
 
     /// Overwrites the bank's weights with `weights` (e.g. from
     /// [`crate::split_dense_ffn`] or [`crate::upcycle_dense_ffn`]); shapes
-    /// and the presence of a gate must match the bank's config.
+    /// and the presence of a gate and of biases must match the bank's config.
     pub fn load(&mut self, weights: &BankWeights) -> Result<()> {
-        let gate_pair = match (&mut self.w_gate, &weights.w_gate) {
-            (Some(dst), Some(src)) => Some((dst, src)),
-            (None, None) => None,
-            (dst, _) => {
-                return Err(MoeError::config(format!(
-                    "expert weights {} a SwiGLU gate but the bank {}",
-                    if weights.w_gate.is_some() {
-                        "have"
-                    } else {
-                        "lack"
-                    },
-                    if dst.is_some() { "has one" } else { "has none" }
-                )))
-            }
-        };
         let mut pairs = vec![
             ("w_in", &mut self.w_in, &weights.w_in),
-            ("b_in", &mut self.b_in, &weights.b_in),
             ("w_out", &mut self.w_out, &weights.w_out),
-            ("b_out", &mut self.b_out, &weights.b_out),
         ];
-        if let Some((dst, src)) = gate_pair {
-            pairs.push(("w_gate", dst, src));
+        let optional = [
+            ("w_gate", "SwiGLU gate", &mut self.w_gate, &weights.w_gate),
+            ("b_in", "input bias", &mut self.b_in, &weights.b_in),
+            ("b_out", "output bias", &mut self.b_out, &weights.b_out),
+        ];
+        for (name, meaning, dst, src) in optional {
+            match (dst, src) {
+                (Some(dst), Some(src)) => pairs.push((name, dst, src)),
+                (None, None) => {}
+                (dst, src) => {
+                    return Err(MoeError::config(format!(
+                        "expert weights {} `{name}` ({meaning}) but the bank {} (activation \
+                         {:?}, bias {})",
+                        if src.is_some() { "have" } else { "lack" },
+                        if dst.is_some() { "has one" } else { "has none" },
+                        self.config.activation,
+                        self.config.bias
+                    )))
+                }
+            }
         }
         for (name, dst, src) in &pairs {
             if dst.size() != src.size() {
@@ -97,7 +111,7 @@ impl ExpertBank {
 
     /// The hidden activation from the two pre-activations: `ReLU(pre)` or
     /// `SiLU(gate) * pre`. Shared by every dispatch strategy, whatever way it
-    /// computed `pre = x W_in + b_in` and `gate = x W_gate`.
+    /// computed `pre = x W_in (+ b_in)` and `gate = x W_gate`.
     pub fn activate(&self, pre: Tensor, gate: Option<Tensor>) -> Tensor {
         match (self.config.activation, gate) {
             (Activation::SwiGlu, Some(gate)) => gate.silu() * pre,
@@ -125,38 +139,56 @@ impl ExpertBank {
         let split = |t: &Tensor| as_kind_of(t, like).unbind(0);
         ExpertViews {
             w_in: split(&self.w_in),
-            b_in: split(&self.b_in),
+            b_in: self.b_in.as_ref().map(split),
             w_gate: self.w_gate.as_ref().map(split),
             w_out: split(&self.w_out),
-            b_out: split(&self.b_out),
+            b_out: self.b_out.as_ref().map(split),
         }
     }
 
     /// Expert `e`'s FFN (no output dropout) through `views`, with the biases
-    /// fused into the GEMMs: `act(b_in + x W_in) W_out + b_out` as two `addmm`.
+    /// fused into the GEMMs: `act(b_in + x W_in) W_out + b_out` as two `addmm`
+    /// (two `mm` without biases).
     pub fn ffn_view(&self, views: &ExpertViews, e: usize, x: &Tensor) -> Tensor {
-        let pre = views.b_in[e].addmm(x, &views.w_in[e]);
+        let affine = |x: &Tensor, w: &[Tensor], b: &Option<Vec<Tensor>>| match b {
+            Some(b) => b[e].addmm(x, &w[e]),
+            None => x.mm(&w[e]),
+        };
+        let pre = affine(x, &views.w_in, &views.b_in);
         let gate = views.w_gate.as_ref().map(|g| x.matmul(&g[e]));
-        views.b_out[e].addmm(&self.activate(pre, gate), &views.w_out[e])
+        affine(&self.activate(pre, gate), &views.w_out, &views.b_out)
     }
 
     /// Expert `e`'s FFN without the output dropout (for strategies that
     /// apply dropout once to all slots).
     pub fn ffn(&self, e: i64, x: &Tensor) -> Tensor {
         let w = |t: &Tensor| as_kind_of(&t.get(e), x);
-        let pre = x.matmul(&w(&self.w_in)) + w(&self.b_in);
+        let pre = plus_bias(x.matmul(&w(&self.w_in)), self.b_in.as_ref().map(w));
         let gate = self.w_gate.as_ref().map(|g| x.matmul(&w(g)));
-        self.activate(pre, gate).matmul(&w(&self.w_out)) + w(&self.b_out)
+        plus_bias(
+            self.activate(pre, gate).matmul(&w(&self.w_out)),
+            self.b_out.as_ref().map(w),
+        )
+    }
+
+    /// Every expert at once as batched matmuls, without the output dropout:
+    /// `x: [N, d]` (every expert on the same tokens) or `x: [E, C, d]` (one
+    /// buffer of rows per expert) -> `[E, N or C, d]`, in `x`'s dtype.
+    pub fn batched_ffn(&self, x: &Tensor) -> Tensor {
+        let w = |t: &Tensor| as_kind_of(t, x);
+        let b = |t: &Tensor| w(t).unsqueeze(1);
+        let pre = plus_bias(x.matmul(&w(&self.w_in)), self.b_in.as_ref().map(b));
+        let gate = self.w_gate.as_ref().map(|g| x.matmul(&w(g)));
+        plus_bias(
+            self.activate(pre, gate).matmul(&w(&self.w_out)),
+            self.b_out.as_ref().map(b),
+        )
     }
 
     /// Every expert on every token, `x: [N, d]` -> `[E, N, d]`: the dense
     /// reference computation.
     pub fn forward_all(&self, x: &Tensor, train: bool) -> Tensor {
-        let w = |t: &Tensor| as_kind_of(t, x);
-        let pre = x.matmul(&w(&self.w_in)) + w(&self.b_in).unsqueeze(1);
-        let gate = self.w_gate.as_ref().map(|g| x.matmul(&w(g)));
-        let out = self.activate(pre, gate).matmul(&w(&self.w_out)) + w(&self.b_out).unsqueeze(1);
-        self.output_dropout(out, train)
+        self.output_dropout(self.batched_ffn(x), train)
     }
 }
 
@@ -164,8 +196,8 @@ impl ExpertBank {
 #[derive(Debug)]
 pub struct ExpertViews {
     w_in: Vec<Tensor>,
-    b_in: Vec<Tensor>,
+    b_in: Option<Vec<Tensor>>,
     w_gate: Option<Vec<Tensor>>,
     w_out: Vec<Tensor>,
-    b_out: Vec<Tensor>,
+    b_out: Option<Vec<Tensor>>,
 }

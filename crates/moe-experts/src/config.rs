@@ -5,10 +5,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Activation {
-    /// `ReLU(x W_in + b_in)` (makeMoE, Switch).
+    /// `ReLU(x W_in (+ b_in))` (makeMoE, Switch).
     #[default]
     Relu,
-    /// `SiLU(x W_gate) * (x W_in + b_in)` (Shazeer 2020, arXiv 2002.05202;
+    /// `SiLU(x W_gate) * (x W_in (+ b_in))` (Shazeer 2020, arXiv 2002.05202;
     /// Mixtral, LLaMA, DeepSeek). Adds a gate matrix `[E, d, h]` per bank.
     SwiGlu,
 }
@@ -26,6 +26,10 @@ pub struct ExpertConfig {
     /// Dropout on each expert's output.
     pub dropout: f64,
     pub activation: Activation,
+    /// Whether the experts' two linear layers have biases `b_in`, `b_out`
+    /// (makeMoE, Switch: yes; Mixtral, Qwen2-MoE, DeepSeek, OLMoE: no). A
+    /// bank without them has no such variables.
+    pub bias: bool,
     pub init: WeightInit,
 }
 
@@ -38,6 +42,7 @@ impl Default for ExpertConfig {
             hidden_dim: 512,
             dropout: 0.1,
             activation: Activation::default(),
+            bias: true,
             init: WeightInit::default(),
         }
     }
@@ -66,13 +71,15 @@ impl ExpertConfig {
         Ok(())
     }
 
-    /// Parameters of one expert: `2 d h + h + d`, plus `d h` for SwiGLU's gate.
+    /// Parameters of one expert: `2 d h`, plus `d h` for SwiGLU's gate,
+    /// plus `h + d` with biases.
     pub fn params_per_expert(&self) -> i64 {
         let (d, h) = (self.input_dim, self.hidden_dim);
         let gate = match self.activation {
             Activation::Relu => 0,
             Activation::SwiGlu => d * h,
         };
-        2 * d * h + h + d + gate
+        let bias = if self.bias { h + d } else { 0 };
+        2 * d * h + gate + bias
     }
 }

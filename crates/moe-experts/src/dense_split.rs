@@ -34,7 +34,8 @@ impl Default for NeuronPartition {
 /// when every expert is active with weight 1. The output bias is shared
 /// equally (`b_out / E` each) rather than given to one expert: experts stay
 /// interchangeable, and the sum still counts `b_out` once. (LLaMA has no
-/// biases, so the paper does not face this choice.)
+/// biases, so the paper does not face this choice.) An FFN without biases
+/// gives experts without biases.
 pub fn split_dense_ffn(
     dense: &DenseFfnWeights,
     num_experts: i64,
@@ -51,21 +52,27 @@ pub fn split_dense_ffn(
     };
     Ok(BankWeights {
         w_in: stack(&|s| dense.w_in.index_select(1, s)),
-        b_in: stack(&|s| dense.b_in.index_select(0, s)),
+        b_in: dense
+            .b_in
+            .as_ref()
+            .map(|b| stack(&|s| b.index_select(0, s))),
         w_gate: dense
             .w_gate
             .as_ref()
             .map(|g| stack(&|s| g.index_select(1, s))),
         w_out: stack(&|s| dense.w_out.index_select(0, s)),
-        b_out: (&dense.b_out / num_experts as f64)
-            .unsqueeze(0)
-            .repeat([num_experts, 1]),
+        b_out: dense.b_out.as_ref().map(|b| {
+            (b / num_experts as f64)
+                .unsqueeze(0)
+                .repeat([num_experts, 1])
+        }),
     })
 }
 
 /// Sparse upcycling (Komatsuzaki et al. 2022, arXiv 2212.05055): every one
 /// of the `E` experts starts as a copy of the dense FFN, `FFN_e = FFN`, so a
 /// top-k layer whose weights sum to 1 starts out computing the dense FFN.
+/// Biases are copied where the dense FFN has them.
 pub fn upcycle_dense_ffn(dense: &DenseFfnWeights, num_experts: i64) -> Result<BankWeights> {
     dense.dims()?;
     check_num_experts(num_experts)?;
@@ -76,10 +83,10 @@ pub fn upcycle_dense_ffn(dense: &DenseFfnWeights, num_experts: i64) -> Result<Ba
     };
     Ok(BankWeights {
         w_in: copies(&dense.w_in),
-        b_in: copies(&dense.b_in),
+        b_in: dense.b_in.as_ref().map(copies),
         w_gate: dense.w_gate.as_ref().map(copies),
         w_out: copies(&dense.w_out),
-        b_out: copies(&dense.b_out),
+        b_out: dense.b_out.as_ref().map(copies),
     })
 }
 

@@ -11,7 +11,7 @@ mod config;
 mod dense_split;
 mod weights;
 
-pub use bank::{ExpertBank, ExpertViews};
+pub use bank::{plus_bias, ExpertBank, ExpertViews};
 pub use config::{Activation, ExpertConfig};
 pub use dense_split::{partition_neurons, split_dense_ffn, upcycle_dense_ffn, NeuronPartition};
 pub use weights::{BankWeights, DenseFfnWeights};

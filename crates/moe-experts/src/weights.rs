@@ -1,33 +1,36 @@
-use crate::Activation;
+use crate::{plus_bias, Activation};
 use moe_core::{MoeError, Result};
 use tch::Tensor;
 
 /// The weights of one dense two-layer FFN in the bank's layout (no expert
 /// dimension): `w_in, w_gate: [d, h]`, `b_in: [h]`, `w_out: [h, d]`, `b_out: [d]`,
 ///
-/// `FFN(x) = act(x) w_out + b_out`, `act(x) = ReLU(x w_in + b_in)` or
-/// `SiLU(x w_gate) * (x w_in + b_in)`.
+/// `FFN(x) = act(x) w_out (+ b_out)`, `act(x) = ReLU(x w_in (+ b_in))` or
+/// `SiLU(x w_gate) * (x w_in (+ b_in))`; LLaMA's FFN has no biases.
 ///
 /// The source of LLaMA-MoE's expert construction and of upcycling.
 #[derive(Debug)]
 pub struct DenseFfnWeights {
     pub w_in: Tensor,
-    pub b_in: Tensor,
+    /// `None` for an FFN without input bias.
+    pub b_in: Option<Tensor>,
     /// SwiGLU only.
     pub w_gate: Option<Tensor>,
     pub w_out: Tensor,
-    pub b_out: Tensor,
+    /// `None` for an FFN without output bias.
+    pub b_out: Option<Tensor>,
 }
 
 /// Weights of `E` experts, stacked as in [`crate::ExpertBank`]: `w_in,
-/// w_gate: [E, d, h]`, `b_in: [E, h]`, `w_out: [E, h, d]`, `b_out: [E, d]`.
+/// w_gate: [E, d, h]`, `b_in: [E, h]`, `w_out: [E, h, d]`, `b_out: [E, d]`;
+/// the biases are `None` for experts without them.
 #[derive(Debug)]
 pub struct BankWeights {
     pub w_in: Tensor,
-    pub b_in: Tensor,
+    pub b_in: Option<Tensor>,
     pub w_gate: Option<Tensor>,
     pub w_out: Tensor,
-    pub b_out: Tensor,
+    pub b_out: Option<Tensor>,
 }
 
 impl DenseFfnWeights {
@@ -44,18 +47,14 @@ impl DenseFfnWeights {
         }
         let (d, h) = (w_in[0], w_in[1]);
         let checks = [
-            ("b_in", vec![h], self.b_in.size()),
-            ("w_out", vec![h, d], self.w_out.size()),
-            ("b_out", vec![d], self.b_out.size()),
+            ("b_in", vec![h], self.b_in.as_ref()),
+            ("w_out", vec![h, d], Some(&self.w_out)),
+            ("b_out", vec![d], self.b_out.as_ref()),
+            ("w_gate", vec![d, h], self.w_gate.as_ref()),
         ];
         for (what, want, got) in checks {
-            if want != got {
+            if let Some(got) = got.map(Tensor::size).filter(|got| *got != want) {
                 return Err(wrong(what, format!("{want:?}"), got));
-            }
-        }
-        if let Some(g) = &self.w_gate {
-            if g.size() != vec![d, h] {
-                return Err(wrong("w_gate", format!("[{d}, {h}]"), g.size()));
             }
         }
         Ok((d, h))
@@ -72,11 +71,17 @@ impl DenseFfnWeights {
     /// `FFN(x)` for `x: [N, d]` (no dropout): the reference that split
     /// experts must add up to.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let pre = x.matmul(&self.w_in) + &self.b_in;
+        let pre = plus_bias(
+            x.matmul(&self.w_in),
+            self.b_in.as_ref().map(Tensor::shallow_clone),
+        );
         let hidden = match &self.w_gate {
             Some(g) => x.matmul(g).silu() * pre,
             None => pre.relu(),
         };
-        hidden.matmul(&self.w_out) + &self.b_out
+        plus_bias(
+            hidden.matmul(&self.w_out),
+            self.b_out.as_ref().map(Tensor::shallow_clone),
+        )
     }
 }

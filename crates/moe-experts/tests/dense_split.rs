@@ -8,23 +8,39 @@ use moe_experts::{
 use tch::{nn, Device, Kind, Tensor};
 
 fn dense(d: i64, h: i64, swiglu: bool) -> DenseFfnWeights {
+    dense_with_bias(d, h, swiglu, true)
+}
+
+fn dense_with_bias(d: i64, h: i64, swiglu: bool, bias: bool) -> DenseFfnWeights {
     let r = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, Device::Cpu));
     DenseFfnWeights {
         w_in: r(&[d, h]),
-        b_in: r(&[h]),
+        b_in: bias.then(|| r(&[h])),
         w_gate: swiglu.then(|| r(&[d, h])),
         w_out: r(&[h, d]),
-        b_out: r(&[d]),
+        b_out: bias.then(|| r(&[d])),
     }
 }
 
 fn bank(vs: &nn::VarStore, e: i64, d: i64, h: i64, activation: Activation) -> ExpertBank {
+    bank_with_bias(vs, e, d, h, activation, true)
+}
+
+fn bank_with_bias(
+    vs: &nn::VarStore,
+    e: i64,
+    d: i64,
+    h: i64,
+    activation: Activation,
+    bias: bool,
+) -> ExpertBank {
     let config = ExpertConfig {
         num_experts: e,
         input_dim: d,
         hidden_dim: h,
         dropout: 0.0,
         activation,
+        bias,
         ..Default::default()
     };
     ExpertBank::new(&vs.root(), &config).unwrap()
@@ -95,10 +111,10 @@ fn balanced_kmeans_recovers_planted_clusters() {
     let rows = centres.index_select(0, &Tensor::from_slice(&owner)) + noise; // [h, d]
     let dense = DenseFfnWeights {
         w_in: rows.transpose(0, 1).contiguous(),
-        b_in: Tensor::zeros([h], (Kind::Float, Device::Cpu)),
+        b_in: None,
         w_gate: None,
         w_out: Tensor::zeros([h, d], (Kind::Float, Device::Cpu)),
-        b_out: Tensor::zeros([d], (Kind::Float, Device::Cpu)),
+        b_out: None,
     };
     let partition = NeuronPartition::BalancedKMeans {
         iterations: 10,
@@ -145,4 +161,61 @@ fn bad_splits_and_loads_are_errors() {
     assert!(matches!(experts.load(&split), Err(MoeError::Shape { .. })));
     let gated = upcycle_dense_ffn(&self::dense(4, 3, true), 2).unwrap();
     assert!(matches!(experts.load(&gated), Err(MoeError::Config(_))));
+}
+
+#[test]
+fn banks_without_bias_have_no_bias_variables_and_split_from_a_bias_free_ffn() {
+    tch::manual_seed(4);
+    let (d, h, e) = (6, 24, 4);
+    for activation in [Activation::Relu, Activation::SwiGlu] {
+        let swiglu = activation == Activation::SwiGlu;
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut experts = bank_with_bias(&vs, e, d, h / e, activation, false);
+        let names: Vec<String> = vs.variables().into_keys().collect();
+        assert!(
+            names.iter().all(|n| n != "b_in" && n != "b_out"),
+            "{names:?}"
+        );
+        assert!(experts.b_in.is_none() && experts.b_out.is_none());
+        let counted: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
+        assert_eq!(counted, e * experts.config().params_per_expert());
+        assert_eq!(
+            experts.config().params_per_expert(),
+            (2 + i64::from(swiglu)) * d * (h / e)
+        );
+
+        // LLaMA-style FFN without biases: the split experts still sum to it,
+        // through every way the bank computes.
+        let dense = dense_with_bias(d, h, swiglu, false);
+        experts
+            .load(&split_dense_ffn(&dense, e, NeuronPartition::Random { seed: 1 }).unwrap())
+            .unwrap();
+        let x = Tensor::randn([9, d], (Kind::Float, Device::Cpu));
+        let want = dense.forward(&x);
+        let all = experts
+            .forward_all(&x, false)
+            .sum_dim_intlist(0, false, None);
+        assert!(max_diff(&all, &want) < 1e-4);
+        let views = experts.views(&x);
+        let looped = (0..e)
+            .map(|i| experts.ffn_view(&views, i as usize, &x) - experts.ffn(i, &x))
+            .map(|diff| diff.abs().max().double_value(&[]))
+            .fold(0.0, f64::max);
+        assert!(looped < 1e-5, "ffn_view vs ffn: {looped}");
+
+        // Upcycled: every expert equals the bias-free FFN.
+        experts
+            .load(&upcycle_dense_ffn(&dense_with_bias(d, h / e, swiglu, false), e).unwrap())
+            .unwrap();
+        // Weights with biases do not fit a bank without them.
+        let biased = upcycle_dense_ffn(&dense_with_bias(d, h / e, swiglu, true), e).unwrap();
+        let err = experts.load(&biased).unwrap_err();
+        assert!(matches!(err, MoeError::Config(_)));
+        assert!(err.to_string().contains("b_in"), "{err}");
+    }
+    // And the other way round.
+    let vs = nn::VarStore::new(Device::Cpu);
+    let mut with_bias = bank(&vs, 2, 4, 3, Activation::Relu);
+    let bare = upcycle_dense_ffn(&dense_with_bias(4, 3, false, false), 2).unwrap();
+    assert!(matches!(with_bias.load(&bare), Err(MoeError::Config(_))));
 }

@@ -42,10 +42,14 @@ impl<'de> Deserialize<'de> for LmConfig {
             },
             None => return Err(D::Error::custom("a model config must be a table")),
         };
-        let parse = |v| serde_json::from_value(v).map_err(D::Error::custom);
+        let bad = D::Error::custom;
         match family.as_str() {
-            "make_moe" => parse(value).map(LmConfig::MakeMoe),
-            "decoder" => parse(value).map(LmConfig::Decoder),
+            "make_moe" => serde_json::from_value(value)
+                .map(LmConfig::MakeMoe)
+                .map_err(bad),
+            "decoder" => serde_json::from_value(value)
+                .map(LmConfig::Decoder)
+                .map_err(bad),
             other => Err(D::Error::custom(format!(
                 "unknown model family `{other}`: expected {}",
                 LmConfig::FAMILIES.join(" or ")
@@ -99,10 +103,10 @@ impl LmConfig {
     }
 
     /// Parameters a token passes through, given the model's `total`.
-    pub fn active_params(&self, total: i64) -> i64 {
+    pub fn active_params(&self, total: i64) -> Result<i64> {
         match self {
             LmConfig::MakeMoe(c) => c.active_params(total),
-            LmConfig::Decoder(c) => c.active_params(total),
+            LmConfig::Decoder(c) => Ok(c.active_params(total)),
         }
     }
 

@@ -4,8 +4,7 @@
 
 use moe_core::MoeError;
 use moe_models::{
-    generate, CausalLm, DecoderConfig, DecoderModel, DecoderPreset, LmConfig, ModelCache,
-    Sampling,
+    generate, CausalLm, DecoderConfig, DecoderModel, DecoderPreset, LmConfig, ModelCache, Sampling,
 };
 use moe_nn::QkNorm;
 use moe_routers::Gate;
@@ -61,7 +60,7 @@ fn names(vs: &nn::VarStore) -> Vec<String> {
 fn parameters_carry_hugging_face_names_and_no_biases() {
     let _rng = rng_lock();
     let (vs, _) = build(&small(DecoderPreset::Mixtral), 0);
-    let names = names(&vs);
+    let all = names(&vs);
     for want in [
         "model.embed_tokens.weight",
         "model.layers.0.input_layernorm.weight",
@@ -76,14 +75,15 @@ fn parameters_carry_hugging_face_names_and_no_biases() {
         "model.layers.1.mlp.experts.w_out",
         "model.norm.weight",
     ] {
-        assert!(names.contains(&want.to_string()), "{want} missing: {names:?}");
+        assert!(all.contains(&want.to_string()), "{want} missing: {all:?}");
     }
     // Bias-free projections, experts and gate; the head is tied.
     assert!(
-        !names.iter().any(|n| n.ends_with("bias") || n.contains("b_in") || n.contains("b_out")),
-        "{names:?}"
+        !all.iter()
+            .any(|n| n.ends_with("bias") || n.contains("b_in") || n.contains("b_out")),
+        "{all:?}"
     );
-    assert!(!names.iter().any(|n| n.starts_with("lm_head")));
+    assert!(!all.iter().any(|n| n.starts_with("lm_head")));
     let (vs, _) = build(
         &DecoderConfig {
             tie_word_embeddings: false,
@@ -104,8 +104,14 @@ fn each_preset_builds_its_familys_structure() {
     assert!(has(DecoderPreset::Qwen2Moe, "mlp.shared_expert_gate"));
     assert!(has(DecoderPreset::Qwen2Moe, "self_attn.q_proj.bias"));
     assert!(has(DecoderPreset::DeepseekV3, "layers.0.mlp.gate_proj"));
-    assert!(has(DecoderPreset::DeepseekV3, "layers.1.mlp.router.expert_bias"));
-    assert!(has(DecoderPreset::DeepseekV3, "layers.1.mlp.shared_experts"));
+    assert!(has(
+        DecoderPreset::DeepseekV3,
+        "layers.1.mlp.router.expert_bias"
+    ));
+    assert!(has(
+        DecoderPreset::DeepseekV3,
+        "layers.1.mlp.shared_experts"
+    ));
     assert!(has(DecoderPreset::Olmoe, "self_attn.q_norm"));
     assert!(has(DecoderPreset::Yuan, "self_attn.lf_gate.conv1"));
     assert!(has(DecoderPreset::Yuan, "mlp.router.query"));
@@ -123,7 +129,10 @@ fn each_preset_builds_its_familys_structure() {
             config.num_moe_layers(),
             "{preset:?}"
         );
-        assert!(out.logits.isfinite().all().int64_value(&[]) == 1, "{preset:?}");
+        assert!(
+            out.logits.isfinite().all().int64_value(&[]) == 1,
+            "{preset:?}"
+        );
     }
     let deepseek = small(DecoderPreset::DeepseekV3);
     assert_eq!(deepseek.num_moe_layers(), 1, "first_k_dense_replace = 1");
@@ -138,7 +147,11 @@ fn later_tokens_never_change_earlier_logits() {
         let changed = idx.copy();
         let _ = changed.narrow(1, 8, 4).fill_(7);
         let a = model.forward_t(&idx, false).unwrap().logits.narrow(1, 0, 8);
-        let b = model.forward_t(&changed, false).unwrap().logits.narrow(1, 0, 8);
+        let b = model
+            .forward_t(&changed, false)
+            .unwrap()
+            .logits
+            .narrow(1, 0, 8);
         let diff = (a - b).abs().max().double_value(&[]);
         assert!(diff < 1e-5, "{preset:?}: earlier logits moved by {diff}");
     }
@@ -157,7 +170,10 @@ fn cached_logits_and_greedy_generation_equal_full_recomputation() {
             let chunk = idx.narrow(1, start, len);
             parts.push(model.forward_cached(&chunk, &mut cache).unwrap().logits);
         }
-        let diff = (Tensor::cat(&parts, 1) - &full).abs().max().double_value(&[]);
+        let diff = (Tensor::cat(&parts, 1) - &full)
+            .abs()
+            .max()
+            .double_value(&[]);
         assert!(diff < 1e-4, "{preset:?}: cached logits differ by {diff}");
 
         // Greedy decoding within the context, token for token.
@@ -191,7 +207,10 @@ fn wrong_inputs_are_errors() {
         Err(MoeError::TokenOutOfVocab { id: 30, .. })
     ));
     let floats = Tensor::zeros([1, 3], (Kind::Float, Device::Cpu));
-    assert!(matches!(model.forward_t(&floats, false), Err(MoeError::Kind { .. })));
+    assert!(matches!(
+        model.forward_t(&floats, false),
+        Err(MoeError::Kind { .. })
+    ));
     let mut cache = ModelCache::default();
     let prefix = Tensor::zeros([1, 20], (Kind::Int64, Device::Cpu));
     model.forward_cached(&prefix, &mut cache).unwrap();

@@ -4,7 +4,9 @@ mod common;
 use common::tiny_config;
 use moe_core::{DeviceChoice, MoeError};
 use moe_data::{CharTokenizer, Dataset};
+use moe_dispatch::{DispatchKind, DispatchSpec};
 use moe_models::{generate, CausalLm, MakeMoeConfig, MakeMoeModel, Preset, Sampling};
+use moe_routers::{Gate, RouterConfig};
 use tch::{nn, Device, Kind, Tensor};
 
 #[test]
@@ -19,8 +21,38 @@ fn makemoe_config_has_8_996_545_parameters() {
         assert_eq!(parameter_count(&vs), 8_996_545, "{preset:?}");
         // 6 of 8 experts idle per token in each of the 8 layers.
         let idle = 8 * 6 * (2 * 128 * 512 + 512 + 128);
-        assert_eq!(config.active_params(8_996_545), 8_996_545 - idle);
+        assert_eq!(config.active_params(8_996_545).unwrap(), 8_996_545 - idle);
     }
+}
+
+#[test]
+fn the_makemoe_preset_adds_router_noise_at_evaluation_and_dispatch_specs_set_capacity() {
+    let preset = MakeMoeConfig::preset(Preset::MakeMoe);
+    assert_eq!(
+        preset.router.gate,
+        Gate::NoisyTopK {
+            noise_at_eval: true
+        }
+    );
+    assert_eq!(
+        MakeMoeConfig::preset(Preset::Default).router,
+        RouterConfig::default()
+    );
+    // A preset only touches the noise of a noisy gate.
+    let mut top_k = MakeMoeConfig {
+        router: RouterConfig::with_gate(Gate::Attention),
+        ..MakeMoeConfig::default()
+    };
+    top_k.apply_preset(Preset::MakeMoe);
+    assert_eq!(top_k.router.gate, Gate::Attention);
+    // `--dispatch capacity:0.5` sets the strategy and the router's factor.
+    let mut config = MakeMoeConfig::default();
+    config.set_dispatch("capacity:0.5".parse::<DispatchSpec>().unwrap());
+    assert_eq!(config.dispatch, DispatchKind::Capacity);
+    assert_eq!(config.router.capacity_factor, Some(0.5));
+    let moe = config.moe_config().unwrap();
+    assert_eq!(moe.router.capacity_factor, Some(0.5));
+    assert!(config.validate().is_ok());
 }
 
 #[test]
@@ -118,6 +150,15 @@ fn bad_model_configs_are_errors() {
         },
         MakeMoeConfig {
             dropout: 1.5,
+            ..MakeMoeConfig::default()
+        },
+        // m = 3 does not divide the expert width 512.
+        MakeMoeConfig {
+            segments: 3,
+            ..MakeMoeConfig::default()
+        },
+        MakeMoeConfig {
+            dispatch: DispatchKind::Capacity,
             ..MakeMoeConfig::default()
         },
     ];

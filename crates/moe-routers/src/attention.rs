@@ -1,13 +1,14 @@
-use crate::{top_k_softmax, Router, RouterConfig};
-use moe_core::{linear, Result, Routing};
+use crate::config::wrong_gate;
+use crate::{top_k_softmax, Gate, Router, RouterConfig, RouterDims};
+use moe_core::{linear, Result, Routing, WeightInit};
 use tch::{nn, nn::Module, Kind, Tensor};
 
-/// Attention router of Yuan 2.0-M32 (Wu et al. 2024, arXiv 2405.17976, §3):
-/// the experts attend to each other so that the choice of one expert
-/// accounts for its correlation with the others.
+/// Attention router of Yuan 2.0-M32 ([`Gate::Attention`]; Wu et al. 2024,
+/// arXiv 2405.17976, §3): the experts attend to each other so that the
+/// choice of one expert accounts for its correlation with the others.
 ///
-/// Per token `x`: `Q = W_q x`, `K = W_k x`, `V = W_v x`, each in `R^E` (no
-/// bias), and
+/// Per token `x`: `Q = W_q x`, `K = W_k x`, `V = W_v x`, each in `R^E`
+/// (with a bias each when [`RouterConfig::bias`]; Yuan 2.0 has none), and
 ///
 /// `P = softmax(Q K^T) V`, i.e. `P_i = sum_j softmax_j(Q_i K_j) V_j`,
 ///
@@ -19,18 +20,29 @@ pub struct AttentionRouter {
     query: nn::Linear,
     key: nn::Linear,
     value: nn::Linear,
+    dims: RouterDims,
     config: RouterConfig,
 }
 
 impl AttentionRouter {
-    /// Parameters: `p/{query,key,value}.weight`, each `[E, d]`.
-    pub fn new(p: &nn::Path, config: &RouterConfig) -> Result<Self> {
-        config.validate()?;
-        let (d, e) = (config.input_dim, config.num_experts);
+    /// Parameters: `p/{query,key,value}.weight`, each `[E, d]`, and with
+    /// `config.bias` `p/{query,key,value}.bias`, each `[E]`.
+    pub fn new(
+        p: &nn::Path,
+        dims: RouterDims,
+        config: &RouterConfig,
+        init: WeightInit,
+    ) -> Result<Self> {
+        if config.gate != Gate::Attention {
+            return Err(wrong_gate("AttentionRouter", "attention", &config.gate));
+        }
+        config.validate(dims)?;
+        let (d, e, bias) = (dims.input_dim, dims.num_experts, config.bias);
         Ok(AttentionRouter {
-            query: linear(p / "query", d, e, false, config.init),
-            key: linear(p / "key", d, e, false, config.init),
-            value: linear(p / "value", d, e, false, config.init),
+            query: linear(p / "query", d, e, bias, init),
+            key: linear(p / "key", d, e, bias, init),
+            value: linear(p / "value", d, e, bias, init),
+            dims,
             config: config.clone(),
         })
     }
@@ -50,10 +62,14 @@ impl AttentionRouter {
 }
 
 impl Router for AttentionRouter {
-    fn route(&self, x: &Tensor, _train: bool) -> Result<Routing> {
+    fn select(&self, x: &Tensor, _train: bool) -> Result<Routing> {
         self.check_input(x, self.query.ws.device())?;
         let p = self.expert_attention(x).to_kind(x.kind());
-        Ok(top_k_softmax(p, self.config.top_k))
+        Ok(top_k_softmax(p, self.dims.top_k))
+    }
+
+    fn dims(&self) -> RouterDims {
+        self.dims
     }
 
     fn config(&self) -> &RouterConfig {

@@ -1,12 +1,17 @@
-use crate::{top_k_of_affinities, Router, RouterConfig};
-use moe_core::{linear, MoeError, Result, Routing};
+use crate::config::wrong_gate;
+use crate::{group_limited_selection, top_k_of_affinities, Gate, Router, RouterConfig, RouterDims};
+use moe_core::{linear, MoeError, Result, Routing, WeightInit};
 use tch::{nn, nn::Module, Kind, Tensor};
 
-/// Sigmoid gate with auxiliary-loss-free load balancing (DeepSeek-V3,
-/// arXiv 2412.19437, §2.1.2, eq. 12-16; Wang et al. 2024, arXiv 2408.15664):
+/// Sigmoid gate with auxiliary-loss-free load balancing
+/// ([`Gate::SigmoidAuxFree`]; DeepSeek-V3, arXiv 2412.19437, §2.1.2,
+/// eq. 12-16; Wang et al. 2024, arXiv 2408.15664; HF `DeepseekV3TopkRouter`):
 ///
-/// `s_{i,t} = sigmoid(u_t^T e_i)`, experts chosen by `TopK(s_{i,t} + b_i, k)`,
-/// `g_{i,t} = s_{i,t} / sum_{j chosen} s_{j,t}`.
+/// `s_{i,t} = sigmoid(u_t^T e_i)`, experts chosen by `TopK(s_{i,t} + b_i, k)`
+/// within the `topk_group` best of `n_group` expert groups
+/// ([`group_limited_selection`]; one group: no limit),
+/// `g_{i,t} = s_{i,t} / sum_{j chosen} s_{j,t}` with `norm_topk_prob`, else
+/// `g_{i,t} = s_{i,t}`.
 ///
 /// The bias `b` steers selection only. It is not learned by gradient: after
 /// each training step, [`Router::after_step`] applies
@@ -21,17 +26,44 @@ use tch::{nn, nn::Module, Kind, Tensor};
 pub struct AuxFreeSigmoidRouter {
     gate: nn::Linear,
     expert_bias: Tensor,
+    norm_topk_prob: bool,
+    bias_update_rate: f64,
+    groups: (i64, i64),
+    dims: RouterDims,
     config: RouterConfig,
 }
 
 impl AuxFreeSigmoidRouter {
-    /// Parameters: `p/gate.weight` (`[E, d]`) and the buffer `p/expert_bias` (`[E]`).
-    pub fn new(p: &nn::Path, config: &RouterConfig) -> Result<Self> {
-        config.validate()?;
-        let (d, e) = (config.input_dim, config.num_experts);
+    /// Parameters: `p/gate.weight` (`[E, d]`), `p/gate.bias` (`[E]`, with
+    /// `config.bias`) and the buffer `p/expert_bias` (`[E]`).
+    pub fn new(
+        p: &nn::Path,
+        dims: RouterDims,
+        config: &RouterConfig,
+        init: WeightInit,
+    ) -> Result<Self> {
+        let Gate::SigmoidAuxFree {
+            norm_topk_prob,
+            bias_update_rate,
+            n_group,
+            topk_group,
+        } = config.gate
+        else {
+            return Err(wrong_gate(
+                "AuxFreeSigmoidRouter",
+                "sigmoid_aux_free",
+                &config.gate,
+            ));
+        };
+        config.validate(dims)?;
+        let (d, e) = (dims.input_dim, dims.num_experts);
         Ok(AuxFreeSigmoidRouter {
-            gate: linear(p / "gate", d, e, false, config.init),
+            gate: linear(p / "gate", d, e, config.bias, init),
             expert_bias: p.zeros_no_train("expert_bias", &[e]),
+            norm_topk_prob,
+            bias_update_rate,
+            groups: (n_group, topk_group),
+            dims,
             config: config.clone(),
         })
     }
@@ -43,36 +75,42 @@ impl AuxFreeSigmoidRouter {
 }
 
 impl Router for AuxFreeSigmoidRouter {
-    fn route(&self, x: &Tensor, _train: bool) -> Result<Routing> {
+    fn select(&self, x: &Tensor, _train: bool) -> Result<Routing> {
         self.check_input(x, self.gate.ws.device())?;
         let logits = self.gate.forward(x);
         let affinity = logits.sigmoid();
         let selection = (&affinity + self.expert_bias.to_kind(affinity.kind())).detach();
+        let (n_group, topk_group) = self.groups;
+        let selection = group_limited_selection(&selection, n_group, topk_group)?;
         let probs = &affinity / affinity.sum_dim_intlist(-1, true, None);
         Ok(top_k_of_affinities(
             logits,
             &affinity,
             &selection,
             probs,
-            self.config.top_k,
-            true,
+            self.dims.top_k,
+            self.norm_topk_prob,
         ))
     }
 
     fn after_step(&self, routing: &Routing) -> Result<()> {
-        if routing.num_experts != self.config.num_experts {
+        if routing.num_experts != self.dims.num_experts {
             return Err(MoeError::config(format!(
                 "after_step got a routing over {} experts, the router has {}",
-                routing.num_experts, self.config.num_experts
+                routing.num_experts, self.dims.num_experts
             )));
         }
         let load = routing.expert_counts().to_kind(Kind::Float);
-        let step = (load.mean(Kind::Float) - &load).sign() * self.config.bias_update_rate;
+        let step = (load.mean(Kind::Float) - &load).sign() * self.bias_update_rate;
         let mut bias = self.expert_bias.shallow_clone();
         tch::no_grad(|| {
             let _ = bias.g_add_(&step.to_device(bias.device()).to_kind(bias.kind()));
         });
         Ok(())
+    }
+
+    fn dims(&self) -> RouterDims {
+        self.dims
     }
 
     fn config(&self) -> &RouterConfig {

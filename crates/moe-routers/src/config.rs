@@ -1,100 +1,204 @@
 use crate::{
-    AttentionRouter, AuxFreeSigmoidRouter, CapacityLimited, DeepSeekMoeRouter, NoisyTopKRouter,
-    Router, TopKRouter,
+    apply_capacity, check_groups, AttentionRouter, AuxFreeSigmoidRouter, NoisyTopKRouter, Router,
+    TopKRouter,
 };
-use moe_core::{MoeError, Result, WeightInit};
+use moe_core::{MoeError, Result, Routing, WeightInit};
 use serde::{Deserialize, Serialize};
 use tch::nn;
 
-/// Which router a MoE layer uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RouterKind {
-    /// Softmax over the k largest logits (Mixtral).
-    TopK,
-    /// Logits plus learned-scale Gaussian noise, then top-k (makeMoE).
-    #[default]
-    NoisyTopK,
-    /// Yuan 2.0-M32's attention router: experts attend to each other.
+/// DeepSeek-V3's bias update speed `gamma` (arXiv 2412.19437, §4.2: 0.001).
+pub const DEFAULT_BIAS_UPDATE_RATE: f64 = 1e-3;
+
+/// The gate of a router: how it scores the experts, which `k` it keeps and
+/// how it weights them, with the settings of that gate only.
+///
+/// Serialised internally tagged by `kind` (`kind = "top_k"`, ...); inside a
+/// [`RouterConfig`] the tag and the settings sit next to the router's own
+/// fields (`[model.router] kind = "sigmoid_aux_free" n_group = 4 bias = false`).
+/// A missing setting takes the default written on it.
+///
+/// With `l = W_g x (+ b_g)` the logits of a token over the `E` experts:
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Gate {
+    /// Softmax over all `E` logits, `p = softmax(l)`, then the top-k of the
+    /// probabilities; the weights are the chosen `p_i`, renormalised to sum
+    /// to 1 when `norm_topk_prob`, which equals the softmax over the `k`
+    /// kept logits and is computed that way, `G = softmax(KeepTopK(l, k))`
+    /// ([`crate::top_k_softmax`]).
+    ///
+    /// Mixtral (arXiv 2401.04088, eq. 1-2; HF `MixtralSparseMoeBlock`):
+    /// `norm_topk_prob: true`. DeepSeekMoE (arXiv 2401.06066, eq. 4-5),
+    /// Qwen2-MoE (HF `Qwen2MoeSparseMoeBlock`, default false) and OLMoE
+    /// (arXiv 2409.02060, false): the same gate with the setting of the model.
+    TopK {
+        /// Renormalise the `k` chosen probabilities (default true, Mixtral).
+        #[serde(default = "default_true")]
+        norm_topk_prob: bool,
+    },
+    /// Noisy top-k (Shazeer et al. 2017, arXiv 1701.06538, eq. 3-5; makeMoE):
+    /// `H = l + eps * softplus(W_n x + b_n)`, `eps ~ N(0, 1)`,
+    /// `G = softmax(KeepTopK(H, k))`. Noise in training only, or at
+    /// evaluation too with `noise_at_eval` (makeMoE's router has no notion of mode).
+    NoisyTopK {
+        /// Also add noise outside training (default false; makeMoE's preset: true).
+        #[serde(default)]
+        noise_at_eval: bool,
+    },
+    /// Yuan 2.0-M32's attention router (arXiv 2405.17976, §3):
+    /// `P_i = sum_j softmax_j(Q_i K_j) V_j` with `Q, K, V` in `R^E` three
+    /// linear maps of the token; top-k of `P`, softmax over the `k` values.
     Attention,
-    /// DeepSeekMoE: softmax over all experts, then top-k of the probabilities.
-    DeepSeekMoe,
-    /// DeepSeek-V3: sigmoid affinities, a balancing bias for selection only.
-    SigmoidAuxFree,
+    /// DeepSeek-V3's sigmoid gate with auxiliary-loss-free balancing
+    /// (arXiv 2412.19437, §2.1.2, eq. 12-16; HF `DeepseekV3TopkRouter`,
+    /// `topk_method = "noaux_tc"`): `s = sigmoid(l)`, experts chosen by
+    /// `TopK(s + b, k)` within the `topk_group` best of `n_group` expert
+    /// groups ([`crate::group_limited_selection`]), weights `s_i`, divided by
+    /// their sum when `norm_topk_prob`. `b` is a balancing bias updated after
+    /// each step by `b_i += bias_update_rate * sign(mean load - load_i)`.
+    SigmoidAuxFree {
+        /// Renormalise the `k` chosen affinities (default true, DeepSeek-V3).
+        #[serde(default = "default_true")]
+        norm_topk_prob: bool,
+        /// `gamma`, the bias update speed (default 1e-3, DeepSeek-V3).
+        #[serde(default = "default_bias_update_rate")]
+        bias_update_rate: f64,
+        /// Expert groups `n_group` (default 1: no group limit; DeepSeek-V3: 8).
+        #[serde(default = "default_one")]
+        n_group: i64,
+        /// Groups kept per token, `topk_group` (default 1; DeepSeek-V3: 4).
+        #[serde(default = "default_one")]
+        topk_group: i64,
+    },
 }
 
-impl RouterKind {
-    /// Every kind, in the order of the comparison table.
-    pub const ALL: [RouterKind; 5] = [
-        RouterKind::TopK,
-        RouterKind::NoisyTopK,
-        RouterKind::Attention,
-        RouterKind::DeepSeekMoe,
-        RouterKind::SigmoidAuxFree,
+fn default_true() -> bool {
+    true
+}
+
+fn default_bias_update_rate() -> f64 {
+    DEFAULT_BIAS_UPDATE_RATE
+}
+
+fn default_one() -> i64 {
+    1
+}
+
+impl Default for Gate {
+    /// makeMoE's gate: noisy top-k, noise in training only.
+    fn default() -> Self {
+        Gate::NoisyTopK {
+            noise_at_eval: false,
+        }
+    }
+}
+
+impl Gate {
+    /// The gate names [`Gate::from_str`](std::str::FromStr) accepts, in the
+    /// order of the router comparison.
+    pub const NAMES: [&'static str; 5] = [
+        "top_k",
+        "noisy_top_k",
+        "attention",
+        "deepseek_moe",
+        "sigmoid_aux_free",
     ];
+
+    /// DeepSeek-V3's gate without group limit: sigmoid, renormalised,
+    /// `gamma = 1e-3`, one group.
+    pub fn sigmoid_aux_free() -> Self {
+        Gate::SigmoidAuxFree {
+            norm_topk_prob: true,
+            bias_update_rate: DEFAULT_BIAS_UPDATE_RATE,
+            n_group: 1,
+            topk_group: 1,
+        }
+    }
+
+    /// How many linear maps `d -> E` the gate has (each with a bias when
+    /// [`RouterConfig::bias`]): 1, 2 for noisy top-k (logits and noise
+    /// scale), 3 for the attention router (`Q`, `K`, `V`).
+    pub fn linear_maps(&self) -> i64 {
+        match self {
+            Gate::TopK { .. } | Gate::SigmoidAuxFree { .. } => 1,
+            Gate::NoisyTopK { .. } => 2,
+            Gate::Attention => 3,
+        }
+    }
+
+    /// Checks the gate's settings against the router's sizes: a finite
+    /// `bias_update_rate >= 0`; `n_group >= 1` dividing `E`, `topk_group`
+    /// in `1..=n_group`, and at least `k` experts in the kept groups
+    /// (`k <= topk_group * E / n_group`).
+    pub fn validate(&self, dims: RouterDims) -> Result<()> {
+        if let Gate::SigmoidAuxFree {
+            bias_update_rate,
+            n_group,
+            topk_group,
+            ..
+        } = *self
+        {
+            if !(bias_update_rate >= 0.0 && bias_update_rate.is_finite()) {
+                return Err(MoeError::config(format!(
+                    "bias_update_rate must be a finite number >= 0, got {bias_update_rate}"
+                )));
+            }
+            check_groups(dims.num_experts, n_group, topk_group)?;
+            let available = topk_group * (dims.num_experts / n_group);
+            if dims.top_k > available {
+                return Err(MoeError::config(format!(
+                    "top_k = {} is more than the {available} experts of the topk_group = \
+                     {topk_group} kept groups ({} experts each); expected top_k <= \
+                     topk_group * num_experts / n_group",
+                    dims.top_k,
+                    dims.num_experts / n_group
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
-impl std::str::FromStr for RouterKind {
+impl std::str::FromStr for Gate {
     type Err = MoeError;
 
+    /// `top_k` (Mixtral: renormalised), `noisy_top_k` (noise in training
+    /// only), `attention`, `deepseek_moe` (top-k of the softmax, not
+    /// renormalised; DeepSeekMoE's gate has no bias, which is
+    /// [`RouterConfig::bias`]) or `sigmoid_aux_free` (DeepSeek-V3's
+    /// defaults); `-` may replace `_`.
     fn from_str(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().replace('-', "_").as_str() {
-            "top_k" | "topk" => Ok(RouterKind::TopK),
-            "noisy_top_k" | "noisy" => Ok(RouterKind::NoisyTopK),
-            "attention" => Ok(RouterKind::Attention),
-            "deepseek_moe" | "deepseek" => Ok(RouterKind::DeepSeekMoe),
-            "sigmoid_aux_free" | "aux_free" => Ok(RouterKind::SigmoidAuxFree),
+            "top_k" | "topk" => Ok(Gate::TopK {
+                norm_topk_prob: true,
+            }),
+            "noisy_top_k" | "noisy" => Ok(Gate::default()),
+            "attention" => Ok(Gate::Attention),
+            "deepseek_moe" | "deepseek" => Ok(Gate::TopK {
+                norm_topk_prob: false,
+            }),
+            "sigmoid_aux_free" | "aux_free" => Ok(Gate::sigmoid_aux_free()),
             other => Err(MoeError::config(format!(
-                "unknown router `{other}`: expected top_k, noisy_top_k, attention, \
-                 deepseek_moe or sigmoid_aux_free"
+                "unknown router gate `{other}`: expected one of {}",
+                Gate::NAMES.join(", ")
             ))),
         }
     }
 }
 
-/// Configuration of a router.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct RouterConfig {
-    pub kind: RouterKind,
+/// The sizes of a router: token width `d`, experts `E`, experts per token `k`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouterDims {
     /// Token width `d`.
     pub input_dim: i64,
-    /// Number of experts `E`.
+    /// Routed experts `E`.
     pub num_experts: i64,
-    /// Experts per token `k`, `1 <= k <= E`.
+    /// Experts chosen per token `k`, `1 <= k <= E`.
     pub top_k: i64,
-    /// Noisy top-k only: also add noise outside training. makeMoE does (its
-    /// router has no notion of mode); the textbook router does not.
-    pub noise_at_eval: bool,
-    /// DeepSeekMoE only: renormalise the `k` selected probabilities to sum
-    /// to 1 (`norm_topk_prob` of the reference code; off in the paper).
-    pub norm_topk_prob: bool,
-    /// Sigmoid aux-free only: `gamma`, the bias update speed (DeepSeek-V3: 1e-3).
-    pub bias_update_rate: f64,
-    /// Expert capacity factor: each expert keeps at most
-    /// `floor(N k / E * factor)` slots per batch (Switch Transformer). `None`: no limit.
-    pub capacity_factor: Option<f64>,
-    pub init: WeightInit,
 }
 
-impl Default for RouterConfig {
-    /// makeMoE's router: noisy top-2 of 8 experts over 128-wide tokens.
-    fn default() -> Self {
-        RouterConfig {
-            kind: RouterKind::default(),
-            input_dim: 128,
-            num_experts: 8,
-            top_k: 2,
-            noise_at_eval: false,
-            norm_topk_prob: false,
-            bias_update_rate: 1e-3,
-            capacity_factor: None,
-            init: WeightInit::default(),
-        }
-    }
-}
-
-impl RouterConfig {
+impl RouterDims {
+    /// `d >= 1`, `E >= 1`, `1 <= k <= E`.
     pub fn validate(&self) -> Result<()> {
         if self.num_experts <= 0 {
             return Err(MoeError::config(format!(
@@ -114,47 +218,144 @@ impl RouterConfig {
                 self.input_dim
             )));
         }
-        if !(self.bias_update_rate >= 0.0 && self.bias_update_rate.is_finite()) {
+        Ok(())
+    }
+}
+
+/// A router's settings, without its sizes ([`RouterDims`], which the layer
+/// knows): the [`Gate`] and what applies to every gate.
+///
+/// The routing a router returns is the gate's, then
+///
+/// `w <- routed_scaling_factor * w` (after any renormalisation; DeepSeek-V3,
+/// HF `DeepseekV3MoE`), then the capacity limit ([`apply_capacity`]) when
+/// `capacity_factor` is set.
+///
+/// `Default` is makeMoE's router: noisy top-k without noise at evaluation,
+/// gate layers with bias, no scaling, no capacity limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RouterConfig {
+    /// The gate and its settings; serialised flat (`kind = "top_k"` next to
+    /// `bias`).
+    #[serde(flatten)]
+    pub gate: Gate,
+    /// Whether the gate's linear maps `x -> R^E` have a bias (makeMoE's and
+    /// Mixtral-style top-k: yes; DeepSeekMoE, DeepSeek-V3, Yuan 2.0's
+    /// attention router, Qwen2-MoE, OLMoE: no). The balancing bias of the
+    /// sigmoid gate is not this bias.
+    pub bias: bool,
+    /// Factor on the routed weights, after any renormalisation (1: none;
+    /// DeepSeek-V3: 2.5).
+    pub routed_scaling_factor: f64,
+    /// Expert capacity factor: each expert keeps at most
+    /// `C = max(1, floor(N k / E * factor))` slots of a batch of `N` tokens
+    /// (Switch Transformer, arXiv 2101.03961, §2.2); `None`: no limit. The
+    /// one capacity setting: the capacity dispatch strategy reads `C` from
+    /// the routing.
+    pub capacity_factor: Option<f64>,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            gate: Gate::default(),
+            bias: true,
+            routed_scaling_factor: 1.0,
+            capacity_factor: None,
+        }
+    }
+}
+
+impl RouterConfig {
+    /// A router with `gate` and the other settings at their defaults.
+    pub fn with_gate(gate: Gate) -> Self {
+        RouterConfig {
+            gate,
+            ..Default::default()
+        }
+    }
+
+    /// Checks the sizes, the gate's settings for them, a finite
+    /// `routed_scaling_factor > 0` and a finite `capacity_factor > 0`.
+    pub fn validate(&self, dims: RouterDims) -> Result<()> {
+        dims.validate()?;
+        self.gate.validate(dims)?;
+        let scale = self.routed_scaling_factor;
+        if !(scale > 0.0 && scale.is_finite()) {
             return Err(MoeError::config(format!(
-                "bias_update_rate must be a finite number >= 0, got {}",
-                self.bias_update_rate
+                "routed_scaling_factor must be a finite number > 0, got {scale}"
             )));
         }
         if let Some(factor) = self.capacity_factor {
-            if !(factor > 0.0 && factor.is_finite()) {
-                return Err(MoeError::config(format!(
-                    "capacity_factor must be a positive number, got {factor}"
-                )));
-            }
+            check_capacity_factor(factor)?;
         }
         Ok(())
     }
 
-    /// Builds the configured router under `p`, wrapped in a capacity limit
-    /// when `capacity_factor` is set.
-    pub fn build(&self, p: &nn::Path) -> Result<Box<dyn Router>> {
-        let router: Box<dyn Router> = match self.kind {
-            RouterKind::TopK => Box::new(TopKRouter::new(p, self)?),
-            RouterKind::NoisyTopK => Box::new(NoisyTopKRouter::new(p, self)?),
-            RouterKind::Attention => Box::new(AttentionRouter::new(p, self)?),
-            RouterKind::DeepSeekMoe => Box::new(DeepSeekMoeRouter::new(p, self)?),
-            RouterKind::SigmoidAuxFree => Box::new(AuxFreeSigmoidRouter::new(p, self)?),
-        };
-        Ok(match self.capacity_factor {
-            Some(factor) => Box::new(CapacityLimited::new(router, factor)?),
-            None => router,
+    /// Builds the router under `p` for `dims`, its weight matrices drawn
+    /// with `init`. Parameters: `p/gate`, `p/noise` (noisy top-k),
+    /// `p/{query,key,value}` (attention), `p/expert_bias` (sigmoid aux-free,
+    /// not trained).
+    pub fn build(
+        &self,
+        p: &nn::Path,
+        dims: RouterDims,
+        init: WeightInit,
+    ) -> Result<Box<dyn Router>> {
+        Ok(match self.gate {
+            Gate::TopK { .. } => Box::new(TopKRouter::new(p, dims, self, init)?),
+            Gate::NoisyTopK { .. } => Box::new(NoisyTopKRouter::new(p, dims, self, init)?),
+            Gate::Attention => Box::new(AttentionRouter::new(p, dims, self, init)?),
+            Gate::SigmoidAuxFree { .. } => {
+                Box::new(AuxFreeSigmoidRouter::new(p, dims, self, init)?)
+            }
         })
     }
 
-    /// Trainable parameters of the router: `E (d + 1)` per linear gate with
-    /// bias, `E d` per gate without (the balancing bias is not trained).
-    pub fn num_params(&self) -> i64 {
-        let (d, e) = (self.input_dim, self.num_experts);
-        match self.kind {
-            RouterKind::TopK => e * (d + 1),
-            RouterKind::NoisyTopK => 2 * e * (d + 1),
-            RouterKind::Attention => 3 * e * d,
-            RouterKind::DeepSeekMoe | RouterKind::SigmoidAuxFree => e * d,
+    /// Trainable parameters of the router: `E d` per linear map of the gate
+    /// ([`Gate::linear_maps`]), plus `E` each with `bias` (the balancing
+    /// bias is not trained).
+    pub fn num_params(&self, dims: RouterDims) -> i64 {
+        let (d, e) = (dims.input_dim, dims.num_experts);
+        self.gate.linear_maps() * e * (d + i64::from(self.bias))
+    }
+
+    /// What follows the gate: the routed weights times
+    /// `routed_scaling_factor`, then the capacity limit when
+    /// `capacity_factor` is set ([`apply_capacity`]).
+    pub fn finish(&self, routing: Routing) -> Result<Routing> {
+        // Out of place: the weights may be the saved output of a softmax.
+        let routing = if self.routed_scaling_factor != 1.0 {
+            Routing {
+                weights: routing.weights.multiply_scalar(self.routed_scaling_factor),
+                ..routing
+            }
+        } else {
+            routing
+        };
+        match self.capacity_factor {
+            Some(factor) => apply_capacity(routing, factor),
+            None => Ok(routing),
         }
     }
+}
+
+/// A capacity factor must be a finite number `> 0`.
+pub(crate) fn check_capacity_factor(factor: f64) -> Result<()> {
+    if factor > 0.0 && factor.is_finite() {
+        Ok(())
+    } else {
+        Err(MoeError::config(format!(
+            "capacity_factor must be a positive number, got {factor}"
+        )))
+    }
+}
+
+/// The error of a concrete router's constructor given another gate.
+pub(crate) fn wrong_gate(router: &str, expected: &str, got: &Gate) -> MoeError {
+    MoeError::config(format!(
+        "{router} needs a `{expected}` gate, got {got:?} (RouterConfig::build picks the router \
+         for any gate)"
+    ))
 }

@@ -1,8 +1,9 @@
 //! The selection mechanisms every router shares: keep the `k` best experts
 //! and weight them, either by a softmax over the kept scores or by the
-//! probabilities the scores already are.
+//! probabilities the scores already are; and DeepSeek-V3's group limit on
+//! the experts a token may choose from.
 
-use moe_core::Routing;
+use moe_core::{check_rank, MoeError, Result, Routing};
 use tch::{Kind, Tensor};
 
 /// Keeps the `k` largest `logits` per row and softmaxes over them alone:
@@ -22,6 +23,7 @@ pub fn top_k_softmax(logits: Tensor, k: i64) -> Routing {
         logits,
         probs,
         dropped: None,
+        capacity: None,
         num_experts,
     }
 }
@@ -57,6 +59,67 @@ pub fn top_k_of_affinities(
         logits,
         probs,
         dropped: None,
+        capacity: None,
         num_experts,
     }
+}
+
+/// Group-limited selection (DeepSeek-V3, arXiv 2412.19437, §2.1.2 and
+/// §3.2.2 "node-limited routing"; HF `DeepseekV3TopkRouter` /
+/// `MoEGate.topk_method = "noaux_tc"`): the `E` experts form `n_group`
+/// contiguous groups of `E / n_group`; each group is scored by the sum of
+/// its two largest selection scores (its one score when groups hold one
+/// expert), the `topk_group` best groups of each token are kept, and the
+/// scores of every expert outside them become `-inf`:
+///
+/// `score_g = sum Top2({sel_i : i in g})`, `G_t = TopK(score, topk_group)`,
+/// `sel'_i = sel_i` if `group(i) in G_t`, else `-inf`.
+///
+/// A top-k of the returned `[N, E]` scores then chooses only inside the kept
+/// groups, given `k <= topk_group * E / n_group` (checked by
+/// [`crate::Gate::validate`]). HF masks with 0 instead of `-inf`, which is
+/// the same while every score is positive (sigmoid + a small bias); with the
+/// aux-free bias a score can turn negative, and a masked 0 would then beat
+/// it, so `-inf` keeps the group limit exact. `n_group = 1` returns the
+/// scores unchanged.
+pub fn group_limited_selection(
+    selection: &Tensor,
+    n_group: i64,
+    topk_group: i64,
+) -> Result<Tensor> {
+    check_rank(selection, "selection scores [N, E]", 2, None)?;
+    let (n, e) = (selection.size()[0], selection.size()[1]);
+    check_groups(e, n_group, topk_group)?;
+    if n_group == 1 {
+        return Ok(selection.shallow_clone());
+    }
+    let size = e / n_group;
+    let grouped = selection.view([n, n_group, size]);
+    let (best, _) = grouped.topk(size.min(2), -1, true, false);
+    let group_scores = best.sum_dim_intlist(-1, false, None); // [N, n_group]
+    let (_, kept) = group_scores.topk(topk_group, -1, true, false);
+    let keep = group_scores
+        .zeros_like()
+        .scatter_value(1, &kept, 1.0)
+        .gt(0.5)
+        .unsqueeze(-1)
+        .expand([n, n_group, size], false)
+        .reshape([n, e]);
+    Ok(selection.masked_fill(&keep.logical_not(), f64::NEG_INFINITY))
+}
+
+/// `n_group >= 1` dividing `num_experts`, `1 <= topk_group <= n_group`.
+pub(crate) fn check_groups(num_experts: i64, n_group: i64, topk_group: i64) -> Result<()> {
+    if n_group < 1 || num_experts % n_group != 0 {
+        return Err(MoeError::config(format!(
+            "n_group must be at least 1 and divide the {num_experts} routed experts into \
+             equal groups, got n_group = {n_group}"
+        )));
+    }
+    if topk_group < 1 || topk_group > n_group {
+        return Err(MoeError::config(format!(
+            "topk_group must be in 1..={n_group} (n_group), got {topk_group}"
+        )));
+    }
+    Ok(())
 }

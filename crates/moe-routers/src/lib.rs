@@ -2,18 +2,20 @@
 //! router picks `k` of `E` experts per token and the weight of each, as a
 //! [`Routing`](moe_core::Routing).
 //!
-//! All routers implement [`Router`], so a [`RouterConfig`] chooses one at
-//! run time and the MoE layer never names a concrete type. They share two
-//! selection mechanisms ([`top_k_softmax`], [`top_k_of_affinities`]); an
-//! expert-capacity limit ([`apply_capacity`]) post-processes any routing.
-//! The [`balance`] losses and [`RoutingStats`] read routings.
+//! All routers implement [`Router`]: a [`RouterConfig`] (a [`Gate`] with its
+//! settings, plus the gate bias, the routed scaling factor and the capacity
+//! factor) and the sizes ([`RouterDims`]) build one at run time, and the MoE
+//! layer never names a concrete type. They share two selection mechanisms
+//! ([`top_k_softmax`], [`top_k_of_affinities`]) and DeepSeek-V3's group
+//! limit ([`group_limited_selection`]); an expert-capacity limit
+//! ([`apply_capacity`]) post-processes any routing. The [`balance`] losses
+//! and [`RoutingStats`] read routings.
 
 mod attention;
 mod aux_free;
 pub mod balance;
 mod capacity;
 mod config;
-mod deepseek_moe;
 mod gating;
 mod noisy_top_k;
 mod router;
@@ -23,10 +25,10 @@ mod top_k;
 pub use attention::AttentionRouter;
 pub use aux_free::AuxFreeSigmoidRouter;
 pub use balance::BalanceLossConfig;
-pub use capacity::{apply_capacity, CapacityLimited};
-pub use config::{RouterConfig, RouterKind};
-pub use deepseek_moe::DeepSeekMoeRouter;
-pub use gating::{top_k_of_affinities, top_k_softmax};
+pub use capacity::apply_capacity;
+pub use config::{Gate, RouterConfig, RouterDims, DEFAULT_BIAS_UPDATE_RATE};
+pub(crate) use gating::check_groups;
+pub use gating::{group_limited_selection, top_k_of_affinities, top_k_softmax};
 pub use noisy_top_k::NoisyTopKRouter;
 pub use router::Router;
 pub use stats::{mean_probs, RoutingStats};

@@ -1,8 +1,10 @@
-use crate::{top_k_softmax, Router, RouterConfig};
-use moe_core::{linear, Result, Routing};
+use crate::config::wrong_gate;
+use crate::{top_k_softmax, Gate, Router, RouterConfig, RouterDims};
+use moe_core::{linear, Result, Routing, WeightInit};
 use tch::{nn, nn::Module, Tensor};
 
-/// Noisy top-k gate (Shazeer et al. 2017, arXiv 1701.06538, eq. 4; makeMoE):
+/// Noisy top-k gate ([`Gate::NoisyTopK`]; Shazeer et al. 2017, arXiv
+/// 1701.06538, eq. 4; makeMoE):
 ///
 /// `H(x) = W_g x + b_g + eps * softplus(W_n x + b_n)`, `eps ~ N(0, 1)`,
 /// `G(x) = softmax(KeepTopK(H(x), k))`.
@@ -14,36 +16,53 @@ use tch::{nn, nn::Module, Tensor};
 pub struct NoisyTopKRouter {
     gate: nn::Linear,
     noise: nn::Linear,
+    noise_at_eval: bool,
+    dims: RouterDims,
     config: RouterConfig,
 }
 
 impl NoisyTopKRouter {
-    /// Parameters: `p/gate` (logits) and `p/noise` (noise scale logits).
-    pub fn new(p: &nn::Path, config: &RouterConfig) -> Result<Self> {
-        config.validate()?;
-        let (d, e) = (config.input_dim, config.num_experts);
+    /// Parameters: `p/gate` (logits) and `p/noise` (noise scale logits),
+    /// each `weight [E, d]` and, with `config.bias`, `bias [E]`.
+    pub fn new(
+        p: &nn::Path,
+        dims: RouterDims,
+        config: &RouterConfig,
+        init: WeightInit,
+    ) -> Result<Self> {
+        let Gate::NoisyTopK { noise_at_eval } = config.gate else {
+            return Err(wrong_gate("NoisyTopKRouter", "noisy_top_k", &config.gate));
+        };
+        config.validate(dims)?;
+        let (d, e) = (dims.input_dim, dims.num_experts);
         Ok(NoisyTopKRouter {
-            gate: linear(p / "gate", d, e, true, config.init),
-            noise: linear(p / "noise", d, e, true, config.init),
+            gate: linear(p / "gate", d, e, config.bias, init),
+            noise: linear(p / "noise", d, e, config.bias, init),
+            noise_at_eval,
+            dims,
             config: config.clone(),
         })
     }
 
     /// Whether noise is added in this mode.
     pub fn adds_noise(&self, train: bool) -> bool {
-        train || self.config.noise_at_eval
+        train || self.noise_at_eval
     }
 }
 
 impl Router for NoisyTopKRouter {
-    fn route(&self, x: &Tensor, train: bool) -> Result<Routing> {
+    fn select(&self, x: &Tensor, train: bool) -> Result<Routing> {
         self.check_input(x, self.gate.ws.device())?;
         let mut logits = self.gate.forward(x);
         if self.adds_noise(train) {
             let scale = self.noise.forward(x).softplus();
             logits = &logits + logits.randn_like() * scale;
         }
-        Ok(top_k_softmax(logits, self.config.top_k))
+        Ok(top_k_softmax(logits, self.dims.top_k))
+    }
+
+    fn dims(&self) -> RouterDims {
+        self.dims
     }
 
     fn config(&self) -> &RouterConfig {

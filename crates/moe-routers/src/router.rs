@@ -1,29 +1,40 @@
-use crate::RouterConfig;
+use crate::{RouterConfig, RouterDims};
 use moe_core::{check_float, check_rank, check_same_device, Result, Routing};
 use tch::Tensor;
 
 /// A gate network: scores every expert for every token and keeps `k`.
 pub trait Router: std::fmt::Debug + Send {
-    /// Routes `x` (`[N, d]`). `train` switches on training-only behaviour
-    /// such as noise.
-    fn route(&self, x: &Tensor, train: bool) -> Result<Routing>;
+    /// The gate's own choice for `x` (`[N, d]`): the experts and their
+    /// weights before the routed scaling factor and the capacity limit of
+    /// [`Router::config`]. `train` switches on training-only behaviour such
+    /// as noise.
+    fn select(&self, x: &Tensor, train: bool) -> Result<Routing>;
 
-    /// The configuration the router was built from.
+    /// Routes `x` (`[N, d]`): [`Router::select`], then
+    /// [`RouterConfig::finish`] (scaling, capacity).
+    fn route(&self, x: &Tensor, train: bool) -> Result<Routing> {
+        self.config().finish(self.select(x, train)?)
+    }
+
+    /// The sizes the router was built for.
+    fn dims(&self) -> RouterDims;
+
+    /// The settings the router was built from.
     fn config(&self) -> &RouterConfig;
 
     /// `E`, the number of experts routed over.
     fn num_experts(&self) -> i64 {
-        self.config().num_experts
+        self.dims().num_experts
     }
 
     /// `k`, the experts chosen per token.
     fn top_k(&self) -> i64 {
-        self.config().top_k
+        self.dims().top_k
     }
 
     /// Width `d` of the tokens the router expects.
     fn input_dim(&self) -> i64 {
-        self.config().input_dim
+        self.dims().input_dim
     }
 
     /// Called by the training loop after each optimizer step with the

@@ -1,37 +1,68 @@
-use crate::{top_k_softmax, Router, RouterConfig};
-use moe_core::{linear, Result, Routing};
-use tch::{nn, nn::Module, Tensor};
+use crate::config::wrong_gate;
+use crate::{top_k_of_affinities, top_k_softmax, Gate, Router, RouterConfig, RouterDims};
+use moe_core::{linear, Result, Routing, WeightInit};
+use tch::{nn, nn::Module, Kind, Tensor};
 
-/// Top-k gate: `l = W_g x + b_g`, `G(x) = softmax(KeepTopK(l, k))`
-/// (Mixtral, Jiang et al. 2024, arXiv 2401.04088, eq. 1-2).
+/// The top-k gate ([`Gate::TopK`]): `l = W_g x (+ b_g)`, `p = softmax(l)`
+/// over all `E` experts, the `k` largest `p_i` chosen.
+///
+/// - `norm_topk_prob: true` (Mixtral, arXiv 2401.04088, eq. 1-2): weights
+///   `p_i / sum_{j in TopK} p_j`, computed as `softmax(KeepTopK(l, k))`
+///   ([`top_k_softmax`]), the same numbers.
+/// - `norm_topk_prob: false` (DeepSeekMoE, arXiv 2401.06066, eq. 4-5;
+///   Qwen2-MoE and OLMoE's default): weights `p_i` ([`top_k_of_affinities`]),
+///   a token's weights summing to at most 1.
 #[derive(Debug)]
 pub struct TopKRouter {
     gate: nn::Linear,
+    norm_topk_prob: bool,
+    dims: RouterDims,
     config: RouterConfig,
 }
 
 impl TopKRouter {
-    /// Parameters: `p/gate`.
-    pub fn new(p: &nn::Path, config: &RouterConfig) -> Result<Self> {
-        config.validate()?;
-        let gate = linear(
-            p / "gate",
-            config.input_dim,
-            config.num_experts,
-            true,
-            config.init,
-        );
+    /// Parameters: `p/gate` (`weight [E, d]`, `bias [E]` with `config.bias`).
+    pub fn new(
+        p: &nn::Path,
+        dims: RouterDims,
+        config: &RouterConfig,
+        init: WeightInit,
+    ) -> Result<Self> {
+        let Gate::TopK { norm_topk_prob } = config.gate else {
+            return Err(wrong_gate("TopKRouter", "top_k", &config.gate));
+        };
+        config.validate(dims)?;
+        let (d, e) = (dims.input_dim, dims.num_experts);
         Ok(TopKRouter {
-            gate,
+            gate: linear(p / "gate", d, e, config.bias, init),
+            norm_topk_prob,
+            dims,
             config: config.clone(),
         })
     }
 }
 
 impl Router for TopKRouter {
-    fn route(&self, x: &Tensor, _train: bool) -> Result<Routing> {
+    fn select(&self, x: &Tensor, _train: bool) -> Result<Routing> {
         self.check_input(x, self.gate.ws.device())?;
-        Ok(top_k_softmax(self.gate.forward(x), self.config.top_k))
+        let logits = self.gate.forward(x);
+        let k = self.dims.top_k;
+        if self.norm_topk_prob {
+            return Ok(top_k_softmax(logits, k));
+        }
+        let probs = logits.softmax(-1, Kind::Float).to_kind(logits.kind());
+        Ok(top_k_of_affinities(
+            logits,
+            &probs,
+            &probs,
+            probs.shallow_clone(),
+            k,
+            false,
+        ))
+    }
+
+    fn dims(&self) -> RouterDims {
+        self.dims
     }
 
     fn config(&self) -> &RouterConfig {

@@ -20,6 +20,7 @@ fn routing(indices: &[i64], k: i64, probs: &[f32], e: i64) -> Routing {
         probs,
         indices,
         dropped: None,
+        capacity: None,
         num_experts: e,
     }
 }
@@ -192,6 +193,7 @@ fn capacity_matches_a_plain_loop_on_random_routings() {
         let r = routing(&idx, k, &vec![1.0 / e as f32; (n * e) as usize], e);
         let capped = apply_capacity(r, factor).unwrap();
         let capacity = ((n * k) as f64 / e as f64 * factor).floor() as i64;
+        assert_eq!(capped.capacity, Some(capacity.max(1)));
         let mut seen = vec![0i64; e as usize];
         let want: Vec<bool> = idx
             .iter()

@@ -1,8 +1,8 @@
 use approx::assert_abs_diff_eq;
-use moe_core::MoeError;
+use moe_core::{MoeError, WeightInit};
 use moe_routers::{
-    AttentionRouter, AuxFreeSigmoidRouter, DeepSeekMoeRouter, NoisyTopKRouter, Router,
-    RouterConfig, RouterKind, RoutingStats, TopKRouter,
+    group_limited_selection, AttentionRouter, AuxFreeSigmoidRouter, Gate, NoisyTopKRouter, Router,
+    RouterConfig, RouterDims, RoutingStats, TopKRouter,
 };
 use tch::{nn, Device, Kind, Tensor};
 
@@ -19,20 +19,46 @@ fn to_vec_i(t: &Tensor) -> Vec<i64> {
     Vec::<i64>::try_from(t.flatten(0, -1)).unwrap()
 }
 
-fn cfg(kind: RouterKind, d: i64, e: i64, k: i64) -> RouterConfig {
-    RouterConfig {
-        kind,
+fn dims(d: i64, e: i64, k: i64) -> RouterDims {
+    RouterDims {
         input_dim: d,
         num_experts: e,
         top_k: k,
-        ..Default::default()
     }
+}
+
+/// `gate` with the gate layers' bias on or off, other settings at their defaults.
+fn cfg(gate: Gate, bias: bool) -> RouterConfig {
+    RouterConfig {
+        bias,
+        ..RouterConfig::with_gate(gate)
+    }
+}
+
+const MIXTRAL: Gate = Gate::TopK {
+    norm_topk_prob: true,
+};
+const DEEPSEEK_MOE: Gate = Gate::TopK {
+    norm_topk_prob: false,
+};
+
+fn sigmoid_gate(norm_topk_prob: bool, n_group: i64, topk_group: i64) -> Gate {
+    Gate::SigmoidAuxFree {
+        norm_topk_prob,
+        bias_update_rate: 1e-3,
+        n_group,
+        topk_group,
+    }
+}
+
+fn init() -> WeightInit {
+    WeightInit::default()
 }
 
 #[test]
 fn top_k_router_hand_computed_case() {
     let vs = nn::VarStore::new(Device::Cpu);
-    let router = TopKRouter::new(&vs.root(), &cfg(RouterKind::TopK, 2, 3, 2)).unwrap();
+    let router = TopKRouter::new(&vs.root(), dims(2, 3, 2), &cfg(MIXTRAL, true), init()).unwrap();
     // logits = x W^T + b with W rows e0 = (1, 0), e1 = (0, 1), e2 = (1, 1), b = (0, 0, -2).
     set(&vs, "gate.weight", &[1., 0., 0., 1., 1., 1.], &[3, 2]);
     set(&vs, "gate.bias", &[0., 0., -2.], &[3]);
@@ -64,25 +90,25 @@ fn top_k_router_hand_computed_case() {
 fn weights_sum_to_one_with_exactly_k_distinct_experts() {
     tch::manual_seed(3);
     for (e, k) in [(8, 2), (4, 1), (5, 5), (64, 8)] {
-        for kind in RouterKind::ALL {
+        for name in Gate::NAMES {
+            let gate: Gate = name.parse().unwrap();
             let vs = nn::VarStore::new(Device::Cpu);
-            let router = cfg(kind, 16, e, k).build(&vs.root()).unwrap();
+            let router = RouterConfig::with_gate(gate.clone())
+                .build(&vs.root(), dims(16, e, k), init())
+                .unwrap();
             let x = Tensor::randn([50, 16], (Kind::Float, Device::Cpu));
             let r = router.route(&x, true).unwrap();
             assert_eq!(r.indices.size(), vec![50, k]);
             // DeepSeekMoE without norm_topk_prob keeps the raw probabilities.
-            if kind != RouterKind::DeepSeekMoe {
+            if gate != DEEPSEEK_MOE {
                 let sums = r.weights.sum_dim_intlist(-1, false, None);
-                assert!(
-                    (sums - 1.0).abs().max().double_value(&[]) < 1e-5,
-                    "{kind:?}"
-                );
+                assert!((sums - 1.0).abs().max().double_value(&[]) < 1e-5, "{name}");
             }
             let prob_sums = r.probs.sum_dim_intlist(-1, false, None);
             assert!((prob_sums - 1.0).abs().max().double_value(&[]) < 1e-5);
             let gates = r.dense_gates();
             let nonzero = gates.gt(0.0).sum_dim_intlist(-1, false, Kind::Int64);
-            assert_eq!(to_vec_i(&nonzero), vec![k; 50], "{kind:?} E={e} k={k}");
+            assert_eq!(to_vec_i(&nonzero), vec![k; 50], "{name} E={e} k={k}");
             assert_eq!(r.expert_counts().sum(Kind::Int64).int64_value(&[]), 50 * k);
         }
     }
@@ -92,7 +118,8 @@ fn weights_sum_to_one_with_exactly_k_distinct_experts() {
 fn noise_is_added_in_training_only_unless_asked_for() {
     tch::manual_seed(4);
     let vs = nn::VarStore::new(Device::Cpu);
-    let quiet = NoisyTopKRouter::new(&vs.root(), &cfg(RouterKind::NoisyTopK, 8, 4, 2)).unwrap();
+    let quiet =
+        NoisyTopKRouter::new(&vs.root(), dims(8, 4, 2), &RouterConfig::default(), init()).unwrap();
     let x = Tensor::randn([32, 8], (Kind::Float, Device::Cpu));
     let eval_a = quiet.route(&x, false).unwrap().logits;
     let eval_b = quiet.route(&x, false).unwrap().logits;
@@ -107,11 +134,10 @@ fn noise_is_added_in_training_only_unless_asked_for() {
     );
 
     let vs2 = nn::VarStore::new(Device::Cpu);
-    let noisy_cfg = RouterConfig {
+    let noisy_cfg = RouterConfig::with_gate(Gate::NoisyTopK {
         noise_at_eval: true,
-        ..cfg(RouterKind::NoisyTopK, 8, 4, 2)
-    };
-    let noisy = NoisyTopKRouter::new(&vs2.root(), &noisy_cfg).unwrap();
+    });
+    let noisy = NoisyTopKRouter::new(&vs2.root(), dims(8, 4, 2), &noisy_cfg, init()).unwrap();
     let a = noisy.route(&x, false).unwrap().logits;
     let b = noisy.route(&x, false).unwrap().logits;
     assert!(
@@ -124,23 +150,161 @@ fn noise_is_added_in_training_only_unless_asked_for() {
 fn bad_router_configs_are_errors() {
     let vs = nn::VarStore::new(Device::Cpu);
     for (e, k) in [(8, 0), (8, 9), (0, 1)] {
-        let err = cfg(RouterKind::TopK, 4, e, k)
-            .build(&vs.root())
+        let err = cfg(MIXTRAL, true)
+            .build(&vs.root(), dims(4, e, k), init())
             .unwrap_err();
         assert!(matches!(err, MoeError::Config(_)), "E={e} k={k}: {err}");
     }
-    let err = cfg(RouterKind::TopK, 4, 8, 9)
-        .validate()
+    let err = cfg(MIXTRAL, true)
+        .validate(dims(4, 8, 9))
         .unwrap_err()
         .to_string();
     assert!(err.contains("top_k") && err.contains("9"), "{err}");
+    // A concrete router given another gate.
+    let err = TopKRouter::new(&vs.root(), dims(4, 8, 2), &RouterConfig::default(), init())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("top_k") && err.contains("NoisyTopK"), "{err}");
+}
+
+#[test]
+fn bad_gate_settings_are_errors() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    // (gate, E, k, what the message must name)
+    let cases = [
+        (sigmoid_gate(true, 4, 5), 8, 2, "topk_group"),
+        (sigmoid_gate(true, 4, 0), 8, 2, "topk_group"),
+        (sigmoid_gate(true, 3, 1), 8, 2, "n_group"),
+        (sigmoid_gate(true, 0, 1), 8, 2, "n_group"),
+        // 2 kept groups of 2 experts hold 4 experts, fewer than k = 5.
+        (sigmoid_gate(true, 4, 2), 8, 5, "top_k = 5"),
+        (
+            Gate::SigmoidAuxFree {
+                norm_topk_prob: true,
+                bias_update_rate: -1.0,
+                n_group: 1,
+                topk_group: 1,
+            },
+            8,
+            2,
+            "bias_update_rate",
+        ),
+    ];
+    for (gate, e, k, what) in cases {
+        let config = cfg(gate.clone(), false);
+        let err = config.validate(dims(4, e, k)).unwrap_err();
+        assert!(matches!(err, MoeError::Config(_)), "{gate:?}: {err}");
+        assert!(err.to_string().contains(what), "{gate:?}: {err}");
+        let built = config.build(&vs.root(), dims(4, e, k), init());
+        assert!(matches!(built, Err(MoeError::Config(_))), "{gate:?}");
+    }
+    for scale in [0.0, -2.5, f64::NAN, f64::INFINITY] {
+        let config = RouterConfig {
+            routed_scaling_factor: scale,
+            ..cfg(MIXTRAL, true)
+        };
+        let err = config.validate(dims(4, 8, 2)).unwrap_err();
+        assert!(err.to_string().contains("routed_scaling_factor"), "{err}");
+    }
+    // The group limit alone checks its groups too.
+    let scores = Tensor::zeros([2, 8], (Kind::Float, Device::Cpu));
+    for (n_group, topk_group) in [(3, 1), (4, 5), (0, 0)] {
+        assert!(matches!(
+            group_limited_selection(&scores, n_group, topk_group),
+            Err(MoeError::Config(_))
+        ));
+    }
+}
+
+#[test]
+fn gate_names_parse_with_clear_errors() {
+    let parsed: Vec<Gate> = Gate::NAMES.iter().map(|n| n.parse().unwrap()).collect();
+    assert_eq!(
+        parsed,
+        [
+            MIXTRAL,
+            Gate::NoisyTopK {
+                noise_at_eval: false
+            },
+            Gate::Attention,
+            DEEPSEEK_MOE,
+            Gate::sigmoid_aux_free(),
+        ]
+    );
+    assert_eq!(
+        "Sigmoid-Aux-Free".parse::<Gate>().unwrap(),
+        Gate::sigmoid_aux_free()
+    );
+    let err = "switch".parse::<Gate>().unwrap_err();
+    assert!(matches!(err, MoeError::Config(_)));
+    let msg = err.to_string();
+    assert!(
+        msg.contains("`switch`") && msg.contains("noisy_top_k"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn router_configs_read_and_write_the_gate_flat() {
+    let config: RouterConfig = serde_json::from_str(
+        r#"{"kind": "sigmoid_aux_free", "n_group": 4, "topk_group": 2, "bias": false,
+            "routed_scaling_factor": 2.5}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        config,
+        RouterConfig {
+            gate: Gate::SigmoidAuxFree {
+                norm_topk_prob: true,
+                bias_update_rate: 1e-3,
+                n_group: 4,
+                topk_group: 2,
+            },
+            bias: false,
+            routed_scaling_factor: 2.5,
+            capacity_factor: None,
+        }
+    );
+    let json = serde_json::to_value(&config).unwrap();
+    assert_eq!(json["kind"], "sigmoid_aux_free");
+    assert_eq!(json["n_group"], 4);
+    let back: RouterConfig = serde_json::from_value(json).unwrap();
+    assert_eq!(back, config);
+    // `top_k` alone is Mixtral's gate; the router's other fields default.
+    let top_k: RouterConfig = serde_json::from_str(r#"{"kind": "top_k"}"#).unwrap();
+    assert_eq!(top_k, RouterConfig::with_gate(MIXTRAL));
+    let unknown = serde_json::from_str::<RouterConfig>(r#"{"kind": "switch"}"#).unwrap_err();
+    assert!(unknown.to_string().contains("switch"), "{unknown}");
+}
+
+#[test]
+fn parameter_counts_match_the_variables() {
+    for name in Gate::NAMES {
+        for bias in [false, true] {
+            let config = cfg(name.parse().unwrap(), bias);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let _router = config.build(&vs.root(), dims(6, 8, 2), init()).unwrap();
+            let counted: i64 = vs
+                .trainable_variables()
+                .iter()
+                .map(|t| t.numel() as i64)
+                .sum();
+            assert_eq!(
+                config.num_params(dims(6, 8, 2)),
+                counted,
+                "{name} bias={bias}"
+            );
+            let has_bias = vs.variables().keys().any(|k| k.ends_with(".bias"));
+            assert_eq!(has_bias, bias, "{name}");
+        }
+    }
 }
 
 #[test]
 fn bad_router_inputs_are_errors() {
     let vs = nn::VarStore::new(Device::Cpu);
-    let router = cfg(RouterKind::NoisyTopK, 4, 8, 2)
-        .build(&vs.root())
+    let router = RouterConfig::default()
+        .build(&vs.root(), dims(4, 8, 2), init())
         .unwrap();
     let wrong_width = Tensor::zeros([3, 5], (Kind::Float, Device::Cpu));
     assert!(matches!(
@@ -165,7 +329,8 @@ fn assert_all_close(got: &Tensor, want: &[f32], eps: f32) {
 #[test]
 fn attention_router_hand_computed_case() {
     let vs = nn::VarStore::new(Device::Cpu);
-    let router = AttentionRouter::new(&vs.root(), &cfg(RouterKind::Attention, 1, 2, 2)).unwrap();
+    let config = cfg(Gate::Attention, false);
+    let router = AttentionRouter::new(&vs.root(), dims(1, 2, 2), &config, init()).unwrap();
     // x = 1: Q = (1, 0), K = (0, 2), V = (3, 1).
     set(&vs, "query.weight", &[1., 0.], &[2, 1]);
     set(&vs, "key.weight", &[0., 2.], &[2, 1]);
@@ -206,7 +371,8 @@ fn attention_router_matches_a_per_token_loop() {
     tch::manual_seed(11);
     let (n, d, e, k) = (7, 5, 6, 2);
     let vs = nn::VarStore::new(Device::Cpu);
-    let router = AttentionRouter::new(&vs.root(), &cfg(RouterKind::Attention, d, e, k)).unwrap();
+    let config = cfg(Gate::Attention, false);
+    let router = AttentionRouter::new(&vs.root(), dims(d, e, k), &config, init()).unwrap();
     let vars = vs.variables();
     let w = |name: &str| to_vec_f(&vars[name]);
     let (wq, wk, wv) = (w("query.weight"), w("key.weight"), w("value.weight"));
@@ -231,14 +397,16 @@ fn attention_router_matches_a_per_token_loop() {
 }
 
 #[test]
-fn deepseek_moe_router_hand_computed_case() {
+fn top_k_gate_renormalises_only_with_norm_topk_prob() {
     for norm in [false, true] {
         let vs = nn::VarStore::new(Device::Cpu);
-        let config = RouterConfig {
-            norm_topk_prob: norm,
-            ..cfg(RouterKind::DeepSeekMoe, 2, 3, 2)
-        };
-        let router = DeepSeekMoeRouter::new(&vs.root(), &config).unwrap();
+        let config = cfg(
+            Gate::TopK {
+                norm_topk_prob: norm,
+            },
+            false,
+        );
+        let router = TopKRouter::new(&vs.root(), dims(2, 3, 2), &config, init()).unwrap();
         set(&vs, "gate.weight", &[1., 0., 0., 1., 1., 1.], &[3, 2]);
         // x = (3, 1): logits (3, 1, 4); s = softmax over all three.
         let x = Tensor::from_slice(&[3f32, 1.]).view([1, 2]);
@@ -247,20 +415,29 @@ fn deepseek_moe_router_hand_computed_case() {
         let (a, b, c) = (3f32.exp(), 1f32.exp(), 4f32.exp());
         let z = a + b + c;
         assert_all_close(&r.probs, &[a / z, b / z, c / z], 1e-6);
+        // Without: the chosen probabilities themselves, summing to 1 - s_1 < 1.
+        // With (Mixtral): renormalised over the two, = softmax(4, 3).
         let want = if norm {
             [c / (a + c), a / (a + c)]
         } else {
             [c / z, a / z]
         };
         assert_all_close(&r.weights, &want, 1e-6);
+        let sum = r.weights.sum(Kind::Float).double_value(&[]);
+        if norm {
+            assert_abs_diff_eq!(sum, 1.0, epsilon = 1e-6);
+        } else {
+            assert_abs_diff_eq!(sum, f64::from(1. - b / z), epsilon = 1e-6);
+            assert!(sum < 0.99);
+        }
     }
 }
 
 #[test]
 fn sigmoid_router_selects_with_the_bias_and_weights_without_it() {
     let vs = nn::VarStore::new(Device::Cpu);
-    let router =
-        AuxFreeSigmoidRouter::new(&vs.root(), &cfg(RouterKind::SigmoidAuxFree, 2, 3, 2)).unwrap();
+    let config = cfg(Gate::sigmoid_aux_free(), false);
+    let router = AuxFreeSigmoidRouter::new(&vs.root(), dims(2, 3, 2), &config, init()).unwrap();
     set(&vs, "gate.weight", &[1., 0., 0., 1., 1., 1.], &[3, 2]);
     let x = Tensor::from_slice(&[3f32, 1.]).view([1, 2]);
     let sig = |v: f32| 1. / (1. + (-v).exp());
@@ -279,13 +456,165 @@ fn sigmoid_router_selects_with_the_bias_and_weights_without_it() {
 }
 
 #[test]
-fn sigmoid_router_bias_update_follows_the_sign_of_the_load_gap() {
+fn sigmoid_router_without_norm_topk_prob_weights_by_the_sigmoids() {
+    let sig = |v: f32| 1. / (1. + (-v).exp());
+    for norm in [false, true] {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let config = cfg(sigmoid_gate(norm, 1, 1), false);
+        let router = config.build(&vs.root(), dims(2, 3, 2), init()).unwrap();
+        set(&vs, "gate.weight", &[1., 0., 0., 1., 1., 1.], &[3, 2]);
+        // Tokens (3, 1) and (-1, 0.5): sigmoids of (3, 1, 4) and (-1, 0.5, -0.5).
+        let x = Tensor::from_slice(&[3f32, 1., -1., 0.5]).view([2, 2]);
+        let r = router.route(&x, true).unwrap();
+        assert_eq!(to_vec_i(&r.indices), vec![2, 0, 1, 2]);
+        let raw = [sig(4.), sig(3.), sig(0.5), sig(-0.5)];
+        let sums = to_vec_f(&r.weights.sum_dim_intlist(-1, false, None));
+        if norm {
+            let want = [
+                raw[0] / (raw[0] + raw[1]),
+                raw[1] / (raw[0] + raw[1]),
+                raw[2] / (raw[2] + raw[3]),
+                raw[3] / (raw[2] + raw[3]),
+            ];
+            assert_all_close(&r.weights, &want, 1e-6);
+            assert_all_close(&r.weights.sum_dim_intlist(-1, false, None), &[1., 1.], 1e-6);
+        } else {
+            // The affinities themselves: rows sum to 1.93 and 1.0 (sigmoid(x) +
+            // sigmoid(-x) = 1 for the second token's pair), not renormalised.
+            assert_all_close(&r.weights, &raw, 1e-6);
+            assert!((sums[0] - 1.0).abs() > 0.5, "{sums:?}");
+        }
+    }
+}
+
+/// E = 8 experts in 4 groups of 2 ({0,1}, {2,3}, {4,5}, {6,7}), k = 2,
+/// one-dimensional tokens so that the logits are the gate weights times x.
+#[test]
+fn group_limited_routing_chooses_inside_the_best_groups() {
+    let sig = |v: f32| 1. / (1. + (-v).exp());
+    let logits = [3.0f32, -3.0, 1.2, 0.8, 0.6, 0.4, 2.5, -4.0];
+    let route = |n_group: i64, topk_group: i64| {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let config = cfg(sigmoid_gate(true, n_group, topk_group), false);
+        let router = config.build(&vs.root(), dims(1, 8, 2), init()).unwrap();
+        set(&vs, "gate.weight", &logits, &[8, 1]);
+        // x = 1 gives the logits above, x = -1 their negatives.
+        let x = Tensor::from_slice(&[1f32, -1.]).view([2, 1]);
+        router.route(&x, true).unwrap()
+    };
+    // Token 0's group scores (sum of each group's top-2 sigmoids):
+    // g0 = s(3) + s(-3) = 1.000, g1 = s(1.2) + s(0.8) = 1.459,
+    // g2 = s(0.6) + s(0.4) = 1.244, g3 = s(2.5) + s(-4) = 0.942.
+    // Token 1 (negated logits): g0 = 1.000, g1 = 0.542, g2 = 0.756, g3 = 1.058.
+    //
+    // No group limit: the two largest sigmoids overall.
+    let plain = route(1, 1);
+    assert_eq!(to_vec_i(&plain.indices), vec![0, 6, 7, 1]);
+    // Groups 1 and 2 for token 0: experts 2 and 3, although 0 and 6 score
+    // higher; groups 3 and 0 for token 1: the same experts as without limit.
+    let grouped = route(4, 2);
+    assert_eq!(to_vec_i(&grouped.indices), vec![2, 3, 7, 1]);
+    let (s2, s3) = (sig(1.2), sig(0.8));
+    let (s7, s1) = (sig(4.0), sig(3.0));
+    assert_all_close(
+        &grouped.weights,
+        &[
+            s2 / (s2 + s3),
+            s3 / (s2 + s3),
+            s7 / (s7 + s1),
+            s1 / (s7 + s1),
+        ],
+        1e-6,
+    );
+    // The limit steers selection only: probabilities stay over all 8.
+    assert!(plain.probs.equal(&grouped.probs));
+    // Three groups for token 0 (1, 2 and 0): expert 0 is back, with expert 2.
+    assert_eq!(to_vec_i(&route(4, 3).indices)[..2], [0, 2]);
+    // One group of 2 is enough for k = 2.
+    assert_eq!(to_vec_i(&route(4, 1).indices), vec![2, 3, 7, 6]);
+}
+
+#[test]
+fn group_limited_selection_masks_the_other_groups_with_minus_infinity() {
+    let sel = Tensor::from_slice(&[0.9f32, 0.1, 0.5, 0.6, -0.3, -0.2, 0.4, 0.7, 0.2]).view([1, 9]);
+    // Groups {0,1,2}: 0.9 + 0.5 = 1.4; {3,4,5}: 0.6 - 0.2 = 0.4; {6,7,8}: 0.7 + 0.4 = 1.1.
+    let masked = group_limited_selection(&sel, 3, 2).unwrap();
+    let inf = f32::NEG_INFINITY;
+    assert_eq!(
+        to_vec_f(&masked),
+        vec![0.9, 0.1, 0.5, inf, inf, inf, 0.4, 0.7, 0.2]
+    );
+    // One expert per group: groups are scored by that one score.
+    let single = group_limited_selection(&sel, 9, 3).unwrap();
+    assert_eq!(
+        to_vec_f(&single),
+        vec![0.9, inf, inf, 0.6, inf, inf, inf, 0.7, inf]
+    );
+    // One group: unchanged.
+    assert!(group_limited_selection(&sel, 1, 1).unwrap().equal(&sel));
+}
+
+#[test]
+fn routed_scaling_factor_scales_the_final_weights() {
+    tch::manual_seed(8);
+    let x = Tensor::randn([20, 6], (Kind::Float, Device::Cpu));
+    for gate in [
+        MIXTRAL,
+        DEEPSEEK_MOE,
+        sigmoid_gate(true, 4, 2),
+        Gate::Attention,
+    ] {
+        let config = RouterConfig {
+            routed_scaling_factor: 2.5,
+            ..cfg(gate.clone(), false)
+        };
+        let vs = nn::VarStore::new(Device::Cpu);
+        let router = config.build(&vs.root(), dims(6, 8, 2), init()).unwrap();
+        let unscaled = router.select(&x, false).unwrap();
+        let scaled = router.route(&x, false).unwrap();
+        assert!(scaled.indices.equal(&unscaled.indices), "{gate:?}");
+        let diff = (&scaled.weights - &unscaled.weights * 2.5)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff < 1e-6, "{gate:?}: {diff}");
+        // The scale is applied after the renormalisation: rows sum to 2.5.
+        if gate != DEEPSEEK_MOE {
+            let sums = scaled.weights.sum_dim_intlist(-1, false, None);
+            assert!(
+                (sums - 2.5).abs().max().double_value(&[]) < 1e-5,
+                "{gate:?}"
+            );
+        }
+        // The probabilities the balance losses read are not scaled.
+        assert!(scaled.probs.equal(&unscaled.probs));
+    }
+    // By hand: the top-k case of `top_k_router_hand_computed_case`, times 2.5.
     let vs = nn::VarStore::new(Device::Cpu);
     let config = RouterConfig {
-        bias_update_rate: 0.25,
-        ..cfg(RouterKind::SigmoidAuxFree, 2, 3, 1)
+        routed_scaling_factor: 2.5,
+        ..cfg(MIXTRAL, false)
     };
-    let router = AuxFreeSigmoidRouter::new(&vs.root(), &config).unwrap();
+    let router = config.build(&vs.root(), dims(2, 3, 2), init()).unwrap();
+    set(&vs, "gate.weight", &[1., 0., 0., 1., 1., 1.], &[3, 2]);
+    let r = router
+        .route(&Tensor::from_slice(&[3f32, 1.]).view([1, 2]), false)
+        .unwrap();
+    let e = std::f32::consts::E;
+    assert_all_close(&r.weights, &[2.5 * e / (e + 1.), 2.5 / (e + 1.)], 1e-6);
+}
+
+#[test]
+fn sigmoid_router_bias_update_follows_the_sign_of_the_load_gap() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let gate = Gate::SigmoidAuxFree {
+        norm_topk_prob: true,
+        bias_update_rate: 0.25,
+        n_group: 1,
+        topk_group: 1,
+    };
+    let router =
+        AuxFreeSigmoidRouter::new(&vs.root(), dims(2, 3, 1), &cfg(gate, false), init()).unwrap();
     // Rows pick experts 0, 0, 0, 1: loads (3, 1, 0), mean 4/3.
     set(&vs, "gate.weight", &[1., 0., 0., 1., -1., -1.], &[3, 2]);
     let x = Tensor::from_slice(&[2f32, 0., 2., 1., 3., 0., 0., 2.]).view([4, 2]);
@@ -302,11 +631,14 @@ fn aux_free_bias_reduces_max_violation_on_a_skewed_stream() {
     tch::manual_seed(5);
     let (d, e, k) = (8, 8, 2);
     let vs = nn::VarStore::new(Device::Cpu);
-    let config = RouterConfig {
+    let gate = Gate::SigmoidAuxFree {
+        norm_topk_prob: true,
         bias_update_rate: 1e-2,
-        ..cfg(RouterKind::SigmoidAuxFree, d, e, k)
+        n_group: 1,
+        topk_group: 1,
     };
-    let router = AuxFreeSigmoidRouter::new(&vs.root(), &config).unwrap();
+    let router =
+        AuxFreeSigmoidRouter::new(&vs.root(), dims(d, e, k), &cfg(gate, false), init()).unwrap();
     // Tokens share a common direction that the gate maps onto experts 0 and 1.
     let skew = Tensor::zeros([d], (Kind::Float, Device::Cpu));
     let _ = skew.get(0).fill_(3.0);
@@ -334,13 +666,25 @@ fn aux_free_bias_reduces_max_violation_on_a_skewed_stream() {
 }
 
 #[test]
-fn capacity_factor_is_validated() {
+fn capacity_factor_is_validated_and_recorded_in_the_routing() {
     let vs = nn::VarStore::new(Device::Cpu);
     for bad in [0.0, -1.0, f64::NAN] {
         let config = RouterConfig {
             capacity_factor: Some(bad),
-            ..cfg(RouterKind::TopK, 4, 8, 2)
+            ..cfg(MIXTRAL, true)
         };
-        assert!(matches!(config.build(&vs.root()), Err(MoeError::Config(_))));
+        let built = config.build(&vs.root(), dims(4, 8, 2), init());
+        assert!(matches!(built, Err(MoeError::Config(_))));
     }
+    let config = RouterConfig {
+        capacity_factor: Some(1.0),
+        ..cfg(MIXTRAL, true)
+    };
+    let router = config.build(&vs.root(), dims(4, 8, 2), init()).unwrap();
+    let x = Tensor::randn([12, 4], (Kind::Float, Device::Cpu));
+    let r = router.route(&x, false).unwrap();
+    // C = floor(12 * 2 / 8 * 1.0) = 3.
+    assert_eq!(r.capacity, Some(3));
+    assert!(r.dropped.is_some());
+    assert_eq!(router.select(&x, false).unwrap().capacity, None);
 }

@@ -1,6 +1,7 @@
 //! MLflow file-store runs, loss-curve plots and run config files.
 
 use moe_data::TokenizerKind;
+use moe_routers::{Gate, RouterConfig};
 use moe_run::{plot_loss_curve, JsonlWriter, LossCurves, MlflowRun, RunConfig, RunStatus};
 use moe_train::TrainEvent;
 use std::path::PathBuf;
@@ -133,17 +134,39 @@ fn loss_curves_are_read_from_metrics_and_plotted_as_png() {
 
 #[test]
 fn run_configs_read_toml_and_json_with_defaults_and_reject_unknown_fields() {
+    let write = |path: &PathBuf, text: &str| {
+        std::fs::write(path, text).unwrap();
+        path.clone()
+    };
     let dir = temp_dir("config");
     let toml_path = dir.join("run.toml");
     std::fs::write(
         &toml_path,
-        "[model]\nn_layer = 3\nrouter = \"top_k\"\n[train]\nmax_iters = 7\n[tokenizer]\nkind = \"bpe\"\n",
+        "[model]\nn_layer = 3\n[model.router]\nkind = \"sigmoid_aux_free\"\nn_group = 4\n\
+         topk_group = 2\nbias = false\nrouted_scaling_factor = 2.5\n[train]\nmax_iters = 7\n\
+         [tokenizer]\nkind = \"bpe\"\n",
     )
     .unwrap();
     let config = RunConfig::from_file(&toml_path).unwrap();
     // No `family`: makeMoE's, as configs written before there were families.
     let model = config.model.as_make_moe().unwrap();
     assert_eq!(model.n_layer, 3);
+    // The router's table holds the gate's `kind` and settings next to its
+    // own; unset settings take their defaults.
+    assert_eq!(
+        model.router,
+        RouterConfig {
+            gate: Gate::SigmoidAuxFree {
+                norm_topk_prob: true,
+                bias_update_rate: 1e-3,
+                n_group: 4,
+                topk_group: 2,
+            },
+            bias: false,
+            routed_scaling_factor: 2.5,
+            capacity_factor: None,
+        }
+    );
     let default = RunConfig::default();
     assert_eq!(model.n_embd, default.model.as_make_moe().unwrap().n_embd);
     assert_eq!(config.train.max_iters, 7);
@@ -162,6 +185,28 @@ fn run_configs_read_toml_and_json_with_defaults_and_reject_unknown_fields() {
         err.contains("run.toml") && err.contains("n_layers"),
         "{err}"
     );
+    // A setting of another gate is unknown to this one.
+    let capped = "[model.router]\nkind = \"top_k\"\ncapacity_factor = 1.0\n";
+    let config = RunConfig::from_file(&write(&toml_path, capped)).unwrap();
+    let router = &config.model.as_make_moe().unwrap().router;
+    assert_eq!(router.capacity_factor, Some(1.0));
+    assert_eq!(
+        router.gate,
+        Gate::TopK {
+            norm_topk_prob: true
+        }
+    );
+    let err = RunConfig::from_file(&write(
+        &toml_path,
+        "[model.router]\nkind = \"top_k\"\nn_group = 4\n",
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("model.router.n_group"), "{err}");
+    let err = RunConfig::from_file(&write(&toml_path, "[model.router]\nkind = \"switch\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("switch") && err.contains("top_k"), "{err}");
     let yaml = dir.join("run.yaml");
     std::fs::write(&yaml, "").unwrap();
     assert!(RunConfig::from_file(&yaml)

@@ -340,7 +340,7 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
         on_event(&TrainEvent::Start {
             step: first,
             parameters: self.parameters,
-            active_parameters: lm_config.active_params(self.parameters),
+            active_parameters: lm_config.active_params(self.parameters)?,
             device: format!("{:?}", self.model.device()),
             model: lm_config,
             train: cfg.clone(),
@@ -483,6 +483,7 @@ fn concat_micro_batches(mut micro: Vec<Vec<Routing>>) -> Vec<Routing> {
                 probs: cat(|r| &r.probs),
                 dropped,
                 num_experts: parts[0].num_experts,
+                capacity: parts[0].capacity,
             }
         })
         .collect()

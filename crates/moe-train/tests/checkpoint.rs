@@ -64,7 +64,9 @@ fn missing_corrupt_or_mismatched_checkpoints_are_clear_errors() {
     // Weights of another architecture than the config says.
     std::fs::write(&weights, &bytes).unwrap();
     let mut wider = meta.clone();
-    let LmConfig::MakeMoe(wider_model) = &mut wider.model;
+    let LmConfig::MakeMoe(wider_model) = &mut wider.model else {
+        panic!("a make_moe checkpoint")
+    };
     wider_model.n_embd = 64;
     std::fs::write(
         dir.join("config.json"),

@@ -5,7 +5,7 @@
 mod common;
 
 use moe_data::CharTokenizer;
-use moe_models::{CausalLm, DecoderConfig, DecoderPreset, LmConfig};
+use moe_models::{DecoderConfig, DecoderPreset, LmConfig};
 use moe_train::{estimate_loss, load_checkpoint, LrSchedule, TrainConfig, Trainer};
 use std::sync::{Mutex, MutexGuard};
 use tch::{nn, Device};

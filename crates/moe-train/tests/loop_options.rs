@@ -8,7 +8,7 @@ use approx::assert_relative_eq;
 use moe_core::MoeError;
 use moe_data::{Dataset, Split};
 use moe_models::{CausalLm, MakeMoeConfig, MakeMoeModel};
-use moe_routers::RouterKind;
+use moe_routers::{Gate, RouterConfig};
 use moe_train::{
     clip_grad_norm, AdamW, AdamWConfig, DecayGroups, LrSchedule, TrainConfig, TrainEvent, Trainer,
 };
@@ -33,7 +33,12 @@ fn data(block_size: i64) -> Dataset {
 fn deterministic() -> MakeMoeConfig {
     MakeMoeConfig {
         dropout: 0.0,
-        router: RouterKind::TopK,
+        router: RouterConfig {
+            gate: Gate::TopK {
+                norm_topk_prob: true,
+            },
+            ..RouterConfig::default()
+        },
         ..common::tiny_config(20)
     }
 }

@@ -6,7 +6,7 @@ mod common;
 
 use moe_data::{Dataset, Split};
 use moe_models::{CausalLm, MakeMoeConfig, MakeMoeModel};
-use moe_routers::{BalanceLossConfig, RouterKind};
+use moe_routers::{BalanceLossConfig, Gate, RouterConfig};
 use moe_train::{TrainConfig, TrainEvent, Trainer};
 use tch::{nn, Device};
 
@@ -43,7 +43,9 @@ fn the_training_loss_adds_the_configured_balance_losses() {
     assert!(out.total.equal(&out.cross_entropy));
 
     let config = MakeMoeConfig {
-        router: RouterKind::TopK,
+        router: RouterConfig::with_gate(Gate::TopK {
+            norm_topk_prob: true,
+        }),
         balance: BalanceLossConfig {
             load_balance: 0.5,
             z_loss: 0.1,
@@ -78,8 +80,15 @@ fn the_training_loss_adds_the_configured_balance_losses() {
 fn trainer_steps_update_the_aux_free_bias() {
     tch::manual_seed(1);
     let config = MakeMoeConfig {
-        router: RouterKind::SigmoidAuxFree,
-        bias_update_rate: 0.01,
+        router: RouterConfig {
+            bias: false,
+            ..RouterConfig::with_gate(Gate::SigmoidAuxFree {
+                norm_topk_prob: true,
+                bias_update_rate: 0.01,
+                n_group: 1,
+                topk_group: 1,
+            })
+        },
         ..tiny()
     };
     let data = data(&config);
@@ -99,19 +108,21 @@ fn trainer_steps_update_the_aux_free_bias() {
 #[test]
 fn every_design_trains_and_reports_routing_stats_at_evaluations() {
     let designs = [
-        (RouterKind::TopK, 1, 0, None),
-        (RouterKind::NoisyTopK, 1, 0, Some(1.0)),
-        (RouterKind::Attention, 1, 0, None),
-        (RouterKind::DeepSeekMoe, 2, 1, None),
-        (RouterKind::SigmoidAuxFree, 1, 0, None),
+        ("top_k", 1, 0, None),
+        ("noisy_top_k", 1, 0, Some(1.0)),
+        ("attention", 1, 0, None),
+        ("deepseek_moe", 2, 1, None),
+        ("sigmoid_aux_free", 1, 0, None),
     ];
     for (router, segments, shared, capacity) in designs {
         tch::manual_seed(2);
         let config = MakeMoeConfig {
-            router,
+            router: RouterConfig {
+                capacity_factor: capacity,
+                ..RouterConfig::with_gate(router.parse().unwrap())
+            },
             segments,
             shared_experts: shared,
-            capacity_factor: capacity,
             balance: BalanceLossConfig::switch(),
             ..tiny()
         };
@@ -125,7 +136,7 @@ fn every_design_trains_and_reports_routing_stats_at_evaluations() {
                 if let TrainEvent::Eval { routing: stats, .. } = event {
                     assert_eq!(stats.len(), config.n_layer as usize);
                     for s in stats {
-                        let routed = config.moe_config().routed_experts() as usize;
+                        let routed = config.moe_config().unwrap().num_experts as usize;
                         assert_eq!(s.tokens_per_expert.len(), routed);
                         assert!(s.cv.is_finite() && s.mean_entropy > 0.0);
                         if capacity.is_none() {
@@ -138,10 +149,10 @@ fn every_design_trains_and_reports_routing_stats_at_evaluations() {
             })
             .unwrap()
             .unwrap();
-        assert!(last.val.is_finite(), "{router:?}");
+        assert!(last.val.is_finite(), "{router}");
         assert_eq!(
             evals, 2,
-            "{router:?}: evaluations at step 0 and the last step"
+            "{router}: evaluations at step 0 and the last step"
         );
     }
 }

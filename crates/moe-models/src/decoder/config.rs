@@ -1,6 +1,6 @@
 use moe_block::{SharedExperts, SparseMoeConfig};
 use moe_core::{MoeError, Precision, Result, WeightInit};
-use moe_dispatch::DispatchKind;
+use moe_dispatch::{DispatchKind, DispatchSpec};
 use moe_experts::Activation;
 use moe_nn::{GqaConfig, QkNorm};
 use moe_routers::{BalanceLossConfig, Gate, RouterConfig};
@@ -234,6 +234,12 @@ impl DecoderConfig {
         }
     }
 
+    /// Sets the dispatch strategy and, for `capacity[:F]`, the router's
+    /// capacity factor.
+    pub fn set_dispatch(&mut self, spec: DispatchSpec) {
+        spec.apply(&mut self.dispatch, &mut self.router.capacity_factor);
+    }
+
     /// Width of each routed expert.
     pub fn expert_width(&self) -> i64 {
         self.moe_intermediate_size.unwrap_or(self.intermediate_size)
@@ -329,7 +335,9 @@ impl DecoderConfig {
         ];
         for (name, v) in positive {
             if v <= 0 {
-                return Err(MoeError::config(format!("{name} must be positive, got {v}")));
+                return Err(MoeError::config(format!(
+                    "{name} must be positive, got {v}"
+                )));
             }
         }
         if self.num_experts < 0 || self.n_shared_experts < 0 || self.first_k_dense_replace < 0 {

@@ -86,7 +86,10 @@ impl DecoderLayer {
 
     /// `h + FFN(RMSNorm_2(h))`.
     fn feed_forward(&self, h: Tensor, train: bool) -> Result<LayerOutput> {
-        let normed = self.post_attention_layernorm.forward(&h).to_kind(self.compute);
+        let normed = self
+            .post_attention_layernorm
+            .forward(&h)
+            .to_kind(self.compute);
         let (out, routing, aux_loss) = match &self.mlp {
             FeedForward::Dense(mlp) => (mlp.forward(&normed)?, None, None),
             FeedForward::Moe(moe) => {

@@ -46,8 +46,8 @@ impl DecoderModel {
         let layers = (0..config.num_hidden_layers)
             .map(|i| DecoderLayer::new(&(&model / "layers" / i), config, i))
             .collect::<Result<Vec<_>>>()?;
-        let lm_head = (!config.tie_word_embeddings)
-            .then(|| linear(p / "lm_head", d, v, false, config.init));
+        let lm_head =
+            (!config.tie_word_embeddings).then(|| linear(p / "lm_head", d, v, false, config.init));
         Ok(DecoderModel {
             embed_tokens,
             layers,

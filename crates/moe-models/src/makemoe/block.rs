@@ -29,7 +29,7 @@ impl Block {
             ln1: nn::layer_norm(p / "ln1", vec![c], Default::default()),
             attn: CausalSelfAttention::new(&(p / "attn"), config.attention_config())?,
             ln2: nn::layer_norm(p / "ln2", vec![c], Default::default()),
-            moe: SparseMoe::new(&(p / "moe"), config.moe_config())?,
+            moe: SparseMoe::new(&(p / "moe"), config.moe_config()?)?,
             compute: config.precision.kind(),
         })
     }

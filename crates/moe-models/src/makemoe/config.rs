@@ -1,9 +1,9 @@
-use moe_block::SparseMoeConfig;
+use moe_block::{FineGrained, SparseMoeConfig};
 use moe_core::{MoeError, Precision, Result, WeightInit};
-use moe_dispatch::DispatchKind;
+use moe_dispatch::{DispatchKind, DispatchSpec};
 use moe_experts::Activation;
 use moe_nn::{AttentionConfig, AttentionPath, AttentionScale};
-use moe_routers::{BalanceLossConfig, RouterKind};
+use moe_routers::{BalanceLossConfig, Gate, RouterConfig};
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;
 
@@ -26,18 +26,13 @@ pub struct MakeMoeConfig {
     pub expert_hidden: Option<i64>,
     /// Experts' non-linearity: ReLU (makeMoE) or SwiGLU (Mixtral, LLaMA, DeepSeek).
     pub activation: Activation,
-    /// DeepSeekMoE fine-grained segmentation `m` (1: none).
+    /// DeepSeekMoE fine-grained segmentation `m` (1: none); see [`FineGrained`].
     pub segments: i64,
     /// DeepSeekMoE shared experts `K_s`, out of the `m * num_experts`.
     pub shared_experts: i64,
-    pub router: RouterKind,
-    pub router_noise_at_eval: bool,
-    /// DeepSeekMoE router: renormalise the chosen probabilities.
-    pub norm_topk_prob: bool,
-    /// Sigmoid aux-free router: bias update speed `gamma`.
-    pub bias_update_rate: f64,
-    /// Expert capacity factor (`None`: no limit).
-    pub capacity_factor: Option<f64>,
+    /// The router's settings: gate, gate bias, routed scaling factor and
+    /// capacity factor (`[model.router] kind = "top_k"` in a run config).
+    pub router: RouterConfig,
     /// Balance losses added to the training loss (none: makeMoE).
     pub balance: BalanceLossConfig,
     pub dispatch: DispatchKind,
@@ -63,11 +58,7 @@ impl Default for MakeMoeConfig {
             activation: Activation::Relu,
             segments: 1,
             shared_experts: 0,
-            router: RouterKind::NoisyTopK,
-            router_noise_at_eval: false,
-            norm_topk_prob: false,
-            bias_update_rate: 1e-3,
-            capacity_factor: None,
+            router: RouterConfig::default(),
             balance: BalanceLossConfig::default(),
             dispatch: DispatchKind::Auto,
             attention: AttentionPath::Fused,
@@ -108,15 +99,31 @@ impl FromStr for Preset {
 impl MakeMoeConfig {
     /// makeMoE's sizes with the given preset's behaviour.
     pub fn preset(preset: Preset) -> Self {
-        let base = MakeMoeConfig::default();
-        match preset {
-            Preset::Default => base,
-            Preset::MakeMoe => MakeMoeConfig {
-                attention_scale: AttentionScale::Embedding,
-                router_noise_at_eval: true,
-                ..base
-            },
+        let mut config = MakeMoeConfig::default();
+        config.apply_preset(preset);
+        config
+    }
+
+    /// The preset's behaviour on this config: the attention scale and,
+    /// for a noisy top-k gate, whether noise is added at evaluation
+    /// (makeMoE: `n_embd^-0.5` and noise; default: `head_size^-0.5`, none).
+    /// Sizes and the other settings stay.
+    pub fn apply_preset(&mut self, preset: Preset) {
+        let makemoe = preset == Preset::MakeMoe;
+        self.attention_scale = if makemoe {
+            AttentionScale::Embedding
+        } else {
+            AttentionScale::HeadSize
+        };
+        if let Gate::NoisyTopK { noise_at_eval } = &mut self.router.gate {
+            *noise_at_eval = makemoe;
         }
+    }
+
+    /// A command line's `--dispatch` ([`DispatchSpec`]): the strategy, and
+    /// for `capacity[:F]` the router's capacity factor `F`.
+    pub fn set_dispatch(&mut self, spec: DispatchSpec) {
+        spec.apply(&mut self.dispatch, &mut self.router.capacity_factor);
     }
 
     pub fn expert_hidden(&self) -> i64 {
@@ -135,25 +142,35 @@ impl MakeMoeConfig {
         }
     }
 
-    pub fn moe_config(&self) -> SparseMoeConfig {
-        SparseMoeConfig {
-            n_embd: self.n_embd,
+    /// The fine-grained layout of the MoE layers: `num_experts`, `top_k`,
+    /// the expert width, `segments` and `shared_experts`.
+    pub fn layout(&self) -> FineGrained {
+        FineGrained {
             num_experts: self.num_experts,
             top_k: self.top_k,
             expert_hidden: self.expert_hidden(),
             segments: self.segments,
             shared_experts: self.shared_experts,
+        }
+    }
+
+    /// The config of each MoE layer: the sizes derived from [`Self::layout`]
+    /// (routed `E = m N - K_s`, `k = m K - K_s`, width `h / m`, `K_s` shared
+    /// experts of width `h / m`), experts with biases, and this config's
+    /// router, balance losses, dispatch and init. An error for a bad layout.
+    pub fn moe_config(&self) -> Result<SparseMoeConfig> {
+        SparseMoeConfig {
+            n_embd: self.n_embd,
             dropout: self.dropout,
             activation: self.activation,
-            router: self.router,
-            router_noise_at_eval: self.router_noise_at_eval,
-            norm_topk_prob: self.norm_topk_prob,
-            bias_update_rate: self.bias_update_rate,
-            capacity_factor: self.capacity_factor,
+            expert_bias: true,
+            router: self.router.clone(),
             balance: self.balance.clone(),
             dispatch: self.dispatch,
             init: self.init,
+            ..SparseMoeConfig::default()
         }
+        .fine_grained(self.layout())
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -164,13 +181,13 @@ impl MakeMoeConfig {
             )));
         }
         self.attention_config().validate()?;
-        self.moe_config().validate()
+        self.moe_config()?.validate()
     }
 
     /// Parameters a token passes through (the active and shared experts of
     /// each layer, not all of them), given the model's `total`.
-    pub fn active_params(&self, total: i64) -> i64 {
-        let moe = self.moe_config();
-        total - self.n_layer * (moe.total_params() - moe.active_params())
+    pub fn active_params(&self, total: i64) -> Result<i64> {
+        let moe = self.moe_config()?;
+        Ok(total - self.n_layer * (moe.total_params() - moe.active_params()))
     }
 }
