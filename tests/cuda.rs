@@ -5,6 +5,7 @@
 
 use moe_layers::block::{SparseMoe, SparseMoeConfig};
 use moe_layers::dispatch::DispatchKind;
+use moe_layers::experts::Activation;
 use moe_layers::lm::{CharTokenizer, Dataset, MakeMoeConfig, MakeMoeModel, TrainConfig, Trainer};
 use moe_layers::routers::RouterConfig;
 use tch::{nn, Device, Kind, Tensor};
@@ -39,7 +40,13 @@ fn every_strategy_equals_the_dense_reference_on_cuda() {
         (300, 64, 128, 16, 4),
         (1, 32, 64, 4, 2),
     ] {
-        for kind in [Kind::Float, Kind::BFloat16] {
+        // makeMoE's ReLU experts with biases; SwiGLU experts without (Mixtral,
+        // Qwen2-MoE, DeepSeek, OLMoE).
+        let banks = [(Activation::Relu, true), (Activation::SwiGlu, false)];
+        for ((activation, expert_bias), kind) in banks
+            .into_iter()
+            .flat_map(|b| [Kind::Float, Kind::BFloat16].map(|k| (b, k)))
+        {
             tch::manual_seed(0);
             let mut vs = nn::VarStore::new(device);
             let config = SparseMoeConfig {
@@ -54,6 +61,8 @@ fn every_strategy_equals_the_dense_reference_on_cuda() {
                     capacity_factor: Some(e as f64),
                     ..Default::default()
                 },
+                activation,
+                expert_bias,
                 ..Default::default()
             };
             let mut moe = SparseMoe::new(&vs.root(), config).unwrap();
@@ -73,7 +82,7 @@ fn every_strategy_equals_the_dense_reference_on_cuda() {
                 let dy = (&y - &y_ref).abs().max().double_value(&[]);
                 assert!(
                     dy <= tol * scale,
-                    "{strategy:?} {kind:?} N={n}: output differs by {dy}"
+                    "{strategy:?} {kind:?} {activation:?} bias={expert_bias} N={n}: output differs by {dy}"
                 );
                 if kind == Kind::Float {
                     let gs = g_ref.abs().max().double_value(&[]).max(1.0);

@@ -1,7 +1,7 @@
 use moe_core::{MoeError, Result, WeightInit};
 use moe_dispatch::DispatchKind;
 use moe_experts::{Activation, ExpertConfig};
-use moe_routers::{BalanceLossConfig, RouterConfig, RouterDims};
+use moe_routers::{check_top_k, BalanceLossConfig, RouterConfig, RouterDims};
 use serde::{Deserialize, Serialize};
 
 /// Experts outside the router that every token passes through with weight 1
@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 /// The shared experts have the routed experts' activation, bias setting and
 /// dropout, and their own width `hidden`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct SharedExperts {
     /// Shared experts `K_s >= 1`.
     pub num_experts: i64,
@@ -24,7 +25,19 @@ pub struct SharedExperts {
     pub sigmoid_gate: bool,
 }
 
+impl Default for SharedExperts {
+    /// One shared expert of makeMoE's expert width (512), without gate.
+    fn default() -> Self {
+        SharedExperts {
+            num_experts: 1,
+            hidden: 512,
+            sigmoid_gate: false,
+        }
+    }
+}
+
 impl SharedExperts {
+    /// `num_experts >= 1`, `hidden >= 1`.
     pub fn validate(&self) -> Result<()> {
         if self.num_experts < 1 || self.hidden < 1 {
             return Err(MoeError::config(format!(
@@ -51,6 +64,7 @@ impl SharedExperts {
 /// `K_s` (up to the per-expert biases). [`SparseMoeConfig::fine_grained`]
 /// applies it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct FineGrained {
     /// `N`, experts before segmentation.
     pub num_experts: i64,
@@ -64,14 +78,24 @@ pub struct FineGrained {
     pub shared_experts: i64,
 }
 
-impl FineGrained {
-    pub fn validate(&self) -> Result<()> {
-        if self.num_experts < 1 || self.top_k < 1 || self.top_k > self.num_experts {
-            return Err(MoeError::config(format!(
-                "top_k must be in 1..=num_experts, got top_k = {} with num_experts = {}",
-                self.top_k, self.num_experts
-            )));
+impl Default for FineGrained {
+    /// makeMoE's layer, not refined: 8 experts of hidden 512, top-2, `m = 1`,
+    /// no shared expert.
+    fn default() -> Self {
+        FineGrained {
+            num_experts: 8,
+            top_k: 2,
+            expert_hidden: 512,
+            segments: 1,
+            shared_experts: 0,
         }
+    }
+}
+
+impl FineGrained {
+    /// `1 <= K <= N`, `m >= 1` dividing `h`, `0 <= K_s < m K`.
+    pub fn validate(&self) -> Result<()> {
+        check_top_k(self.num_experts, self.top_k)?;
         if self.segments < 1 || self.expert_hidden % self.segments != 0 {
             return Err(MoeError::config(format!(
                 "segments (m = {}) must be at least 1 and divide expert_hidden ({})",
@@ -199,17 +223,14 @@ impl SparseMoeConfig {
         }
     }
 
+    /// Sizes, shared experts, the capacity dispatch's need of a capacity
+    /// factor, the router's settings for its sizes (`1 <= top_k <=
+    /// num_experts` among them), experts and balance losses.
     pub fn validate(&self) -> Result<()> {
         if self.n_embd <= 0 {
             return Err(MoeError::config(format!(
                 "n_embd must be positive, got {}",
                 self.n_embd
-            )));
-        }
-        if self.num_experts < 1 || self.top_k < 1 || self.top_k > self.num_experts {
-            return Err(MoeError::config(format!(
-                "top_k must be in 1..=num_experts, got top_k = {} with num_experts = {}",
-                self.top_k, self.num_experts
             )));
         }
         if let Some(shared) = &self.shared_experts {

@@ -9,8 +9,9 @@ use tch::{Kind, Tensor};
 pub struct Routing {
     /// Chosen experts, `[N, k]`, int64, each row `k` distinct experts.
     pub indices: Tensor,
-    /// Weight of each chosen expert, `[N, k]`; rows sum to 1 for softmax
-    /// routers. A slot dropped by an expert-capacity limit has weight 0.
+    /// Weight of each chosen expert, `[N, k]`; rows sum to 1 for gates that
+    /// renormalise over the chosen experts (times the router's routed scaling
+    /// factor). A slot dropped by an expert-capacity limit has weight 0.
     pub weights: Tensor,
     /// Router scores over all experts, `[N, E]`, before selection (after
     /// noise, if any was added); the router z-loss reads them.

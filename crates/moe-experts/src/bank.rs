@@ -36,6 +36,9 @@ pub fn plus_bias(t: Tensor, b: Option<Tensor>) -> Tensor {
 }
 
 impl ExpertBank {
+    /// Parameters: `p/w_in`, `p/w_out` and, with SwiGLU, `p/w_gate`, each
+    /// weight drawn by `config.init` for its fans; with `config.bias`,
+    /// `p/b_in` and `p/b_out` drawn as PyTorch's `nn.Linear` biases.
     pub fn new(p: &nn::Path, config: &ExpertConfig) -> Result<Self> {
         config.validate()?;
         let (e, d, h) = (config.num_experts, config.input_dim, config.hidden_dim);

@@ -200,18 +200,7 @@ pub struct RouterDims {
 impl RouterDims {
     /// `d >= 1`, `E >= 1`, `1 <= k <= E`.
     pub fn validate(&self) -> Result<()> {
-        if self.num_experts <= 0 {
-            return Err(MoeError::config(format!(
-                "num_experts must be at least 1, got {}",
-                self.num_experts
-            )));
-        }
-        if self.top_k < 1 || self.top_k > self.num_experts {
-            return Err(MoeError::config(format!(
-                "top_k must be in 1..={} (num_experts), got {}",
-                self.num_experts, self.top_k
-            )));
-        }
+        check_top_k(self.num_experts, self.top_k)?;
         if self.input_dim <= 0 {
             return Err(MoeError::config(format!(
                 "router input_dim must be positive, got {}",
@@ -220,6 +209,22 @@ impl RouterDims {
         }
         Ok(())
     }
+}
+
+/// `num_experts >= 1` and `1 <= top_k <= num_experts`: what choosing `k`
+/// of `E` experts needs.
+pub fn check_top_k(num_experts: i64, top_k: i64) -> Result<()> {
+    if num_experts <= 0 {
+        return Err(MoeError::config(format!(
+            "num_experts must be at least 1, got {num_experts}"
+        )));
+    }
+    if top_k < 1 || top_k > num_experts {
+        return Err(MoeError::config(format!(
+            "top_k must be in 1..={num_experts} (num_experts), got {top_k}"
+        )));
+    }
+    Ok(())
 }
 
 /// A router's settings, without its sizes ([`RouterDims`], which the layer
@@ -237,7 +242,9 @@ impl RouterDims {
 #[serde(default)]
 pub struct RouterConfig {
     /// The gate and its settings; serialised flat (`kind = "top_k"` next to
-    /// `bias`).
+    /// `bias`). A serialised router table must name its `kind`: the other
+    /// fields default, the gate does not (a gate guessed from a table with a
+    /// typo in `kind` would train another model).
     #[serde(flatten)]
     pub gate: Gate,
     /// Whether the gate's linear maps `x -> R^E` have a bias (makeMoE's and

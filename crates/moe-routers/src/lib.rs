@@ -26,7 +26,7 @@ pub use attention::AttentionRouter;
 pub use aux_free::AuxFreeSigmoidRouter;
 pub use balance::BalanceLossConfig;
 pub use capacity::apply_capacity;
-pub use config::{Gate, RouterConfig, RouterDims, DEFAULT_BIAS_UPDATE_RATE};
+pub use config::{check_top_k, Gate, RouterConfig, RouterDims, DEFAULT_BIAS_UPDATE_RATE};
 pub(crate) use gating::check_groups;
 pub use gating::{group_limited_selection, top_k_of_affinities, top_k_softmax};
 pub use noisy_top_k::NoisyTopKRouter;

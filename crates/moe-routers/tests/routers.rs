@@ -275,6 +275,9 @@ fn router_configs_read_and_write_the_gate_flat() {
     assert_eq!(top_k, RouterConfig::with_gate(MIXTRAL));
     let unknown = serde_json::from_str::<RouterConfig>(r#"{"kind": "switch"}"#).unwrap_err();
     assert!(unknown.to_string().contains("switch"), "{unknown}");
+    // The gate is never guessed.
+    let missing = serde_json::from_str::<RouterConfig>(r#"{"bias": false}"#).unwrap_err();
+    assert!(missing.to_string().contains("kind"), "{missing}");
 }
 
 #[test]
