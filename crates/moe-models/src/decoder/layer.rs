@@ -9,8 +9,8 @@ use tch::{nn, Kind, Tensor};
 pub enum FeedForward {
     /// A SwiGLU MLP (LLaMA; DeepSeek's first `first_k_dense_replace` layers).
     Dense(SwiGluMlp),
-    /// A sparse MoE layer.
-    Moe(SparseMoe),
+    /// A sparse MoE layer (boxed: it is several times a dense MLP's size).
+    Moe(Box<SparseMoe>),
 }
 
 /// A decoder layer's output: the new residual stream and, for an MoE
@@ -46,7 +46,7 @@ impl DecoderLayer {
     pub fn new(p: &nn::Path, config: &DecoderConfig, index: i64) -> Result<Self> {
         let d = config.hidden_size;
         let mlp = if config.is_moe_layer(index) {
-            FeedForward::Moe(SparseMoe::new(&(p / "mlp"), config.moe_config())?)
+            FeedForward::Moe(Box::new(SparseMoe::new(&(p / "mlp"), config.moe_config())?))
         } else {
             FeedForward::Dense(SwiGluMlp::new(
                 &(p / "mlp"),

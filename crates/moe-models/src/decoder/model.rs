@@ -107,7 +107,7 @@ impl DecoderModel {
         self.layers
             .iter()
             .filter_map(|l| match l.feed_forward_network() {
-                super::FeedForward::Moe(moe) => Some(moe),
+                super::FeedForward::Moe(moe) => Some(moe.as_ref()),
                 super::FeedForward::Dense(_) => None,
             })
     }
