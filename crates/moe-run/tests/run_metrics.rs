@@ -3,7 +3,7 @@
 use moe_data::TokenizerKind;
 use moe_routers::{Gate, RouterConfig};
 use moe_run::{plot_loss_curve, JsonlWriter, LossCurves, MlflowRun, RunConfig, RunStatus};
-use moe_train::TrainEvent;
+use moe_train::{DecayGroups, LrSchedule, TrainEvent};
 use std::path::PathBuf;
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -213,4 +213,48 @@ fn run_configs_read_toml_and_json_with_defaults_and_reject_unknown_fields() {
         .unwrap_err()
         .to_string()
         .contains(".toml or .json"));
+}
+
+#[test]
+fn run_configs_select_the_decoder_family_and_the_training_options() {
+    let dir = temp_dir("decoder-config");
+    let path = dir.join("run.toml");
+    std::fs::write(
+        &path,
+        "[model]\nfamily = \"decoder\"\nnum_hidden_layers = 2\nnum_local_experts = 4\n\
+         [model.router]\nkind = \"sigmoid_aux_free\"\nn_group = 2\ntopk_group = 1\n\
+         [train]\ngrad_clip = 1.0\ngrad_accum_steps = 2\nweight_decay_on = \"matrices\"\n\
+         [train.lr_schedule]\nkind = \"warmup_cosine\"\nwarmup_iters = 100\nmin_lr = 0.0001\n",
+    )
+    .unwrap();
+    let config = RunConfig::from_file(&path).unwrap();
+    let decoder = config.model.as_decoder().unwrap();
+    assert_eq!(decoder.num_hidden_layers, 2);
+    assert_eq!(decoder.num_local_experts, 4);
+    assert!(matches!(
+        decoder.router.gate,
+        Gate::SigmoidAuxFree {
+            n_group: 2,
+            topk_group: 1,
+            ..
+        }
+    ));
+    assert_eq!(config.train.grad_accum_steps, 2);
+    assert_eq!(config.train.weight_decay_on, DecayGroups::Matrices);
+    assert_eq!(
+        config.train.lr_schedule,
+        LrSchedule::WarmupCosine {
+            warmup_iters: 100,
+            min_lr: 1e-4,
+            decay_iters: None
+        }
+    );
+    config.model.validate().unwrap();
+    // The printed config reads back as the same config.
+    let printed = dir.join("printed.toml");
+    std::fs::write(&printed, config.to_toml().unwrap()).unwrap();
+    assert_eq!(RunConfig::from_file(&printed).unwrap(), config);
+    std::fs::write(&path, "[model]\nfamily = \"gpt\"\n").unwrap();
+    let err = RunConfig::from_file(&path).unwrap_err().to_string();
+    assert!(err.contains("unknown model family `gpt`"), "{err}");
 }

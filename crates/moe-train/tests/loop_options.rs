@@ -43,6 +43,14 @@ fn deterministic() -> MakeMoeConfig {
     }
 }
 
+/// A [`deterministic`] model and its data.
+fn setup() -> (nn::VarStore, MakeMoeModel, Dataset) {
+    let config = deterministic();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = MakeMoeModel::new(&vs.root(), &config).unwrap();
+    (vs, model, data(config.block_size))
+}
+
 #[test]
 fn warmup_cosine_follows_nanogpt_by_hand() {
     let schedule = LrSchedule::WarmupCosine {
@@ -79,10 +87,7 @@ fn warmup_cosine_follows_nanogpt_by_hand() {
 #[test]
 fn the_trainer_sets_the_scheduled_rate_before_each_step() {
     let _generator = generator();
-    let config = deterministic();
-    let data = data(config.block_size);
-    let vs = nn::VarStore::new(Device::Cpu);
-    let model = MakeMoeModel::new(&vs.root(), &config).unwrap();
+    let (vs, model, data) = setup();
     let train = TrainConfig {
         batch_size: 2,
         max_iters: 4,
@@ -186,10 +191,7 @@ fn accumulated_micro_batches_step_like_one_batch_of_their_union() {
 #[test]
 fn matrices_only_decay_leaves_biases_norms_and_embeddings_alone() {
     let _generator = generator();
-    let config = deterministic();
-    let data = data(config.block_size);
-    let vs = nn::VarStore::new(Device::Cpu);
-    let model = MakeMoeModel::new(&vs.root(), &config).unwrap();
+    let (vs, model, data) = setup();
     let train = TrainConfig {
         weight_decay_on: DecayGroups::Matrices,
         ..TrainConfig::default()
@@ -230,10 +232,7 @@ fn matrices_only_decay_leaves_biases_norms_and_embeddings_alone() {
 #[test]
 fn a_failing_callback_stops_the_run_with_its_error() {
     let _generator = generator();
-    let config = deterministic();
-    let data = data(config.block_size);
-    let vs = nn::VarStore::new(Device::Cpu);
-    let model = MakeMoeModel::new(&vs.root(), &config).unwrap();
+    let (vs, model, data) = setup();
     let train = TrainConfig {
         batch_size: 2,
         max_iters: 50,

@@ -12,9 +12,10 @@ use std::str::FromStr;
 /// Yuan 2.0-M32 are settings of it.
 ///
 /// Field names are Hugging Face's (`config.json` of `MixtralConfig`,
-/// `Qwen2MoeConfig`, `DeepseekV3Config`, `OlmoeConfig`), with the aliases of
-/// the families that name a field differently (`num_local_experts` =
-/// `n_routed_experts` = `num_experts`). What Hugging Face spreads over flat
+/// `Qwen2MoeConfig`, `DeepseekV3Config`, `OlmoeConfig`); where the families
+/// name a field differently, Mixtral's name is used (`num_local_experts`,
+/// which DeepSeek calls `n_routed_experts` and Qwen2-MoE/OLMoE
+/// `num_experts`; a reader of their checkpoints maps them). What Hugging Face spreads over flat
 /// keys that only make sense for one router (`norm_topk_prob`, `n_group`,
 /// `topk_group`, `routed_scaling_factor`, `scoring_func`) lives here in one
 /// place, the nested [`RouterConfig`] whose [`Gate`] variant carries its own
@@ -58,8 +59,7 @@ pub struct DecoderConfig {
     /// Yuan 2.0's localized filtering of the query/key stream.
     pub localized_filtering: bool,
     /// Routed experts `E` (0: every layer is dense, as LLaMA).
-    #[serde(alias = "num_local_experts", alias = "n_routed_experts")]
-    pub num_experts: i64,
+    pub num_local_experts: i64,
     /// Experts per token `k`.
     pub num_experts_per_tok: i64,
     /// DeepSeek's shared experts: this many experts of the routed width that
@@ -105,7 +105,7 @@ impl Default for DecoderConfig {
             tie_word_embeddings: true,
             qk_norm: QkNorm::None,
             localized_filtering: false,
-            num_experts: 8,
+            num_local_experts: 8,
             num_experts_per_tok: 2,
             n_shared_experts: 0,
             shared_expert_intermediate_size: None,
@@ -175,7 +175,7 @@ impl DecoderConfig {
             DecoderPreset::Mixtral => base,
             DecoderPreset::Qwen2Moe => DecoderConfig {
                 attention_bias: true,
-                num_experts: 16,
+                num_local_experts: 16,
                 num_experts_per_tok: 4,
                 moe_intermediate_size: Some(128),
                 shared_expert_intermediate_size: Some(256),
@@ -188,7 +188,7 @@ impl DecoderConfig {
                 ..base
             },
             DecoderPreset::DeepseekV3 => DecoderConfig {
-                num_experts: 16,
+                num_local_experts: 16,
                 num_experts_per_tok: 4,
                 moe_intermediate_size: Some(128),
                 n_shared_experts: 1,
@@ -226,7 +226,7 @@ impl DecoderConfig {
                 ..base
             },
             DecoderPreset::Llama => DecoderConfig {
-                num_experts: 0,
+                num_local_experts: 0,
                 intermediate_size: 4 * base.hidden_size,
                 router_aux_loss_coef: 0.0,
                 ..base
@@ -247,7 +247,7 @@ impl DecoderConfig {
 
     /// Whether layer `i` has an MoE feed-forward network (else a dense MLP).
     pub fn is_moe_layer(&self, i: i64) -> bool {
-        self.num_experts > 0 && i >= self.first_k_dense_replace
+        self.num_local_experts > 0 && i >= self.first_k_dense_replace
     }
 
     /// Number of MoE layers.
@@ -297,7 +297,7 @@ impl DecoderConfig {
     pub fn moe_config(&self) -> SparseMoeConfig {
         SparseMoeConfig {
             n_embd: self.hidden_size,
-            num_experts: self.num_experts,
+            num_experts: self.num_local_experts,
             top_k: self.num_experts_per_tok,
             expert_hidden: self.expert_width(),
             shared_experts: self.shared_experts(),
@@ -317,7 +317,7 @@ impl DecoderConfig {
     /// Parameters a token passes through (the chosen and shared experts of
     /// each MoE layer, not all of them), given the model's `total`.
     pub fn active_params(&self, total: i64) -> i64 {
-        if self.num_experts == 0 {
+        if self.num_local_experts == 0 {
             return total;
         }
         let moe = self.moe_config();
@@ -340,10 +340,12 @@ impl DecoderConfig {
                 )));
             }
         }
-        if self.num_experts < 0 || self.n_shared_experts < 0 || self.first_k_dense_replace < 0 {
+        if self.num_local_experts < 0 || self.n_shared_experts < 0 || self.first_k_dense_replace < 0
+        {
             return Err(MoeError::config(format!(
-                "num_experts ({}), n_shared_experts ({}) and first_k_dense_replace ({}) must be >= 0",
-                self.num_experts, self.n_shared_experts, self.first_k_dense_replace
+                "num_local_experts ({}), n_shared_experts ({}) and first_k_dense_replace ({}) \
+                 must be >= 0",
+                self.num_local_experts, self.n_shared_experts, self.first_k_dense_replace
             )));
         }
         if self.n_shared_experts > 0 && self.shared_expert_intermediate_size.is_some() {
@@ -353,7 +355,7 @@ impl DecoderConfig {
             ));
         }
         self.attention_config().validate()?;
-        if self.num_experts > 0 {
+        if self.num_local_experts > 0 {
             self.moe_config().validate()?;
         }
         Ok(())
