@@ -63,7 +63,7 @@ pub struct DecoderConfig {
     /// Experts per token `k`.
     pub num_experts_per_tok: i64,
     /// DeepSeek's shared experts: this many experts of the routed width that
-    /// every token passes through.
+    /// every token passes through (held as one expert of `n` times the width).
     pub n_shared_experts: i64,
     /// Qwen2-MoE's shared expert: one expert of this width whose output is
     /// gated by `sigmoid(x w_g)`.
@@ -280,9 +280,12 @@ impl DecoderConfig {
     pub fn shared_experts(&self) -> Option<SharedExperts> {
         match (self.n_shared_experts, self.shared_expert_intermediate_size) {
             (0, None) => None,
+            // DeepSeek's n shared experts are one MLP of n times the width
+            // (Hugging Face's `DeepseekV3MLP(intermediate_size = moe_intermediate_size
+            // * n_shared_experts)`): the same function, one GEMM.
             (n, None) => Some(SharedExperts {
-                num_experts: n,
-                hidden: self.expert_width(),
+                num_experts: 1,
+                hidden: n * self.expert_width(),
                 sigmoid_gate: false,
             }),
             (_, Some(hidden)) => Some(SharedExperts {
