@@ -60,6 +60,7 @@ fn run(args: Args) -> Result<()> {
     let sampling = Sampling {
         temperature: args.temperature,
         top_k: args.top_k,
+        ..Sampling::default()
     };
     if args.bench {
         return bench(

@@ -1,79 +1,32 @@
-use crate::{CausalLm, ModelCache};
+use crate::{CausalLm, ModelCache, Sampling};
 use moe_core::{MoeError, Result};
-use tch::{Kind, Tensor};
+use std::ops::ControlFlow;
+use tch::Tensor;
 
-/// How the next token is drawn from the model's distribution.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Sampling {
-    /// Logits are divided by it; 1.0 is makeMoE's plain sampling.
-    pub temperature: f64,
-    /// Keep only the `k` most likely tokens (`None`: all; `Some(1)`: greedy).
-    pub top_k: Option<i64>,
-}
-
-impl Default for Sampling {
-    fn default() -> Self {
-        Sampling {
-            temperature: 1.0,
-            top_k: None,
-        }
-    }
-}
-
-impl Sampling {
-    /// Always the most likely token.
-    pub fn greedy() -> Self {
-        Sampling {
-            temperature: 1.0,
-            top_k: Some(1),
-        }
-    }
-
-    fn validate(&self, vocab_size: i64) -> Result<()> {
-        if !(self.temperature > 0.0 && self.temperature.is_finite()) {
-            return Err(MoeError::config(format!(
-                "temperature must be a positive number, got {}",
-                self.temperature
-            )));
-        }
-        if let Some(k) = self.top_k {
-            if k < 1 || k > vocab_size {
-                return Err(MoeError::config(format!(
-                    "sampling top_k must be in 1..={vocab_size}, got {k}"
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    /// Draws one token from `softmax(logits / temperature)` restricted to the
-    /// top-k; `logits`: `[1, V]`.
-    fn sample(&self, logits: &Tensor) -> i64 {
-        let mut logits = logits.to_kind(Kind::Float) / self.temperature;
-        if let Some(k) = self.top_k {
-            let (top, _) = logits.topk(k, -1, true, true);
-            let threshold = top.select(1, k - 1).unsqueeze(1);
-            logits = logits.masked_fill(&logits.lt_tensor(&threshold), f64::NEG_INFINITY);
-        }
-        logits
-            .softmax(-1, Kind::Float)
-            .multinomial(1, false)
-            .int64_value(&[0, 0])
-    }
+/// When generation stops, beside the callback: after `max_new_tokens`, or
+/// after sampling one of `eos_token_ids` (which is reported and returned).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOptions {
+    /// The most tokens to generate.
+    pub max_new_tokens: usize,
+    /// How each token is drawn.
+    pub sampling: Sampling,
+    /// End-of-sequence tokens (a checkpoint's `eos_token_id`); empty: none.
+    pub eos_token_ids: Vec<i64>,
 }
 
 /// Text generation with a KV cache: each new token costs one position's
 /// forward pass instead of the whole context's.
 ///
-/// The prompt (its last `block_size` tokens) is run once (prefill); then
+/// The prompt (its last `max_context` tokens) is run once (prefill); then
 /// each sampled token is fed alone, attending to the cached keys and values.
 /// Learned absolute positions make a rolling window inexact (every cached
 /// key would need its position changed), so when the context is full
-/// (`block_size` tokens) the cache restarts from the last
-/// `max(1, block_size / 2)` tokens, which are prefilled at positions
-/// `0..`. While the text fits in `block_size` tokens the logits are those of
-/// full recomputation; past it, each token sees between `block_size / 2` and
-/// `block_size - 1` tokens of context (makeMoE's sliding window always sees
+/// (`max_context` tokens) the cache restarts from the last
+/// `max(1, max_context / 2)` tokens, which are prefilled at positions
+/// `0..`. While the text fits in the context the logits are those of
+/// full recomputation; past it, each token sees between `max_context / 2` and
+/// `max_context - 1` tokens of context (makeMoE's sliding window always sees
 /// `block_size`, at the price of recomputing it for every token, see
 /// [`generate_recompute`]).
 ///
@@ -86,22 +39,43 @@ pub fn generate<M: CausalLm + ?Sized>(
     sampling: Sampling,
     mut on_token: impl FnMut(i64),
 ) -> Result<Vec<i64>> {
+    let options = GenerateOptions {
+        max_new_tokens,
+        sampling,
+        eos_token_ids: Vec::new(),
+    };
+    generate_with(model, prompt, &options, |id| {
+        on_token(id);
+        ControlFlow::Continue(())
+    })
+}
+
+/// [`generate`] with end-of-sequence tokens, and a callback that can stop
+/// generation (`ControlFlow::Break`, e.g. when the text so far ends with a
+/// stop string): the token it saw is the last one returned.
+pub fn generate_with<M: CausalLm + ?Sized>(
+    model: &M,
+    prompt: &[i64],
+    options: &GenerateOptions,
+    mut on_token: impl FnMut(i64) -> ControlFlow<()>,
+) -> Result<Vec<i64>> {
+    let sampling = options.sampling;
     let mut context = start_context(model, prompt, sampling)?;
     let block = model.max_context() as usize;
     let keep = (block / 2).max(1);
     let device = model.device();
     let row = |tokens: &[i64]| Tensor::from_slice(tokens).to_device(device).unsqueeze(0);
     let mut cache = model.new_cache();
-    let mut new_tokens = Vec::with_capacity(max_new_tokens);
+    let mut new_tokens = Vec::with_capacity(options.max_new_tokens);
     tch::no_grad(|| -> Result<()> {
         let start = context.len().saturating_sub(block);
         let mut logits = last_logits(model, &row(&context[start..]), &mut cache)?;
-        for i in 0..max_new_tokens {
-            let next = sampling.sample(&logits);
+        for i in 0..options.max_new_tokens {
+            let next = sampling.sample(&logits, &context);
             context.push(next);
             new_tokens.push(next);
-            on_token(next);
-            if i + 1 == max_new_tokens {
+            let stop = on_token(next).is_break() || options.eos_token_ids.contains(&next);
+            if stop || i + 1 == options.max_new_tokens {
                 break;
             }
             logits = if cache.len() as usize >= block {
@@ -137,7 +111,7 @@ pub fn generate_recompute<M: CausalLm + ?Sized>(
                 .to_device(device)
                 .unsqueeze(0);
             let logits = model.forward_t(&idx, false)?.logits.select(1, -1);
-            let next = sampling.sample(&logits);
+            let next = sampling.sample(&logits, &context);
             context.push(next);
             new_tokens.push(next);
             on_token(next);

@@ -17,9 +17,11 @@ pub mod decoder;
 mod family;
 mod generate;
 pub mod makemoe;
+mod sampling;
 
 pub use causal_lm::{check_context, cross_entropy, BatchLoss, CausalLm, ForwardOutput, ModelCache};
 pub use decoder::{DecoderConfig, DecoderModel, DecoderPreset};
 pub use family::LmConfig;
-pub use generate::{generate, generate_recompute, Sampling};
+pub use generate::{generate, generate_recompute, generate_with, GenerateOptions};
 pub use makemoe::{MakeMoeConfig, MakeMoeModel, Preset};
+pub use sampling::Sampling;

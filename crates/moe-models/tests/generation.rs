@@ -4,7 +4,10 @@
 mod common;
 
 use common::tiny_config;
-use moe_models::{generate, generate_recompute, CausalLm, MakeMoeModel, Sampling};
+use moe_models::{
+    generate, generate_recompute, generate_with, CausalLm, GenerateOptions, MakeMoeModel, Sampling,
+};
+use std::ops::ControlFlow;
 use tch::{nn, Device, Kind, Tensor};
 
 fn model(seed: i64) -> (nn::VarStore, MakeMoeModel) {
@@ -94,8 +97,101 @@ fn sampling_streams_every_token_and_rejects_bad_settings() {
     assert!(out.iter().all(|&t| (0..30).contains(&t)));
     let bad = Sampling {
         temperature: 0.0,
-        top_k: None,
+        ..Sampling::default()
     };
     assert!(generate(&model, &[1], 3, bad, |_| {}).is_err());
     assert!(generate(&model, &[30], 3, Sampling::default(), |_| {}).is_err());
+}
+
+/// Probabilities from hand-chosen logits: `ln` of 0.5, 0.3, 0.15, 0.05.
+fn four_token_logits() -> Tensor {
+    Tensor::from_slice(&[0.5f32, 0.3, 0.15, 0.05])
+        .log()
+        .unsqueeze(0)
+}
+
+#[test]
+fn top_p_keeps_the_smallest_head_whose_mass_reaches_p() {
+    let probs = |p| {
+        Sampling {
+            top_p: Some(p),
+            ..Sampling::default()
+        }
+        .distribution(&four_token_logits(), &[])
+    };
+    let close = |t: Tensor, want: [f64; 4]| {
+        let got = Vec::<f64>::try_from(t.squeeze().to_kind(Kind::Double)).unwrap();
+        got.iter()
+            .zip(want)
+            .all(|(g, w)| (g - w).abs() < 1e-5)
+            .then_some(())
+            .ok_or(got)
+    };
+    // 0.5 + 0.3 = 0.8 >= 0.7: the first two, renormalised.
+    close(probs(0.7), [0.625, 0.375, 0.0, 0.0]).unwrap();
+    // 0.5 reaches 0.5: one token.
+    close(probs(0.5), [1.0, 0.0, 0.0, 0.0]).unwrap();
+    // p = 1 keeps everything.
+    close(probs(1.0), [0.5, 0.3, 0.15, 0.05]).unwrap();
+    let bad = Sampling {
+        top_p: Some(0.0),
+        ..Sampling::default()
+    };
+    assert!(bad.validate(4).is_err());
+}
+
+#[test]
+fn the_repetition_penalty_divides_positive_and_multiplies_negative_logits() {
+    let logits = Tensor::from_slice(&[2.0f32, 1.5, -1.0, 0.0]).unsqueeze(0);
+    let penalised = Sampling {
+        repetition_penalty: 2.0,
+        top_k: Some(1),
+        ..Sampling::default()
+    };
+    // Token 0 seen: 2.0 -> 1.0, so token 1 (1.5) becomes the greedy choice.
+    assert_eq!(penalised.sample(&logits, &[0]), 1);
+    assert_eq!(penalised.sample(&logits, &[]), 0);
+    // By hand: [2/2, 1.5, -1*2, 0] after seeing tokens 0 and 2.
+    let probs = Sampling {
+        repetition_penalty: 2.0,
+        ..Sampling::default()
+    }
+    .distribution(&logits, &[0, 2, 0]);
+    let want = Tensor::from_slice(&[1.0f32, 1.5, -2.0, 0.0])
+        .unsqueeze(0)
+        .softmax(-1, Kind::Float);
+    assert!((probs - want).abs().max().double_value(&[]) < 1e-6);
+}
+
+#[test]
+fn generation_stops_at_eos_or_when_the_callback_says_so() {
+    let (_vs, model) = model(34);
+    let prompt = [4i64, 9, 2];
+    let greedy = generate(&model, &prompt, 12, Sampling::greedy(), |_| {}).unwrap();
+    // EOS: the first greedy token that is an EOS ends the output, included.
+    let eos = greedy[4];
+    let first = greedy.iter().position(|&t| t == eos).unwrap();
+    let options = GenerateOptions {
+        max_new_tokens: 12,
+        sampling: Sampling::greedy(),
+        eos_token_ids: vec![eos],
+    };
+    let stopped = generate_with(&model, &prompt, &options, |_| ControlFlow::Continue(())).unwrap();
+    assert_eq!(stopped, greedy[..=first]);
+    // A callback that breaks after three tokens.
+    let mut seen = 0;
+    let options = GenerateOptions {
+        eos_token_ids: Vec::new(),
+        ..options
+    };
+    let out = generate_with(&model, &prompt, &options, |_| {
+        seen += 1;
+        if seen == 3 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .unwrap();
+    assert_eq!(out, greedy[..3]);
 }

@@ -245,8 +245,8 @@ fn generation_returns_vocabulary_tokens_of_the_asked_length() {
     assert_eq!(text.chars().count(), 40);
     assert!(text.chars().all(|c| tok.chars().contains(&c)));
     let greedy = Sampling {
-        temperature: 1.0,
         top_k: Some(1),
+        ..Sampling::default()
     };
     let a = generate(&model, &prompt, 10, greedy, |_| {}).unwrap();
     let b = generate(&model, &prompt, 10, greedy, |_| {}).unwrap();
@@ -257,7 +257,7 @@ fn generation_returns_vocabulary_tokens_of_the_asked_length() {
     ));
     let cold = Sampling {
         temperature: 0.0,
-        top_k: None,
+        ..Sampling::default()
     };
     assert!(matches!(
         generate(&model, &prompt, 1, cold, |_| {}),

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use tch::{nn, Device, Kind, Tensor};
 
 fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("moe-lm-test-{}-{name}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("moe-checkpoint-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
