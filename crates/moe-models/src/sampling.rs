@@ -87,7 +87,7 @@ impl Sampling {
             let penalised = (&l * r).where_self(&l.lt(0.0), &(&l / r));
             logits = logits.scatter(1, &seen, &penalised);
         }
-        logits = logits / self.temperature;
+        logits /= self.temperature;
         if let Some(k) = self.top_k {
             let (top, _) = logits.topk(k, -1, true, true);
             let threshold = top.select(1, k - 1).unsqueeze(1);
