@@ -7,12 +7,15 @@
 //!
 //! - `config.rs`: [`DecoderConfig`], [`DecoderPreset`];
 //! - `layer.rs`: [`DecoderLayer`] (attention + dense or MoE feed-forward);
-//! - `model.rs`: [`DecoderModel`], the [`crate::CausalLm`].
+//! - `model.rs`: [`DecoderModel`], the [`crate::CausalLm`];
+//! - `convert.rs`: LLaMA-MoE's conversion of a dense model ([`MoeConversion`]).
 
 mod config;
+mod convert;
 mod layer;
 mod model;
 
 pub use config::{DecoderConfig, DecoderPreset};
+pub use convert::{ExpertConstruction, MoeConversion};
 pub use layer::{DecoderLayer, FeedForward, LayerOutput};
 pub use model::DecoderModel;
