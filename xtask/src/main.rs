@@ -4,17 +4,21 @@
 //! - `cargo xtask test [-- ARGS]`: runs every test of the workspace.
 //! - `cargo xtask env`: prints the exports that make plain `cargo` work.
 //! - `cargo xtask run CARGO-ARGS...`: any cargo command in that environment.
+//! - `cargo xtask hf-fixtures [-- ARGS]`: rewrites `tests/data/hf` with
+//!   `scripts/hf_fixtures.py` (ARGS go to the script, e.g. `--check-ours DIR`).
 //!
 //! Each first makes sure `.venv` holds PyPI's `torch==2.11.0` (the libtorch
 //! that `tch 0.24` is built against), creating it with `python3 -m venv` and
-//! pip when missing. It has no dependencies so that it builds in seconds,
-//! before libtorch exists.
+//! pip when missing; `hf-fixtures` also installs `transformers==5.23.0`, the
+//! reference those fixtures come from. It has no dependencies so that it
+//! builds in seconds, before libtorch exists.
 
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::{exit, Command};
 
 const TORCH_VERSION: &str = "2.11.0";
+const TRANSFORMERS_VERSION: &str = "5.23.0";
 
 fn main() {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -32,6 +36,7 @@ fn main() {
             &rest,
         ),
         "run" => cargo(&root, &[], &rest),
+        "hf-fixtures" => hf_fixtures(&root, &rest),
         _ => usage(),
     };
     if let Err(msg) = result {
@@ -42,11 +47,13 @@ fn main() {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo xtask <shakespeare|test|env|run> [-- ARGS]\n\
+        "usage: cargo xtask <shakespeare|test|env|run|hf-fixtures> [-- ARGS]\n\
          \n  shakespeare   train the makeMoE model on the bundled tinyshakespeare\
          \n  test          run every test of the workspace\
          \n  env           print the exports that make plain cargo find libtorch\
-         \n  run ARGS      run `cargo ARGS` with that environment"
+         \n  run ARGS      run `cargo ARGS` with that environment\
+         \n  hf-fixtures   rewrite tests/data/hf with transformers (ARGS go to\
+         \n                scripts/hf_fixtures.py, e.g. --check-ours DIR...)"
     );
     exit(2)
 }
@@ -90,7 +97,14 @@ fn ensure_torch(root: &Path) -> Result<PathBuf, String> {
         "xtask: installing torch=={TORCH_VERSION} into .venv from PyPI \
          (libtorch for tch 0.24; a few GiB, once)"
     );
-    run(Command::new(&python)
+    pip_install(root, &format!("torch=={TORCH_VERSION}"))?;
+    torch_lib(root).ok_or_else(|| {
+        format!("torch=={TORCH_VERSION} was installed but `import torch` still fails in .venv")
+    })
+}
+
+fn pip_install(root: &Path, requirement: &str) -> Result<(), String> {
+    run(Command::new(venv_python(root))
         .args([
             "-m",
             "pip",
@@ -98,13 +112,52 @@ fn ensure_torch(root: &Path) -> Result<PathBuf, String> {
             "--disable-pip-version-check",
             "--progress-bar",
             "off",
-            &format!("torch=={TORCH_VERSION}"),
+            requirement,
         ])
         // stdout is for the exports of `cargo xtask env`; pip talks on stderr.
-        .stdout(std::io::stderr()))?;
-    torch_lib(root).ok_or_else(|| {
-        format!("torch=={TORCH_VERSION} was installed but `import torch` still fails in .venv")
-    })
+        .stdout(std::io::stderr()))
+}
+
+/// Installs transformers into `.venv` unless it already holds that version.
+fn ensure_transformers(root: &Path) -> Result<(), String> {
+    if transformers_version(root).as_deref() == Some(TRANSFORMERS_VERSION) {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing transformers=={TRANSFORMERS_VERSION} into .venv from PyPI \
+         (the reference of tests/data/hf)"
+    );
+    pip_install(root, &format!("transformers=={TRANSFORMERS_VERSION}"))?;
+    match transformers_version(root) {
+        Some(v) if v == TRANSFORMERS_VERSION => Ok(()),
+        found => Err(format!(
+            "transformers=={TRANSFORMERS_VERSION} was installed but `import transformers` \
+             in .venv gives {found:?}"
+        )),
+    }
+}
+
+/// What `import transformers` in `.venv` reports as its version.
+fn transformers_version(root: &Path) -> Option<String> {
+    let out = Command::new(venv_python(root))
+        .args(["-c", "import transformers; print(transformers.__version__)"])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Rewrites `tests/data/hf` (or runs the script's other modes) with the
+/// pinned transformers.
+fn hf_fixtures(root: &Path, rest: &[String]) -> Result<(), String> {
+    ensure_torch(root)?;
+    ensure_transformers(root)?;
+    // The script finds its files from its own path; DIRs stay relative to
+    // where cargo was started.
+    run(Command::new(venv_python(root))
+        .arg(root.join("scripts").join("hf_fixtures.py"))
+        .args(rest))
 }
 
 /// torch's `lib` folder when `.venv` holds the right torch version.
