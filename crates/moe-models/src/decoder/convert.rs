@@ -5,7 +5,9 @@
 
 use super::{DecoderConfig, DecoderModel};
 use moe_core::{MoeError, Result};
-use moe_experts::{split_dense_ffn, upcycle_dense_ffn, BankWeights, DenseFfnWeights, NeuronPartition};
+use moe_experts::{
+    split_dense_ffn, upcycle_dense_ffn, BankWeights, DenseFfnWeights, NeuronPartition,
+};
 use moe_routers::{Gate, RouterConfig};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
