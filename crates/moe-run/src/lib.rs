@@ -12,6 +12,6 @@ mod run_config;
 
 pub use metrics::JsonlWriter;
 pub use mlflow::{MlflowRun, RunStatus};
-pub use plot::{plot_loss_curve, LossCurves, FONT_PATHS};
+pub use plot::{plot_loss_curve, plot_val_losses, LossCurves, FONT_PATHS};
 pub use progress::{format_secs, Progress};
 pub use run_config::RunConfig;

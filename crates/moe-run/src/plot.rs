@@ -92,6 +92,26 @@ pub fn plot_loss_curve(path: &Path, curves: &LossCurves) -> Result<()> {
     root.present().map_err(|e| err(&e))
 }
 
+/// Draws the validation loss of several runs against step into a 1000x600
+/// PNG at `path` (e.g. a dense model and its MoE conversion).
+pub fn plot_val_losses(path: &Path, runs: &[(&str, &LossCurves)]) -> Result<()> {
+    let err =
+        |e: &dyn std::fmt::Display| MoeError::Data(format!("plotting {}: {e}", path.display()));
+    if runs.iter().all(|(_, c)| c.val.is_empty()) {
+        return Err(err(&"no evaluation records to plot"));
+    }
+    const COLORS: [RGBColor; 4] = [BLUE, RED, GREEN, MAGENTA];
+    let series: Vec<Series> = runs
+        .iter()
+        .zip(COLORS.iter().cycle())
+        .map(|((name, curves), &color)| (*name, curves.val.as_slice(), color))
+        .collect();
+    let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    draw_panel(&root, &series, font_available()).map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))
+}
+
 type Series<'a> = (&'a str, &'a [(i64, f64)], RGBColor);
 
 fn draw_panel<DB: DrawingBackend>(
