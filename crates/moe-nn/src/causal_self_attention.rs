@@ -77,7 +77,7 @@ impl CausalSelfAttention {
         let past = cache.len();
         let qkv = x.linear::<Tensor>(&as_kind_of(&self.qkv, x), None);
         let split = |i: i64| qkv.narrow(2, i * c, c).view([b, t, h, hs]).transpose(1, 2);
-        let (keys, values) = cache.append(split(1), split(2));
+        let (keys, values) = cache.append(split(1), split(2))?;
         let scale = self.config.scale_factor();
         let heads = causal_attention(&split(0), &keys, &values, past, scale, 0.0)
             .transpose(1, 2)

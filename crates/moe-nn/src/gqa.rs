@@ -8,7 +8,8 @@ use tch::{nn, Tensor};
 /// Grouped-query causal self-attention with rotary position embeddings, the
 /// attention of Llama-style decoders (Mixtral, Qwen2-MoE, DeepSeek-V3 without
 /// MLA, OLMoE, Yuan 2.0; Hugging Face's `LlamaAttention` in
-/// `modeling_llama.py`):
+/// `modeling_llama.py`; DeepSeek's own attention is
+/// [`crate::MultiHeadLatentAttention`]):
 ///
 /// `Q = RoPE(x W_q + b_q)`, `K = RoPE(x W_k + b_k)`, `V = x W_v + b_v`,
 /// `head_h = softmax(Q_h K_g^T / sqrt(head_dim) + M) V_g` with
@@ -17,7 +18,8 @@ use tch::{nn, Tensor};
 ///
 /// (grouped-query attention: Ainslie et al. 2023, arXiv 2305.13245, `H_kv`
 /// key/value heads each shared by `H / H_kv` query heads; RoPE: Su et al.
-/// 2021, arXiv 2104.09864). Options: biases on the q, k, v projections
+/// 2021, arXiv 2104.09864; with [`GqaConfig::rope_scaling`], the tables of
+/// [`Rope::with_scaling`]). Options: biases on the q, k, v projections
 /// (Qwen2), QK-norm before RoPE ([`QkNorm`]: OLMoE's over the projections,
 /// Qwen3's per head) and Yuan 2.0's localized filtering, which computes `Q`
 /// and `K` from `LF(x)` ([`LocalizedFiltering`]) and `V` from `x`.
@@ -78,10 +80,11 @@ impl GroupedQueryAttention {
             o_proj: linear(p / "o_proj", q_width, c, false, init),
             qk_norm,
             lf_gate,
-            rope: Rope::new(
+            rope: Rope::with_scaling(
                 d,
                 config.max_position_embeddings,
                 config.rope_theta,
+                config.rope_scaling.as_ref(),
                 p.device(),
             )?,
             config: config.clone(),
@@ -137,7 +140,7 @@ impl GroupedQueryAttention {
             None => x.shallow_clone(),
         };
         let (q, k, v) = self.project(x, &qk_input, past);
-        let (keys, values) = cache.append(k, v);
+        let (keys, values) = cache.append(k, v)?;
         let heads = causal_attention(&q, &keys, &values, past, self.config.scale_factor(), 0.0);
         Ok(self.output(&heads))
     }
@@ -199,6 +202,7 @@ impl GroupedQueryAttention {
     /// That `cache` holds keys this layer could have written for `x`'s batch
     /// (batch size, heads, head width, dtype, device, filter state).
     fn check_cache(&self, x: &Tensor, cache: &KvCache) -> Result<()> {
+        cache.check_holds_keys_values()?;
         let Some(keys) = cache.keys() else {
             return Ok(());
         };

@@ -1,3 +1,4 @@
+use crate::RopeScaling;
 use moe_core::{MoeError, Result, WeightInit};
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +40,10 @@ pub struct GqaConfig {
     pub max_position_embeddings: i64,
     /// RoPE base `theta`.
     pub rope_theta: f64,
+    /// RoPE scaling (Hugging Face's `rope_scaling`; `None`: plain RoPE).
+    /// Reads `null` and `{"rope_type": "default"}` as `None`.
+    #[serde(deserialize_with = "RopeScaling::deserialize_option")]
+    pub rope_scaling: Option<RopeScaling>,
     /// Bias on the q, k and v projections (Qwen2); `o_proj` never has one.
     pub attention_bias: bool,
     /// QK-norm before RoPE, if any.
@@ -56,7 +61,8 @@ pub struct GqaConfig {
 
 impl Default for GqaConfig {
     /// A small layer: C = 64, 4 query heads of width 16 sharing 2 key/value
-    /// heads, 256 positions, RoPE base 10000, no bias, no QK-norm.
+    /// heads, 256 positions, RoPE base 10000 without scaling, no bias, no
+    /// QK-norm.
     fn default() -> Self {
         GqaConfig {
             hidden_size: 64,
@@ -65,6 +71,7 @@ impl Default for GqaConfig {
             head_dim: None,
             max_position_embeddings: 256,
             rope_theta: 10000.0,
+            rope_scaling: None,
             attention_bias: false,
             qk_norm: QkNorm::None,
             rms_norm_eps: 1e-6,
@@ -115,6 +122,9 @@ impl GqaConfig {
                 self.rope_theta
             )));
         }
+        if let Some(scaling) = &self.rope_scaling {
+            scaling.validate()?;
+        }
         if !(self.rms_norm_eps >= 0.0 && self.rms_norm_eps.is_finite()) {
             return Err(MoeError::config(format!(
                 "rms_norm_eps must be finite and non-negative, got {}",
@@ -150,5 +160,17 @@ impl GqaConfig {
     /// The score scale `head_dim^-0.5`.
     pub fn scale_factor(&self) -> f64 {
         (self.head_dim() as f64).powf(-0.5)
+    }
+
+    /// Bytes a [`crate::KvCache`] of this layer holds per token:
+    /// `2 * num_key_value_heads * head_dim * dtype_bytes` (a key and a value
+    /// per key/value head; `dtype_bytes` is 2 for bf16, 4 for f32).
+    ///
+    /// In bf16: Mixtral 8x7B (8 key/value heads of 128) 4,096 bytes per token
+    /// and layer; DeepSeek-V3's 128 heads of 128 as multi-head attention
+    /// would take 65,536, 57 times what its Multi-head Latent Attention
+    /// caches ([`crate::MlaConfig::kv_cache_bytes_per_token`]: 1,152).
+    pub fn kv_cache_bytes_per_token(&self, dtype_bytes: i64) -> i64 {
+        2 * self.num_key_value_heads * self.head_dim() * dtype_bytes
     }
 }

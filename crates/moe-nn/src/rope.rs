@@ -1,3 +1,4 @@
+use crate::RopeScaling;
 use moe_core::{check_float, check_rank, check_same_device, MoeError, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -19,10 +20,17 @@ pub fn default_inv_freq(head_dim: i64, theta: f64, device: Device) -> Result<Ten
             "RoPE theta must be positive and finite, got {theta}"
         )));
     }
+    Ok(rope_pos_freqs(head_dim, theta, device).reciprocal())
+}
+
+/// `theta^(2i / head_dim)` for `i in 0..head_dim / 2`, f32 (Hugging Face's
+/// `pos_freqs`), unchecked: the reciprocals of the default inverse
+/// frequencies.
+pub(crate) fn rope_pos_freqs(head_dim: i64, theta: f64, device: Device) -> Tensor {
     let exponents = Tensor::arange_start_step(0, head_dim, 2, (Kind::Int64, device))
         .to_kind(Kind::Float)
         / head_dim as f64;
-    Ok(Tensor::pow_scalar(theta, &exponents).reciprocal())
+    Tensor::pow_scalar(theta, &exponents)
 }
 
 /// The `cos` and `sin` tables of rotary embeddings for positions
@@ -32,7 +40,8 @@ pub fn default_inv_freq(head_dim: i64, theta: f64, device: Device) -> Result<Ten
 /// twice as Hugging Face's `cat((freqs, freqs), -1)`.
 ///
 /// Rope scaling schemes (linear, dynamic NTK, YaRN, Llama 3) change only the
-/// inverse frequencies: they build their own `inv_freq` and call this.
+/// inverse frequencies (and YaRN the scale of the tables): [`Rope::with_scaling`]
+/// calls this with [`RopeScaling::parameters`]' `inv_freq`.
 pub fn rope_tables(inv_freq: &Tensor, max_positions: i64) -> Result<(Tensor, Tensor)> {
     check_rank(inv_freq, "RoPE inverse frequencies [head_dim / 2]", 1, None)?;
     check_float(inv_freq, "RoPE inverse frequencies")?;
@@ -65,12 +74,21 @@ pub fn rope_tables(inv_freq: &Tensor, max_positions: i64) -> Result<(Tensor, Ten
 /// `m * inv_freq[i]`. Then `<rope(q, m), rope(k, n)>` depends on `m - n`
 /// only.
 ///
+/// With a [`RopeScaling`] ([`Rope::with_scaling`]) the inverse frequencies
+/// are the scheme's and both tables are multiplied by its attention factor
+/// (YaRN's), as Hugging Face's rotary embedding classes do (`cos =
+/// emb.cos() * self.attention_scaling`).
+///
+/// [`Rope::apply_interleaved`] is the layout of DeepSeek's checkpoints
+/// (`rope_interleave`).
+///
 /// The tables are plain tensors on the device given at construction, not
 /// parameters: they do not follow a `VarStore` moved to another device.
 #[derive(Debug)]
 pub struct Rope {
     cos: Tensor,
     sin: Tensor,
+    attention_factor: f64,
 }
 
 impl Rope {
@@ -83,7 +101,35 @@ impl Rope {
     /// Tables for given inverse frequencies ([`rope_tables`]).
     pub fn from_inv_freq(inv_freq: &Tensor, max_positions: i64) -> Result<Rope> {
         let (cos, sin) = rope_tables(inv_freq, max_positions)?;
-        Ok(Rope { cos, sin })
+        Ok(Rope {
+            cos,
+            sin,
+            attention_factor: 1.0,
+        })
+    }
+
+    /// Tables for `head_dim` (even), positions `0..max_positions` and base
+    /// `theta`, with the inverse frequencies of `scaling`
+    /// ([`RopeScaling::parameters`]) and both tables multiplied by its
+    /// attention factor; [`Rope::new`] when `scaling` is `None`.
+    pub fn with_scaling(
+        head_dim: i64,
+        max_positions: i64,
+        theta: f64,
+        scaling: Option<&RopeScaling>,
+        device: Device,
+    ) -> Result<Rope> {
+        let Some(scaling) = scaling else {
+            return Self::new(head_dim, max_positions, theta, device);
+        };
+        let (inv_freq, attention_factor) =
+            scaling.parameters(head_dim, max_positions, theta, device)?;
+        let (cos, sin) = rope_tables(&inv_freq, max_positions)?;
+        Ok(Rope {
+            cos: cos * attention_factor,
+            sin: sin * attention_factor,
+            attention_factor,
+        })
     }
 
     /// Width of the heads it rotates.
@@ -106,10 +152,39 @@ impl Rope {
         &self.sin
     }
 
+    /// The factor both tables were multiplied by (1 without YaRN).
+    pub fn attention_factor(&self) -> f64 {
+        self.attention_factor
+    }
+
     /// Rotates `x`, `[B, H, T, head_dim]`, whose positions are
     /// `start..start + T`; the result has `x`'s dtype (the tables are cast
     /// to it, as Hugging Face does).
     pub fn apply(&self, x: &Tensor, start: i64) -> Result<Tensor> {
+        self.check(x, start)?;
+        Ok(self.rotate(x, start))
+    }
+
+    /// Rotary embeddings in the interleaved layout of DeepSeek's checkpoints
+    /// (Hugging Face's `apply_rotary_pos_emb_interleave`, used when a
+    /// DeepSeek-V2/V3 config has `rope_interleave`): components `2i` and
+    /// `2i + 1` rotate together by the angle `m * inv_freq[i]`, and the
+    /// result is laid out as Hugging Face returns it, the rotated even
+    /// components then the rotated odd ones:
+    ///
+    /// `y = [x_even * cos - x_odd * sin, x_odd * cos + x_even * sin]`,
+    ///
+    /// i.e. [`Self::apply`] of `x` de-interleaved into `[x_even, x_odd]`.
+    /// Queries and keys rotated this way have the scores of the pairwise
+    /// (GPT-J, Meta's complex-number) rotation, since they share the
+    /// permutation. Same shapes, positions and checks as [`Self::apply`].
+    pub fn apply_interleaved(&self, x: &Tensor, start: i64) -> Result<Tensor> {
+        self.check(x, start)?;
+        Ok(self.rotate_interleaved(x, start))
+    }
+
+    /// Shape, dtype, device and positions of an input of [`Self::apply`].
+    fn check(&self, x: &Tensor, start: i64) -> Result<()> {
         check_rank(
             x,
             "RoPE input [B, H, T, head_dim]",
@@ -130,7 +205,7 @@ impl Rope {
                 block_size: self.max_positions(),
             });
         }
-        Ok(self.rotate(x, start))
+        Ok(())
     }
 
     /// [`Self::apply`] without the checks.
@@ -139,6 +214,16 @@ impl Rope {
         let cos = self.cos.narrow(0, start, t).to_kind(x.kind());
         let sin = self.sin.narrow(0, start, t).to_kind(x.kind());
         x * cos + rotate_half(x) * sin
+    }
+
+    /// [`Self::apply_interleaved`] without the checks.
+    pub(crate) fn rotate_interleaved(&self, x: &Tensor, start: i64) -> Tensor {
+        let d = self.head_dim();
+        let halves = x
+            .unflatten(-1, [d / 2, 2])
+            .transpose(-1, -2)
+            .flatten(-2, -1);
+        self.rotate(&halves, start)
     }
 }
 

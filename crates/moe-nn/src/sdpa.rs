@@ -1,6 +1,7 @@
-//! The attention kernel shared by [`crate::CausalSelfAttention`] and
-//! [`crate::GroupedQueryAttention`]: causal scaled dot-product attention of
-//! `T` new queries over the `S = past + T` keys of the sequence so far.
+//! The attention kernel shared by [`crate::CausalSelfAttention`],
+//! [`crate::GroupedQueryAttention`] and [`crate::MultiHeadLatentAttention`]:
+//! causal scaled dot-product attention of `T` new queries over the
+//! `S = past + T` keys of the sequence so far.
 
 use moe_core::dropout;
 use tch::{Device, Kind, Tensor};
@@ -9,10 +10,11 @@ use tch::{Device, Kind, Tensor};
 /// `past .. past + T` over keys at positions `0 .. past + T`, with the causal
 /// mask `M[i, j] = -inf` for `j > past + i`.
 ///
-/// `q`: `[B, H, T, hs]`; `k`, `v`: `[B, H_kv, past + T, hs]` with `H_kv`
-/// dividing `H`: query head `h` reads key/value head `h / (H / H_kv)`
-/// (grouped-query attention; `H_kv = H` is multi-head attention). Returns
-/// `[B, H, T, hs]`.
+/// `q`: `[B, H, T, hs]`; `k`: `[B, H_kv, past + T, hs]`, `v`: `[B, H_kv,
+/// past + T, hs_v]` with `H_kv` dividing `H`: query head `h` reads key/value
+/// head `h / (H / H_kv)` (grouped-query attention; `H_kv = H` is multi-head
+/// attention). Returns `[B, H, T, hs_v]`; `hs_v` may differ from `hs` (MLA),
+/// libtorch then takes a kernel that allows it or its math path.
 ///
 /// libtorch's `scaled_dot_product_attention` computes it, with
 /// `enable_gqa` when `H_kv < H` (libtorch repeats the key/value heads itself

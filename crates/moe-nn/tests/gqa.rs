@@ -3,7 +3,7 @@
 //! against the full forward, causality, and errors.
 
 use moe_core::{MoeError, WeightInit};
-use moe_nn::{GqaConfig, GroupedQueryAttention, KvCache, QkNorm};
+use moe_nn::{GqaConfig, GroupedQueryAttention, KvCache, QkNorm, Rope, RopeScaling};
 use tch::{nn, Device, Kind, Tensor};
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -35,6 +35,20 @@ fn layer(config: &GqaConfig, seed: i64) -> (nn::VarStore, GroupedQueryAttention)
         }
     });
     (vs, attn)
+}
+
+/// YaRN over 4 original positions, so that the 16-position tables change.
+fn yarn() -> RopeScaling {
+    RopeScaling::Yarn {
+        factor: 4.0,
+        original_max_position_embeddings: Some(4),
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+        mscale: None,
+        mscale_all_dim: None,
+        attention_factor: None,
+        truncate: true,
+    }
 }
 
 /// Every option on its own and all together.
@@ -70,6 +84,13 @@ fn variants() -> Vec<(&'static str, GqaConfig)> {
             },
         ),
         (
+            "yarn rope scaling",
+            GqaConfig {
+                rope_scaling: Some(yarn()),
+                ..config()
+            },
+        ),
+        (
             "everything, head_dim 6",
             GqaConfig {
                 head_dim: Some(6),
@@ -77,6 +98,7 @@ fn variants() -> Vec<(&'static str, GqaConfig)> {
                 qk_norm: QkNorm::Projection,
                 localized_filtering: true,
                 num_key_value_heads: 4,
+                rope_scaling: Some(RopeScaling::Linear { factor: 2.0 }),
                 ..config()
             },
         ),
@@ -505,4 +527,24 @@ fn default_config_is_valid_and_derives_its_sizes() {
     };
     assert_eq!(explicit.head_dim(), 12);
     assert_eq!(explicit.num_key_value_groups(), 4);
+}
+
+#[test]
+fn rope_scaling_sets_the_tables() {
+    for scaling in [yarn(), RopeScaling::Linear { factor: 2.0 }] {
+        let cfg = GqaConfig {
+            rope_scaling: Some(scaling.clone()),
+            ..config()
+        };
+        let (_vs, attn) = layer(&cfg, 0);
+        let scaled = Rope::with_scaling(4, 16, 10000.0, Some(&scaling), Device::Cpu).unwrap();
+        let plain = Rope::new(4, 16, 10000.0, Device::Cpu).unwrap();
+        assert!(max_abs_diff(attn.rope().cos(), scaled.cos()) < 1e-7);
+        assert!(max_abs_diff(attn.rope().sin(), scaled.sin()) < 1e-7);
+        assert!(max_abs_diff(attn.rope().sin(), plain.sin()) > 1e-3);
+        assert_eq!(attn.rope().attention_factor(), scaling.attention_factor());
+        // Llama-style attention keeps head_dim^-0.5.
+        assert_eq!(cfg.scale_factor(), 0.5);
+    }
+    assert!((yarn().attention_factor() - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-12);
 }

@@ -137,3 +137,40 @@ fn bad_sizes_and_positions_are_errors() {
     let ints = Tensor::zeros([1, 1, 3, 4], (Kind::Int64, Device::Cpu));
     assert!(matches!(rope.apply(&ints, 0), Err(MoeError::Kind { .. })));
 }
+
+#[test]
+fn interleaved_layout_rotates_adjacent_pairs_and_returns_evens_then_odds() {
+    // head_dim 4, theta 10000: pairs (x0, x1) turn by m rad, (x2, x3) by
+    // m / 100; the result lists the rotated first components, then the
+    // second ones (Hugging Face's `apply_rotary_pos_emb_interleave`).
+    let rope = Rope::new(4, 8, 10000.0, Device::Cpu).unwrap();
+    let x = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([1, 1, 1, 4]);
+    let m = 3.0f64;
+    let y = values(&rope.apply_interleaved(&x, 3).unwrap());
+    let (c1, s1) = (m.cos(), m.sin());
+    let (c2, s2) = ((m / 100.0).cos(), (m / 100.0).sin());
+    let expected = [
+        1.0 * c1 - 2.0 * s1,
+        3.0 * c2 - 4.0 * s2,
+        2.0 * c1 + 1.0 * s1,
+        4.0 * c2 + 3.0 * s2,
+    ];
+    for (got, want) in y.iter().zip(expected) {
+        assert_abs_diff_eq!(*got, want, epsilon = 1e-6);
+    }
+    // Scores equal those of the pairwise rotation: the layouts share the
+    // permutation. And the relative-position property holds.
+    tch::manual_seed(3);
+    let q = Tensor::randn([1, 1, 1, 4], (Kind::Float, Device::Cpu));
+    let k = Tensor::randn([1, 1, 1, 4], (Kind::Float, Device::Cpu));
+    let score = |i: i64, j: i64| {
+        let a = rope.apply_interleaved(&q, i).unwrap();
+        let b = rope.apply_interleaved(&k, j).unwrap();
+        (a * b).sum(Kind::Float).double_value(&[])
+    };
+    assert_abs_diff_eq!(score(5, 2), score(7, 4), epsilon = 1e-5);
+    assert!(matches!(
+        rope.apply_interleaved(&q, 8),
+        Err(MoeError::SequenceTooLong { .. })
+    ));
+}
