@@ -26,10 +26,12 @@ use moe_layers::lm::{
 use moe_layers::prelude::DeviceChoice;
 use moe_layers::{MoeError, Result};
 use std::path::{Path, PathBuf};
-use tch::{nn, Tensor};
+use tch::nn;
 
 #[derive(Parser, Debug)]
-#[command(about = "Convert a dense LLaMA-style decoder into an MoE (LLaMA-MoE) and keep training both")]
+#[command(
+    about = "Convert a dense LLaMA-style decoder into an MoE (LLaMA-MoE) and keep training both"
+)]
 struct Args {
     /// A dense decoder checkpoint of ours to convert (else one is trained first)
     #[arg(long)]
@@ -111,29 +113,34 @@ fn run(args: Args) -> Result<()> {
     };
 
     // 1. The dense model: loaded, or trained here.
-    let dense_vs = nn::VarStore::new(device);
-    let (dense_config, start_step) = match &args.checkpoint {
-        Some(dir) => {
-            let loaded = load_checkpoint(dir, device)?;
-            let config = loaded.meta.model.as_decoder()?.clone();
-            DecoderModel::new(&dense_vs.root(), &config)?;
-            let mut dense_vs = dense_vs;
-            dense_vs.copy(&loaded.vs)?;
-            return convert_and_continue(&args, &dense_vs, &config, loaded.meta.step, construction, &text, &tokenizer, &train);
-        }
-        None => {
-            tch::manual_seed(args.seed);
-            let config = DecoderConfig {
-                vocab_size: tokenizer.vocab_size(),
-                num_hidden_layers: args.layers,
-                ..DecoderConfig::preset(DecoderPreset::Llama)
-            };
-            (config, 0)
-        }
+    if let Some(dir) = &args.checkpoint {
+        let loaded = load_checkpoint(dir, device)?;
+        let config = loaded.meta.model.as_decoder()?.clone();
+        let step = loaded.meta.step;
+        return convert_and_continue(
+            &args,
+            &loaded.vs,
+            &config,
+            step,
+            construction,
+            &text,
+            &tokenizer,
+            &train,
+        );
+    }
+    tch::manual_seed(args.seed);
+    let dense_config = DecoderConfig {
+        vocab_size: tokenizer.vocab_size(),
+        num_hidden_layers: args.layers,
+        ..DecoderConfig::preset(DecoderPreset::Llama)
     };
+    let dense_vs = nn::VarStore::new(device);
     let dense = DecoderModel::new(&dense_vs.root(), &dense_config)?;
     let data = dataset(&text, &tokenizer, &dense_config, device)?;
-    println!("pre-training the dense model for {} steps", args.dense_steps);
+    println!(
+        "pre-training the dense model for {} steps",
+        args.dense_steps
+    );
     train_logged(
         &dense_vs,
         &dense,
@@ -147,7 +154,7 @@ fn run(args: Args) -> Result<()> {
         &args,
         &dense_vs,
         &dense_config,
-        start_step + args.dense_steps,
+        args.dense_steps,
         construction,
         &text,
         &tokenizer,
@@ -190,7 +197,10 @@ fn convert_and_continue(
         let b = check.forward_t(&probe, false)?.logits;
         Ok((a - b).abs().max().double_value(&[]))
     })?;
-    println!("all {} experts active: max logit difference to the dense model {logit_diff:.2e}", args.experts);
+    println!(
+        "all {} experts active: max logit difference to the dense model {logit_diff:.2e}",
+        args.experts
+    );
 
     let conversion = MoeConversion {
         top_k: args.top_k,
@@ -201,7 +211,10 @@ fn convert_and_continue(
     let moe_vs = nn::VarStore::new(device);
     let moe = conversion.convert(dense_vs, dense_config, &moe_vs)?;
     let count = |vs: &nn::VarStore| -> i64 {
-        vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
+        vs.trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum()
     };
     let moe_lm = LmConfig::Decoder(moe.config().clone());
     let (dense_params, moe_params) = (count(dense_vs), count(&moe_vs));
@@ -217,12 +230,34 @@ fn convert_and_continue(
         .map_err(|e| MoeError::io(args.out.join("conversion.json"), e))?;
 
     let steps = train(args.moe_steps);
-    println!("continued training: dense and MoE, {} steps each", args.moe_steps);
-    let dense_curves = train_logged(&continued_vs, &continued, &data, steps.clone(), &args.out.join("dense"), tokenizer, "dense")?;
-    let moe_curves = train_logged(&moe_vs, &moe, &data, steps, &args.out.join("moe"), tokenizer, "MoE")?;
+    println!(
+        "continued training: dense and MoE, {} steps each",
+        args.moe_steps
+    );
+    let dense_curves = train_logged(
+        &continued_vs,
+        &continued,
+        &data,
+        steps.clone(),
+        &args.out.join("dense"),
+        tokenizer,
+        "dense",
+    )?;
+    let moe_curves = train_logged(
+        &moe_vs,
+        &moe,
+        &data,
+        steps,
+        &args.out.join("moe"),
+        tokenizer,
+        "MoE",
+    )?;
     let png = args.out.join("val_loss.png");
     let moe_name = format!("LLaMA-MoE ({} of {} experts)", args.top_k, args.experts);
-    plot_val_losses(&png, &[("dense LLaMA", &dense_curves), (&moe_name, &moe_curves)])?;
+    plot_val_losses(
+        &png,
+        &[("dense LLaMA", &dense_curves), (&moe_name, &moe_curves)],
+    )?;
     println!("plotted {}", png.display());
     Ok(())
 }
@@ -234,7 +269,13 @@ fn dataset(
     device: tch::Device,
 ) -> Result<Dataset> {
     let tokens = tokenizer.encode(text)?;
-    Dataset::new(&tokens, tokenizer.vocab_size(), 0.9, config.max_position_embeddings, device)
+    Dataset::new(
+        &tokens,
+        tokenizer.vocab_size(),
+        0.9,
+        config.max_position_embeddings,
+        device,
+    )
 }
 
 /// Trains `model`, writing `dir/metrics.jsonl` and a checkpoint in `dir`;
@@ -265,6 +306,5 @@ fn train_logged(
             }
             Ok(())
         })?;
-    let _ = Tensor::zeros([1], (tch::Kind::Float, tch::Device::Cpu));
     LossCurves::from_jsonl(&metrics_path)
 }

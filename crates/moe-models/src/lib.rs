@@ -4,7 +4,7 @@
 //!   LayerNorm, biases everywhere), whose preset reproduces the tutorial;
 //! - [`decoder`]: the Mixtral-style decoder (RMSNorm, RoPE, grouped-query
 //!   attention, SwiGLU experts), whose config covers Mixtral, Qwen2-MoE,
-//!   DeepSeek-V3 without MLA, OLMoE, LLaMA(-MoE) and Yuan 2.0-M32;
+//!   DeepSeek-V3, OLMoE, LLaMA(-MoE) and Yuan 2.0-M32;
 //!
 //! and [`generate`], KV-cached sampling for any of them. [`LmConfig`] names
 //! a family with its config (what checkpoints and run configs store).

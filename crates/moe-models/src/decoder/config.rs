@@ -2,13 +2,13 @@ use moe_block::{SharedExperts, SparseMoeConfig};
 use moe_core::{MoeError, Precision, Result, WeightInit};
 use moe_dispatch::{DispatchKind, DispatchSpec};
 use moe_experts::Activation;
-use moe_nn::{GqaConfig, QkNorm};
+use moe_nn::{GqaConfig, MlaConfig, QkNorm, RopeScaling};
 use moe_routers::{BalanceLossConfig, Gate, RouterConfig};
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;
 
 /// Hyper-parameters of the decoder family ([`super::DecoderModel`]):
-/// Mixtral, Qwen2-MoE, DeepSeek-V3 (without MLA), OLMoE, LLaMA-MoE and
+/// Mixtral, Qwen2-MoE, DeepSeek-V3, OLMoE, LLaMA-MoE and
 /// Yuan 2.0-M32 are settings of it.
 ///
 /// Field names are Hugging Face's (`config.json` of `MixtralConfig`,
@@ -46,6 +46,14 @@ pub struct DecoderConfig {
     pub max_position_embeddings: i64,
     /// RoPE base `theta`.
     pub rope_theta: f64,
+    /// RoPE scaling (`linear`, `dynamic`, `yarn`, `llama3`); `None`: plain.
+    #[serde(deserialize_with = "RopeScaling::deserialize_option")]
+    pub rope_scaling: Option<RopeScaling>,
+    /// DeepSeek-V2/V3's Multi-head Latent Attention instead of grouped-query
+    /// attention: its low-rank sizes (Hugging Face's flat `q_lora_rank`,
+    /// `kv_lora_rank`, `qk_nope_head_dim`, `qk_rope_head_dim`, `v_head_dim`,
+    /// `rope_interleave`, gathered here so that they are set together).
+    pub latent_attention: Option<LatentAttention>,
     /// Epsilon of every RMSNorm.
     pub rms_norm_eps: f64,
     /// Bias on the q, k, v projections (Qwen2).
@@ -99,6 +107,8 @@ impl Default for DecoderConfig {
             head_dim: None,
             max_position_embeddings: 32,
             rope_theta: 10_000.0,
+            rope_scaling: None,
+            latent_attention: None,
             rms_norm_eps: 1e-5,
             attention_bias: false,
             attention_dropout: 0.0,
@@ -125,6 +135,40 @@ impl Default for DecoderConfig {
     }
 }
 
+/// The sizes of Multi-head Latent Attention (DeepSeek-V2, arXiv 2405.04434
+/// §2.1), Hugging Face's field names.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LatentAttention {
+    /// Rank of the query compression (`None`: a full `q_proj`).
+    pub q_lora_rank: Option<i64>,
+    /// Rank of the key/value latent, what the KV cache holds per token.
+    pub kv_lora_rank: i64,
+    /// Per-head query/key width without positions.
+    pub qk_nope_head_dim: i64,
+    /// Width of the decoupled RoPE key shared by all heads.
+    pub qk_rope_head_dim: i64,
+    /// Per-head value width.
+    pub v_head_dim: i64,
+    /// DeepSeek's interleaved RoPE layout.
+    pub rope_interleave: bool,
+}
+
+impl Default for LatentAttention {
+    /// DeepSeek-V3's layout on a small model: ranks 64 / 32, heads of
+    /// 16 + 8 (query/key) and 16 (value).
+    fn default() -> Self {
+        LatentAttention {
+            q_lora_rank: Some(64),
+            kv_lora_rank: 32,
+            qk_nope_head_dim: 16,
+            qk_rope_head_dim: 8,
+            v_head_dim: 16,
+            rope_interleave: true,
+        }
+    }
+}
+
 /// The settings by which the families of the decoder differ, on the sizes
 /// of [`DecoderConfig::default`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -136,9 +180,9 @@ pub enum DecoderPreset {
     /// Qwen2-MoE: q/k/v bias, fine-grained experts, no renormalisation, a
     /// sigmoid-gated shared expert.
     Qwen2Moe,
-    /// DeepSeek-V3 without MLA: sigmoid gate with aux-free bias,
-    /// group-limited top-k, routed scaling 2.5, one shared expert, a first
-    /// dense layer.
+    /// DeepSeek-V3: Multi-head Latent Attention, sigmoid gate with aux-free
+    /// bias, group-limited top-k, routed scaling 2.5, one shared expert, a
+    /// first dense layer.
     DeepseekV3,
     /// OLMoE: QK-norm, softmax top-2 without renormalisation.
     Olmoe,
@@ -194,6 +238,8 @@ impl DecoderConfig {
                 n_shared_experts: 1,
                 first_k_dense_replace: 1,
                 intermediate_size: 512,
+                latent_attention: Some(LatentAttention::default()),
+                rms_norm_eps: 1e-6,
                 router: RouterConfig {
                     gate: Gate::SigmoidAuxFree {
                         norm_topk_prob: true,
@@ -266,6 +312,7 @@ impl DecoderConfig {
             head_dim: self.head_dim,
             max_position_embeddings: self.max_position_embeddings,
             rope_theta: self.rope_theta,
+            rope_scaling: self.rope_scaling.clone(),
             attention_bias: self.attention_bias,
             qk_norm: self.qk_norm,
             rms_norm_eps: self.rms_norm_eps,
@@ -273,6 +320,27 @@ impl DecoderConfig {
             localized_filtering: self.localized_filtering,
             init: self.init,
         }
+    }
+
+    /// The Multi-head Latent Attention layers' config, when the model uses them.
+    pub fn latent_attention_config(&self) -> Option<MlaConfig> {
+        self.latent_attention.map(|mla| MlaConfig {
+            hidden_size: self.hidden_size,
+            num_attention_heads: self.num_attention_heads,
+            q_lora_rank: mla.q_lora_rank,
+            kv_lora_rank: mla.kv_lora_rank,
+            qk_nope_head_dim: mla.qk_nope_head_dim,
+            qk_rope_head_dim: mla.qk_rope_head_dim,
+            v_head_dim: mla.v_head_dim,
+            max_position_embeddings: self.max_position_embeddings,
+            rope_theta: self.rope_theta,
+            rope_scaling: self.rope_scaling.clone(),
+            rope_interleave: mla.rope_interleave,
+            rms_norm_eps: self.rms_norm_eps,
+            attention_bias: self.attention_bias,
+            attention_dropout: self.attention_dropout,
+            init: self.init,
+        })
     }
 
     /// The shared experts: DeepSeek's `n_shared_experts` of the routed
@@ -357,7 +425,10 @@ impl DecoderConfig {
                  shared_expert_intermediate_size (Qwen2-MoE's gated one), not both",
             ));
         }
-        self.attention_config().validate()?;
+        match self.latent_attention_config() {
+            Some(mla) => mla.validate()?,
+            None => self.attention_config().validate()?,
+        }
         if self.num_local_experts > 0 {
             self.moe_config().validate()?;
         }

@@ -1,8 +1,33 @@
 use super::DecoderConfig;
 use moe_block::{MoeOutput, SparseMoe};
 use moe_core::{Result, Routing};
-use moe_nn::{GroupedQueryAttention, KvCache, RmsNorm, SwiGluMlp};
+use moe_nn::{GroupedQueryAttention, KvCache, MultiHeadLatentAttention, RmsNorm, SwiGluMlp};
 use tch::{nn, Kind, Tensor};
+
+/// The attention half of a decoder layer.
+#[derive(Debug)]
+pub enum Attention {
+    /// Grouped-query attention over rotary positions (LLaMA, Mixtral, ...).
+    GroupedQuery(GroupedQueryAttention),
+    /// Multi-head Latent Attention (DeepSeek-V2/V3).
+    Latent(MultiHeadLatentAttention),
+}
+
+impl Attention {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Attention::GroupedQuery(a) => a.forward_t(x, train),
+            Attention::Latent(a) => a.forward_t(x, train),
+        }
+    }
+
+    fn forward_cached(&self, x: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        match self {
+            Attention::GroupedQuery(a) => a.forward_cached(x, cache),
+            Attention::Latent(a) => a.forward_cached(x, cache),
+        }
+    }
+}
 
 /// The feed-forward half of a decoder layer.
 #[derive(Debug)]
@@ -29,13 +54,13 @@ pub struct LayerOutput {
 ///
 /// `h = x + Attn(RMSNorm_1(x))`, `y = h + FFN(RMSNorm_2(h))`,
 ///
-/// with grouped-query attention over rotary positions and a dense or MoE
+/// with grouped-query (or latent) attention over rotary positions and a dense or MoE
 /// feed-forward network. Parameters carry Hugging Face's names:
 /// `p/{input_layernorm, self_attn, post_attention_layernorm, mlp}`.
 #[derive(Debug)]
 pub struct DecoderLayer {
     input_layernorm: RmsNorm,
-    self_attn: GroupedQueryAttention,
+    self_attn: Attention,
     post_attention_layernorm: RmsNorm,
     mlp: FeedForward,
     compute: Kind,
@@ -58,7 +83,15 @@ impl DecoderLayer {
         };
         Ok(DecoderLayer {
             input_layernorm: RmsNorm::new(&(p / "input_layernorm"), d, config.rms_norm_eps),
-            self_attn: GroupedQueryAttention::new(&(p / "self_attn"), &config.attention_config())?,
+            self_attn: match config.latent_attention_config() {
+                Some(mla) => {
+                    Attention::Latent(MultiHeadLatentAttention::new(&(p / "self_attn"), &mla)?)
+                }
+                None => Attention::GroupedQuery(GroupedQueryAttention::new(
+                    &(p / "self_attn"),
+                    &config.attention_config(),
+                )?),
+            },
             post_attention_layernorm: RmsNorm::new(
                 &(p / "post_attention_layernorm"),
                 d,
@@ -109,7 +142,7 @@ impl DecoderLayer {
     }
 
     /// The attention layer.
-    pub fn attention(&self) -> &GroupedQueryAttention {
+    pub fn attention(&self) -> &Attention {
         &self.self_attn
     }
 

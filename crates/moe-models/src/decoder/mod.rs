@@ -2,7 +2,7 @@
 //! attention, bias-free projections, SwiGLU experts, any router of the
 //! library, tied or untied embeddings, optional QK-norm (OLMoE) and
 //! localized filtering (Yuan 2.0). One [`DecoderConfig`] with Hugging
-//! Face's field names covers Mixtral, Qwen2-MoE, DeepSeek-V3 (without MLA),
+//! Face's field names covers Mixtral, Qwen2-MoE, DeepSeek-V3,
 //! OLMoE, LLaMA(-MoE) and Yuan 2.0-M32 ([`DecoderPreset`]).
 //!
 //! - `config.rs`: [`DecoderConfig`], [`DecoderPreset`];
@@ -15,7 +15,7 @@ mod convert;
 mod layer;
 mod model;
 
-pub use config::{DecoderConfig, DecoderPreset};
+pub use config::{DecoderConfig, DecoderPreset, LatentAttention};
 pub use convert::{ExpertConstruction, MoeConversion};
-pub use layer::{DecoderLayer, FeedForward, LayerOutput};
+pub use layer::{Attention, DecoderLayer, FeedForward, LayerOutput};
 pub use model::DecoderModel;
