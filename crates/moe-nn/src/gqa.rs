@@ -1,8 +1,6 @@
-use crate::sdpa::causal_attention;
+use crate::sdpa::{causal_attention, check_attention_input};
 use crate::{GqaConfig, KvCache, LocalizedFiltering, QkNorm, RmsNorm, Rope};
-use moe_core::{
-    check_float, check_rank, check_same_device, linear, linear_in_input_dtype, MoeError, Result,
-};
+use moe_core::{check_same_device, linear, linear_in_input_dtype, MoeError, Result};
 use tch::{nn, Tensor};
 
 /// Grouped-query causal self-attention with rotary position embeddings, the
@@ -175,28 +173,11 @@ impl GroupedQueryAttention {
         linear_in_input_dtype(&heads, &self.o_proj)
     }
 
-    /// Rank, width, dtype and device of `x`, at least one position, and
-    /// `past + T <= max_position_embeddings`.
+    /// See [`check_attention_input`].
     fn check_input(&self, x: &Tensor, past: i64) -> Result<()> {
-        let what = "attention input [B, T, C]";
-        check_rank(x, what, 3, Some(self.config.hidden_size))?;
-        check_float(x, "attention input")?;
-        check_same_device(x, "attention input", self.q_proj.ws.device())?;
-        let t = x.size()[1];
-        if t == 0 {
-            return Err(MoeError::Shape {
-                what: what.into(),
-                expected: "at least one position".into(),
-                got: x.size(),
-            });
-        }
-        if past + t > self.config.max_position_embeddings {
-            return Err(MoeError::SequenceTooLong {
-                len: past + t,
-                block_size: self.config.max_position_embeddings,
-            });
-        }
-        Ok(())
+        let c = &self.config;
+        let device = self.q_proj.ws.device();
+        check_attention_input(x, c.hidden_size, device, past, c.max_position_embeddings)
     }
 
     /// That `cache` holds keys this layer could have written for `x`'s batch

@@ -3,7 +3,7 @@
 //! causal scaled dot-product attention of `T` new queries over the
 //! `S = past + T` keys of the sequence so far.
 
-use moe_core::dropout;
+use moe_core::{check_float, check_rank, check_same_device, dropout, MoeError, Result};
 use tch::{Device, Kind, Tensor};
 
 /// `Dropout_p(softmax(s Q K^T + M)) V` for queries at absolute positions
@@ -87,4 +87,35 @@ pub(crate) fn repeat_kv(x: &Tensor, groups: i64) -> Tensor {
     x.unsqueeze(2)
         .expand([b, h, groups, s, d], false)
         .reshape([b, h * groups, s, d])
+}
+
+/// The checks every attention layer runs on its input `x`: rank 3 with
+/// width `hidden_size`, floating point, on `device`, at least one
+/// position, and `past + T <= max_positions`.
+pub(crate) fn check_attention_input(
+    x: &Tensor,
+    hidden_size: i64,
+    device: Device,
+    past: i64,
+    max_positions: i64,
+) -> Result<()> {
+    let what = "attention input [B, T, C]";
+    check_rank(x, what, 3, Some(hidden_size))?;
+    check_float(x, "attention input")?;
+    check_same_device(x, "attention input", device)?;
+    let t = x.size()[1];
+    if t == 0 {
+        return Err(MoeError::Shape {
+            what: what.into(),
+            expected: "at least one position".into(),
+            got: x.size(),
+        });
+    }
+    if past + t > max_positions {
+        return Err(MoeError::SequenceTooLong {
+            len: past + t,
+            block_size: max_positions,
+        });
+    }
+    Ok(())
 }
