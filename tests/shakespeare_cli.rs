@@ -138,3 +138,67 @@ fn bad_inputs_exit_with_one_readable_line() {
 fn tch_cuda_available() -> bool {
     tch::Cuda::is_available()
 }
+
+#[test]
+fn the_decoder_family_trains_checkpoints_and_resumes_through_the_same_cli() {
+    let out_dir = temp_dir("decoder");
+    let out_s = out_dir.to_str().unwrap();
+    // Yuan 2.0-M32's design (localized filtering, attention router) at a
+    // test's size.
+    let config_path = out_dir.with_extension("toml");
+    std::fs::write(
+        &config_path,
+        "[model]\nfamily = \"decoder\"\nhidden_size = 32\nnum_hidden_layers = 2\n\
+         num_attention_heads = 4\nnum_key_value_heads = 2\nintermediate_size = 32\n\
+         localized_filtering = true\n[model.router]\nkind = \"attention\"\nbias = false\n",
+    )
+    .unwrap();
+    let common_args = [
+        "--config",
+        config_path.to_str().unwrap(),
+        "--batch-size",
+        "4",
+        "--eval-interval",
+        "3",
+        "--eval-iters",
+        "2",
+        "--sample-chars",
+        "10",
+        "--device",
+        "cpu",
+        "--out",
+        out_s,
+    ];
+    let first = run(&[&common_args[..], &["--max-iters", "3"]].concat());
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["model"]["family"], "decoder");
+    assert_eq!(config["model"]["localized_filtering"], true);
+    assert_eq!(config["model"]["router"]["kind"], "attention");
+    assert_eq!(config["step"], 3);
+
+    let resumed = run(&[&common_args[..], &["--max-iters", "6", "--resume", out_s]].concat());
+    let stdout = String::from_utf8_lossy(&resumed.stdout);
+    assert!(
+        resumed.status.success() && stdout.contains("at step 3"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let metrics = std::fs::read_to_string(out_dir.join("metrics.jsonl")).unwrap();
+    let steps: Vec<i64> = metrics
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["event"] == "eval")
+        .map(|r| r["step"].as_i64().unwrap())
+        .collect();
+    assert_eq!(steps, vec![0, 2, 3, 5], "evaluations of both runs");
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let _ = std::fs::remove_file(&config_path);
+}
