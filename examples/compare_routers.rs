@@ -108,7 +108,9 @@ fn designs(base: &MakeMoeConfig) -> Vec<Design> {
             name: "attention router (Yuan 2.0-M32)",
             balance: "Switch, alpha 0.01",
             config: with(&|c| {
-                c.router.gate = Gate::Attention;
+                c.router.gate = Gate::Attention {
+                    norm_topk_prob: true,
+                };
                 c.router.bias = false;
                 c.balance = BalanceLossConfig::switch();
             }),

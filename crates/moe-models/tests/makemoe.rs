@@ -31,7 +31,8 @@ fn the_makemoe_preset_adds_router_noise_at_evaluation_and_dispatch_specs_set_cap
     assert_eq!(
         preset.router.gate,
         Gate::NoisyTopK {
-            noise_at_eval: true
+            noise_at_eval: true,
+            norm_topk_prob: true,
         }
     );
     assert_eq!(
@@ -40,11 +41,18 @@ fn the_makemoe_preset_adds_router_noise_at_evaluation_and_dispatch_specs_set_cap
     );
     // A preset only touches the noise of a noisy gate.
     let mut top_k = MakeMoeConfig {
-        router: RouterConfig::with_gate(Gate::Attention),
+        router: RouterConfig::with_gate(Gate::Attention {
+            norm_topk_prob: true,
+        }),
         ..MakeMoeConfig::default()
     };
     top_k.apply_preset(Preset::MakeMoe);
-    assert_eq!(top_k.router.gate, Gate::Attention);
+    assert_eq!(
+        top_k.router.gate,
+        Gate::Attention {
+            norm_topk_prob: true,
+        }
+    );
     // `--dispatch capacity:0.5` sets the strategy and the router's factor.
     let mut config = MakeMoeConfig::default();
     config.set_dispatch("capacity:0.5".parse::<DispatchSpec>().unwrap());

@@ -1,5 +1,5 @@
 use crate::config::wrong_gate;
-use crate::{top_k_softmax, Gate, Router, RouterConfig, RouterDims};
+use crate::{softmax_top_k, Gate, Router, RouterConfig, RouterDims};
 use moe_core::{linear, Result, Routing, WeightInit};
 use tch::{nn, nn::Module, Kind, Tensor};
 
@@ -14,12 +14,13 @@ use tch::{nn, nn::Module, Kind, Tensor};
 ///
 /// an `E x E` attention per token, without `1/sqrt(d)` scaling, computed in
 /// fp32. The top-k of `P` choose the experts, weighted by a softmax over
-/// those `k` values ([`top_k_softmax`]).
+/// those `k` values ([`crate::top_k_softmax`]; see [`softmax_top_k`]).
 #[derive(Debug)]
 pub struct AttentionRouter {
     query: nn::Linear,
     key: nn::Linear,
     value: nn::Linear,
+    norm_topk_prob: bool,
     dims: RouterDims,
     config: RouterConfig,
 }
@@ -33,15 +34,16 @@ impl AttentionRouter {
         config: &RouterConfig,
         init: WeightInit,
     ) -> Result<Self> {
-        if config.gate != Gate::Attention {
+        let Gate::Attention { norm_topk_prob } = config.gate else {
             return Err(wrong_gate("AttentionRouter", "attention", &config.gate));
-        }
+        };
         config.validate(dims)?;
         let (d, e, bias) = (dims.input_dim, dims.num_experts, config.bias);
         Ok(AttentionRouter {
             query: linear(p / "query", d, e, bias, init),
             key: linear(p / "key", d, e, bias, init),
             value: linear(p / "value", d, e, bias, init),
+            norm_topk_prob,
             dims,
             config: config.clone(),
         })
@@ -65,7 +67,7 @@ impl Router for AttentionRouter {
     fn select(&self, x: &Tensor, _train: bool) -> Result<Routing> {
         self.check_input(x, self.query.ws.device())?;
         let p = self.expert_attention(x).to_kind(x.kind());
-        Ok(top_k_softmax(p, self.dims.top_k))
+        Ok(softmax_top_k(p, self.dims.top_k, self.norm_topk_prob))
     }
 
     fn dims(&self) -> RouterDims {

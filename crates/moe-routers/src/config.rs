@@ -44,11 +44,21 @@ pub enum Gate {
         /// Also add noise outside training (default false; makeMoE's preset: true).
         #[serde(default)]
         noise_at_eval: bool,
+        /// Weights renormalised over the `k` kept experts, i.e. the softmax
+        /// over the `k` kept noisy logits (default true, makeMoE); false:
+        /// the softmax over all `E` noisy logits, read at the kept ones.
+        #[serde(default = "default_true")]
+        norm_topk_prob: bool,
     },
     /// Yuan 2.0-M32's attention router (arXiv 2405.17976, §3):
     /// `P_i = sum_j softmax_j(Q_i K_j) V_j` with `Q, K, V` in `R^E` three
-    /// linear maps of the token; top-k of `P`, softmax over the `k` values.
-    Attention,
+    /// linear maps of the token; top-k of `P`, softmax over the `k` values
+    /// (`norm_topk_prob`, default true), or over all `E` read at the `k`.
+    Attention {
+        /// Renormalise over the `k` kept experts (default true, Yuan).
+        #[serde(default = "default_true")]
+        norm_topk_prob: bool,
+    },
     /// DeepSeek-V3's sigmoid gate with auxiliary-loss-free balancing
     /// (arXiv 2412.19437, §2.1.2, eq. 12-16; HF `DeepseekV3TopkRouter`,
     /// `topk_method = "noaux_tc"`): `s = sigmoid(l)`, experts chosen by
@@ -89,6 +99,7 @@ impl Default for Gate {
     fn default() -> Self {
         Gate::NoisyTopK {
             noise_at_eval: false,
+            norm_topk_prob: true,
         }
     }
 }
@@ -122,7 +133,7 @@ impl Gate {
         match self {
             Gate::TopK { .. } | Gate::SigmoidAuxFree { .. } => 1,
             Gate::NoisyTopK { .. } => 2,
-            Gate::Attention => 3,
+            Gate::Attention { .. } => 3,
         }
     }
 
@@ -173,7 +184,9 @@ impl std::str::FromStr for Gate {
                 norm_topk_prob: true,
             }),
             "noisy_top_k" | "noisy" => Ok(Gate::default()),
-            "attention" => Ok(Gate::Attention),
+            "attention" => Ok(Gate::Attention {
+                norm_topk_prob: true,
+            }),
             "deepseek_moe" | "deepseek" => Ok(Gate::TopK {
                 norm_topk_prob: false,
             }),
@@ -313,7 +326,7 @@ impl RouterConfig {
         Ok(match self.gate {
             Gate::TopK { .. } => Box::new(TopKRouter::new(p, dims, self, init)?),
             Gate::NoisyTopK { .. } => Box::new(NoisyTopKRouter::new(p, dims, self, init)?),
-            Gate::Attention => Box::new(AttentionRouter::new(p, dims, self, init)?),
+            Gate::Attention { .. } => Box::new(AttentionRouter::new(p, dims, self, init)?),
             Gate::SigmoidAuxFree { .. } => {
                 Box::new(AuxFreeSigmoidRouter::new(p, dims, self, init)?)
             }

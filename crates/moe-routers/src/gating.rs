@@ -123,3 +123,15 @@ pub(crate) fn check_groups(num_experts: i64, n_group: i64, topk_group: i64) -> R
     }
     Ok(())
 }
+
+/// The softmax gates' selection (top-k, noisy top-k, attention): the `k`
+/// largest `logits`, weighted by the softmax over those `k`
+/// ([`top_k_softmax`]) when `norm_topk_prob`, else by the softmax over all
+/// `E` read at the `k` (DeepSeekMoE, Qwen2-MoE, OLMoE).
+pub fn softmax_top_k(logits: Tensor, k: i64, norm_topk_prob: bool) -> Routing {
+    if norm_topk_prob {
+        return top_k_softmax(logits, k);
+    }
+    let probs = logits.softmax(-1, Kind::Float).to_kind(logits.kind());
+    top_k_of_affinities(logits, &probs, &probs, probs.shallow_clone(), k, false)
+}

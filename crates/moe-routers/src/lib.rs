@@ -28,7 +28,7 @@ pub use balance::BalanceLossConfig;
 pub use capacity::apply_capacity;
 pub use config::{check_top_k, Gate, RouterConfig, RouterDims, DEFAULT_BIAS_UPDATE_RATE};
 pub(crate) use gating::check_groups;
-pub use gating::{group_limited_selection, top_k_of_affinities, top_k_softmax};
+pub use gating::{group_limited_selection, softmax_top_k, top_k_of_affinities, top_k_softmax};
 pub use noisy_top_k::NoisyTopKRouter;
 pub use router::Router;
 pub use stats::{mean_probs, RoutingStats};

@@ -1,5 +1,5 @@
 use crate::config::wrong_gate;
-use crate::{top_k_softmax, Gate, Router, RouterConfig, RouterDims};
+use crate::{softmax_top_k, Gate, Router, RouterConfig, RouterDims};
 use moe_core::{linear, Result, Routing, WeightInit};
 use tch::{nn, nn::Module, Tensor};
 
@@ -17,6 +17,7 @@ pub struct NoisyTopKRouter {
     gate: nn::Linear,
     noise: nn::Linear,
     noise_at_eval: bool,
+    norm_topk_prob: bool,
     dims: RouterDims,
     config: RouterConfig,
 }
@@ -30,7 +31,11 @@ impl NoisyTopKRouter {
         config: &RouterConfig,
         init: WeightInit,
     ) -> Result<Self> {
-        let Gate::NoisyTopK { noise_at_eval } = config.gate else {
+        let Gate::NoisyTopK {
+            noise_at_eval,
+            norm_topk_prob,
+        } = config.gate
+        else {
             return Err(wrong_gate("NoisyTopKRouter", "noisy_top_k", &config.gate));
         };
         config.validate(dims)?;
@@ -39,6 +44,7 @@ impl NoisyTopKRouter {
             gate: linear(p / "gate", d, e, config.bias, init),
             noise: linear(p / "noise", d, e, config.bias, init),
             noise_at_eval,
+            norm_topk_prob,
             dims,
             config: config.clone(),
         })
@@ -58,7 +64,7 @@ impl Router for NoisyTopKRouter {
             let scale = self.noise.forward(x).softplus();
             logits = &logits + logits.randn_like() * scale;
         }
-        Ok(top_k_softmax(logits, self.dims.top_k))
+        Ok(softmax_top_k(logits, self.dims.top_k, self.norm_topk_prob))
     }
 
     fn dims(&self) -> RouterDims {

@@ -1,7 +1,7 @@
 use crate::config::wrong_gate;
-use crate::{top_k_of_affinities, top_k_softmax, Gate, Router, RouterConfig, RouterDims};
+use crate::{softmax_top_k, Gate, Router, RouterConfig, RouterDims};
 use moe_core::{linear, Result, Routing, WeightInit};
-use tch::{nn, nn::Module, Kind, Tensor};
+use tch::{nn, nn::Module, Tensor};
 
 /// The top-k gate ([`Gate::TopK`]): `l = W_g x (+ b_g)`, `p = softmax(l)`
 /// over all `E` experts, the `k` largest `p_i` chosen.
@@ -46,19 +46,7 @@ impl Router for TopKRouter {
     fn select(&self, x: &Tensor, _train: bool) -> Result<Routing> {
         self.check_input(x, self.gate.ws.device())?;
         let logits = self.gate.forward(x);
-        let k = self.dims.top_k;
-        if self.norm_topk_prob {
-            return Ok(top_k_softmax(logits, k));
-        }
-        let probs = logits.softmax(-1, Kind::Float).to_kind(logits.kind());
-        Ok(top_k_of_affinities(
-            logits,
-            &probs,
-            &probs,
-            probs.shallow_clone(),
-            k,
-            false,
-        ))
+        Ok(softmax_top_k(logits, self.dims.top_k, self.norm_topk_prob))
     }
 
     fn dims(&self) -> RouterDims {

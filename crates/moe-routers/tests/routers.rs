@@ -136,6 +136,7 @@ fn noise_is_added_in_training_only_unless_asked_for() {
     let vs2 = nn::VarStore::new(Device::Cpu);
     let noisy_cfg = RouterConfig::with_gate(Gate::NoisyTopK {
         noise_at_eval: true,
+        norm_topk_prob: true,
     });
     let noisy = NoisyTopKRouter::new(&vs2.root(), dims(8, 4, 2), &noisy_cfg, init()).unwrap();
     let a = noisy.route(&x, false).unwrap().logits;
@@ -224,9 +225,12 @@ fn gate_names_parse_with_clear_errors() {
         [
             MIXTRAL,
             Gate::NoisyTopK {
-                noise_at_eval: false
+                noise_at_eval: false,
+                norm_topk_prob: true,
             },
-            Gate::Attention,
+            Gate::Attention {
+                norm_topk_prob: true,
+            },
             DEEPSEEK_MOE,
             Gate::sigmoid_aux_free(),
         ]
@@ -332,7 +336,12 @@ fn assert_all_close(got: &Tensor, want: &[f32], eps: f32) {
 #[test]
 fn attention_router_hand_computed_case() {
     let vs = nn::VarStore::new(Device::Cpu);
-    let config = cfg(Gate::Attention, false);
+    let config = cfg(
+        Gate::Attention {
+            norm_topk_prob: true,
+        },
+        false,
+    );
     let router = AttentionRouter::new(&vs.root(), dims(1, 2, 2), &config, init()).unwrap();
     // x = 1: Q = (1, 0), K = (0, 2), V = (3, 1).
     set(&vs, "query.weight", &[1., 0.], &[2, 1]);
@@ -374,7 +383,12 @@ fn attention_router_matches_a_per_token_loop() {
     tch::manual_seed(11);
     let (n, d, e, k) = (7, 5, 6, 2);
     let vs = nn::VarStore::new(Device::Cpu);
-    let config = cfg(Gate::Attention, false);
+    let config = cfg(
+        Gate::Attention {
+            norm_topk_prob: true,
+        },
+        false,
+    );
     let router = AttentionRouter::new(&vs.root(), dims(d, e, k), &config, init()).unwrap();
     let vars = vs.variables();
     let w = |name: &str| to_vec_f(&vars[name]);
@@ -565,7 +579,9 @@ fn routed_scaling_factor_scales_the_final_weights() {
         MIXTRAL,
         DEEPSEEK_MOE,
         sigmoid_gate(true, 4, 2),
-        Gate::Attention,
+        Gate::Attention {
+            norm_topk_prob: true,
+        },
     ] {
         let config = RouterConfig {
             routed_scaling_factor: 2.5,
@@ -690,4 +706,46 @@ fn capacity_factor_is_validated_and_recorded_in_the_routing() {
     assert_eq!(r.capacity, Some(3));
     assert!(r.dropped.is_some());
     assert_eq!(router.select(&x, false).unwrap().capacity, None);
+}
+
+/// The noisy (at evaluation, without noise) and attention gates take
+/// `norm_topk_prob` too: renormalised over the `k`, or the softmax over all
+/// `E` read at the `k`, with the same choice of experts.
+#[test]
+fn every_softmax_gate_renormalises_only_with_norm_topk_prob() {
+    let gates = |norm: bool| {
+        [
+            Gate::NoisyTopK {
+                noise_at_eval: false,
+                norm_topk_prob: norm,
+            },
+            Gate::Attention {
+                norm_topk_prob: norm,
+            },
+        ]
+    };
+    let x = Tensor::from_slice(&[0.3f32, -1.2, 0.8, 2.0, -0.5, 0.1]).view([2, 3]);
+    for (with, without) in gates(true).into_iter().zip(gates(false)) {
+        let routing = |gate: Gate| {
+            tch::manual_seed(9);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let router = cfg(gate, true)
+                .build(&vs.root(), dims(3, 4, 2), init())
+                .unwrap();
+            router.route(&x, false).unwrap()
+        };
+        let (a, b) = (routing(with.clone()), routing(without.clone()));
+        assert!(a.indices.equal(&b.indices), "{with:?}: same experts");
+        let sums = a.weights.sum_dim_intlist(-1, false, Kind::Float);
+        assert_all_close(&sums, &[1.0, 1.0], 1e-6);
+        // Without: the probabilities over all E at the chosen experts.
+        let want = b.probs.gather(1, &b.indices, false);
+        assert!(
+            (&b.weights - want).abs().max().double_value(&[]) < 1e-6,
+            "{without:?}"
+        );
+        let sums =
+            Vec::<f64>::try_from(b.weights.sum_dim_intlist(-1, false, Kind::Double)).unwrap();
+        assert!(sums.iter().all(|&s| s < 0.999), "{without:?}: {sums:?}");
+    }
 }

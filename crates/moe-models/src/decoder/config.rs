@@ -266,7 +266,9 @@ impl DecoderConfig {
             DecoderPreset::Yuan => DecoderConfig {
                 localized_filtering: true,
                 router: RouterConfig {
-                    gate: Gate::Attention,
+                    gate: Gate::Attention {
+                        norm_topk_prob: true,
+                    },
                     ..base.router.clone()
                 },
                 ..base

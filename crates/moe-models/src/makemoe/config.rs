@@ -115,7 +115,7 @@ impl MakeMoeConfig {
         } else {
             AttentionScale::HeadSize
         };
-        if let Gate::NoisyTopK { noise_at_eval } = &mut self.router.gate {
+        if let Gate::NoisyTopK { noise_at_eval, .. } = &mut self.router.gate {
             *noise_at_eval = makemoe;
         }
     }
