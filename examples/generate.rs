@@ -6,32 +6,52 @@
 //!     --checkpoint runs/shakespeare --prompt "ROMEO:" --max-new-tokens 500
 //! ```
 //!
+//! `--model DIR` reads a Hugging Face checkpoint folder instead (Mixtral,
+//! Qwen2-MoE, OLMoE, LLaMA: `config.json`, safetensors weights,
+//! `tokenizer.json`, `generation_config.json`): the prompt is encoded with
+//! the checkpoint's own tokenizer, sampling follows its generation config
+//! unless `--temperature` / `--top-k` are given, and generation stops at one
+//! of its end-of-sequence tokens.
+//!
+//! ```sh
+//! cargo xtask run run --release --example generate -- \
+//!     --model tests/data/hf/mixtral --prompt "First Citizen:" --max-new-tokens 20
+//! ```
+//!
 //! `--bench` instead times the KV-cached generation against makeMoE's
 //! recomputation of the whole context for every token, and prints the ratio.
 
 use clap::Parser;
+use moe_layers::hf::{from_pretrained, LoadOptions};
 use moe_layers::lm::{
-    generate, generate_recompute, load_checkpoint, CausalLm, Sampling, TextStream,
+    generate_recompute, generate_until, load_checkpoint, CausalLm, Sampling, TextStream, Tokenizer,
 };
 use moe_layers::prelude::DeviceChoice;
-use moe_layers::Result;
+use moe_layers::{MoeError, Result};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Parser, Debug)]
-#[command(about = "Generate text from a moe-layers checkpoint")]
+#[command(about = "Generate text from a moe-layers or Hugging Face checkpoint")]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["checkpoint", "model"])))]
 struct Args {
-    /// A folder with model.safetensors and config.json
+    /// A moe-layers checkpoint: a folder with model.safetensors and config.json
     #[arg(long)]
-    checkpoint: PathBuf,
-    /// Text to continue (every character must be in the tokenizer's vocabulary)
+    checkpoint: Option<PathBuf>,
+    /// A Hugging Face checkpoint folder (config.json, model.safetensors or a
+    /// sharded index, tokenizer.json, generation_config.json)
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Text to continue (with --checkpoint, every character must be in the
+    /// tokenizer's vocabulary)
     #[arg(long, default_value = "")]
     prompt: String,
     #[arg(long, default_value_t = 500)]
     max_new_tokens: usize,
-    #[arg(long, default_value_t = 1.0)]
-    temperature: f64,
+    /// Softmax temperature (default 1.0, or the generation config's with --model)
+    #[arg(long)]
+    temperature: Option<f64>,
     /// Sample among the k most likely tokens only (1: greedy)
     #[arg(long)]
     top_k: Option<i64>,
@@ -52,33 +72,78 @@ fn main() {
     }
 }
 
-fn run(args: Args) -> Result<()> {
+/// A loaded model with its tokenizer, the default sampling and the tokens
+/// that end generation.
+struct Loaded {
+    model: Box<dyn CausalLm>,
+    tokenizer: Tokenizer,
+    sampling: Sampling,
+    stop_tokens: Vec<i64>,
+}
+
+fn load(args: &Args) -> Result<Loaded> {
     let device = args.device.parse::<DeviceChoice>()?.resolve()?;
-    let checkpoint = load_checkpoint(&args.checkpoint, device)?;
-    let tokenizer = &checkpoint.meta.tokenizer;
+    if let Some(dir) = &args.model {
+        let options = LoadOptions {
+            device,
+            ..LoadOptions::default()
+        };
+        let pretrained = from_pretrained(dir, &options)?;
+        let tokenizer = pretrained.tokenizer.ok_or_else(|| MoeError::Checkpoint {
+            path: dir.join("tokenizer.json"),
+            reason: "the checkpoint has no tokenizer.json to encode the prompt with".into(),
+        })?;
+        return Ok(Loaded {
+            sampling: pretrained.generation.sampling(pretrained.config.vocab_size),
+            stop_tokens: pretrained.generation.eos_token_id.clone(),
+            model: Box::new(pretrained.model),
+            tokenizer,
+        });
+    }
+    let dir = args
+        .checkpoint
+        .as_ref()
+        .expect("clap requires --checkpoint or --model");
+    let checkpoint = load_checkpoint(dir, device)?;
+    Ok(Loaded {
+        model: checkpoint.model,
+        tokenizer: checkpoint.meta.tokenizer,
+        sampling: Sampling::default(),
+        stop_tokens: Vec::new(),
+    })
+}
+
+fn run(args: Args) -> Result<()> {
+    let loaded = load(&args)?;
+    let tokenizer = &loaded.tokenizer;
     let prompt = tokenizer.encode(&args.prompt)?;
-    let sampling = Sampling {
-        temperature: args.temperature,
-        top_k: args.top_k,
+    let sampling = if args.temperature.is_some() || args.top_k.is_some() {
+        Sampling {
+            temperature: args.temperature.unwrap_or(1.0),
+            top_k: args.top_k,
+        }
+    } else {
+        loaded.sampling
     };
+    let model = loaded.model.as_ref();
     if args.bench {
-        return bench(
-            checkpoint.model.as_ref(),
-            &prompt,
-            args.max_new_tokens,
-            sampling,
-            args.seed,
-        );
+        return bench(model, &prompt, args.max_new_tokens, sampling, args.seed);
     }
     tch::manual_seed(args.seed);
     print!("{}", args.prompt);
+    // The prompt's tokens go through the stream first, so that the text of
+    // each new token is decoded in context (SentencePiece's leading spaces).
     let mut stream = TextStream::new(tokenizer);
+    for &id in &prompt {
+        stream.push(id)?;
+    }
     let mut error = None;
-    generate(
-        checkpoint.model.as_ref(),
+    generate_until(
+        model,
         &prompt,
         args.max_new_tokens,
         sampling,
+        &loaded.stop_tokens,
         |id| match stream.push(id) {
             Ok(text) => {
                 print!("{text}");
@@ -106,7 +171,7 @@ fn bench(
         tch::manual_seed(seed);
         let started = Instant::now();
         if cached {
-            generate(model, prompt, n, sampling, |_| {})?;
+            generate_until(model, prompt, n, sampling, &[], |_| {})?;
         } else {
             generate_recompute(model, prompt, n, sampling, |_| {})?;
         }

@@ -84,6 +84,20 @@ pub fn generate<M: CausalLm + ?Sized>(
     prompt: &[i64],
     max_new_tokens: usize,
     sampling: Sampling,
+    on_token: impl FnMut(i64),
+) -> Result<Vec<i64>> {
+    generate_until(model, prompt, max_new_tokens, sampling, &[], on_token)
+}
+
+/// [`generate`] that also stops after sampling one of `stop_tokens` (a
+/// checkpoint's end-of-sequence tokens), which ends the returned tokens
+/// and is passed to `on_token` like the others.
+pub fn generate_until<M: CausalLm + ?Sized>(
+    model: &M,
+    prompt: &[i64],
+    max_new_tokens: usize,
+    sampling: Sampling,
+    stop_tokens: &[i64],
     mut on_token: impl FnMut(i64),
 ) -> Result<Vec<i64>> {
     let mut context = start_context(model, prompt, sampling)?;
@@ -101,7 +115,7 @@ pub fn generate<M: CausalLm + ?Sized>(
             context.push(next);
             new_tokens.push(next);
             on_token(next);
-            if i + 1 == max_new_tokens {
+            if i + 1 == max_new_tokens || stop_tokens.contains(&next) {
                 break;
             }
             logits = if cache.len() as usize >= block {

@@ -21,5 +21,5 @@ pub mod makemoe;
 pub use causal_lm::{check_context, cross_entropy, BatchLoss, CausalLm, ForwardOutput, ModelCache};
 pub use decoder::{DecoderConfig, DecoderModel, DecoderPreset};
 pub use family::LmConfig;
-pub use generate::{generate, generate_recompute, Sampling};
+pub use generate::{generate, generate_recompute, generate_until, Sampling};
 pub use makemoe::{MakeMoeConfig, MakeMoeModel, Preset};

@@ -4,7 +4,7 @@
 mod common;
 
 use common::tiny_config;
-use moe_models::{generate, generate_recompute, CausalLm, MakeMoeModel, Sampling};
+use moe_models::{generate, generate_recompute, generate_until, CausalLm, MakeMoeModel, Sampling};
 use tch::{nn, Device, Kind, Tensor};
 
 fn model(seed: i64) -> (nn::VarStore, MakeMoeModel) {
@@ -52,6 +52,26 @@ fn greedy_cached_generation_equals_full_recomputation_token_for_token() {
     let cached = generate(&model, &long, 20, Sampling::greedy(), |_| {}).unwrap();
     assert_eq!(cached, greedy_reference(&model, &long, 20));
     assert!(cached.iter().any(|&t| t != cached[0]), "degenerate output");
+}
+
+#[test]
+fn generation_stops_after_a_stop_token() {
+    let (_vs, model) = model(33);
+    let prompt = [4i64, 9, 2];
+    let all = generate(&model, &prompt, 30, Sampling::greedy(), |_| {}).unwrap();
+    // Stop at the third token's id: the output ends at its first occurrence.
+    let stop = all[2];
+    let first = all.iter().position(|&t| t == stop).unwrap();
+    let mut streamed = Vec::new();
+    let cut = generate_until(&model, &prompt, 30, Sampling::greedy(), &[stop], |t| {
+        streamed.push(t)
+    })
+    .unwrap();
+    assert_eq!(cut, all[..=first]);
+    assert_eq!(streamed, cut);
+    // Without stop tokens it is `generate`.
+    let same = generate_until(&model, &prompt, 30, Sampling::greedy(), &[], |_| {}).unwrap();
+    assert_eq!(same, all);
 }
 
 #[test]
