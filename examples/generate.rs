@@ -6,35 +6,68 @@
 //!     --checkpoint runs/shakespeare --prompt "ROMEO:" --max-new-tokens 500
 //! ```
 //!
+//! `--model DIR` reads a Hugging Face checkpoint folder instead (Mixtral,
+//! Qwen2-MoE, OLMoE, LLaMA: `config.json`, safetensors weights,
+//! `tokenizer.json`, `generation_config.json`): the prompt is encoded with
+//! the checkpoint's own tokenizer, sampling follows its generation config
+//! unless flags override it, and generation stops at one of its
+//! end-of-sequence tokens. With either source, `--top-p`,
+//! `--repetition-penalty` and `--stop` (a string that ends generation once
+//! the text contains it) apply.
+//!
+//! ```sh
+//! cargo xtask run run --release --example generate -- \
+//!     --model tests/data/hf/mixtral --prompt "First Citizen:" --max-new-tokens 20
+//! ```
+//!
 //! `--bench` instead times the KV-cached generation against makeMoE's
 //! recomputation of the whole context for every token, and prints the ratio.
 
 use clap::Parser;
+use moe_layers::hf::{from_pretrained, LoadOptions};
 use moe_layers::lm::{
-    generate, generate_recompute, load_checkpoint, CausalLm, Sampling, TextStream,
+    generate_recompute, generate_with, load_checkpoint, CausalLm, GenerateOptions, Sampling,
+    TextStream, Tokenizer,
 };
 use moe_layers::prelude::DeviceChoice;
-use moe_layers::Result;
+use moe_layers::{MoeError, Result};
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Parser, Debug)]
-#[command(about = "Generate text from a moe-layers checkpoint")]
+#[command(about = "Generate text from a moe-layers or Hugging Face checkpoint")]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["checkpoint", "model"])))]
 struct Args {
-    /// A folder with model.safetensors and config.json
+    /// A moe-layers checkpoint: a folder with model.safetensors and config.json
     #[arg(long)]
-    checkpoint: PathBuf,
-    /// Text to continue (every character must be in the tokenizer's vocabulary)
+    checkpoint: Option<PathBuf>,
+    /// A Hugging Face checkpoint folder (config.json, model.safetensors or a
+    /// sharded index, tokenizer.json, generation_config.json)
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Text to continue (with --checkpoint, every character must be in the
+    /// tokenizer's vocabulary)
     #[arg(long, default_value = "")]
     prompt: String,
     #[arg(long, default_value_t = 500)]
     max_new_tokens: usize,
-    #[arg(long, default_value_t = 1.0)]
-    temperature: f64,
+    /// Softmax temperature (default 1.0, or the generation config's with --model)
+    #[arg(long)]
+    temperature: Option<f64>,
     /// Sample among the k most likely tokens only (1: greedy)
     #[arg(long)]
     top_k: Option<i64>,
+    /// Nucleus sampling: among the most likely tokens whose probabilities add up to P
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// CTRL's repetition penalty on tokens already in the text (1: off)
+    #[arg(long)]
+    repetition_penalty: Option<f64>,
+    /// Stop once the generated text contains this string (repeatable)
+    #[arg(long)]
+    stop: Vec<String>,
     #[arg(long, default_value_t = 1337)]
     seed: i64,
     /// auto, cpu or cuda
@@ -52,44 +85,93 @@ fn main() {
     }
 }
 
-fn run(args: Args) -> Result<()> {
+/// A loaded model with its tokenizer, the default sampling and the tokens
+/// that end generation.
+struct Loaded {
+    model: Box<dyn CausalLm>,
+    tokenizer: Tokenizer,
+    sampling: Sampling,
+    stop_tokens: Vec<i64>,
+}
+
+fn load(args: &Args) -> Result<Loaded> {
     let device = args.device.parse::<DeviceChoice>()?.resolve()?;
-    let checkpoint = load_checkpoint(&args.checkpoint, device)?;
-    let tokenizer = &checkpoint.meta.tokenizer;
+    if let Some(dir) = &args.model {
+        let options = LoadOptions {
+            device,
+            ..LoadOptions::default()
+        };
+        let pretrained = from_pretrained(dir, &options)?;
+        let tokenizer = pretrained.tokenizer.ok_or_else(|| MoeError::Checkpoint {
+            path: dir.join("tokenizer.json"),
+            reason: "the checkpoint has no tokenizer.json to encode the prompt with".into(),
+        })?;
+        return Ok(Loaded {
+            sampling: pretrained.generation.sampling(pretrained.config.vocab_size),
+            stop_tokens: pretrained.generation.eos_token_id.clone(),
+            model: Box::new(pretrained.model),
+            tokenizer,
+        });
+    }
+    let dir = args
+        .checkpoint
+        .as_ref()
+        .expect("clap requires --checkpoint or --model");
+    let checkpoint = load_checkpoint(dir, device)?;
+    Ok(Loaded {
+        model: checkpoint.model,
+        tokenizer: checkpoint.meta.tokenizer,
+        sampling: Sampling::default(),
+        stop_tokens: Vec::new(),
+    })
+}
+
+fn run(args: Args) -> Result<()> {
+    let loaded = load(&args)?;
+    let tokenizer = &loaded.tokenizer;
     let prompt = tokenizer.encode(&args.prompt)?;
+    // The checkpoint's sampling, each flag overriding its own setting.
+    let base = loaded.sampling;
     let sampling = Sampling {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        ..Sampling::default()
+        temperature: args.temperature.unwrap_or(base.temperature),
+        top_k: args.top_k.or(base.top_k),
+        top_p: args.top_p.or(base.top_p),
+        repetition_penalty: args.repetition_penalty.unwrap_or(base.repetition_penalty),
     };
+    let model = loaded.model.as_ref();
     if args.bench {
-        return bench(
-            checkpoint.model.as_ref(),
-            &prompt,
-            args.max_new_tokens,
-            sampling,
-            args.seed,
-        );
+        return bench(model, &prompt, args.max_new_tokens, sampling, args.seed);
     }
     tch::manual_seed(args.seed);
     print!("{}", args.prompt);
+    // The prompt's tokens go through the stream first, so that the text of
+    // each new token is decoded in context (SentencePiece's leading spaces).
     let mut stream = TextStream::new(tokenizer);
+    for &id in &prompt {
+        stream.push(id)?;
+    }
     let mut error = None;
-    generate(
-        checkpoint.model.as_ref(),
-        &prompt,
-        args.max_new_tokens,
+    let options = GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
         sampling,
-        |id| match stream.push(id) {
-            Ok(text) => {
-                print!("{text}");
-                let _ = std::io::stdout().flush();
+        eos_token_ids: loaded.stop_tokens.clone(),
+    };
+    let mut generated = String::new();
+    generate_with(model, &prompt, &options, |id| match stream.push(id) {
+        Ok(text) => {
+            print!("{text}");
+            let _ = std::io::stdout().flush();
+            generated.push_str(&text);
+            match args.stop.iter().any(|s| generated.contains(s.as_str())) {
+                true => ControlFlow::Break(()),
+                false => ControlFlow::Continue(()),
             }
-            Err(e) => {
-                error.get_or_insert(e);
-            }
-        },
-    )?;
+        }
+        Err(e) => {
+            error.get_or_insert(e);
+            ControlFlow::Break(())
+        }
+    })?;
     println!();
     error.map_or(Ok(()), Err)
 }
@@ -107,7 +189,7 @@ fn bench(
         tch::manual_seed(seed);
         let started = Instant::now();
         if cached {
-            generate(model, prompt, n, sampling, |_| {})?;
+            moe_layers::lm::generate(model, prompt, n, sampling, |_| {})?;
         } else {
             generate_recompute(model, prompt, n, sampling, |_| {})?;
         }

@@ -19,6 +19,7 @@
 //! | [`block`] | `moe-block` | the `SparseMoe` layer |
 //! | [`models`] | `moe-models` | model families, the `CausalLm` trait, generation |
 //! | [`data`] | `moe-data` | tokenizers, datasets, batches |
+//! | [`hf`] | `moe-hf` | Hugging Face checkpoints in and out (`from_pretrained`, `save_pretrained`) |
 //! | [`train`] | `moe-train` | optimizer, trainer, evaluation, checkpoints |
 //! | [`run`] | `moe-run` | run configs, metrics, MLflow, plots, progress |
 //!
@@ -26,10 +27,11 @@
 //!
 //! ## Features
 //!
-//! The layers are always compiled. `models`, `data` (tokenizers), `train`
-//! (the C++ shim for fused AdamW), `run` (plotters, TOML) and `lm` (all
-//! four, the default) add the rest: `default-features = false` gives
-//! `SparseMoe` and its parts without tokenizers or plotting.
+//! The layers are always compiled. `models`, `data` (tokenizers), `hf`
+//! (Hugging Face checkpoints: safetensors, memory maps), `train` (the C++
+//! shim for fused AdamW), `run` (plotters, TOML) and `lm` (all of them, the
+//! default) add the rest: `default-features = false` gives `SparseMoe` and
+//! its parts without tokenizers or plotting.
 
 #[cfg(feature = "train")]
 pub use moe_aten as aten;
@@ -39,6 +41,8 @@ pub use moe_core as core;
 pub use moe_data as data;
 pub use moe_dispatch as dispatch;
 pub use moe_experts as experts;
+#[cfg(feature = "hf")]
+pub use moe_hf as hf;
 #[cfg(feature = "models")]
 pub use moe_models as models;
 pub use moe_nn as nn;

@@ -1,12 +1,16 @@
 //! Text data of `moe-layers`: makeMoE's character tokenizer, a byte-level
-//! BPE tokenizer trained with Hugging Face `tokenizers`, and [`Dataset`], a
+//! BPE tokenizer trained with Hugging Face `tokenizers`, pretrained
+//! tokenizers read from a checkpoint's `tokenizer.json` ([`HfTokenizer`]),
+//! and [`Dataset`], a
 //! token stream split into training and validation parts and sampled into
 //! [`Batch`]es on the training device.
 
 mod bpe;
 mod dataset;
+mod hf;
 mod tokenizer;
 
 pub use bpe::BpeTokenizer;
 pub use dataset::{Batch, Dataset, Split};
+pub use hf::HfTokenizer;
 pub use tokenizer::{CharTokenizer, TextStream, Tokenizer, TokenizerConfig, TokenizerKind};

@@ -1,4 +1,4 @@
-use crate::BpeTokenizer;
+use crate::{BpeTokenizer, HfTokenizer};
 use moe_core::{MoeError, Result};
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;
@@ -44,12 +44,19 @@ impl Default for TokenizerConfig {
     }
 }
 
-/// A character or BPE tokenizer; checkpoints store it beside the weights.
+/// A character, BPE or pretrained Hugging Face tokenizer; checkpoints store
+/// it beside the weights.
+///
+/// Serialised untagged: a character tokenizer as `{"chars": [...]}`, a BPE
+/// tokenizer as Hugging Face's `tokenizer.json`, a pretrained one as
+/// `{"hf_tokenizer": <tokenizer.json>}` ([`HfTokenizer`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Tokenizer {
     Char(CharTokenizer),
     Bpe(BpeTokenizer),
+    /// A pretrained tokenizer read from a checkpoint's `tokenizer.json`.
+    Hf(HfTokenizer),
 }
 
 impl From<CharTokenizer> for Tokenizer {
@@ -61,6 +68,12 @@ impl From<CharTokenizer> for Tokenizer {
 impl From<BpeTokenizer> for Tokenizer {
     fn from(t: BpeTokenizer) -> Self {
         Tokenizer::Bpe(t)
+    }
+}
+
+impl From<HfTokenizer> for Tokenizer {
+    fn from(t: HfTokenizer) -> Self {
+        Tokenizer::Hf(t)
     }
 }
 
@@ -77,22 +90,27 @@ impl Tokenizer {
         match self {
             Tokenizer::Char(t) => t.vocab_size(),
             Tokenizer::Bpe(t) => t.vocab_size(),
+            Tokenizer::Hf(t) => t.vocab_size(),
         }
     }
 
     /// Token ids of `text`; text the tokenizer cannot encode is an error.
+    /// A pretrained tokenizer adds its special tokens ([`HfTokenizer::encode`]).
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
         match self {
             Tokenizer::Char(t) => t.encode(text),
             Tokenizer::Bpe(t) => t.encode(text),
+            Tokenizer::Hf(t) => t.encode(text),
         }
     }
 
-    /// The text of `ids`; an id outside the vocabulary is an error.
+    /// The text of `ids`; an id outside the vocabulary is an error. A
+    /// pretrained tokenizer leaves special tokens out ([`HfTokenizer::decode`]).
     pub fn decode(&self, ids: &[i64]) -> Result<String> {
         match self {
             Tokenizer::Char(t) => t.decode(ids),
             Tokenizer::Bpe(t) => t.decode(ids),
+            Tokenizer::Hf(t) => t.decode(ids),
         }
     }
 }

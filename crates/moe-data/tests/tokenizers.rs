@@ -72,3 +72,41 @@ fn corpus() -> String {
     );
     std::fs::read_to_string(path).expect("the bundled corpus data/tinyshakespeare.txt")
 }
+
+#[test]
+fn pretrained_tokenizers_encode_decode_stream_and_serialise_distinctly() {
+    use moe_data::{HfTokenizer, TextStream};
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/data/hf/mixtral/tokenizer.json");
+    let hf = HfTokenizer::from_file(&path).unwrap();
+    let tok = Tokenizer::Hf(hf.clone());
+    assert_eq!(tok.vocab_size(), 128);
+    let text = "First Citizen:\nBefore we proceed";
+    let ids = tok.encode(text).unwrap();
+    assert_eq!(
+        ids,
+        hf.encode_plain(text).unwrap(),
+        "no special tokens to add"
+    );
+    assert_eq!(tok.decode(&ids).unwrap(), text);
+    // Streaming gives the text piece by piece.
+    let mut stream = TextStream::new(&tok);
+    let streamed: String = ids.iter().map(|&id| stream.push(id).unwrap()).collect();
+    assert_eq!(streamed, text);
+    assert!(tok.decode(&[128]).is_err());
+    // Checkpoints store it tagged, so it reads back as a pretrained
+    // tokenizer (a BPE tokenizer is the bare tokenizer.json).
+    let json = serde_json::to_value(&tok).unwrap();
+    assert!(json.get("hf_tokenizer").is_some());
+    let back: Tokenizer = serde_json::from_value(json).unwrap();
+    assert!(matches!(back, Tokenizer::Hf(_)));
+    assert_eq!(back, tok);
+    let bare: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let as_bpe: Tokenizer = serde_json::from_value(bare).unwrap();
+    assert!(matches!(as_bpe, Tokenizer::Bpe(_)));
+    assert_eq!(as_bpe.encode(text).unwrap(), ids);
+    // A missing file names it.
+    let err = HfTokenizer::from_file(&path.with_file_name("nope.json")).unwrap_err();
+    assert!(err.to_string().contains("nope.json"), "{err}");
+}

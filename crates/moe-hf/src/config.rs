@@ -1,0 +1,803 @@
+//! `config.json` to [`DecoderConfig`] and back, one mapping per family.
+//!
+//! # Key policy
+//!
+//! Every key of `config.json` is in one of four sets for its family:
+//!
+//! - **mapped**: read into [`DecoderConfig`] (`hidden_size`,
+//!   `num_local_experts`, ...); a missing or `null` key takes transformers'
+//!   default for that family;
+//! - **fixed**: a key the decoder implements at one setting only
+//!   (`hidden_act: "silu"`, OLMoE's `clip_qkv: null`, Mixtral's
+//!   `router_jitter_noise: 0`, `sliding_window` no shorter than the context,
+//!   LLaMA's `mlp_bias: false`, `rope_scaling: null`, ...): any other value is
+//!   an error naming the key, the value and what is supported;
+//! - **informational**: keys that do not change the computation of the
+//!   model's logits (`architectures`, `torch_dtype`/`dtype`,
+//!   `transformers_version`, token ids, `use_cache`, `initializer_range`,
+//!   `output_router_logits`, generation defaults, label maps, ...): ignored;
+//! - **unknown**: anything else is an error, because a key this reader does
+//!   not know may change the model (`quantization_config`,
+//!   `partial_rotary_factor`, ...). [`crate::LoadOptions::ignore_keys`] lets a
+//!   caller who knows better ignore it.
+
+use crate::HfFamily;
+use moe_core::{MoeError, Result};
+use moe_models::DecoderConfig;
+use moe_nn::QkNorm;
+use moe_routers::{Gate, RouterConfig};
+use serde_json::{json, Map, Value};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// A Hugging Face `config.json`: the family its `model_type` names and the
+/// keys as read (or as [`HfConfig::from_decoder`] writes them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HfConfig {
+    /// The family of `model_type`.
+    pub family: HfFamily,
+    /// Every key of the file.
+    pub json: Map<String, Value>,
+    /// Where it was read from (`config.json` when built in memory); errors name it.
+    pub path: PathBuf,
+}
+
+/// Keys of every family's `config.json` that do not change the logits.
+const INFORMATIONAL: &[&str] = &[
+    "architectures",
+    "model_type",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "_name_or_path",
+    "name_or_path",
+    "_commit_hash",
+    "_attn_implementation",
+    "attn_implementation",
+    "_attn_implementation_autoset",
+    "auto_map",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "use_cache",
+    "initializer_range",
+    "output_router_logits",
+    "return_dict",
+    "output_hidden_states",
+    "output_attentions",
+    "torchscript",
+    "use_bfloat16",
+    "tf_legacy_loss",
+    "pruned_heads",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "is_decoder",
+    "add_cross_attention",
+    "cross_attention_hidden_size",
+    "tie_encoder_decoder",
+    "finetuning_task",
+    "id2label",
+    "label2id",
+    "num_labels",
+    "problem_type",
+    "tokenizer_class",
+    "prefix",
+    "task_specific_params",
+    // Generation defaults (generation_config.json holds the ones that count).
+    "max_length",
+    "min_length",
+    "do_sample",
+    "early_stopping",
+    "num_beams",
+    "num_beam_groups",
+    "diversity_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "bad_words_ids",
+    "num_return_sequences",
+    "output_scores",
+    "return_dict_in_generate",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "remove_invalid_values",
+    "exponential_decay_length_penalty",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+];
+
+/// transformers' defaults of the keys every family maps (its config class's
+/// defaults), used when a key is missing or `null`.
+struct Defaults {
+    vocab_size: i64,
+    hidden_size: i64,
+    intermediate_size: i64,
+    num_hidden_layers: i64,
+    num_attention_heads: i64,
+    /// `None`: as many as the query heads.
+    num_key_value_heads: Option<i64>,
+    max_position_embeddings: i64,
+    rms_norm_eps: f64,
+    rope_theta: f64,
+}
+
+impl HfFamily {
+    fn defaults(self) -> Defaults {
+        match self {
+            HfFamily::Mixtral => Defaults {
+                vocab_size: 32000,
+                hidden_size: 4096,
+                intermediate_size: 14336,
+                num_hidden_layers: 32,
+                num_attention_heads: 32,
+                num_key_value_heads: Some(8),
+                max_position_embeddings: 4096 * 32,
+                rms_norm_eps: 1e-5,
+                rope_theta: 1e6,
+            },
+            HfFamily::Qwen2Moe => Defaults {
+                vocab_size: 151936,
+                hidden_size: 2048,
+                intermediate_size: 5632,
+                num_hidden_layers: 24,
+                num_attention_heads: 16,
+                num_key_value_heads: Some(16),
+                max_position_embeddings: 32768,
+                rms_norm_eps: 1e-6,
+                rope_theta: 10000.0,
+            },
+            HfFamily::Olmoe => Defaults {
+                vocab_size: 50304,
+                hidden_size: 2048,
+                intermediate_size: 2048,
+                num_hidden_layers: 16,
+                num_attention_heads: 16,
+                num_key_value_heads: None,
+                max_position_embeddings: 4096,
+                rms_norm_eps: 1e-5,
+                rope_theta: 10000.0,
+            },
+            HfFamily::Llama => Defaults {
+                vocab_size: 32000,
+                hidden_size: 4096,
+                intermediate_size: 11008,
+                num_hidden_layers: 32,
+                num_attention_heads: 32,
+                num_key_value_heads: None,
+                max_position_embeddings: 2048,
+                rms_norm_eps: 1e-6,
+                rope_theta: 10000.0,
+            },
+            HfFamily::DeepseekV3 => Defaults {
+                vocab_size: 129280,
+                hidden_size: 7168,
+                intermediate_size: 18432,
+                num_hidden_layers: 61,
+                num_attention_heads: 128,
+                num_key_value_heads: Some(128),
+                max_position_embeddings: 4096,
+                rms_norm_eps: 1e-6,
+                rope_theta: 10000.0,
+            },
+        }
+    }
+}
+
+/// The error for a `rope_scaling` / `rope_parameters` of another type than
+/// the default: the one place to change when the decoder learns RoPE
+/// scaling.
+fn unsupported_rope_scaling(kind: &str) -> String {
+    format!("rope scaling `{kind}` is not supported yet")
+}
+
+/// Reads the keys of one `config.json`, remembering which it has used.
+struct Reader<'a> {
+    json: &'a Map<String, Value>,
+    path: &'a Path,
+    family: HfFamily,
+    used: BTreeSet<String>,
+}
+
+impl<'a> Reader<'a> {
+    fn err(&self, reason: impl std::fmt::Display) -> MoeError {
+        MoeError::Checkpoint {
+            path: self.path.to_path_buf(),
+            reason: format!("model_type `{}`: {reason}", self.family),
+        }
+    }
+
+    /// The value of `key` (marked as used); `None` when missing or `null`.
+    fn value(&mut self, key: &str) -> Option<&'a Value> {
+        self.used.insert(key.to_string());
+        self.json.get(key).filter(|v| !v.is_null())
+    }
+
+    fn int(&mut self, key: &str, default: i64) -> Result<i64> {
+        Ok(self.opt_int(key)?.unwrap_or(default))
+    }
+
+    fn opt_int(&mut self, key: &str) -> Result<Option<i64>> {
+        match self.value(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_i64()
+                .map(Some)
+                .ok_or_else(|| self.err(format!("`{key}` must be an integer, got {v}"))),
+        }
+    }
+
+    fn float(&mut self, key: &str, default: f64) -> Result<f64> {
+        match self.value(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| self.err(format!("`{key}` must be a number, got {v}"))),
+        }
+    }
+
+    fn boolean(&mut self, key: &str, default: bool) -> Result<bool> {
+        match self.value(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.err(format!("`{key}` must be true or false, got {v}"))),
+        }
+    }
+
+    fn int_list(&mut self, key: &str) -> Result<Vec<i64>> {
+        match self.value(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    v.as_i64().ok_or_else(|| {
+                        self.err(format!("`{key}` must be a list of integers, got {v}"))
+                    })
+                })
+                .collect(),
+            Some(v) => Err(self.err(format!("`{key}` must be a list of integers, got {v}"))),
+        }
+    }
+
+    /// Marks keys that do not change the computation as used.
+    fn informational(&mut self, keys: &[&str]) {
+        self.used.extend(keys.iter().map(|k| k.to_string()));
+    }
+
+    /// A key the decoder implements at one setting: `ok(value)` must hold
+    /// when it is present and not `null`.
+    fn fixed(&mut self, key: &str, ok: impl Fn(&Value) -> bool, supported: &str) -> Result<()> {
+        match self.value(key) {
+            Some(v) if !ok(v) => Err(self.err(format!(
+                "`{key}` = {v} is not supported: the decoder implements {supported} only"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// `hidden_act` must be SiLU (SwiGLU experts and MLPs).
+    fn silu(&mut self) -> Result<()> {
+        self.fixed(
+            "hidden_act",
+            |v| matches!(v.as_str(), Some("silu" | "swish")),
+            "\"silu\" (SwiGLU)",
+        )
+    }
+
+    /// `sliding_window` must be `null` or at least the context (it then
+    /// never masks anything).
+    fn no_sliding_window(&mut self, context: i64) -> Result<()> {
+        self.fixed(
+            "sliding_window",
+            |v| v.as_i64().is_some_and(|w| w >= context),
+            &format!(
+                "full attention (sliding_window null or >= max_position_embeddings = {context})"
+            ),
+        )
+    }
+
+    /// transformers 5's `layer_types`: every layer `full_attention`.
+    fn full_attention_layers(&mut self) -> Result<()> {
+        self.fixed(
+            "layer_types",
+            |v| {
+                v.as_array()
+                    .is_some_and(|a| a.iter().all(|t| t.as_str() == Some("full_attention")))
+            },
+            "full attention in every layer (layer_types all \"full_attention\")",
+        )
+    }
+
+    /// The RoPE base: `rope_theta` (transformers 4) or
+    /// `rope_parameters.rope_theta` (transformers 5); `rope_scaling` must be
+    /// `null` and `rope_parameters.rope_type` `default`.
+    fn rope_theta(&mut self, default: f64) -> Result<f64> {
+        let mut theta = self.float("rope_theta", default)?;
+        if let Some(scaling) = self.value("rope_scaling") {
+            let kind = rope_type(scaling);
+            if kind != "default" {
+                return Err(self.err(unsupported_rope_scaling(&kind)));
+            }
+        }
+        if let Some(params) = self.value("rope_parameters") {
+            let Some(params) = params.as_object() else {
+                return Err(self.err(format!(
+                    "`rope_parameters` must be an object with rope_type and rope_theta, got {params}"
+                )));
+            };
+            let kind = rope_type(&Value::Object(params.clone()));
+            if kind != "default" {
+                return Err(self.err(unsupported_rope_scaling(&kind)));
+            }
+            for (key, value) in params {
+                match key.as_str() {
+                    "rope_type" | "type" => {}
+                    "rope_theta" => {
+                        theta = value.as_f64().ok_or_else(|| {
+                            self.err(format!(
+                                "`rope_parameters.rope_theta` must be a number, got {value}"
+                            ))
+                        })?;
+                    }
+                    "partial_rotary_factor" if value.as_f64() == Some(1.0) => {}
+                    other => {
+                        return Err(self.err(format!(
+                            "`rope_parameters.{other}` = {value} is not supported: the decoder \
+                             implements plain RoPE (rope_type \"default\", rope_theta) only"
+                        )))
+                    }
+                }
+            }
+        }
+        Ok(theta)
+    }
+
+    /// Errors on the first key that is neither used nor in `ignore`.
+    fn finish(&self, ignore: &[String]) -> Result<()> {
+        let unknown: Vec<String> = self
+            .json
+            .iter()
+            .filter(|(k, _)| !self.used.contains(*k) && !ignore.contains(*k))
+            .map(|(k, v)| format!("`{k}` = {v}"))
+            .collect();
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        Err(self.err(format!(
+            "unknown key(s) {}: this reader does not know whether they change the model, so it \
+             does not ignore them (LoadOptions::ignore_keys ignores keys known to be harmless)",
+            unknown.join(", ")
+        )))
+    }
+}
+
+/// `rope_type` (or the older `type`) of a RoPE settings object; "default"
+/// when it has neither.
+fn rope_type(v: &Value) -> String {
+    v.get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default")
+        .to_string()
+}
+
+impl HfConfig {
+    /// Reads `path` (a `config.json`) and its `model_type`; an unreadable
+    /// file, bad JSON or a missing or unknown `model_type` is a
+    /// [`MoeError::Checkpoint`] naming the file.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| MoeError::Checkpoint {
+            path: path.to_path_buf(),
+            reason: format!("cannot read the model config: {e}"),
+        })?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| MoeError::Checkpoint {
+            path: path.to_path_buf(),
+            reason: format!("not valid JSON: {e}"),
+        })?;
+        Self::from_json(value, path)
+    }
+
+    /// [`HfConfig::read`] on JSON already in memory; `path` names it in errors.
+    pub fn from_json(value: Value, path: &Path) -> Result<Self> {
+        let err = |reason: String| MoeError::Checkpoint {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let Value::Object(json) = value else {
+            return Err(err("a model config must be a JSON object".into()));
+        };
+        let model_type = match json.get("model_type") {
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => return Err(err(format!("`model_type` must be a string, got {other}"))),
+            None => {
+                return Err(err(format!(
+                    "no `model_type`: expected one of {}",
+                    HfFamily::supported_list()
+                )))
+            }
+        };
+        let family = model_type
+            .parse::<HfFamily>()
+            .map_err(|e| err(strip_config_prefix(e)))?;
+        Ok(HfConfig {
+            family,
+            json,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The decoder config of this `config.json` under the key policy of the
+    /// module docs; keys in `ignore` are ignored. Errors (a
+    /// [`MoeError::Checkpoint`] naming the file) on a family the decoder
+    /// cannot hold yet (DeepSeek-V3), a key set to a value the decoder does
+    /// not implement, an unknown key, a layer layout it cannot express, or
+    /// sizes the decoder rejects.
+    pub fn to_decoder(&self, ignore: &[String]) -> Result<DecoderConfig> {
+        let path = self.path.as_path();
+        self.family
+            .check_supported()
+            .map_err(|e| MoeError::Checkpoint {
+                path: path.to_path_buf(),
+                reason: strip_config_prefix(e),
+            })?;
+        let mut r = Reader {
+            json: &self.json,
+            path,
+            family: self.family,
+            used: BTreeSet::new(),
+        };
+        r.informational(INFORMATIONAL);
+        let d = self.family.defaults();
+        let num_attention_heads = r.int("num_attention_heads", d.num_attention_heads)?;
+        let max_position_embeddings =
+            r.int("max_position_embeddings", d.max_position_embeddings)?;
+        let mut c = DecoderConfig {
+            vocab_size: r.int("vocab_size", d.vocab_size)?,
+            hidden_size: r.int("hidden_size", d.hidden_size)?,
+            intermediate_size: r.int("intermediate_size", d.intermediate_size)?,
+            moe_intermediate_size: None,
+            num_hidden_layers: r.int("num_hidden_layers", d.num_hidden_layers)?,
+            num_attention_heads,
+            num_key_value_heads: r.int(
+                "num_key_value_heads",
+                d.num_key_value_heads.unwrap_or(num_attention_heads),
+            )?,
+            head_dim: r.opt_int("head_dim")?,
+            max_position_embeddings,
+            rope_theta: r.rope_theta(d.rope_theta)?,
+            rms_norm_eps: r.float("rms_norm_eps", d.rms_norm_eps)?,
+            attention_bias: false,
+            attention_dropout: r.float("attention_dropout", 0.0)?,
+            tie_word_embeddings: r.boolean("tie_word_embeddings", false)?,
+            qk_norm: QkNorm::None,
+            localized_filtering: false,
+            num_local_experts: 0,
+            num_experts_per_tok: 2,
+            n_shared_experts: 0,
+            shared_expert_intermediate_size: None,
+            first_k_dense_replace: 0,
+            router: RouterConfig {
+                gate: Gate::TopK {
+                    norm_topk_prob: true,
+                },
+                bias: false,
+                ..RouterConfig::default()
+            },
+            router_aux_loss_coef: 0.0,
+            ..DecoderConfig::default()
+        };
+        r.silu()?;
+        r.full_attention_layers()?;
+        match self.family {
+            HfFamily::Mixtral => {
+                c.num_local_experts = r.int("num_local_experts", 8)?;
+                c.num_experts_per_tok = r.int("num_experts_per_tok", 2)?;
+                c.router_aux_loss_coef = r.float("router_aux_loss_coef", 0.001)?;
+                r.fixed(
+                    "router_jitter_noise",
+                    |v| v.as_f64() == Some(0.0),
+                    "router_jitter_noise 0 (no jitter on the router input)",
+                )?;
+                r.no_sliding_window(max_position_embeddings)?;
+            }
+            HfFamily::Qwen2Moe => {
+                let num_experts = r.int("num_experts", 60)?;
+                c.num_experts_per_tok = r.int("num_experts_per_tok", 4)?;
+                c.moe_intermediate_size = Some(r.int("moe_intermediate_size", 1408)?);
+                c.shared_expert_intermediate_size =
+                    Some(r.int("shared_expert_intermediate_size", 5632)?);
+                c.router.gate = Gate::TopK {
+                    norm_topk_prob: r.boolean("norm_topk_prob", false)?,
+                };
+                c.router_aux_loss_coef = r.float("router_aux_loss_coef", 0.001)?;
+                // transformers 4 always gives q/k/v a bias; 5 has `qkv_bias`
+                // (default true). Qwen2MoeAttention ignores `attention_bias`.
+                c.attention_bias = r.boolean("qkv_bias", true)?;
+                r.informational(&["attention_bias"]);
+                let step = r.int("decoder_sparse_step", 1)?;
+                let mlp_only = r.int_list("mlp_only_layers")?;
+                c.first_k_dense_replace =
+                    qwen2_dense_prefix(&r, c.num_hidden_layers, num_experts, step, &mlp_only)?;
+                c.num_local_experts = if c.first_k_dense_replace >= c.num_hidden_layers {
+                    0
+                } else {
+                    num_experts
+                };
+                if r.boolean("use_sliding_window", false)? {
+                    r.no_sliding_window(max_position_embeddings)?;
+                } else {
+                    r.informational(&["sliding_window"]);
+                }
+                r.informational(&["max_window_layers"]);
+            }
+            HfFamily::Olmoe => {
+                c.num_local_experts = r.int("num_experts", 64)?;
+                c.num_experts_per_tok = r.int("num_experts_per_tok", 8)?;
+                c.router.gate = Gate::TopK {
+                    norm_topk_prob: r.boolean("norm_topk_prob", false)?,
+                };
+                c.router_aux_loss_coef = r.float("router_aux_loss_coef", 0.01)?;
+                c.qk_norm = QkNorm::Projection;
+                r.fixed(
+                    "clip_qkv",
+                    |_| false,
+                    "clip_qkv null (no clipping of q, k, v)",
+                )?;
+                r.fixed(
+                    "attention_bias",
+                    |v| v.as_bool() == Some(false),
+                    "attention_bias false (o_proj has no bias)",
+                )?;
+                r.no_sliding_window(max_position_embeddings)?;
+            }
+            HfFamily::Llama => {
+                r.fixed(
+                    "attention_bias",
+                    |v| v.as_bool() == Some(false),
+                    "attention_bias false (o_proj has no bias)",
+                )?;
+                r.fixed("mlp_bias", |v| v.as_bool() == Some(false), "mlp_bias false")?;
+                // Splitting the matmuls over `pretraining_tp` slices is the same function.
+                r.informational(&["pretraining_tp"]);
+                r.no_sliding_window(max_position_embeddings)?;
+            }
+            HfFamily::DeepseekV3 => unreachable!("check_supported rejected it"),
+        }
+        r.finish(ignore)?;
+        c.validate().map_err(|e| r.err(strip_config_prefix(e)))?;
+        Ok(c)
+    }
+
+    /// The `config.json` of `config` for `family`: `model_type`,
+    /// `architectures` and Hugging Face's keys for that family (the inverse
+    /// of [`HfConfig::to_decoder`]). A config the family cannot express
+    /// (another router, capacity limits, localized filtering, a gate bias,
+    /// a dense layer in Mixtral, ...) is a [`MoeError::Config`] naming the
+    /// setting.
+    pub fn from_decoder(family: HfFamily, c: &DecoderConfig) -> Result<Self> {
+        family.check_supported()?;
+        c.validate()?;
+        let bad = |what: String| {
+            MoeError::config(format!(
+                "model_type `{family}` cannot express this decoder config: {what}"
+            ))
+        };
+        if c.localized_filtering {
+            return Err(bad(
+                "localized filtering (Yuan 2.0) has no counterpart".into()
+            ));
+        }
+        if c.n_shared_experts != 0 {
+            return Err(bad(format!(
+                "n_shared_experts = {} (DeepSeek's shared experts)",
+                c.n_shared_experts
+            )));
+        }
+        let expected_qk = if family == HfFamily::Olmoe {
+            QkNorm::Projection
+        } else {
+            QkNorm::None
+        };
+        if c.qk_norm != expected_qk {
+            return Err(bad(format!(
+                "qk_norm = {:?}, the family has {expected_qk:?}",
+                c.qk_norm
+            )));
+        }
+        let moe = c.num_local_experts > 0;
+        let norm_topk_prob = if moe {
+            let r = &c.router;
+            if r.bias || r.capacity_factor.is_some() || r.routed_scaling_factor != 1.0 {
+                return Err(bad(format!(
+                    "router bias = {}, capacity_factor = {:?}, routed_scaling_factor = {}; the \
+                     family's router has no bias, no capacity limit and no scaling",
+                    r.bias, r.capacity_factor, r.routed_scaling_factor
+                )));
+            }
+            match r.gate {
+                Gate::TopK { norm_topk_prob } => norm_topk_prob,
+                ref other => {
+                    return Err(bad(format!(
+                        "router gate {other:?}; the family's router is softmax top-k"
+                    )))
+                }
+            }
+        } else {
+            true
+        };
+        let mut j = Map::new();
+        j.insert("model_type".into(), json!(family.model_type()));
+        j.insert("architectures".into(), json!([family.architecture()]));
+        j.insert("vocab_size".into(), json!(c.vocab_size));
+        j.insert("hidden_size".into(), json!(c.hidden_size));
+        j.insert("intermediate_size".into(), json!(c.intermediate_size));
+        j.insert("num_hidden_layers".into(), json!(c.num_hidden_layers));
+        j.insert("num_attention_heads".into(), json!(c.num_attention_heads));
+        j.insert("num_key_value_heads".into(), json!(c.num_key_value_heads));
+        if let Some(head_dim) = c.head_dim {
+            j.insert("head_dim".into(), json!(head_dim));
+        }
+        j.insert(
+            "max_position_embeddings".into(),
+            json!(c.max_position_embeddings),
+        );
+        // transformers 5 keeps the RoPE settings in `rope_parameters` (and
+        // still reads a top-level `rope_theta`, which transformers 4 wrote).
+        j.insert(
+            "rope_parameters".into(),
+            json!({"rope_theta": c.rope_theta, "rope_type": "default"}),
+        );
+        j.insert("rms_norm_eps".into(), json!(c.rms_norm_eps));
+        j.insert("tie_word_embeddings".into(), json!(c.tie_word_embeddings));
+        j.insert("attention_dropout".into(), json!(c.attention_dropout));
+        j.insert("hidden_act".into(), json!("silu"));
+        match family {
+            HfFamily::Mixtral => {
+                if !moe || c.first_k_dense_replace != 0 || c.shared_experts().is_some() {
+                    return Err(bad(format!(
+                        "Mixtral has MoE layers only, without shared experts (num_local_experts \
+                         = {}, first_k_dense_replace = {}, shared_expert_intermediate_size = {:?})",
+                        c.num_local_experts,
+                        c.first_k_dense_replace,
+                        c.shared_expert_intermediate_size
+                    )));
+                }
+                if !norm_topk_prob {
+                    return Err(bad(
+                        "Mixtral renormalises the top-k weights (norm_topk_prob = true)".into(),
+                    ));
+                }
+                if c.attention_bias {
+                    return Err(bad("Mixtral's attention has no bias".into()));
+                }
+                // No dense layer: the expert width is Mixtral's intermediate_size.
+                j.insert("intermediate_size".into(), json!(c.expert_width()));
+                j.insert("num_local_experts".into(), json!(c.num_local_experts));
+                j.insert("num_experts_per_tok".into(), json!(c.num_experts_per_tok));
+                j.insert("router_aux_loss_coef".into(), json!(c.router_aux_loss_coef));
+                j.insert("router_jitter_noise".into(), json!(0.0));
+                j.insert("sliding_window".into(), Value::Null);
+            }
+            HfFamily::Qwen2Moe => {
+                if moe && c.shared_expert_intermediate_size.is_none() {
+                    return Err(bad("Qwen2-MoE layers have a gated shared expert \
+                         (shared_expert_intermediate_size)"
+                        .into()));
+                }
+                let dense = c.first_k_dense_replace.min(c.num_hidden_layers);
+                let mlp_only: Vec<i64> = if moe {
+                    (0..dense).collect()
+                } else {
+                    Vec::new()
+                };
+                j.insert("num_experts".into(), json!(c.num_local_experts));
+                j.insert("num_experts_per_tok".into(), json!(c.num_experts_per_tok));
+                j.insert("moe_intermediate_size".into(), json!(c.expert_width()));
+                j.insert(
+                    "shared_expert_intermediate_size".into(),
+                    json!(c.shared_expert_intermediate_size.unwrap_or(0)),
+                );
+                j.insert("norm_topk_prob".into(), json!(norm_topk_prob));
+                j.insert("router_aux_loss_coef".into(), json!(c.router_aux_loss_coef));
+                j.insert("decoder_sparse_step".into(), json!(1));
+                j.insert("mlp_only_layers".into(), json!(mlp_only));
+                j.insert("qkv_bias".into(), json!(c.attention_bias));
+                j.insert("use_sliding_window".into(), json!(false));
+            }
+            HfFamily::Olmoe => {
+                if !moe || c.first_k_dense_replace != 0 || c.shared_experts().is_some() {
+                    return Err(bad(format!(
+                        "OLMoE has MoE layers only, without shared experts (num_local_experts = \
+                         {}, first_k_dense_replace = {})",
+                        c.num_local_experts, c.first_k_dense_replace
+                    )));
+                }
+                if c.attention_bias {
+                    return Err(bad("OLMoE's attention bias would include o_proj".into()));
+                }
+                if c.head_dim
+                    .is_some_and(|h| h * c.num_attention_heads != c.hidden_size)
+                {
+                    return Err(bad(
+                        "OLMoE's q_norm spans hidden_size, so head_dim must be hidden_size / \
+                         num_attention_heads"
+                            .into(),
+                    ));
+                }
+                j.insert("intermediate_size".into(), json!(c.expert_width()));
+                j.insert("num_experts".into(), json!(c.num_local_experts));
+                j.insert("num_experts_per_tok".into(), json!(c.num_experts_per_tok));
+                j.insert("norm_topk_prob".into(), json!(norm_topk_prob));
+                j.insert("router_aux_loss_coef".into(), json!(c.router_aux_loss_coef));
+                j.insert("attention_bias".into(), json!(false));
+                j.insert("clip_qkv".into(), Value::Null);
+            }
+            HfFamily::Llama => {
+                if moe {
+                    return Err(bad(format!(
+                        "LLaMA is dense (num_local_experts = {})",
+                        c.num_local_experts
+                    )));
+                }
+                if c.attention_bias {
+                    return Err(bad("LLaMA's attention bias would include o_proj".into()));
+                }
+                j.insert("attention_bias".into(), json!(false));
+                j.insert("mlp_bias".into(), json!(false));
+            }
+            HfFamily::DeepseekV3 => unreachable!("check_supported rejected it"),
+        }
+        Ok(HfConfig {
+            family,
+            json: j,
+            path: PathBuf::from(crate::CONFIG_FILE),
+        })
+    }
+
+    /// The JSON object of the file.
+    pub fn to_json(&self) -> Value {
+        Value::Object(self.json.clone())
+    }
+}
+
+/// Qwen2-MoE's layer layout as a dense prefix: layer `i` is dense when it
+/// is in `mlp_only_layers` or `(i + 1) % decoder_sparse_step != 0` (or
+/// there are no experts). Only "the first k layers dense" is expressible.
+fn qwen2_dense_prefix(
+    r: &Reader<'_>,
+    layers: i64,
+    num_experts: i64,
+    step: i64,
+    mlp_only: &[i64],
+) -> Result<i64> {
+    if step < 1 {
+        return Err(r.err(format!("`decoder_sparse_step` must be >= 1, got {step}")));
+    }
+    let dense: Vec<i64> = (0..layers)
+        .filter(|i| mlp_only.contains(i) || num_experts <= 0 || (i + 1) % step != 0)
+        .collect();
+    let k = dense.len() as i64;
+    if dense.iter().copied().ne(0..k) {
+        return Err(r.err(format!(
+            "decoder_sparse_step = {step} and mlp_only_layers = {mlp_only:?} make layers \
+             {dense:?} dense; the decoder expresses only every layer MoE or a dense prefix \
+             (the first k layers)"
+        )));
+    }
+    Ok(k)
+}
+
+/// The message of a [`MoeError::Config`] without its "invalid configuration: " prefix.
+fn strip_config_prefix(e: MoeError) -> String {
+    match e {
+        MoeError::Config(msg) => msg,
+        other => other.to_string(),
+    }
+}

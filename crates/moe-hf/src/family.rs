@@ -1,0 +1,116 @@
+//! The Hugging Face model types this crate reads and writes.
+
+use moe_core::{MoeError, Result};
+use std::fmt;
+use std::str::FromStr;
+
+/// A `model_type` of Hugging Face's `config.json` that maps onto the decoder
+/// family ([`moe_models::DecoderModel`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HfFamily {
+    /// `mixtral` (`MixtralForCausalLM`): softmax top-k over
+    /// `num_local_experts`, renormalised.
+    Mixtral,
+    /// `qwen2_moe` (`Qwen2MoeForCausalLM`): q/k/v bias, fine-grained experts
+    /// and a sigmoid-gated shared expert.
+    Qwen2Moe,
+    /// `olmoe` (`OlmoeForCausalLM`): QK-norm over the projections.
+    Olmoe,
+    /// `llama` (`LlamaForCausalLM`): dense.
+    Llama,
+    /// `deepseek_v3` (`DeepseekV3ForCausalLM`): needs Multi-head Latent
+    /// Attention, which the decoder does not have yet; reading or writing it
+    /// is an error that says so.
+    DeepseekV3,
+}
+
+impl HfFamily {
+    /// Every model type this crate knows, the supported ones first.
+    pub const ALL: [HfFamily; 5] = [
+        HfFamily::Mixtral,
+        HfFamily::Qwen2Moe,
+        HfFamily::Olmoe,
+        HfFamily::Llama,
+        HfFamily::DeepseekV3,
+    ];
+
+    /// The model types that load and save today.
+    pub const SUPPORTED: [HfFamily; 4] = [
+        HfFamily::Mixtral,
+        HfFamily::Qwen2Moe,
+        HfFamily::Olmoe,
+        HfFamily::Llama,
+    ];
+
+    /// `config.json`'s `model_type`.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            HfFamily::Mixtral => "mixtral",
+            HfFamily::Qwen2Moe => "qwen2_moe",
+            HfFamily::Olmoe => "olmoe",
+            HfFamily::Llama => "llama",
+            HfFamily::DeepseekV3 => "deepseek_v3",
+        }
+    }
+
+    /// The causal-LM class transformers builds (`config.json`'s `architectures`).
+    pub fn architecture(self) -> &'static str {
+        match self {
+            HfFamily::Mixtral => "MixtralForCausalLM",
+            HfFamily::Qwen2Moe => "Qwen2MoeForCausalLM",
+            HfFamily::Olmoe => "OlmoeForCausalLM",
+            HfFamily::Llama => "LlamaForCausalLM",
+            HfFamily::DeepseekV3 => "DeepseekV3ForCausalLM",
+        }
+    }
+
+    /// Whether the family has MoE layers (LLaMA is dense).
+    pub fn is_moe(self) -> bool {
+        self != HfFamily::Llama
+    }
+
+    /// `Ok` when the decoder can hold this family; for DeepSeek-V3 the
+    /// error says what is missing.
+    pub fn check_supported(self) -> Result<()> {
+        match self {
+            HfFamily::DeepseekV3 => Err(MoeError::config(
+                "model_type `deepseek_v3` needs Multi-head Latent Attention, not yet supported \
+                 by the decoder family",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The supported model types, for messages: "mixtral, qwen2_moe, olmoe, llama".
+    pub fn supported_list() -> String {
+        Self::SUPPORTED
+            .iter()
+            .map(|f| f.model_type())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+impl fmt::Display for HfFamily {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.model_type())
+    }
+}
+
+impl FromStr for HfFamily {
+    type Err = MoeError;
+
+    /// A `model_type` (`mixtral`, `qwen2_moe`, `olmoe`, `llama`,
+    /// `deepseek_v3`); any other is an error naming the supported ones.
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|f| f.model_type() == s)
+            .ok_or_else(|| {
+                MoeError::config(format!(
+                    "model_type `{s}` is not supported: expected one of {}",
+                    Self::supported_list()
+                ))
+            })
+    }
+}

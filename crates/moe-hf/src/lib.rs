@@ -1,0 +1,77 @@
+//! Hugging Face checkpoints in and out: [`from_pretrained`] reads a folder
+//! as transformers' `save_pretrained` writes it (`config.json`,
+//! `model.safetensors` or a sharded index, `generation_config.json`,
+//! `tokenizer.json`) into the decoder family of `moe-models`, and
+//! [`save_pretrained`] writes a decoder back as such a folder.
+//!
+//! - `family.rs`: [`HfFamily`], the supported `model_type`s;
+//! - `config.rs`: [`HfConfig`], `config.json` to
+//!   [`DecoderConfig`](moe_models::DecoderConfig) and back, with the key
+//!   policy (unknown keys that may change the model are errors);
+//! - `names.rs`: [`tensor_map`], which checkpoint tensor fills which
+//!   variable, for both [`ExpertLayout`]s;
+//! - `weights.rs`: [`load_weights`] (memory-mapped, checked whole before any
+//!   copy) and the safetensors writer;
+//! - `generation.rs`: [`GenerationConfig`];
+//! - `pretrained.rs`: [`from_pretrained`], [`save_pretrained`],
+//!   [`Pretrained`], [`LoadOptions`], [`SaveOptions`].
+//!
+//! # Tensor names
+//!
+//! Our variables carry Hugging Face's names where the layer is the same;
+//! `N` is a layer, `e` an expert, `I` the expert width, `H` the model width:
+//!
+//! | Hugging Face | ours | how |
+//! |---|---|---|
+//! | `model.embed_tokens.weight`, `model.norm.weight`, `lm_head.weight` (untied) | same | as is |
+//! | `model.layers.N.{input,post_attention}_layernorm.weight` | same | as is |
+//! | `model.layers.N.self_attn.{q,k,v,o}_proj.weight`, `{q,k,v}_proj.bias` (Qwen2-MoE), `{q,k}_norm.weight` (OLMoE) | same | as is |
+//! | `model.layers.N.mlp.{gate,up,down}_proj.weight` (dense layers) | same | as is |
+//! | Mixtral `model.layers.N.block_sparse_moe.gate.weight` (or transformers 5's `mlp.gate.weight`); others `model.layers.N.mlp.gate.weight` | `model.layers.N.mlp.router.gate.weight` | as is, `[E, H]` |
+//! | Mixtral `...block_sparse_moe.experts.e.w1.weight`; others `...mlp.experts.e.gate_proj.weight` (`[I, H]`) | `model.layers.N.mlp.experts.w_gate[e]` (`[H, I]`) | transposed |
+//! | Mixtral `...experts.e.w3.weight`; others `...experts.e.up_proj.weight` | `...mlp.experts.w_in[e]` | transposed |
+//! | Mixtral `...experts.e.w2.weight`; others `...experts.e.down_proj.weight` (`[H, I]`) | `...mlp.experts.w_out[e]` (`[I, H]`) | transposed |
+//! | packed: `model.layers.N.mlp.experts.gate_up_proj` `[E, 2I, H]` | `w_gate` (rows `0..I`), `w_in` (rows `I..2I`) | `transpose(1, 2)` of each half |
+//! | packed: `model.layers.N.mlp.experts.down_proj` `[E, H, I]` | `w_out` `[E, I, H]` | `transpose(1, 2)` |
+//! | Qwen2-MoE `model.layers.N.mlp.shared_expert.{gate,up,down}_proj.weight` | `...mlp.shared_experts.{w_gate,w_in,w_out}[0]` | transposed |
+//! | Qwen2-MoE `model.layers.N.mlp.shared_expert_gate.weight` | same | as is, `[1, H]` |
+//! | DeepSeek-V3 `...mlp.gate.e_score_correction_bias` | `...mlp.router.expert_bias` | as is (once MLA lands) |
+//! | DeepSeek-V3 `...mlp.shared_experts.{gate,up,down}_proj.weight` | `...mlp.shared_experts.{w_gate,w_in,w_out}[0]` | transposed (once MLA lands) |
+//!
+//! `...rotary_emb.inv_freq` buffers (recomputed) and, with tied
+//! embeddings, a stored `lm_head.weight` are skipped on reading.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use moe_hf::{from_pretrained, LoadOptions};
+//! use moe_models::{generate, Sampling};
+//!
+//! # fn main() -> moe_core::Result<()> {
+//! let pretrained = from_pretrained("tests/data/hf/mixtral".as_ref(), &LoadOptions::default())?;
+//! let prompt = [1, 415, 2936];
+//! let tokens = generate(&pretrained.model, &prompt, 20, Sampling::greedy(), |_| {})?;
+//! # let _ = tokens;
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+mod config;
+mod family;
+mod fs;
+mod generation;
+mod names;
+mod pretrained;
+mod weights;
+
+pub use config::HfConfig;
+pub use family::HfFamily;
+pub use generation::GenerationConfig;
+pub use names::{tensor_map, ExpertLayout, HfTensor, Placement, TensorPart};
+pub use pretrained::{
+    from_pretrained, save_pretrained, save_pretrained_with, LoadOptions, Pretrained, SaveOptions,
+    CONFIG_FILE, GENERATION_FILE, TOKENIZER_FILE,
+};
+pub use weights::{load_weights, INDEX_FILE, WEIGHTS_FILE};

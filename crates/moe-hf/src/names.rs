@@ -1,0 +1,302 @@
+//! Which tensor of a Hugging Face checkpoint holds which of the decoder's
+//! variables, per family and expert layout.
+
+use crate::HfFamily;
+use moe_models::DecoderConfig;
+
+/// How the routed experts of an MoE layer are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExpertLayout {
+    /// One set of linear layers per expert, as the Hub's checkpoints hold
+    /// them and transformers writes them: Mixtral's
+    /// `block_sparse_moe.experts.N.{w1,w3,w2}.weight` (gate, up, down),
+    /// the others' `mlp.experts.N.{gate,up,down}_proj.weight`.
+    #[default]
+    PerExpert,
+    /// transformers 5's fused parameters of `MixtralExperts` and its
+    /// relatives: `mlp.experts.gate_up_proj` `[E, 2I, H]` (the gate's `I`
+    /// rows first, then the up projection's) and `mlp.experts.down_proj`
+    /// `[E, H, I]`, each expert's slice laid out as an `nn.Linear` weight
+    /// (`[out, in]`); Mixtral's router is then `mlp.gate.weight`.
+    Packed,
+}
+
+/// Where (part of) a checkpoint tensor goes in one variable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// The tensor is the variable.
+    Same,
+    /// The tensor is the variable transposed (2-D).
+    Transposed,
+    /// The tensor is expert `e` of a stacked variable `[E, a, b]`,
+    /// transposed: `hf = var[e]^T`, `[b, a]` (an `nn.Linear` weight of one
+    /// expert against our `x @ w` layout).
+    ExpertTransposed(i64),
+    /// Rows `offset..offset + b` of dimension 1 of a packed tensor
+    /// `[E, rows, a]` are the stacked variable `[E, a, b]` with its last two
+    /// dimensions swapped: `hf[:, offset..offset + b, :] = var.transpose(1, 2)`.
+    PackedRows {
+        /// First row of dimension 1.
+        offset: i64,
+    },
+}
+
+/// One of the variables a checkpoint tensor fills, and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorPart {
+    /// The variable's path in the `VarStore` (`model.layers.0.mlp.experts.w_gate`).
+    pub var: String,
+    /// How the tensor's data maps onto it.
+    pub placement: Placement,
+}
+
+/// A tensor of the checkpoint and the variables it fills.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HfTensor {
+    /// The tensor's name in the safetensors file.
+    pub name: String,
+    /// The variables (one, or two for a packed `gate_up_proj`).
+    pub parts: Vec<TensorPart>,
+}
+
+/// Ways the checkpoint may hold the same variables; a reader takes the
+/// first whose tensors are all present.
+#[derive(Debug, Clone)]
+pub(crate) struct Alternative {
+    /// The expert layout it belongs to (`None`: any).
+    pub layout: Option<ExpertLayout>,
+    pub tensors: Vec<HfTensor>,
+}
+
+/// A set of variables and the alternatives that hold them.
+#[derive(Debug, Clone)]
+pub(crate) struct Group {
+    pub alternatives: Vec<Alternative>,
+}
+
+impl Group {
+    fn one(tensors: Vec<HfTensor>) -> Self {
+        Group {
+            alternatives: vec![Alternative {
+                layout: None,
+                tensors,
+            }],
+        }
+    }
+
+    /// The alternative a writer of `layout` uses.
+    pub fn for_layout(&self, layout: ExpertLayout) -> &Alternative {
+        self.alternatives
+            .iter()
+            .find(|a| a.layout.is_none_or(|l| l == layout))
+            .unwrap_or(&self.alternatives[0])
+    }
+}
+
+fn same(name: impl Into<String>, var: impl Into<String>) -> HfTensor {
+    HfTensor {
+        name: name.into(),
+        parts: vec![TensorPart {
+            var: var.into(),
+            placement: Placement::Same,
+        }],
+    }
+}
+
+/// Per-expert HF names of the gate, up and down projections: Mixtral's
+/// `w1`, `w3`, `w2`; the others' `gate_proj`, `up_proj`, `down_proj`.
+fn projection_names(family: HfFamily) -> [&'static str; 3] {
+    match family {
+        HfFamily::Mixtral => ["w1", "w3", "w2"],
+        _ => ["gate_proj", "up_proj", "down_proj"],
+    }
+}
+
+/// Our stacked bank's variables, in the order gate, up, down.
+const BANK: [&str; 3] = ["w_gate", "w_in", "w_out"];
+
+/// One SwiGLU MLP stored as `prefix.{gate,up,down}_proj.weight`, held as
+/// expert 0 of a stacked bank `ours.{w_gate,w_in,w_out}` (Qwen2-MoE's and
+/// DeepSeek's shared experts).
+fn mlp_as_expert(prefix: &str, ours: &str) -> Vec<HfTensor> {
+    ["gate_proj", "up_proj", "down_proj"]
+        .iter()
+        .zip(BANK)
+        .map(|(hf, var)| HfTensor {
+            name: format!("{prefix}.{hf}.weight"),
+            parts: vec![TensorPart {
+                var: format!("{ours}.{var}"),
+                placement: Placement::ExpertTransposed(0),
+            }],
+        })
+        .collect()
+}
+
+/// The experts of MoE layer `i`, per expert.
+fn per_expert(family: HfFamily, i: i64, num_experts: i64) -> Vec<HfTensor> {
+    let prefix = match family {
+        HfFamily::Mixtral => format!("model.layers.{i}.block_sparse_moe.experts"),
+        _ => format!("model.layers.{i}.mlp.experts"),
+    };
+    let ours = format!("model.layers.{i}.mlp.experts");
+    let names = projection_names(family);
+    (0..num_experts)
+        .flat_map(|e| {
+            let (prefix, ours) = (&prefix, &ours);
+            names.iter().zip(BANK).map(move |(hf, var)| HfTensor {
+                name: format!("{prefix}.{e}.{hf}.weight"),
+                parts: vec![TensorPart {
+                    var: format!("{ours}.{var}"),
+                    placement: Placement::ExpertTransposed(e),
+                }],
+            })
+        })
+        .collect()
+}
+
+/// The experts of MoE layer `i`, packed (transformers 5); `h` the expert width.
+fn packed(i: i64, h: i64) -> Vec<HfTensor> {
+    let hf = format!("model.layers.{i}.mlp.experts");
+    let ours = format!("model.layers.{i}.mlp.experts");
+    let part = |var: &str, offset: i64| TensorPart {
+        var: format!("{ours}.{var}"),
+        placement: Placement::PackedRows { offset },
+    };
+    vec![
+        HfTensor {
+            name: format!("{hf}.gate_up_proj"),
+            parts: vec![part("w_gate", 0), part("w_in", h)],
+        },
+        HfTensor {
+            name: format!("{hf}.down_proj"),
+            parts: vec![part("w_out", 0)],
+        },
+    ]
+}
+
+/// The groups of tensors of a `family` checkpoint for a decoder `config`:
+/// embeddings, every layer's norms, attention and feed-forward network, the
+/// final norm and the untied head.
+pub(crate) fn groups(family: HfFamily, c: &DecoderConfig) -> Vec<Group> {
+    let mut groups = vec![Group::one(vec![same(
+        "model.embed_tokens.weight",
+        "model.embed_tokens.weight",
+    )])];
+    for i in 0..c.num_hidden_layers {
+        let layer = format!("model.layers.{i}");
+        let mut plain = vec![
+            same(
+                format!("{layer}.input_layernorm.weight"),
+                format!("{layer}.input_layernorm.weight"),
+            ),
+            same(
+                format!("{layer}.post_attention_layernorm.weight"),
+                format!("{layer}.post_attention_layernorm.weight"),
+            ),
+        ];
+        let attn = format!("{layer}.self_attn");
+        for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+            let name = format!("{attn}.{proj}.weight");
+            plain.push(same(&name, &name));
+        }
+        if c.attention_bias {
+            for proj in ["q_proj", "k_proj", "v_proj"] {
+                let name = format!("{attn}.{proj}.bias");
+                plain.push(same(&name, &name));
+            }
+        }
+        if c.qk_norm != moe_nn::QkNorm::None {
+            for norm in ["q_norm", "k_norm"] {
+                let name = format!("{attn}.{norm}.weight");
+                plain.push(same(&name, &name));
+            }
+        }
+        let mlp = format!("{layer}.mlp");
+        if !c.is_moe_layer(i) {
+            for proj in ["gate_proj", "up_proj", "down_proj"] {
+                let name = format!("{mlp}.{proj}.weight");
+                plain.push(same(&name, &name));
+            }
+            groups.push(Group::one(plain));
+            continue;
+        }
+        // The router: Mixtral's per-expert checkpoints name it
+        // `block_sparse_moe.gate`, transformers 5's packed ones `mlp.gate`.
+        let router = format!("{mlp}.router.gate.weight");
+        match family {
+            HfFamily::Mixtral => groups.push(Group {
+                alternatives: vec![
+                    Alternative {
+                        layout: Some(ExpertLayout::PerExpert),
+                        tensors: vec![same(
+                            format!("{layer}.block_sparse_moe.gate.weight"),
+                            &router,
+                        )],
+                    },
+                    Alternative {
+                        layout: Some(ExpertLayout::Packed),
+                        tensors: vec![same(format!("{mlp}.gate.weight"), &router)],
+                    },
+                ],
+            }),
+            _ => plain.push(same(format!("{mlp}.gate.weight"), &router)),
+        }
+        if matches!(c.router.gate, moe_routers::Gate::SigmoidAuxFree { .. }) {
+            // DeepSeek-V3's balancing bias.
+            plain.push(same(
+                format!("{mlp}.gate.e_score_correction_bias"),
+                format!("{mlp}.router.expert_bias"),
+            ));
+        }
+        if c.shared_experts().is_some() {
+            let (hf, gate) = match family {
+                HfFamily::DeepseekV3 => (format!("{mlp}.shared_experts"), false),
+                _ => (format!("{mlp}.shared_expert"), true),
+            };
+            plain.extend(mlp_as_expert(&hf, &format!("{mlp}.shared_experts")));
+            if gate {
+                let name = format!("{mlp}.shared_expert_gate.weight");
+                plain.push(same(&name, &name));
+            }
+        }
+        groups.push(Group::one(plain));
+        groups.push(Group {
+            alternatives: vec![
+                Alternative {
+                    layout: Some(ExpertLayout::PerExpert),
+                    tensors: per_expert(family, i, c.num_local_experts),
+                },
+                Alternative {
+                    layout: Some(ExpertLayout::Packed),
+                    tensors: packed(i, c.expert_width()),
+                },
+            ],
+        });
+    }
+    let mut last = vec![same("model.norm.weight", "model.norm.weight")];
+    if !c.tie_word_embeddings {
+        last.push(same("lm_head.weight", "lm_head.weight"));
+    }
+    groups.push(Group::one(last));
+    groups
+}
+
+/// The tensors a checkpoint of `family` written in `layout` holds for a
+/// decoder `config`, each with the variables it fills: the name mapping of
+/// [`crate::save_pretrained_with`] and, for either layout,
+/// [`crate::from_pretrained`].
+pub fn tensor_map(family: HfFamily, config: &DecoderConfig, layout: ExpertLayout) -> Vec<HfTensor> {
+    groups(family, config)
+        .iter()
+        .flat_map(|g| g.for_layout(layout).tensors.clone())
+        .collect()
+}
+
+/// Whether a checkpoint tensor that no variable takes may be skipped:
+/// rotary tables (`...rotary_emb.inv_freq`, recomputed) and, with tied
+/// embeddings, a stored `lm_head.weight` (transformers ties it to the
+/// embeddings too).
+pub(crate) fn ignorable(name: &str, config: &DecoderConfig) -> bool {
+    name.ends_with("rotary_emb.inv_freq")
+        || (config.tie_word_embeddings && name == "lm_head.weight")
+}

@@ -1,0 +1,649 @@
+//! safetensors weights: read through a memory map and checked whole before
+//! any variable changes; written with the safetensors crate.
+
+use crate::fs::{commit, temp_path};
+use crate::names::{groups, ignorable, tensor_map, ExpertLayout, HfTensor, Placement};
+use crate::HfFamily;
+use memmap2::Mmap;
+use moe_core::{MoeError, Result};
+use moe_models::DecoderConfig;
+use safetensors::tensor::{Dtype, TensorView, View};
+use safetensors::SafeTensors;
+use serde_json::Value;
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use tch::{nn, Device, Kind, Tensor};
+
+/// The single-file weights of a checkpoint folder.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The index of sharded weights (`weight_map`: tensor name -> shard file).
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Problems listed in one error message before "...".
+const SHOWN_PROBLEMS: usize = 8;
+
+/// A memory-mapped safetensors file.
+struct Mapped {
+    path: PathBuf,
+    map: Mmap,
+}
+
+/// The weight files of a folder: `model.safetensors`, or the shards of
+/// `model.safetensors.index.json` with its `weight_map`.
+struct Files {
+    /// The file errors about the whole checkpoint name.
+    main: PathBuf,
+    mapped: Vec<Mapped>,
+    /// Tensor name -> index in `mapped`, from the index file.
+    index: Option<HashMap<String, usize>>,
+}
+
+fn checkpoint_err(path: &Path, reason: impl Into<String>) -> MoeError {
+    MoeError::Checkpoint {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// Maps `path` into memory.
+///
+/// The map stays valid while the file is unchanged: as with every reader
+/// of memory-mapped checkpoints (transformers, candle), a file rewritten in
+/// place while it is being loaded is undefined behaviour. Writers here
+/// (and transformers') replace files by renaming, which does not affect a
+/// map of the old file.
+fn map_file(path: &Path, what: &str) -> Result<Mapped> {
+    let file =
+        File::open(path).map_err(|e| checkpoint_err(path, format!("cannot open {what}: {e}")))?;
+    // SAFETY: read-only map of a file we do not modify; see above.
+    let map = unsafe { Mmap::map(&file) }
+        .map_err(|e| checkpoint_err(path, format!("cannot map {what} into memory: {e}")))?;
+    Ok(Mapped {
+        path: path.to_path_buf(),
+        map,
+    })
+}
+
+/// Opens `dir/model.safetensors`, else the shards of
+/// `dir/model.safetensors.index.json`.
+fn open_files(dir: &Path) -> Result<Files> {
+    let single = dir.join(WEIGHTS_FILE);
+    if single.is_file() {
+        return Ok(Files {
+            main: single.clone(),
+            mapped: vec![map_file(&single, "the weights")?],
+            index: None,
+        });
+    }
+    let index_path = dir.join(INDEX_FILE);
+    if !index_path.is_file() {
+        let other = ["pytorch_model.bin", "pytorch_model.bin.index.json"]
+            .iter()
+            .find(|f| dir.join(f).is_file())
+            .map(|f| format!(" (found {f}: convert it to safetensors first)"))
+            .unwrap_or_default();
+        return Err(checkpoint_err(
+            &single,
+            format!("no weights: neither {WEIGHTS_FILE} nor {INDEX_FILE} exists{other}"),
+        ));
+    }
+    let text = std::fs::read_to_string(&index_path)
+        .map_err(|e| checkpoint_err(&index_path, format!("cannot read the index: {e}")))?;
+    let json: Value = serde_json::from_str(&text)
+        .map_err(|e| checkpoint_err(&index_path, format!("not valid JSON: {e}")))?;
+    let Some(weight_map) = json.get("weight_map").and_then(Value::as_object) else {
+        return Err(checkpoint_err(
+            &index_path,
+            "the index has no `weight_map` object (tensor name -> shard file)",
+        ));
+    };
+    let mut shards: BTreeMap<String, usize> = BTreeMap::new();
+    let mut names = Vec::with_capacity(weight_map.len());
+    for (name, file) in weight_map {
+        let Some(file) = file.as_str() else {
+            return Err(checkpoint_err(
+                &index_path,
+                format!("`weight_map` entry of tensor `{name}` must be a file name, got {file}"),
+            ));
+        };
+        if file.contains('/') || file.contains('\\') || file == ".." {
+            return Err(checkpoint_err(
+                &index_path,
+                format!(
+                    "shard `{file}` of tensor `{name}` must be a file in the checkpoint folder"
+                ),
+            ));
+        }
+        let next = shards.len();
+        let i = *shards.entry(file.to_string()).or_insert(next);
+        names.push((name.clone(), i));
+    }
+    let mut by_index: Vec<(usize, String)> = shards.into_iter().map(|(f, i)| (i, f)).collect();
+    by_index.sort();
+    let mapped = by_index
+        .iter()
+        .map(|(_, file)| {
+            let path = dir.join(file);
+            if !path.is_file() {
+                return Err(checkpoint_err(
+                    &path,
+                    format!("shard listed in {INDEX_FILE} does not exist"),
+                ));
+            }
+            map_file(&path, "the shard")
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Files {
+        main: index_path,
+        mapped,
+        index: Some(names.into_iter().collect()),
+    })
+}
+
+/// Parses the header of a mapped file; a corrupt or truncated file is an
+/// error naming it and, for a truncation, the first tensor cut off.
+fn parse(m: &Mapped) -> Result<SafeTensors<'_>> {
+    SafeTensors::deserialize(&m.map).map_err(|e| checkpoint_err(&m.path, diagnose(&m.map, &e)))
+}
+
+/// Why `bytes` is not a safetensors file, as precisely as the header allows.
+fn diagnose(bytes: &[u8], e: &safetensors::SafeTensorError) -> String {
+    let generic = format!("not a valid safetensors file (corrupt or truncated): {e}");
+    let Some(len) = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    else {
+        return format!(
+            "truncated: {} bytes, shorter than the 8-byte header length",
+            bytes.len()
+        );
+    };
+    let header_end = 8u64.saturating_add(len);
+    if header_end > bytes.len() as u64 {
+        return format!(
+            "truncated or corrupt: the header claims {len} bytes but the file has only {} after \
+             the length field",
+            bytes.len() - 8
+        );
+    }
+    let Ok(header) = serde_json::from_slice::<Value>(&bytes[8..header_end as usize]) else {
+        return generic;
+    };
+    let Some(entries) = header.as_object() else {
+        return generic;
+    };
+    let available = bytes.len() as u64 - header_end;
+    let mut cut: Vec<(u64, &String, u64)> = entries
+        .iter()
+        .filter(|(name, _)| name.as_str() != "__metadata__")
+        .filter_map(|(name, info)| {
+            let offsets = info.get("data_offsets")?.as_array()?;
+            let (start, end) = (offsets.first()?.as_u64()?, offsets.get(1)?.as_u64()?);
+            (end > available).then_some((start, name, end))
+        })
+        .collect();
+    cut.sort();
+    match cut.first() {
+        Some((start, name, end)) => format!(
+            "truncated: tensor `{name}` needs bytes {start}..{end} of the data section, which \
+             holds only {available} bytes ({} tensor(s) cut off)",
+            cut.len()
+        ),
+        None => generic,
+    }
+}
+
+/// The element type of a safetensors dtype the model's weights can take.
+fn float_kind(dtype: Dtype) -> Option<Kind> {
+    match dtype {
+        Dtype::F32 => Some(Kind::Float),
+        Dtype::F16 => Some(Kind::Half),
+        Dtype::BF16 => Some(Kind::BFloat16),
+        Dtype::F64 => Some(Kind::Double),
+        _ => None,
+    }
+}
+
+/// The safetensors dtype of a floating-point kind.
+pub(crate) fn dtype_of(kind: Kind) -> Option<Dtype> {
+    match kind {
+        Kind::Float => Some(Dtype::F32),
+        Kind::Half => Some(Dtype::F16),
+        Kind::BFloat16 => Some(Dtype::BF16),
+        Kind::Double => Some(Dtype::F64),
+        _ => None,
+    }
+}
+
+/// The shape a checkpoint tensor must have to fill its variables, or why
+/// the variables do not fit the mapping (a config the family cannot hold).
+fn expected_shape(
+    t: &HfTensor,
+    vars: &HashMap<String, Tensor>,
+) -> std::result::Result<Vec<i64>, String> {
+    let var = |name: &str| {
+        vars.get(name)
+            .map(Tensor::size)
+            .ok_or_else(|| format!("the model has no variable `{name}` for tensor `{}`", t.name))
+    };
+    let first = &t.parts[0];
+    let s = var(&first.var)?;
+    match first.placement {
+        Placement::Same => Ok(s),
+        Placement::Transposed if s.len() == 2 => Ok(vec![s[1], s[0]]),
+        Placement::ExpertTransposed(e) if s.len() == 3 && e < s[0] => Ok(vec![s[2], s[1]]),
+        Placement::PackedRows { .. } if s.len() == 3 => {
+            let mut rows = 0;
+            for part in &t.parts {
+                let p = var(&part.var)?;
+                match part.placement {
+                    Placement::PackedRows { offset }
+                        if offset == rows && p.len() == 3 && p[0] == s[0] && p[1] == s[1] =>
+                    {
+                        rows += p[2];
+                    }
+                    _ => {
+                        return Err(format!(
+                            "variables {:?} cannot be packed into `{}`",
+                            t.parts, t.name
+                        ))
+                    }
+                }
+            }
+            Ok(vec![s[0], rows, s[1]])
+        }
+        _ => Err(format!(
+            "variable `{}` of shape {s:?} cannot take tensor `{}` as {:?}",
+            first.var, t.name, first.placement
+        )),
+    }
+}
+
+/// Every variable of `vars` must be filled by exactly one part of `tensors`.
+fn check_coverage<'a>(
+    family: HfFamily,
+    tensors: impl Iterator<Item = &'a HfTensor>,
+    vars: &HashMap<String, Tensor>,
+) -> Result<()> {
+    let mut seen: HashSet<&str> = HashSet::new();
+    for t in tensors {
+        for part in &t.parts {
+            if !vars.contains_key(&part.var) {
+                return Err(MoeError::config(format!(
+                    "model_type `{family}`: tensor `{}` fills variable `{}`, which the model \
+                     does not have",
+                    t.name, part.var
+                )));
+            }
+            seen.insert(&part.var);
+        }
+    }
+    let mut left: Vec<&String> = vars.keys().filter(|k| !seen.contains(k.as_str())).collect();
+    left.sort();
+    match left.first() {
+        None => Ok(()),
+        Some(_) => Err(MoeError::config(format!(
+            "model_type `{family}` has no tensor for the variable(s) {left:?}: the model's config \
+             has a part the family cannot express"
+        ))),
+    }
+}
+
+/// Reads the weights of `dir` (`model.safetensors` or a sharded index)
+/// into the variables of `vs`, which hold a decoder of `config`, named as a
+/// `family` checkpoint names them in either expert layout
+/// ([`ExpertLayout`]).
+///
+/// Everything is checked before any variable changes: every file parses
+/// (a truncated or corrupt file names the file and the first tensor cut
+/// off), the index and its shards agree, every tensor the model needs is
+/// there with the right shape and a floating-point dtype (F32, F16, BF16,
+/// F64), and no other tensor is (rotary `inv_freq` tables and a tied
+/// `lm_head.weight` aside). Problems are one [`MoeError::Checkpoint`]
+/// naming the file and listing each tensor. Then each tensor is copied
+/// once from the mapped file into its variable(s), converted to the
+/// variable's dtype and device.
+pub fn load_weights(
+    dir: &Path,
+    family: HfFamily,
+    config: &DecoderConfig,
+    vs: &nn::VarStore,
+) -> Result<()> {
+    family.check_supported()?;
+    let files = open_files(dir)?;
+    let parsed = files.mapped.iter().map(parse).collect::<Result<Vec<_>>>()?;
+    let file_name = |i: usize| {
+        files.mapped[i]
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let mut table: HashMap<&str, (usize, TensorView<'_>)> = HashMap::new();
+    let mut problems: Vec<String> = Vec::new();
+    for (i, st) in parsed.iter().enumerate() {
+        for (name, view) in st.iter() {
+            if let Some((j, _)) = table.insert(name, (i, view)) {
+                problems.push(format!(
+                    "tensor `{name}` is in both {} and {}",
+                    file_name(j),
+                    file_name(i)
+                ));
+            }
+        }
+    }
+    if let Some(index) = &files.index {
+        let mut listed: Vec<(&String, &usize)> = index.iter().collect();
+        listed.sort();
+        for (name, &i) in listed {
+            match table.get(name.as_str()) {
+                None => problems.push(format!(
+                    "tensor `{name}` is listed in {INDEX_FILE} under {} but that shard does not \
+                     hold it",
+                    file_name(i)
+                )),
+                Some((j, _)) if *j != i => problems.push(format!(
+                    "tensor `{name}` is listed under {} but is in {}",
+                    file_name(i),
+                    file_name(*j)
+                )),
+                Some(_) => {}
+            }
+        }
+        let mut unlisted: Vec<(&str, usize)> = table
+            .iter()
+            .filter(|(name, _)| !index.contains_key(**name))
+            .map(|(name, (i, _))| (*name, *i))
+            .collect();
+        unlisted.sort();
+        for (name, i) in unlisted {
+            problems.push(format!(
+                "tensor `{name}` of {} is not listed in {INDEX_FILE}",
+                file_name(i)
+            ));
+        }
+    }
+    let vars = vs.variables();
+    let groups = groups(family, config);
+    check_coverage(
+        family,
+        groups
+            .iter()
+            .map(|g| &g.alternatives[0])
+            .flat_map(|a| &a.tensors),
+        &vars,
+    )?;
+    let mut plan: Vec<(&HfTensor, &TensorView<'_>)> = Vec::new();
+    let mut used: HashSet<&str> = HashSet::new();
+    for group in &groups {
+        let present = |a: &crate::names::Alternative| {
+            a.tensors
+                .iter()
+                .filter(|t| table.contains_key(t.name.as_str()))
+                .count()
+        };
+        let complete = group
+            .alternatives
+            .iter()
+            .find(|a| present(a) == a.tensors.len());
+        let chosen = match complete {
+            Some(a) => a,
+            None => {
+                // Report against the alternative the file holds most of.
+                let best = group
+                    .alternatives
+                    .iter()
+                    .rev()
+                    .max_by_key(|a| present(a))
+                    .expect("a group has an alternative");
+                let others: Vec<&str> = group
+                    .alternatives
+                    .iter()
+                    .filter(|a| !std::ptr::eq(*a, best))
+                    .filter_map(|a| a.tensors.first().map(|t| t.name.as_str()))
+                    .collect();
+                for t in best
+                    .tensors
+                    .iter()
+                    .filter(|t| !table.contains_key(t.name.as_str()))
+                {
+                    let alt = if others.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (nor the other layout's `{}`, ...)", others.join("`, `"))
+                    };
+                    problems.push(format!("missing tensor `{}`{}{alt}", t.name, for_var(t)));
+                }
+                best
+            }
+        };
+        for t in &chosen.tensors {
+            let Some((i, view)) = table.get(t.name.as_str()) else {
+                continue;
+            };
+            used.insert(t.name.as_str());
+            let expected = expected_shape(t, &vars)
+                .map_err(|reason| MoeError::config(format!("model_type `{family}`: {reason}")))?;
+            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+            if float_kind(view.dtype()).is_none() {
+                problems.push(format!(
+                    "tensor `{}` in {} has dtype {:?}; the model's weights take F32, F16, BF16 or \
+                     F64",
+                    t.name,
+                    file_name(*i),
+                    view.dtype()
+                ));
+            } else if shape != expected {
+                problems.push(format!(
+                    "tensor `{}` in {} has shape {shape:?}, expected {expected:?}{}",
+                    t.name,
+                    file_name(*i),
+                    for_var(t)
+                ));
+            } else {
+                plan.push((t, view));
+            }
+        }
+    }
+    let mut unexpected: Vec<(&str, usize)> = table
+        .iter()
+        .filter(|(name, _)| !used.contains(**name) && !ignorable(name, config))
+        .map(|(name, (i, _))| (*name, *i))
+        .collect();
+    unexpected.sort();
+    for (name, i) in unexpected {
+        problems.push(format!("unexpected tensor `{name}` in {}", file_name(i)));
+    }
+    if !problems.is_empty() {
+        let shown = problems.len().min(SHOWN_PROBLEMS);
+        return Err(checkpoint_err(
+            &files.main,
+            format!(
+                "the weights do not fit a model_type `{family}` decoder of this config ({} \
+                 problem(s)): {}{}",
+                problems.len(),
+                problems[..shown].join("; "),
+                if problems.len() > shown { "; ..." } else { "" }
+            ),
+        ));
+    }
+    tch::no_grad(|| copy_all(&plan, &vars))
+}
+
+/// " for variable `v`" when the tensor fills variables of other names.
+fn for_var(t: &HfTensor) -> String {
+    let vars: Vec<&str> = t
+        .parts
+        .iter()
+        .map(|p| p.var.as_str())
+        .filter(|v| *v != t.name)
+        .collect();
+    if vars.is_empty() {
+        String::new()
+    } else {
+        format!(" for `{}`", vars.join("`, `"))
+    }
+}
+
+/// Copies each planned tensor into its variables.
+fn copy_all(plan: &[(&HfTensor, &TensorView<'_>)], vars: &HashMap<String, Tensor>) -> Result<()> {
+    for (t, view) in plan {
+        let kind = float_kind(view.dtype()).expect("checked");
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let src = Tensor::f_from_data_size(TensorView::data(view), &shape, kind)?;
+        for part in &t.parts {
+            let var = &vars[&part.var];
+            let (mut dest, piece) = match part.placement {
+                Placement::Same => (var.shallow_clone(), src.shallow_clone()),
+                Placement::Transposed => (var.shallow_clone(), src.tr()),
+                Placement::ExpertTransposed(e) => (var.select(0, e), src.tr()),
+                Placement::PackedRows { offset } => (
+                    var.shallow_clone(),
+                    src.narrow(1, offset, var.size()[2]).transpose(1, 2),
+                ),
+            };
+            dest.f_copy_(&piece)?;
+        }
+    }
+    Ok(())
+}
+
+/// A checkpoint tensor assembled from its variables when the writer asks
+/// for its bytes, so that one tensor at a time is in memory.
+struct Assembled {
+    parts: Vec<(Tensor, Placement)>,
+    kind: Kind,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// The first libtorch error of any tensor (checked after writing).
+    error: Rc<RefCell<Option<tch::TchError>>>,
+}
+
+impl Assembled {
+    fn bytes(&self) -> std::result::Result<Vec<u8>, tch::TchError> {
+        let pieces = self
+            .parts
+            .iter()
+            .map(|(var, placement)| match placement {
+                Placement::Same => Ok(var.shallow_clone()),
+                Placement::Transposed => var.f_tr(),
+                Placement::ExpertTransposed(e) => var.f_select(0, *e)?.f_tr(),
+                Placement::PackedRows { .. } => var.f_transpose(1, 2),
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let whole = if pieces.len() == 1 {
+            pieces.into_iter().next().expect("one piece")
+        } else {
+            Tensor::f_cat(&pieces, 1)?
+        };
+        let whole = whole
+            .f_to_device(Device::Cpu)?
+            .f_to_kind(self.kind)?
+            .f_contiguous()?;
+        let mut bytes = vec![0u8; self.data_len()];
+        whole.f_copy_data_u8(&mut bytes, whole.numel())?;
+        Ok(bytes)
+    }
+}
+
+impl View for Assembled {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        match tch::no_grad(|| self.bytes()) {
+            Ok(bytes) => Cow::Owned(bytes),
+            Err(e) => {
+                self.error.borrow_mut().get_or_insert(e);
+                Cow::Owned(vec![0u8; self.data_len()])
+            }
+        }
+    }
+
+    fn data_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.kind.elt_size_in_bytes()
+    }
+}
+
+/// Writes the variables of `vs` (a decoder of `config`) to `path` as a
+/// `family` safetensors file in `layout`, each tensor in `dtype` (the
+/// variable's own when `None`), with `__metadata__ {"format": "pt"}`;
+/// atomically (temporary file, fsync, rename).
+pub(crate) fn write_weights(
+    path: &Path,
+    family: HfFamily,
+    config: &DecoderConfig,
+    vs: &nn::VarStore,
+    layout: ExpertLayout,
+    dtype: Option<Kind>,
+) -> Result<()> {
+    let vars = vs.variables();
+    let tensors = tensor_map(family, config, layout);
+    check_coverage(family, tensors.iter(), &vars)?;
+    let error = Rc::new(RefCell::new(None));
+    let mut views = Vec::with_capacity(tensors.len());
+    for t in &tensors {
+        let shape = expected_shape(t, &vars)
+            .map_err(|reason| MoeError::config(format!("model_type `{family}`: {reason}")))?;
+        let kind = dtype.unwrap_or_else(|| vars[&t.parts[0].var].kind());
+        let st_dtype = dtype_of(kind).ok_or_else(|| {
+            MoeError::config(format!(
+                "cannot save tensor `{}` as {kind:?}: expected a floating-point kind (Float, \
+                 Half, BFloat16 or Double)",
+                t.name
+            ))
+        })?;
+        let mut parts: Vec<(Tensor, Placement)> = t
+            .parts
+            .iter()
+            .map(|p| (vars[&p.var].shallow_clone(), p.placement))
+            .collect();
+        parts.sort_by_key(|(_, p)| match p {
+            Placement::PackedRows { offset } => *offset,
+            _ => 0,
+        });
+        views.push((
+            t.name.clone(),
+            Assembled {
+                parts,
+                kind,
+                dtype: st_dtype,
+                shape: shape.iter().map(|&d| d as usize).collect(),
+                error: Rc::clone(&error),
+            },
+        ));
+    }
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let tmp = temp_path(path);
+    // The safetensors writer creates its file with mode 0600 (a private
+    // temporary file); the weights get the permissions of any new file
+    // (the umask's), read from a file created the ordinary way.
+    let permissions = File::create(&tmp)
+        .and_then(|f| f.metadata())
+        .map(|m| m.permissions())
+        .map_err(|e| MoeError::io(&tmp, e))?;
+    let written = safetensors::serialize_to_file(views, Some(metadata), &tmp)
+        .and_then(|()| Ok(std::fs::set_permissions(&tmp, permissions)?));
+    let failed = match (written, error.borrow_mut().take()) {
+        (Err(e), _) => Some(e.to_string()),
+        (Ok(()), Some(e)) => Some(e.to_string()),
+        (Ok(()), None) => None,
+    };
+    if let Some(reason) = failed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(checkpoint_err(
+            path,
+            format!("cannot write the weights: {reason}"),
+        ));
+    }
+    commit(&tmp, path)
+}

@@ -1,0 +1,147 @@
+//! Helpers of the moe-hf tests: fixture folders, expected outputs, temp
+//! folders and safetensors files written byte by byte.
+
+#![allow(dead_code)]
+
+use moe_hf::{from_pretrained, LoadOptions, Pretrained};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+
+/// The families whose fixtures load today.
+pub const FAMILIES: [&str; 4] = ["mixtral", "qwen2_moe", "olmoe", "llama"];
+
+/// `tests/data/hf/NAME` of the workspace.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/data/hf")
+        .join(name)
+}
+
+/// What `expected.json` holds.
+#[derive(Debug, Deserialize)]
+pub struct Expected {
+    pub prompts: Vec<Vec<i64>>,
+    /// `[prompt][position][vocab]`.
+    pub logits: Vec<Vec<Vec<f32>>>,
+    pub moe_layers: Vec<i64>,
+    /// `[prompt][moe layer][position][k]`, ascending.
+    pub experts: Vec<Vec<Vec<Vec<i64>>>>,
+    pub greedy: Vec<Vec<i64>>,
+}
+
+pub fn expected(name: &str) -> Expected {
+    let text = std::fs::read_to_string(fixture(name).join("expected.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn load(dir: &Path) -> Pretrained {
+    from_pretrained(dir, &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
+/// A fresh empty folder under the system's temp dir.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "moe-hf-{tag}-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Copies the JSON files of fixture `name` (config, generation config,
+/// tokenizer) into `dir`.
+pub fn copy_json(name: &str, dir: &Path) {
+    for f in ["config.json", "generation_config.json", "tokenizer.json"] {
+        std::fs::copy(fixture(name).join(f), dir.join(f)).unwrap();
+    }
+}
+
+/// A tensor of a safetensors file as raw bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Raw {
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl safetensors::View for &Raw {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Every tensor of a safetensors file, by name.
+pub fn read_raw(path: &Path) -> BTreeMap<String, Raw> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            (
+                name,
+                Raw {
+                    dtype: v.dtype(),
+                    shape: v.shape().to_vec(),
+                    data: v.data().to_vec(),
+                },
+            )
+        })
+        .collect()
+}
+
+/// `__metadata__` of a safetensors file.
+pub fn read_metadata(path: &Path) -> Option<std::collections::HashMap<String, String>> {
+    let bytes = std::fs::read(path).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    meta.metadata().clone()
+}
+
+/// Writes `tensors` as a safetensors file with `{"format": "pt"}`.
+pub fn write_raw(path: &Path, tensors: &BTreeMap<String, Raw>) {
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(
+        tensors.iter().map(|(k, v)| (k.clone(), v)),
+        Some(meta),
+        path,
+    )
+    .unwrap();
+}
+
+/// The variables of a store, by name (deep copies).
+pub fn snapshot(vs: &tch::nn::VarStore) -> BTreeMap<String, Tensor> {
+    vs.variables()
+        .into_iter()
+        .map(|(k, v)| (k, v.detach().copy()))
+        .collect()
+}
+
+/// Asserts two snapshots hold the same names and bit-identical values.
+pub fn assert_same_vars(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) {
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "variable names"
+    );
+    for (name, t) in a {
+        assert!(t.equal(&b[name]), "variable `{name}` differs");
+    }
+}
+
+/// Max |a - b| over two tensors.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}

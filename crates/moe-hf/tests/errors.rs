@@ -1,0 +1,344 @@
+//! Everything a user can get wrong in a checkpoint folder is an error that
+//! names the file (and the tensor or key), found before any variable changes.
+
+mod common;
+
+use common::{
+    assert_same_vars, copy_json, fixture, load, read_raw, snapshot, temp_dir, write_raw, Raw,
+};
+use moe_core::MoeError;
+use moe_hf::{from_pretrained, load_weights, HfConfig, LoadOptions, Pretrained};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A copy of fixture `name` whose weights are `edit`ed.
+fn edited(name: &str, tag: &str, edit: impl FnOnce(&mut BTreeMap<String, Raw>)) -> PathBuf {
+    let dir = temp_dir(tag);
+    copy_json(name, &dir);
+    let mut tensors = read_raw(&fixture(name).join("model.safetensors"));
+    edit(&mut tensors);
+    write_raw(&dir.join("model.safetensors"), &tensors);
+    dir
+}
+
+/// A copy of fixture `name` whose `config.json` is `edit`ed.
+fn edited_config(
+    name: &str,
+    tag: &str,
+    edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>),
+) -> PathBuf {
+    let dir = temp_dir(tag);
+    copy_json(name, &dir);
+    std::fs::copy(
+        fixture(name).join("model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
+    let path = dir.join("config.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(json.as_object_mut().unwrap());
+    std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+    dir
+}
+
+/// Loading `dir`'s weights into `target` fails with a checkpoint error
+/// naming `file` and containing every needle, and leaves every variable as
+/// it was.
+fn assert_weights_rejected(dir: &Path, target: &Pretrained, file: &str, needles: &[&str]) {
+    let before = snapshot(&target.vs);
+    let err = load_weights(dir, target.family(), &target.config, &target.vs).unwrap_err();
+    let msg = err.to_string();
+    match &err {
+        MoeError::Checkpoint { path, .. } => {
+            assert!(path.ends_with(file), "{msg}")
+        }
+        other => panic!("expected a checkpoint error, got {other:?}"),
+    }
+    for needle in needles {
+        assert!(msg.contains(needle), "`{needle}` not in: {msg}");
+    }
+    assert_same_vars(&before, &snapshot(&target.vs));
+    // from_pretrained reports the same.
+    let err = from_pretrained(dir, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    for needle in needles {
+        assert!(err.contains(needle), "`{needle}` not in: {err}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+const Q: &str = "model.layers.1.self_attn.q_proj.weight";
+
+#[test]
+fn a_missing_tensor_is_named() {
+    let target = load(&fixture("mixtral"));
+    let dir = edited("mixtral", "missing", |t| {
+        t.remove(Q);
+    });
+    assert_weights_rejected(&dir, &target, "model.safetensors", &["missing tensor", Q]);
+    let expert = "model.layers.0.block_sparse_moe.experts.3.w2.weight";
+    let dir = edited("mixtral", "missing-expert", |t| {
+        t.remove(expert);
+    });
+    assert_weights_rejected(
+        &dir,
+        &target,
+        "model.safetensors",
+        &[
+            "missing tensor",
+            expert,
+            "model.layers.0.mlp.experts.w_out",
+            "gate_up_proj",
+        ],
+    );
+}
+
+#[test]
+fn an_unexpected_tensor_is_named() {
+    let target = load(&fixture("qwen2_moe"));
+    let extra = "model.layers.0.mlp.extra.weight";
+    let dir = edited("qwen2_moe", "unexpected", |t| {
+        let q = t[Q].clone();
+        t.insert(extra.into(), q);
+    });
+    assert_weights_rejected(
+        &dir,
+        &target,
+        "model.safetensors",
+        &["unexpected tensor", extra],
+    );
+    // Rotary tables are skipped.
+    let dir = edited("qwen2_moe", "inv-freq", |t| {
+        t.insert(
+            "model.rotary_emb.inv_freq".into(),
+            Raw {
+                dtype: safetensors::Dtype::F32,
+                shape: vec![4],
+                data: vec![0; 16],
+            },
+        );
+    });
+    load_weights(&dir, target.family(), &target.config, &target.vs).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_wrong_shape_is_named_with_both_shapes() {
+    let target = load(&fixture("olmoe"));
+    let dir = edited("olmoe", "shape", |t| {
+        let q = t.get_mut(Q).unwrap();
+        q.shape = vec![16, 32];
+        q.data.truncate(16 * 32 * 2);
+    });
+    assert_weights_rejected(
+        &dir,
+        &target,
+        "model.safetensors",
+        &[Q, "[16, 32]", "expected [32, 32]"],
+    );
+}
+
+#[test]
+fn a_tensor_of_integers_is_rejected() {
+    let target = load(&fixture("llama"));
+    let dir = edited("llama", "dtype", |t| {
+        let q = t.get_mut(Q).unwrap();
+        q.dtype = safetensors::Dtype::I16;
+    });
+    assert_weights_rejected(
+        &dir,
+        &target,
+        "model.safetensors",
+        &[Q, "dtype I16", "F32, F16, BF16"],
+    );
+}
+
+#[test]
+fn a_truncated_file_names_the_first_tensor_cut_off() {
+    let target = load(&fixture("mixtral"));
+    let dir = temp_dir("truncated");
+    copy_json("mixtral", &dir);
+    let bytes = std::fs::read(fixture("mixtral").join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() - 1000]).unwrap();
+    assert_weights_rejected(
+        &dir,
+        &target,
+        "model.safetensors",
+        &["truncated", "tensor `model."],
+    );
+    // A file cut inside its header, and one that is not safetensors at all.
+    for (tag, content) in [
+        ("cut-header", bytes[..100].to_vec()),
+        ("garbage", b"not a checkpoint".to_vec()),
+    ] {
+        let dir = temp_dir(tag);
+        copy_json("mixtral", &dir);
+        std::fs::write(dir.join("model.safetensors"), content).unwrap();
+        assert_weights_rejected(&dir, &target, "model.safetensors", &["truncated"]);
+    }
+}
+
+#[test]
+fn sharded_index_problems_name_the_shard() {
+    let target = load(&fixture("llama"));
+    let dir = temp_dir("shard-missing");
+    copy_json("llama", &dir);
+    let index = serde_json::json!({"weight_map": {Q: "model-00001-of-00002.safetensors"}});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    assert_weights_rejected(
+        &dir,
+        &target,
+        "model-00001-of-00002.safetensors",
+        &["does not exist"],
+    );
+    let dir = temp_dir("no-weights");
+    copy_json("llama", &dir);
+    assert_weights_rejected(&dir, &target, "model.safetensors", &["no weights"]);
+}
+
+/// `from_pretrained` of `dir` fails with an error of `config.json` holding every needle.
+fn assert_config_rejected(dir: &Path, needles: &[&str]) {
+    let err = from_pretrained(dir, &LoadOptions::default()).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(&err, MoeError::Checkpoint { path, .. } if path.ends_with("config.json")),
+        "{msg}"
+    );
+    for needle in needles {
+        assert!(msg.contains(needle), "`{needle}` not in: {msg}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn an_unknown_model_type_names_the_supported_ones() {
+    let dir = edited_config("mixtral", "model-type", |c| {
+        c.insert("model_type".into(), "gpt2".into());
+    });
+    assert_config_rejected(&dir, &["`gpt2`", "mixtral, qwen2_moe, olmoe, llama"]);
+}
+
+#[test]
+fn rope_scaling_is_not_supported_yet() {
+    let dir = edited_config("llama", "rope-scaling", |c| {
+        c.insert(
+            "rope_scaling".into(),
+            serde_json::json!({"type": "linear", "factor": 2.0}),
+        );
+    });
+    assert_config_rejected(&dir, &["rope scaling `linear` is not supported yet"]);
+    let dir = edited_config("mixtral", "rope-parameters", |c| {
+        c.insert(
+            "rope_parameters".into(),
+            serde_json::json!({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}),
+        );
+    });
+    assert_config_rejected(&dir, &["rope scaling `yarn` is not supported yet"]);
+}
+
+#[test]
+fn keys_that_change_the_model_are_not_ignored() {
+    let cases: [(&str, &str, serde_json::Value, &str); 6] = [
+        ("olmoe", "clip_qkv", 8.0.into(), "clip_qkv"),
+        (
+            "mixtral",
+            "router_jitter_noise",
+            0.1.into(),
+            "router_jitter_noise",
+        ),
+        ("mixtral", "sliding_window", 16.into(), "sliding_window"),
+        ("llama", "mlp_bias", true.into(), "mlp_bias"),
+        ("llama", "hidden_act", "gelu".into(), "hidden_act"),
+        (
+            "qwen2_moe",
+            "mlp_only_layers",
+            serde_json::json!([1]),
+            "dense prefix",
+        ),
+    ];
+    for (name, key, value, needle) in cases {
+        let dir = edited_config(name, &format!("key-{key}"), |c| {
+            c.insert(key.into(), value.clone());
+        });
+        assert_config_rejected(&dir, &[needle, &format!("model_type `{name}`")]);
+    }
+    // An unknown key is an error, unless the caller ignores it.
+    let dir = edited_config("mixtral", "unknown-key", |c| {
+        c.insert("quantization_config".into(), serde_json::json!({"bits": 4}));
+    });
+    let err = from_pretrained(&dir, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unknown key(s) `quantization_config`"),
+        "{err}"
+    );
+    from_pretrained(
+        &dir,
+        &LoadOptions {
+            ignore_keys: vec!["quantization_config".into()],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn qwen2_layouts_map_to_a_dense_prefix() {
+    let read = |patch: serde_json::Value| {
+        let mut json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture("qwen2_moe").join("config.json")).unwrap(),
+        )
+        .unwrap();
+        for (k, v) in patch.as_object().unwrap() {
+            json[k] = v.clone();
+        }
+        HfConfig::from_json(json, Path::new("config.json"))
+            .unwrap()
+            .to_decoder(&[])
+    };
+    let c = read(serde_json::json!({"mlp_only_layers": [0]})).unwrap();
+    assert_eq!((c.first_k_dense_replace, c.num_local_experts), (1, 8));
+    // Every second layer MoE with two layers: layer 0 dense, layer 1 MoE.
+    let c = read(serde_json::json!({"decoder_sparse_step": 2})).unwrap();
+    assert_eq!(c.first_k_dense_replace, 1);
+    let c = read(serde_json::json!({"num_experts": 0})).unwrap();
+    assert_eq!(c.num_local_experts, 0);
+    assert!(read(serde_json::json!({"num_hidden_layers": 4, "decoder_sparse_step": 2})).is_err());
+}
+
+#[test]
+fn bad_options_and_bad_json_are_errors() {
+    let err = from_pretrained(
+        &fixture("llama"),
+        &LoadOptions {
+            dtype: Some(tch::Kind::Int64),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(err, MoeError::Config(_)), "{err}");
+    let dir = temp_dir("bad-json");
+    copy_json("llama", &dir);
+    std::fs::write(
+        dir.join("generation_config.json"),
+        "{\"eos_token_id\": \"x\"}",
+    )
+    .unwrap();
+    let err = from_pretrained(&dir, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("generation_config.json"), "{err}");
+    std::fs::write(dir.join("config.json"), "{").unwrap();
+    let err = from_pretrained(&dir, &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("config.json") && err.contains("not valid JSON"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

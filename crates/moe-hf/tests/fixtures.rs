@@ -1,0 +1,149 @@
+//! Checkpoints written by transformers 5.23.0 (`tests/data/hf`, see its
+//! README): our decoder loaded from them computes transformers' fp32 logits
+//! (within 1e-4), routes every token to the same experts and continues every
+//! prompt greedily with the same 20 tokens.
+
+mod common;
+
+use common::{expected, fixture, load, FAMILIES};
+use moe_core::MoeError;
+use moe_hf::{from_pretrained, LoadOptions};
+use moe_models::{generate, CausalLm, Sampling};
+use tch::Tensor;
+
+/// Checks one fixture folder and returns the largest logit difference.
+fn check(name: &str) -> f64 {
+    let dir = fixture(name);
+    let want = expected(name);
+    let pretrained = load(&dir);
+    let model = &pretrained.model;
+    let moe_layers: Vec<i64> = (0..pretrained.config.num_hidden_layers)
+        .filter(|&i| pretrained.config.is_moe_layer(i))
+        .collect();
+    assert_eq!(moe_layers, want.moe_layers, "{name}: MoE layers");
+    let mut worst = 0.0f64;
+    for (p, prompt) in want.prompts.iter().enumerate() {
+        let idx = Tensor::from_slice(prompt).unsqueeze(0);
+        let out = tch::no_grad(|| model.forward_t(&idx, false)).unwrap();
+        let logits = out.logits.squeeze_dim(0);
+        let reference = Tensor::from_slice(
+            &want.logits[p]
+                .iter()
+                .flatten()
+                .copied()
+                .collect::<Vec<f32>>(),
+        )
+        .view([prompt.len() as i64, -1]);
+        assert_eq!(logits.size(), reference.size(), "{name}: logits shape");
+        let diff = common::max_abs_diff(&logits, &reference);
+        assert!(
+            diff <= 1e-4,
+            "{name}, prompt {p}: max |logit diff| {diff:e} > 1e-4"
+        );
+        worst = worst.max(diff);
+        assert_eq!(
+            out.routings.len(),
+            want.moe_layers.len(),
+            "{name}: routings"
+        );
+        for (m, routing) in out.routings.iter().enumerate() {
+            let (sorted, _) = routing.indices.sort(-1, false);
+            let got: Vec<Vec<i64>> = Vec::<Vec<i64>>::try_from(&sorted).unwrap();
+            assert_eq!(
+                got, want.experts[p][m],
+                "{name}, prompt {p}, MoE layer {m}: experts per token"
+            );
+        }
+        let greedy = generate(model, prompt, 20, Sampling::greedy(), |_| {}).unwrap();
+        assert_eq!(
+            greedy, want.greedy[p],
+            "{name}, prompt {p}: greedy continuation"
+        );
+    }
+    println!("{name}: max |logit diff| = {worst:e}");
+    worst
+}
+
+#[test]
+fn mixtral_matches_transformers() {
+    check("mixtral");
+}
+
+#[test]
+fn qwen2_moe_matches_transformers() {
+    check("qwen2_moe");
+}
+
+#[test]
+fn olmoe_matches_transformers() {
+    check("olmoe");
+}
+
+#[test]
+fn llama_matches_transformers() {
+    check("llama");
+}
+
+#[test]
+fn every_supported_fixture_is_checked() {
+    // A family folder the fixtures add later must get its test above.
+    for name in FAMILIES {
+        assert!(fixture(name).join("expected.json").is_file(), "{name}");
+    }
+}
+
+/// The message of a failed load.
+fn load_error(name: &str) -> (MoeError, String) {
+    let err = from_pretrained(&fixture(name), &LoadOptions::default()).unwrap_err();
+    let msg = err.to_string();
+    (err, msg)
+}
+
+#[test]
+fn deepseek_v3_waits_for_multi_head_latent_attention() {
+    for name in ["deepseek_v3", "deepseek_v3_yarn"] {
+        if !fixture(name).is_dir() {
+            continue;
+        }
+        let (err, msg) = load_error(name);
+        assert!(matches!(err, MoeError::Checkpoint { .. }), "{msg}");
+        assert!(
+            msg.contains("needs Multi-head Latent Attention, not yet supported"),
+            "{msg}"
+        );
+        assert!(msg.contains("config.json"), "{msg}");
+    }
+}
+
+#[test]
+fn llama3_rope_scaling_is_reported_until_supported() {
+    let (err, msg) = load_error("llama_rope3");
+    assert!(matches!(err, MoeError::Checkpoint { .. }), "{msg}");
+    assert!(
+        msg.contains("rope scaling `llama3` is not supported yet"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn the_fixture_tokenizer_and_generation_config_load() {
+    let pretrained = load(&fixture("mixtral"));
+    let tokenizer = pretrained.tokenizer.as_ref().expect("tokenizer.json");
+    let want = expected("mixtral");
+    // The prompts are the first tokens of these lines (the README's).
+    let ids = tokenizer
+        .encode("First Citizen:\nBefore we proceed")
+        .unwrap();
+    assert_eq!(&ids[..5], &want.prompts[0][..]);
+    assert_eq!(
+        tokenizer.decode(&want.prompts[0]).unwrap(),
+        tokenizer.decode(&ids[..5]).unwrap()
+    );
+    assert!(tokenizer.vocab_size() <= pretrained.config.vocab_size);
+    // No eos in these files: generation runs to its length.
+    assert!(pretrained.generation.eos_token_id.is_empty());
+    assert_eq!(
+        pretrained.generation.other.get("transformers_version"),
+        Some(&serde_json::json!("5.23.0"))
+    );
+}

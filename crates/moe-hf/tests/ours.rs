@@ -1,0 +1,266 @@
+//! Folders our `save_pretrained` writes, for transformers to check:
+//! `tests/data/hf/ours/<name>/` holds `config.json`, `model.safetensors`
+//! (bf16), `generation_config.json`, `tokenizer.json` and `ours.json`
+//! (`{"prompts", "logits"}`, the logits our decoder computes from exactly
+//! the saved bf16 weights). `python scripts/hf_fixtures.py --check-ours
+//! tests/data/hf/ours/*` loads each folder with transformers and writes
+//! `transformers_check.json` next to it.
+//!
+//! Regenerate the folders with
+//! `cargo test -p moe-hf --test ours -- --ignored write_ours`.
+
+mod common;
+
+use common::{expected, fixture, load};
+use moe_hf::{save_pretrained_with, ExpertLayout, HfFamily, SaveOptions};
+use moe_models::{CausalLm, DecoderConfig, DecoderModel, DecoderPreset};
+use moe_routers::Gate;
+use serde_json::json;
+use std::path::PathBuf;
+use tch::{nn, Device, Kind, Tensor};
+
+/// One folder: a model of ours in a family, and how it is saved.
+struct Case {
+    name: &'static str,
+    family: HfFamily,
+    config: DecoderConfig,
+    layout: ExpertLayout,
+}
+
+/// Small models of every family, each with settings the transformers
+/// fixtures do not have (tied embeddings, a dense first layer, renormalised
+/// Qwen2 routing, multi-query attention, the packed expert layout, another
+/// RoPE base).
+fn cases() -> Vec<Case> {
+    let small = |preset| DecoderConfig {
+        vocab_size: 128,
+        hidden_size: 32,
+        intermediate_size: 16,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        max_position_embeddings: 64,
+        tie_word_embeddings: false,
+        ..DecoderConfig::preset(preset)
+    };
+    let mixtral = DecoderConfig {
+        num_local_experts: 4,
+        ..small(DecoderPreset::Mixtral)
+    };
+    let mut qwen2 = DecoderConfig {
+        num_hidden_layers: 3,
+        intermediate_size: 64,
+        num_local_experts: 8,
+        num_experts_per_tok: 2,
+        moe_intermediate_size: Some(16),
+        shared_expert_intermediate_size: Some(24),
+        first_k_dense_replace: 1,
+        ..small(DecoderPreset::Qwen2Moe)
+    };
+    qwen2.router.gate = Gate::TopK {
+        norm_topk_prob: true,
+    };
+    let olmoe = DecoderConfig {
+        num_local_experts: 8,
+        ..small(DecoderPreset::Olmoe)
+    };
+    let llama = DecoderConfig {
+        intermediate_size: 64,
+        num_key_value_heads: 1,
+        tie_word_embeddings: true,
+        rope_theta: 500_000.0,
+        head_dim: Some(8),
+        ..small(DecoderPreset::Llama)
+    };
+    vec![
+        Case {
+            name: "mixtral",
+            family: HfFamily::Mixtral,
+            config: mixtral.clone(),
+            layout: ExpertLayout::PerExpert,
+        },
+        Case {
+            name: "mixtral_packed",
+            family: HfFamily::Mixtral,
+            config: mixtral,
+            layout: ExpertLayout::Packed,
+        },
+        Case {
+            name: "qwen2_moe",
+            family: HfFamily::Qwen2Moe,
+            config: qwen2,
+            layout: ExpertLayout::PerExpert,
+        },
+        Case {
+            name: "olmoe",
+            family: HfFamily::Olmoe,
+            config: olmoe,
+            layout: ExpertLayout::PerExpert,
+        },
+        Case {
+            name: "llama",
+            family: HfFamily::Llama,
+            config: llama,
+            layout: ExpertLayout::PerExpert,
+        },
+    ]
+}
+
+fn ours_dir(name: &str) -> PathBuf {
+    fixture("ours").join(name)
+}
+
+/// Unit-scale random weights, as the transformers fixtures draw them:
+/// embeddings N(0, 1), matrices N(0, 1/fan_in), norm weights 1 + N(0, 0.01),
+/// biases N(0, 0.01), routers scaled by 4.
+fn randomise(vs: &nn::VarStore) {
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    tch::no_grad(|| {
+        for (name, mut var) in vars {
+            let size = var.size();
+            let noise = Tensor::randn(size.as_slice(), (Kind::Float, Device::Cpu));
+            let value = if name.ends_with("norm.weight") {
+                noise * 0.01 + 1.0
+            } else if name.ends_with(".bias") {
+                noise * 0.01
+            } else if name.contains("embed_tokens") {
+                noise
+            } else {
+                // Both [out, in] linear weights and [E, in, out] expert
+                // banks have their fan-in at dimension 1.
+                let fan_in = size[1];
+                let scale = if name.contains("router") { 4.0 } else { 1.0 };
+                noise * (scale / (fan_in as f64).sqrt())
+            };
+            var.copy_(&value);
+        }
+    });
+}
+
+/// The smallest relative gap `(p_k - p_k+1) / p_k` between the k-th and
+/// next softmax probability over every routed token.
+fn min_router_gap(model: &DecoderModel, prompts: &[Vec<i64>]) -> f64 {
+    let k = model.config().num_experts_per_tok;
+    let mut gap = f64::INFINITY;
+    for p in prompts {
+        let idx = Tensor::from_slice(p).unsqueeze(0);
+        let out = tch::no_grad(|| model.forward_t(&idx, false)).unwrap();
+        for r in &out.routings {
+            let probs = r.logits.to_kind(Kind::Float).softmax(-1, Kind::Float);
+            let (sorted, _) = probs.sort(-1, true);
+            let kth = sorted.narrow(1, k - 1, 1);
+            let next = sorted.narrow(1, k, 1);
+            let g = ((&kth - next) / kth).min().double_value(&[]);
+            gap = gap.min(g);
+        }
+    }
+    gap
+}
+
+/// Writes every folder (ignored by default: it rewrites files of the repository).
+#[test]
+#[ignore]
+fn write_ours() {
+    let prompts = expected("mixtral").prompts;
+    let tokenizer = load(&fixture("mixtral")).tokenizer;
+    for case in cases() {
+        let dir = ours_dir(case.name);
+        let mut seed = 100;
+        loop {
+            tch::manual_seed(seed);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let model = DecoderModel::new(&vs.root(), &case.config).unwrap();
+            randomise(&vs);
+            let _ = std::fs::remove_dir_all(&dir);
+            let options = SaveOptions {
+                dtype: Some(Kind::BFloat16),
+                layout: case.layout,
+                generation: None,
+            };
+            save_pretrained_with(
+                &model,
+                &vs,
+                case.family.model_type(),
+                &dir,
+                tokenizer.as_ref(),
+                &options,
+            )
+            .unwrap();
+            // Our logits from exactly the saved bf16 weights.
+            let back = load(&dir);
+            let gap = if case.config.num_local_experts > 0 {
+                min_router_gap(&back.model, &prompts)
+            } else {
+                f64::INFINITY
+            };
+            if gap < 1e-3 {
+                seed += 1;
+                continue;
+            }
+            let logits: Vec<Vec<Vec<f32>>> = prompts
+                .iter()
+                .map(|p| {
+                    let idx = Tensor::from_slice(p).unsqueeze(0);
+                    let l = tch::no_grad(|| back.model.forward_t(&idx, false))
+                        .unwrap()
+                        .logits;
+                    Vec::<Vec<f32>>::try_from(&l.squeeze_dim(0)).unwrap()
+                })
+                .collect();
+            let ours = json!({
+                "model_type": case.family.model_type(),
+                "layout": format!("{:?}", case.layout),
+                "seed": seed,
+                "min_router_gap": if gap.is_finite() { json!(gap) } else { json!(null) },
+                "prompts": prompts,
+                "logits": logits,
+            });
+            std::fs::write(dir.join("ours.json"), ours.to_string()).unwrap();
+            println!("{}: seed {seed}, min router gap {gap:.4}", case.name);
+            break;
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Ours {
+    prompts: Vec<Vec<i64>>,
+    logits: Vec<Vec<Vec<f32>>>,
+}
+
+/// The committed folders load and reproduce their logits, and where
+/// transformers has checked them (`transformers_check.json`), it agreed.
+#[test]
+fn ours_folders_reproduce_their_logits() {
+    for case in cases() {
+        let dir = ours_dir(case.name);
+        let ours: Ours =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("ours.json")).unwrap()).unwrap();
+        let pretrained = load(&dir);
+        assert_eq!(pretrained.family(), case.family, "{}", case.name);
+        let mut want = case.config.clone();
+        want.init = pretrained.config.init;
+        assert_eq!(pretrained.config, want, "{}: config", case.name);
+        for (p, logits) in ours.prompts.iter().zip(&ours.logits) {
+            let idx = Tensor::from_slice(p).unsqueeze(0);
+            let got = tch::no_grad(|| pretrained.model.forward_t(&idx, false))
+                .unwrap()
+                .logits
+                .squeeze_dim(0);
+            let want = Tensor::from_slice(&logits.concat()).view([p.len() as i64, -1]);
+            let diff = common::max_abs_diff(&got, &want);
+            assert!(diff <= 1e-6, "{}: {diff}", case.name);
+        }
+        let check = dir.join("transformers_check.json");
+        if check.is_file() {
+            let check: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(check).unwrap()).unwrap();
+            assert_eq!(
+                check["ok"], true,
+                "{}: transformers says {check}",
+                case.name
+            );
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! `generate --model DIR` on a Hugging Face checkpoint folder: the
+//! checkpoint's tokenizer, greedy by its generation config, and the same
+//! tokens as the library's generation.
+
+mod common;
+
+use common::ok;
+use moe_layers::hf::{from_pretrained, LoadOptions};
+use moe_layers::lm::{generate, Sampling, TextStream};
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn generate_reads_a_hugging_face_folder() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf/mixtral");
+    let prompt = "First Citizen:";
+    let out = Command::new(common::example("generate"))
+        .args(["--model", dir.to_str().unwrap(), "--prompt", prompt])
+        .args(["--max-new-tokens", "12", "--device", "cpu"])
+        .output()
+        .unwrap();
+    let text = ok(&out);
+    // What the library generates (greedy: the file has no do_sample).
+    let pretrained = from_pretrained(&dir, &LoadOptions::default()).unwrap();
+    let tokenizer = pretrained.tokenizer.as_ref().unwrap();
+    let ids = tokenizer.encode(prompt).unwrap();
+    let new = generate(&pretrained.model, &ids, 12, Sampling::greedy(), |_| {}).unwrap();
+    let mut stream = TextStream::new(tokenizer);
+    for &id in &ids {
+        stream.push(id).unwrap();
+    }
+    let continuation: String = new.iter().map(|&id| stream.push(id).unwrap()).collect();
+    assert_eq!(text, format!("{prompt}{continuation}\n"));
+    assert!(!continuation.is_empty());
+
+    // Neither or both sources are usage errors.
+    let out = Command::new(common::example("generate"))
+        .args(["--prompt", "x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
