@@ -74,18 +74,22 @@ impl BpeTokenizer {
     }
 
     pub fn decode(&self, ids: &[i64]) -> Result<String> {
-        let vocab_size = self.vocab_size();
-        let ids = ids
-            .iter()
-            .map(|&id| {
-                u32::try_from(id)
-                    .ok()
-                    .filter(|_| id < vocab_size)
-                    .ok_or(MoeError::TokenOutOfVocab { id, vocab_size })
-            })
-            .collect::<Result<Vec<u32>>>()?;
+        let ids = vocab_ids(ids, self.vocab_size())?;
         self.inner
             .decode(&ids, false)
             .map_err(|e| MoeError::Encode(format!("BPE decoding: {e}")))
     }
+}
+
+/// `ids` as the `u32` ids of a `tokenizers` vocabulary of `vocab_size`
+/// tokens; an id outside it is [`MoeError::TokenOutOfVocab`].
+pub(crate) fn vocab_ids(ids: &[i64], vocab_size: i64) -> Result<Vec<u32>> {
+    ids.iter()
+        .map(|&id| {
+            u32::try_from(id)
+                .ok()
+                .filter(|_| id < vocab_size)
+                .ok_or(MoeError::TokenOutOfVocab { id, vocab_size })
+        })
+        .collect()
 }

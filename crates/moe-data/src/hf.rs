@@ -1,6 +1,7 @@
 //! A pretrained Hugging Face tokenizer (`tokenizer.json`), as a checkpoint
 //! on the Hub ships it.
 
+use crate::bpe::vocab_ids;
 use moe_core::{MoeError, Result};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::path::Path;
@@ -117,16 +118,7 @@ impl HfTokenizer {
     }
 
     fn decode_with(&self, ids: &[i64], skip_special_tokens: bool) -> Result<String> {
-        let vocab_size = self.vocab_size;
-        let ids = ids
-            .iter()
-            .map(|&id| {
-                u32::try_from(id)
-                    .ok()
-                    .filter(|_| id < vocab_size)
-                    .ok_or(MoeError::TokenOutOfVocab { id, vocab_size })
-            })
-            .collect::<Result<Vec<u32>>>()?;
+        let ids = vocab_ids(ids, self.vocab_size)?;
         self.inner
             .decode(&ids, skip_special_tokens)
             .map_err(|e| MoeError::Encode(format!("decoding with the Hugging Face tokenizer: {e}")))

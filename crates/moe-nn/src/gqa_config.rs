@@ -1,3 +1,4 @@
+use crate::rope_scaling::check_rope_norm_dropout;
 use crate::RopeScaling;
 use moe_core::{MoeError, Result, WeightInit};
 use serde::{Deserialize, Serialize};
@@ -116,27 +117,12 @@ impl GqaConfig {
                 self.head_dim()
             )));
         }
-        if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
-            return Err(MoeError::config(format!(
-                "rope_theta must be positive and finite, got {}",
-                self.rope_theta
-            )));
-        }
-        if let Some(scaling) = &self.rope_scaling {
-            scaling.validate()?;
-        }
-        if !(self.rms_norm_eps >= 0.0 && self.rms_norm_eps.is_finite()) {
-            return Err(MoeError::config(format!(
-                "rms_norm_eps must be finite and non-negative, got {}",
-                self.rms_norm_eps
-            )));
-        }
-        if !(0.0..1.0).contains(&self.attention_dropout) {
-            return Err(MoeError::config(format!(
-                "attention_dropout must be in [0, 1), got {}",
-                self.attention_dropout
-            )));
-        }
+        check_rope_norm_dropout(
+            self.rope_theta,
+            self.rope_scaling.as_ref(),
+            self.rms_norm_eps,
+            self.attention_dropout,
+        )?;
         if self.localized_filtering && self.hidden_size % 2 != 0 {
             return Err(MoeError::config(format!(
                 "localized filtering needs an even hidden_size, got {}",

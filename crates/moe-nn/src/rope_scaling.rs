@@ -507,3 +507,33 @@ impl RopeScaling {
         }
     }
 }
+
+/// The settings every rotary attention layer checks: `rope_theta` positive
+/// and finite, the scaling's own values, `rms_norm_eps >= 0` and finite,
+/// `attention_dropout` in `[0, 1)`.
+pub(crate) fn check_rope_norm_dropout(
+    rope_theta: f64,
+    rope_scaling: Option<&RopeScaling>,
+    rms_norm_eps: f64,
+    attention_dropout: f64,
+) -> Result<()> {
+    if !(rope_theta > 0.0 && rope_theta.is_finite()) {
+        return Err(MoeError::config(format!(
+            "rope_theta must be positive and finite, got {rope_theta}"
+        )));
+    }
+    if let Some(scaling) = rope_scaling {
+        scaling.validate()?;
+    }
+    if !(rms_norm_eps >= 0.0 && rms_norm_eps.is_finite()) {
+        return Err(MoeError::config(format!(
+            "rms_norm_eps must be finite and non-negative, got {rms_norm_eps}"
+        )));
+    }
+    if !(0.0..1.0).contains(&attention_dropout) {
+        return Err(MoeError::config(format!(
+            "attention_dropout must be in [0, 1), got {attention_dropout}"
+        )));
+    }
+    Ok(())
+}
