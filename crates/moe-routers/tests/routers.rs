@@ -726,15 +726,19 @@ fn every_softmax_gate_renormalises_only_with_norm_topk_prob() {
     };
     let x = Tensor::from_slice(&[0.3f32, -1.2, 0.8, 2.0, -0.5, 0.1]).view([2, 3]);
     for (with, without) in gates(true).into_iter().zip(gates(false)) {
-        let routing = |gate: Gate| {
-            tch::manual_seed(9);
-            let vs = nn::VarStore::new(Device::Cpu);
-            let router = cfg(gate, true)
-                .build(&vs.root(), dims(3, 4, 2), init())
-                .unwrap();
-            router.route(&x, false).unwrap()
-        };
-        let (a, b) = (routing(with.clone()), routing(without.clone()));
+        // Both routers hold the same weights (copied, not re-seeded: other
+        // tests draw from the global generator in parallel).
+        let vs_a = nn::VarStore::new(Device::Cpu);
+        let router_a = cfg(with.clone(), true)
+            .build(&vs_a.root(), dims(3, 4, 2), init())
+            .unwrap();
+        let mut vs_b = nn::VarStore::new(Device::Cpu);
+        let router_b = cfg(without.clone(), true)
+            .build(&vs_b.root(), dims(3, 4, 2), init())
+            .unwrap();
+        vs_b.copy(&vs_a).unwrap();
+        let a = router_a.route(&x, false).unwrap();
+        let b = router_b.route(&x, false).unwrap();
         assert!(a.indices.equal(&b.indices), "{with:?}: same experts");
         let sums = a.weights.sum_dim_intlist(-1, false, Kind::Float);
         assert_all_close(&sums, &[1.0, 1.0], 1e-6);
