@@ -1,4 +1,4 @@
-use crate::sdpa::{causal_attention, check_attention_input};
+use crate::sdpa::{causal_attention, check_attention_input, project_heads};
 use crate::{GqaConfig, KvCache, LocalizedFiltering, QkNorm, RmsNorm, Rope};
 use moe_core::{check_same_device, linear, linear_in_input_dtype, MoeError, Result};
 use tch::{nn, Tensor};
@@ -168,9 +168,7 @@ impl GroupedQueryAttention {
 
     /// `[B, H, T, d]` heads -> `[B, T, C]` through `o_proj`.
     fn output(&self, heads: &Tensor) -> Tensor {
-        let (b, h, t, d) = heads.size4().expect("[B, H, T, d]");
-        let heads = heads.transpose(1, 2).contiguous().view([b, t, h * d]);
-        linear_in_input_dtype(&heads, &self.o_proj)
+        project_heads(heads, &self.o_proj)
     }
 
     /// See [`check_attention_input`].

@@ -1,4 +1,4 @@
-use crate::sdpa::{causal_attention, check_attention_input};
+use crate::sdpa::{causal_attention, check_attention_input, project_heads};
 use crate::{KvCache, MlaConfig, RmsNorm, Rope};
 use moe_core::{check_same_device, linear, linear_in_input_dtype, MoeError, Result};
 use tch::{nn, Tensor};
@@ -202,7 +202,6 @@ impl MultiHeadLatentAttention {
     /// `o_proj`: `[B, T, C]`.
     fn attend(&self, q: &Tensor, latent: &Tensor, k_pe: &Tensor, past: i64, p: f64) -> Tensor {
         let (b, s, _) = latent.size3().expect("[B, S, r]");
-        let t = q.size()[2];
         let (h, d_n, d_r, d_v) = (
             self.config.num_attention_heads,
             self.config.qk_nope_head_dim,
@@ -216,8 +215,7 @@ impl MultiHeadLatentAttention {
         let k = Tensor::cat(&[kv.narrow(-1, 0, d_n), k_pe], -1);
         let v = kv.narrow(-1, d_n, d_v);
         let heads = causal_attention(q, &k, &v, past, self.config.softmax_scale(), p);
-        let heads = heads.transpose(1, 2).contiguous().view([b, t, h * d_v]);
-        linear_in_input_dtype(&heads, &self.o_proj)
+        project_heads(&heads, &self.o_proj)
     }
 
     /// See [`check_attention_input`].

@@ -119,3 +119,11 @@ pub(crate) fn check_attention_input(
     }
     Ok(())
 }
+
+/// Attention heads `[B, H, T, d]` back to the stream `[B, T, C]` through
+/// the output projection, in the heads' dtype.
+pub(crate) fn project_heads(heads: &Tensor, o_proj: &tch::nn::Linear) -> Tensor {
+    let (b, h, t, d) = heads.size4().expect("[B, H, T, d]");
+    let heads = heads.transpose(1, 2).contiguous().view([b, t, h * d]);
+    moe_core::linear_in_input_dtype(&heads, o_proj)
+}
