@@ -110,6 +110,8 @@ fn pip_install(root: &Path, requirement: &str) -> Result<(), String> {
             "pip",
             "install",
             "--disable-pip-version-check",
+            // The wheels (torch's CUDA libraries are several GiB) are not kept twice on disk.
+            "--no-cache-dir",
             "--progress-bar",
             "off",
             requirement,
