@@ -23,8 +23,8 @@
 
 use crate::HfFamily;
 use moe_core::{MoeError, Result};
-use moe_models::DecoderConfig;
-use moe_nn::QkNorm;
+use moe_models::{DecoderConfig, LatentAttention};
+use moe_nn::{QkNorm, RopeScaling};
 use moe_routers::{Gate, RouterConfig};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeSet;
@@ -190,13 +190,6 @@ impl HfFamily {
     }
 }
 
-/// The error for a `rope_scaling` / `rope_parameters` of another type than
-/// the default: the one place to change when the decoder learns RoPE
-/// scaling.
-fn unsupported_rope_scaling(kind: &str) -> String {
-    format!("rope scaling `{kind}` is not supported yet")
-}
-
 /// Reads the keys of one `config.json`, remembering which it has used.
 struct Reader<'a> {
     json: &'a Map<String, Value>,
@@ -315,48 +308,69 @@ impl<'a> Reader<'a> {
         )
     }
 
-    /// The RoPE base: `rope_theta` (transformers 4) or
-    /// `rope_parameters.rope_theta` (transformers 5); `rope_scaling` must be
-    /// `null` and `rope_parameters.rope_type` `default`.
-    fn rope_theta(&mut self, default: f64) -> Result<f64> {
-        let mut theta = self.float("rope_theta", default)?;
-        if let Some(scaling) = self.value("rope_scaling") {
-            let kind = rope_type(scaling);
-            if kind != "default" {
-                return Err(self.err(unsupported_rope_scaling(&kind)));
-            }
-        }
+    /// The RoPE base and scaling: `rope_theta` and `rope_scaling`
+    /// (transformers 4) or `rope_parameters` (transformers 5: `rope_theta`,
+    /// `rope_type` and the scheme's fields in one object). A scheme other
+    /// than `linear`, `dynamic`, `yarn` or `llama3`, a `partial_rotary_factor`
+    /// other than 1, a key the scheme does not have, or two different
+    /// schemes in the two places is an error.
+    fn rope(&mut self, default_theta: f64) -> Result<(f64, Option<RopeScaling>)> {
+        let mut theta = self.float("rope_theta", default_theta)?;
+        let mut scaling = match self.value("rope_scaling") {
+            Some(v) => self.rope_scaling(v, "rope_scaling")?,
+            None => None,
+        };
         if let Some(params) = self.value("rope_parameters") {
-            let Some(params) = params.as_object() else {
+            if !params.is_object() {
                 return Err(self.err(format!(
                     "`rope_parameters` must be an object with rope_type and rope_theta, got {params}"
                 )));
-            };
-            let kind = rope_type(&Value::Object(params.clone()));
-            if kind != "default" {
-                return Err(self.err(unsupported_rope_scaling(&kind)));
             }
-            for (key, value) in params {
-                match key.as_str() {
-                    "rope_type" | "type" => {}
-                    "rope_theta" => {
-                        theta = value.as_f64().ok_or_else(|| {
-                            self.err(format!(
-                                "`rope_parameters.rope_theta` must be a number, got {value}"
-                            ))
-                        })?;
-                    }
-                    "partial_rotary_factor" if value.as_f64() == Some(1.0) => {}
-                    other => {
-                        return Err(self.err(format!(
-                            "`rope_parameters.{other}` = {value} is not supported: the decoder \
-                             implements plain RoPE (rope_type \"default\", rope_theta) only"
-                        )))
-                    }
+            if let Some(value) = params.get("rope_theta") {
+                theta = value.as_f64().ok_or_else(|| {
+                    self.err(format!(
+                        "`rope_parameters.rope_theta` must be a number, got {value}"
+                    ))
+                })?;
+            }
+            let from_parameters = self.rope_scaling(params, "rope_parameters")?;
+            if scaling.is_some() && from_parameters.is_some() && scaling != from_parameters {
+                return Err(self.err(format!(
+                    "`rope_scaling` ({scaling:?}) and `rope_parameters` ({from_parameters:?}) \
+                     disagree: give one RoPE scaling"
+                )));
+            }
+            scaling = scaling.or(from_parameters);
+        }
+        Ok((theta, scaling))
+    }
+
+    /// One RoPE settings object (`rope_scaling` or `rope_parameters`) as a
+    /// scheme; `key` names it in errors.
+    fn rope_scaling(&self, v: &Value, key: &str) -> Result<Option<RopeScaling>> {
+        let Some(object) = v.as_object() else {
+            return Err(self.err(format!("`{key}` must be an object, got {v}")));
+        };
+        let scaling = RopeScaling::from_json(v)
+            .map_err(|e| self.err(format!("`{key}`: {}", strip_config_prefix(e))))?;
+        let allowed = scaling.as_ref().map_or(&[][..], RopeScaling::field_names);
+        for (field, value) in object {
+            match field.as_str() {
+                "rope_type" | "type" | "rope_theta" => {}
+                "partial_rotary_factor" if value.as_f64() == Some(1.0) => {}
+                f if allowed.contains(&f) => {}
+                other => {
+                    let kind = scaling.as_ref().map_or("default", RopeScaling::rope_type);
+                    return Err(self.err(format!(
+                        "`{key}.{other}` = {value} is not supported: rope_type `{kind}` takes \
+                         rope_theta{}{}",
+                        if allowed.is_empty() { "" } else { ", " },
+                        allowed.join(", ")
+                    )));
                 }
             }
         }
-        Ok(theta)
+        Ok(scaling)
     }
 
     /// Errors on the first key that is neither used nor in `ignore`.
@@ -376,16 +390,6 @@ impl<'a> Reader<'a> {
             unknown.join(", ")
         )))
     }
-}
-
-/// `rope_type` (or the older `type`) of a RoPE settings object; "default"
-/// when it has neither.
-fn rope_type(v: &Value) -> String {
-    v.get("rope_type")
-        .or_else(|| v.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default")
-        .to_string()
 }
 
 impl HfConfig {
@@ -435,18 +439,11 @@ impl HfConfig {
 
     /// The decoder config of this `config.json` under the key policy of the
     /// module docs; keys in `ignore` are ignored. Errors (a
-    /// [`MoeError::Checkpoint`] naming the file) on a family the decoder
-    /// cannot hold yet (DeepSeek-V3), a key set to a value the decoder does
-    /// not implement, an unknown key, a layer layout it cannot express, or
+    /// [`MoeError::Checkpoint`] naming the file) on a key set to a value the
+    /// decoder does not implement, an unknown key, a layer layout it cannot express, or
     /// sizes the decoder rejects.
     pub fn to_decoder(&self, ignore: &[String]) -> Result<DecoderConfig> {
         let path = self.path.as_path();
-        self.family
-            .check_supported()
-            .map_err(|e| MoeError::Checkpoint {
-                path: path.to_path_buf(),
-                reason: strip_config_prefix(e),
-            })?;
         let mut r = Reader {
             json: &self.json,
             path,
@@ -458,6 +455,7 @@ impl HfConfig {
         let num_attention_heads = r.int("num_attention_heads", d.num_attention_heads)?;
         let max_position_embeddings =
             r.int("max_position_embeddings", d.max_position_embeddings)?;
+        let (rope_theta, rope_scaling) = r.rope(d.rope_theta)?;
         let mut c = DecoderConfig {
             vocab_size: r.int("vocab_size", d.vocab_size)?,
             hidden_size: r.int("hidden_size", d.hidden_size)?,
@@ -471,7 +469,8 @@ impl HfConfig {
             )?,
             head_dim: r.opt_int("head_dim")?,
             max_position_embeddings,
-            rope_theta: r.rope_theta(d.rope_theta)?,
+            rope_theta,
+            rope_scaling,
             rms_norm_eps: r.float("rms_norm_eps", d.rms_norm_eps)?,
             attention_bias: false,
             attention_dropout: r.float("attention_dropout", 0.0)?,
@@ -568,7 +567,79 @@ impl HfConfig {
                 r.informational(&["pretraining_tp"]);
                 r.no_sliding_window(max_position_embeddings)?;
             }
-            HfFamily::DeepseekV3 => unreachable!("check_supported rejected it"),
+            HfFamily::DeepseekV3 => {
+                c.num_local_experts = r.int("n_routed_experts", 256)?;
+                c.num_experts_per_tok = r.int("num_experts_per_tok", 8)?;
+                c.moe_intermediate_size = Some(r.int("moe_intermediate_size", 2048)?);
+                c.n_shared_experts = r.int("n_shared_experts", 1)?;
+                c.first_k_dense_replace = r.int("first_k_dense_replace", 3)?;
+                c.attention_bias = r.boolean("attention_bias", false)?;
+                c.router.routed_scaling_factor = r.float("routed_scaling_factor", 2.5)?;
+                c.router.gate = Gate::SigmoidAuxFree {
+                    norm_topk_prob: r.boolean("norm_topk_prob", true)?,
+                    // A training setting of ours; Hugging Face has none.
+                    bias_update_rate: 1e-3,
+                    n_group: r.int("n_group", 8)?,
+                    topk_group: r.int("topk_group", 4)?,
+                };
+                let latent = LatentAttention {
+                    // `null` is a full `q_proj` (DeepSeek-V2-Lite); missing is the default.
+                    q_lora_rank: match self.json.get("q_lora_rank") {
+                        Some(Value::Null) => None,
+                        _ => Some(r.int("q_lora_rank", 1536)?),
+                    },
+                    kv_lora_rank: r.int("kv_lora_rank", 512)?,
+                    qk_nope_head_dim: r.int("qk_nope_head_dim", 128)?,
+                    qk_rope_head_dim: r.int("qk_rope_head_dim", 64)?,
+                    v_head_dim: r.int("v_head_dim", 128)?,
+                    rope_interleave: r.boolean("rope_interleave", true)?,
+                };
+                r.used.insert("q_lora_rank".into());
+                let qk_head_dim = latent.qk_nope_head_dim + latent.qk_rope_head_dim;
+                r.fixed(
+                    "qk_head_dim",
+                    |v| v.as_i64() == Some(qk_head_dim),
+                    &format!("qk_head_dim = qk_nope_head_dim + qk_rope_head_dim = {qk_head_dim}"),
+                )?;
+                // transformers builds the RoPE tables `head_dim` wide.
+                let rope_dim = latent.qk_rope_head_dim;
+                r.fixed(
+                    "head_dim",
+                    |v| v.as_i64() == Some(rope_dim),
+                    &format!("head_dim = qk_rope_head_dim = {rope_dim} (the width RoPE turns)"),
+                )?;
+                c.head_dim = None;
+                // Every head has its own key in MLA.
+                c.num_key_value_heads = num_attention_heads;
+                c.latent_attention = Some(latent);
+                // The original checkpoints' keys (DeepSeek's own modeling code).
+                r.fixed(
+                    "scoring_func",
+                    |v| v.as_str() == Some("sigmoid"),
+                    "\"sigmoid\" scores",
+                )?;
+                r.fixed(
+                    "topk_method",
+                    |v| v.as_str() == Some("noaux_tc"),
+                    "\"noaux_tc\" (group-limited top-k on the bias-corrected scores)",
+                )?;
+                r.fixed(
+                    "moe_layer_freq",
+                    |v| v.as_i64() == Some(1),
+                    "moe_layer_freq 1 (every layer after the dense ones is MoE)",
+                )?;
+                // Multi-token prediction layers (not part of the causal LM,
+                // transformers skips their weights), expert-parallel size and
+                // training-only auxiliary losses.
+                r.informational(&[
+                    "num_nextn_predict_layers",
+                    "num_mtp_layers",
+                    "ep_size",
+                    "aux_loss_alpha",
+                    "seq_aux",
+                    "pretraining_tp",
+                ]);
+            }
         }
         r.finish(ignore)?;
         c.validate().map_err(|e| r.err(strip_config_prefix(e)))?;
@@ -582,19 +653,26 @@ impl HfConfig {
     /// a dense layer in Mixtral, ...) is a [`MoeError::Config`] naming the
     /// setting.
     pub fn from_decoder(family: HfFamily, c: &DecoderConfig) -> Result<Self> {
-        family.check_supported()?;
         c.validate()?;
         let bad = |what: String| {
             MoeError::config(format!(
                 "model_type `{family}` cannot express this decoder config: {what}"
             ))
         };
+        let deepseek = family == HfFamily::DeepseekV3;
         if c.localized_filtering {
             return Err(bad(
                 "localized filtering (Yuan 2.0) has no counterpart".into()
             ));
         }
-        if c.n_shared_experts != 0 {
+        if c.latent_attention.is_some() != deepseek {
+            return Err(bad(if deepseek {
+                "DeepSeek-V3's attention is Multi-head Latent Attention (latent_attention)".into()
+            } else {
+                "latent_attention (Multi-head Latent Attention) is DeepSeek-V3's".into()
+            }));
+        }
+        if c.n_shared_experts != 0 && !deepseek {
             return Err(bad(format!(
                 "n_shared_experts = {} (DeepSeek's shared experts)",
                 c.n_shared_experts
@@ -612,25 +690,35 @@ impl HfConfig {
             )));
         }
         let moe = c.num_local_experts > 0;
-        let norm_topk_prob = if moe {
-            let r = &c.router;
-            if r.bias || r.capacity_factor.is_some() || r.routed_scaling_factor != 1.0 {
+        let r = &c.router;
+        if moe && (r.bias || r.capacity_factor.is_some()) {
+            return Err(bad(format!(
+                "router bias = {}, capacity_factor = {:?}; the family's router has no bias and \
+                 no capacity limit",
+                r.bias, r.capacity_factor
+            )));
+        }
+        if moe && !deepseek && r.routed_scaling_factor != 1.0 {
+            return Err(bad(format!(
+                "routed_scaling_factor = {} (DeepSeek's); the family does not scale the expert \
+                 weights",
+                r.routed_scaling_factor
+            )));
+        }
+        let norm_topk_prob = match (moe, deepseek, &r.gate) {
+            (false, _, _) => true,
+            (true, false, Gate::TopK { norm_topk_prob })
+            | (true, true, Gate::SigmoidAuxFree { norm_topk_prob, .. }) => *norm_topk_prob,
+            (true, _, other) => {
                 return Err(bad(format!(
-                    "router bias = {}, capacity_factor = {:?}, routed_scaling_factor = {}; the \
-                     family's router has no bias, no capacity limit and no scaling",
-                    r.bias, r.capacity_factor, r.routed_scaling_factor
-                )));
+                    "router gate {other:?}; the family's router is {}",
+                    if deepseek {
+                        "sigmoid with the aux-free bias (SigmoidAuxFree)"
+                    } else {
+                        "softmax top-k"
+                    }
+                )))
             }
-            match r.gate {
-                Gate::TopK { norm_topk_prob } => norm_topk_prob,
-                ref other => {
-                    return Err(bad(format!(
-                        "router gate {other:?}; the family's router is softmax top-k"
-                    )))
-                }
-            }
-        } else {
-            true
         };
         let mut j = Map::new();
         j.insert("model_type".into(), json!(family.model_type()));
@@ -650,10 +738,7 @@ impl HfConfig {
         );
         // transformers 5 keeps the RoPE settings in `rope_parameters` (and
         // still reads a top-level `rope_theta`, which transformers 4 wrote).
-        j.insert(
-            "rope_parameters".into(),
-            json!({"rope_theta": c.rope_theta, "rope_type": "default"}),
-        );
+        j.insert("rope_parameters".into(), rope_parameters(c)?);
         j.insert("rms_norm_eps".into(), json!(c.rms_norm_eps));
         j.insert("tie_word_embeddings".into(), json!(c.tie_word_embeddings));
         j.insert("attention_dropout".into(), json!(c.attention_dropout));
@@ -752,7 +837,53 @@ impl HfConfig {
                 j.insert("attention_bias".into(), json!(false));
                 j.insert("mlp_bias".into(), json!(false));
             }
-            HfFamily::DeepseekV3 => unreachable!("check_supported rejected it"),
+            HfFamily::DeepseekV3 => {
+                let latent = c.latent_attention.expect("checked above");
+                if !moe || c.shared_expert_intermediate_size.is_some() {
+                    return Err(bad(format!(
+                        "DeepSeek-V3 has routed experts and ungated shared ones \
+                         (num_local_experts = {}, shared_expert_intermediate_size = {:?})",
+                        c.num_local_experts, c.shared_expert_intermediate_size
+                    )));
+                }
+                let Gate::SigmoidAuxFree {
+                    n_group,
+                    topk_group,
+                    ..
+                } = c.router.gate
+                else {
+                    unreachable!("checked above")
+                };
+                j.insert("n_routed_experts".into(), json!(c.num_local_experts));
+                j.insert("num_experts_per_tok".into(), json!(c.num_experts_per_tok));
+                j.insert("moe_intermediate_size".into(), json!(c.expert_width()));
+                j.insert("n_shared_experts".into(), json!(c.n_shared_experts));
+                j.insert(
+                    "first_k_dense_replace".into(),
+                    json!(c.first_k_dense_replace),
+                );
+                j.insert("n_group".into(), json!(n_group));
+                j.insert("topk_group".into(), json!(topk_group));
+                j.insert("norm_topk_prob".into(), json!(norm_topk_prob));
+                j.insert(
+                    "routed_scaling_factor".into(),
+                    json!(c.router.routed_scaling_factor),
+                );
+                j.insert("q_lora_rank".into(), json!(latent.q_lora_rank));
+                j.insert("kv_lora_rank".into(), json!(latent.kv_lora_rank));
+                j.insert("qk_nope_head_dim".into(), json!(latent.qk_nope_head_dim));
+                j.insert("qk_rope_head_dim".into(), json!(latent.qk_rope_head_dim));
+                j.insert(
+                    "qk_head_dim".into(),
+                    json!(latent.qk_nope_head_dim + latent.qk_rope_head_dim),
+                );
+                j.insert("v_head_dim".into(), json!(latent.v_head_dim));
+                j.insert("head_dim".into(), json!(latent.qk_rope_head_dim));
+                j.insert("rope_interleave".into(), json!(latent.rope_interleave));
+                j.insert("num_key_value_heads".into(), json!(c.num_attention_heads));
+                j.insert("attention_bias".into(), json!(c.attention_bias));
+                j.insert("num_nextn_predict_layers".into(), json!(0));
+            }
         }
         Ok(HfConfig {
             family,
@@ -765,6 +896,19 @@ impl HfConfig {
     pub fn to_json(&self) -> Value {
         Value::Object(self.json.clone())
     }
+}
+
+/// transformers 5's `rope_parameters` of `c`: `rope_theta`, `rope_type` and
+/// the scaling scheme's fields (which transformers 4 read from
+/// `rope_scaling`).
+fn rope_parameters(c: &DecoderConfig) -> Result<Value> {
+    let mut params = match &c.rope_scaling {
+        None => json!({"rope_type": "default"}),
+        Some(scaling) => serde_json::to_value(scaling)
+            .map_err(|e| MoeError::config(format!("rope_scaling: {e}")))?,
+    };
+    params["rope_theta"] = json!(c.rope_theta);
+    Ok(params)
 }
 
 /// Qwen2-MoE's layer layout as a dense prefix: layer `i` is dense when it

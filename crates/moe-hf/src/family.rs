@@ -18,26 +18,19 @@ pub enum HfFamily {
     Olmoe,
     /// `llama` (`LlamaForCausalLM`): dense.
     Llama,
-    /// `deepseek_v3` (`DeepseekV3ForCausalLM`): needs Multi-head Latent
-    /// Attention, which the decoder does not have yet; reading or writing it
-    /// is an error that says so.
+    /// `deepseek_v3` (`DeepseekV3ForCausalLM`): Multi-head Latent
+    /// Attention, a sigmoid router with the aux-free bias
+    /// (`e_score_correction_bias`) and group-limited top-k, routed scaling,
+    /// shared experts and a dense prefix (`first_k_dense_replace`).
     DeepseekV3,
 }
 
 impl HfFamily {
-    /// Every model type this crate knows, the supported ones first.
+    /// Every model type this crate reads and writes.
     pub const ALL: [HfFamily; 5] = [
         HfFamily::Mixtral,
         HfFamily::Qwen2Moe,
-        HfFamily::Olmoe,
-        HfFamily::Llama,
         HfFamily::DeepseekV3,
-    ];
-
-    /// The model types that load and save today.
-    pub const SUPPORTED: [HfFamily; 4] = [
-        HfFamily::Mixtral,
-        HfFamily::Qwen2Moe,
         HfFamily::Olmoe,
         HfFamily::Llama,
     ];
@@ -69,21 +62,9 @@ impl HfFamily {
         self != HfFamily::Llama
     }
 
-    /// `Ok` when the decoder can hold this family; for DeepSeek-V3 the
-    /// error says what is missing.
-    pub fn check_supported(self) -> Result<()> {
-        match self {
-            HfFamily::DeepseekV3 => Err(MoeError::config(
-                "model_type `deepseek_v3` needs Multi-head Latent Attention, not yet supported \
-                 by the decoder family",
-            )),
-            _ => Ok(()),
-        }
-    }
-
-    /// The supported model types, for messages: "mixtral, qwen2_moe, olmoe, llama".
+    /// The model types, for messages: "mixtral, qwen2_moe, deepseek_v3, olmoe, llama".
     pub fn supported_list() -> String {
-        Self::SUPPORTED
+        Self::ALL
             .iter()
             .map(|f| f.model_type())
             .collect::<Vec<_>>()

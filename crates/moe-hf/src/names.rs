@@ -132,6 +132,48 @@ fn mlp_as_expert(prefix: &str, ours: &str) -> Vec<HfTensor> {
         .collect()
 }
 
+/// The parameters of one attention layer, named alike here and in the
+/// checkpoint (`q_proj.weight`, ...): grouped-query attention's
+/// projections, q/k/v biases with `attention_bias` (Qwen2) and QK-norms
+/// (OLMoE); or Multi-head Latent Attention's (DeepSeek-V3), with biases on
+/// `q_a_proj`, `kv_a_proj_with_mqa` and `o_proj` under `attention_bias`.
+fn attention_params(c: &DecoderConfig) -> Vec<String> {
+    let mut params = Vec::new();
+    let mut layer = |name: &str, bias: bool| {
+        params.push(format!("{name}.weight"));
+        if bias {
+            params.push(format!("{name}.bias"));
+        }
+    };
+    let bias = c.attention_bias;
+    match c.latent_attention {
+        Some(latent) => {
+            if latent.q_lora_rank.is_some() {
+                layer("q_a_proj", bias);
+                layer("q_a_layernorm", false);
+                layer("q_b_proj", false);
+            } else {
+                layer("q_proj", false);
+            }
+            layer("kv_a_proj_with_mqa", bias);
+            layer("kv_a_layernorm", false);
+            layer("kv_b_proj", false);
+            layer("o_proj", bias);
+        }
+        None => {
+            for proj in ["q_proj", "k_proj", "v_proj"] {
+                layer(proj, bias);
+            }
+            layer("o_proj", false);
+            if c.qk_norm != moe_nn::QkNorm::None {
+                layer("q_norm", false);
+                layer("k_norm", false);
+            }
+        }
+    }
+    params
+}
+
 /// The experts of MoE layer `i`, per expert.
 fn per_expert(family: HfFamily, i: i64, num_experts: i64) -> Vec<HfTensor> {
     let prefix = match family {
@@ -194,23 +236,12 @@ pub(crate) fn groups(family: HfFamily, c: &DecoderConfig) -> Vec<Group> {
                 format!("{layer}.post_attention_layernorm.weight"),
             ),
         ];
-        let attn = format!("{layer}.self_attn");
-        for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-            let name = format!("{attn}.{proj}.weight");
-            plain.push(same(&name, &name));
-        }
-        if c.attention_bias {
-            for proj in ["q_proj", "k_proj", "v_proj"] {
-                let name = format!("{attn}.{proj}.bias");
-                plain.push(same(&name, &name));
-            }
-        }
-        if c.qk_norm != moe_nn::QkNorm::None {
-            for norm in ["q_norm", "k_norm"] {
-                let name = format!("{attn}.{norm}.weight");
-                plain.push(same(&name, &name));
-            }
-        }
+        plain.extend(
+            attention_params(c)
+                .into_iter()
+                .map(|param| format!("{layer}.self_attn.{param}"))
+                .map(|name| same(&name, &name)),
+        );
         let mlp = format!("{layer}.mlp");
         if !c.is_moe_layer(i) {
             for proj in ["gate_proj", "up_proj", "down_proj"] {
@@ -293,10 +324,19 @@ pub fn tensor_map(family: HfFamily, config: &DecoderConfig, layout: ExpertLayout
 }
 
 /// Whether a checkpoint tensor that no variable takes may be skipped:
-/// rotary tables (`...rotary_emb.inv_freq`, recomputed) and, with tied
-/// embeddings, a stored `lm_head.weight` (transformers ties it to the
-/// embeddings too).
-pub(crate) fn ignorable(name: &str, config: &DecoderConfig) -> bool {
+/// rotary tables (`...rotary_emb.inv_freq`, recomputed), with tied
+/// embeddings a stored `lm_head.weight` (transformers ties it to the
+/// embeddings too), and DeepSeek-V3's multi-token-prediction layers
+/// (`model.layers.N.*` past the last decoder layer, which the causal LM does
+/// not run; transformers skips them too).
+pub(crate) fn ignorable(name: &str, family: HfFamily, config: &DecoderConfig) -> bool {
+    let past_last_layer = || {
+        name.strip_prefix("model.layers.")
+            .and_then(|rest| rest.split('.').next())
+            .and_then(|i| i.parse::<i64>().ok())
+            .is_some_and(|i| i >= config.num_hidden_layers)
+    };
     name.ends_with("rotary_emb.inv_freq")
         || (config.tie_word_embeddings && name == "lm_head.weight")
+        || (family == HfFamily::DeepseekV3 && past_last_layer())
 }

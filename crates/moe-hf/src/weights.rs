@@ -313,7 +313,6 @@ pub fn load_weights(
     config: &DecoderConfig,
     vs: &nn::VarStore,
 ) -> Result<()> {
-    family.check_supported()?;
     let files = open_files(dir)?;
     let parsed = files.mapped.iter().map(parse).collect::<Result<Vec<_>>>()?;
     let file_name = |i: usize| {
@@ -451,7 +450,7 @@ pub fn load_weights(
     }
     let mut unexpected: Vec<(&str, usize)> = table
         .iter()
-        .filter(|(name, _)| !used.contains(**name) && !ignorable(name, config))
+        .filter(|(name, _)| !used.contains(**name) && !ignorable(name, family, config))
         .map(|(name, (i, _))| (*name, *i))
         .collect();
     unexpected.sort();

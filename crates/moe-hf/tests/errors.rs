@@ -8,6 +8,7 @@ use common::{
 };
 use moe_core::MoeError;
 use moe_hf::{from_pretrained, load_weights, HfConfig, LoadOptions, Pretrained};
+use moe_nn::RopeScaling;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -217,25 +218,79 @@ fn an_unknown_model_type_names_the_supported_ones() {
     let dir = edited_config("mixtral", "model-type", |c| {
         c.insert("model_type".into(), "gpt2".into());
     });
-    assert_config_rejected(&dir, &["`gpt2`", "mixtral, qwen2_moe, olmoe, llama"]);
+    assert_config_rejected(
+        &dir,
+        &["`gpt2`", "mixtral, qwen2_moe, deepseek_v3, olmoe, llama"],
+    );
 }
 
 #[test]
-fn rope_scaling_is_not_supported_yet() {
+fn rope_scaling_is_read_from_either_place() {
+    // transformers 4's `rope_scaling` (with the older `type`) next to a top-level `rope_theta`.
     let dir = edited_config("llama", "rope-scaling", |c| {
+        c.remove("rope_parameters");
+        c.insert("rope_theta".into(), 500_000.0.into());
         c.insert(
             "rope_scaling".into(),
             serde_json::json!({"type": "linear", "factor": 2.0}),
         );
     });
-    assert_config_rejected(&dir, &["rope scaling `linear` is not supported yet"]);
-    let dir = edited_config("mixtral", "rope-parameters", |c| {
-        c.insert(
-            "rope_parameters".into(),
-            serde_json::json!({"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}),
-        );
+    let pretrained = load(&dir);
+    assert_eq!(pretrained.config.rope_theta, 500_000.0);
+    assert_eq!(
+        pretrained.config.rope_scaling,
+        Some(RopeScaling::Linear { factor: 2.0 })
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    // The same scheme in both places is fine.
+    let dir = edited_config("llama_rope3", "rope-both", |c| {
+        let params = c["rope_parameters"].clone();
+        c.insert("rope_scaling".into(), params);
     });
-    assert_config_rejected(&dir, &["rope scaling `yarn` is not supported yet"]);
+    assert_eq!(
+        load(&dir).config.rope_scaling.map(|s| s.rope_type()),
+        Some("llama3")
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn rope_settings_the_decoder_does_not_implement_are_named() {
+    let cases: [(&str, serde_json::Value, &str); 5] = [
+        (
+            "rope_parameters",
+            serde_json::json!({"rope_type": "longrope", "rope_theta": 1e4}),
+            "unsupported rope_type `longrope`: expected one of linear, dynamic, yarn, llama3",
+        ),
+        (
+            "rope_parameters",
+            serde_json::json!({"rope_type": "yarn", "rope_theta": 1e4}),
+            "rope_type `yarn` needs `factor`",
+        ),
+        (
+            "rope_parameters",
+            serde_json::json!({"rope_type": "linear", "factor": 2.0, "low_freq_factor": 1.0}),
+            "`rope_parameters.low_freq_factor` = 1.0 is not supported: rope_type `linear` takes \
+             rope_theta, factor",
+        ),
+        (
+            "rope_parameters",
+            serde_json::json!({"rope_type": "default", "rope_theta": 1e4,
+                               "partial_rotary_factor": 0.5}),
+            "`rope_parameters.partial_rotary_factor` = 0.5",
+        ),
+        (
+            "rope_scaling",
+            serde_json::json!({"rope_type": "dynamic", "factor": 2.0}),
+            "disagree",
+        ),
+    ];
+    for (key, value, needle) in cases {
+        let dir = edited_config("llama_rope3", "rope-bad", |c| {
+            c.insert(key.into(), value);
+        });
+        assert_config_rejected(&dir, &[needle]);
+    }
 }
 
 #[test]

@@ -6,8 +6,6 @@
 mod common;
 
 use common::{expected, fixture, load, FAMILIES};
-use moe_core::MoeError;
-use moe_hf::{from_pretrained, LoadOptions};
 use moe_models::{generate, CausalLm, Sampling};
 use tch::Tensor;
 
@@ -85,44 +83,44 @@ fn llama_matches_transformers() {
 }
 
 #[test]
+fn deepseek_v3_matches_transformers() {
+    check("deepseek_v3");
+}
+
+#[test]
+fn deepseek_v3_with_yarn_matches_transformers() {
+    let pretrained = load(&fixture("deepseek_v3_yarn"));
+    assert_eq!(
+        pretrained
+            .config
+            .rope_scaling
+            .as_ref()
+            .map(|s| s.rope_type()),
+        Some("yarn")
+    );
+    check("deepseek_v3_yarn");
+}
+
+#[test]
+fn llama_with_llama3_rope_scaling_matches_transformers() {
+    let pretrained = load(&fixture("llama_rope3"));
+    assert_eq!(
+        pretrained
+            .config
+            .rope_scaling
+            .as_ref()
+            .map(|s| s.rope_type()),
+        Some("llama3")
+    );
+    check("llama_rope3");
+}
+
+#[test]
 fn every_supported_fixture_is_checked() {
     // A family folder the fixtures add later must get its test above.
     for name in FAMILIES {
         assert!(fixture(name).join("expected.json").is_file(), "{name}");
     }
-}
-
-/// The message of a failed load.
-fn load_error(name: &str) -> (MoeError, String) {
-    let err = from_pretrained(&fixture(name), &LoadOptions::default()).unwrap_err();
-    let msg = err.to_string();
-    (err, msg)
-}
-
-#[test]
-fn deepseek_v3_waits_for_multi_head_latent_attention() {
-    for name in ["deepseek_v3", "deepseek_v3_yarn"] {
-        if !fixture(name).is_dir() {
-            continue;
-        }
-        let (err, msg) = load_error(name);
-        assert!(matches!(err, MoeError::Checkpoint { .. }), "{msg}");
-        assert!(
-            msg.contains("needs Multi-head Latent Attention, not yet supported"),
-            "{msg}"
-        );
-        assert!(msg.contains("config.json"), "{msg}");
-    }
-}
-
-#[test]
-fn llama3_rope_scaling_is_reported_until_supported() {
-    let (err, msg) = load_error("llama_rope3");
-    assert!(matches!(err, MoeError::Checkpoint { .. }), "{msg}");
-    assert!(
-        msg.contains("rope scaling `llama3` is not supported yet"),
-        "{msg}"
-    );
 }
 
 #[test]

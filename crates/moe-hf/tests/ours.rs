@@ -13,7 +13,8 @@ mod common;
 
 use common::{expected, fixture, load};
 use moe_hf::{save_pretrained_with, ExpertLayout, HfFamily, SaveOptions};
-use moe_models::{CausalLm, DecoderConfig, DecoderModel, DecoderPreset};
+use moe_models::{CausalLm, DecoderConfig, DecoderModel, DecoderPreset, LatentAttention};
+use moe_nn::RopeScaling;
 use moe_routers::Gate;
 use serde_json::json;
 use std::path::PathBuf;
@@ -72,7 +73,50 @@ fn cases() -> Vec<Case> {
         head_dim: Some(8),
         ..small(DecoderPreset::Llama)
     };
+    // DeepSeek-V2-Lite's full q_proj, two shared experts, no
+    // renormalisation, another scaling factor, YaRN with mscale.
+    let mut deepseek = DecoderConfig {
+        num_hidden_layers: 3,
+        intermediate_size: 64,
+        num_local_experts: 8,
+        num_experts_per_tok: 2,
+        moe_intermediate_size: Some(16),
+        n_shared_experts: 2,
+        latent_attention: Some(LatentAttention {
+            q_lora_rank: None,
+            kv_lora_rank: 16,
+            qk_nope_head_dim: 8,
+            qk_rope_head_dim: 8,
+            v_head_dim: 8,
+            rope_interleave: true,
+        }),
+        rope_scaling: Some(RopeScaling::Yarn {
+            factor: 4.0,
+            original_max_position_embeddings: Some(16),
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            mscale: Some(0.707),
+            mscale_all_dim: Some(0.707),
+            attention_factor: None,
+            truncate: true,
+        }),
+        ..small(DecoderPreset::DeepseekV3)
+    };
+    deepseek.num_key_value_heads = deepseek.num_attention_heads;
+    deepseek.router.routed_scaling_factor = 1.5;
+    deepseek.router.gate = Gate::SigmoidAuxFree {
+        norm_topk_prob: false,
+        bias_update_rate: 1e-3,
+        n_group: 4,
+        topk_group: 2,
+    };
     vec![
+        Case {
+            name: "deepseek_v3",
+            family: HfFamily::DeepseekV3,
+            config: deepseek,
+            layout: ExpertLayout::PerExpert,
+        },
         Case {
             name: "mixtral",
             family: HfFamily::Mixtral,
@@ -122,7 +166,7 @@ fn randomise(vs: &nn::VarStore) {
             let noise = Tensor::randn(size.as_slice(), (Kind::Float, Device::Cpu));
             let value = if name.ends_with("norm.weight") {
                 noise * 0.01 + 1.0
-            } else if name.ends_with(".bias") {
+            } else if name.ends_with(".bias") || name.ends_with("expert_bias") {
                 noise * 0.01
             } else if name.contains("embed_tokens") {
                 noise

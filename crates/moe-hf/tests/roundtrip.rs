@@ -10,6 +10,7 @@ use common::{
 };
 use moe_hf::{save_pretrained, tensor_map, ExpertLayout, HfConfig, HfFamily, SaveOptions};
 use moe_models::{CausalLm, DecoderConfig, DecoderModel, DecoderPreset};
+use moe_nn::RopeScaling;
 use std::collections::BTreeMap;
 use std::path::Path;
 use tch::{nn, Kind, Tensor};
@@ -32,11 +33,12 @@ fn logits(model: &DecoderModel, name: &str) -> Vec<Tensor> {
 fn saved_folders_load_back_with_identical_logits() {
     for name in FAMILIES {
         let original = load(&fixture(name));
+        let model_type = original.family().model_type();
         let dir = temp_dir(&format!("save-{name}"));
         save_pretrained(
             &original.model,
             &original.vs,
-            name,
+            model_type,
             &dir,
             original.tokenizer.as_ref(),
         )
@@ -75,18 +77,28 @@ fn saved_folders_load_back_with_identical_logits() {
         let config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
                 .unwrap();
-        assert_eq!(config["model_type"], name);
-        assert_eq!(
-            config["architectures"][0],
-            HfFamily::ALL
-                .iter()
-                .find(|f| f.model_type() == name)
-                .unwrap()
-                .architecture()
-        );
+        assert_eq!(config["model_type"], model_type);
+        assert_eq!(config["architectures"][0], original.family().architecture());
         assert_eq!(config["dtype"], "float32");
         assert!(config.get("rope_parameters").is_some());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// JSON equality where numbers compare by value (`32` and `32.0` alike).
+fn same_json(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        (Value::Object(x), Value::Object(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .all(|(k, v)| y.get(k).is_some_and(|w| same_json(v, w)))
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(v, w)| same_json(v, w))
+        }
+        _ => a == b,
     }
 }
 
@@ -116,7 +128,10 @@ fn saving_in_bf16_reproduces_transformers_files_byte_for_byte() {
         let theirs = HfConfig::read(&fixture(name).join("config.json")).unwrap();
         for (key, value) in &ours.json {
             if let Some(v) = theirs.json.get(key) {
-                assert_eq!(v, value, "{name}: config.json key `{key}`");
+                assert!(
+                    same_json(v, value),
+                    "{name}: config.json key `{key}`: {v} there, {value} here"
+                );
             }
         }
         assert_eq!(
@@ -331,8 +346,18 @@ fn bf16_parameters_can_be_kept() {
 
 #[test]
 fn configs_a_family_cannot_express_are_errors_before_anything_is_written() {
-    let cases: [(DecoderPreset, &str, &str); 5] = [
+    let cases: [(DecoderPreset, &str, &str); 7] = [
         (DecoderPreset::Yuan, "mixtral", "localized filtering"),
+        (
+            DecoderPreset::DeepseekV3,
+            "qwen2_moe",
+            "latent_attention (Multi-head Latent Attention) is DeepSeek-V3's",
+        ),
+        (
+            DecoderPreset::Mixtral,
+            "deepseek_v3",
+            "DeepSeek-V3's attention is Multi-head Latent Attention",
+        ),
         (DecoderPreset::Llama, "mixtral", "MoE layers only"),
         (DecoderPreset::Mixtral, "llama", "dense"),
         (DecoderPreset::Mixtral, "qwen2_moe", "shared expert"),
@@ -354,24 +379,22 @@ fn configs_a_family_cannot_express_are_errors_before_anything_is_written() {
         assert!(!target.exists(), "{preset:?} as {model_type}: wrote files");
         std::fs::remove_dir_all(&dir).unwrap();
     }
-    // Unknown or unsupported model types, and a tokenizer without a tokenizer.json form.
+    // An unknown model type, and a tokenizer without a tokenizer.json form.
     let pretrained = load(&fixture("mixtral"));
     let dir = temp_dir("cannot-other");
-    for (model_type, needle) in [
-        ("gpt2", "expected one of mixtral, qwen2_moe, olmoe, llama"),
-        ("deepseek_v3", "needs Multi-head Latent Attention"),
-    ] {
-        let err = save_pretrained(
-            &pretrained.model,
-            &pretrained.vs,
-            model_type,
-            &dir.join("x"),
-            None,
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains(needle), "{err}");
-    }
+    let err = save_pretrained(
+        &pretrained.model,
+        &pretrained.vs,
+        "gpt2",
+        &dir.join("x"),
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("expected one of mixtral, qwen2_moe, deepseek_v3, olmoe, llama"),
+        "{err}"
+    );
     let chars = moe_data::Tokenizer::Char(moe_data::CharTokenizer::from_text("ab").unwrap());
     let err = save_pretrained(
         &pretrained.model,
@@ -395,6 +418,7 @@ fn our_presets_round_trip_through_every_family_that_expresses_them() {
         (DecoderPreset::Qwen2Moe, "qwen2_moe"),
         (DecoderPreset::Olmoe, "olmoe"),
         (DecoderPreset::Llama, "llama"),
+        (DecoderPreset::DeepseekV3, "deepseek_v3"),
     ];
     for (preset, model_type) in cases {
         tch::manual_seed(7);
@@ -406,6 +430,10 @@ fn our_presets_round_trip_through_every_family_that_expresses_them() {
             num_key_value_heads: 2,
             ..DecoderConfig::preset(preset)
         };
+        if preset == DecoderPreset::DeepseekV3 {
+            // Every head has its own key in Multi-head Latent Attention.
+            config.num_key_value_heads = config.num_attention_heads;
+        }
         if preset == DecoderPreset::Qwen2Moe {
             // A dense first layer: mlp_only_layers [0].
             config.first_k_dense_replace = 1;
@@ -419,6 +447,9 @@ fn our_presets_round_trip_through_every_family_that_expresses_them() {
         let back = load(&dir);
         assert_eq!(back.family().model_type(), model_type);
         assert_same_vars(&snapshot(&vs), &snapshot(&back.vs));
+        let mut want = config.clone();
+        want.init = back.config.init;
+        assert_eq!(back.config, want, "{model_type}: config");
         let hf = HfConfig::read(&dir.join("config.json")).unwrap();
         if preset == DecoderPreset::Qwen2Moe {
             assert_eq!(hf.json["mlp_only_layers"], serde_json::json!([0]));
@@ -432,6 +463,56 @@ fn our_presets_round_trip_through_every_family_that_expresses_them() {
             .unwrap()
             .logits;
         assert!(a.equal(&b), "{model_type}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[test]
+fn every_rope_scaling_round_trips() {
+    let schemes = [
+        RopeScaling::Linear { factor: 2.0 },
+        RopeScaling::Dynamic {
+            factor: 2.0,
+            original_max_position_embeddings: None,
+        },
+        RopeScaling::Yarn {
+            factor: 4.0,
+            original_max_position_embeddings: Some(16),
+            beta_fast: 16.0,
+            beta_slow: 2.0,
+            mscale: Some(1.0),
+            mscale_all_dim: None,
+            attention_factor: None,
+            truncate: false,
+        },
+        RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: Some(16),
+        },
+    ];
+    for scaling in schemes {
+        let config = DecoderConfig {
+            num_hidden_layers: 1,
+            hidden_size: 32,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            max_position_embeddings: 64,
+            rope_theta: 5e5,
+            rope_scaling: Some(scaling.clone()),
+            ..DecoderConfig::preset(DecoderPreset::Llama)
+        };
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let model = DecoderModel::new(&vs.root(), &config).unwrap();
+        let dir = temp_dir(&format!("rope-{}", scaling.rope_type()));
+        save_pretrained(&model, &vs, "llama", &dir, None).unwrap();
+        let hf = HfConfig::read(&dir.join("config.json")).unwrap();
+        assert_eq!(hf.json["rope_parameters"]["rope_type"], scaling.rope_type());
+        assert_eq!(hf.json["rope_parameters"]["rope_theta"], 5e5);
+        let back = load(&dir);
+        assert_eq!(back.config.rope_scaling, Some(scaling.clone()));
+        assert_eq!(back.config.rope_theta, 5e5);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

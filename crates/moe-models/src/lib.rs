@@ -20,7 +20,9 @@ pub mod makemoe;
 mod sampling;
 
 pub use causal_lm::{check_context, cross_entropy, BatchLoss, CausalLm, ForwardOutput, ModelCache};
-pub use decoder::{DecoderConfig, DecoderModel, DecoderPreset, ExpertConstruction, MoeConversion};
+pub use decoder::{
+    DecoderConfig, DecoderModel, DecoderPreset, ExpertConstruction, LatentAttention, MoeConversion,
+};
 pub use family::LmConfig;
 pub use generate::{generate, generate_recompute, generate_with, GenerateOptions};
 pub use makemoe::{MakeMoeConfig, MakeMoeModel, Preset};

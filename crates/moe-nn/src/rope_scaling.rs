@@ -105,7 +105,9 @@ pub enum RopeScaling {
         #[serde(skip_serializing_if = "Option::is_none")]
         attention_factor: Option<f64>,
         /// Whether the ramp bounds are rounded to whole dimensions (true;
-        /// gpt-oss sets false).
+        /// gpt-oss sets false). Written only when false, as Hugging Face's
+        /// configs do.
+        #[serde(skip_serializing_if = "is_true")]
         truncate: bool,
     },
     /// Llama 3.1's scaling (Meta 2024), `_compute_llama3_parameters`: with
@@ -216,6 +218,11 @@ impl<'de> Deserialize<'de> for RopeScaling {
     }
 }
 
+/// Whether a flag is at its default `true` (for `skip_serializing_if`).
+fn is_true(flag: &bool) -> bool {
+    *flag
+}
+
 /// `get_mscale` / `yarn_get_mscale` of transformers: `0.1 m ln(s) + 1`, or 1
 /// when `s <= 1`.
 fn get_mscale(scale: f64, mscale: f64) -> f64 {
@@ -266,6 +273,31 @@ impl RopeScaling {
             RopeScaling::Dynamic { .. } => "dynamic",
             RopeScaling::Yarn { .. } => "yarn",
             RopeScaling::Llama3 { .. } => "llama3",
+        }
+    }
+
+    /// The Hugging Face keys this scheme reads besides `rope_type` (what a
+    /// `rope_scaling` block of its type may hold).
+    pub fn field_names(&self) -> &'static [&'static str] {
+        match self {
+            RopeScaling::Linear { .. } => &["factor"],
+            RopeScaling::Dynamic { .. } => &["factor", "original_max_position_embeddings"],
+            RopeScaling::Yarn { .. } => &[
+                "factor",
+                "original_max_position_embeddings",
+                "beta_fast",
+                "beta_slow",
+                "mscale",
+                "mscale_all_dim",
+                "attention_factor",
+                "truncate",
+            ],
+            RopeScaling::Llama3 { .. } => &[
+                "factor",
+                "low_freq_factor",
+                "high_freq_factor",
+                "original_max_position_embeddings",
+            ],
         }
     }
 

@@ -9,8 +9,16 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
-/// The families whose fixtures load today.
-pub const FAMILIES: [&str; 4] = ["mixtral", "qwen2_moe", "olmoe", "llama"];
+/// Every fixture folder: one per family, and two with RoPE scaling.
+pub const FAMILIES: [&str; 7] = [
+    "mixtral",
+    "qwen2_moe",
+    "deepseek_v3",
+    "deepseek_v3_yarn",
+    "olmoe",
+    "llama",
+    "llama_rope3",
+];
 
 /// `tests/data/hf/NAME` of the workspace.
 pub fn fixture(name: &str) -> PathBuf {

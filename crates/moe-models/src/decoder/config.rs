@@ -338,7 +338,9 @@ impl DecoderConfig {
             rope_theta: self.rope_theta,
             rope_scaling: self.rope_scaling.clone(),
             rope_interleave: mla.rope_interleave,
-            rms_norm_eps: self.rms_norm_eps,
+            // transformers' `DeepseekV3Attention` normalises the latents with
+            // `DeepseekV3RMSNorm`'s default eps, not `rms_norm_eps`.
+            rms_norm_eps: MlaConfig::default().rms_norm_eps,
             attention_bias: self.attention_bias,
             attention_dropout: self.attention_dropout,
             init: self.init,
