@@ -7,7 +7,7 @@
 //! ```
 //!
 //! `--model DIR` reads a Hugging Face checkpoint folder instead (Mixtral,
-//! Qwen2-MoE, OLMoE, LLaMA: `config.json`, safetensors weights,
+//! Qwen2-MoE, DeepSeek-V3, OLMoE, LLaMA: `config.json`, safetensors weights,
 //! `tokenizer.json`, `generation_config.json`): the prompt is encoded with
 //! the checkpoint's own tokenizer, sampling follows its generation config
 //! unless flags override it, and generation stops at one of its
@@ -20,14 +20,22 @@
 //!     --model tests/data/hf/mixtral --prompt "First Citizen:" --max-new-tokens 20
 //! ```
 //!
+//! Several `--prompt`s are generated in one batch (left padding with an
+//! attention mask, each row as its prompt alone would continue):
+//!
+//! ```sh
+//! cargo xtask run run --release --example generate -- --model tests/data/hf/deepseek_v3 \
+//!     --prompt "First Citizen:" --prompt "All:" --max-new-tokens 20 --top-k 1
+//! ```
+//!
 //! `--bench` instead times the KV-cached generation against makeMoE's
 //! recomputation of the whole context for every token, and prints the ratio.
 
 use clap::Parser;
 use moe_layers::hf::{from_pretrained, LoadOptions};
 use moe_layers::lm::{
-    generate_recompute, generate_with, load_checkpoint, CausalLm, GenerateOptions, Sampling,
-    TextStream, Tokenizer,
+    generate_batch, generate_recompute, generate_with, load_checkpoint, CausalLm, GenerateOptions,
+    Sampling, TextStream, Tokenizer,
 };
 use moe_layers::prelude::DeviceChoice;
 use moe_layers::{MoeError, Result};
@@ -48,9 +56,11 @@ struct Args {
     #[arg(long)]
     model: Option<PathBuf>,
     /// Text to continue (with --checkpoint, every character must be in the
-    /// tokenizer's vocabulary)
-    #[arg(long, default_value = "")]
-    prompt: String,
+    /// tokenizer's vocabulary). Repeat it to generate for several prompts in
+    /// one batch (left-padded with an attention mask; each row is what its
+    /// prompt alone gives), printed when all are done
+    #[arg(long)]
+    prompt: Vec<String>,
     #[arg(long, default_value_t = 500)]
     max_new_tokens: usize,
     /// Softmax temperature (default 1.0, or the generation config's with --model)
@@ -129,7 +139,14 @@ fn load(args: &Args) -> Result<Loaded> {
 fn run(args: Args) -> Result<()> {
     let loaded = load(&args)?;
     let tokenizer = &loaded.tokenizer;
-    let prompt = tokenizer.encode(&args.prompt)?;
+    let texts = match args.prompt.as_slice() {
+        [] => vec![String::new()],
+        texts => texts.to_vec(),
+    };
+    let prompts = texts
+        .iter()
+        .map(|t| tokenizer.encode(t))
+        .collect::<Result<Vec<_>>>()?;
     // The checkpoint's sampling, each flag overriding its own setting.
     let base = loaded.sampling;
     let sampling = Sampling {
@@ -139,25 +156,29 @@ fn run(args: Args) -> Result<()> {
         repetition_penalty: args.repetition_penalty.unwrap_or(base.repetition_penalty),
     };
     let model = loaded.model.as_ref();
-    if args.bench {
-        return bench(model, &prompt, args.max_new_tokens, sampling, args.seed);
-    }
-    tch::manual_seed(args.seed);
-    print!("{}", args.prompt);
-    // The prompt's tokens go through the stream first, so that the text of
-    // each new token is decoded in context (SentencePiece's leading spaces).
-    let mut stream = TextStream::new(tokenizer);
-    for &id in &prompt {
-        stream.push(id)?;
-    }
-    let mut error = None;
     let options = GenerateOptions {
         max_new_tokens: args.max_new_tokens,
         sampling,
         eos_token_ids: loaded.stop_tokens.clone(),
     };
+    tch::manual_seed(args.seed);
+    if prompts.len() > 1 {
+        return generate_rows(model, tokenizer, &texts, &prompts, &options, &args.stop);
+    }
+    let (text, prompt) = (&texts[0], &prompts[0]);
+    if args.bench {
+        return bench(model, prompt, args.max_new_tokens, sampling, args.seed);
+    }
+    print!("{text}");
+    // The prompt's tokens go through the stream first, so that the text of
+    // each new token is decoded in context (SentencePiece's leading spaces).
+    let mut stream = TextStream::new(tokenizer);
+    for &id in prompt {
+        stream.push(id)?;
+    }
+    let mut error = None;
     let mut generated = String::new();
-    generate_with(model, &prompt, &options, |id| match stream.push(id) {
+    generate_with(model, prompt, &options, |id| match stream.push(id) {
         Ok(text) => {
             print!("{text}");
             let _ = std::io::stdout().flush();
@@ -173,6 +194,47 @@ fn run(args: Args) -> Result<()> {
         }
     })?;
     println!();
+    error.map_or(Ok(()), Err)
+}
+
+/// Generates for every prompt in one batch; prints each row (prompt and
+/// continuation) when all have ended.
+fn generate_rows(
+    model: &dyn CausalLm,
+    tokenizer: &Tokenizer,
+    texts: &[String],
+    prompts: &[Vec<i64>],
+    options: &GenerateOptions,
+    stop: &[String],
+) -> Result<()> {
+    let mut streams = Vec::with_capacity(prompts.len());
+    for prompt in prompts {
+        let mut stream = TextStream::new(tokenizer);
+        for &id in prompt {
+            stream.push(id)?;
+        }
+        streams.push(stream);
+    }
+    let mut generated = vec![String::new(); prompts.len()];
+    let mut error = None;
+    generate_batch(model, prompts, options, |row, id| {
+        match streams[row].push(id) {
+            Ok(text) => {
+                generated[row].push_str(&text);
+                match stop.iter().any(|s| generated[row].contains(s.as_str())) {
+                    true => ControlFlow::Break(()),
+                    false => ControlFlow::Continue(()),
+                }
+            }
+            Err(e) => {
+                error.get_or_insert(e);
+                ControlFlow::Break(())
+            }
+        }
+    })?;
+    for (row, (text, new)) in texts.iter().zip(&generated).enumerate() {
+        println!("--- prompt {row}\n{text}{new}");
+    }
     error.map_or(Ok(()), Err)
 }
 

@@ -1,6 +1,7 @@
 //! `generate --model DIR` on a Hugging Face checkpoint folder: the
 //! checkpoint's tokenizer, greedy by its generation config, and the same
-//! tokens as the library's generation.
+//! tokens as the library's generation; several prompts in one batch give
+//! each prompt's own continuation.
 
 mod common;
 
@@ -32,6 +33,28 @@ fn generate_reads_a_hugging_face_folder() {
     let continuation: String = new.iter().map(|&id| stream.push(id).unwrap()).collect();
     assert_eq!(text, format!("{prompt}{continuation}\n"));
     assert!(!continuation.is_empty());
+
+    // Several prompts: one batch, each row as its prompt alone.
+    let prompts = ["All:", "First Citizen:", "You are all resolved"];
+    let mut batched = Command::new(common::example("generate"));
+    batched.args(["--model", dir.to_str().unwrap()]);
+    for p in prompts {
+        batched.args(["--prompt", p]);
+    }
+    let text = ok(&batched
+        .args(["--max-new-tokens", "12", "--device", "cpu"])
+        .output()
+        .unwrap());
+    let mut want = String::new();
+    for (row, p) in prompts.iter().enumerate() {
+        let alone = Command::new(common::example("generate"))
+            .args(["--model", dir.to_str().unwrap(), "--prompt", p])
+            .args(["--max-new-tokens", "12", "--device", "cpu"])
+            .output()
+            .unwrap();
+        want.push_str(&format!("--- prompt {row}\n{}", ok(&alone)));
+    }
+    assert_eq!(text, want);
 
     // Neither or both sources are usage errors.
     let out = Command::new(common::example("generate"))

@@ -199,6 +199,24 @@ impl ModelCache {
         self.layers.iter_mut().for_each(KvCache::clear);
     }
 
+    /// Marks left padding in every layer's cache ([`KvCache::set_padding`]):
+    /// `real` `[B, T]` is true (non-zero) at the real tokens of the first
+    /// `T` positions to be fed. Errors unless the cache is empty and `real`
+    /// is `[B, T]`; a model whose attention cannot take padding (makeMoE's
+    /// absolute positions, Yuan's localized filtering) errors on the next
+    /// [`CausalLm::forward_cached`].
+    pub fn set_padding(&mut self, real: &Tensor) -> Result<()> {
+        if !self.is_empty() {
+            return Err(MoeError::config(format!(
+                "padding must be set before the first positions are fed, this cache holds {}",
+                self.len()
+            )));
+        }
+        self.layers
+            .iter_mut()
+            .try_for_each(|cache| cache.set_padding(real))
+    }
+
     /// The per-layer caches, resized to `n_layer` (emptied) if they do not match.
     pub fn layers_mut(&mut self, n_layer: usize) -> &mut [KvCache] {
         if self.layers.len() != n_layer {

@@ -1,4 +1,4 @@
-use crate::{CausalLm, ModelCache, Sampling};
+use crate::{check_context, CausalLm, ModelCache, Sampling};
 use moe_core::{MoeError, Result};
 use std::ops::ControlFlow;
 use tch::Tensor;
@@ -90,6 +90,111 @@ pub fn generate_with<M: CausalLm + ?Sized>(
     Ok(new_tokens)
 }
 
+/// [`generate_with`] for several prompts at once, as one batch: each row's
+/// new tokens, as its prompt alone would give them.
+///
+/// Prompts of different lengths are left-padded to the longest (`T`
+/// positions) and the padding is masked out of every query's attention
+/// ([`ModelCache::set_padding`], transformers' `attention_mask`), so the
+/// real tokens of row `b` sit at positions `T - len_b ..` instead of `0..`.
+/// With rotary positions that changes nothing: RoPE's attention score of
+/// a query at position `m` and a key at `n` depends on `m - n` only, which
+/// the shift keeps; so every row computes what its unbatched run computes
+/// (up to rounding; a test checks logits and greedy tokens). Models whose
+/// positions are absolute (makeMoE) or whose attention reads earlier inputs
+/// outside the mask (Yuan's localized filtering) cannot be padded and
+/// return an error for prompts of different lengths; prompts of one length
+/// need no padding and work with every model. The padding tokens still pass
+/// through the MoE layers: with a capacity-limited dispatch they take
+/// expert capacity in the prefill, so rows can then differ from their
+/// unbatched runs (the default dispatch has no capacity).
+///
+/// The prefill is one forward pass of `[B, T]`; each step then feeds the
+/// `B` tokens just sampled. A row ends at one of `options.eos_token_ids`
+/// or when `on_token(row, id)` breaks; its finished tokens are returned and
+/// the other rows go on until all have ended or `max_new_tokens` are
+/// drawn. Sampled rows draw from one generator in turn, so a sampled row
+/// is not the draw its unbatched run makes; greedy rows are the same.
+/// Errors on no prompt, an empty prompt, an id outside the vocabulary, or
+/// when `T + max_new_tokens - 1` positions exceed the model's context (the
+/// single-prompt [`generate_with`] restarts its cache there instead).
+pub fn generate_batch<M: CausalLm + ?Sized>(
+    model: &M,
+    prompts: &[Vec<i64>],
+    options: &GenerateOptions,
+    mut on_token: impl FnMut(usize, i64) -> ControlFlow<()>,
+) -> Result<Vec<Vec<i64>>> {
+    let sampling = options.sampling;
+    sampling.validate(model.vocab_size())?;
+    if prompts.is_empty() {
+        return Err(MoeError::config("generate_batch needs at least one prompt"));
+    }
+    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+        return Err(MoeError::config(format!(
+            "prompt {i} is empty: every row of a batch needs at least one token"
+        )));
+    }
+    let mut contexts = prompts
+        .iter()
+        .map(|p| start_context(model, p, sampling))
+        .collect::<Result<Vec<_>>>()?;
+    let longest = contexts.iter().map(Vec::len).max().unwrap_or(0);
+    let needed = longest + options.max_new_tokens.saturating_sub(1);
+    check_context(needed as i64, model.max_context()).map_err(|_| {
+        MoeError::config(format!(
+            "the longest prompt ({longest} tokens) and {} new tokens need {needed} positions, \
+             more than the model's context of {}: generate fewer tokens, or one prompt at a time \
+             with generate_with",
+            options.max_new_tokens,
+            model.max_context()
+        ))
+    })?;
+    let device = model.device();
+    let batch = contexts.len();
+    // Left padding: row b is `[0; longest - len_b] ++ prompt_b`.
+    let mut ids = Vec::with_capacity(batch * longest);
+    let mut real = Vec::with_capacity(batch * longest);
+    for context in &contexts {
+        let pad = longest - context.len();
+        ids.extend(std::iter::repeat_n(0, pad).chain(context.iter().copied()));
+        real.extend(
+            std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, context.len())),
+        );
+    }
+    let shape = [batch as i64, longest as i64];
+    let mut cache = model.new_cache();
+    if real.iter().any(|&r| !r) {
+        cache.set_padding(&Tensor::from_slice(&real).view(shape).to_device(device))?;
+    }
+    let mut new_tokens = vec![Vec::with_capacity(options.max_new_tokens); batch];
+    let mut done = vec![false; batch];
+    tch::no_grad(|| -> Result<()> {
+        let idx = Tensor::from_slice(&ids).view(shape).to_device(device);
+        let mut logits = last_logits(model, &idx, &mut cache)?;
+        for step in 0..options.max_new_tokens {
+            let mut fed = Vec::with_capacity(batch);
+            for (row, context) in contexts.iter_mut().enumerate() {
+                if done[row] {
+                    fed.push(*context.last().expect("non-empty"));
+                    continue;
+                }
+                let next = sampling.sample(&logits.get(row as i64).unsqueeze(0), context);
+                context.push(next);
+                new_tokens[row].push(next);
+                fed.push(next);
+                done[row] = on_token(row, next).is_break() || options.eos_token_ids.contains(&next);
+            }
+            if done.iter().all(|&d| d) || step + 1 == options.max_new_tokens {
+                break;
+            }
+            let idx = Tensor::from_slice(&fed).to_device(device).unsqueeze(1);
+            logits = last_logits(model, &idx, &mut cache)?;
+        }
+        Ok(())
+    })?;
+    Ok(new_tokens)
+}
+
 /// makeMoE's `generate`: for every new token, run the whole context (its
 /// last `block_size` tokens, a sliding window) through the model and sample
 /// from the last position. The reference [`generate`] is measured against.
@@ -139,7 +244,7 @@ fn start_context<M: CausalLm + ?Sized>(
     })
 }
 
-/// Feeds `idx` after the cached positions; the last position's logits, `[1, V]`.
+/// Feeds `idx` after the cached positions; the last position's logits, `[B, V]`.
 fn last_logits<M: CausalLm + ?Sized>(
     model: &M,
     idx: &Tensor,

@@ -24,6 +24,6 @@ pub use decoder::{
     DecoderConfig, DecoderModel, DecoderPreset, ExpertConstruction, LatentAttention, MoeConversion,
 };
 pub use family::LmConfig;
-pub use generate::{generate, generate_recompute, generate_with, GenerateOptions};
+pub use generate::{generate, generate_batch, generate_recompute, generate_with, GenerateOptions};
 pub use makemoe::{MakeMoeConfig, MakeMoeModel, Preset};
 pub use sampling::Sampling;

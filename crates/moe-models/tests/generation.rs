@@ -5,7 +5,8 @@ mod common;
 
 use common::tiny_config;
 use moe_models::{
-    generate, generate_recompute, generate_with, CausalLm, GenerateOptions, MakeMoeModel, Sampling,
+    generate, generate_batch, generate_recompute, generate_with, CausalLm, DecoderConfig,
+    DecoderModel, DecoderPreset, GenerateOptions, MakeMoeModel, Sampling,
 };
 use std::ops::ControlFlow;
 use tch::{nn, Device, Kind, Tensor};
@@ -194,4 +195,61 @@ fn generation_stops_at_eos_or_when_the_callback_says_so() {
     })
     .unwrap();
     assert_eq!(out, greedy[..3]);
+}
+
+#[test]
+fn batches_of_one_length_need_no_padding_and_work_with_makemoe() {
+    let (_vs, model) = model(35);
+    let prompts = [vec![4i64, 9, 2], vec![1, 1, 7]];
+    let options = GenerateOptions {
+        max_new_tokens: 8,
+        sampling: Sampling::greedy(),
+        eos_token_ids: Vec::new(),
+    };
+    let rows =
+        generate_batch(&model, &prompts, &options, |_, _| ControlFlow::Continue(())).unwrap();
+    for (row, prompt) in rows.iter().zip(&prompts) {
+        assert_eq!(
+            row,
+            &generate(&model, prompt, 8, Sampling::greedy(), |_| {}).unwrap()
+        );
+    }
+    // Different lengths would need padding, which absolute positions cannot take.
+    let err = generate_batch(&model, &[vec![4, 9, 2], vec![1]], &options, |_, _| {
+        ControlFlow::Continue(())
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("learned and absolute"), "{err}");
+}
+
+#[test]
+fn yuan_localized_filtering_refuses_padding() {
+    let config = DecoderConfig {
+        vocab_size: 30,
+        hidden_size: 32,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        num_hidden_layers: 1,
+        ..DecoderConfig::preset(DecoderPreset::Yuan)
+    };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = DecoderModel::new(&vs.root(), &config).unwrap();
+    let options = GenerateOptions {
+        max_new_tokens: 2,
+        sampling: Sampling::greedy(),
+        eos_token_ids: Vec::new(),
+    };
+    let err = generate_batch(&model, &[vec![4, 9, 2], vec![1]], &options, |_, _| {
+        ControlFlow::Continue(())
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("localized filtering"), "{err}");
+    // One length is fine.
+    let rows = generate_batch(&model, &[vec![4, 9], vec![1, 3]], &options, |_, _| {
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!(rows.len(), 2);
 }

@@ -73,13 +73,20 @@ impl CausalSelfAttention {
                 got: x.size(),
             });
         }
+        if cache.padding().is_some() {
+            return Err(MoeError::config(
+                "makeMoE's attention cannot take a left-padded batch: its positions are learned \
+                 and absolute, so padding would shift every position of a shorter prompt (batch \
+                 prompts of equal length, or generate them one by one)",
+            ));
+        }
         let (h, hs) = (self.config.n_head, self.config.head_size());
         let past = cache.len();
         let qkv = x.linear::<Tensor>(&as_kind_of(&self.qkv, x), None);
         let split = |i: i64| qkv.narrow(2, i * c, c).view([b, t, h, hs]).transpose(1, 2);
         let (keys, values) = cache.append(split(1), split(2))?;
         let scale = self.config.scale_factor();
-        let heads = causal_attention(&split(0), &keys, &values, past, scale, 0.0)
+        let heads = causal_attention(&split(0), &keys, &values, past, scale, 0.0, None)
             .transpose(1, 2)
             .contiguous()
             .view([b, t, c]);
@@ -114,7 +121,7 @@ impl CausalSelfAttention {
         let (q, k, v) = (split(0), split(1), split(2));
         let scale = self.config.scale_factor();
         let p = if train { self.config.dropout } else { 0.0 };
-        let heads = causal_attention(&q, &k, &v, 0, scale, p);
+        let heads = causal_attention(&q, &k, &v, 0, scale, p, None);
         heads.transpose(1, 2).contiguous().view([b, t, c])
     }
 

@@ -113,7 +113,7 @@ impl GroupedQueryAttention {
         } else {
             0.0
         };
-        let heads = causal_attention(&q, &k, &v, 0, self.config.scale_factor(), p);
+        let heads = causal_attention(&q, &k, &v, 0, self.config.scale_factor(), p, None);
         Ok(self.output(&heads))
     }
 
@@ -129,6 +129,14 @@ impl GroupedQueryAttention {
         let past = cache.len();
         self.check_input(x, past)?;
         self.check_cache(x, cache)?;
+        if self.lf_gate.is_some() && cache.padding().is_some() {
+            return Err(MoeError::config(
+                "localized filtering (Yuan 2.0) cannot take a left-padded batch: its \
+                 convolutions would read the padding before a shorter prompt (batch prompts of \
+                 equal length, or generate them one by one)",
+            ));
+        }
+        let real = cache.key_mask(x.size()[0], past + x.size()[1])?;
         let qk_input = match &self.lf_gate {
             Some(lf) => {
                 let (filtered, state) = lf.forward_with_state(x, cache.lf_state());
@@ -139,7 +147,8 @@ impl GroupedQueryAttention {
         };
         let (q, k, v) = self.project(x, &qk_input, past);
         let (keys, values) = cache.append(k, v)?;
-        let heads = causal_attention(&q, &keys, &values, past, self.config.scale_factor(), 0.0);
+        let scale = self.config.scale_factor();
+        let heads = causal_attention(&q, &keys, &values, past, scale, 0.0, real.as_ref());
         Ok(self.output(&heads))
     }
 

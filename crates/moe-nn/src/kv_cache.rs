@@ -22,10 +22,17 @@ use tch::Tensor;
 /// numbers ([`crate::GqaConfig::kv_cache_bytes_per_token`]), the second
 /// `kv_lora_rank + qk_rope_head_dim`
 /// ([`crate::MlaConfig::kv_cache_bytes_per_token`]).
+///
+/// A batch of prompts of different lengths is left-padded to one length;
+/// [`KvCache::set_padding`] marks the padded positions, which every query
+/// then ignores (see [`KvCache::key_mask`]).
 #[derive(Debug, Default)]
 pub struct KvCache {
     entries: Option<Entries>,
     lf: Option<LfState>,
+    /// `[B, T_pad]` bool, true at real tokens, for the first `T_pad`
+    /// positions; positions after them are real.
+    padding: Option<Tensor>,
 }
 
 /// The per-position tensors of a non-empty cache.
@@ -79,9 +86,62 @@ impl KvCache {
         }
     }
 
-    /// Forgets every position.
+    /// Forgets every position (and the padding).
     pub fn clear(&mut self) {
         *self = Self::default();
+    }
+
+    /// Marks left padding before the first positions are fed: `real` is
+    /// `[B, T]` (bool, or integers as transformers' `attention_mask`, non-zero
+    /// at real tokens), for the first `T` positions this cache will hold;
+    /// every later position is real. Queries then attend only to real
+    /// positions (and each padded position to itself, so that its row of
+    /// attention weights is defined). Errors unless the cache is empty and
+    /// `real` is `[B, T]` with `T >= 1`.
+    pub fn set_padding(&mut self, real: &Tensor) -> Result<()> {
+        if !self.is_empty() {
+            return Err(MoeError::config(format!(
+                "padding must be set on an empty KV cache, this one holds {} positions",
+                self.len()
+            )));
+        }
+        if real.dim() != 2 || real.size()[1] == 0 {
+            return Err(MoeError::Shape {
+                what: "padding mask".into(),
+                expected: "[B, T] with T >= 1, true (non-zero) at real tokens".into(),
+                got: real.size(),
+            });
+        }
+        self.padding = Some(real.ne(0));
+        Ok(())
+    }
+
+    /// The padding mask set by [`KvCache::set_padding`], `[B, T_pad]` bool.
+    pub fn padding(&self) -> Option<&Tensor> {
+        self.padding.as_ref()
+    }
+
+    /// Which of `len` key positions are real, `[B, len]` bool (`None`
+    /// without padding): the padding mask, cut or extended with `true`s.
+    /// Errors when the padding was set for another batch size than `batch`.
+    pub(crate) fn key_mask(&self, batch: i64, len: i64) -> Result<Option<Tensor>> {
+        let Some(real) = &self.padding else {
+            return Ok(None);
+        };
+        let (b, t) = (real.size()[0], real.size()[1]);
+        if b != batch {
+            return Err(MoeError::Shape {
+                what: "attention input with a padded KV cache".into(),
+                expected: format!("batch size {b}, the padding mask's"),
+                got: vec![batch],
+            });
+        }
+        Ok(Some(if len <= t {
+            real.narrow(1, 0, len)
+        } else {
+            let rest = Tensor::ones([b, len - t], (tch::Kind::Bool, real.device()));
+            Tensor::cat(&[real, &rest], 1)
+        }))
     }
 
     /// The cached keys, `[B, H_kv, T_past, hs]` (`None` while empty, or when

@@ -128,7 +128,7 @@ impl MultiHeadLatentAttention {
         } else {
             0.0
         };
-        Ok(self.attend(&q, &latent, &k_pe, 0, p))
+        Ok(self.attend(&q, &latent, &k_pe, 0, p, None))
     }
 
     /// Incremental decoding (evaluation mode): `x` holds the `T_new`
@@ -143,10 +143,11 @@ impl MultiHeadLatentAttention {
         let past = cache.len();
         self.check_input(x, past)?;
         self.check_cache(x, cache)?;
+        let real = cache.key_mask(x.size()[0], past + x.size()[1])?;
         let q = self.queries(x, past);
         let (latent, k_pe) = self.latent(x, past);
         let (latent, k_pe) = cache.append_latent(latent, k_pe)?;
-        Ok(self.attend(&q, &latent, &k_pe, past, 0.0))
+        Ok(self.attend(&q, &latent, &k_pe, past, 0.0, real.as_ref()))
     }
 
     /// RoPE of `[B, h, T, d_r]` at positions `start..`, in the configured
@@ -199,8 +200,16 @@ impl MultiHeadLatentAttention {
     /// Attention of queries `[B, H, T, d_n + d_r]` at positions `past..`
     /// over the keys and values expanded from the latents `[B, S, r]` and
     /// RoPE keys `[B, S, d_r]` of positions `0..S` (`S = past + T`), then
-    /// `o_proj`: `[B, T, C]`.
-    fn attend(&self, q: &Tensor, latent: &Tensor, k_pe: &Tensor, past: i64, p: f64) -> Tensor {
+    /// `o_proj`: `[B, T, C]`; `real` hides padded keys.
+    fn attend(
+        &self,
+        q: &Tensor,
+        latent: &Tensor,
+        k_pe: &Tensor,
+        past: i64,
+        p: f64,
+        real: Option<&Tensor>,
+    ) -> Tensor {
         let (b, s, _) = latent.size3().expect("[B, S, r]");
         let (h, d_n, d_r, d_v) = (
             self.config.num_attention_heads,
@@ -214,7 +223,7 @@ impl MultiHeadLatentAttention {
         let k_pe = k_pe.unsqueeze(1).expand([b, h, s, d_r], false);
         let k = Tensor::cat(&[kv.narrow(-1, 0, d_n), k_pe], -1);
         let v = kv.narrow(-1, d_n, d_v);
-        let heads = causal_attention(q, &k, &v, past, self.config.softmax_scale(), p);
+        let heads = causal_attention(q, &k, &v, past, self.config.softmax_scale(), p, real);
         project_heads(&heads, &self.o_proj)
     }
 

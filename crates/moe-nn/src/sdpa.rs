@@ -22,6 +22,11 @@ use tch::{Device, Kind, Tensor};
 /// explicit boolean mask when new queries follow cached positions (libtorch's
 /// `is_causal` aligns the mask to the top-left corner, which is wrong once
 /// `S > T`). With dropout on a CPU it runs [`causal_attention_math`] instead.
+///
+/// `real` (`[B, S]` bool, [`crate::KvCache::key_mask`]) hides left padding:
+/// query `i` then sees key `j` when `j <= past + i` and key `j` is real or
+/// `j = past + i` (a padded query sees itself, so that no row of weights is
+/// empty; what it computes is never read by a real position).
 pub(crate) fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -29,15 +34,26 @@ pub(crate) fn causal_attention(
     past: i64,
     scale: f64,
     p: f64,
+    real: Option<&Tensor>,
 ) -> Tensor {
+    let size = q.size();
+    let t = size[size.len() - 2];
+    let gqa = size.len() == 4 && k.size()[1] != size[1];
+    if let Some(real) = real {
+        let q_pos = Tensor::arange_start(past, past + t, (Kind::Int64, q.device())).unsqueeze(1);
+        let k_pos = Tensor::arange(past + t, (Kind::Int64, q.device())).unsqueeze(0);
+        let visible = real
+            .unsqueeze(1)
+            .logical_or(&k_pos.eq_tensor(&q_pos))
+            .logical_and(&k_pos.le_tensor(&q_pos))
+            .unsqueeze(1);
+        return Tensor::scaled_dot_product_attention(q, k, v, Some(&visible), p, false, scale, gqa);
+    }
     if p > 0.0 && q.device() == Device::Cpu {
         // libtorch's CPU kernels take the math path whenever there is
         // dropout; spelling that path out lets it use the fast CPU mask.
         return causal_attention_math(q, k, v, past, scale, p);
     }
-    let size = q.size();
-    let t = size[size.len() - 2];
-    let gqa = size.len() == 4 && k.size()[1] != size[1];
     // Query i (absolute position past + i) sees keys 0..=past + i.
     let mask = (past > 0 && t > 1).then(|| {
         let q_pos = Tensor::arange_start(past, past + t, (Kind::Int64, q.device()));
