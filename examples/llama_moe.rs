@@ -1,6 +1,8 @@
 //! LLaMA-MoE (Zhu et al. 2024, arXiv 2406.16554; seed document 002) on
 //! tinyshakespeare: a dense LLaMA-style decoder is trained (or loaded from
-//! one of our checkpoints), each layer's SwiGLU MLP is split into `E`
+//! one of our checkpoints with `--checkpoint`, or from a Hugging Face Llama
+//! folder with `--model`, whose tokenizer then encodes the corpus), each
+//! layer's SwiGLU MLP is split into `E`
 //! experts (random or balanced-clustering neuron split, or upcycling) with
 //! a new gate, and both the dense model and the converted MoE model then
 //! continue training on the corpus with the same trainer (continual
@@ -14,14 +16,21 @@
 //!
 //! ```sh
 //! cargo xtask run run --release --example llama_moe -- --dense-steps 1000 --moe-steps 1000
+//! cargo xtask run run --release --example llama_moe -- --model tests/data/hf/llama \
+//!     --experts 8 --top-k 2 --moe-steps 300 --out runs/llama_moe_hf
 //! ```
+//!
+//! With `--model`, an upcycled MoE (`--construction upcycle`: softmax top-k
+//! without scaling) is also written as a Hugging Face `mixtral` folder,
+//! `moe_hf/`, that transformers loads.
 
 use clap::Parser;
 use moe_layers::experts::NeuronPartition;
+use moe_layers::hf::{from_pretrained, save_pretrained, LoadOptions};
 use moe_layers::lm::{
     load_checkpoint, plot_val_losses, CausalLm, CharTokenizer, Checkpointing, Dataset,
     DecoderConfig, DecoderModel, DecoderPreset, ExpertConstruction, JsonlWriter, LmConfig,
-    LossCurves, MoeConversion, TrainConfig, TrainEvent, Trainer,
+    LossCurves, MoeConversion, Tokenizer, TrainConfig, TrainEvent, Trainer,
 };
 use moe_layers::prelude::DeviceChoice;
 use moe_layers::{MoeError, Result};
@@ -34,8 +43,12 @@ use tch::nn;
 )]
 struct Args {
     /// A dense decoder checkpoint of ours to convert (else one is trained first)
-    #[arg(long)]
+    #[arg(long, conflicts_with = "model")]
     checkpoint: Option<PathBuf>,
+    /// A Hugging Face Llama checkpoint folder to convert (its tokenizer.json
+    /// encodes the corpus)
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Steps of the dense model's pre-training when no checkpoint is given
     #[arg(long, default_value_t = 1000)]
     dense_steps: i64,
@@ -102,7 +115,6 @@ fn run(args: Args) -> Result<()> {
         }
     };
     let text = std::fs::read_to_string(&args.data).map_err(|e| MoeError::io(&args.data, e))?;
-    let tokenizer = CharTokenizer::from_text(&text)?;
     std::fs::create_dir_all(&args.out).map_err(|e| MoeError::io(&args.out, e))?;
     let train = |max_iters| TrainConfig {
         max_iters,
@@ -113,6 +125,36 @@ fn run(args: Args) -> Result<()> {
     };
 
     // 1. The dense model: loaded, or trained here.
+    if let Some(dir) = &args.model {
+        let options = LoadOptions {
+            device,
+            ..LoadOptions::default()
+        };
+        let dense = from_pretrained(dir, &options)?;
+        let tokenizer = dense
+            .tokenizer
+            .clone()
+            .ok_or_else(|| MoeError::Checkpoint {
+                path: dir.join("tokenizer.json"),
+                reason: "the checkpoint has no tokenizer.json to encode the corpus with".into(),
+            })?;
+        println!(
+            "loaded {} ({} layers, vocabulary {})",
+            dir.display(),
+            dense.config.num_hidden_layers,
+            dense.config.vocab_size
+        );
+        return convert_and_continue(
+            &args,
+            &dense.vs,
+            &dense.config,
+            0,
+            construction,
+            &text,
+            &tokenizer,
+            &train,
+        );
+    }
     if let Some(dir) = &args.checkpoint {
         let loaded = load_checkpoint(dir, device)?;
         let config = loaded.meta.model.as_decoder()?.clone();
@@ -124,10 +166,11 @@ fn run(args: Args) -> Result<()> {
             step,
             construction,
             &text,
-            &tokenizer,
+            &loaded.meta.tokenizer,
             &train,
         );
     }
+    let tokenizer = Tokenizer::Char(CharTokenizer::from_text(&text)?);
     tch::manual_seed(args.seed);
     let dense_config = DecoderConfig {
         vocab_size: tokenizer.vocab_size(),
@@ -171,7 +214,7 @@ fn convert_and_continue(
     dense_step: i64,
     construction: ExpertConstruction,
     text: &str,
-    tokenizer: &CharTokenizer,
+    tokenizer: &Tokenizer,
     train: &dyn Fn(i64) -> TrainConfig,
 ) -> Result<()> {
     let device = dense_vs.device();
@@ -228,6 +271,15 @@ fn convert_and_continue(
     });
     std::fs::write(args.out.join("conversion.json"), record.to_string())
         .map_err(|e| MoeError::io(args.out.join("conversion.json"), e))?;
+    if args.model.is_some() && construction == ExpertConstruction::Upcycle {
+        // Softmax top-k, renormalised, unscaled: a Mixtral checkpoint.
+        let dir = args.out.join("moe_hf");
+        save_pretrained(&moe, &moe_vs, "mixtral", &dir, Some(tokenizer))?;
+        println!(
+            "wrote the converted model as a mixtral checkpoint: {}",
+            dir.display()
+        );
+    }
 
     let steps = train(args.moe_steps);
     println!(
@@ -264,7 +316,7 @@ fn convert_and_continue(
 
 fn dataset(
     text: &str,
-    tokenizer: &CharTokenizer,
+    tokenizer: &Tokenizer,
     config: &DecoderConfig,
     device: tch::Device,
 ) -> Result<Dataset> {
@@ -286,7 +338,7 @@ fn train_logged(
     data: &Dataset,
     config: TrainConfig,
     dir: &Path,
-    tokenizer: &CharTokenizer,
+    tokenizer: &Tokenizer,
     label: &str,
 ) -> Result<LossCurves> {
     std::fs::create_dir_all(dir).map_err(|e| MoeError::io(dir, e))?;
@@ -297,7 +349,7 @@ fn train_logged(
         .with_checkpointing(Checkpointing {
             dir: dir.to_path_buf(),
             interval,
-            tokenizer: tokenizer.clone().into(),
+            tokenizer: tokenizer.clone(),
         })?
         .run(|event| {
             metrics.write(event)?;

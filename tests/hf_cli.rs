@@ -63,3 +63,53 @@ fn generate_reads_a_hugging_face_folder() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+#[test]
+fn llama_moe_converts_a_hugging_face_llama() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out_dir = std::env::temp_dir().join(format!("moe-llama-moe-cli-{}", std::process::id()));
+    let out = Command::new(common::example("llama_moe"))
+        .args([
+            "--model",
+            root.join("tests/data/hf/llama").to_str().unwrap(),
+        ])
+        .args([
+            "--construction",
+            "upcycle",
+            "--experts",
+            "4",
+            "--top-k",
+            "2",
+        ])
+        .args([
+            "--moe-steps",
+            "3",
+            "--eval-interval",
+            "2",
+            "--eval-iters",
+            "1",
+        ])
+        .args(["--device", "cpu", "--out", out_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = ok(&out);
+    assert!(text.contains("loaded"), "{text}");
+    let record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out_dir.join("conversion.json")).unwrap())
+            .unwrap();
+    assert!(
+        record["all_experts_active_max_logit_diff"]
+            .as_f64()
+            .unwrap()
+            < 1e-4
+    );
+    // The upcycled model is a mixtral checkpoint with the Llama's tokenizer.
+    let moe = from_pretrained(&out_dir.join("moe_hf"), &LoadOptions::default()).unwrap();
+    assert_eq!(moe.family().model_type(), "mixtral");
+    assert_eq!(moe.config.num_local_experts, 4);
+    assert!(moe.tokenizer.is_some());
+    for run in ["dense", "moe"] {
+        assert!(out_dir.join(run).join("metrics.jsonl").is_file(), "{run}");
+    }
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}
