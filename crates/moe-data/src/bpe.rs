@@ -65,6 +65,11 @@ impl BpeTokenizer {
         self.inner.get_vocab_size(true) as i64
     }
 
+    /// The `tokenizers` library's tokenizer.
+    pub(crate) fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
         let encoding = self
             .inner

@@ -1,3 +1,4 @@
+use crate::bpe::vocab_ids;
 use crate::{BpeTokenizer, HfTokenizer};
 use moe_core::{MoeError, Result};
 use serde::{Deserialize, Serialize};
@@ -183,34 +184,83 @@ impl CharTokenizer {
 }
 
 /// Turns tokens into text as they arrive, for streaming: [`TextStream::push`]
-/// returns the text the new token adds. (A BPE token's bytes may complete a
-/// character only with the next token, so the whole text is decoded and its
-/// new part returned.)
-#[derive(Debug)]
+/// returns the text the new token adds (possibly empty).
+///
+/// A BPE or pretrained tokenizer goes through the `tokenizers` library's
+/// incremental decoder (`DecodeStream`): it keeps a short window of recent
+/// ids and returns a chunk once the window decodes to more text than before
+/// and ends on a whole character (a byte-level token's bytes may complete a
+/// character only with the next token; SentencePiece's leading space
+/// depends on the token before), so each token costs a few tokens'
+/// decoding, not the whole text's. The concatenated chunks are the text
+/// [`Tokenizer::decode`] gives for all the ids. A character tokenizer
+/// returns each token's character.
 pub struct TextStream<'a> {
-    tokenizer: &'a Tokenizer,
-    ids: Vec<i64>,
-    emitted: usize,
+    inner: Stream<'a>,
+}
+
+/// The decoder behind a [`TextStream`].
+enum Stream<'a> {
+    Char(&'a CharTokenizer),
+    Incremental {
+        decoder: Box<
+            tokenizers::DecodeStream<
+                'a,
+                tokenizers::ModelWrapper,
+                tokenizers::NormalizerWrapper,
+                tokenizers::PreTokenizerWrapper,
+                tokenizers::PostProcessorWrapper,
+                tokenizers::DecoderWrapper,
+            >,
+        >,
+        vocab_size: i64,
+    },
+}
+
+impl std::fmt::Debug for TextStream<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.inner {
+            Stream::Char(_) => f.write_str("TextStream(characters)"),
+            Stream::Incremental { vocab_size, .. } => {
+                write!(f, "TextStream(incremental, vocab_size {vocab_size})")
+            }
+        }
+    }
 }
 
 impl<'a> TextStream<'a> {
+    /// A stream that decodes as `tokenizer`'s [`Tokenizer::decode`] does
+    /// (a pretrained tokenizer leaving its special tokens out).
     pub fn new(tokenizer: &'a Tokenizer) -> Self {
-        TextStream {
-            tokenizer,
-            ids: Vec::new(),
-            emitted: 0,
-        }
+        let inner = match tokenizer {
+            Tokenizer::Char(t) => Stream::Char(t),
+            Tokenizer::Bpe(t) => Stream::Incremental {
+                decoder: Box::new(t.inner().decode_stream(false)),
+                vocab_size: t.vocab_size(),
+            },
+            Tokenizer::Hf(t) => Stream::Incremental {
+                decoder: Box::new(t.inner().decode_stream(true)),
+                vocab_size: t.vocab_size(),
+            },
+        };
+        TextStream { inner }
     }
 
-    /// The text that `id` adds (possibly empty).
+    /// The text that `id` adds (possibly empty); an id outside the
+    /// vocabulary is [`MoeError::TokenOutOfVocab`].
     pub fn push(&mut self, id: i64) -> Result<String> {
-        self.ids.push(id);
-        let text = self.tokenizer.decode(&self.ids)?;
-        let new = text.get(self.emitted..).unwrap_or_default().to_string();
-        if !text.ends_with(char::REPLACEMENT_CHARACTER) {
-            self.emitted = text.len();
-            return Ok(new);
+        match &mut self.inner {
+            Stream::Char(t) => Ok(t.decode_one(id)?.to_string()),
+            Stream::Incremental {
+                decoder,
+                vocab_size,
+            } => {
+                let id = vocab_ids(&[id], *vocab_size)?[0];
+                decoder
+                    .step(id)
+                    .map(Option::unwrap_or_default)
+                    .map_err(|e| MoeError::Encode(format!("incremental decoding: {e}")))
+            }
         }
-        Ok(String::new())
     }
 }

@@ -110,3 +110,49 @@ fn pretrained_tokenizers_encode_decode_stream_and_serialise_distinctly() {
     let err = HfTokenizer::from_file(&path.with_file_name("nope.json")).unwrap_err();
     assert!(err.to_string().contains("nope.json"), "{err}");
 }
+
+#[test]
+fn streams_add_up_to_the_decoded_text_for_every_tokenizer() {
+    use moe_data::TextStream;
+    // Multi-byte characters split over byte-level tokens, and a long text.
+    let mut text = corpus()[..20_000].to_string();
+    text.push_str(" Hé said «ça» — 你好, naïve café.");
+    let bpe = Tokenizer::Bpe(BpeTokenizer::train(&text, 400).unwrap());
+    let chars = Tokenizer::Char(moe_data::CharTokenizer::from_text(&text).unwrap());
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/data/hf/llama/tokenizer.json");
+    let hf = Tokenizer::Hf(moe_data::HfTokenizer::from_file(&path).unwrap());
+    for tok in [&bpe, &chars, &hf] {
+        let sample = if matches!(tok, Tokenizer::Hf(_)) {
+            &text[..20_000]
+        } else {
+            &text[..]
+        };
+        let ids = tok.encode(sample).unwrap();
+        let mut stream = TextStream::new(tok);
+        let mut streamed = String::new();
+        let mut empty_chunks = 0;
+        for &id in &ids {
+            let chunk = stream.push(id).unwrap();
+            empty_chunks += usize::from(chunk.is_empty());
+            streamed.push_str(&chunk);
+        }
+        assert_eq!(streamed, tok.decode(&ids).unwrap(), "{tok:?}");
+        assert!(
+            empty_chunks < ids.len() / 10,
+            "{tok:?}: {empty_chunks} empty chunks"
+        );
+        let mut stream = TextStream::new(tok);
+        assert!(stream.push(tok.vocab_size()).is_err());
+    }
+    // A multi-byte character split over tokens comes out whole, once.
+    let ids = bpe.encode("你").unwrap();
+    assert!(ids.len() > 1, "{ids:?}");
+    let mut stream = TextStream::new(&bpe);
+    let chunks: Vec<String> = ids.iter().map(|&id| stream.push(id).unwrap()).collect();
+    assert!(
+        chunks[..ids.len() - 1].iter().all(String::is_empty),
+        "{chunks:?}"
+    );
+    assert_eq!(chunks.last().unwrap(), "你");
+}
