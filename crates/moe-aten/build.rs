@@ -12,17 +12,48 @@ fn main() {
     // is tch's own default for a plain libtorch.
     let abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".into());
     println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
-    let sources = ["csrc/fused_adamw.cpp", "csrc/clear_grads.cpp"];
-    for source in sources {
+    let mut sources = vec!["csrc/fused_adamw.cpp", "csrc/clear_grads.cpp"];
+    // c10d's Gloo process group needs Gloo's headers, which the torch wheel
+    // does not ship: `cargo xtask env` fetches them (Debian's libgloo-dev)
+    // and sets MOE_GLOO_INCLUDE. Without them the distributed part is left
+    // out and `moe_aten::dist` says so at run time.
+    println!("cargo:rerun-if-env-changed=MOE_GLOO_INCLUDE");
+    println!("cargo::rustc-check-cfg=cfg(moe_c10d)");
+    let gloo = env::var_os("MOE_GLOO_INCLUDE")
+        .map(PathBuf::from)
+        .or_else(|| Some(PathBuf::from("/usr/include")))
+        .filter(|dir| dir.join("gloo").join("algorithm.h").is_file());
+    if gloo.is_some() {
+        sources.push("csrc/c10d.cpp");
+        println!("cargo:rustc-cfg=moe_c10d");
+    } else {
+        println!(
+            "cargo:warning=Gloo's headers not found (MOE_GLOO_INCLUDE unset): building without \
+             process groups; `cargo xtask env` fetches them"
+        );
+    }
+    for source in &sources {
         println!("cargo:rerun-if-changed={source}");
     }
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    build
         .cpp(true)
         .pic(true)
         .std("c++17")
         .include(root.join("include"))
+        .include(
+            root.join("include")
+                .join("torch")
+                .join("csrc")
+                .join("api")
+                .join("include"),
+        )
         .define("_GLIBCXX_USE_CXX11_ABI", abi.as_str())
         .warnings(false)
-        .files(sources)
-        .compile("moe_aten");
+        .files(&sources);
+    if let Some(dir) = gloo {
+        // The torch wheel is built with Gloo; its c10d headers say so by this macro.
+        build.include(dir).define("USE_C10D_GLOO", None);
+    }
+    build.compile("moe_aten");
 }

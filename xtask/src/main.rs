@@ -28,7 +28,7 @@ fn main() {
     };
     let root = workspace_root();
     let result = match task {
-        "env" => ensure_torch(&root).map(|lib| print_env(&root, &lib)),
+        "env" => build_env(&root).map(|vars| print_env(&vars)),
         "test" => test(&root, &rest),
         "shakespeare" => cargo(
             &root,
@@ -202,20 +202,69 @@ fn torch_env(root: &Path, lib: &Path) -> Vec<(String, String)> {
     ]
 }
 
-fn print_env(root: &Path, lib: &Path) {
-    for (k, v) in torch_env(root, lib) {
+/// Gloo's headers (Debian's `libgloo-dev`, unpacked into `.venv/gloo`):
+/// c10d's `ProcessGroupGloo.hpp` includes them and the torch wheel does not
+/// ship them. Returns their include folder, fetching the package first if
+/// needed (`apt-get download` + `dpkg -x`, no root needed).
+fn ensure_gloo(root: &Path) -> Result<PathBuf, String> {
+    let dest = venv(root).join("gloo");
+    let include = dest.join("usr").join("include");
+    if include.join("gloo").join("algorithm.h").is_file() {
+        return Ok(include);
+    }
+    let debs = dest.join("deb");
+    std::fs::create_dir_all(&debs).map_err(|e| format!("{}: {e}", debs.display()))?;
+    eprintln!(
+        "xtask: fetching Gloo's headers (Debian's libgloo-dev) into {}",
+        dest.display()
+    );
+    let download = || {
+        run(Command::new("apt-get")
+            .args(["download", "libgloo-dev"])
+            .current_dir(&debs)
+            .stdout(std::io::stderr()))
+    };
+    if download().is_err() {
+        // A fresh machine may not have the package lists yet.
+        run(Command::new("apt-get")
+            .args(["update", "-qq"])
+            .stdout(std::io::stderr()))?;
+        download()?;
+    }
+    let deb = std::fs::read_dir(&debs)
+        .map_err(|e| format!("{}: {e}", debs.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .ok_or_else(|| format!("apt-get download left no .deb in {}", debs.display()))?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dest))?;
+    if include.join("gloo").join("algorithm.h").is_file() {
+        Ok(include)
+    } else {
+        Err(format!("{} holds no gloo/algorithm.h", include.display()))
+    }
+}
+
+/// Everything the build needs (torch in `.venv`, Gloo's headers) and the
+/// environment that points cargo at it.
+fn build_env(root: &Path) -> Result<Vec<(String, String)>, String> {
+    let lib = ensure_torch(root)?;
+    let gloo = ensure_gloo(root)?;
+    let mut vars = torch_env(root, &lib);
+    vars.push(("MOE_GLOO_INCLUDE".into(), gloo.display().to_string()));
+    Ok(vars)
+}
+
+fn print_env(vars: &[(String, String)]) {
+    for (k, v) in vars {
         println!("export {k}='{v}'");
     }
 }
 
 fn cargo(root: &Path, fixed: &[&str], rest: &[String]) -> Result<(), String> {
-    let lib = ensure_torch(root)?;
+    let vars = build_env(root)?;
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(root).args(fixed).args(rest);
-    for (k, v) in torch_env(root, &lib) {
-        cmd.env(k, v);
-    }
+    cmd.current_dir(root).args(fixed).args(rest).envs(vars);
     run(&mut cmd)
 }
 
@@ -249,16 +298,14 @@ fn cargo_counting(
     totals: &mut (u64, u64),
 ) -> Result<(), String> {
     use std::io::{BufRead, BufReader};
-    let lib = ensure_torch(root)?;
+    let vars = build_env(root)?;
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root)
         .args(fixed)
         .args(rest)
+        .envs(vars)
         .stdout(std::process::Stdio::piped());
-    for (k, v) in torch_env(root, &lib) {
-        cmd.env(k, v);
-    }
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start cargo: {e}"))?;

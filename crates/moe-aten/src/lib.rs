@@ -5,7 +5,8 @@
 //! operators that return nothing and take lists of tensors: the `_foreach_`
 //! and `_fused_` families that PyTorch's optimizers are built on. This
 //! crate exposes what the training loop needs: [`fused_adamw_`], and
-//! [`clear_grads`], which tch's API cannot express.
+//! [`clear_grads`], which tch's API cannot express; and [`dist`], c10d's
+//! process groups (Gloo) and collectives, which tch does not bind at all.
 
 use moe_core::{check_same_device, MoeError, Result};
 use serde::{Deserialize, Serialize};
@@ -38,8 +39,10 @@ extern "C" {
     ) -> c_int;
 }
 
+pub mod dist;
+
 /// Runs a shim function that reports failure through a message buffer.
-fn call_shim(f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
+pub(crate) fn call_shim(f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
     let mut error = [0 as c_char; 1024];
     if f(error.as_mut_ptr(), error.len()) == 0 {
         return Ok(());

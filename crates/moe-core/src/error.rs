@@ -68,6 +68,12 @@ pub enum MoeError {
     #[error("training diverged: {0}")]
     Diverged(String),
 
+    /// A process group could not be formed or a collective failed: a bad
+    /// launch environment, a peer that died or did not join within the
+    /// timeout, mismatched exchanges.
+    #[error("distributed: {0}")]
+    Distributed(String),
+
     /// An error raised inside libtorch.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

@@ -1,0 +1,241 @@
+// Process groups of libtorch's c10d (the engine of torch.distributed) for
+// Rust: stores (TCPStore for torchrun, HashStore for ranks that are threads
+// of one process), Gloo process groups, and their collectives. The
+// all-to-all is autograd-aware: its backward is the reverse exchange.
+//
+// Gloo's own types are touched only through c10d's helpers
+// (ProcessGroupGloo::Options, createDeviceForHostname): the Gloo headers
+// this compiles against may be older than the Gloo inside libtorch.
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
+#include <torch/csrc/distributed/c10d/HashStore.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <string>
+#include <vector>
+
+namespace {
+
+struct Store {
+  c10::intrusive_ptr<c10d::Store> store;
+};
+
+struct Group {
+  c10::intrusive_ptr<c10d::ProcessGroup> pg;
+  std::string name;
+  std::chrono::milliseconds timeout;
+};
+
+// Runs `f`, turning a C++ exception into a message and status 1.
+template <typename F>
+int guarded(char *error, size_t error_len, F &&f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception &e) {
+    std::snprintf(error, error_len, "%s", e.what());
+    return 1;
+  } catch (...) {
+    std::snprintf(error, error_len, "unknown C++ exception");
+    return 1;
+  }
+}
+
+// Waits for a collective, with the group's timeout.
+void wait(const c10::intrusive_ptr<c10d::Work> &work, const Group &group) {
+  if (!work->wait(group.timeout)) {
+    throw std::runtime_error("collective did not complete within the timeout");
+  }
+}
+
+// One uneven all-to-all: `input`'s rows are cut into `in_splits` blocks,
+// block r goes to rank r; the result stacks the `out_splits` blocks
+// received, rank by rank.
+at::Tensor exchange(const Group &group, const at::Tensor &input,
+                    const std::vector<int64_t> &out_splits,
+                    const std::vector<int64_t> &in_splits) {
+  int64_t rows = 0;
+  for (auto s : out_splits) rows += s;
+  auto sizes = input.sizes().vec();
+  sizes[0] = rows;
+  auto input_c = input.contiguous();
+  auto output = at::empty(sizes, input.options());
+  // alltoall_base takes the split vectors by reference and moves them away.
+  std::vector<int64_t> out_copy = out_splits;
+  std::vector<int64_t> in_copy = in_splits;
+  auto work = group.pg->alltoall_base(output, input_c, out_copy, in_copy);
+  wait(work, group);
+  return output;
+}
+
+// The all-to-all as an autograd function: the gradient of the output
+// goes back through the reverse exchange (splits swapped).
+struct AllToAll : public torch::autograd::Function<AllToAll> {
+  static at::Tensor forward(torch::autograd::AutogradContext *ctx,
+                            const at::Tensor &input, const Group *group,
+                            std::vector<int64_t> out_splits,
+                            std::vector<int64_t> in_splits) {
+    // By name: a group freed before the backward is then an error, not a
+    // dangling pointer.
+    ctx->saved_data["group"] = group->name;
+    ctx->saved_data["timeout_ms"] = static_cast<int64_t>(group->timeout.count());
+    ctx->saved_data["out_splits"] = out_splits;
+    ctx->saved_data["in_splits"] = in_splits;
+    return exchange(*group, input, out_splits, in_splits);
+  }
+
+  static torch::autograd::variable_list backward(
+      torch::autograd::AutogradContext *ctx,
+      torch::autograd::variable_list grad_out) {
+    auto name = ctx->saved_data["group"].toStringRef();
+    Group group{c10d::resolve_process_group(name), name,
+                std::chrono::milliseconds(ctx->saved_data["timeout_ms"].toInt())};
+    auto out_splits = ctx->saved_data["out_splits"].toIntVector();
+    auto in_splits = ctx->saved_data["in_splits"].toIntVector();
+    auto grad = exchange(group, grad_out[0], in_splits, out_splits);
+    return {grad, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::atomic<int64_t> next_group_id{0};
+
+c10d::ReduceOp reduce_op(int op) {
+  switch (op) {
+    case 0:
+      return c10d::ReduceOp(c10d::ReduceOp::RedOpType::SUM);
+    case 1:
+      return c10d::ReduceOp(c10d::ReduceOp::RedOpType::MAX);
+    case 2:
+      return c10d::ReduceOp(c10d::ReduceOp::RedOpType::MIN);
+    default:
+      throw std::invalid_argument("unknown reduce op " + std::to_string(op));
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int moe_c10d_tcp_store(const char *host, int port, int world_size, bool is_server,
+                       int64_t timeout_ms, const char *prefix, void **out,
+                       char *error, size_t error_len) {
+  return guarded(error, error_len, [&] {
+    c10d::TCPStoreOptions options;
+    options.port = static_cast<std::uint16_t>(port);
+    options.isServer = is_server;
+    options.numWorkers = is_server ? std::optional<std::size_t>(world_size) : std::nullopt;
+    options.waitWorkers = false;
+    options.timeout = std::chrono::milliseconds(timeout_ms);
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), options);
+    auto store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
+    *out = new Store{store};
+  });
+}
+
+int moe_c10d_hash_store(void **out, char *error, size_t error_len) {
+  return guarded(error, error_len, [&] {
+    *out = new Store{c10::make_intrusive<c10d::HashStore>()};
+  });
+}
+
+void moe_c10d_store_free(void *store) { delete static_cast<Store *>(store); }
+
+// A Gloo process group of `size` ranks over `store`, this one `rank`;
+// blocks until every rank has joined (or the timeout).
+int moe_c10d_gloo_group(void *store, int rank, int size, int64_t timeout_ms,
+                        const char *hostname, void **out, char *error,
+                        size_t error_len) {
+  return guarded(error, error_len, [&] {
+    auto timeout = std::chrono::milliseconds(timeout_ms);
+    auto base = static_cast<Store *>(store)->store;
+    base->setTimeout(timeout);
+    auto options = c10d::ProcessGroupGloo::Options::create(timeout);
+    options->devices.push_back(
+        c10d::ProcessGroupGloo::createDeviceForHostname(std::string(hostname)));
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("gloo/", base);
+    auto backend =
+        c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, options);
+    auto pg = c10::make_intrusive<c10d::ProcessGroup>(prefixed, rank, size);
+    pg->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, backend);
+    pg->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
+    // Unique in the process: in-process ranks each hold a group.
+    std::string name = "moe_layers_" + std::to_string(next_group_id++);
+    pg->setGroupName(name);
+    c10d::register_process_group(name, pg);
+    *out = new Group{pg, name, timeout};
+  });
+}
+
+void moe_c10d_group_free(void *group) {
+  auto g = static_cast<Group *>(group);
+  try {
+    c10d::unregister_process_group(g->name);
+  } catch (...) {
+  }
+  delete g;
+}
+
+int moe_c10d_all_to_all(void *group, const at::Tensor *input, const int64_t *out_splits,
+                        const int64_t *in_splits, size_t n, at::Tensor **out, char *error,
+                        size_t error_len) {
+  return guarded(error, error_len, [&] {
+    auto g = static_cast<const Group *>(group);
+    std::vector<int64_t> outs(out_splits, out_splits + n);
+    std::vector<int64_t> ins(in_splits, in_splits + n);
+    *out = new at::Tensor(AllToAll::apply(*input, g, outs, ins));
+  });
+}
+
+int moe_c10d_all_reduce(void *group, at::Tensor *tensor, int op, char *error,
+                        size_t error_len) {
+  return guarded(error, error_len, [&] {
+    auto g = static_cast<const Group *>(group);
+    std::vector<at::Tensor> tensors{*tensor};
+    c10d::AllreduceOptions options;
+    options.reduceOp = reduce_op(op);
+    wait(g->pg->allreduce(tensors, options), *g);
+  });
+}
+
+int moe_c10d_broadcast(void *group, at::Tensor *tensor, int root, char *error,
+                       size_t error_len) {
+  return guarded(error, error_len, [&] {
+    auto g = static_cast<const Group *>(group);
+    std::vector<at::Tensor> tensors{*tensor};
+    c10d::BroadcastOptions options;
+    options.rootRank = root;
+    wait(g->pg->broadcast(tensors, options), *g);
+  });
+}
+
+int moe_c10d_all_gather(void *group, const at::Tensor *input, at::Tensor **out,
+                        char *error, size_t error_len) {
+  return guarded(error, error_len, [&] {
+    auto g = static_cast<const Group *>(group);
+    // Gloo gathers flat buffers end to end; the result gets a rank dimension.
+    auto flat = input->contiguous().reshape({-1});
+    auto output = at::empty({g->pg->getSize() * flat.numel()}, flat.options());
+    wait(g->pg->_allgather_base(output, flat), *g);
+    auto sizes = input->sizes().vec();
+    sizes.insert(sizes.begin(), g->pg->getSize());
+    *out = new at::Tensor(output.view(sizes));
+  });
+}
+
+int moe_c10d_barrier(void *group, char *error, size_t error_len) {
+  return guarded(error, error_len, [&] {
+    auto g = static_cast<const Group *>(group);
+    wait(g->pg->barrier(), *g);
+  });
+}
+
+}  // extern "C"
