@@ -35,30 +35,54 @@ impl Dispatch for Grouped {
     fn combine(&self, x: &Tensor, routing: &Routing, experts: &ExpertBank, train: bool) -> Tensor {
         let slots = SortedSlots::new(routing);
         let xs = x.index_select(0, &slots.token);
-        let out = if segment_loop_is_faster(x, routing) || !grouped_mm_supported(experts, x.kind())
-        {
-            expert_segments_looped(experts, &xs, &slots)
-        } else {
-            expert_segments_grouped(experts, &xs, &slots)
+        let segments = Segments {
+            counts: &slots.counts,
+            offsets: &slots.offsets,
+            expert: &slots.expert,
         };
-        let out = experts.output_dropout(out, train);
+        let out = experts.output_dropout(run_segments(experts, &xs, &segments), train);
         let n = x.size()[0];
         let slot_weight = routing.weights.flatten(0, -1);
         gather_weighted_sum(&out, &slots.position, &slot_weight, (n, routing.top_k()))
     }
 }
 
+/// Rows sorted by expert: segment `e` holds `counts[e]` rows.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Segments<'a> {
+    /// Rows per expert, `[E]` int64.
+    pub counts: &'a Tensor,
+    /// End offset of each segment, `[E]` int32 (cumulative counts).
+    pub offsets: &'a Tensor,
+    /// Expert of each row (non-decreasing), `[R]` int64.
+    pub expert: &'a Tensor,
+}
+
+/// Every expert of the bank on its segment of `xs` (`[R, d]` sorted by
+/// expert): two grouped GEMMs, or a loop of GEMMs over segments where that
+/// is faster or `_grouped_mm` cannot run.
+pub(crate) fn run_segments(experts: &ExpertBank, xs: &Tensor, segments: &Segments<'_>) -> Tensor {
+    let rows = xs.size()[0];
+    let rows_per_expert = rows / experts.num_experts().max(1);
+    let loop_is_faster = xs.device() == Device::Cpu && rows_per_expert >= CPU_SEGMENT_LOOP_MIN_ROWS;
+    if rows == 0 || loop_is_faster || !grouped_mm_supported(experts, xs.kind()) {
+        expert_segments_looped(experts, xs, segments)
+    } else {
+        expert_segments_grouped(experts, xs, segments)
+    }
+}
+
 /// All experts on their contiguous segments of `xs` with two grouped GEMMs.
-fn expert_segments_grouped(experts: &ExpertBank, xs: &Tensor, slots: &SortedSlots) -> Tensor {
+fn expert_segments_grouped(experts: &ExpertBank, xs: &Tensor, slots: &Segments<'_>) -> Tensor {
     // Weights follow the activations' dtype (bf16 autocast keeps fp32 masters).
     let kind = xs.kind();
     let mm = |a: &Tensor, w: &Tensor| {
-        a.internal_grouped_mm(&w.to_kind(kind), Some(&slots.offsets), None, None)
+        a.internal_grouped_mm(&w.to_kind(kind), Some(slots.offsets), None, None)
     };
     // Each row's expert bias, where the experts have biases.
     let bias = |b: &Option<Tensor>| {
         b.as_ref()
-            .map(|b| b.index_select(0, &slots.expert).to_kind(kind))
+            .map(|b| b.index_select(0, slots.expert).to_kind(kind))
     };
     let pre = plus_bias(mm(xs, &experts.w_in), bias(&experts.b_in));
     let gate = experts.w_gate.as_ref().map(|w| mm(xs, w));
@@ -69,8 +93,8 @@ fn expert_segments_grouped(experts: &ExpertBank, xs: &Tensor, slots: &SortedSlot
 /// The same computation as a loop over segments (fallback; one host read).
 /// One bias-fused GEMM pair per non-empty segment ([`ExpertBank::views`]),
 /// the segment sizes read back to the host.
-fn expert_segments_looped(experts: &ExpertBank, xs: &Tensor, slots: &SortedSlots) -> Tensor {
-    let counts = Vec::<i64>::try_from(&slots.counts).expect("counts are int64");
+fn expert_segments_looped(experts: &ExpertBank, xs: &Tensor, slots: &Segments<'_>) -> Tensor {
+    let counts = Vec::<i64>::try_from(slots.counts).expect("counts are int64");
     let views = experts.views(xs);
     let parts: Vec<Tensor> = xs
         .split_with_sizes(&counts, 0)
@@ -79,6 +103,12 @@ fn expert_segments_looped(experts: &ExpertBank, xs: &Tensor, slots: &SortedSlots
         .filter(|(e, _)| counts[*e] > 0)
         .map(|(e, segment)| experts.ffn_view(&views, e, segment))
         .collect();
+    if parts.is_empty() {
+        // No row at all (an expert-parallel rank that received nothing): an
+        // empty output still connected to the weights, whose gradients are
+        // then zeros rather than undefined.
+        return experts.ffn_view(&views, 0, xs);
+    }
     Tensor::cat(&parts, 0)
 }
 
@@ -90,14 +120,6 @@ fn expert_segments_looped(experts: &ExpertBank, xs: &Tensor, slots: &SortedSlots
 /// experts); at 128 (makeMoE's size) the two were within noise (15.5 vs
 /// 16.0 ms), and `_grouped_mm` is kept there.
 pub const CPU_SEGMENT_LOOP_MIN_ROWS: i64 = 256;
-
-/// On CPU a host read costs nothing, and from [`CPU_SEGMENT_LOOP_MIN_ROWS`]
-/// rows per expert the segment loop is faster; on GPUs `_grouped_mm` runs
-/// without reading anything back.
-fn segment_loop_is_faster(x: &Tensor, routing: &Routing) -> bool {
-    let rows = routing.num_tokens() * routing.top_k() / routing.num_experts.max(1);
-    x.device() == Device::Cpu && rows >= CPU_SEGMENT_LOOP_MIN_ROWS
-}
 
 type SupportCache = Mutex<Option<HashMap<(Device, Kind, i64, i64), bool>>>;
 
