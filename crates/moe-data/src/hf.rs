@@ -5,6 +5,7 @@ use crate::bpe::vocab_ids;
 use moe_core::{MoeError, Result};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::path::Path;
+use tokenizers::models::ModelWrapper;
 
 /// A pretrained tokenizer read from Hugging Face's `tokenizer.json` (any
 /// model the `tokenizers` library knows: byte-level BPE, SentencePiece-style
@@ -86,6 +87,21 @@ impl HfTokenizer {
     /// The id of a token (e.g. `"</s>"`), if the vocabulary has it.
     pub fn token_to_id(&self, token: &str) -> Option<i64> {
         self.inner.token_to_id(token).map(i64::from)
+    }
+
+    /// The id of the model's unknown token (`<unk>` of a SentencePiece-style
+    /// BPE, `[UNK]` of WordPiece, a Unigram model's `unk_id`), if it has one.
+    pub fn unk_token_id(&self) -> Option<i64> {
+        let unk = match self.inner.get_model() {
+            ModelWrapper::BPE(bpe) => bpe.get_unk_token().clone(),
+            ModelWrapper::WordPiece(wp) => Some(wp.unk_token.clone()),
+            ModelWrapper::WordLevel(wl) => Some(wl.unk_token.clone()),
+            // `tokenizers` keeps it private; its serialised form has it.
+            ModelWrapper::Unigram(u) => {
+                return serde_json::to_value(u).ok()?.get("unk_id")?.as_i64()
+            }
+        }?;
+        self.token_to_id(&unk)
     }
 
     /// Token ids of `text` with the special tokens the tokenizer adds

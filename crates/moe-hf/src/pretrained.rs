@@ -84,6 +84,18 @@ impl Pretrained {
         self.source.family
     }
 
+    /// The dtype `config.json` says the weights were saved in (`dtype`, or
+    /// transformers 4's `torch_dtype`), when it names a floating-point one
+    /// (`float32`, `float16`, `bfloat16`, `float64`): the dtype to save a
+    /// changed copy in, whatever dtype the parameters were loaded in.
+    pub fn saved_dtype(&self) -> Option<Kind> {
+        let json = &self.source.json;
+        let name = json.get("dtype").or_else(|| json.get("torch_dtype"))?;
+        [Kind::Float, Kind::Half, Kind::BFloat16, Kind::Double]
+            .into_iter()
+            .find(|&kind| name.as_str() == Some(dtype_name(kind)))
+    }
+
     /// Writes the model back as a folder of its own family, with its
     /// tokenizer and (unless `options` gives one) its generation config.
     pub fn save(&self, dir: &Path, options: &SaveOptions) -> Result<()> {

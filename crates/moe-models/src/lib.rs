@@ -21,7 +21,8 @@ mod sampling;
 
 pub use causal_lm::{check_context, cross_entropy, BatchLoss, CausalLm, ForwardOutput, ModelCache};
 pub use decoder::{
-    DecoderConfig, DecoderModel, DecoderPreset, ExpertConstruction, LatentAttention, MoeConversion,
+    resize_vocab, DecoderConfig, DecoderModel, DecoderPreset, ExpertConstruction, LatentAttention,
+    MoeConversion,
 };
 pub use family::LmConfig;
 pub use generate::{generate, generate_batch, generate_recompute, generate_with, GenerateOptions};

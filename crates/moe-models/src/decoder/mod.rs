@@ -8,14 +8,18 @@
 //! - `config.rs`: [`DecoderConfig`], [`DecoderPreset`];
 //! - `layer.rs`: [`DecoderLayer`] (attention + dense or MoE feed-forward);
 //! - `model.rs`: [`DecoderModel`], the [`crate::CausalLm`];
-//! - `convert.rs`: LLaMA-MoE's conversion of a dense model ([`MoeConversion`]).
+//! - `convert.rs`: LLaMA-MoE's conversion of a dense model ([`MoeConversion`]);
+//! - `resize.rs`: a larger vocabulary, new rows at the mean of the old
+//!   ones ([`resize_vocab`]).
 
 mod config;
 mod convert;
 mod layer;
 mod model;
+mod resize;
 
 pub use config::{DecoderConfig, DecoderPreset, LatentAttention};
 pub use convert::{ExpertConstruction, MoeConversion};
 pub use layer::{Attention, DecoderLayer, FeedForward, LayerOutput};
 pub use model::DecoderModel;
+pub use resize::resize_vocab;
