@@ -2,7 +2,7 @@ use crate::SparseMoeConfig;
 use moe_core::{
     check_float, check_same_device, linear, linear_in_input_dtype, MoeError, Result, Routing,
 };
-use moe_dispatch::Dispatch;
+use moe_dispatch::{Dispatch, ExpertParallel};
 use moe_experts::ExpertBank;
 use moe_routers::Router;
 use tch::{nn, Tensor};
@@ -26,6 +26,8 @@ pub struct SparseMoe {
     shared_experts: Option<ExpertBank>,
     shared_expert_gate: Option<nn::Linear>,
     dispatch: Box<dyn Dispatch>,
+    /// With expert parallelism, `experts` holds this rank's share.
+    expert_parallel: Option<ExpertParallel>,
     config: SparseMoeConfig,
 }
 
@@ -47,7 +49,39 @@ impl SparseMoe {
     /// shared experts, `p/shared_experts/...` and, with their sigmoid gate,
     /// `p/shared_expert_gate.weight` (`[1, d]`).
     pub fn new(p: &nn::Path, config: SparseMoeConfig) -> Result<Self> {
+        Self::build(p, config, None)
+    }
+
+    /// The layer with its routed experts spread over the ranks of
+    /// `parallel`'s group: `p/experts/...` holds this rank's `E / P`
+    /// experts (global ids `r E / P ..`), every other parameter is whole on
+    /// every rank. [`SparseMoe::forward_t`] is then a collective: every rank
+    /// calls it, with as many tokens as the others in the capacity mode.
+    pub fn new_expert_parallel(
+        p: &nn::Path,
+        config: SparseMoeConfig,
+        parallel: ExpertParallel,
+    ) -> Result<Self> {
+        if parallel.num_experts() != config.num_experts {
+            return Err(MoeError::config(format!(
+                "the expert-parallel split is for {} experts, the layer has {}",
+                parallel.num_experts(),
+                config.num_experts
+            )));
+        }
+        Self::build(p, config, Some(parallel))
+    }
+
+    fn build(
+        p: &nn::Path,
+        config: SparseMoeConfig,
+        expert_parallel: Option<ExpertParallel>,
+    ) -> Result<Self> {
         config.validate()?;
+        let mut expert_config = config.expert_config();
+        if let Some(parallel) = &expert_parallel {
+            expert_config.num_experts = parallel.local_experts();
+        }
         let shared_experts = match config.shared_expert_config() {
             Some(c) => Some(ExpertBank::new(&(p / "shared_experts"), &c)?),
             None => None,
@@ -65,10 +99,11 @@ impl SparseMoe {
             router: config
                 .router
                 .build(&(p / "router"), config.router_dims(), config.init)?,
-            experts: ExpertBank::new(&(p / "experts"), &config.expert_config())?,
+            experts: ExpertBank::new(&(p / "experts"), &expert_config)?,
             shared_experts,
             shared_expert_gate,
             dispatch: config.dispatch.build(),
+            expert_parallel,
             config,
         })
     }
@@ -77,7 +112,12 @@ impl SparseMoe {
         &self.config
     }
 
-    /// The routed experts.
+    /// The expert parallelism, when the routed experts are spread over ranks.
+    pub fn expert_parallel(&self) -> Option<&ExpertParallel> {
+        self.expert_parallel.as_ref()
+    }
+
+    /// The routed experts (this rank's share with expert parallelism).
     pub fn experts(&self) -> &ExpertBank {
         &self.experts
     }
@@ -108,7 +148,20 @@ impl SparseMoe {
 
     /// The training loop's hook after an optimizer step (see [`Router::after_step`]).
     pub fn after_step(&self, routing: &Routing) -> Result<()> {
-        self.router.after_step(routing)
+        match &self.expert_parallel {
+            // Every rank's copy of the router changes alike.
+            Some(parallel) => {
+                if routing.num_experts != self.config.num_experts {
+                    return Err(MoeError::config(format!(
+                        "after_step got a routing over {} experts, the layer has {}",
+                        routing.num_experts, self.config.num_experts
+                    )));
+                }
+                let counts = parallel.global_counts(routing)?;
+                self.router.after_step_with_counts(&counts)
+            }
+            None => self.router.after_step(routing),
+        }
     }
 
     /// `x`: `[..., d]` (any leading dims) -> same shape. With a rank of 3 or
@@ -133,7 +186,10 @@ impl SparseMoe {
         let routing = self
             .router
             .route(&flat.to_kind(self.experts.w_in.kind()), train)?;
-        let mut output = self.dispatch.combine(&flat, &routing, &self.experts, train);
+        let mut output = match &self.expert_parallel {
+            Some(parallel) => parallel.combine(&flat, &routing, &self.experts, train)?,
+            None => self.dispatch.combine(&flat, &routing, &self.experts, train),
+        };
         if let Some(shared) = &self.shared_experts {
             let y = shared
                 .forward_all(&flat, train)
@@ -145,7 +201,17 @@ impl SparseMoe {
             };
         }
         let seq_len = (shape.len() >= 3).then(|| shape[shape.len() - 2]);
-        let aux_loss = self.config.balance.loss(&routing, seq_len)?;
+        let aux_loss = match &self.expert_parallel {
+            // The load of each expert over every rank's tokens.
+            Some(parallel) if self.config.balance.is_active() => {
+                let counts = parallel.global_counts(&routing)?;
+                let world = parallel.world_size();
+                self.config
+                    .balance
+                    .loss_over_ranks(&routing, seq_len, &counts, world)?
+            }
+            _ => self.config.balance.loss(&routing, seq_len)?,
+        };
         Ok(MoeOutput {
             output: output.view(shape.as_slice()),
             routing,

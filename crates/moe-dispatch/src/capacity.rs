@@ -72,46 +72,61 @@ impl Dispatch for Capacity {
     }
 
     fn combine(&self, x: &Tensor, routing: &Routing, experts: &ExpertBank, train: bool) -> Tensor {
-        let (n, d) = (x.size()[0], x.size()[1]);
-        let (k, e) = (routing.top_k(), routing.num_experts);
         let plan = self.plan(routing);
-        let c = plan.capacity;
-        let kind = x.kind();
-
-        // Fill the [E, C, d] buffer by gathering: each buffer row looks up
-        // the slot that owns it (rows nobody owns read a zero row). A gather
-        // writes every row once; scattering tokens in would need atomics.
-        let slots = n * k;
-        let opts = (Kind::Int64, x.device());
-        let slot_of_row = Tensor::full([e * c + 1], slots, opts)
-            .scatter(0, &plan.row, &Tensor::arange(slots, opts))
-            .narrow(0, 0, e * c);
-        let token_of_slot = Tensor::cat(
-            &[
-                Tensor::arange(slots, opts).divide_scalar_mode(k, "trunc"),
-                Tensor::full([1], n, opts),
-            ],
-            0,
-        );
-        let x_or_zero = Tensor::cat(
-            &[x.shallow_clone(), x.new_zeros([1, d], (kind, x.device()))],
-            0,
-        );
-        let buffer = x_or_zero
-            .index_select(0, &token_of_slot.index_select(0, &slot_of_row))
-            .view([e, c, d]);
-
+        let (e, c, d) = (routing.num_experts, plan.capacity, x.size()[1]);
+        let buffer = fill_buffer(x, routing, &plan).view([e, c, d]);
         let out = experts.output_dropout(experts.batched_ffn(&buffer), train);
-
-        // Gather each slot's row back (dropped slots read the zero spare row).
-        let rows = Tensor::cat(
-            &[
-                out.view([e * c, d]),
-                x.new_zeros([1, d], (kind, x.device())),
-            ],
-            0,
-        );
-        let weight = routing.weights.flatten(0, -1).to_kind(kind) * plan.keep.to_kind(kind);
-        gather_weighted_sum(&rows, &plan.row, &weight, (n, k))
+        combine_rows(&out.view([e * c, d]), x, routing, &plan)
     }
+}
+
+/// The `[E C, d]` buffer of a capacity plan: row `e C + i` holds the token
+/// of expert `e`'s `i`-th kept slot, zeros where the expert has fewer.
+/// Filled by gathering: each buffer row looks up the slot that owns it
+/// (rows nobody owns read a zero row); scattering tokens in would need
+/// atomics.
+pub(crate) fn fill_buffer(x: &Tensor, routing: &Routing, plan: &CapacityPlan) -> Tensor {
+    let (n, d) = (x.size()[0], x.size()[1]);
+    let (k, e, c) = (routing.top_k(), routing.num_experts, plan.capacity);
+    let slots = n * k;
+    let opts = (Kind::Int64, x.device());
+    let slot_of_row = Tensor::full([e * c + 1], slots, opts)
+        .scatter(0, &plan.row, &Tensor::arange(slots, opts))
+        .narrow(0, 0, e * c);
+    let token_of_slot = Tensor::cat(
+        &[
+            Tensor::arange(slots, opts).divide_scalar_mode(k, "trunc"),
+            Tensor::full([1], n, opts),
+        ],
+        0,
+    );
+    let x_or_zero = Tensor::cat(
+        &[
+            x.shallow_clone(),
+            x.new_zeros([1, d], (x.kind(), x.device())),
+        ],
+        0,
+    );
+    x_or_zero.index_select(0, &token_of_slot.index_select(0, &slot_of_row))
+}
+
+/// `y_n = sum_j w[n, j] keep[n, j] rows[row(n, j)]` from the experts'
+/// `[E C, d]` output rows (dropped slots read a zero spare row).
+pub(crate) fn combine_rows(
+    rows: &Tensor,
+    x: &Tensor,
+    routing: &Routing,
+    plan: &CapacityPlan,
+) -> Tensor {
+    let (n, d) = (x.size()[0], x.size()[1]);
+    let kind = x.kind();
+    let rows = Tensor::cat(
+        &[
+            rows.shallow_clone(),
+            x.new_zeros([1, d], (kind, x.device())),
+        ],
+        0,
+    );
+    let weight = routing.weights.flatten(0, -1).to_kind(kind) * plan.keep.to_kind(kind);
+    gather_weighted_sum(&rows, &plan.row, &weight, (n, routing.top_k()))
 }

@@ -17,12 +17,17 @@
 //! | [`DenseReference`] | all experts on all tokens | 0 | tests |
 //!
 //! [`DispatchKind::Auto`] picks one by device (see its docs).
+//!
+//! [`ExpertParallel`] computes the same `y` with the experts spread over
+//! the ranks of a c10d process group ([`moe_aten::dist::Group`]): tokens go
+//! to the rank of their expert and back with all-to-all exchanges.
 
 mod auto;
 mod capacity;
 mod config;
 mod dense_reference;
 mod dispatch;
+mod expert_parallel;
 mod grouped;
 mod indexed_loop;
 mod mask_loop;
@@ -33,6 +38,7 @@ pub use capacity::{Capacity, CapacityPlan};
 pub use config::{DispatchKind, DispatchSpec, DEFAULT_CAPACITY_FACTOR};
 pub use dense_reference::DenseReference;
 pub use dispatch::Dispatch;
+pub use expert_parallel::{ExchangeMode, ExpertParallel};
 pub use grouped::{grouped_mm_supported, Grouped};
 pub use indexed_loop::IndexedLoop;
 pub use mask_loop::MaskLoop;

@@ -93,14 +93,15 @@ impl Router for AuxFreeSigmoidRouter {
         ))
     }
 
-    fn after_step(&self, routing: &Routing) -> Result<()> {
-        if routing.num_experts != self.dims.num_experts {
+    fn after_step_with_counts(&self, counts: &Tensor) -> Result<()> {
+        if counts.size() != [self.dims.num_experts] {
             return Err(MoeError::config(format!(
-                "after_step got a routing over {} experts, the router has {}",
-                routing.num_experts, self.dims.num_experts
+                "after_step got expert counts of shape {:?}, the router has {} experts",
+                counts.size(),
+                self.dims.num_experts
             )));
         }
-        let load = routing.expert_counts().to_kind(Kind::Float);
+        let load = counts.to_kind(Kind::Float);
         let step = (load.mean(Kind::Float) - &load).sign() * self.bias_update_rate;
         let mut bias = self.expert_bias.shallow_clone();
         tch::no_grad(|| {

@@ -41,7 +41,14 @@ pub trait Router: std::fmt::Debug + Send {
     /// routing of that step's forward pass. Routers with state that is not
     /// learned by gradient (DeepSeek-V3's balancing bias) update it here;
     /// the others do nothing.
-    fn after_step(&self, _routing: &Routing) -> Result<()> {
+    fn after_step(&self, routing: &Routing) -> Result<()> {
+        self.after_step_with_counts(&routing.expert_counts())
+    }
+
+    /// [`Router::after_step`] from the slots each expert got, `[E]` (over
+    /// every rank of an expert-parallel group, so that every rank's copy of
+    /// the router's state changes alike).
+    fn after_step_with_counts(&self, _counts: &Tensor) -> Result<()> {
         Ok(())
     }
 

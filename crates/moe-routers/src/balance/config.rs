@@ -1,4 +1,4 @@
-use super::{device_balance_loss, load_balance_loss, router_z_loss};
+use super::{device_balance_loss, load_balance_loss, load_balance_loss_over_ranks, router_z_loss};
 use moe_core::{MoeError, Result, Routing};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
@@ -68,10 +68,41 @@ impl BalanceLossConfig {
     /// none is active. `seq_len` is the sequence length of the routed tokens
     /// (consecutive groups of `seq_len`), needed by the per-sequence variant.
     pub fn loss(&self, routing: &Routing, seq_len: Option<i64>) -> Result<Option<Tensor>> {
+        self.loss_with(routing, seq_len, None)
+    }
+
+    /// [`BalanceLossConfig::loss`] on one rank of an expert-parallel group
+    /// of `world_size` ranks: the batch-level load-balance loss counts each
+    /// expert's load over every rank (`global_counts`, `[E]`,
+    /// [`load_balance_loss_over_ranks`]); the per-sequence variant, the
+    /// z-loss and the device-level loss are per token or per sequence and
+    /// stay local.
+    pub fn loss_over_ranks(
+        &self,
+        routing: &Routing,
+        seq_len: Option<i64>,
+        global_counts: &Tensor,
+        world_size: i64,
+    ) -> Result<Option<Tensor>> {
+        self.loss_with(routing, seq_len, Some((global_counts, world_size)))
+    }
+
+    fn loss_with(
+        &self,
+        routing: &Routing,
+        seq_len: Option<i64>,
+        over_ranks: Option<(&Tensor, i64)>,
+    ) -> Result<Option<Tensor>> {
         let mut terms = Vec::new();
         if self.load_balance != 0.0 {
-            let group = if self.per_sequence { seq_len } else { None };
-            terms.push(load_balance_loss(routing, group)? * self.load_balance);
+            let loss = match (self.per_sequence, over_ranks) {
+                (false, Some((counts, world_size))) => {
+                    load_balance_loss_over_ranks(routing, counts, world_size)
+                }
+                (true, _) => load_balance_loss(routing, seq_len)?,
+                (false, None) => load_balance_loss(routing, None)?,
+            };
+            terms.push(loss * self.load_balance);
         }
         if self.z_loss != 0.0 {
             terms.push(router_z_loss(routing) * self.z_loss);

@@ -42,3 +42,25 @@ pub fn load_balance_loss(routing: &Routing, group: Option<i64>) -> Result<Tensor
         .sum_dim_intlist(-1, false, Kind::Float)
         .mean(Kind::Float))
 }
+
+/// [`load_balance_loss`] (batch-level) on one rank of an expert-parallel
+/// group of `world_size` ranks that route `T` tokens each: the loads `f_i`
+/// count the slots of every rank (`global_counts`, `[E]`, an all-reduce of
+/// [`Routing::expert_counts`]), the probabilities `P_i` this rank's tokens.
+/// The mean over the ranks of this loss is the loss of the whole batch of
+/// `world_size T` tokens, and so is the mean of its gradients, which data
+/// parallelism takes.
+pub fn load_balance_loss_over_ranks(
+    routing: &Routing,
+    global_counts: &Tensor,
+    world_size: i64,
+) -> Tensor {
+    let (k, e) = (routing.top_k(), routing.num_experts);
+    let tokens = routing.num_tokens() * world_size;
+    let f = global_counts.to_kind(Kind::Float) * (e as f64 / (k * tokens).max(1) as f64);
+    let p = routing
+        .probs
+        .to_kind(Kind::Float)
+        .mean_dim(0, false, Kind::Float);
+    (f * p).sum(Kind::Float)
+}

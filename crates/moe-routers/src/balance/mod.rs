@@ -8,7 +8,7 @@ mod z_loss;
 
 pub use config::{BalanceLossConfig, SWITCH_ALPHA, Z_LOSS_COEF};
 pub use device_level::device_balance_loss;
-pub use load_balance::{expert_fractions, load_balance_loss};
+pub use load_balance::{expert_fractions, load_balance_loss, load_balance_loss_over_ranks};
 pub use z_loss::router_z_loss;
 
 use moe_core::{MoeError, Result, Routing};

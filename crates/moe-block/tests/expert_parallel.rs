@@ -1,0 +1,345 @@
+//! Expert parallelism over c10d's Gloo with ranks as threads: the layer
+//! with its experts spread over P = 2 and P = 4 ranks computes what one
+//! process holding every expert computes on the whole batch — outputs,
+//! gradients of the inputs, of the expert weights and (summed over the
+//! ranks) of the router — including an expert that gets no token and a
+//! rank that receives nothing; the capacity mode equals the single-process
+//! capacity dispatch on each rank's tokens.
+
+use moe_aten::dist::{Group, GroupOptions};
+use moe_block::{SharedExperts, SparseMoe, SparseMoeConfig};
+use moe_dispatch::{DispatchKind, ExchangeMode, ExpertParallel};
+use moe_experts::Activation;
+use moe_routers::{BalanceLossConfig, Gate, RouterConfig};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use tch::{nn, Device, Kind, Tensor};
+
+const E: i64 = 8;
+const D: i64 = 12;
+const N: i64 = 10; // tokens per rank
+
+fn config(gate: Gate, activation: Activation, bias: bool, shared: bool) -> SparseMoeConfig {
+    SparseMoeConfig {
+        n_embd: D,
+        num_experts: E,
+        top_k: 2,
+        expert_hidden: 16,
+        shared_experts: shared.then_some(SharedExperts {
+            num_experts: 1,
+            hidden: 8,
+            sigmoid_gate: true,
+        }),
+        dropout: 0.0,
+        activation,
+        expert_bias: bias,
+        router: RouterConfig {
+            bias,
+            ..RouterConfig::with_gate(gate)
+        },
+        balance: BalanceLossConfig {
+            load_balance: 0.01,
+            ..BalanceLossConfig::default()
+        },
+        dispatch: DispatchKind::Grouped,
+        ..SparseMoeConfig::default()
+    }
+}
+
+/// A layer's variables by name.
+fn vars(vs: &nn::VarStore) -> BTreeMap<String, Tensor> {
+    vs.variables().into_iter().collect()
+}
+
+/// Runs `f(rank, group, input)` on every rank in its own thread, rank `r`
+/// taking `inputs[r]` (tensors are not shared between threads, so each
+/// rank gets its own handles); results in rank order.
+fn on_ranks<I: Send, T: Send>(inputs: Vec<I>, f: impl Fn(i64, Group, I) -> T + Sync) -> Vec<T> {
+    let groups = Group::in_process(
+        inputs.len() as i64,
+        &GroupOptions {
+            timeout: std::time::Duration::from_secs(60),
+            ..GroupOptions::default()
+        },
+    )
+    .unwrap();
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = groups
+            .into_iter()
+            .zip(inputs)
+            .map(|(g, input)| {
+                let f = &f;
+                scope.spawn(move || f(g.rank(), g, input))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Rank `rank`'s copy of the reference's variables: its share of the
+/// experts, everything else whole.
+fn rank_weights(reference: &BTreeMap<String, Tensor>, rank: i64, l: i64) -> Vec<(String, Tensor)> {
+    reference
+        .iter()
+        .map(|(name, full)| {
+            let value = if name.starts_with("experts.") {
+                full.narrow(0, rank * l, l).copy()
+            } else {
+                full.copy()
+            };
+            (name.clone(), value.detach())
+        })
+        .collect()
+}
+
+/// The expert-parallel layer of rank `rank` with `weights`.
+fn rank_layer(
+    cfg: &SparseMoeConfig,
+    group: Group,
+    mode: ExchangeMode,
+    weights: Vec<(String, Tensor)>,
+) -> (nn::VarStore, SparseMoe) {
+    let parallel = ExpertParallel::new(Arc::new(Mutex::new(group)), E, mode).unwrap();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let layer = SparseMoe::new_expert_parallel(&vs.root(), cfg.clone(), parallel).unwrap();
+    let vars = vs.variables();
+    tch::no_grad(|| {
+        for (name, value) in weights {
+            let _ = vars[&name].shallow_clone().copy_(&value);
+        }
+    });
+    (vs, layer)
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+/// What one rank computes: its rows of the output, the gradients of its
+/// input rows, of its experts and of its replicated parameters, its aux loss.
+struct RankResult {
+    output: Tensor,
+    input_grad: Tensor,
+    grads: BTreeMap<String, Tensor>,
+    aux: f64,
+}
+
+/// The expert-parallel layer on `p` ranks against one layer holding every
+/// expert, on the same weights and the same global batch.
+fn check(cfg: &SparseMoeConfig, p: i64, starve: &[i64], label: &str) {
+    tch::manual_seed(11);
+    let reference_vs = nn::VarStore::new(Device::Cpu);
+    let reference = SparseMoe::new(&reference_vs.root(), cfg.clone()).unwrap();
+    // Experts nobody chooses: their gate bias (or aux-free bias) far down.
+    tch::no_grad(|| {
+        let vars = reference_vs.variables();
+        for &e in starve {
+            let bias = vars
+                .get("router.gate.bias")
+                .or_else(|| vars.get("router.expert_bias"))
+                .expect("a router with a bias to starve experts with");
+            let _ = bias.get(e).fill_(-1e3);
+        }
+    });
+    let x = Tensor::randn([p * N, D], (Kind::Float, Device::Cpu));
+    let upstream = Tensor::randn([p * N, D], (Kind::Float, Device::Cpu));
+    // The reference on the whole batch.
+    let xr = x.copy().set_requires_grad(true);
+    let out = reference.forward_t(&xr, true).unwrap();
+    let aux = out.aux_loss.as_ref().unwrap().double_value(&[]);
+    ((&out.output * &upstream).sum(Kind::Float) + out.aux_loss.unwrap()).backward();
+    let want = out.output.detach();
+    let ref_vars = vars(&reference_vs);
+    let counts: Vec<i64> = Vec::try_from(out.routing.expert_counts()).unwrap();
+    for &e in starve {
+        assert_eq!(
+            counts[e as usize], 0,
+            "{label}: expert {e} should get no token"
+        );
+    }
+
+    let l = E / p;
+    let inputs: Vec<_> = (0..p)
+        .map(|rank| {
+            (
+                rank_weights(&ref_vars, rank, l),
+                x.narrow(0, rank * N, N).copy(),
+                upstream.narrow(0, rank * N, N).copy(),
+            )
+        })
+        .collect();
+    let results = on_ranks(inputs, |_, group, (weights, x, g)| {
+        let (vs, layer) = rank_layer(cfg, group, ExchangeMode::Dropless, weights);
+        let xr = x.set_requires_grad(true);
+        let out = layer.forward_t(&xr, true).unwrap();
+        let aux = out.aux_loss.as_ref().unwrap();
+        // The reference's aux loss is the mean over the ranks of theirs, and
+        // its gradient the mean of theirs; the sum of the ranks' gradients
+        // (what an all-reduce gives) is compared, so each rank adds aux / P.
+        ((&out.output * &g).sum(Kind::Float) + aux / p as f64).backward();
+        RankResult {
+            output: out.output.detach(),
+            input_grad: xr.grad(),
+            grads: vs
+                .variables()
+                .into_iter()
+                .filter(|(_, v)| v.requires_grad())
+                .map(|(name, v)| (name, v.grad()))
+                .collect(),
+            aux: aux.double_value(&[]),
+        }
+    });
+
+    let mut router_grads: BTreeMap<String, Tensor> = BTreeMap::new();
+    let mut aux_mean = 0.0;
+    for (rank, r) in results.iter().enumerate() {
+        let rows = |t: &Tensor| t.narrow(0, rank as i64 * N, N);
+        let d = max_diff(&r.output, &rows(&want));
+        assert!(
+            d < 1e-5,
+            "{label}, P = {p}, rank {rank}: output differs by {d}"
+        );
+        let d = max_diff(&r.input_grad, &rows(&xr.grad()));
+        assert!(
+            d < 1e-5,
+            "{label}, P = {p}, rank {rank}: input gradient differs by {d}"
+        );
+        for (name, grad) in &r.grads {
+            let full = ref_vars[name].grad();
+            if name.starts_with("experts.") {
+                let d = max_diff(grad, &full.narrow(0, rank as i64 * l, l));
+                assert!(
+                    d < 1e-5,
+                    "{label}, P = {p}, rank {rank}: {name} gradient differs by {d}"
+                );
+            } else {
+                let sum = router_grads
+                    .remove(name)
+                    .map_or_else(|| grad.copy(), |s| s + grad);
+                router_grads.insert(name.clone(), sum);
+            }
+        }
+        aux_mean += r.aux / p as f64;
+    }
+    // Replicated parameters: the sum of the ranks' gradients (what an
+    // all-reduce gives) is the reference's.
+    for (name, sum) in router_grads {
+        let d = max_diff(&sum, &ref_vars[&name].grad());
+        assert!(
+            d < 1e-5,
+            "{label}, P = {p}: summed {name} gradient differs by {d}"
+        );
+    }
+    assert!(
+        (aux_mean - aux).abs() < 1e-6,
+        "{label}, P = {p}: aux loss {aux_mean} over the ranks, {aux} in one process"
+    );
+}
+
+#[test]
+fn expert_parallel_equals_one_process_holding_every_expert() {
+    let cases = [
+        (
+            "top_k, SwiGLU",
+            config(
+                Gate::TopK {
+                    norm_topk_prob: true,
+                },
+                Activation::SwiGlu,
+                false,
+                false,
+            ),
+        ),
+        (
+            "sigmoid aux-free, grouped, shared expert",
+            config(
+                Gate::SigmoidAuxFree {
+                    norm_topk_prob: true,
+                    bias_update_rate: 1e-3,
+                    n_group: 4,
+                    topk_group: 2,
+                },
+                Activation::SwiGlu,
+                false,
+                true,
+            ),
+        ),
+        (
+            "top_k with biases, ReLU",
+            config(
+                Gate::TopK {
+                    norm_topk_prob: false,
+                },
+                Activation::Relu,
+                true,
+                false,
+            ),
+        ),
+    ];
+    for (label, cfg) in &cases {
+        check(cfg, 2, &[], label);
+        check(cfg, 4, &[], label);
+    }
+    // Expert 1 gets no token; with P = 4, rank 3 (experts 6 and 7) receives nothing.
+    for (label, cfg) in &cases[1..] {
+        check(cfg, 2, &[1], label);
+        check(cfg, 4, &[1, 6, 7], label);
+    }
+}
+
+#[test]
+fn capacity_mode_equals_the_capacity_dispatch_on_each_ranks_tokens() {
+    let mut cfg = config(
+        Gate::TopK {
+            norm_topk_prob: true,
+        },
+        Activation::SwiGlu,
+        false,
+        false,
+    );
+    cfg.router.capacity_factor = Some(1.0);
+    cfg.dispatch = DispatchKind::Capacity;
+    let p = 2;
+    tch::manual_seed(5);
+    let reference_vs = nn::VarStore::new(Device::Cpu);
+    let reference = SparseMoe::new(&reference_vs.root(), cfg.clone()).unwrap();
+    let ref_vars = vars(&reference_vs);
+    let x = Tensor::randn([p * N, D], (Kind::Float, Device::Cpu));
+    let l = E / p;
+    let inputs: Vec<_> = (0..p)
+        .map(|rank| {
+            (
+                rank_weights(&ref_vars, rank, l),
+                x.narrow(0, rank * N, N).copy(),
+            )
+        })
+        .collect();
+    let results = on_ranks(inputs, |_, group, (weights, x)| {
+        let (_vs, layer) = rank_layer(&cfg, group, ExchangeMode::Capacity, weights);
+        let out = layer.forward_t(&x, false).unwrap();
+        (out.output, out.routing.dropped.unwrap())
+    });
+    let mut dropped_any = false;
+    for (rank, (output, dropped)) in results.iter().enumerate() {
+        let want = reference
+            .forward_t(&x.narrow(0, rank as i64 * N, N), false)
+            .unwrap()
+            .output;
+        let d = max_diff(output, &want);
+        assert!(d < 1e-5, "capacity, rank {rank}: differs by {d}");
+        dropped_any |= dropped.any().int64_value(&[]) == 1;
+    }
+    assert!(dropped_any, "the case should drop some slots");
+}
+
+#[test]
+fn experts_must_split_evenly_over_the_ranks() {
+    let results = on_ranks(vec![(); 3], |_, group, ()| {
+        ExpertParallel::new(Arc::new(Mutex::new(group)), E, ExchangeMode::Dropless)
+            .unwrap_err()
+            .to_string()
+    });
+    for msg in results {
+        assert!(msg.contains("8 experts over 3 ranks"), "{msg}");
+    }
+}
