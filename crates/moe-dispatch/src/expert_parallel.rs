@@ -187,11 +187,11 @@ impl ExpertParallel {
         let mut order = Vec::with_capacity(acc as usize);
         let mut local_counts = vec![0i64; l_us];
         let mut expert_of_row = Vec::with_capacity(acc as usize);
-        for e in 0..l_us {
+        for (e, local_count) in local_counts.iter_mut().enumerate() {
             for s in 0..p as usize {
                 let i = s * l_us + e;
                 order.extend(start[i]..start[i] + recv[i]);
-                local_counts[e] += recv[i];
+                *local_count += recv[i];
                 expert_of_row.extend(std::iter::repeat_n(e as i64, recv[i] as usize));
             }
         }
