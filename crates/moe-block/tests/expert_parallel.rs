@@ -105,7 +105,7 @@ fn rank_layer(
     let vars = vs.variables();
     tch::no_grad(|| {
         for (name, value) in weights {
-            let _ = vars[&name].shallow_clone().copy_(&value);
+            vars[&name].shallow_clone().copy_(&value);
         }
     });
     (vs, layer)
