@@ -2,7 +2,7 @@ use crate::SparseMoeConfig;
 use moe_core::{
     check_float, check_same_device, linear, linear_in_input_dtype, MoeError, Result, Routing,
 };
-use moe_dispatch::{Dispatch, ExpertParallel};
+use moe_dispatch::{Dispatch, ExpertParallel, ExpertParallelism};
 use moe_experts::ExpertBank;
 use moe_routers::Router;
 use tch::{nn, Tensor};
@@ -70,6 +70,22 @@ impl SparseMoe {
             )));
         }
         Self::build(p, config, Some(parallel))
+    }
+
+    /// [`SparseMoe::new`], or [`SparseMoe::new_expert_parallel`] with the
+    /// split `parallelism` gives a layer of this many experts.
+    pub fn with_parallelism(
+        p: &nn::Path,
+        config: SparseMoeConfig,
+        parallelism: Option<&ExpertParallelism>,
+    ) -> Result<Self> {
+        match parallelism {
+            Some(parallelism) => {
+                let parallel = parallelism.layer(config.num_experts)?;
+                Self::new_expert_parallel(p, config, parallel)
+            }
+            None => Self::new(p, config),
+        }
     }
 
     fn build(

@@ -26,6 +26,35 @@ pub enum ExchangeMode {
     Capacity,
 }
 
+/// How a model spreads the experts of every MoE layer over one group's
+/// ranks: [`ExpertParallelism::layer`] gives each layer its
+/// [`ExpertParallel`].
+#[derive(Debug, Clone)]
+pub struct ExpertParallelism {
+    /// The ranks the experts are spread over.
+    pub group: Arc<Mutex<Group>>,
+    /// How tokens are exchanged.
+    pub mode: ExchangeMode,
+}
+
+impl ExpertParallelism {
+    /// The split of a layer of `num_experts` experts (a multiple of the
+    /// group's size).
+    pub fn layer(&self, num_experts: i64) -> Result<ExpertParallel> {
+        ExpertParallel::new(self.group.clone(), num_experts, self.mode)
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> i64 {
+        lock(&self.group).rank()
+    }
+
+    /// The group's size.
+    pub fn world_size(&self) -> i64 {
+        lock(&self.group).size()
+    }
+}
+
 /// Expert parallelism (GShard, arXiv 2006.16668; DeepSpeed-MoE, arXiv
 /// 2201.05596; Megatron-LM's token dispatcher): the `E` experts of a layer
 /// are split over the `P` ranks of a [`Group`], `L = E / P` consecutive

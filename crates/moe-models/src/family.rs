@@ -5,6 +5,7 @@ use crate::decoder::{DecoderConfig, DecoderModel};
 use crate::makemoe::{MakeMoeConfig, MakeMoeModel};
 use crate::CausalLm;
 use moe_core::{MoeError, Result};
+use moe_dispatch::ExpertParallelism;
 use serde::{Deserialize, Deserializer, Serialize};
 use tch::nn;
 
@@ -64,9 +65,19 @@ impl LmConfig {
 
     /// Builds the model under `p`.
     pub fn build(&self, p: &nn::Path) -> Result<Box<dyn CausalLm>> {
+        self.build_with(p, None)
+    }
+
+    /// [`LmConfig::build`] with every MoE layer's experts spread over the
+    /// ranks of `parallelism`, when given.
+    pub fn build_with(
+        &self,
+        p: &nn::Path,
+        parallelism: Option<&ExpertParallelism>,
+    ) -> Result<Box<dyn CausalLm>> {
         Ok(match self {
-            LmConfig::MakeMoe(c) => Box::new(MakeMoeModel::new(p, c)?),
-            LmConfig::Decoder(c) => Box::new(DecoderModel::new(p, c)?),
+            LmConfig::MakeMoe(c) => Box::new(MakeMoeModel::with_parallelism(p, c, parallelism)?),
+            LmConfig::Decoder(c) => Box::new(DecoderModel::with_parallelism(p, c, parallelism)?),
         })
     }
 

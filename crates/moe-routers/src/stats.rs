@@ -52,17 +52,10 @@ impl RoutingStats {
             let plogp = &p * p.clamp_min(1e-30).log();
             entropy_sum -= plogp.sum(Kind::Double).double_value(&[]);
         }
-        let mean = counts.iter().sum::<i64>() as f64 / e as f64;
-        let var = counts
-            .iter()
-            .map(|&c| (c as f64 - mean).powi(2))
-            .sum::<f64>()
-            / e as f64;
-        let max = counts.iter().copied().max().unwrap_or(0) as f64;
-        let relative = |x: f64| if mean > 0.0 { x / mean } else { 0.0 };
+        let (cv, max_violation) = load_spread(&counts);
         Ok(RoutingStats {
-            cv: relative(var.sqrt()),
-            max_violation: relative(max - mean),
+            cv,
+            max_violation,
             dropped_fraction: if slots > 0 {
                 dropped as f64 / slots as f64
             } else {
@@ -90,4 +83,33 @@ pub fn mean_probs(routing: &Routing) -> Tensor {
         .probs
         .to_kind(Kind::Float)
         .mean_dim(0, false, Kind::Float)
+}
+
+/// The coefficient of variation of per-expert counts and the relative
+/// excess of the busiest expert over the mean, `(std / mean, (max - mean) /
+/// mean)`; zeros when no token was routed.
+fn load_spread(counts: &[i64]) -> (f64, f64) {
+    let e = counts.len().max(1) as f64;
+    let mean = counts.iter().sum::<i64>() as f64 / e;
+    let var = counts
+        .iter()
+        .map(|&c| (c as f64 - mean).powi(2))
+        .sum::<f64>()
+        / e;
+    let max = counts.iter().copied().max().unwrap_or(0) as f64;
+    let relative = |x: f64| if mean > 0.0 { x / mean } else { 0.0 };
+    (relative(var.sqrt()), relative(max - mean))
+}
+
+impl RoutingStats {
+    /// These statistics with the load of other ranks added: `counts` are
+    /// the tokens per expert over every rank (expert parallelism), from
+    /// which the coefficient of variation and the busiest expert's excess
+    /// are recomputed; the dropped fraction and the entropy stay this
+    /// rank's (means over tokens, which the ranks share alike).
+    pub fn with_counts(mut self, counts: Vec<i64>) -> Self {
+        (self.cv, self.max_violation) = load_spread(&counts);
+        self.tokens_per_expert = counts;
+        self
+    }
 }

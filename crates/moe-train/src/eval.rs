@@ -3,7 +3,7 @@
 
 use crate::TrainConfig;
 use moe_core::Result;
-use moe_data::{Dataset, Split};
+use moe_data::{Batch, Dataset, Split};
 use moe_models::CausalLm;
 use moe_routers::RoutingStats;
 use serde::{Deserialize, Serialize};
@@ -44,7 +44,7 @@ pub fn estimate_loss<M: CausalLm + ?Sized>(
             let mut done = 0;
             while done < config.eval_iters {
                 let batches = per_chunk.min(config.eval_iters - done);
-                let batch = data.batch(split, batches * config.batch_size);
+                let batch = draw(data, split, batches * config.batch_size);
                 total += model
                     .batch_objective(&batch.x, &batch.y, false)?
                     .cross_entropy
@@ -68,5 +68,24 @@ pub fn estimate_routing_stats<M: CausalLm + ?Sized>(
     config: &TrainConfig,
 ) -> Result<Vec<RoutingStats>> {
     let rows = config.eval_rows.min(config.eval_iters * config.batch_size);
-    model.routing_stats(&data.batch(Split::Val, rows).x)
+    model.routing_stats(&draw(data, Split::Val, rows).x)
 }
+
+/// Draws a batch from libtorch's one generator, which the ranks of a
+/// data-parallel run share when they are threads of one process: every
+/// draw of the trainer goes through this lock, with the seeding before it
+/// ([`draw_seeded`]), so that no rank's draw lands between another's seed
+/// and its batch.
+pub(crate) fn draw(data: &Dataset, split: Split, rows: i64) -> Batch {
+    let _draw = DRAW.lock().unwrap_or_else(|p| p.into_inner());
+    data.batch(split, rows)
+}
+
+/// [`draw`] right after seeding libtorch's generator with `seed`.
+pub(crate) fn draw_seeded(data: &Dataset, split: Split, rows: i64, seed: i64) -> Batch {
+    let _draw = DRAW.lock().unwrap_or_else(|p| p.into_inner());
+    tch::manual_seed(seed);
+    data.batch(split, rows)
+}
+
+static DRAW: std::sync::Mutex<()> = std::sync::Mutex::new(());

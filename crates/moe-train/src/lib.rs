@@ -9,10 +9,12 @@
 //! | `eval.rs` | [`estimate_loss`], routing statistics |
 //! | `events.rs` | [`TrainEvent`], the typed records of a run |
 //! | `checkpoint.rs` | resumable checkpoints (safetensors + `config.json`) |
+//! | `data_parallel.rs` | [`DataParallel`]: training on the ranks of a c10d group beside expert parallelism |
 
 mod adamw;
 mod checkpoint;
 mod config;
+pub mod data_parallel;
 mod eval;
 mod events;
 mod optimizer;
@@ -25,6 +27,7 @@ pub use checkpoint::{
     CONFIG_FILE, OPTIMIZER_FILE, WEIGHTS_FILE,
 };
 pub use config::{DecayGroups, LrSchedule, TrainConfig};
+pub use data_parallel::DataParallel;
 pub use eval::{estimate_loss, estimate_routing_stats, parameter_count, EvalLosses};
 pub use events::TrainEvent;
 pub use optimizer::{clip_grad_norm, Optimizer};

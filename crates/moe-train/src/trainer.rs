@@ -7,12 +7,14 @@ use crate::checkpoint::{
     config_differences, copy_into, load_checkpoint_meta, named_variables, read_weights, save_files,
     CONFIG_FILE, OPTIMIZER_FILE,
 };
+use crate::data_parallel::{rank_seed, DataParallel};
+use crate::eval::draw_seeded;
 use crate::{
     clip_grad_norm, estimate_loss, estimate_routing_stats, parameter_count, AdamW, AdamWConfig,
     CheckpointMeta, DecayGroups, EvalLosses, Optimizer, TrainConfig, TrainEvent,
 };
 use moe_core::{MoeError, Result, Routing};
-use moe_data::{Dataset, Split, Tokenizer};
+use moe_data::{Batch, Dataset, Split, Tokenizer};
 use moe_models::CausalLm;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -87,6 +89,20 @@ pub struct Trainer<'a, M: CausalLm + ?Sized, O: Optimizer = AdamW> {
     last_grad_norm: Option<Tensor>,
     last_saved: Option<i64>,
     phases: Option<StepPhases>,
+    /// Ranks this trainer runs on, or one process standing in for them.
+    ranks: Ranks,
+}
+
+/// Where the batches of a step come from.
+#[derive(Debug, Clone)]
+enum Ranks {
+    /// One process, one batch per micro-batch.
+    Single,
+    /// This process is one rank of a data- and expert-parallel group.
+    Parallel(DataParallel),
+    /// One process draws the global batch of this many ranks, part by part
+    /// with each rank's seed: what a parallel run computes, in one process.
+    Simulated(i64),
 }
 
 impl<'a, M: CausalLm + ?Sized> Trainer<'a, M, AdamW> {
@@ -155,6 +171,7 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
             last_grad_norm: None,
             last_saved: None,
             phases: None,
+            ranks: Ranks::Single,
         })
     }
 
@@ -175,6 +192,42 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
         }
         self.checkpointing = Some(checkpointing);
         Ok(self)
+    }
+
+    /// Trains as one rank of `parallel`'s group: copies rank 0's replicated
+    /// variables to every rank, then each step draws this rank's batches,
+    /// averages the replicated gradients and scales the expert shards'
+    /// ([`crate::data_parallel`]), clips by the norm over every rank, and
+    /// reports the mean loss of the ranks. Evaluations average the ranks'
+    /// losses and sum their routing loads; only rank 0 reports events and
+    /// writes the checkpoint's weights (the expert shards gathered), each
+    /// rank its optimizer state (`optimizer.rank{r}.safetensors`).
+    pub fn with_data_parallel(mut self, parallel: DataParallel) -> Result<Self> {
+        parallel.broadcast_parameters(&self.variables)?;
+        self.ranks = Ranks::Parallel(parallel);
+        Ok(self)
+    }
+
+    /// One process computing what `ranks` data-parallel ranks compute: each
+    /// micro-batch is the concatenation of the ranks' batches, each drawn
+    /// with its rank's seed ([`rank_seed`]). Dropout and router noise draw
+    /// differently from the ranks', so a comparison runs without them.
+    pub fn with_simulated_ranks(mut self, ranks: i64) -> Result<Self> {
+        if ranks < 1 {
+            return Err(MoeError::config(format!(
+                "simulated ranks must be >= 1, got {ranks}"
+            )));
+        }
+        self.ranks = Ranks::Simulated(ranks);
+        Ok(self)
+    }
+
+    /// This process's rank (0 without data parallelism).
+    pub fn rank(&self) -> i64 {
+        match &self.ranks {
+            Ranks::Parallel(p) => p.rank(),
+            _ => 0,
+        }
     }
 
     /// Optimisation steps taken so far (including those before a resume).
@@ -213,7 +266,10 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
     pub fn step(&mut self) -> Result<Tensor> {
         let mut clock = self.phases.map(|_| PhaseClock::start(self.model.device()));
         let mut laps = StepPhases::default();
-        tch::manual_seed(self.config.seed + self.step);
+        if !matches!(self.ranks, Ranks::Parallel(_)) {
+            // (A rank seeds with its own seed right before each batch.)
+            tch::manual_seed(self.config.seed + self.step);
+        }
         let lr = self.config.lr_schedule.lr_at(
             self.step,
             self.config.learning_rate,
@@ -225,8 +281,8 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
         let micro_batches = self.config.grad_accum_steps;
         let mut loss_sum: Option<Tensor> = None;
         let mut routings = Vec::with_capacity(micro_batches as usize);
-        for _ in 0..micro_batches {
-            let batch = self.data.batch(Split::Train, self.config.batch_size);
+        for micro in 0..micro_batches {
+            let batch = self.draw_batch(micro);
             laps.batch_s += clock.as_mut().map_or(0.0, PhaseClock::lap);
             let objective = self.model.batch_objective(&batch.x, &batch.y, true)?;
             laps.forward_s += clock.as_mut().map_or(0.0, PhaseClock::lap);
@@ -244,8 +300,14 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
             routings.push(objective.routings);
         }
 
+        if let Ranks::Parallel(parallel) = &self.ranks {
+            parallel.reduce_gradients(&self.variables)?;
+        }
         if let Some(max_norm) = self.config.grad_clip {
-            self.last_grad_norm = Some(clip_grad_norm(&self.trainable, max_norm));
+            self.last_grad_norm = Some(match &self.ranks {
+                Ranks::Parallel(parallel) => parallel.clip_grad_norm(&self.variables, max_norm)?,
+                _ => clip_grad_norm(&self.trainable, max_norm),
+            });
         }
         self.optimizer.step()?;
         self.model
@@ -255,12 +317,42 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
             phases.add(&laps);
         }
         self.step += 1;
-        let loss = loss_sum.expect("grad_accum_steps >= 1") / micro_batches as f64;
+        let mut loss = loss_sum.expect("grad_accum_steps >= 1") / micro_batches as f64;
+        if let Ranks::Parallel(parallel) = &self.ranks {
+            loss = parallel.mean(&loss)?;
+        }
         self.unchecked_loss = Some(match self.unchecked_loss.take() {
             Some(sum) => sum + &loss,
             None => loss.shallow_clone(),
         });
         Ok(loss)
+    }
+
+    /// Micro-batch `micro` of this step: drawn after the step's seed, or
+    /// with this rank's seed, or as the parts of the simulated ranks.
+    fn draw_batch(&self, micro: i64) -> Batch {
+        let (seed, step, size) = (self.config.seed, self.step, self.config.batch_size);
+        match &self.ranks {
+            Ranks::Single => self.data.batch(Split::Train, size),
+            Ranks::Parallel(parallel) => {
+                let rank_seed = rank_seed(seed, step, micro, parallel.rank());
+                draw_seeded(self.data, Split::Train, size, rank_seed)
+            }
+            Ranks::Simulated(ranks) => {
+                let parts: Vec<Batch> = (0..*ranks)
+                    .map(|rank| {
+                        let rank_seed = rank_seed(seed, step, micro, rank);
+                        draw_seeded(self.data, Split::Train, size, rank_seed)
+                    })
+                    .collect();
+                let xs: Vec<&Tensor> = parts.iter().map(|b| &b.x).collect();
+                let ys: Vec<&Tensor> = parts.iter().map(|b| &b.y).collect();
+                Batch {
+                    x: Tensor::cat(&xs, 0),
+                    y: Tensor::cat(&ys, 0),
+                }
+            }
+        }
     }
 
     /// Writes a training checkpoint (weights, optimizer state, configs,
@@ -275,7 +367,22 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
             train: Some(self.config.clone()),
             step: self.step,
         };
-        save_files(dir, &self.variables, Some(&self.optimizer), &meta)?;
+        match &self.ranks {
+            Ranks::Parallel(parallel) => {
+                // The whole model in one file a single process loads; each
+                // rank's optimizer state (with its expert shards) beside it.
+                let variables = parallel.gather_variables(&self.variables)?;
+                std::fs::create_dir_all(dir).map_err(|e| MoeError::io(dir, e))?;
+                self.optimizer
+                    .save(&dir.join(rank_optimizer_file(parallel.rank())))?;
+                parallel.barrier()?;
+                if parallel.rank() == 0 {
+                    save_files(dir, &variables, None, &meta)?;
+                }
+                parallel.barrier()?;
+            }
+            _ => save_files(dir, &self.variables, Some(&self.optimizer), &meta)?,
+        }
         self.last_saved = Some(self.step);
         Ok(())
     }
@@ -296,9 +403,25 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
                 ),
             });
         }
-        let weights = read_weights(dir, &self.variables)?;
-        self.optimizer
-            .load_checked(&dir.join(OPTIMIZER_FILE), meta.step)?;
+        let weights = match &self.ranks {
+            Ranks::Parallel(parallel) => {
+                // The file holds whole banks; this rank takes its shards.
+                let whole = parallel.gather_variables(&self.variables)?;
+                let mut weights = read_weights(dir, &whole)?;
+                for (name, value) in weights.iter_mut() {
+                    *value = parallel.shard_of(name, value)?;
+                }
+                self.optimizer
+                    .load_checked(&dir.join(rank_optimizer_file(parallel.rank())), meta.step)?;
+                weights
+            }
+            _ => {
+                let weights = read_weights(dir, &self.variables)?;
+                self.optimizer
+                    .load_checked(&dir.join(OPTIMIZER_FILE), meta.step)?;
+                weights
+            }
+        };
         copy_into(&self.variables, weights);
         self.step = meta.step;
         self.unchecked_loss = None;
@@ -313,6 +436,9 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
         &mut self,
         mut on_event: impl FnMut(&TrainEvent) -> Result<()>,
     ) -> Result<Option<EvalLosses>> {
+        // With data parallelism only rank 0 reports.
+        let main = self.rank() == 0;
+        let mut on_event = |event: &TrainEvent| if main { on_event(event) } else { Ok(()) };
         let run_started = Instant::now();
         let cfg = self.config.clone();
         let tokens_per_step =
@@ -348,8 +474,18 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
         for step in first..cfg.max_iters {
             if is_eval_step(step) {
                 let started = Instant::now();
-                let losses = estimate_loss(self.model, self.data, &cfg)?;
-                let routing = estimate_routing_stats(self.model, self.data, &cfg)?;
+                let mut losses = estimate_loss(self.model, self.data, &cfg)?;
+                let mut routing = estimate_routing_stats(self.model, self.data, &cfg)?;
+                if let Ranks::Parallel(parallel) = &self.ranks {
+                    let mean = |v: f64| -> Result<f64> {
+                        Ok(parallel.mean(&Tensor::from(v))?.double_value(&[]))
+                    };
+                    losses = EvalLosses {
+                        train: mean(losses.train)?,
+                        val: mean(losses.val)?,
+                    };
+                    routing = parallel.global_routing_stats(routing)?;
+                }
                 let eval_s = started.elapsed().as_secs_f64();
                 eval_s_total += eval_s;
                 evals_done += 1;
@@ -515,4 +651,9 @@ impl PhaseClock {
         self.last = now;
         secs
     }
+}
+
+/// Rank `rank`'s optimizer state in a data-parallel checkpoint.
+fn rank_optimizer_file(rank: i64) -> String {
+    format!("optimizer.rank{rank}.safetensors")
 }

@@ -1,6 +1,7 @@
 use super::DecoderConfig;
 use moe_block::{MoeOutput, SparseMoe};
 use moe_core::{Result, Routing};
+use moe_dispatch::ExpertParallelism;
 use moe_nn::{GroupedQueryAttention, KvCache, MultiHeadLatentAttention, RmsNorm, SwiGluMlp};
 use tch::{nn, Kind, Tensor};
 
@@ -67,11 +68,21 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    /// Layer `index` of a model with `config`.
-    pub fn new(p: &nn::Path, config: &DecoderConfig, index: i64) -> Result<Self> {
+    /// Layer `index` of a model with `config`; an MoE layer's experts are
+    /// spread over the ranks of `parallelism` when given.
+    pub fn new(
+        p: &nn::Path,
+        config: &DecoderConfig,
+        index: i64,
+        parallelism: Option<&ExpertParallelism>,
+    ) -> Result<Self> {
         let d = config.hidden_size;
         let mlp = if config.is_moe_layer(index) {
-            FeedForward::Moe(Box::new(SparseMoe::new(&(p / "mlp"), config.moe_config())?))
+            FeedForward::Moe(Box::new(SparseMoe::with_parallelism(
+                &(p / "mlp"),
+                config.moe_config(),
+                parallelism,
+            )?))
         } else {
             FeedForward::Dense(SwiGluMlp::new(
                 &(p / "mlp"),

@@ -1,6 +1,7 @@
 use super::{DecoderConfig, DecoderLayer, LayerOutput};
 use crate::{check_context, CausalLm, ForwardOutput, LmConfig, ModelCache};
 use moe_core::{linear, MoeError, Result, Routing};
+use moe_dispatch::ExpertParallelism;
 use moe_nn::{KvCache, RmsNorm};
 use tch::{nn, nn::Module, Device, Tensor};
 
@@ -28,6 +29,17 @@ impl DecoderModel {
     /// Hugging Face's `initializer_range`), RMSNorm gains 1, linear layers
     /// by `config.init`.
     pub fn new(p: &nn::Path, config: &DecoderConfig) -> Result<Self> {
+        Self::with_parallelism(p, config, None)
+    }
+
+    /// [`DecoderModel::new`] with the experts of every MoE layer spread
+    /// over the ranks of `parallelism` (each rank holds `E / P` of them,
+    /// everything else whole).
+    pub fn with_parallelism(
+        p: &nn::Path,
+        config: &DecoderConfig,
+        parallelism: Option<&ExpertParallelism>,
+    ) -> Result<Self> {
         config.validate()?;
         let (v, d) = (config.vocab_size, config.hidden_size);
         let model = p / "model";
@@ -44,7 +56,7 @@ impl DecoderModel {
             },
         );
         let layers = (0..config.num_hidden_layers)
-            .map(|i| DecoderLayer::new(&(&model / "layers" / i), config, i))
+            .map(|i| DecoderLayer::new(&(&model / "layers" / i), config, i, parallelism))
             .collect::<Result<Vec<_>>>()?;
         let lm_head =
             (!config.tie_word_embeddings).then(|| linear(p / "lm_head", d, v, false, config.init));

@@ -1,6 +1,7 @@
 use super::MakeMoeConfig;
 use moe_block::{MoeOutput, SparseMoe};
 use moe_core::Result;
+use moe_dispatch::ExpertParallelism;
 use moe_nn::{CausalSelfAttention, KvCache};
 use tch::{nn, nn::Module, Kind, Tensor};
 
@@ -23,13 +24,17 @@ pub struct Block {
 
 impl Block {
     /// Parameters: `p/{ln1,attn,ln2,moe}`.
-    pub fn new(p: &nn::Path, config: &MakeMoeConfig) -> Result<Self> {
+    pub fn new(
+        p: &nn::Path,
+        config: &MakeMoeConfig,
+        parallelism: Option<&ExpertParallelism>,
+    ) -> Result<Self> {
         let c = config.n_embd;
         Ok(Block {
             ln1: nn::layer_norm(p / "ln1", vec![c], Default::default()),
             attn: CausalSelfAttention::new(&(p / "attn"), config.attention_config())?,
             ln2: nn::layer_norm(p / "ln2", vec![c], Default::default()),
-            moe: SparseMoe::new(&(p / "moe"), config.moe_config()?)?,
+            moe: SparseMoe::with_parallelism(&(p / "moe"), config.moe_config()?, parallelism)?,
             compute: config.precision.kind(),
         })
     }

@@ -2,6 +2,7 @@ use super::{Block, MakeMoeConfig};
 use crate::{check_context, CausalLm, ForwardOutput, LmConfig, ModelCache};
 use moe_block::MoeOutput;
 use moe_core::{MoeError, Result, Routing};
+use moe_dispatch::ExpertParallelism;
 use moe_nn::KvCache;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
@@ -24,6 +25,16 @@ impl MakeMoeModel {
     /// Creates the model's parameters under `p`. Embeddings are N(0, 1) and
     /// LayerNorms (1, 0), as in PyTorch; linear weights follow `config.init`.
     pub fn new(p: &nn::Path, config: &MakeMoeConfig) -> Result<Self> {
+        Self::with_parallelism(p, config, None)
+    }
+
+    /// [`MakeMoeModel::new`] with every MoE layer's experts spread over
+    /// the ranks of `parallelism`.
+    pub fn with_parallelism(
+        p: &nn::Path,
+        config: &MakeMoeConfig,
+        parallelism: Option<&ExpertParallelism>,
+    ) -> Result<Self> {
         config.validate()?;
         let (v, c) = (config.vocab_size, config.n_embd);
         let emb = nn::EmbeddingConfig {
@@ -34,7 +45,7 @@ impl MakeMoeModel {
             ..Default::default()
         };
         let blocks = (0..config.n_layer)
-            .map(|i| Block::new(&(p / "blocks" / i), config))
+            .map(|i| Block::new(&(p / "blocks" / i), config, parallelism))
             .collect::<Result<Vec<_>>>()?;
         Ok(MakeMoeModel {
             tok_emb: nn::embedding(p / "tok_emb", v, c, emb),

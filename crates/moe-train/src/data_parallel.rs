@@ -1,0 +1,279 @@
+//! Training on the ranks of a c10d group: data parallelism for every
+//! variable held whole on each rank (embeddings, attention, norms, routers,
+//! shared experts), expert parallelism for the experts, whose shards stay
+//! on their rank ([`moe_dispatch::ExpertParallel`]).
+//!
+//! Each rank draws its own batches ([`rank_seed`]); the loss of a step is
+//! the mean of the ranks' losses, that of the global batch. Its gradient:
+//!
+//! - replicated variables: each rank's gradient covers its own tokens, so
+//!   the gradients are averaged (all-reduced in buckets, then divided by
+//!   `P`), as PyTorch's DistributedDataParallel does;
+//! - expert shards: the all-to-all's backward already brought every rank's
+//!   contribution, the sum of `P` per-rank losses, so they are divided by
+//!   `P`.
+
+use moe_aten::dist::{Group, ReduceOp};
+use moe_core::{MoeError, Result};
+use moe_routers::RoutingStats;
+use std::sync::{Arc, Mutex, MutexGuard};
+use tch::{Kind, Tensor};
+
+/// Elements per all-reduce bucket (4 Mi f32, 16 MiB; DDP's default bucket
+/// is 25 MiB).
+const BUCKET_ELEMENTS: i64 = 4 << 20;
+
+/// A seed stride between ranks larger than any run's steps, so that the
+/// ranks' streams of `seed + step` never meet.
+const RANK_SEED_STRIDE: i64 = 1_000_003;
+
+/// The seed of step `step`'s micro-batch `micro` on rank `rank`: libtorch's
+/// generator is re-seeded with it before the batch is drawn, so the ranks
+/// draw different batches, a resumed run draws what the uninterrupted one
+/// drew, and one process can draw the global batch of `P` ranks part by
+/// part ([`crate::Trainer::with_simulated_ranks`]).
+pub fn rank_seed(seed: i64, step: i64, micro: i64, rank: i64) -> i64 {
+    seed + step + RANK_SEED_STRIDE * (rank + 1) + 7_919 * micro
+}
+
+/// Whether a variable is a shard of an expert-parallel bank: its last path
+/// component is a bank tensor under a component named `experts`
+/// (`model.layers.3.mlp.experts.w_in`, not `...shared_experts.w_in`).
+pub fn is_expert_shard(name: &str) -> bool {
+    let mut parts = name.rsplit('.');
+    let (Some(last), Some(parent)) = (parts.next(), parts.next()) else {
+        return false;
+    };
+    parent == "experts" && matches!(last, "w_in" | "w_gate" | "w_out" | "b_in" | "b_out")
+}
+
+/// The ranks a [`crate::Trainer`] runs on and what each variable is.
+#[derive(Debug, Clone)]
+pub struct DataParallel {
+    group: Arc<Mutex<Group>>,
+    rank: i64,
+    size: i64,
+}
+
+impl DataParallel {
+    /// Training over `group` (the group the model's expert-parallel layers
+    /// use, or any group for a model without them).
+    pub fn new(group: Arc<Mutex<Group>>) -> Self {
+        let (rank, size) = {
+            let g = lock(&group);
+            (g.rank(), g.size())
+        };
+        DataParallel { group, rank, size }
+    }
+
+    /// This rank.
+    pub fn rank(&self) -> i64 {
+        self.rank
+    }
+
+    /// The number of ranks `P`.
+    pub fn world_size(&self) -> i64 {
+        self.size
+    }
+
+    fn group(&self) -> MutexGuard<'_, Group> {
+        lock(&self.group)
+    }
+
+    /// Copies rank 0's replicated variables to every rank (expert shards
+    /// differ by design).
+    pub fn broadcast_parameters(&self, variables: &[(String, Tensor)]) -> Result<()> {
+        let replicated: Vec<Tensor> = variables
+            .iter()
+            .filter(|(name, _)| !is_expert_shard(name))
+            .map(|(_, t)| t.shallow_clone())
+            .collect();
+        for bucket in buckets(&replicated) {
+            let mut flat = flatten(bucket);
+            self.group().broadcast_(&mut flat, 0)?;
+            unflatten_into(&flat, bucket, |dst, src| dst.copy_(src));
+        }
+        Ok(())
+    }
+
+    /// Averages the gradients of the replicated variables over the ranks
+    /// and divides the expert shards' by `P` (see the module docs). A
+    /// replicated variable without a gradient on this rank takes part with
+    /// zeros, so that every rank's buckets line up.
+    pub fn reduce_gradients(&self, variables: &[(String, Tensor)]) -> Result<()> {
+        let p = self.size as f64;
+        let mut replicated = Vec::new();
+        for (name, var) in variables.iter().filter(|(_, v)| v.requires_grad()) {
+            if !var.grad().defined() {
+                // Defines a zero gradient (the variable took no part here).
+                (var.sum(Kind::Float) * 0.0).backward();
+            }
+            if is_expert_shard(name) {
+                tch::no_grad(|| {
+                    let _ = var.grad().g_div_scalar_(p);
+                });
+            } else {
+                replicated.push(var.grad());
+            }
+        }
+        for bucket in buckets(&replicated) {
+            let mut flat = flatten(bucket);
+            self.group().all_reduce_(&mut flat, ReduceOp::Sum)?;
+            let mean = flat / p;
+            unflatten_into(&mean, bucket, |dst, src| dst.copy_(src));
+        }
+        Ok(())
+    }
+
+    /// Clips the gradients to a global norm of `max_norm` over every rank's
+    /// variables (replicated ones counted once, every rank's expert shards
+    /// added up), as one process holding the whole model would; returns the
+    /// norm before clipping.
+    pub fn clip_grad_norm(&self, variables: &[(String, Tensor)], max_norm: f64) -> Result<Tensor> {
+        let sum_sq = |expert: bool| {
+            variables
+                .iter()
+                .filter(|(name, v)| is_expert_shard(name) == expert && v.grad().defined())
+                .map(|(_, v)| v.grad().to_kind(Kind::Float).square().sum(Kind::Float))
+                .fold(
+                    Tensor::zeros([], (Kind::Float, tch::Device::Cpu)),
+                    |a, b| a + b.to_device(tch::Device::Cpu),
+                )
+        };
+        let mut experts = sum_sq(true).reshape([1]);
+        self.group().all_reduce_(&mut experts, ReduceOp::Sum)?;
+        let total = (sum_sq(false) + experts.squeeze()).sqrt();
+        let coef = (max_norm / (&total + 1e-6)).clamp_max(1.0);
+        tch::no_grad(|| {
+            for (_, v) in variables.iter().filter(|(_, v)| v.grad().defined()) {
+                let g = v.grad();
+                let _ = g
+                    .shallow_clone()
+                    .g_mul_(&coef.to_device(g.device()).to_kind(g.kind()));
+            }
+        });
+        Ok(total)
+    }
+
+    /// The mean over the ranks of a scalar (a step's loss).
+    pub fn mean(&self, value: &Tensor) -> Result<Tensor> {
+        let mut v = value
+            .detach()
+            .to_kind(Kind::Double)
+            .to_device(tch::Device::Cpu)
+            .reshape([1]);
+        self.group().all_reduce_(&mut v, ReduceOp::Sum)?;
+        Ok((v / self.size as f64).squeeze().to_device(value.device()))
+    }
+
+    /// The whole model's variables on every rank: each expert shard
+    /// `[E / P, ...]` gathered into its bank `[E, ...]` (rank order is
+    /// expert order), the replicated variables as they are. A collective.
+    pub fn gather_variables(
+        &self,
+        variables: &[(String, Tensor)],
+    ) -> Result<Vec<(String, Tensor)>> {
+        variables
+            .iter()
+            .map(|(name, t)| {
+                if !is_expert_shard(name) {
+                    return Ok((name.clone(), t.shallow_clone()));
+                }
+                let gathered = self
+                    .group()
+                    .all_gather(&t.detach().to_device(tch::Device::Cpu))?;
+                let mut size = t.size();
+                size[0] *= self.size;
+                Ok((name.clone(), gathered.reshape(size.as_slice())))
+            })
+            .collect()
+    }
+
+    /// This rank's slice of whole-model `values` (the inverse of
+    /// [`DataParallel::gather_variables`]).
+    pub fn shard_of(&self, name: &str, value: &Tensor) -> Result<Tensor> {
+        if !is_expert_shard(name) {
+            return Ok(value.shallow_clone());
+        }
+        let rows = value.size()[0];
+        if rows % self.size != 0 {
+            return Err(MoeError::config(format!(
+                "{name}: {rows} experts do not split over {} ranks",
+                self.size
+            )));
+        }
+        let share = rows / self.size;
+        Ok(value.narrow(0, self.rank * share, share))
+    }
+
+    /// Routing statistics over every rank: the tokens per expert summed
+    /// (the other figures stay this rank's, see [`RoutingStats::with_counts`]).
+    pub fn global_routing_stats(&self, stats: Vec<RoutingStats>) -> Result<Vec<RoutingStats>> {
+        stats
+            .into_iter()
+            .map(|s| {
+                let mut counts = Tensor::from_slice(&s.tokens_per_expert);
+                self.group().all_reduce_(&mut counts, ReduceOp::Sum)?;
+                Ok(s.with_counts(Vec::try_from(&counts)?))
+            })
+            .collect()
+    }
+
+    /// Waits for every rank.
+    pub fn barrier(&self) -> Result<()> {
+        self.group().barrier()
+    }
+}
+
+fn lock(group: &Mutex<Group>) -> MutexGuard<'_, Group> {
+    group
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Consecutive runs of tensors of at most [`BUCKET_ELEMENTS`] elements (a
+/// larger tensor is a bucket of its own), of one dtype each.
+fn buckets(tensors: &[Tensor]) -> Vec<&[Tensor]> {
+    let mut out = Vec::new();
+    let (mut start, mut elements) = (0, 0i64);
+    for (i, t) in tensors.iter().enumerate() {
+        let n = t.numel() as i64;
+        let kind_changes = i > start && t.kind() != tensors[start].kind();
+        if i > start && (elements + n > BUCKET_ELEMENTS || kind_changes) {
+            out.push(&tensors[start..i]);
+            start = i;
+            elements = 0;
+        }
+        elements += n;
+    }
+    if start < tensors.len() {
+        out.push(&tensors[start..]);
+    }
+    out
+}
+
+/// The tensors of a bucket as one flat CPU tensor (Gloo's device).
+fn flatten(bucket: &[Tensor]) -> Tensor {
+    let parts: Vec<Tensor> = bucket
+        .iter()
+        .map(|t| t.detach().reshape([-1]).to_device(tch::Device::Cpu))
+        .collect();
+    Tensor::cat(&parts, 0)
+}
+
+/// Writes the pieces of `flat` back into the bucket's tensors with `write`.
+fn unflatten_into(flat: &Tensor, bucket: &[Tensor], write: impl Fn(&mut Tensor, &Tensor)) {
+    let mut offset = 0;
+    tch::no_grad(|| {
+        for t in bucket {
+            let n = t.numel() as i64;
+            let piece = flat
+                .narrow(0, offset, n)
+                .view(t.size().as_slice())
+                .to_device(t.device())
+                .to_kind(t.kind());
+            write(&mut t.shallow_clone(), &piece);
+            offset += n;
+        }
+    });
+}

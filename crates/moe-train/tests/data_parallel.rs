@@ -1,0 +1,262 @@
+//! Data parallelism beside expert parallelism, ranks as threads of this
+//! process over c10d's Gloo: 20 steps on 2 ranks give, loss by loss, what
+//! one process computes on the same global batches; the checkpoint holds
+//! the whole model (a single process loads it) and a run resumed from it on
+//! the same ranks goes on as the uninterrupted one.
+
+#[path = "common.rs"]
+mod common;
+
+use moe_aten::dist::{Group, GroupOptions};
+use moe_data::{CharTokenizer, Tokenizer};
+use moe_dispatch::{ExchangeMode, ExpertParallelism};
+use moe_models::{CausalLm, DecoderConfig, DecoderModel, DecoderPreset};
+use moe_train::data_parallel::is_expert_shard;
+use moe_train::{load_checkpoint, Checkpointing, DataParallel, TrainConfig, TrainEvent, Trainer};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tch::{nn, Device, Tensor};
+
+const P: i64 = 2;
+
+/// The tests of this file draw from libtorch's one generator: one at a time.
+static RNG: Mutex<()> = Mutex::new(());
+
+fn model_config(vocab_size: i64) -> DecoderConfig {
+    DecoderConfig {
+        vocab_size,
+        hidden_size: 32,
+        intermediate_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        max_position_embeddings: 16,
+        num_local_experts: 4,
+        num_experts_per_tok: 2,
+        router_aux_loss_coef: 0.01,
+        ..DecoderConfig::preset(DecoderPreset::Mixtral)
+    }
+}
+
+fn train_config(max_iters: i64) -> TrainConfig {
+    TrainConfig {
+        batch_size: 4,
+        max_iters,
+        eval_interval: 10,
+        eval_iters: 2,
+        learning_rate: 3e-3,
+        grad_clip: Some(1.0),
+        log_interval: 1,
+        ..TrainConfig::default()
+    }
+}
+
+/// The model every run starts from: seed 3's initialisation.
+fn initial(config: &DecoderConfig) -> BTreeMap<String, Tensor> {
+    tch::manual_seed(3);
+    let vs = nn::VarStore::new(Device::Cpu);
+    DecoderModel::new(&vs.root(), config).unwrap();
+    vs.variables().into_iter().collect()
+}
+
+fn step_losses(events: &[TrainEvent]) -> Vec<f64> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::Step { loss, .. } => Some(*loss),
+            _ => None,
+        })
+        .collect()
+}
+
+/// One process on the global batches of `P` ranks.
+fn reference(text: &str, steps: i64) -> (Vec<f64>, DecoderModel, nn::VarStore) {
+    let tok = CharTokenizer::from_text(text).unwrap();
+    let data = common::corpus_dataset(&tok, text, 16);
+    let config = model_config(tok.vocab_size());
+    let weights = initial(&config);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = DecoderModel::new(&vs.root(), &config).unwrap();
+    tch::no_grad(|| {
+        for (name, mut var) in vs.variables() {
+            var.copy_(&weights[&name]);
+        }
+    });
+    let mut events = Vec::new();
+    Trainer::new(&vs, &model, &data, train_config(steps))
+        .unwrap()
+        .with_simulated_ranks(P)
+        .unwrap()
+        .run(|e| {
+            events.push(e.clone());
+            Ok(())
+        })
+        .unwrap();
+    (step_losses(&events), model, vs)
+}
+
+/// Rank `rank` of a parallel run: `steps` steps, optionally resumed from
+/// and checkpointing into `dir`; rank 0's events.
+fn rank_run(
+    group: Group,
+    text: String,
+    weights: Vec<(String, Tensor)>,
+    steps: i64,
+    dir: PathBuf,
+    resume: bool,
+) -> Vec<TrainEvent> {
+    let rank = group.rank();
+    let tok = CharTokenizer::from_text(&text).unwrap();
+    let data = common::corpus_dataset(&tok, &text, 16);
+    let config = model_config(tok.vocab_size());
+    let group = Arc::new(Mutex::new(group));
+    let parallelism = ExpertParallelism {
+        group: group.clone(),
+        mode: ExchangeMode::Dropless,
+    };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = DecoderModel::with_parallelism(&vs.root(), &config, Some(&parallelism)).unwrap();
+    let dp = DataParallel::new(group);
+    let vars = vs.variables();
+    tch::no_grad(|| {
+        for (name, value) in &weights {
+            vars[name]
+                .shallow_clone()
+                .copy_(&dp.shard_of(name, value).unwrap());
+        }
+    });
+    let mut trainer = Trainer::new(&vs, &model, &data, train_config(steps))
+        .unwrap()
+        .with_data_parallel(dp)
+        .unwrap()
+        .with_checkpointing(Checkpointing {
+            dir: dir.clone(),
+            interval: 10,
+            tokenizer: Tokenizer::Char(tok),
+        })
+        .unwrap();
+    if resume {
+        trainer.resume(&dir).unwrap();
+    }
+    let mut events = Vec::new();
+    trainer
+        .run(|e| {
+            assert_eq!(rank, 0, "only rank 0 reports");
+            events.push(e.clone());
+            Ok(())
+        })
+        .unwrap();
+    events
+}
+
+/// Runs `P` ranks as threads; rank 0's events.
+fn parallel_run(text: &str, steps: i64, dir: &Path, resume: bool) -> Vec<TrainEvent> {
+    let config = model_config(CharTokenizer::from_text(text).unwrap().vocab_size());
+    let groups = Group::in_process(
+        P,
+        &GroupOptions {
+            timeout: std::time::Duration::from_secs(120),
+            ..GroupOptions::default()
+        },
+    )
+    .unwrap();
+    let inputs: Vec<_> = groups
+        .into_iter()
+        .map(|g| {
+            let weights: Vec<(String, Tensor)> = initial(&config)
+                .into_iter()
+                .map(|(n, t)| (n, t.detach().copy()))
+                .collect();
+            (g, weights)
+        })
+        .collect();
+    let results: Vec<Vec<TrainEvent>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = inputs
+            .into_iter()
+            .map(|(g, weights)| {
+                let (text, dir) = (text.to_string(), dir.to_path_buf());
+                scope.spawn(move || rank_run(g, text, weights, steps, dir, resume))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    results.into_iter().next().unwrap()
+}
+
+#[test]
+fn two_ranks_train_as_one_process_on_the_same_global_batches() {
+    let _rng = RNG.lock().unwrap_or_else(|p| p.into_inner());
+    let text: String = common::corpus().chars().take(20_000).collect();
+    let dir = std::env::temp_dir().join(format!("moe-dp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (want, model, vs) = reference(&text, 20);
+    let events = parallel_run(&text, 20, &dir, false);
+    let got = step_losses(&events);
+    assert_eq!(got.len(), 20);
+    for (step, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (a - b).abs() < 1e-4,
+            "step {}: {a} on 2 ranks, {b} in one process",
+            step + 1
+        );
+    }
+    assert!(want[19] < want[0] - 0.2, "it learns: {want:?}");
+    // Rank 0 reports global routing loads: tokens of both ranks.
+    let loads = events.iter().find_map(|e| match e {
+        TrainEvent::Eval { routing, .. } => Some(routing[0].tokens_per_expert.iter().sum::<i64>()),
+        _ => None,
+    });
+    assert!(loads.is_some_and(|slots| slots > 0));
+
+    // The checkpoint holds the whole model: one process loads it and
+    // computes what the reference computes.
+    let loaded = load_checkpoint(&dir, Device::Cpu).unwrap();
+    assert_eq!(loaded.meta.step, 20);
+    let shards = loaded
+        .vs
+        .variables()
+        .into_iter()
+        .filter(|(n, _)| is_expert_shard(n))
+        .count();
+    assert_eq!(shards, 2 * 3, "two layers of w_gate, w_in, w_out");
+    let idx = Tensor::from_slice(&[1i64, 5, 9, 3, 7, 2]).view([2, 3]);
+    let a = tch::no_grad(|| model.forward_t(&idx, false))
+        .unwrap()
+        .logits;
+    let b = tch::no_grad(|| loaded.model.forward_t(&idx, false))
+        .unwrap()
+        .logits;
+    let diff = (a - b).abs().max().double_value(&[]);
+    assert!(
+        diff < 1e-3,
+        "logits of the loaded checkpoint differ by {diff}"
+    );
+    drop(vs);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_resumed_parallel_run_goes_on_as_the_uninterrupted_one() {
+    let _rng = RNG.lock().unwrap_or_else(|p| p.into_inner());
+    let text: String = common::corpus().chars().take(20_000).collect();
+    let dir = std::env::temp_dir().join(format!("moe-dp-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (want, _, _) = reference(&text, 20);
+    let first = step_losses(&parallel_run(&text, 10, &dir, false));
+    let rest = step_losses(&parallel_run(&text, 20, &dir, true));
+    assert_eq!(first.len() + rest.len(), 20);
+    for (step, (a, b)) in first.iter().chain(&rest).zip(&want).enumerate() {
+        assert!(
+            (a - b).abs() < 1e-4,
+            "step {}: {a} resumed, {b} straight",
+            step + 1
+        );
+    }
+    for rank in 0..P {
+        assert!(dir
+            .join(format!("optimizer.rank{rank}.safetensors"))
+            .is_file());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
