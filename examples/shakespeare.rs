@@ -10,17 +10,23 @@
 //! decoder-family model with the same CLI, metrics, checkpoints and resume.
 //! `--config FILE` (TOML or JSON) sets model, training and tokenizer; flags
 //! override it; `--print-config` prints the resolved config and exits.
+//! `cargo xtask shakespeare -- --nproc 2 --expert-parallel` trains on two
+//! processes launched by torchrun, the experts spread over them.
 
 use clap::Parser;
+use moe_layers::aten::dist::{Group, GroupOptions};
+use moe_layers::dispatch::{ExchangeMode, ExpertParallelism};
 use moe_layers::lm::{
-    generate, load_checkpoint_meta, plot_loss_curve, CausalLm, Checkpointing, Dataset,
-    DecoderConfig, JsonlWriter, LmConfig, LossCurves, MakeMoeConfig, MlflowRun, Preset, Progress,
-    RunConfig, RunStatus, Sampling, TextStream, Tokenizer, TokenizerKind, TrainEvent, Trainer,
+    generate, load_checkpoint_meta, plot_loss_curve, CausalLm, Checkpointing, DataParallel,
+    Dataset, DecoderConfig, JsonlWriter, LmConfig, LossCurves, MakeMoeConfig, MlflowRun, Preset,
+    Progress, RunConfig, RunStatus, Sampling, TextStream, Tokenizer, TokenizerKind, TrainEvent,
+    Trainer,
 };
 use moe_layers::prelude::{DeviceChoice, DispatchSpec, Precision, WeightInit};
 use moe_layers::{MoeError, Result};
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -93,6 +99,21 @@ struct Args {
     /// Characters generated at the end
     #[arg(long, default_value_t = 500)]
     sample_chars: usize,
+    /// Run as one rank of torchrun's group (`torchrun --no-python
+    /// --nproc-per-node P <this binary> --expert-parallel ...`, or `cargo
+    /// xtask shakespeare -- --nproc P --expert-parallel`): the experts of
+    /// every MoE layer are spread over the ranks, everything else is
+    /// data-parallel; each rank draws its own batches, rank 0 writes the
+    /// metrics and the checkpoint
+    #[arg(long)]
+    expert_parallel: bool,
+    /// With --expert-parallel: dropless (default) or capacity token exchange
+    #[arg(long, default_value = "dropless")]
+    exchange: String,
+    /// One process computing what N expert-parallel ranks compute (each
+    /// step's batch is the N ranks' batches), to compare a parallel run with
+    #[arg(long)]
+    simulate_ranks: Option<i64>,
 }
 
 fn main() {
@@ -217,24 +238,43 @@ fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     let (model_config, train_config) = (config.model.clone(), config.train.clone());
+    let parallelism = expert_parallelism(&args, device)?;
+    // With expert parallelism every rank trains; rank 0 alone writes.
+    let main = parallelism.as_ref().is_none_or(|p| p.rank() == 0);
 
     std::fs::create_dir_all(&args.out).map_err(|e| MoeError::io(&args.out, e))?;
     let metrics_path = args.out.join("metrics.jsonl");
-    let mut metrics = if resumed.is_some() {
-        JsonlWriter::append(&metrics_path)?
+    let mut outputs = if main {
+        let metrics = if resumed.is_some() {
+            JsonlWriter::append(&metrics_path)?
+        } else {
+            JsonlWriter::create(&metrics_path)?
+        };
+        let run_name = args
+            .out
+            .file_name()
+            .map_or("run".into(), |n| n.to_string_lossy().into_owned());
+        let mlflow = MlflowRun::create(&args.out.join("mlruns"), "shakespeare", &run_name)?;
+        log_params(&mlflow, &config)?;
+        Some((metrics, mlflow))
     } else {
-        JsonlWriter::create(&metrics_path)?
+        None
     };
-    let run_name = args
-        .out
-        .file_name()
-        .map_or("run".into(), |n| n.to_string_lossy().into_owned());
-    let mlflow = MlflowRun::create(&args.out.join("mlruns"), "shakespeare", &run_name)?;
-    log_params(&mlflow, &config)?;
 
     tch::manual_seed(train_config.seed);
     let vs = tch::nn::VarStore::new(device);
-    let model = model_config.build(&vs.root())?;
+    let model = model_config.build_with(&vs.root(), parallelism.as_ref())?;
+    let data_parallel = parallelism
+        .as_ref()
+        .map(|p| DataParallel::new(p.group.clone()));
+    if let Some(data_parallel) = &data_parallel {
+        // Every rank starts from the model one process would draw: the
+        // whole model with the same seed, of which each rank takes its share.
+        tch::manual_seed(train_config.seed);
+        let whole = tch::nn::VarStore::new(device);
+        model_config.build(&whole.root())?;
+        data_parallel.copy_from_whole(&whole, &vs)?;
+    }
     let tokens = tokenizer.encode(&text)?;
     let data = Dataset::new(
         &tokens,
@@ -251,14 +291,23 @@ fn run(args: Args) -> Result<()> {
                 .unwrap_or(train_config.max_iters.max(1)),
             tokenizer: tokenizer.clone(),
         })?;
+    if let Some(data_parallel) = data_parallel {
+        trainer = trainer.with_data_parallel(data_parallel)?;
+    }
+    if let Some(ranks) = args.simulate_ranks {
+        trainer = trainer.with_simulated_ranks(ranks)?;
+    }
     if let Some(dir) = &args.resume {
         trainer.resume(dir)?;
         println!("resumed {} at step {}", dir.display(), trainer.steps_done());
     }
     let progress = Progress::new(train_config.max_iters, trainer.steps_done());
     // Every event goes to metrics.jsonl; the progress bar and MLflow show
-    // what a person follows.
+    // what a person follows (the trainer reports on rank 0 only).
     let result = trainer.run(|event| {
+        let Some((metrics, mlflow)) = outputs.as_mut() else {
+            return Ok(());
+        };
         metrics.write(event)?;
         match *event {
             TrainEvent::Start {
@@ -307,6 +356,15 @@ fn run(args: Args) -> Result<()> {
         Ok(())
     });
     progress.finish();
+    let Some((_, mlflow)) = outputs else {
+        // Another rank: the sample's forward passes are collectives.
+        result?;
+        if args.sample_chars > 0 {
+            tch::manual_seed(train_config.seed);
+            print_sample(model.as_ref(), &tokenizer, args.sample_chars, false)?;
+        }
+        return Ok(());
+    };
     if let Err(e) = result {
         let _ = mlflow.finish(RunStatus::Failed);
         return Err(e);
@@ -323,9 +381,40 @@ fn run(args: Args) -> Result<()> {
         println!("plotted {}", png.display());
     }
     if args.sample_chars > 0 {
-        print_sample(model.as_ref(), &tokenizer, args.sample_chars)?;
+        // Every rank samples alike (same seed), so their collectives line up.
+        if parallelism.is_some() {
+            tch::manual_seed(train_config.seed);
+        }
+        print_sample(model.as_ref(), &tokenizer, args.sample_chars, true)?;
     }
     mlflow.finish(RunStatus::Finished)
+}
+
+/// With `--expert-parallel`: this process's group from torchrun's
+/// environment (Gloo, CPU tensors).
+fn expert_parallelism(args: &Args, device: tch::Device) -> Result<Option<ExpertParallelism>> {
+    if !args.expert_parallel {
+        return Ok(None);
+    }
+    if device != tch::Device::Cpu {
+        return Err(MoeError::config(
+            "--expert-parallel runs on Gloo with CPU tensors: add --device cpu",
+        ));
+    }
+    let mode = match args.exchange.as_str() {
+        "dropless" => ExchangeMode::Dropless,
+        "capacity" => ExchangeMode::Capacity,
+        other => {
+            return Err(MoeError::config(format!(
+                "unknown --exchange `{other}`: expected dropless or capacity"
+            )))
+        }
+    };
+    let group = Group::from_env(&GroupOptions::default())?;
+    Ok(Some(ExpertParallelism {
+        group: Arc::new(Mutex::new(group)),
+        mode,
+    }))
 }
 
 /// Every field of the config as an MLflow parameter (`model.n_embd`, ...).
@@ -342,21 +431,27 @@ fn log_params(mlflow: &MlflowRun, config: &RunConfig) -> Result<()> {
 }
 
 /// Generates `n` tokens from an empty prompt, printing the text as it comes.
-fn print_sample(model: &dyn CausalLm, tokenizer: &Tokenizer, n: usize) -> Result<()> {
-    println!("--- sample ---");
+/// Generates `n` tokens from nothing, streaming them when `show`.
+fn print_sample(model: &dyn CausalLm, tokenizer: &Tokenizer, n: usize, show: bool) -> Result<()> {
+    if show {
+        println!("--- sample ---");
+    }
     let mut stream = TextStream::new(tokenizer);
     let mut error = None;
     generate(model, &[], n, Sampling::default(), |id| {
         match stream.push(id) {
-            Ok(text) => {
+            Ok(text) if show => {
                 print!("{text}");
                 let _ = std::io::stdout().flush();
             }
+            Ok(_) => {}
             Err(e) => {
                 error.get_or_insert(e);
             }
         }
     })?;
-    println!("\n--------------");
+    if show {
+        println!("\n--------------");
+    }
     error.map_or(Ok(()), Err)
 }

@@ -17,7 +17,7 @@ use moe_aten::dist::{Group, ReduceOp};
 use moe_core::{MoeError, Result};
 use moe_routers::RoutingStats;
 use std::sync::{Arc, Mutex, MutexGuard};
-use tch::{Kind, Tensor};
+use tch::{nn, Kind, Tensor};
 
 /// Elements per all-reduce bucket (4 Mi f32, 16 MiB; DDP's default bucket
 /// is 25 MiB).
@@ -217,6 +217,31 @@ impl DataParallel {
                 Ok(s.with_counts(Vec::try_from(&counts)?))
             })
             .collect()
+    }
+
+    /// Sets this rank's variables (`target`) from the whole model's
+    /// (`whole`, e.g. built with the same seed as one process would):
+    /// replicated variables copied, expert banks sliced to this rank's
+    /// shard. Then every rank starts from the model one process would.
+    pub fn copy_from_whole(&self, whole: &nn::VarStore, target: &nn::VarStore) -> Result<()> {
+        let whole = whole.variables();
+        tch::no_grad(|| {
+            for (name, mut var) in target.variables() {
+                let source = whole.get(&name).ok_or_else(|| {
+                    MoeError::config(format!("the whole model has no variable `{name}`"))
+                })?;
+                let shard = self.shard_of(&name, source)?;
+                if shard.size() != var.size() {
+                    return Err(MoeError::Shape {
+                        what: format!("{name}, this rank's share of the whole model's"),
+                        expected: format!("{:?}", var.size()),
+                        got: shard.size(),
+                    });
+                }
+                var.copy_(&shard);
+            }
+            Ok(())
+        })
     }
 
     /// Waits for every rank.
