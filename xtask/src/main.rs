@@ -30,11 +30,7 @@ fn main() {
     let result = match task {
         "env" => build_env(&root).map(|vars| print_env(&vars)),
         "test" => test(&root, &rest),
-        "shakespeare" => cargo(
-            &root,
-            &["run", "--release", "--example", "shakespeare", "--"],
-            &rest,
-        ),
+        "shakespeare" => shakespeare(&root, &rest),
         "run" => cargo(&root, &[], &rest),
         "hf-fixtures" => hf_fixtures(&root, &rest),
         _ => usage(),
@@ -49,6 +45,7 @@ fn usage() -> ! {
     eprintln!(
         "usage: cargo xtask <shakespeare|test|env|run|hf-fixtures> [-- ARGS]\n\
          \n  shakespeare   train the makeMoE model on the bundled tinyshakespeare\
+         \n                (--nproc N: N processes under torchrun, with --expert-parallel)\
          \n  test          run every test of the workspace\
          \n  env           print the exports that make plain cargo find libtorch\
          \n  run ARGS      run `cargo ARGS` with that environment\
@@ -200,6 +197,43 @@ fn torch_env(root: &Path, lib: &Path) -> Vec<(String, String)> {
         ("PATH".into(), path),
         ("LD_LIBRARY_PATH".into(), ld),
     ]
+}
+
+/// The main job: `cargo run --release --example shakespeare -- ARGS`, or,
+/// with `--nproc N` among the ARGS, N processes of it launched by torchrun
+/// (from `.venv`) on this machine, each joining the group.
+fn shakespeare(root: &Path, rest: &[String]) -> Result<(), String> {
+    let Some(at) = rest.iter().position(|a| a == "--nproc") else {
+        return cargo(
+            root,
+            &["run", "--release", "--example", "shakespeare", "--"],
+            rest,
+        );
+    };
+    let nproc = rest
+        .get(at + 1)
+        .filter(|n| n.parse::<u32>().is_ok_and(|n| n >= 1))
+        .ok_or("--nproc needs a number of processes >= 1")?
+        .clone();
+    let args: Vec<String> = rest[..at].iter().chain(&rest[at + 2..]).cloned().collect();
+    cargo(
+        root,
+        &["build", "--release", "--example", "shakespeare"],
+        &[],
+    )?;
+    let vars = build_env(root)?;
+    let binary = root
+        .join("target")
+        .join("release")
+        .join("examples")
+        .join("shakespeare");
+    let torchrun = venv(root).join("bin").join("torchrun");
+    run(Command::new(torchrun)
+        .args(["--no-python", "--standalone", "--nproc-per-node", &nproc])
+        .arg(binary)
+        .args(&args)
+        .envs(vars)
+        .current_dir(root))
 }
 
 /// Gloo's headers (Debian's `libgloo-dev`, unpacked into `.venv/gloo`):

@@ -7,6 +7,7 @@ use moe_core::{MoeError, Result, Routing};
 use moe_experts::ExpertBank;
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 use tch::{Kind, Tensor};
 
 /// How an expert-parallel layer exchanges tokens.
@@ -84,6 +85,24 @@ pub struct ExpertParallel {
     group: Arc<Mutex<Group>>,
     num_experts: i64,
     mode: ExchangeMode,
+    stats: Arc<Mutex<ExchangeStats>>,
+}
+
+/// What an expert-parallel layer's forward passes have cost on this rank
+/// since it was built (or [`ExpertParallel::reset_stats`]): wall time in
+/// the token exchanges (counts and payload, there and back) and in the local
+/// experts, and the bytes this rank sent. The backward passes mirror the
+/// exchanges (same bytes, reversed) inside autograd, not counted here.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct ExchangeStats {
+    /// Forward passes.
+    pub calls: u64,
+    /// Seconds in all-to-all exchanges (and waiting for the peers).
+    pub exchange_s: f64,
+    /// Seconds running this rank's experts.
+    pub expert_s: f64,
+    /// Bytes of token rows this rank sent (to other ranks and itself).
+    pub bytes_sent: u64,
 }
 
 impl ExpertParallel {
@@ -101,6 +120,7 @@ impl ExpertParallel {
             group,
             num_experts,
             mode,
+            stats: Arc::default(),
         })
     }
 
@@ -132,6 +152,25 @@ impl ExpertParallel {
     /// How tokens are exchanged.
     pub fn mode(&self) -> ExchangeMode {
         self.mode
+    }
+
+    /// The exchange and expert time and bytes sent so far (see [`ExchangeStats`]).
+    pub fn stats(&self) -> ExchangeStats {
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts counting [`ExchangeStats`] from zero.
+    pub fn reset_stats(&self) {
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = ExchangeStats::default();
+    }
+
+    /// Adds one forward pass's figures.
+    fn record(&self, exchange_s: f64, expert_s: f64, bytes_sent: i64) {
+        let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        stats.calls += 1;
+        stats.exchange_s += exchange_s;
+        stats.expert_s += expert_s;
+        stats.bytes_sent += bytes_sent.max(0) as u64;
     }
 
     /// The group (for the collectives of the training loop).
@@ -192,6 +231,7 @@ impl ExpertParallel {
         let (n, k) = (routing.num_tokens(), routing.top_k());
         let slots = SortedSlots::new(routing);
         let xs = x.index_select(0, &slots.token);
+        let clock = Instant::now();
         // Counts: sent[e] to expert e; received[s, l] from rank s for local expert l.
         let sent_counts = slots.counts.to_kind(Kind::Int64).view([p, l]);
         let ones = vec![1; p as usize];
@@ -204,6 +244,7 @@ impl ExpertParallel {
         let send_splits: Vec<i64> = (0..p as usize).map(|j| block(&sent, j)).collect();
         let recv_splits: Vec<i64> = (0..p as usize).map(|s| block(&recv, s)).collect();
         let rows = group.all_to_all_unchecked(&xs, &recv_splits, &send_splits)?;
+        let mut exchange_s = clock.elapsed().as_secs_f64();
 
         // Received rows come by source rank, then local expert; the experts
         // want them by local expert: a permutation known from the counts.
@@ -229,6 +270,7 @@ impl ExpertParallel {
         let counts = Tensor::from_slice(&local_counts).to_device(device);
         let offsets = counts.cumsum(0, Kind::Int).to_kind(Kind::Int);
         let expert = Tensor::from_slice(&expert_of_row).to_device(device);
+        let clock = Instant::now();
         let sorted = rows.index_select(0, &order);
         let segments = Segments {
             counts: &counts,
@@ -236,17 +278,20 @@ impl ExpertParallel {
             expert: &expert,
         };
         let out = local.output_dropout(run_segments(local, &sorted, &segments), train);
+        let expert_s = clock.elapsed().as_secs_f64();
         // Back to the received order, then to the ranks the rows came from.
         let inverse = order.zeros_like().scatter(
             0,
             &order,
             &Tensor::arange(order.size()[0], (Kind::Int64, device)),
         );
-        let back = group.all_to_all_unchecked(
-            &out.index_select(0, &inverse),
-            &send_splits,
-            &recv_splits,
-        )?;
+        let returned = out.index_select(0, &inverse);
+        let clock = Instant::now();
+        let back = group.all_to_all_unchecked(&returned, &send_splits, &recv_splits)?;
+        exchange_s += clock.elapsed().as_secs_f64();
+        let row_bytes = x.size()[1] * x.kind().elt_size_in_bytes() as i64;
+        let rows_sent = send_splits.iter().sum::<i64>() + recv_splits.iter().sum::<i64>();
+        self.record(exchange_s, expert_s, rows_sent * row_bytes);
         let slot_weight = routing.weights.flatten(0, -1);
         Ok(gather_weighted_sum(
             &back,
@@ -274,7 +319,10 @@ impl ExpertParallel {
         // (different token counts) would otherwise exchange garbage.
         let buffer = fill_buffer(x, routing, &plan);
         let equal = vec![l * c; p as usize];
+        let clock = Instant::now();
         let received = group.all_to_all(&buffer, &equal, &equal)?;
+        let mut exchange_s = clock.elapsed().as_secs_f64();
+        let clock = Instant::now();
         let per_expert = received
             .view([p, l, c, d])
             .transpose(0, 1)
@@ -284,7 +332,12 @@ impl ExpertParallel {
             .view([l, p, c, d])
             .transpose(0, 1)
             .reshape([p * l * c, d]);
+        let expert_s = clock.elapsed().as_secs_f64();
+        let clock = Instant::now();
         let back = group.all_to_all_unchecked(&back_rows, &equal, &equal)?;
+        exchange_s += clock.elapsed().as_secs_f64();
+        let row_bytes = d * x.kind().elt_size_in_bytes() as i64;
+        self.record(exchange_s, expert_s, 2 * p * l * c * row_bytes);
         Ok(combine_rows(&back, x, routing, &plan))
     }
 }

@@ -38,7 +38,7 @@ pub use capacity::{Capacity, CapacityPlan};
 pub use config::{DispatchKind, DispatchSpec, DEFAULT_CAPACITY_FACTOR};
 pub use dense_reference::DenseReference;
 pub use dispatch::Dispatch;
-pub use expert_parallel::{ExchangeMode, ExpertParallel, ExpertParallelism};
+pub use expert_parallel::{ExchangeMode, ExchangeStats, ExpertParallel, ExpertParallelism};
 pub use grouped::{grouped_mm_supported, Grouped};
 pub use indexed_loop::IndexedLoop;
 pub use mask_loop::MaskLoop;
