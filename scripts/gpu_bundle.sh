@@ -19,7 +19,17 @@ for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"):
         print(m["executable"])' | tail -1)
+# c10d's tests with the NCCL group (moe-aten's `nccl` feature).
+dist_bin=$(cargo xtask run test --release -p moe-aten --features nccl --test dist --no-run \
+  --message-format=json 2>/dev/null \
+  | python3 -c 'import json,sys
+for l in sys.stdin:
+    try: m = json.loads(l)
+    except ValueError: continue
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "dist" and m.get("executable"):
+        print(m["executable"])' | tail -1)
 rm -rf .gpu && mkdir -p .gpu
+cp "$dist_bin" .gpu/dist_tests
 for e in "${examples[@]}"; do cp "target/release/examples/$e" .gpu/; done
 cp "$test_bin" .gpu/cuda_tests
 cp data/tinyshakespeare.txt .gpu/

@@ -5,6 +5,8 @@
 #   bench    - host-sync check of Grouped/Capacity, CUDA tests, train_bench (phases, makeMoE's PyTorch step side by
 #              side), dispatch_bench (issues #5, #6)
 #   train    - the 5000-step makemoe run on CUDA (issue #6)
+#   dist     - c10d on the GPU machine: the single-rank NCCL smoke test and the
+#              Gloo tests (issue #14)
 # Each stage fits in one device call (under 10 minutes).
 set -uo pipefail
 cd "$(dirname "$0")"
@@ -36,5 +38,9 @@ train)
   echo "exit $?"; grep -E "step (0|1000|2000|3000|4000|4999):" "$OUT/shakespeare_cuda.log"
   cp "$OUT/cuda/metrics.jsonl" "$OUT/shakespeare_cuda_metrics.jsonl"; rm -rf "$OUT/cuda"
   ;;
-*) echo "usage: gpu_run.sh routers|bench|train"; exit 2 ;;
+dist)
+  MOE_CUDA_TESTS=1 timeout 120 ./dist_tests --test-threads=1 > "$OUT/dist_tests.txt" 2>&1
+  echo "dist tests exit $?"; tail -12 "$OUT/dist_tests.txt"
+  ;;
+*) echo "usage: gpu_run.sh routers|bench|train|dist"; exit 2 ;;
 esac

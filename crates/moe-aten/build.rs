@@ -54,6 +54,32 @@ fn main() {
     if let Some(dir) = gloo {
         // The torch wheel is built with Gloo; its c10d headers say so by this macro.
         build.include(dir).define("USE_C10D_GLOO", None);
+        // NCCL process groups (feature `nccl`): NCCL's and the CUDA
+        // runtime's headers come with the torch wheel's PyPI dependencies
+        // (nvidia-nccl-cu13, nvidia-cuda-runtime) and nvidia-cuda-crt and
+        // nvidia-cuda-cccl, beside torch in site-packages; the group's code
+        // is in libtorch_cuda.
+        if env::var_os("CARGO_FEATURE_NCCL").is_some() {
+            let site = root.parent().expect("torch's folder has a parent");
+            let cuda = site.join("nvidia").join("cu13").join("include");
+            for dir in [
+                site.join("nvidia").join("nccl").join("include"),
+                cuda.join("cccl"),
+                cuda.clone(),
+            ] {
+                assert!(
+                    dir.is_dir(),
+                    "feature `nccl` needs {} (the CUDA build of torch from PyPI, with \
+                     nvidia-cuda-crt and nvidia-cuda-cccl: `cargo xtask` installs them when \
+                     its arguments name the nccl feature)",
+                    dir.display()
+                );
+                build.include(dir);
+            }
+            build.define("USE_C10D_NCCL", None);
+            println!("cargo:rustc-link-lib=dylib=torch_cuda");
+            println!("cargo:rustc-link-lib=dylib=c10_cuda");
+        }
     }
     build.compile("moe_aten");
 }

@@ -294,7 +294,32 @@ fn print_env(vars: &[(String, String)]) {
     }
 }
 
+/// The CUDA headers moe-aten's `nccl` feature compiles against that the
+/// torch wheel's dependencies lack (the CUDA runtime's `crt/` and CCCL), from
+/// PyPI, at the versions of torch's CUDA 13.0; installed when a command's
+/// arguments name the feature.
+fn ensure_nccl_headers(root: &Path, args: &[String]) -> Result<(), String> {
+    if !args.iter().any(|a| a.contains("nccl")) {
+        return Ok(());
+    }
+    let lib = ensure_torch(root)?;
+    let include = lib
+        .parent()
+        .and_then(Path::parent)
+        .map(|site| site.join("nvidia").join("cu13").join("include"))
+        .ok_or("torch's lib folder has no site-packages above it")?;
+    if include.join("crt").join("host_config.h").is_file() && include.join("cccl").is_dir() {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing nvidia-cuda-crt and nvidia-cuda-cccl (headers of the nccl feature)"
+    );
+    pip_install(root, "nvidia-cuda-crt==13.0.88")?;
+    pip_install(root, "nvidia-cuda-cccl==13.0.85")
+}
+
 fn cargo(root: &Path, fixed: &[&str], rest: &[String]) -> Result<(), String> {
+    ensure_nccl_headers(root, rest)?;
     let vars = build_env(root)?;
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
@@ -332,6 +357,7 @@ fn cargo_counting(
     totals: &mut (u64, u64),
 ) -> Result<(), String> {
     use std::io::{BufRead, BufReader};
+    ensure_nccl_headers(root, rest)?;
     let vars = build_env(root)?;
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);

@@ -14,6 +14,9 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef USE_C10D_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 
 #include <atomic>
 #include <chrono>
@@ -121,6 +124,21 @@ c10d::ReduceOp reduce_op(int op) {
   }
 }
 
+// Registers `backend` as the only backend of a new process group.
+Group register_group(const c10::intrusive_ptr<c10d::Store> &store, int rank, int size,
+                            c10::DeviceType device, c10d::ProcessGroup::BackendType type,
+                            const c10::intrusive_ptr<c10d::Backend> &backend,
+                            std::chrono::milliseconds timeout) {
+  auto pg = c10::make_intrusive<c10d::ProcessGroup>(store, rank, size);
+  pg->setBackend(device, type, backend);
+  pg->setDefaultBackend(type);
+  // Unique in the process: in-process ranks each hold a group.
+  std::string name = "moe_layers_" + std::to_string(next_group_id++);
+  pg->setGroupName(name);
+  c10d::register_process_group(name, pg);
+  return Group{pg, name, timeout};
+}
+
 }  // namespace
 
 extern "C" {
@@ -164,16 +182,30 @@ int moe_c10d_gloo_group(void *store, int rank, int size, int64_t timeout_ms,
     auto prefixed = c10::make_intrusive<c10d::PrefixStore>("gloo/", base);
     auto backend =
         c10::make_intrusive<c10d::ProcessGroupGloo>(prefixed, rank, size, options);
-    auto pg = c10::make_intrusive<c10d::ProcessGroup>(prefixed, rank, size);
-    pg->setBackend(c10::DeviceType::CPU, c10d::ProcessGroup::BackendType::GLOO, backend);
-    pg->setDefaultBackend(c10d::ProcessGroup::BackendType::GLOO);
-    // Unique in the process: in-process ranks each hold a group.
-    std::string name = "moe_layers_" + std::to_string(next_group_id++);
-    pg->setGroupName(name);
-    c10d::register_process_group(name, pg);
-    *out = new Group{pg, name, timeout};
+    *out = new Group(register_group(prefixed, rank, size, c10::DeviceType::CPU,
+                                    c10d::ProcessGroup::BackendType::GLOO, backend, timeout));
   });
 }
+
+#ifdef USE_C10D_NCCL
+// An NCCL process group of `size` ranks over `store` for CUDA tensors on
+// this rank's device (set by the caller); NCCL connects lazily, at the
+// first collective.
+int moe_c10d_nccl_group(void *store, int rank, int size, int64_t timeout_ms, void **out,
+                        char *error, size_t error_len) {
+  return guarded(error, error_len, [&] {
+    auto timeout = std::chrono::milliseconds(timeout_ms);
+    auto base = static_cast<Store *>(store)->store;
+    base->setTimeout(timeout);
+    auto options = c10d::ProcessGroupNCCL::Options::create();
+    options->timeout = timeout;
+    auto prefixed = c10::make_intrusive<c10d::PrefixStore>("nccl/", base);
+    auto backend = c10::make_intrusive<c10d::ProcessGroupNCCL>(prefixed, rank, size, options);
+    *out = new Group(register_group(prefixed, rank, size, c10::DeviceType::CUDA,
+                                    c10d::ProcessGroup::BackendType::NCCL, backend, timeout));
+  });
+}
+#endif
 
 void moe_c10d_group_free(void *group) {
   auto g = static_cast<Group *>(group);

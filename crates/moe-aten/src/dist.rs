@@ -47,6 +47,16 @@ extern "C" {
         error_len: usize,
     ) -> c_int;
     fn moe_c10d_group_free(group: *mut c_void);
+    #[cfg(feature = "nccl")]
+    fn moe_c10d_nccl_group(
+        store: *mut c_void,
+        rank: c_int,
+        size: c_int,
+        timeout_ms: i64,
+        out: *mut *mut c_void,
+        error: *mut c_char,
+        error_len: usize,
+    ) -> c_int;
     fn moe_c10d_all_to_all(
         group: *mut c_void,
         input: *const C_tensor,
@@ -92,9 +102,21 @@ pub enum ReduceOp {
     Min,
 }
 
+/// The c10d backend of a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// Gloo: CPU tensors, any machine.
+    #[default]
+    Gloo,
+    /// NCCL: CUDA tensors (feature `nccl`, a CUDA build of libtorch).
+    Nccl,
+}
+
 /// Settings of a group.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GroupOptions {
+    /// Gloo (CPU tensors) or NCCL (CUDA tensors).
+    pub backend: Backend,
     /// The longest any rendezvous or collective may wait (default 5 min,
     /// c10d's default is 30).
     pub timeout: Duration,
@@ -107,6 +129,7 @@ pub struct GroupOptions {
 impl Default for GroupOptions {
     fn default() -> Self {
         GroupOptions {
+            backend: Backend::Gloo,
             timeout: Duration::from_secs(300),
             hostname: None,
         }
@@ -195,6 +218,8 @@ pub struct Group {
     rank: i64,
     size: i64,
     timeout: Duration,
+    backend: Backend,
+    device: Device,
 }
 
 // SAFETY: the handle owns a c10d ProcessGroup, which c10d lets any thread
@@ -318,6 +343,10 @@ impl Group {
                 },
             )?;
             let store = Store(store);
+            if options.backend == Backend::Nccl {
+                let device = Device::Cuda(env.local_rank.max(0) as usize);
+                return Self::join_nccl(&store, env.rank, env.world_size, options.timeout, device);
+            }
             let hostname = options.hostname.clone().unwrap_or_else(|| {
                 if is_loopback(&env.master_addr) {
                     "127.0.0.1".into()
@@ -331,8 +360,14 @@ impl Group {
 
     /// `size` ranks as groups of this process over one `HashStore`,
     /// connected over `127.0.0.1`; move each to its own thread (its
-    /// collectives block until every rank has entered them). For tests.
+    /// collectives block until every rank has entered them). For tests;
+    /// Gloo only.
     pub fn in_process(size: i64, options: &GroupOptions) -> Result<Vec<Group>> {
+        if options.backend != Backend::Gloo {
+            return Err(MoeError::Distributed(
+                "in-process ranks use Gloo: NCCL takes one process per GPU (torchrun)".into(),
+            ));
+        }
         if size < 1 {
             return Err(MoeError::config(format!(
                 "a group needs at least one rank, got {size}"
@@ -407,15 +442,85 @@ impl Group {
             rank,
             size,
             timeout,
+            backend: Backend::Gloo,
+            device: Device::Cpu,
         })
     }
 
-    /// Checks that `t` is a CPU tensor (Gloo's).
-    fn check_cpu(&self, t: &Tensor, what: &str) -> Result<()> {
-        if t.device() != Device::Cpu {
+    /// Builds this rank's NCCL group over `store` (feature `nccl`).
+    #[cfg(moe_c10d)]
+    fn join_nccl(
+        store: &Store,
+        rank: i64,
+        size: i64,
+        timeout: Duration,
+        device: Device,
+    ) -> Result<Group> {
+        #[cfg(not(feature = "nccl"))]
+        {
+            let _ = (store, rank, size, timeout, device);
+            Err(MoeError::Distributed(
+                "NCCL process groups need moe-aten's `nccl` feature (and a CUDA build of \
+                 libtorch)"
+                    .into(),
+            ))
+        }
+        #[cfg(feature = "nccl")]
+        {
+            let mut handle = std::ptr::null_mut();
+            shim(
+                &format!("rank {rank} of {size} could not create an NCCL group"),
+                |error, len| unsafe {
+                    moe_c10d_nccl_group(
+                        store.0,
+                        rank as c_int,
+                        size as c_int,
+                        timeout_ms(timeout),
+                        &mut handle,
+                        error,
+                        len,
+                    )
+                },
+            )?;
+            Ok(Group {
+                handle,
+                rank,
+                size,
+                timeout,
+                backend: Backend::Nccl,
+                device,
+            })
+        }
+    }
+
+    /// The group's backend.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Where this rank's tensors for the group live: the CPU for Gloo, the
+    /// rank's GPU (`LOCAL_RANK`) for NCCL.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Checks that `t` lives where the backend exchanges: a CPU tensor for
+    /// Gloo, a CUDA tensor for NCCL.
+    fn check_device(&self, t: &Tensor, what: &str) -> Result<()> {
+        let ok = match self.backend {
+            Backend::Gloo => t.device() == Device::Cpu,
+            Backend::Nccl => t.device().is_cuda(),
+        };
+        if !ok {
             return Err(MoeError::Device {
-                what: format!("{what} of a Gloo group"),
-                expected: Device::Cpu,
+                what: format!(
+                    "{what} of a {:?} group (Gloo: CPU, NCCL: CUDA)",
+                    self.backend
+                ),
+                expected: match self.backend {
+                    Backend::Gloo => Device::Cpu,
+                    Backend::Nccl => Device::Cuda(0),
+                },
                 got: t.device(),
             });
         }
@@ -442,8 +547,9 @@ impl Group {
     ) -> Result<Tensor> {
         self.check_splits(input, output_splits, input_splits)?;
         let mine: Vec<i64> = input_splits.iter().chain(output_splits).copied().collect();
-        let all = self.all_gather(&Tensor::from_slice(&mine))?;
-        let all: Vec<Vec<i64>> = Vec::try_from(&all).map_err(MoeError::from)?;
+        let all = self.all_gather(&Tensor::from_slice(&mine).to_device(self.device()))?;
+        let all: Vec<Vec<i64>> =
+            Vec::try_from(&all.to_device(Device::Cpu)).map_err(MoeError::from)?;
         let n = self.size as usize;
         for (i, splits) in all.iter().enumerate() {
             for (j, other) in all.iter().enumerate() {
@@ -507,7 +613,7 @@ impl Group {
         output_splits: &[i64],
         input_splits: &[i64],
     ) -> Result<()> {
-        self.check_cpu(input, "all_to_all input")?;
+        self.check_device(input, "all_to_all input")?;
         let n = self.size as usize;
         if output_splits.len() != n || input_splits.len() != n {
             return Err(MoeError::Distributed(format!(
@@ -538,7 +644,7 @@ impl Group {
     /// Reduces `tensor` over the ranks in place: afterwards every rank
     /// holds the element-wise `op` of all ranks' tensors.
     pub fn all_reduce_(&self, tensor: &mut Tensor, op: ReduceOp) -> Result<()> {
-        self.check_cpu(tensor, "all_reduce tensor")?;
+        self.check_device(tensor, "all_reduce tensor")?;
         #[cfg(not(moe_c10d))]
         {
             let _ = op;
@@ -563,7 +669,7 @@ impl Group {
     /// Copies rank `root`'s `tensor` into every rank's `tensor` (same
     /// shape and dtype on every rank).
     pub fn broadcast_(&self, tensor: &mut Tensor, root: i64) -> Result<()> {
-        self.check_cpu(tensor, "broadcast tensor")?;
+        self.check_device(tensor, "broadcast tensor")?;
         if !(0..self.size).contains(&root) {
             return Err(MoeError::Distributed(format!(
                 "broadcast root {root} is not a rank of a group of {}",
@@ -588,7 +694,7 @@ impl Group {
     /// Every rank's `input` (same shape on every rank), stacked along a new
     /// first dimension in rank order: `[size, ...]`.
     pub fn all_gather(&self, input: &Tensor) -> Result<Tensor> {
-        self.check_cpu(input, "all_gather input")?;
+        self.check_device(input, "all_gather input")?;
         #[cfg(not(moe_c10d))]
         {
             unavailable()

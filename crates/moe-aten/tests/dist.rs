@@ -249,3 +249,44 @@ fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// One rank's NCCL group on the first GPU exchanges with itself (feature
+/// `nccl`, `MOE_CUDA_TESTS=1` on a machine with a GPU).
+#[cfg(feature = "nccl")]
+#[test]
+fn a_single_rank_nccl_group_exchanges_on_the_gpu() {
+    if std::env::var("MOE_CUDA_TESTS").as_deref() != Ok("1") {
+        eprintln!("skipped: set MOE_CUDA_TESTS=1 on a machine with a GPU");
+        return;
+    }
+    let solo = LaunchEnv {
+        master_addr: "127.0.0.1".into(),
+        master_port: free_port(),
+        rank: 0,
+        world_size: 1,
+        local_rank: 0,
+        agent_store: false,
+    };
+    let nccl = GroupOptions {
+        backend: moe_aten::dist::Backend::Nccl,
+        ..options(60)
+    };
+    let g = Group::from_launch(&solo, &nccl).unwrap();
+    let device = tch::Device::Cuda(0);
+    let input = Tensor::from_slice(&[1.0f32, 2.0, 3.0])
+        .to_device(device)
+        .set_requires_grad(true);
+    let out = g.all_to_all(&input, &[3], &[3]).unwrap();
+    (out.shallow_clone() * 2.0).sum(Kind::Float).backward();
+    assert_eq!(
+        Vec::<f32>::try_from(out.to_device(tch::Device::Cpu)).unwrap(),
+        [1.0, 2.0, 3.0]
+    );
+    assert_eq!(
+        Vec::<f32>::try_from(input.grad().to_device(tch::Device::Cpu)).unwrap(),
+        [2.0; 3]
+    );
+    let mut t = Tensor::from_slice(&[4.0f32]).to_device(device);
+    g.all_reduce_(&mut t, ReduceOp::Sum).unwrap();
+    g.barrier().unwrap();
+}

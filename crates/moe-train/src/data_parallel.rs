@@ -88,8 +88,9 @@ impl DataParallel {
             .filter(|(name, _)| !is_expert_shard(name))
             .map(|(_, t)| t.shallow_clone())
             .collect();
+        let device = self.group().device();
         for bucket in buckets(&replicated) {
-            let mut flat = flatten(bucket);
+            let mut flat = flatten(bucket, device);
             self.group().broadcast_(&mut flat, 0)?;
             unflatten_into(&flat, bucket, |dst, src| dst.copy_(src));
         }
@@ -116,8 +117,9 @@ impl DataParallel {
                 replicated.push(var.grad());
             }
         }
+        let device = self.group().device();
         for bucket in buckets(&replicated) {
-            let mut flat = flatten(bucket);
+            let mut flat = flatten(bucket, device);
             self.group().all_reduce_(&mut flat, ReduceOp::Sum)?;
             let mean = flat / p;
             unflatten_into(&mean, bucket, |dst, src| dst.copy_(src));
@@ -130,15 +132,15 @@ impl DataParallel {
     /// added up), as one process holding the whole model would; returns the
     /// norm before clipping.
     pub fn clip_grad_norm(&self, variables: &[(String, Tensor)], max_norm: f64) -> Result<Tensor> {
+        let device = self.group().device();
         let sum_sq = |expert: bool| {
             variables
                 .iter()
                 .filter(|(name, v)| is_expert_shard(name) == expert && v.grad().defined())
                 .map(|(_, v)| v.grad().to_kind(Kind::Float).square().sum(Kind::Float))
-                .fold(
-                    Tensor::zeros([], (Kind::Float, tch::Device::Cpu)),
-                    |a, b| a + b.to_device(tch::Device::Cpu),
-                )
+                .fold(Tensor::zeros([], (Kind::Float, device)), |a, b| {
+                    a + b.to_device(device)
+                })
         };
         let mut experts = sum_sq(true).reshape([1]);
         self.group().all_reduce_(&mut experts, ReduceOp::Sum)?;
@@ -160,7 +162,7 @@ impl DataParallel {
         let mut v = value
             .detach()
             .to_kind(Kind::Double)
-            .to_device(tch::Device::Cpu)
+            .to_device(self.group().device())
             .reshape([1]);
         self.group().all_reduce_(&mut v, ReduceOp::Sum)?;
         Ok((v / self.size as f64).squeeze().to_device(value.device()))
@@ -179,9 +181,8 @@ impl DataParallel {
                 if !is_expert_shard(name) {
                     return Ok((name.clone(), t.shallow_clone()));
                 }
-                let gathered = self
-                    .group()
-                    .all_gather(&t.detach().to_device(tch::Device::Cpu))?;
+                let group = self.group();
+                let gathered = group.all_gather(&t.detach().to_device(group.device()))?;
                 let mut size = t.size();
                 size[0] *= self.size;
                 Ok((name.clone(), gathered.reshape(size.as_slice())))
@@ -212,9 +213,10 @@ impl DataParallel {
         stats
             .into_iter()
             .map(|s| {
-                let mut counts = Tensor::from_slice(&s.tokens_per_expert);
-                self.group().all_reduce_(&mut counts, ReduceOp::Sum)?;
-                Ok(s.with_counts(Vec::try_from(&counts)?))
+                let group = self.group();
+                let mut counts = Tensor::from_slice(&s.tokens_per_expert).to_device(group.device());
+                group.all_reduce_(&mut counts, ReduceOp::Sum)?;
+                Ok(s.with_counts(Vec::try_from(&counts.to_device(tch::Device::Cpu))?))
             })
             .collect()
     }
@@ -277,11 +279,11 @@ fn buckets(tensors: &[Tensor]) -> Vec<&[Tensor]> {
     out
 }
 
-/// The tensors of a bucket as one flat CPU tensor (Gloo's device).
-fn flatten(bucket: &[Tensor]) -> Tensor {
+/// The tensors of a bucket as one flat tensor on the group's `device`.
+fn flatten(bucket: &[Tensor], device: tch::Device) -> Tensor {
     let parts: Vec<Tensor> = bucket
         .iter()
-        .map(|t| t.detach().reshape([-1]).to_device(tch::Device::Cpu))
+        .map(|t| t.detach().reshape([-1]).to_device(device))
         .collect();
     Tensor::cat(&parts, 0)
 }
