@@ -83,15 +83,7 @@ fn run(args: Args) -> Result<()> {
         print_cost_model();
         return Ok(());
     }
-    let mode = match args.exchange.as_str() {
-        "dropless" => ExchangeMode::Dropless,
-        "capacity" => ExchangeMode::Capacity,
-        other => {
-            return Err(MoeError::config(format!(
-                "unknown --exchange `{other}`: expected dropless or capacity"
-            )))
-        }
-    };
+    let mode: ExchangeMode = args.exchange.parse()?;
     let config = SparseMoeConfig {
         n_embd: args.width,
         num_experts: args.experts,

@@ -170,31 +170,10 @@ fn run(args: Args) -> Result<()> {
         return bench(model, prompt, args.max_new_tokens, sampling, args.seed);
     }
     print!("{text}");
-    // The prompt's tokens go through the stream first, so that the text of
-    // each new token is decoded in context (SentencePiece's leading spaces).
-    let mut stream = TextStream::new(tokenizer);
-    for &id in prompt {
-        stream.push(id)?;
-    }
-    let mut error = None;
-    let mut generated = String::new();
-    generate_with(model, prompt, &options, |id| match stream.push(id) {
-        Ok(text) => {
-            print!("{text}");
-            let _ = std::io::stdout().flush();
-            generated.push_str(&text);
-            match args.stop.iter().any(|s| generated.contains(s.as_str())) {
-                true => ControlFlow::Break(()),
-                false => ControlFlow::Continue(()),
-            }
-        }
-        Err(e) => {
-            error.get_or_insert(e);
-            ControlFlow::Break(())
-        }
-    })?;
+    let mut row = Continuation::new(tokenizer, prompt, &args.stop, true)?;
+    generate_with(model, prompt, &options, |id| row.push(id))?;
     println!();
-    error.map_or(Ok(()), Err)
+    row.finish().map(|_| ())
 }
 
 /// Generates for every prompt in one batch; prints each row (prompt and
@@ -207,35 +186,73 @@ fn generate_rows(
     options: &GenerateOptions,
     stop: &[String],
 ) -> Result<()> {
-    let mut streams = Vec::with_capacity(prompts.len());
-    for prompt in prompts {
+    let mut rows = prompts
+        .iter()
+        .map(|prompt| Continuation::new(tokenizer, prompt, stop, false))
+        .collect::<Result<Vec<_>>>()?;
+    generate_batch(model, prompts, options, |row, id| rows[row].push(id))?;
+    for (row, (text, continuation)) in texts.iter().zip(rows).enumerate() {
+        println!("--- prompt {row}\n{text}{}", continuation.finish()?);
+    }
+    Ok(())
+}
+
+/// The text of one generated row as its tokens arrive: decoded in context
+/// (the prompt's tokens go through the stream first, for SentencePiece's
+/// leading spaces), echoed to stdout if asked, ended by a stop string.
+struct Continuation<'a> {
+    stream: TextStream<'a>,
+    stop: &'a [String],
+    echo: bool,
+    text: String,
+    error: Option<MoeError>,
+}
+
+impl<'a> Continuation<'a> {
+    fn new(
+        tokenizer: &'a Tokenizer,
+        prompt: &[i64],
+        stop: &'a [String],
+        echo: bool,
+    ) -> Result<Self> {
         let mut stream = TextStream::new(tokenizer);
         for &id in prompt {
             stream.push(id)?;
         }
-        streams.push(stream);
+        Ok(Continuation {
+            stream,
+            stop,
+            echo,
+            text: String::new(),
+            error: None,
+        })
     }
-    let mut generated = vec![String::new(); prompts.len()];
-    let mut error = None;
-    generate_batch(model, prompts, options, |row, id| {
-        match streams[row].push(id) {
-            Ok(text) => {
-                generated[row].push_str(&text);
-                match stop.iter().any(|s| generated[row].contains(s.as_str())) {
+
+    /// Adds a token; breaks once the text holds a stop string (or on an error).
+    fn push(&mut self, id: i64) -> ControlFlow<()> {
+        match self.stream.push(id) {
+            Ok(piece) => {
+                if self.echo {
+                    print!("{piece}");
+                    let _ = std::io::stdout().flush();
+                }
+                self.text.push_str(&piece);
+                match self.stop.iter().any(|s| self.text.contains(s.as_str())) {
                     true => ControlFlow::Break(()),
                     false => ControlFlow::Continue(()),
                 }
             }
             Err(e) => {
-                error.get_or_insert(e);
+                self.error.get_or_insert(e);
                 ControlFlow::Break(())
             }
         }
-    })?;
-    for (row, (text, new)) in texts.iter().zip(&generated).enumerate() {
-        println!("--- prompt {row}\n{text}{new}");
     }
-    error.map_or(Ok(()), Err)
+
+    /// The generated text, or the first decoding error.
+    fn finish(self) -> Result<String> {
+        self.error.map_or(Ok(self.text), Err)
+    }
 }
 
 /// Times both generators on the same task and prints the speed-up.

@@ -401,15 +401,7 @@ fn expert_parallelism(args: &Args, device: tch::Device) -> Result<Option<ExpertP
             "--expert-parallel runs on Gloo with CPU tensors: add --device cpu",
         ));
     }
-    let mode = match args.exchange.as_str() {
-        "dropless" => ExchangeMode::Dropless,
-        "capacity" => ExchangeMode::Capacity,
-        other => {
-            return Err(MoeError::config(format!(
-                "unknown --exchange `{other}`: expected dropless or capacity"
-            )))
-        }
-    };
+    let mode: ExchangeMode = args.exchange.parse()?;
     let group = Group::from_env(&GroupOptions::default())?;
     Ok(Some(ExpertParallelism {
         group: Arc::new(Mutex::new(group)),

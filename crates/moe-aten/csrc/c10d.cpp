@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -53,6 +54,18 @@ int guarded(char *error, size_t error_len, F &&f) {
   }
 }
 
+// c10d records every collective it enqueues in a process-wide flight
+// recorder that expects one thread to issue them; ranks that are threads
+// of one process issue theirs concurrently, so issuing (not waiting) goes
+// through this lock. Across processes it is never contended.
+std::mutex issue_mutex;
+
+template <typename F>
+c10::intrusive_ptr<c10d::Work> issue(F &&f) {
+  std::lock_guard<std::mutex> lock(issue_mutex);
+  return f();
+}
+
 // Waits for a collective, with the group's timeout.
 void wait(const c10::intrusive_ptr<c10d::Work> &work, const Group &group) {
   if (!work->wait(group.timeout)) {
@@ -75,7 +88,7 @@ at::Tensor exchange(const Group &group, const at::Tensor &input,
   // alltoall_base takes the split vectors by reference and moves them away.
   std::vector<int64_t> out_copy = out_splits;
   std::vector<int64_t> in_copy = in_splits;
-  auto work = group.pg->alltoall_base(output, input_c, out_copy, in_copy);
+  auto work = issue([&] { return group.pg->alltoall_base(output, input_c, out_copy, in_copy); });
   wait(work, group);
   return output;
 }
@@ -234,7 +247,7 @@ int moe_c10d_all_reduce(void *group, at::Tensor *tensor, int op, char *error,
     std::vector<at::Tensor> tensors{*tensor};
     c10d::AllreduceOptions options;
     options.reduceOp = reduce_op(op);
-    wait(g->pg->allreduce(tensors, options), *g);
+    wait(issue([&] { return g->pg->allreduce(tensors, options); }), *g);
   });
 }
 
@@ -245,7 +258,7 @@ int moe_c10d_broadcast(void *group, at::Tensor *tensor, int root, char *error,
     std::vector<at::Tensor> tensors{*tensor};
     c10d::BroadcastOptions options;
     options.rootRank = root;
-    wait(g->pg->broadcast(tensors, options), *g);
+    wait(issue([&] { return g->pg->broadcast(tensors, options); }), *g);
   });
 }
 
@@ -256,7 +269,7 @@ int moe_c10d_all_gather(void *group, const at::Tensor *input, at::Tensor **out,
     // Gloo gathers flat buffers end to end; the result gets a rank dimension.
     auto flat = input->contiguous().reshape({-1});
     auto output = at::empty({g->pg->getSize() * flat.numel()}, flat.options());
-    wait(g->pg->_allgather_base(output, flat), *g);
+    wait(issue([&] { return g->pg->_allgather_base(output, flat); }), *g);
     auto sizes = input->sizes().vec();
     sizes.insert(sizes.begin(), g->pg->getSize());
     *out = new at::Tensor(output.view(sizes));
@@ -266,7 +279,7 @@ int moe_c10d_all_gather(void *group, const at::Tensor *input, at::Tensor **out,
 int moe_c10d_barrier(void *group, char *error, size_t error_len) {
   return guarded(error, error_len, [&] {
     auto g = static_cast<const Group *>(group);
-    wait(g->pg->barrier(), *g);
+    wait(issue([&] { return g->pg->barrier(); }), *g);
   });
 }
 

@@ -421,29 +421,41 @@ impl Group {
     ) -> Result<Group> {
         let host = CString::new(hostname)
             .map_err(|_| MoeError::Distributed("the hostname holds a NUL byte".into()))?;
-        let mut handle = std::ptr::null_mut();
-        shim(
+        Self::created(
             &format!("rank {rank} of {size} could not join the group"),
-            |error, len| unsafe {
+            (rank, size, timeout, Backend::Gloo, Device::Cpu),
+            |handle, error, len| unsafe {
                 moe_c10d_gloo_group(
                     store.0,
                     rank as c_int,
                     size as c_int,
                     timeout_ms(timeout),
                     host.as_ptr(),
-                    &mut handle,
+                    handle,
                     error,
                     len,
                 )
             },
-        )?;
+        )
+    }
+
+    /// A group from the shim's `create` call, which stores the handle; its
+    /// failure is an error starting with `what`.
+    #[cfg(moe_c10d)]
+    fn created(
+        what: &str,
+        (rank, size, timeout, backend, device): (i64, i64, Duration, Backend, Device),
+        create: impl FnOnce(*mut *mut c_void, *mut c_char, usize) -> c_int,
+    ) -> Result<Group> {
+        let mut handle = std::ptr::null_mut();
+        shim(what, |error, len| create(&mut handle, error, len))?;
         Ok(Group {
             handle,
             rank,
             size,
             timeout,
-            backend: Backend::Gloo,
-            device: Device::Cpu,
+            backend,
+            device,
         })
     }
 
@@ -467,29 +479,21 @@ impl Group {
         }
         #[cfg(feature = "nccl")]
         {
-            let mut handle = std::ptr::null_mut();
-            shim(
+            Self::created(
                 &format!("rank {rank} of {size} could not create an NCCL group"),
-                |error, len| unsafe {
+                (rank, size, timeout, Backend::Nccl, device),
+                |handle, error, len| unsafe {
                     moe_c10d_nccl_group(
                         store.0,
                         rank as c_int,
                         size as c_int,
                         timeout_ms(timeout),
-                        &mut handle,
+                        handle,
                         error,
                         len,
                     )
                 },
-            )?;
-            Ok(Group {
-                handle,
-                rank,
-                size,
-                timeout,
-                backend: Backend::Nccl,
-                device,
-            })
+            )
         }
     }
 

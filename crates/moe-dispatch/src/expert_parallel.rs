@@ -27,6 +27,21 @@ pub enum ExchangeMode {
     Capacity,
 }
 
+impl std::str::FromStr for ExchangeMode {
+    type Err = MoeError;
+
+    /// `dropless` or `capacity`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "dropless" => Ok(ExchangeMode::Dropless),
+            "capacity" => Ok(ExchangeMode::Capacity),
+            other => Err(MoeError::config(format!(
+                "unknown exchange mode `{other}`: expected dropless or capacity"
+            ))),
+        }
+    }
+}
+
 /// How a model spreads the experts of every MoE layer over one group's
 /// ranks: [`ExpertParallelism::layer`] gives each layer its
 /// [`ExpertParallel`].

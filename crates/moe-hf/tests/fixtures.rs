@@ -87,32 +87,26 @@ fn deepseek_v3_matches_transformers() {
     check("deepseek_v3");
 }
 
+/// A fixture with RoPE scaling loads with its scheme and matches.
+fn check_scaled(name: &str, rope_type: &str) {
+    let pretrained = load(&fixture(name));
+    let scheme = pretrained
+        .config
+        .rope_scaling
+        .as_ref()
+        .map(|s| s.rope_type());
+    assert_eq!(scheme, Some(rope_type), "{name}");
+    check(name);
+}
+
 #[test]
 fn deepseek_v3_with_yarn_matches_transformers() {
-    let pretrained = load(&fixture("deepseek_v3_yarn"));
-    assert_eq!(
-        pretrained
-            .config
-            .rope_scaling
-            .as_ref()
-            .map(|s| s.rope_type()),
-        Some("yarn")
-    );
-    check("deepseek_v3_yarn");
+    check_scaled("deepseek_v3_yarn", "yarn");
 }
 
 #[test]
 fn llama_with_llama3_rope_scaling_matches_transformers() {
-    let pretrained = load(&fixture("llama_rope3"));
-    assert_eq!(
-        pretrained
-            .config
-            .rope_scaling
-            .as_ref()
-            .map(|s| s.rope_type()),
-        Some("llama3")
-    );
-    check("llama_rope3");
+    check_scaled("llama_rope3", "llama3");
 }
 
 #[test]
