@@ -5,6 +5,7 @@
 //! Every other crate of the workspace depends on this one and on nothing
 //! above it.
 
+mod atomic_file;
 mod check;
 mod device;
 mod dropout;
@@ -13,6 +14,7 @@ mod init;
 mod precision;
 mod routing;
 
+pub use atomic_file::{commit, temp_path, write_atomic};
 pub use check::{check_float, check_rank, check_same_device};
 pub use device::DeviceChoice;
 pub use dropout::{dropout, keep_mask};

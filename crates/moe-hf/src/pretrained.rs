@@ -1,8 +1,9 @@
 //! `from_pretrained` and `save_pretrained`: whole checkpoint folders.
 
-use crate::fs::{write_atomic, write_json};
+use crate::fs::write_json;
 use crate::weights::{dtype_of, load_weights, write_weights, WEIGHTS_FILE};
 use crate::{ExpertLayout, GenerationConfig, HfConfig, HfFamily};
+use moe_core::write_atomic;
 use moe_core::{MoeError, Result};
 use moe_data::{HfTokenizer, Tokenizer};
 use moe_models::{DecoderConfig, DecoderModel};

@@ -1,10 +1,10 @@
 //! safetensors weights: read through a memory map and checked whole before
 //! any variable changes; written with the safetensors crate.
 
-use crate::fs::{commit, temp_path};
 use crate::names::{groups, ignorable, tensor_map, ExpertLayout, HfTensor, Placement};
 use crate::HfFamily;
 use memmap2::Mmap;
+use moe_core::{commit, temp_path};
 use moe_core::{MoeError, Result};
 use moe_models::DecoderConfig;
 use safetensors::tensor::{Dtype, TensorView, View};

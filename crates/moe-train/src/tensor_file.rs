@@ -2,26 +2,25 @@
 //! a temporary name and renamed, read back only when every expected tensor
 //! is present with its shape and nothing else is there.
 
-use moe_core::{MoeError, Result};
+use moe_core::{commit, temp_path, write_atomic, MoeError, Result};
 use std::collections::HashMap;
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::Tensor;
 
-/// Writes `named` to `path` atomically: a crash never leaves a half-written
-/// file under the final name, and the previous file stays until the rename.
+/// Writes `named` to `path` atomically ([`moe_core::commit`]: synced to
+/// disk before the rename): a crash or power loss never leaves an empty or
+/// half-written file under the final name, and the previous file stays until
+/// the rename.
 pub(crate) fn write_tensors(path: &Path, named: &[(String, Tensor)]) -> Result<()> {
     let tmp = temp_path(path);
     let refs: Vec<(&str, &Tensor)> = named.iter().map(|(k, v)| (k.as_str(), v)).collect();
     Tensor::write_safetensors(&refs, &tmp).map_err(|e| file_err(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| MoeError::io(path, e))
+    commit(&tmp, path)
 }
 
-/// Writes `bytes` to `path` atomically (temporary file, then rename).
+/// Writes `bytes` to `path` atomically ([`moe_core::write_atomic`]).
 pub(crate) fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temp_path(path);
-    fs::write(&tmp, bytes).map_err(|e| MoeError::io(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| MoeError::io(path, e))
+    write_atomic(path, bytes)
 }
 
 /// Reads `path` and checks it against `expected` (name and shape of every
@@ -81,12 +80,4 @@ pub(crate) fn file_err(path: &Path, e: impl std::fmt::Display) -> MoeError {
         path: path.to_path_buf(),
         reason: e.to_string(),
     }
-}
-
-fn temp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp"))
 }
