@@ -27,13 +27,14 @@
 //!
 //! ## Features
 //!
-//! The layers are always compiled. `models`, `data` (tokenizers), `hf`
-//! (Hugging Face checkpoints: safetensors, memory maps), `train` (the C++
-//! shim for fused AdamW), `run` (plotters, TOML) and `lm` (all of them, the
-//! default) add the rest: `default-features = false` gives `SparseMoe` and
-//! its parts without tokenizers or plotting.
+//! The layers are always compiled, with the C++ shim `aten` (c10d process
+//! groups for expert parallelism, fused AdamW). `models`, `data`
+//! (tokenizers), `hf` (Hugging Face checkpoints: safetensors, memory maps),
+//! `train`, `run` (plotters, TOML) and `lm` (all of them, the default) add
+//! the rest: `default-features = false` gives `SparseMoe` and its parts
+//! without tokenizers or plotting. `tch` is re-exported, so that a user's
+//! tensors come from the same tch as the library's.
 
-#[cfg(feature = "train")]
 pub use moe_aten as aten;
 pub use moe_block as block;
 pub use moe_core as core;
@@ -53,6 +54,7 @@ pub use moe_run as run;
 pub use moe_train as train;
 
 pub use moe_core::{MoeError, Result};
+pub use tch;
 
 /// Everything a language-model program uses, from `models`, `data`,
 /// `train` and `run`, in one place.
