@@ -3,6 +3,7 @@ use std::path::PathBuf;
 /// Everything a user of the library can get wrong, with a message that says
 /// what was wrong and what was expected.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum MoeError {
     /// A configuration value is out of range or inconsistent with another.
     #[error("invalid configuration: {0}")]
