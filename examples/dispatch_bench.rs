@@ -17,6 +17,7 @@ mod cases;
 use cases::{dense_layer, moe_layer, Case, Layer, CPU_CASES, CUDA_CASES, STRATEGIES};
 
 #[derive(Parser, Debug)]
+#[command(version)]
 #[command(about = "Dispatch strategies vs a FLOP-matched dense FFN")]
 struct Args {
     /// cpu or cuda

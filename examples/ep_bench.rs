@@ -27,6 +27,7 @@ use std::time::Instant;
 use tch::{nn, Device, Kind, Tensor};
 
 #[derive(Parser, Debug)]
+#[command(version)]
 #[command(about = "Time an expert-parallel MoE layer at 1, 2 and 4 ranks (Gloo, CPU)")]
 struct Args {
     /// Tokens per rank

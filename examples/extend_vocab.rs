@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use tch::{nn, Tensor};
 
 #[derive(Parser, Debug)]
+#[command(version)]
 #[command(
     about = "Extend a Hugging Face checkpoint's BPE vocabulary with pieces trained on new text"
 )]

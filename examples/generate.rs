@@ -45,6 +45,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Parser, Debug)]
+#[command(version)]
 #[command(about = "Generate text from a moe-layers or Hugging Face checkpoint")]
 #[command(group(clap::ArgGroup::new("source").required(true).args(["checkpoint", "model"])))]
 struct Args {

@@ -38,6 +38,7 @@ use std::path::{Path, PathBuf};
 use tch::nn;
 
 #[derive(Parser, Debug)]
+#[command(version)]
 #[command(
     about = "Convert a dense LLaMA-style decoder into an MoE (LLaMA-MoE) and keep training both"
 )]

@@ -29,6 +29,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 #[derive(Parser, Debug)]
+#[command(version)]
 #[command(
     about = "Train a sparse MoE language model (makeMoE or the decoder family) on tinyshakespeare"
 )]
@@ -42,18 +43,25 @@ struct Args {
     /// Continue the run saved in this folder (its model and tokenizer; flags may change training)
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Optimisation steps (default 5000, makeMoE's)
     #[arg(long)]
     max_iters: Option<i64>,
+    /// Evaluate both splits every this many steps
     #[arg(long)]
     eval_interval: Option<i64>,
+    /// Batches per split in each evaluation
     #[arg(long)]
     eval_iters: Option<i64>,
+    /// Sequences per batch
     #[arg(long)]
     batch_size: Option<i64>,
+    /// Context length (makeMoE's block_size, the decoder's max_position_embeddings)
     #[arg(long)]
     block_size: Option<i64>,
+    /// Peak learning rate
     #[arg(long)]
     lr: Option<f64>,
+    /// Seed of libtorch's generator (weights, batches, dropout, router noise)
     #[arg(long)]
     seed: Option<i64>,
     /// auto, cpu or cuda
@@ -86,8 +94,10 @@ struct Args {
     /// Vocabulary size of the BPE tokenizer
     #[arg(long)]
     vocab_size: Option<usize>,
+    /// The corpus
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/tinyshakespeare.txt"))]
     data: PathBuf,
+    /// Run folder: metrics.jsonl, mlruns/, the checkpoint, the plot
     #[arg(long, default_value = "runs/shakespeare")]
     out: PathBuf,
     /// Save a training checkpoint in OUT every this many steps (and at the end)

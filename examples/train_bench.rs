@@ -27,6 +27,7 @@ use std::process::Command;
 use std::time::Instant;
 
 #[derive(Parser, Debug)]
+#[command(version)]
 #[command(about = "Training-step time of the makeMoE model per dispatch strategy")]
 struct Args {
     #[arg(long, default_value = "auto")]
