@@ -21,7 +21,7 @@ use tch::{Device, Kind, Tensor};
 /// libtorch has a native `_grouped_mm` kernel (bf16 on sm90/sm100; its
 /// fallback for other cases reads the offsets back itself). Where
 /// `_grouped_mm` does not support the device, dtype or sizes (probed once
-/// and remembered), and on CPU from [`CPU_SEGMENT_LOOP_MIN_ROWS`] rows per
+/// and remembered), and on CPU from `CPU_SEGMENT_LOOP_MIN_ROWS` rows per
 /// expert, the GEMMs run as a loop over segments, which reads the segment
 /// sizes back once per call.
 #[derive(Debug, Clone, Copy, Default)]

@@ -25,7 +25,7 @@ use tch::Tensor;
 ///
 /// A batch of prompts of different lengths is left-padded to one length;
 /// [`KvCache::set_padding`] marks the padded positions, which every query
-/// then ignores (see [`KvCache::key_mask`]).
+/// then ignores.
 #[derive(Debug, Default)]
 pub struct KvCache {
     entries: Option<Entries>,

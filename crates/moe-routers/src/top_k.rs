@@ -8,9 +8,9 @@ use tch::{nn, nn::Module, Tensor};
 ///
 /// - `norm_topk_prob: true` (Mixtral, arXiv 2401.04088, eq. 1-2): weights
 ///   `p_i / sum_{j in TopK} p_j`, computed as `softmax(KeepTopK(l, k))`
-///   ([`top_k_softmax`]), the same numbers.
+///   ([`crate::top_k_softmax`]), the same numbers.
 /// - `norm_topk_prob: false` (DeepSeekMoE, arXiv 2401.06066, eq. 4-5;
-///   Qwen2-MoE and OLMoE's default): weights `p_i` ([`top_k_of_affinities`]),
+///   Qwen2-MoE and OLMoE's default): weights `p_i` ([`crate::top_k_of_affinities`]),
 ///   a token's weights summing to at most 1.
 #[derive(Debug)]
 pub struct TopKRouter {

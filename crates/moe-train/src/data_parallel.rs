@@ -1,7 +1,7 @@
 //! Training on the ranks of a c10d group: data parallelism for every
 //! variable held whole on each rank (embeddings, attention, norms, routers,
 //! shared experts), expert parallelism for the experts, whose shards stay
-//! on their rank ([`moe_dispatch::ExpertParallel`]).
+//! on their rank (`moe_dispatch::ExpertParallel`).
 //!
 //! Each rank draws its own batches ([`rank_seed`]); the loss of a step is
 //! the mean of the ranks' losses, that of the global batch. Its gradient:
