@@ -193,6 +193,13 @@ impl ExpertParallel {
         &self.group
     }
 
+    /// The group locked, its size `P` and the experts per rank `L`.
+    fn locked_split(&self) -> (MutexGuard<'_, Group>, i64, i64) {
+        let group = self.group();
+        let p = group.size();
+        (group, p, self.num_experts / p)
+    }
+
     /// The group, locked (not re-entrant: a method holding it calls no
     /// other method that locks it).
     fn group(&self) -> MutexGuard<'_, Group> {
@@ -240,9 +247,7 @@ impl ExpertParallel {
         local: &ExpertBank,
         train: bool,
     ) -> Result<Tensor> {
-        let group = self.group();
-        let p = group.size();
-        let l = self.num_experts / p;
+        let (group, p, l) = self.locked_split();
         let (n, k) = (routing.num_tokens(), routing.top_k());
         let slots = SortedSlots::new(routing);
         let xs = x.index_select(0, &slots.token);
@@ -323,9 +328,7 @@ impl ExpertParallel {
         local: &ExpertBank,
         train: bool,
     ) -> Result<Tensor> {
-        let group = self.group();
-        let p = group.size();
-        let l = self.num_experts / p;
+        let (group, p, l) = self.locked_split();
         let d = x.size()[1];
         let plan = Capacity.plan(routing);
         let c = plan.capacity;

@@ -25,7 +25,7 @@ use crate::HfFamily;
 use moe_core::{MoeError, Result};
 use moe_models::{DecoderConfig, LatentAttention};
 use moe_nn::{QkNorm, RopeScaling};
-use moe_routers::{Gate, RouterConfig};
+use moe_routers::Gate;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -482,13 +482,8 @@ impl HfConfig {
             n_shared_experts: 0,
             shared_expert_intermediate_size: None,
             first_k_dense_replace: 0,
-            router: RouterConfig {
-                gate: Gate::TopK {
-                    norm_topk_prob: true,
-                },
-                bias: false,
-                ..RouterConfig::default()
-            },
+            // The router is the decoder's default (softmax top-k,
+            // renormalised, no bias); each family below changes its part.
             router_aux_loss_coef: 0.0,
             ..DecoderConfig::default()
         };

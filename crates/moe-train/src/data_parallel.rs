@@ -13,6 +13,7 @@
 //!   contribution, the sum of `P` per-rank losses, so they are divided by
 //!   `P`.
 
+use crate::optimizer::scale_to_norm;
 use moe_aten::dist::{Group, ReduceOp};
 use moe_core::{MoeError, Result};
 use moe_routers::RoutingStats;
@@ -145,15 +146,12 @@ impl DataParallel {
         let mut experts = sum_sq(true).reshape([1]);
         self.group().all_reduce_(&mut experts, ReduceOp::Sum)?;
         let total = (sum_sq(false) + experts.squeeze()).sqrt();
-        let coef = (max_norm / (&total + 1e-6)).clamp_max(1.0);
-        tch::no_grad(|| {
-            for (_, v) in variables.iter().filter(|(_, v)| v.grad().defined()) {
-                let g = v.grad();
-                let _ = g
-                    .shallow_clone()
-                    .g_mul_(&coef.to_device(g.device()).to_kind(g.kind()));
-            }
-        });
+        let grads: Vec<Tensor> = variables
+            .iter()
+            .map(|(_, v)| v.grad())
+            .filter(Tensor::defined)
+            .collect();
+        scale_to_norm(&grads, &total, max_norm);
         Ok(total)
     }
 

@@ -95,11 +95,19 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Tensor {
         .map(|g| g.to_kind(Kind::Float).norm())
         .collect();
     let total = Tensor::stack(&norms, 0).norm();
-    let coef = (max_norm / (&total + 1e-6)).clamp_max(1.0);
+    scale_to_norm(&grads, &total, max_norm);
+    total
+}
+
+/// Scales `grads` by `min(1, max_norm / (total + 1e-6))` in place, PyTorch's
+/// `clip_grad_norm_` once the global norm `total` is known.
+pub(crate) fn scale_to_norm(grads: &[Tensor], total: &Tensor, max_norm: f64) {
+    let coef = (max_norm / (total + 1e-6)).clamp_max(1.0);
     tch::no_grad(|| {
-        for g in &grads {
-            let _ = g.shallow_clone().g_mul_(&coef.to_kind(g.kind()));
+        for g in grads {
+            let _ = g
+                .shallow_clone()
+                .g_mul_(&coef.to_device(g.device()).to_kind(g.kind()));
         }
     });
-    total
 }
