@@ -8,6 +8,7 @@
 //! CPU runs the fp32 cases; `--device cuda` runs the bf16 cases on the GPU.
 
 use clap::Parser;
+use moe_layers::prelude::DeviceChoice;
 use serde_json::{json, Map, Value};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind};
@@ -20,9 +21,9 @@ use cases::{dense_layer, moe_layer, Case, Layer, CPU_CASES, CUDA_CASES, STRATEGI
 #[command(version)]
 #[command(about = "Dispatch strategies vs a FLOP-matched dense FFN")]
 struct Args {
-    /// cpu or cuda
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// Where to measure (auto: the GPU when there is one)
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
+    device: DeviceChoice,
     /// Fewer repetitions and the smaller cases only (under a minute on CPU)
     #[arg(long)]
     quick: bool,
@@ -33,11 +34,10 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
-    let (device, kind, all_cases): (Device, Kind, &[Case]) = match args.device.as_str() {
-        "cpu" => (Device::Cpu, Kind::Float, &CPU_CASES),
-        "cuda" if tch::Cuda::is_available() => (Device::Cuda(0), Kind::BFloat16, &CUDA_CASES),
-        "cuda" => fail("--device cuda: libtorch sees no CUDA device"),
-        other => fail(&format!("unknown device `{other}`: expected cpu or cuda")),
+    let (device, kind, all_cases): (Device, Kind, &[Case]) = match args.device.resolve() {
+        Ok(Device::Cpu) => (Device::Cpu, Kind::Float, &CPU_CASES),
+        Ok(device) => (device, Kind::BFloat16, &CUDA_CASES),
+        Err(e) => fail(&e.to_string()),
     };
     let budget = Duration::from_millis(if args.quick { 300 } else { 2000 });
     for case in all_cases {
@@ -58,7 +58,7 @@ fn main() {
             }
             let line = json!({
                 "case": case.name, "n": case.n, "d": case.d, "h": case.h, "e": case.e, "k": case.k,
-                "device": args.device, "dtype": format!("{kind:?}"),
+                "device": format!("{device:?}"), "dtype": format!("{kind:?}"),
                 "mode": if backward { "fwd_bwd" } else { "fwd" },
                 "dense_ms": dense_ms, "strategies": Value::Object(strategies),
             });

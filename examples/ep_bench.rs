@@ -39,8 +39,10 @@ struct Args {
     /// Hidden width of each expert
     #[arg(long, default_value_t = 512)]
     hidden: i64,
+    /// Experts E of the layer (spread over the ranks)
     #[arg(long, default_value_t = 8)]
     experts: i64,
+    /// Experts per token k
     #[arg(long, default_value_t = 2)]
     top_k: i64,
     /// Timed steps (after 2 warm-up steps)
@@ -49,9 +51,9 @@ struct Args {
     /// Rank counts to measure
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     ranks: Vec<i64>,
-    /// dropless or capacity
-    #[arg(long, default_value = "dropless")]
-    exchange: String,
+    /// How tokens are exchanged between ranks
+    #[arg(long, value_enum, default_value_t = ExchangeMode::Dropless)]
+    exchange: ExchangeMode,
     /// Where to write the table as JSON
     #[arg(long)]
     out: Option<PathBuf>,
@@ -84,7 +86,7 @@ fn run(args: Args) -> Result<()> {
         print_cost_model();
         return Ok(());
     }
-    let mode: ExchangeMode = args.exchange.parse()?;
+    let mode = args.exchange;
     let config = SparseMoeConfig {
         n_embd: args.width,
         num_experts: args.experts,

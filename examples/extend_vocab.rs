@@ -49,9 +49,9 @@ struct Args {
     /// model's own tokenizer decides which lines of tinyshakespeare it covers)
     #[arg(long)]
     covered: Option<PathBuf>,
-    /// auto, cpu or cuda
-    #[arg(long, default_value = "auto")]
-    device: String,
+    /// Where to run
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
     /// The folder to write the extended checkpoint to
     #[arg(long)]
     out: PathBuf,
@@ -69,7 +69,7 @@ fn read(path: &Path) -> Result<String> {
 }
 
 fn run(args: Args) -> Result<()> {
-    let device = args.device.parse::<DeviceChoice>()?.resolve()?;
+    let device = args.device.resolve()?;
     let options = LoadOptions {
         device,
         ..LoadOptions::default()

@@ -81,9 +81,9 @@ struct Args {
     stop: Vec<String>,
     #[arg(long, default_value_t = 1337)]
     seed: i64,
-    /// auto, cpu or cuda
-    #[arg(long, default_value = "auto")]
-    device: String,
+    /// Where to run
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
     /// Time KV-cached generation against full recomputation instead
     #[arg(long)]
     bench: bool,
@@ -106,7 +106,7 @@ struct Loaded {
 }
 
 fn load(args: &Args) -> Result<Loaded> {
-    let device = args.device.parse::<DeviceChoice>()?.resolve()?;
+    let device = args.device.resolve()?;
     if let Some(dir) = &args.model {
         let options = LoadOptions {
             device,

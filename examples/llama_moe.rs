@@ -24,7 +24,7 @@
 //! without scaling) is also written as a Hugging Face `mixtral` folder,
 //! `moe_hf/`, that transformers loads.
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use moe_layers::experts::NeuronPartition;
 use moe_layers::hf::{from_pretrained, save_pretrained, LoadOptions};
 use moe_layers::lm::{
@@ -65,10 +65,9 @@ struct Args {
     /// Experts per token
     #[arg(long, default_value_t = 2)]
     top_k: i64,
-    /// How experts are made: split (random neurons), balanced (clustered
-    /// neurons) or upcycle (copies of the MLP)
-    #[arg(long, default_value = "split")]
-    construction: String,
+    /// How experts are made from the dense MLP
+    #[arg(long, value_enum, default_value_t = Construction::Split)]
+    construction: Construction,
     /// Standard deviation of the new gates' weights
     #[arg(long, default_value_t = 0.02)]
     gate_std: f64,
@@ -80,9 +79,10 @@ struct Args {
     eval_iters: i64,
     #[arg(long, default_value_t = 1337)]
     seed: i64,
-    /// auto, cpu or cuda
-    #[arg(long, default_value = "auto")]
-    device: String,
+    /// Where to run
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
+    /// The corpus
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/tinyshakespeare.txt"))]
     data: PathBuf,
     #[arg(long, default_value = "runs/llama_moe")]
@@ -96,24 +96,30 @@ fn main() {
     }
 }
 
+/// The expert constructions `--construction` chooses between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Construction {
+    /// Random neurons of the MLP for each expert
+    Split,
+    /// Neurons clustered by balanced k-means for each expert
+    Balanced,
+    /// Each expert a copy of the MLP
+    Upcycle,
+}
+
 fn run(args: Args) -> Result<()> {
-    let device = args.device.parse::<DeviceChoice>()?.resolve()?;
-    let construction = match args.construction.as_str() {
-        "split" => ExpertConstruction::Split {
+    let device = args.device.resolve()?;
+    let construction = match args.construction {
+        Construction::Split => ExpertConstruction::Split {
             partition: NeuronPartition::Random { seed: 0 },
         },
-        "balanced" => ExpertConstruction::Split {
+        Construction::Balanced => ExpertConstruction::Split {
             partition: NeuronPartition::BalancedKMeans {
                 iterations: 10,
                 seed: 0,
             },
         },
-        "upcycle" => ExpertConstruction::Upcycle,
-        other => {
-            return Err(MoeError::config(format!(
-                "unknown construction `{other}`: expected split, balanced or upcycle"
-            )))
-        }
+        Construction::Upcycle => ExpertConstruction::Upcycle,
     };
     let text = std::fs::read_to_string(&args.data).map_err(|e| MoeError::io(&args.data, e))?;
     std::fs::create_dir_all(&args.out).map_err(|e| MoeError::io(&args.out, e))?;

@@ -13,14 +13,14 @@
 //! `cargo xtask shakespeare -- --nproc 2 --expert-parallel` trains on two
 //! processes launched by torchrun, the experts spread over them.
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use moe_layers::aten::dist::{Group, GroupOptions};
 use moe_layers::dispatch::{ExchangeMode, ExpertParallelism};
 use moe_layers::lm::{
     generate, load_checkpoint_meta, plot_loss_curve, CausalLm, Checkpointing, DataParallel,
-    Dataset, DecoderConfig, JsonlWriter, LmConfig, LossCurves, MakeMoeConfig, MlflowRun, Preset,
-    Progress, RunConfig, RunStatus, Sampling, TextStream, Tokenizer, TokenizerKind, TrainEvent,
-    Trainer,
+    Dataset, DecoderConfig, DecoderPreset, JsonlWriter, LmConfig, LossCurves, MakeMoeConfig,
+    MlflowRun, Preset, Progress, RunConfig, RunStatus, Sampling, TextStream, Tokenizer,
+    TokenizerKind, TrainEvent, Trainer,
 };
 use moe_layers::prelude::{DeviceChoice, DispatchSpec, Precision, WeightInit};
 use moe_layers::{MoeError, Result};
@@ -64,33 +64,31 @@ struct Args {
     /// Seed of libtorch's generator (weights, batches, dropout, router noise)
     #[arg(long)]
     seed: Option<i64>,
-    /// auto, cpu or cuda
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// kaiming or xavier
-    #[arg(long)]
-    init: Option<String>,
-    /// Model family: make_moe (the tutorial's model) or decoder (Mixtral-style:
-    /// RMSNorm, RoPE, grouped-query attention, SwiGLU experts); make_moe
-    /// unless a config file says otherwise
-    #[arg(long)]
-    family: Option<String>,
+    /// Where to train
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
+    /// Weight initialisation
+    #[arg(long, value_enum)]
+    init: Option<WeightInit>,
+    /// Model family; make_moe unless a config file says otherwise
+    #[arg(long, value_enum)]
+    family: Option<Family>,
     /// make_moe: makemoe (the tutorial's quirks) or default (textbook
     /// attention scale, no eval noise), makemoe unless a config file is
     /// given; decoder: mixtral (default), qwen2_moe, deepseek_v3, olmoe, yuan or llama
-    #[arg(long)]
+    #[arg(long, value_parser = preset_names())]
     preset: Option<String>,
     /// auto (default), mask_loop, indexed_loop, grouped, capacity[:FACTOR] or dense_reference;
     /// capacity[:FACTOR] also sets the router's capacity factor (default 1.25)
     #[arg(long)]
     dispatch: Option<String>,
-    /// fp32 (default) or bf16: compute dtype of attention and experts
-    /// (mixed precision; parameters stay f32)
-    #[arg(long)]
-    precision: Option<String>,
-    /// char (makeMoE) or bpe (byte-level BPE trained on the corpus)
-    #[arg(long)]
-    tokenizer: Option<String>,
+    /// Compute dtype of attention and experts (mixed precision; parameters
+    /// stay f32); fp32 unless a config file says otherwise
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
+    /// The tokenizer trained on the corpus; char unless a config file says otherwise
+    #[arg(long, value_enum)]
+    tokenizer: Option<TokenizerKind>,
     /// Vocabulary size of the BPE tokenizer
     #[arg(long)]
     vocab_size: Option<usize>,
@@ -117,13 +115,37 @@ struct Args {
     /// metrics and the checkpoint
     #[arg(long)]
     expert_parallel: bool,
-    /// With --expert-parallel: dropless (default) or capacity token exchange
-    #[arg(long, default_value = "dropless")]
-    exchange: String,
+    /// With --expert-parallel: how tokens are exchanged between ranks
+    #[arg(long, value_enum, default_value_t = ExchangeMode::Dropless)]
+    exchange: ExchangeMode,
     /// One process computing what N expert-parallel ranks compute (each
     /// step's batch is the N ranks' batches), to compare a parallel run with
     #[arg(long)]
     simulate_ranks: Option<i64>,
+}
+
+/// The model families `--family` chooses between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
+enum Family {
+    /// The tutorial's model (LayerNorm, learned positions, biases)
+    #[value(alias = "makemoe")]
+    MakeMoe,
+    /// Mixtral-style: RMSNorm, RoPE, grouped-query attention, SwiGLU experts
+    Decoder,
+}
+
+/// `--preset`'s values: makeMoE's presets, then the decoder's.
+fn preset_names() -> clap::builder::PossibleValuesParser {
+    let names = Preset::value_variants()
+        .iter()
+        .filter_map(ValueEnum::to_possible_value)
+        .chain(
+            DecoderPreset::value_variants()
+                .iter()
+                .filter_map(ValueEnum::to_possible_value),
+        );
+    clap::builder::PossibleValuesParser::new(names)
 }
 
 fn main() {
@@ -142,20 +164,16 @@ fn resolve_config(args: &Args) -> Result<RunConfig> {
             ..RunConfig::default()
         },
     };
-    match args.family.as_deref() {
-        None => {}
-        Some(family) if family == config.model.family() => {}
-        Some("decoder") => {
+    match (args.family, &config.model) {
+        (None, _)
+        | (Some(Family::MakeMoe), LmConfig::MakeMoe(_))
+        | (Some(Family::Decoder), LmConfig::Decoder(_)) => {}
+        (Some(Family::Decoder), _) => {
             let preset = args.preset.as_deref().unwrap_or("mixtral");
             config.model = LmConfig::Decoder(DecoderConfig::preset(preset.parse()?));
         }
-        Some("make_moe" | "makemoe") => {
+        (Some(Family::MakeMoe), _) => {
             config.model = LmConfig::MakeMoe(MakeMoeConfig::preset(Preset::MakeMoe));
-        }
-        Some(other) => {
-            return Err(MoeError::config(format!(
-                "unknown family `{other}`: expected make_moe or decoder"
-            )))
         }
     }
     let t = &mut config.train;
@@ -169,9 +187,15 @@ fn resolve_config(args: &Args) -> Result<RunConfig> {
     match &mut config.model {
         LmConfig::MakeMoe(m) => apply_make_moe_flags(args, m)?,
         LmConfig::Decoder(d) => apply_decoder_flags(args, d)?,
+        other => {
+            return Err(MoeError::config(format!(
+                "the model flags know the make_moe and decoder families, not {}",
+                other.family()
+            )))
+        }
     }
-    if let Some(kind) = &args.tokenizer {
-        config.tokenizer.kind = kind.parse::<TokenizerKind>()?;
+    if let Some(kind) = args.tokenizer {
+        config.tokenizer.kind = kind;
     }
     config.tokenizer.vocab_size = args.vocab_size.unwrap_or(config.tokenizer.vocab_size);
     Ok(config)
@@ -183,12 +207,8 @@ fn apply_make_moe_flags(args: &Args, m: &mut MakeMoeConfig) -> Result<()> {
         m.apply_preset(preset.parse::<Preset>()?);
     }
     m.block_size = args.block_size.unwrap_or(m.block_size);
-    if let Some(init) = &args.init {
-        m.init = init.parse::<WeightInit>()?;
-    }
-    if let Some(precision) = &args.precision {
-        m.precision = precision.parse::<Precision>()?;
-    }
+    m.init = args.init.unwrap_or(m.init);
+    m.precision = args.precision.unwrap_or(m.precision);
     if let Some(dispatch) = &args.dispatch {
         m.set_dispatch(dispatch.parse::<DispatchSpec>()?);
     }
@@ -207,12 +227,8 @@ fn apply_decoder_flags(args: &Args, d: &mut DecoderConfig) -> Result<()> {
         };
     }
     d.max_position_embeddings = args.block_size.unwrap_or(d.max_position_embeddings);
-    if let Some(init) = &args.init {
-        d.init = init.parse::<WeightInit>()?;
-    }
-    if let Some(precision) = &args.precision {
-        d.precision = precision.parse::<Precision>()?;
-    }
+    d.init = args.init.unwrap_or(d.init);
+    d.precision = args.precision.unwrap_or(d.precision);
     if let Some(dispatch) = &args.dispatch {
         d.set_dispatch(dispatch.parse::<DispatchSpec>()?);
     }
@@ -220,7 +236,7 @@ fn apply_decoder_flags(args: &Args, d: &mut DecoderConfig) -> Result<()> {
 }
 
 fn run(args: Args) -> Result<()> {
-    let device = args.device.parse::<DeviceChoice>()?.resolve()?;
+    let device = args.device.resolve()?;
     let mut config = resolve_config(&args)?;
     let text = std::fs::read_to_string(&args.data).map_err(|e| {
         MoeError::Data(format!(
@@ -361,7 +377,8 @@ fn run(args: Args) -> Result<()> {
                 mlflow.log_metric("tokens_per_s", tokens_per_s, step)?;
                 mlflow.log_metric("load_cv", load_cv, step)?;
             }
-            TrainEvent::End { .. } => {}
+            // The end, and events a later trainer may add: metrics.jsonl has them.
+            _ => {}
         }
         Ok(())
     });
@@ -411,7 +428,7 @@ fn expert_parallelism(args: &Args, device: tch::Device) -> Result<Option<ExpertP
             "--expert-parallel runs on Gloo with CPU tensors: add --device cpu",
         ));
     }
-    let mode: ExchangeMode = args.exchange.parse()?;
+    let mode = args.exchange;
     let group = Group::from_env(&GroupOptions::default())?;
     Ok(Some(ExpertParallelism {
         group: Arc::new(Mutex::new(group)),

@@ -13,7 +13,7 @@
 //!
 //! `cargo xtask run run --release --example train_bench -- --device cpu --dispatch auto --eval-iters 0 --versus-makemoe`
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use moe_layers::dispatch::DispatchSpec;
 use moe_layers::lm::{
     estimate_loss, CharTokenizer, Dataset, MakeMoeConfig, MakeMoeModel, Preset, TrainConfig,
@@ -30,29 +30,31 @@ use std::time::Instant;
 #[command(version)]
 #[command(about = "Training-step time of the makeMoE model per dispatch strategy")]
 struct Args {
-    #[arg(long, default_value = "auto")]
-    device: String,
+    /// Where to train
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
     /// Timed steps (after 5 warm-up steps)
     #[arg(long, default_value_t = 30)]
     steps: i64,
-    /// Comma-separated strategies
+    /// Comma-separated strategies: auto, mask_loop, indexed_loop, grouped,
+    /// capacity[:FACTOR] or dense_reference
     #[arg(long, default_value = "mask_loop,indexed_loop,grouped,capacity,auto")]
     dispatch: String,
-    /// makemoe or default
-    #[arg(long, default_value = "makemoe")]
-    preset: String,
-    /// Comma-separated compute dtypes (fp32, bf16); each is timed with each strategy
-    #[arg(long, default_value = "fp32")]
-    precision: String,
+    /// The makeMoE preset trained
+    #[arg(long, value_enum, default_value_t = Preset::MakeMoe)]
+    preset: Preset,
+    /// Compute dtypes, comma-separated; each is timed with each strategy
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "fp32")]
+    precision: Vec<Precision>,
     /// Batches per split of the timed evaluation (0: skip)
     #[arg(long, default_value_t = 400)]
     eval_iters: i64,
+    /// The corpus
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/tinyshakespeare.txt"))]
     data: PathBuf,
-    /// AdamW's update: `fused` (libtorch's fused kernel) or `tensor-ops`
-    /// (nine tensor operations per parameter)
-    #[arg(long, default_value = "fused", value_parser = ["fused", "tensor-ops"])]
-    optimizer: String,
+    /// AdamW's update
+    #[arg(long, value_enum, default_value_t = AdamWUpdate::Fused)]
+    optimizer: AdamWUpdate,
     /// Also time the phases of each step (batch, forward, backward,
     /// optimizer) in a second pass of `--steps` steps, printed as "phases_ms"
     #[arg(long)]
@@ -72,6 +74,15 @@ struct Args {
     reference_script: PathBuf,
 }
 
+/// AdamW's update, `--optimizer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AdamWUpdate {
+    /// libtorch's fused kernel
+    Fused,
+    /// Nine tensor operations per parameter
+    TensorOps,
+}
+
 fn main() {
     if let Err(e) = run(Args::parse()) {
         eprintln!("error: {e}");
@@ -80,29 +91,25 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
-    let device = args.device.parse::<DeviceChoice>()?.resolve()?;
+    let device = args.device.resolve()?;
     let text =
         std::fs::read_to_string(&args.data).map_err(|e| moe_layers::MoeError::io(&args.data, e))?;
     let tokenizer = CharTokenizer::from_text(&text)?;
     let tokens = tokenizer.encode(&text)?;
-    let precisions = args
-        .precision
-        .split(',')
-        .map(|p| p.trim().parse::<Precision>())
-        .collect::<Result<Vec<_>>>()?;
     let dispatches = args
         .dispatch
         .split(',')
         .map(|d| d.trim().parse::<DispatchSpec>())
         .collect::<Result<Vec<_>>>()?;
-    for (precision, dispatch) in precisions
+    for (precision, dispatch) in args
+        .precision
         .iter()
         .flat_map(|&p| dispatches.iter().map(move |&d| (p, d)))
     {
         let mut config = MakeMoeConfig {
             vocab_size: tokenizer.vocab_size(),
             precision,
-            ..MakeMoeConfig::preset(args.preset.parse::<Preset>()?)
+            ..MakeMoeConfig::preset(args.preset)
         };
         config.set_dispatch(dispatch);
         let train = TrainConfig {
@@ -114,7 +121,9 @@ fn run(args: Args) -> Result<()> {
         let model = MakeMoeModel::new(&vs.root(), &config)?;
         let data = Dataset::new(&tokens, config.vocab_size, 0.9, config.block_size, device)?;
         let mut trainer = Trainer::new(&vs, &model, &data, train.clone())?;
-        trainer.optimizer_mut().set_fused(args.optimizer == "fused");
+        trainer
+            .optimizer_mut()
+            .set_fused(args.optimizer == AdamWUpdate::Fused);
         let sync = || sync_device(device);
         for _ in 0..5 {
             let _ = trainer.step()?;
@@ -235,9 +244,9 @@ fn versus_makemoe(
     device: tch::Device,
     first: f64,
 ) -> Result<()> {
-    if args.preset != "makemoe" {
+    if args.preset != Preset::MakeMoe {
         return Err(moe_layers::MoeError::config(format!(
-            "--versus-makemoe compares makeMoE's own model, so it needs --preset makemoe, got {}",
+            "--versus-makemoe compares makeMoE's own model, so it needs --preset makemoe, got {:?}",
             args.preset
         )));
     }

@@ -20,7 +20,7 @@ for l in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"):
         print(m["executable"])' | tail -1)
 # c10d's tests with the NCCL group (moe-aten's `nccl` feature).
-dist_bin=$(cargo xtask run test --release -p moe-aten --features nccl --test dist --no-run \
+dist_bin=$(cargo xtask run test --release -p moe-layers-aten --features nccl --test dist --no-run \
   --message-format=json 2>/dev/null \
   | python3 -c 'import json,sys
 for l in sys.stdin:

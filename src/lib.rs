@@ -10,31 +10,45 @@
 //!
 //! | module | crate | job |
 //! |---|---|---|
-//! | [`core`] | `moe-core` | `MoeError`, init schemes, devices, dropout, `Routing` |
-//! | [`aten`] | `moe-aten` | libtorch operators tch does not bind (fused AdamW) |
-//! | [`nn`] | `moe-nn` | attention with KV cache and the other non-MoE layers |
-//! | [`routers`] | `moe-routers` | gates: top-k, noisy top-k, attention, sigmoid aux-free (group-limited) |
-//! | [`experts`] | `moe-experts` | stacked expert FFN banks |
-//! | [`dispatch`] | `moe-dispatch` | sending tokens to experts and combining |
-//! | [`block`] | `moe-block` | the `SparseMoe` layer |
-//! | [`models`] | `moe-models` | model families, the `CausalLm` trait, generation |
-//! | [`data`] | `moe-data` | tokenizers, datasets, batches |
-//! | [`hf`] | `moe-hf` | Hugging Face checkpoints in and out (`from_pretrained`, `save_pretrained`) |
-//! | [`train`] | `moe-train` | optimizer, trainer, evaluation, checkpoints |
-//! | [`run`] | `moe-run` | run configs, metrics, MLflow, plots, progress |
+//! | [`core`] | `moe-layers-core` | `MoeError`, init schemes, devices, dropout, `Routing` |
+//! | [`aten`] | `moe-layers-aten` | libtorch operators tch does not bind (fused AdamW) |
+//! | [`nn`] | `moe-layers-nn` | attention with KV cache and the other non-MoE layers |
+//! | [`routers`] | `moe-layers-routers` | gates: top-k, noisy top-k, attention, sigmoid aux-free (group-limited) |
+//! | [`experts`] | `moe-layers-experts` | stacked expert FFN banks |
+//! | [`dispatch`] | `moe-layers-dispatch` | sending tokens to experts and combining |
+//! | [`block`] | `moe-layers-block` | the `SparseMoe` layer |
+//! | [`models`] | `moe-layers-models` | model families, the `CausalLm` trait, generation |
+//! | [`data`] | `moe-layers-data` | tokenizers, datasets, batches |
+//! | [`hf`] | `moe-layers-hf` | Hugging Face checkpoints in and out (`from_pretrained`, `save_pretrained`) |
+//! | [`train`] | `moe-layers-train` | optimizer, trainer, evaluation, checkpoints |
+//! | [`run`] | `moe-layers-run` | run configs, metrics, MLflow, plots, progress |
 //!
 //! [`lm`] gathers what a language-model program needs from the last four.
 //!
 //! ## Features
 //!
-//! The layers are always compiled, with the C++ shim `aten` (c10d process
-//! groups for expert parallelism, fused AdamW). `models`, `data`
-//! (tokenizers), `hf` (Hugging Face checkpoints: safetensors, memory maps),
-//! `train`, `run` (plotters, TOML) and `lm` (all of them, the default) add
-//! the rest: `default-features = false` gives `SparseMoe` and its parts
-//! without tokenizers or plotting. `tch` is re-exported, so that a user's
-//! tensors come from the same tch as the library's.
+//! The layers (`core`, `nn`, `routers`, `experts`, `dispatch`, `block`)
+//! are always compiled, and need no C++ of ours: `default-features = false`
+//! gives `SparseMoe` and its parts without tokenizers, plotting or the C++
+//! shim. Each feature adds one job and what it needs to compile:
+//!
+//! | feature | adds | compiles |
+//! |---|---|---|
+//! | `dist` | expert parallelism across processes (`dispatch::ExpertParallel`, `aten::dist`) | the C++ shim with c10d |
+//! | `models` | model families, generation | |
+//! | `data` | tokenizers, datasets | Hugging Face `tokenizers` |
+//! | `train` | trainer, fused AdamW, checkpoints, data parallelism | the C++ shim |
+//! | `run` | run configs, metrics, MLflow, plots, progress | plotters, TOML |
+//! | `hf` | Hugging Face checkpoints in and out | safetensors, memory maps |
+//! | `lm` (default) | all of the above | |
+//!
+//! `tch` is re-exported, so that a user's tensors come from the same tch as
+//! the library's. A program's `build.rs` should call
+//! [`moe_layers_build::link_libtorch`](https://docs.rs/moe-layers-build) so
+//! that CUDA loads (see the README, "Using moe-layers in your own crate").
+#![warn(missing_docs)]
 
+#[cfg(any(feature = "dist", feature = "train"))]
 pub use moe_aten as aten;
 pub use moe_block as block;
 pub use moe_core as core;

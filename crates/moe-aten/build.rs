@@ -3,10 +3,16 @@ use std::env;
 use std::path::PathBuf;
 
 fn main() {
-    let lib = PathBuf::from(
-        env::var("DEP_TCH_LIBTORCH_LIB")
-            .expect("torch-sys did not report its libtorch (DEP_TCH_LIBTORCH_LIB)"),
-    );
+    println!("cargo::rustc-check-cfg=cfg(moe_c10d)");
+    // torch-sys reports no libtorch in tch's `doc-only` mode (docs.rs): there
+    // is nothing to compile against, and documentation needs no shim.
+    let Some(lib) = env::var_os("DEP_TCH_LIBTORCH_LIB").map(PathBuf::from) else {
+        println!(
+            "cargo:warning=torch-sys reported no libtorch (tch's doc-only mode?): \
+             the C++ shim is not compiled; binaries using it will not link"
+        );
+        return;
+    };
     let root = lib.parent().expect("libtorch's lib folder has a parent");
     // PyPI's torch wheels (2.7 and later) are built with the C++11 ABI, as
     // is tch's own default for a plain libtorch.
@@ -18,7 +24,6 @@ fn main() {
     // and sets MOE_GLOO_INCLUDE. Without them the distributed part is left
     // out and `moe_aten::dist` says so at run time.
     println!("cargo:rerun-if-env-changed=MOE_GLOO_INCLUDE");
-    println!("cargo::rustc-check-cfg=cfg(moe_c10d)");
     let gloo = env::var_os("MOE_GLOO_INCLUDE")
         .map(PathBuf::from)
         .or_else(|| Some(PathBuf::from("/usr/include")))

@@ -93,6 +93,7 @@ extern "C" {
 
 /// How a reduction combines the ranks' tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ReduceOp {
     /// Element-wise sum.
     Sum,
@@ -104,6 +105,7 @@ pub enum ReduceOp {
 
 /// The c10d backend of a group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum Backend {
     /// Gloo: CPU tensors, any machine.
     #[default]

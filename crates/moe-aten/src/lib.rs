@@ -7,6 +7,7 @@
 //! crate exposes what the training loop needs: [`fused_adamw_`], and
 //! [`clear_grads`], which tch's API cannot express; and [`dist`], c10d's
 //! process groups (Gloo) and collectives, which tch does not bind at all.
+#![warn(missing_docs)]
 
 use moe_core::{check_same_device, MoeError, Result};
 use serde::{Deserialize, Serialize};
@@ -73,10 +74,15 @@ pub fn clear_grads(tensors: &[Tensor]) -> Result<()> {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct AdamWConfig {
+    /// Learning rate.
     pub lr: f64,
+    /// Decay of the first-moment (mean) estimate.
     pub beta1: f64,
+    /// Decay of the second-moment (uncentred variance) estimate.
     pub beta2: f64,
+    /// Added to the root of the second moment for numerical stability.
     pub eps: f64,
+    /// Decoupled weight decay: each step multiplies the parameter by `1 - lr * weight_decay`.
     pub weight_decay: f64,
 }
 
@@ -96,9 +102,13 @@ impl Default for AdamWConfig {
 /// belonging to parameter `i`.
 #[derive(Debug)]
 pub struct AdamWTensors<'a> {
+    /// The parameters, updated in place.
     pub params: &'a [Tensor],
+    /// Their gradients.
     pub grads: &'a [Tensor],
+    /// Each parameter's first-moment estimate, updated in place.
     pub exp_avgs: &'a [Tensor],
+    /// Each parameter's second-moment estimate, updated in place.
     pub exp_avg_sqs: &'a [Tensor],
     /// Each parameter's step count, an f32 scalar on its device.
     pub steps: &'a [Tensor],

@@ -145,7 +145,9 @@ pub struct SparseMoeConfig {
     pub router: RouterConfig,
     /// Balance losses the layer returns (none by default, as makeMoE).
     pub balance: BalanceLossConfig,
+    /// How routed tokens reach their experts.
     pub dispatch: DispatchKind,
+    /// How the weights are drawn.
     pub init: WeightInit,
 }
 

@@ -124,6 +124,7 @@ impl SparseMoe {
         })
     }
 
+    /// The layer's configuration.
     pub fn config(&self) -> &SparseMoeConfig {
         &self.config
     }
@@ -153,6 +154,7 @@ impl SparseMoe {
         self.shared_expert_gate.as_ref()
     }
 
+    /// The layer's router.
     pub fn router(&self) -> &dyn Router {
         self.router.as_ref()
     }

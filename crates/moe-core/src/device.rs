@@ -7,10 +7,15 @@ use tch::Device;
 /// (an error where no GPU is usable).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum), value(rename_all = "lower"))]
+#[non_exhaustive]
 pub enum DeviceChoice {
     #[default]
+    /// The first CUDA device when libtorch sees one, else the CPU.
     Auto,
+    /// The CPU.
     Cpu,
+    /// The first CUDA device; an error where none is usable.
     Cuda,
 }
 

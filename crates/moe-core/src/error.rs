@@ -12,24 +12,33 @@ pub enum MoeError {
     /// A tensor has the wrong number of dimensions or the wrong size.
     #[error("wrong shape for {what}: expected {expected}, got {got:?}")]
     Shape {
+        /// The tensor or argument checked.
         what: String,
+        /// The shape that was expected, in words or as a list.
         expected: String,
+        /// The shape that was given.
         got: Vec<i64>,
     },
 
     /// A tensor has the wrong element type.
     #[error("wrong dtype for {what}: expected {expected}, got {got:?}")]
     Kind {
+        /// The tensor checked.
         what: String,
+        /// The dtypes accepted.
         expected: String,
+        /// The dtype given.
         got: tch::Kind,
     },
 
     /// A tensor lives on another device than the module's parameters.
     #[error("wrong device for {what}: expected {expected:?}, got {got:?}")]
     Device {
+        /// The tensor checked.
         what: String,
+        /// The device of the module's parameters.
         expected: tch::Device,
+        /// The device of the tensor given.
         got: tch::Device,
     },
 
@@ -39,7 +48,12 @@ pub enum MoeError {
 
     /// A token id is not in `0..vocab_size`.
     #[error("token id {id} is outside the vocabulary (expected 0 <= id < {vocab_size})")]
-    TokenOutOfVocab { id: i64, vocab_size: i64 },
+    TokenOutOfVocab {
+        /// The offending id.
+        id: i64,
+        /// The vocabulary size.
+        vocab_size: i64,
+    },
 
     /// A character or string cannot be encoded by the tokenizer.
     #[error("cannot encode {0}")]
@@ -47,7 +61,12 @@ pub enum MoeError {
 
     /// A sequence is longer than the model's context window.
     #[error("sequence of length {len} is longer than the context (block_size = {block_size})")]
-    SequenceTooLong { len: i64, block_size: i64 },
+    SequenceTooLong {
+        /// Its length.
+        len: i64,
+        /// The longest the model takes.
+        block_size: i64,
+    },
 
     /// The training data cannot be used.
     #[error("data error: {0}")]
@@ -55,13 +74,20 @@ pub enum MoeError {
 
     /// A checkpoint is missing, truncated, corrupt or does not match the config.
     #[error("checkpoint {path}: {reason}")]
-    Checkpoint { path: PathBuf, reason: String },
+    Checkpoint {
+        /// The checkpoint's file or folder.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
 
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
+        /// The file or folder.
         path: PathBuf,
         #[source]
+        /// The operating system's error.
         source: std::io::Error,
     },
 

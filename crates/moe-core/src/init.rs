@@ -5,6 +5,8 @@ use tch::nn;
 /// Biases always follow PyTorch's `nn.Linear` default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum), value(rename_all = "lower"))]
+#[non_exhaustive]
 pub enum WeightInit {
     /// Kaiming He normal, fan-in mode, ReLU gain: N(0, 2 / fan_in)
     /// (He et al. 2015, arXiv 1502.01852). makeMoE's choice, because experts use ReLU.

@@ -4,6 +4,7 @@
 //!
 //! Every other crate of the workspace depends on this one and on nothing
 //! above it.
+#![warn(missing_docs)]
 
 mod atomic_file;
 mod check;

@@ -16,9 +16,13 @@ use tch::{nn, Kind, Tensor};
 /// stay f32. Gradients reach the f32 parameters through the casts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum), value(rename_all = "lower"))]
+#[non_exhaustive]
 pub enum Precision {
     #[default]
+    /// Everything in f32.
     Fp32,
+    /// Matrix products in bf16, the rest in f32 (autocast-style).
     Bf16,
 }
 

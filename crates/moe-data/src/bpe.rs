@@ -61,6 +61,7 @@ impl BpeTokenizer {
         })
     }
 
+    /// Number of tokens in the vocabulary.
     pub fn vocab_size(&self) -> i64 {
         self.inner.get_vocab_size(true) as i64
     }
@@ -70,6 +71,7 @@ impl BpeTokenizer {
         &self.inner
     }
 
+    /// The token ids of `text`.
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
         let encoding = self
             .inner
@@ -78,6 +80,7 @@ impl BpeTokenizer {
         Ok(encoding.get_ids().iter().map(|&id| id as i64).collect())
     }
 
+    /// The text of `ids`; an error for an id outside the vocabulary.
     pub fn decode(&self, ids: &[i64]) -> Result<String> {
         let ids = vocab_ids(ids, self.vocab_size())?;
         self.inner

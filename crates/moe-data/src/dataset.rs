@@ -4,7 +4,9 @@ use tch::{Device, Kind, Tensor};
 /// Which part of the corpus.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {
+    /// The first `train_fraction` of the tokens.
     Train,
+    /// The rest, for validation.
     Val,
 }
 
@@ -60,14 +62,17 @@ impl Dataset {
         })
     }
 
+    /// Number of tokens in `split`.
     pub fn len(&self, split: Split) -> i64 {
         self.split(split).size()[0]
     }
 
+    /// Context length `T` of the batches drawn.
     pub fn block_size(&self) -> i64 {
         self.block_size
     }
 
+    /// Vocabulary size of the tokens.
     pub fn vocab_size(&self) -> i64 {
         self.vocab_size
     }

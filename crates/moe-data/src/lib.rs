@@ -5,6 +5,7 @@
 //! ([`HfTokenizer::extend_vocab`]), and [`Dataset`], a
 //! token stream split into training and validation parts and sampled into
 //! [`Batch`]es on the training device.
+#![warn(missing_docs)]
 
 mod bpe;
 mod dataset;

@@ -7,9 +7,13 @@ use std::str::FromStr;
 /// The kind of tokenizer a run trains (`char`: makeMoE's, `bpe`: subwords).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum), value(rename_all = "lower"))]
+#[non_exhaustive]
 pub enum TokenizerKind {
     #[default]
+    /// One token per character of the corpus (makeMoE).
     Char,
+    /// Byte-level BPE trained on the corpus.
     Bpe,
 }
 
@@ -31,6 +35,7 @@ impl FromStr for TokenizerKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TokenizerConfig {
+    /// Character or BPE.
     pub kind: TokenizerKind,
     /// Vocabulary size of a BPE tokenizer (ignored for `char`).
     pub vocab_size: usize,
@@ -53,8 +58,11 @@ impl Default for TokenizerConfig {
 /// `{"hf_tokenizer": <tokenizer.json>}` ([`HfTokenizer`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
+#[non_exhaustive]
 pub enum Tokenizer {
+    /// Characters (makeMoE).
     Char(CharTokenizer),
+    /// Byte-level BPE trained on the corpus.
     Bpe(BpeTokenizer),
     /// A pretrained tokenizer read from a checkpoint's `tokenizer.json`.
     Hf(HfTokenizer),
@@ -87,6 +95,7 @@ impl Tokenizer {
         }
     }
 
+    /// Number of tokens in the vocabulary.
     pub fn vocab_size(&self) -> i64 {
         match self {
             Tokenizer::Char(t) => t.vocab_size(),
@@ -145,10 +154,12 @@ impl CharTokenizer {
         Ok(CharTokenizer { chars })
     }
 
+    /// Number of characters in the vocabulary.
     pub fn vocab_size(&self) -> i64 {
         self.chars.len() as i64
     }
 
+    /// The vocabulary, in id order.
     pub fn chars(&self) -> &[char] {
         &self.chars
     }
@@ -172,6 +183,7 @@ impl CharTokenizer {
         ids.iter().map(|&id| self.decode_one(id)).collect()
     }
 
+    /// The character of token `id`; an error outside the vocabulary.
     pub fn decode_one(&self, id: i64) -> Result<char> {
         usize::try_from(id)
             .ok()

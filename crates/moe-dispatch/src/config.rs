@@ -8,6 +8,7 @@ pub const DEFAULT_CAPACITY_FACTOR: f64 = 1.25;
 /// Which dispatch strategy a MoE layer uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum DispatchKind {
     /// Picks a dropless strategy by device ([`Auto`]).
     #[default]
@@ -26,6 +27,7 @@ pub enum DispatchKind {
 }
 
 impl DispatchKind {
+    /// The strategy this kind names, ready to run.
     pub fn build(self) -> Box<dyn Dispatch> {
         match self {
             DispatchKind::Auto => Box::new(Auto),
@@ -82,6 +84,7 @@ impl std::str::FromStr for DispatchKind {
 /// alone. [`DispatchSpec::apply`] writes both settings into a config.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DispatchSpec {
+    /// The strategy.
     pub kind: DispatchKind,
     /// The router capacity factor the spec sets (`capacity[:F]` only).
     pub capacity_factor: Option<f64>,

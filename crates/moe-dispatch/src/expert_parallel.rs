@@ -13,6 +13,12 @@ use tch::{Kind, Tensor};
 /// How an expert-parallel layer exchanges tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(
+    feature = "clap",
+    derive(clap::ValueEnum),
+    value(rename_all = "snake_case")
+)]
+#[non_exhaustive]
 pub enum ExchangeMode {
     /// Every routed slot travels (no token dropped): the ranks first
     /// exchange their per-expert counts and read them on the host once per

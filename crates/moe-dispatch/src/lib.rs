@@ -19,18 +19,24 @@
 //! [`DispatchKind::Auto`] picks one by device (see its docs).
 //!
 //! [`ExpertParallel`] computes the same `y` with the experts spread over
-//! the ranks of a c10d process group ([`moe_aten::dist::Group`]): tokens go
-//! to the rank of their expert and back with all-to-all exchanges.
+//! the ranks of a c10d process group (`moe_aten::dist::Group`): tokens go
+//! to the rank of their expert and back with all-to-all exchanges. It needs
+//! the `dist` feature (the C++ shim with c10d); without it the type exists
+//! but has no values, so layers built with `None` for it compile alike.
+#![warn(missing_docs)]
 
 mod auto;
 mod capacity;
 mod config;
 mod dense_reference;
 mod dispatch;
+#[cfg(feature = "dist")]
 mod expert_parallel;
 mod grouped;
 mod indexed_loop;
 mod mask_loop;
+#[cfg(not(feature = "dist"))]
+mod no_dist;
 mod sorted_slots;
 
 pub use auto::Auto;
@@ -38,8 +44,11 @@ pub use capacity::{Capacity, CapacityPlan};
 pub use config::{DispatchKind, DispatchSpec, DEFAULT_CAPACITY_FACTOR};
 pub use dense_reference::DenseReference;
 pub use dispatch::Dispatch;
+#[cfg(feature = "dist")]
 pub use expert_parallel::{ExchangeMode, ExchangeStats, ExpertParallel, ExpertParallelism};
 pub use grouped::{grouped_mm_supported, Grouped};
 pub use indexed_loop::IndexedLoop;
 pub use mask_loop::MaskLoop;
+#[cfg(not(feature = "dist"))]
+pub use no_dist::{ExpertParallel, ExpertParallelism};
 pub use sorted_slots::SortedSlots;

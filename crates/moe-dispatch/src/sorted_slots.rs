@@ -24,6 +24,7 @@ pub struct SortedSlots {
 }
 
 impl SortedSlots {
+    /// Sorts the routing's `N * k` slots by expert (stable, so tokens keep their order inside a segment).
     pub fn new(routing: &Routing) -> Self {
         let k = routing.top_k();
         let flat_expert = routing.indices.flatten(0, -1);

@@ -16,11 +16,13 @@ use tch::{nn, Tensor};
 /// Checkpoints store these tensors under `<layer>/experts/{w_in,b_in,w_gate,w_out,b_out}`.
 #[derive(Debug)]
 pub struct ExpertBank {
+    /// Input projections `[E, d, h]`.
     pub w_in: Tensor,
     /// With [`ExpertConfig::bias`] only.
     pub b_in: Option<Tensor>,
     /// SwiGLU only.
     pub w_gate: Option<Tensor>,
+    /// Output projections `[E, h, d]`.
     pub w_out: Tensor,
     /// With [`ExpertConfig::bias`] only.
     pub b_out: Option<Tensor>,
@@ -58,10 +60,12 @@ impl ExpertBank {
         })
     }
 
+    /// The bank's configuration.
     pub fn config(&self) -> &ExpertConfig {
         &self.config
     }
 
+    /// Number of experts `E` in the bank.
     pub fn num_experts(&self) -> i64 {
         self.config.num_experts
     }

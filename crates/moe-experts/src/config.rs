@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 /// The non-linearity inside each expert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Activation {
     /// `ReLU(x W_in (+ b_in))` (makeMoE, Switch).
     #[default]
@@ -25,11 +26,13 @@ pub struct ExpertConfig {
     pub hidden_dim: i64,
     /// Dropout on each expert's output.
     pub dropout: f64,
+    /// The experts' non-linearity (ReLU or SwiGLU).
     pub activation: Activation,
     /// Whether the experts' two linear layers have biases `b_in`, `b_out`
     /// (makeMoE, Switch: yes; Mixtral, Qwen2-MoE, DeepSeek, OLMoE: no). A
     /// bank without them has no such variables.
     pub bias: bool,
+    /// How the weights are drawn.
     pub init: WeightInit,
 }
 
@@ -49,6 +52,7 @@ impl Default for ExpertConfig {
 }
 
 impl ExpertConfig {
+    /// Checks the sizes: an error names a non-positive width or a dropout outside `[0, 1)`.
     pub fn validate(&self) -> Result<()> {
         if self.num_experts <= 0 {
             return Err(MoeError::config(format!(

@@ -7,15 +7,24 @@ use tch::{Kind, Tensor};
 /// `h` hidden neurons of a dense FFN into `E` equal sets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum NeuronPartition {
     /// A random permutation cut into `E` slices ("random split").
-    Random { seed: u64 },
+    Random {
+        /// Seed of the permutation.
+        seed: u64,
+    },
     /// Balanced k-means ("clustering split"): neurons are clustered by their
     /// L2-normalised input weights (the column of `w_in`, with the column of
     /// `w_gate` appended for SwiGLU) into `E` clusters of exactly `h / E`,
     /// by cosine similarity to the centroids, assigned greedily from the most
     /// similar (neuron, centroid) pair down.
-    BalancedKMeans { iterations: usize, seed: u64 },
+    BalancedKMeans {
+        /// Rounds of assignment and centroid update.
+        iterations: usize,
+        /// Seed of the initial centroids.
+        seed: u64,
+    },
 }
 
 impl Default for NeuronPartition {

@@ -5,6 +5,7 @@
 //! is a view (`w_in[e]`), all experts are one batched matmul, and grouped
 //! GEMM kernels can read the bank without copies. A bank can be built from
 //! a dense FFN ([`split_dense_ffn`], LLaMA-MoE; [`upcycle_dense_ffn`]).
+#![warn(missing_docs)]
 
 mod bank;
 mod config;

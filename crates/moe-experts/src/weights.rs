@@ -11,11 +11,13 @@ use tch::Tensor;
 /// The source of LLaMA-MoE's expert construction and of upcycling.
 #[derive(Debug)]
 pub struct DenseFfnWeights {
+    /// Input projection `[d, h]`.
     pub w_in: Tensor,
     /// `None` for an FFN without input bias.
     pub b_in: Option<Tensor>,
     /// SwiGLU only.
     pub w_gate: Option<Tensor>,
+    /// Output projection `[h, d]`.
     pub w_out: Tensor,
     /// `None` for an FFN without output bias.
     pub b_out: Option<Tensor>,
@@ -26,10 +28,15 @@ pub struct DenseFfnWeights {
 /// the biases are `None` for experts without them.
 #[derive(Debug)]
 pub struct BankWeights {
+    /// Input projections `[E, d, h]`.
     pub w_in: Tensor,
+    /// Input biases `[E, h]`, `None` without biases.
     pub b_in: Option<Tensor>,
+    /// Gate projections `[E, d, h]` (SwiGLU only).
     pub w_gate: Option<Tensor>,
+    /// Output projections `[E, h, d]`.
     pub w_out: Tensor,
+    /// Output biases `[E, d]`, `None` without biases.
     pub b_out: Option<Tensor>,
 }
 

@@ -7,6 +7,7 @@ use std::str::FromStr;
 /// A `model_type` of Hugging Face's `config.json` that maps onto the decoder
 /// family ([`moe_models::DecoderModel`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum HfFamily {
     /// `mixtral` (`MixtralForCausalLM`): softmax top-k over
     /// `num_local_experts`, renormalised.

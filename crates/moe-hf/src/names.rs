@@ -6,6 +6,7 @@ use moe_models::DecoderConfig;
 
 /// How the routed experts of an MoE layer are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum ExpertLayout {
     /// One set of linear layers per expert, as the Hub's checkpoints hold
     /// them and transformers writes them: Mixtral's

@@ -268,10 +268,11 @@ pub fn save_pretrained_with(
             serde_json::to_string_pretty(t)
                 .map_err(|e| MoeError::Data(format!("cannot serialise the tokenizer: {e}")))?,
         ),
-        Some(Tokenizer::Char(_)) => {
+        // A character tokenizer (and any other kind).
+        Some(_) => {
             return Err(MoeError::config(
-                "a character tokenizer has no tokenizer.json form; save without it or train a \
-                 BPE tokenizer",
+                "only BPE and pretrained tokenizers have a tokenizer.json form (a character \
+                 tokenizer has none); save without it or train a BPE tokenizer",
             ))
         }
     };

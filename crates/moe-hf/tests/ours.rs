@@ -7,7 +7,7 @@
 //! `transformers_check.json` next to it.
 //!
 //! Regenerate the folders with
-//! `cargo test -p moe-hf --test ours -- --ignored write_ours`.
+//! `cargo test -p moe-layers-hf --test ours -- --ignored write_ours`.
 
 mod common;
 

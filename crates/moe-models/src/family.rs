@@ -14,6 +14,7 @@ use tch::nn;
 /// checkpoints written before there were families are.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "family", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum LmConfig {
     /// makeMoE's character model ([`MakeMoeModel`]).
     MakeMoe(MakeMoeConfig),

@@ -11,6 +11,7 @@
 //!
 //! Layers come from the crates below (`moe-nn`, `moe-block`); data,
 //! training and run tooling live above (`moe-data`, `moe-train`, `moe-run`).
+#![warn(missing_docs)]
 
 mod causal_lm;
 pub mod decoder;

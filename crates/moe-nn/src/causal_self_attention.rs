@@ -37,6 +37,7 @@ impl CausalSelfAttention {
         Ok(CausalSelfAttention { qkv, proj, config })
     }
 
+    /// The layer's configuration.
     pub fn config(&self) -> &AttentionConfig {
         &self.config
     }

@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 /// Which implementation computes attention. Both give the same outputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum AttentionPath {
     /// One fused qkv projection and `scaled_dot_product_attention`.
     #[default]
@@ -15,6 +16,7 @@ pub enum AttentionPath {
 /// The factor the scores `q k^T` are multiplied by before the softmax.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum AttentionScale {
     /// `head_size^-0.5`, the textbook scaled dot product.
     #[default]
@@ -36,8 +38,11 @@ pub struct AttentionConfig {
     pub block_size: i64,
     /// Dropout on the attention weights and on the output projection.
     pub dropout: f64,
+    /// Which implementation computes attention.
     pub path: AttentionPath,
+    /// How scores are scaled before the softmax.
     pub scale: AttentionScale,
+    /// How the projections are drawn.
     pub init: WeightInit,
 }
 

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 /// attention logits from growing during training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum QkNorm {
     /// No normalisation (Llama, Mixtral, Qwen2-MoE, DeepSeek-V3, Yuan 2.0).
     #[default]

@@ -43,6 +43,7 @@
 //!   (Shazeer 2020, arXiv 2002.05202).
 //! - `sdpa.rs` (private): the causal scaled dot-product attention kernel
 //!   and mask the attention layers call.
+#![warn(missing_docs)]
 
 mod causal_self_attention;
 mod config;

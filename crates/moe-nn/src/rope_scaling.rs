@@ -32,6 +32,7 @@ const SUPPORTED: &str = "linear, dynamic, yarn, llama3 (or default: no scaling)"
 /// [`RopeScaling::deserialize_option`], which read it as `None`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "rope_type", rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum RopeScaling {
     /// Position interpolation (kaiokendev 2023; Chen et al. 2023, arXiv
     /// 2306.15595), `_compute_linear_scaling_rope_parameters`: positions

@@ -20,6 +20,7 @@ pub const DEFAULT_BIAS_UPDATE_RATE: f64 = 1e-3;
 /// With `l = W_g x (+ b_g)` the logits of a token over the `E` experts:
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Gate {
     /// Softmax over all `E` logits, `p = softmax(l)`, then the top-k of the
     /// probabilities; the weights are the chosen `p_i`, renormalised to sum

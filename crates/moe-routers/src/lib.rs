@@ -10,6 +10,7 @@
 //! limit ([`group_limited_selection`]); an expert-capacity limit
 //! ([`apply_capacity`]) post-processes any routing. The [`balance`] losses
 //! and [`RoutingStats`] read routings.
+#![warn(missing_docs)]
 
 mod attention;
 mod aux_free;

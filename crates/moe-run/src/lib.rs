@@ -3,6 +3,7 @@
 //! tokenizer in one TOML or JSON file), [`JsonlWriter`] for `metrics.jsonl`,
 //! an MLflow file-store writer ([`MlflowRun`]), the loss plot
 //! ([`plot_loss_curve`]) and the terminal [`Progress`] bar.
+#![warn(missing_docs)]
 
 mod metrics;
 mod mlflow;

@@ -38,6 +38,7 @@ impl JsonlWriter {
         })
     }
 
+    /// Appends `record` as one JSON line and flushes it.
     pub fn write<T: Serialize>(&mut self, record: &T) -> Result<()> {
         let line = serde_json::to_string(record)
             .map_err(|e| MoeError::Data(format!("cannot serialise a metrics record: {e}")))?;
@@ -46,6 +47,7 @@ impl JsonlWriter {
             .map_err(|e| MoeError::io(&self.path, e))
     }
 
+    /// The file written.
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -22,7 +22,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// How a run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunStatus {
+    /// Ran to the end.
     Finished,
+    /// Ended by an error.
     Failed,
 }
 
@@ -78,10 +80,12 @@ impl MlflowRun {
         Ok(run)
     }
 
+    /// The run's folder.
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
+    /// The run's id.
     pub fn run_id(&self) -> &str {
         &self.run_id
     }

@@ -20,7 +20,9 @@ pub const FONT_PATHS: [&str; 3] = [
 /// The series of a run, each a list of `(step, value)`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LossCurves {
+    /// Training loss at each evaluation.
     pub train: Vec<(i64, f64)>,
+    /// Validation loss at each evaluation.
     pub val: Vec<(i64, f64)>,
     /// Routing balance (the mean CV of expert loads over layers), if logged.
     pub balance: Vec<(i64, f64)>,

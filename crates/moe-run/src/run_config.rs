@@ -25,7 +25,9 @@ use std::path::Path;
 pub struct RunConfig {
     /// The model family and its config.
     pub model: LmConfig,
+    /// Optimisation, schedule and evaluation.
     pub train: TrainConfig,
+    /// The tokenizer trained on the corpus.
     pub tokenizer: TokenizerConfig,
 }
 

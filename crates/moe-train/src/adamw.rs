@@ -124,10 +124,12 @@ impl AdamW {
         self.fused
     }
 
+    /// The hyper-parameters.
     pub fn config(&self) -> &AdamWConfig {
         &self.config
     }
 
+    /// Sets the learning rate of the next steps (schedules call it each step).
     pub fn set_lr(&mut self, lr: f64) {
         self.config.lr = lr;
     }

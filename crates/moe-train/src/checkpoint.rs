@@ -20,7 +20,9 @@ use tch::{nn, Device, Tensor};
 
 /// File names inside a checkpoint folder.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The checkpoint's metadata file (model, tokenizer, training config, step).
 pub const CONFIG_FILE: &str = "config.json";
+/// The optimizer state's file.
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 /// What `config.json` holds beside the weights: everything needed to
@@ -29,8 +31,10 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub struct CheckpointMeta {
     /// The model family and its config.
     pub model: LmConfig,
+    /// The tokenizer the model was trained with.
     pub tokenizer: Tokenizer,
     #[serde(default)]
+    /// The training config, to resume with.
     pub train: Option<TrainConfig>,
     /// Optimisation steps taken when saved.
     #[serde(default)]
@@ -40,8 +44,11 @@ pub struct CheckpointMeta {
 /// A loaded checkpoint: the model, the store owning its parameters, and its metadata.
 #[derive(Debug)]
 pub struct Checkpoint {
+    /// The store owning the model's parameters.
     pub vs: nn::VarStore,
+    /// The model.
     pub model: Box<dyn CausalLm>,
+    /// What `config.json` held.
     pub meta: CheckpointMeta,
 }
 

@@ -5,15 +5,19 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TrainConfig {
+    /// Sequences per batch `B`.
     pub batch_size: i64,
+    /// Optimisation steps of the run.
     pub max_iters: i64,
     /// Evaluate every this many steps (and at the last step).
     pub eval_interval: i64,
     /// Batches per split in each evaluation.
     pub eval_iters: i64,
+    /// Peak learning rate.
     pub learning_rate: f64,
     /// AdamW's decoupled weight decay (PyTorch's default, which makeMoE keeps).
     pub weight_decay: f64,
+    /// Seed of libtorch's generator (weights, batches, dropout).
     pub seed: i64,
     /// Fraction of the corpus used for training; the rest is validation.
     pub train_fraction: f64,
@@ -38,6 +42,7 @@ pub struct TrainConfig {
 /// Which trainable variables AdamW decays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum DecayGroups {
     /// Every trainable variable (PyTorch's `AdamW(model.parameters())`, makeMoE).
     #[default]
@@ -51,6 +56,7 @@ pub enum DecayGroups {
 /// The learning rate at each step.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum LrSchedule {
     /// `learning_rate` at every step.
     #[default]
@@ -63,8 +69,11 @@ pub enum LrSchedule {
     /// `lr(s) = min_lr + (lr_max - min_lr) (1 + cos(pi r)) / 2`,
     /// `r = (s - warmup) / (decay - warmup)`, for `warmup <= s <= decay`.
     WarmupCosine {
+        /// Steps of linear warmup.
         warmup_iters: i64,
+        /// Learning rate at the end of the decay.
         min_lr: f64,
+        /// Step where the decay ends; `None`: the run's `max_iters`.
         decay_iters: Option<i64>,
     },
 }
@@ -138,6 +147,7 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// Checks every value; the error names the field and what was expected.
     pub fn validate(&self) -> Result<()> {
         let positive = [
             ("batch_size", self.batch_size),

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 // A few events per evaluation interval: their size does not matter, and
 // unboxed configs keep them plain to match on.
 #[allow(clippy::large_enum_variant)]
+#[non_exhaustive]
 pub enum TrainEvent {
     /// Before the first step of [`crate::Trainer::run`] (also after a resume).
     Start {

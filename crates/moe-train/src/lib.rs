@@ -10,6 +10,7 @@
 //! | `events.rs` | [`TrainEvent`], the typed records of a run |
 //! | `checkpoint.rs` | resumable checkpoints (safetensors + `config.json`) |
 //! | `data_parallel.rs` | [`DataParallel`]: training on the ranks of a c10d group beside expert parallelism |
+#![warn(missing_docs)]
 
 mod adamw;
 mod checkpoint;

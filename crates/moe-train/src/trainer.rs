@@ -26,6 +26,7 @@ use tch::{nn, Tensor};
 /// use it to see where a step goes, not to measure the step.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct StepPhases {
+    /// Steps timed.
     pub steps: i64,
     /// Sampling the batch (and re-seeding).
     pub batch_s: f64,

@@ -31,11 +31,25 @@ fn saved_model(dir: &Path) -> (nn::VarStore, MakeMoeModel, CheckpointMeta) {
     (vs, model, meta)
 }
 
+/// The `__metadata__` of a safetensors file, read from its header (an
+/// 8-byte little-endian length, then that many bytes of JSON).
+fn safetensors_metadata(path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    header["__metadata__"].clone()
+}
+
 #[test]
 fn a_saved_model_loads_back_with_identical_outputs() {
     let dir = temp_dir("roundtrip");
     let (_vs, model, meta) = saved_model(&dir);
     assert!(dir.join("model.safetensors").is_file() && dir.join("config.json").is_file());
+    assert_eq!(
+        safetensors_metadata(&dir.join("model.safetensors")),
+        serde_json::json!({"format": "pt"}),
+        "the weights carry the metadata PyTorch's save_file writes"
+    );
     let loaded = load_checkpoint(&dir, Device::Cpu).unwrap();
     assert_eq!(loaded.meta, meta);
     let idx = Tensor::randint(12, [2, 16], (Kind::Int64, Device::Cpu));

@@ -48,7 +48,7 @@ fn three_hundred_steps_on_shakespeare_reach_val_loss_below_2_6() {
                     steps_logged += 1;
                 }
                 TrainEvent::Eval { step, .. } => evals.push(*step),
-                TrainEvent::Start { .. } | TrainEvent::End { .. } => {}
+                _ => {}
             }
             Ok(())
         })

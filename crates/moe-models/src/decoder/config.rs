@@ -173,6 +173,12 @@ impl Default for LatentAttention {
 /// of [`DecoderConfig::default`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(
+    feature = "clap",
+    derive(clap::ValueEnum),
+    value(rename_all = "snake_case")
+)]
+#[non_exhaustive]
 pub enum DecoderPreset {
     /// Mixtral: softmax top-2 over 8 experts, renormalised.
     #[default]

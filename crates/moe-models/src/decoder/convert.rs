@@ -16,6 +16,7 @@ use tch::{nn, Tensor};
 /// How the experts are made from a dense MLP.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum ExpertConstruction {
     /// LLaMA-MoE's neuron split: the `h` hidden neurons are partitioned
     /// into `E` experts of `h / E` ([`moe_experts::split_dense_ffn`]), so

@@ -67,14 +67,17 @@ impl Block {
         })
     }
 
+    /// The block's self-attention.
     pub fn attention(&self) -> &CausalSelfAttention {
         &self.attn
     }
 
+    /// The block's sparse MoE feed-forward layer.
     pub fn moe(&self) -> &SparseMoe {
         &self.moe
     }
 
+    /// The sparse MoE layer, mutably (e.g. to update an aux-free router's bias).
     pub fn moe_mut(&mut self) -> &mut SparseMoe {
         &mut self.moe
     }

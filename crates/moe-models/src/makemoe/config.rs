@@ -16,11 +16,17 @@ pub struct MakeMoeConfig {
     pub vocab_size: i64,
     /// Context length `T`.
     pub block_size: i64,
+    /// Model width `C`.
     pub n_embd: i64,
+    /// Attention heads `H`.
     pub n_head: i64,
+    /// Transformer blocks.
     pub n_layer: i64,
+    /// Dropout on attention weights, projections and experts.
     pub dropout: f64,
+    /// Routed experts `E`.
     pub num_experts: i64,
+    /// Experts per token `k`.
     pub top_k: i64,
     /// Hidden width of each expert; `None` means `4 * n_embd` (makeMoE).
     pub expert_hidden: Option<i64>,
@@ -35,9 +41,13 @@ pub struct MakeMoeConfig {
     pub router: RouterConfig,
     /// Balance losses added to the training loss (none: makeMoE).
     pub balance: BalanceLossConfig,
+    /// How routed tokens reach their experts.
     pub dispatch: DispatchKind,
+    /// Which attention implementation runs.
     pub attention: AttentionPath,
+    /// How attention scores are scaled.
     pub attention_scale: AttentionScale,
+    /// How weights are drawn.
     pub init: WeightInit,
     /// Compute dtype of attention and experts; parameters stay f32.
     pub precision: Precision,
@@ -72,6 +82,8 @@ impl Default for MakeMoeConfig {
 /// A named set of behaviours on top of the sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum), value(rename_all = "lower"))]
+#[non_exhaustive]
 pub enum Preset {
     /// Textbook choices: attention scaled by `head_size^-0.5`, router noise
     /// in training only.
@@ -126,10 +138,12 @@ impl MakeMoeConfig {
         spec.apply(&mut self.dispatch, &mut self.router.capacity_factor);
     }
 
+    /// Hidden width of each expert (`4 * n_embd` unless set).
     pub fn expert_hidden(&self) -> i64 {
         self.expert_hidden.unwrap_or(4 * self.n_embd)
     }
 
+    /// The attention layers' configuration.
     pub fn attention_config(&self) -> AttentionConfig {
         AttentionConfig {
             n_embd: self.n_embd,
@@ -173,6 +187,7 @@ impl MakeMoeConfig {
         .fine_grained(self.layout())
     }
 
+    /// Checks every size and option; the error names the field and what was expected.
     pub fn validate(&self) -> Result<()> {
         if self.vocab_size <= 0 || self.n_layer <= 0 {
             return Err(MoeError::config(format!(

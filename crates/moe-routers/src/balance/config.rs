@@ -42,6 +42,7 @@ impl BalanceLossConfig {
         self.load_balance != 0.0 || self.z_loss != 0.0 || self.device_balance != 0.0
     }
 
+    /// Checks the weights and sizes against the layer's `num_routed_experts`.
     pub fn validate(&self, num_routed_experts: i64) -> Result<()> {
         for (name, v) in [
             ("load_balance", self.load_balance),
