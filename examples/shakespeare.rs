@@ -387,7 +387,11 @@ fn run(args: Args) -> Result<()> {
 
     if args.plot {
         let png = args.out.join("loss_curve.png");
-        plot_loss_curve(&png, &LossCurves::from_jsonl(&metrics_path)?)?;
+        let title = args
+            .out
+            .file_name()
+            .map_or("run".into(), |n| n.to_string_lossy());
+        plot_loss_curve(&png, &title, &LossCurves::from_jsonl(&metrics_path)?)?;
         println!("plotted {}", png.display());
     }
     if args.sample_chars > 0 {

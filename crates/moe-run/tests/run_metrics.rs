@@ -124,12 +124,12 @@ fn loss_curves_are_read_from_metrics_and_plotted_as_png() {
     let err = LossCurves::from_jsonl(&metrics).unwrap_err().to_string();
     assert!(err.contains("line 1"), "{err}");
     let png = dir.join("loss_curve.png");
-    plot_loss_curve(&png, &curves).unwrap();
+    plot_loss_curve(&png, "tiny run", &curves).unwrap();
     let bytes = std::fs::read(&png).unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
     let be = |i: usize| u32::from_be_bytes(bytes[i..i + 4].try_into().unwrap());
     assert_eq!((be(16), be(20)), (1000, 600), "IHDR width and height");
-    assert!(plot_loss_curve(&png, &LossCurves::default()).is_err());
+    assert!(plot_loss_curve(&png, "empty", &LossCurves::default()).is_err());
 }
 
 #[test]
