@@ -527,18 +527,19 @@ impl Mlflow {
                 );
                 mlflow.server = Some(run);
             }
-            Err(e) => mlflow.warn(&e, None),
+            Err(e) => mlflow.warn("logging stopped", &e, None),
         }
         Ok(mlflow)
     }
 
-    /// Prints the one warning of the run about the server.
-    fn warn(&mut self, e: &MoeError, progress: Option<&Progress>) {
+    /// Prints the one warning of the run about the server: `what`
+    /// happened (the logging stopped, a file was not uploaded) because of `e`.
+    fn warn(&mut self, what: &str, e: &MoeError, progress: Option<&Progress>) {
         if std::mem::replace(&mut self.warned, true) {
             return;
         }
         let line = format!(
-            "warning: MLflow logging to {} stopped ({e}); the training goes on and \
+            "warning: MLflow at {}: {what} ({e}); the training goes on and \
              metrics.jsonl keeps every record",
             self.uri
         );
@@ -568,7 +569,7 @@ impl Mlflow {
                 .and_then(|()| if flush { run.flush() } else { Ok(()) });
             if let Err(e) = logged {
                 self.server = None;
-                self.warn(&e, Some(progress));
+                self.warn("logging stopped", &e, Some(progress));
             }
         }
         Ok(())
@@ -581,7 +582,8 @@ impl Mlflow {
             run.log_artifact(path)?;
         }
         if let Some(Err(e)) = self.server.as_ref().map(|run| run.log_artifact(path)) {
-            self.warn(&e, None);
+            let what = format!("{} not uploaded", path.display());
+            self.warn(&what, &e, None);
         }
         Ok(())
     }
@@ -589,7 +591,7 @@ impl Mlflow {
     /// Marks the run finished or failed.
     fn finish(mut self, status: RunStatus) -> Result<()> {
         if let Some(Err(e)) = self.server.take().map(|run| run.finish(status)) {
-            self.warn(&e, None);
+            self.warn("the run's end not recorded", &e, None);
         }
         self.file_store
             .take()

@@ -13,6 +13,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const TINY: &str = "[model]\nn_embd = 32\nn_head = 4\nn_layer = 2\nnum_experts = 4\n\
@@ -274,12 +275,15 @@ fn a_run_logged_to_an_mlflow_server_reads_back_through_mlflows_client() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A stand-in tracking server that starts a run and takes its parameters,
-/// then answers every request with HTTP 503: a server that fails in the
-/// middle of a run.
-fn failing_server() -> String {
+/// A stand-in tracking server that starts a run (its artifact store
+/// `artifact_uri`) and takes its parameters, then answers everything with
+/// HTTP 503 when `fail`, else with success. Returns its address and the
+/// request lines and bodies it received.
+fn stand_in(fail: bool, artifact_uri: &'static str) -> (String, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let uri = format!("http://{}", listener.local_addr().unwrap());
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let log = received.clone();
     std::thread::spawn(move || {
         let mut batches = 0;
         for stream in listener.incoming() {
@@ -297,21 +301,30 @@ fn failing_server() -> String {
                     length = n.trim().parse().unwrap_or(0);
                 }
             }
-            let _ = reader.read_exact(&mut vec![0; length]);
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            log.lock().unwrap().push(format!(
+                "{} {}",
+                line.trim_end(),
+                String::from_utf8_lossy(&body)
+            ));
             batches += usize::from(line.contains("log-batch"));
+            let created = format!(
+                r#"{{"run": {{"info": {{"run_id": "r", "artifact_uri": "{artifact_uri}"}}}}}}"#
+            );
             let (status, body) = if line.contains("get-by-name") {
-                ("200 OK", r#"{"experiment": {"experiment_id": "1"}}"#)
-            } else if line.contains("runs/create") {
                 (
                     "200 OK",
-                    r#"{"run": {"info": {"run_id": "r", "artifact_uri": "mlflow-artifacts:/1/r/artifacts"}}}"#,
+                    r#"{"experiment": {"experiment_id": "1"}}"#.to_string(),
                 )
-            } else if batches == 1 {
-                ("200 OK", "{}")
+            } else if line.contains("runs/create") {
+                ("200 OK", created)
+            } else if !fail || batches == 1 {
+                ("200 OK", "{}".to_string())
             } else {
                 (
                     "503 Service Unavailable",
-                    "<html><h1>Service Unavailable</h1></html>",
+                    "<html><h1>Service Unavailable</h1></html>".to_string(),
                 )
             };
             let _ = write!(
@@ -321,7 +334,7 @@ fn failing_server() -> String {
             );
         }
     });
-    uri
+    (uri, received)
 }
 
 #[test]
@@ -329,9 +342,15 @@ fn a_tracking_server_that_is_down_or_failing_costs_one_warning_and_no_record() {
     let dir = temp_dir("down");
     // Nothing listens on a port just freed.
     let down = format!("http://127.0.0.1:{}", free_port());
-    let failing = failing_server();
+    let (failing, _) = stand_in(true, "mlflow-artifacts:/1/r/artifacts");
+    // A server that keeps artifacts where this client cannot upload.
+    let (s3, received) = stand_in(false, "s3://bucket/1/r/artifacts");
     let mut sequences = Vec::new();
-    for (name, uri) in [("down", &down), ("failing", &failing)] {
+    for (name, uri, warning) in [
+        ("down", &down, "logging stopped"),
+        ("failing", &failing, "logging stopped"),
+        ("s3", &s3, "loss_curve.png not uploaded"),
+    ] {
         let out = dir.join(name);
         let started = Instant::now();
         let trained = train(&dir, &out, &["--mlflow-uri", uri]);
@@ -340,8 +359,9 @@ fn a_tracking_server_that_is_down_or_failing_costs_one_warning_and_no_record() {
         let stderr = String::from_utf8_lossy(&trained.stderr);
         let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("MLflow")).collect();
         assert_eq!(warnings.len(), 1, "{name}: {stderr}");
+        let expected = format!("warning: MLflow at {uri}: ");
         assert!(
-            warnings[0].starts_with(&format!("warning: MLflow logging to {uri} stopped")),
+            warnings[0].starts_with(&expected) && warnings[0].contains(warning),
             "{name}: {stderr}"
         );
         assert!(out.join("loss_curve.png").is_file());
@@ -357,6 +377,12 @@ fn a_tracking_server_that_is_down_or_failing_costs_one_warning_and_no_record() {
             .collect();
         sequences.push(kinds);
     }
-    assert_eq!(sequences[0], sequences[1]);
+    assert!(sequences.iter().all(|s| *s == sequences[0]));
+    // After the upload that could not be, the run still ended.
+    let last = received.lock().unwrap().last().cloned().unwrap();
+    assert!(
+        last.starts_with("POST /api/2.0/mlflow/runs/update") && last.contains("FINISHED"),
+        "{last}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -367,9 +367,9 @@ impl MlflowRun {
         let root = proxied_artifact_path(&self.artifact_uri).ok_or_else(|| MoeError::Mlflow {
             url: self.client.uri.clone(),
             message: format!(
-                "the run's artifacts go to {}, which only the server can write: \
-                 {name} was not uploaded (start `mlflow server` with --serve-artifacts, \
-                 its default, to upload through it)",
+                "the run's artifact store is {}, and artifacts are uploaded only through \
+                 the tracking server's artifact proxy (an mlflow-artifacts: store, which \
+                 `mlflow server` has unless started with --no-serve-artifacts)",
                 self.artifact_uri
             ),
         })?;
