@@ -1,9 +1,9 @@
 //! Trains a sparse MoE language model on tinyshakespeare (makeMoE's by
 //! default, or the Mixtral-style decoder with `--family decoder`), writes
-//! `OUT/metrics.jsonl` and an MLflow run (`OUT/mlruns`), saves a resumable
-//! checkpoint in `OUT` (`model.safetensors`, `config.json`,
-//! `optimizer.safetensors`), optionally plots `OUT/loss_curve.png`, and
-//! prints a generated sample.
+//! `OUT/metrics.jsonl`, saves a resumable checkpoint in `OUT`
+//! (`model.safetensors`, `config.json`, `optimizer.safetensors`), optionally
+//! plots `OUT/loss_curve.png`, logs the run to an MLflow tracking server with
+//! `--mlflow-uri` (or `MLFLOW_TRACKING_URI`), and prints a generated sample.
 //!
 //! `cargo xtask shakespeare -- --preset makemoe` reproduces the tutorial's run;
 //! `cargo xtask shakespeare -- --family decoder [--preset yuan]` trains a
@@ -19,8 +19,8 @@ use moe_layers::dispatch::{ExchangeMode, ExpertParallelism};
 use moe_layers::lm::{
     generate, load_checkpoint_meta, plot_loss_curve, CausalLm, Checkpointing, DataParallel,
     Dataset, DecoderConfig, DecoderPreset, JsonlWriter, LmConfig, LossCurves, MakeMoeConfig,
-    MlflowRun, Preset, Progress, RunConfig, RunStatus, Sampling, TextStream, Tokenizer,
-    TokenizerKind, TrainEvent, Trainer,
+    MlflowClient, MlflowFileStoreRun, MlflowRun, Preset, Progress, RunConfig, RunStatus, Sampling,
+    TextStream, Tokenizer, TokenizerKind, TrainEvent, Trainer,
 };
 use moe_layers::prelude::{DeviceChoice, DispatchSpec, Precision, WeightInit};
 use moe_layers::{MoeError, Result};
@@ -95,9 +95,24 @@ struct Args {
     /// The corpus
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/tinyshakespeare.txt"))]
     data: PathBuf,
-    /// Run folder: metrics.jsonl, mlruns/, the checkpoint, the plot
+    /// Run folder: metrics.jsonl, the checkpoint, the plot (its name names the MLflow run)
     #[arg(long, default_value = "runs/shakespeare")]
     out: PathBuf,
+    /// Log the run to the MLflow tracking server at this address
+    /// (http://HOST:PORT or https://...; MLFLOW_TRACKING_URI when not
+    /// given): parameters, metrics per step and per evaluation, the plot. A
+    /// server that is down or answers an error is warned about once and
+    /// left; the training goes on and metrics.jsonl keeps every record
+    #[arg(long)]
+    mlflow_uri: Option<String>,
+    /// The MLflow experiment (MLFLOW_EXPERIMENT_NAME, else "shakespeare")
+    #[arg(long)]
+    mlflow_experiment: Option<String>,
+    /// Legacy: also write the run in MLflow's file-store layout under DIR
+    /// (MLflow 3 reads it only with MLFLOW_ALLOW_FILE_STORE=true; newer
+    /// versions not at all)
+    #[arg(long, value_name = "DIR")]
+    mlflow_file_store: Option<PathBuf>,
     /// Save a training checkpoint in OUT every this many steps (and at the end)
     #[arg(long)]
     checkpoint_interval: Option<i64>,
@@ -270,18 +285,17 @@ fn run(args: Args) -> Result<()> {
 
     std::fs::create_dir_all(&args.out).map_err(|e| MoeError::io(&args.out, e))?;
     let metrics_path = args.out.join("metrics.jsonl");
+    let run_name = std::path::absolute(&args.out)
+        .ok()
+        .and_then(|dir| dir.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "run".into());
     let mut outputs = if main {
         let metrics = if resumed.is_some() {
             JsonlWriter::append(&metrics_path)?
         } else {
             JsonlWriter::create(&metrics_path)?
         };
-        let run_name = args
-            .out
-            .file_name()
-            .map_or("run".into(), |n| n.to_string_lossy().into_owned());
-        let mlflow = MlflowRun::create(&args.out.join("mlruns"), "shakespeare", &run_name)?;
-        log_params(&mlflow, &config)?;
+        let mlflow = Mlflow::start(&args, &run_name, &config)?;
         Some((metrics, mlflow))
     } else {
         None
@@ -357,8 +371,7 @@ fn run(args: Args) -> Result<()> {
                 ..
             } => {
                 progress.step(step, loss, ms_per_step, tokens_per_s, eta_s);
-                mlflow.log_metric("loss", loss, step)?;
-                mlflow.log_metric("lr", lr, step)?;
+                mlflow.metrics(step, &[("loss", loss), ("lr", lr)], false, &progress)?;
             }
             TrainEvent::Eval {
                 step,
@@ -372,10 +385,14 @@ fn run(args: Args) -> Result<()> {
                 progress.println(&format!(
                     "step {step}: train loss {train_loss:.4}, val loss {val_loss:.4} (eval {eval_s:.1} s)"
                 ));
-                mlflow.log_metric("train_loss", train_loss, step)?;
-                mlflow.log_metric("val_loss", val_loss, step)?;
-                mlflow.log_metric("tokens_per_s", tokens_per_s, step)?;
-                mlflow.log_metric("load_cv", load_cv, step)?;
+                let values = [
+                    ("train_loss", train_loss),
+                    ("val_loss", val_loss),
+                    ("tokens_per_s", tokens_per_s),
+                    ("load_cv", load_cv),
+                ];
+                // Sent now: a person following the run sees each evaluation.
+                mlflow.metrics(step, &values, true, &progress)?;
             }
             // The end, and events a later trainer may add: metrics.jsonl has them.
             _ => {}
@@ -383,7 +400,7 @@ fn run(args: Args) -> Result<()> {
         Ok(())
     });
     progress.finish();
-    let Some((_, mlflow)) = outputs else {
+    let Some((_, mut mlflow)) = outputs else {
         // Another rank: the sample's forward passes are collectives.
         result?;
         if args.sample_chars > 0 {
@@ -404,8 +421,9 @@ fn run(args: Args) -> Result<()> {
 
     if args.plot {
         let png = args.out.join("loss_curve.png");
-        plot_loss_curve(&png, &LossCurves::from_jsonl(&metrics_path)?)?;
+        plot_loss_curve(&png, &run_name, &LossCurves::from_jsonl(&metrics_path)?)?;
         println!("plotted {}", png.display());
+        mlflow.artifact(&png)?;
     }
     if args.sample_chars > 0 {
         // Every rank samples alike (same seed), so their collectives line up.
@@ -437,16 +455,165 @@ fn expert_parallelism(args: &Args, device: tch::Device) -> Result<Option<ExpertP
 }
 
 /// Every field of the config as an MLflow parameter (`model.n_embd`, ...).
-fn log_params(mlflow: &MlflowRun, config: &RunConfig) -> Result<()> {
+fn config_params(config: &RunConfig) -> Result<Vec<(String, String)>> {
     let value = serde_json::to_value(config)
         .map_err(|e| MoeError::config(format!("cannot serialise the config: {e}")))?;
+    let mut params = Vec::new();
     for (section, fields) in value.as_object().into_iter().flatten() {
         for (key, v) in fields.as_object().into_iter().flatten() {
             let text = v.as_str().map_or(v.to_string(), str::to_string);
-            mlflow.log_param(&format!("{section}.{key}"), text)?;
+            params.push((format!("{section}.{key}"), text));
         }
     }
-    Ok(())
+    Ok(params)
+}
+
+/// Where the run is logged besides metrics.jsonl: an MLflow tracking
+/// server, whose first failure prints one warning and ends the logging to
+/// it (never the training), and the legacy file store, a local folder whose
+/// errors stop the run as metrics.jsonl's do.
+struct Mlflow {
+    server: Option<MlflowRun>,
+    /// The server's address, for the warning.
+    uri: String,
+    warned: bool,
+    file_store: Option<MlflowFileStoreRun>,
+}
+
+impl Mlflow {
+    /// Starts the run on the server (`--mlflow-uri`, else
+    /// `MLFLOW_TRACKING_URI`) and in the file store, logging the config as
+    /// parameters. A bad `--mlflow-uri` is an error; a server that fails
+    /// is a warning.
+    fn start(args: &Args, run_name: &str, config: &RunConfig) -> Result<Self> {
+        let env = |key: &str| std::env::var(key).ok().filter(|v| !v.is_empty());
+        let mut mlflow = Mlflow {
+            server: None,
+            uri: String::new(),
+            warned: false,
+            file_store: None,
+        };
+        let params = config_params(config)?;
+        let experiment = (args.mlflow_experiment.clone())
+            .or_else(|| env("MLFLOW_EXPERIMENT_NAME"))
+            .unwrap_or_else(|| "shakespeare".into());
+        if let Some(dir) = &args.mlflow_file_store {
+            let run = MlflowFileStoreRun::create(dir, &experiment, run_name)?;
+            for (key, value) in &params {
+                run.log_param(key, value)?;
+            }
+            mlflow.file_store = Some(run);
+        }
+        let client = match (&args.mlflow_uri, env("MLFLOW_TRACKING_URI")) {
+            (Some(uri), _) => MlflowClient::new(uri)?,
+            (None, None) => return Ok(mlflow),
+            (None, Some(uri)) => match MlflowClient::new(&uri) {
+                Ok(client) => client,
+                Err(_) => {
+                    eprintln!(
+                        "warning: MLFLOW_TRACKING_URI={uri} is not an http(s) tracking server: \
+                         the run is not logged to MLflow"
+                    );
+                    return Ok(mlflow);
+                }
+            },
+        };
+        let client = match (
+            env("MLFLOW_TRACKING_TOKEN"),
+            env("MLFLOW_TRACKING_USERNAME"),
+        ) {
+            (Some(token), _) => client.with_bearer_token(&token),
+            (None, Some(user)) => {
+                let password = env("MLFLOW_TRACKING_PASSWORD").unwrap_or_default();
+                client.with_basic_auth(&user, &password)
+            }
+            (None, None) => client,
+        };
+        mlflow.uri = client.uri().to_string();
+        let started = client.start_run(&experiment, run_name).and_then(|mut run| {
+            run.log_params(params)?;
+            Ok(run)
+        });
+        match started {
+            Ok(run) => {
+                println!(
+                    "MLflow: {}/#/experiments/{}/runs/{}",
+                    mlflow.uri,
+                    run.experiment_id(),
+                    run.run_id()
+                );
+                mlflow.server = Some(run);
+            }
+            Err(e) => mlflow.warn("logging stopped", &e, None),
+        }
+        Ok(mlflow)
+    }
+
+    /// Prints the one warning of the run about the server: `what`
+    /// happened (the logging stopped, a file was not uploaded) because of `e`.
+    fn warn(&mut self, what: &str, e: &MoeError, progress: Option<&Progress>) {
+        if std::mem::replace(&mut self.warned, true) {
+            return;
+        }
+        let line = format!(
+            "warning: MLflow at {}: {what} ({e}); the training goes on and \
+             metrics.jsonl keeps every record",
+            self.uri
+        );
+        match progress {
+            Some(progress) => progress.eprintln(&line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    /// Logs the metrics of `step`, sent to the server at once when `flush`.
+    fn metrics(
+        &mut self,
+        step: i64,
+        values: &[(&str, f64)],
+        flush: bool,
+        progress: &Progress,
+    ) -> Result<()> {
+        if let Some(run) = &self.file_store {
+            for &(key, value) in values {
+                run.log_metric(key, value, step)?;
+            }
+        }
+        if let Some(run) = self.server.as_mut() {
+            let logged = values
+                .iter()
+                .try_for_each(|&(key, value)| run.log_metric(key, value, step))
+                .and_then(|()| if flush { run.flush() } else { Ok(()) });
+            if let Err(e) = logged {
+                self.server = None;
+                self.warn("logging stopped", &e, Some(progress));
+            }
+        }
+        Ok(())
+    }
+
+    /// Uploads a file of the run. The server's run goes on after a failed
+    /// upload (a server that keeps artifacts elsewhere still takes metrics).
+    fn artifact(&mut self, path: &std::path::Path) -> Result<()> {
+        if let Some(run) = &self.file_store {
+            run.log_artifact(path)?;
+        }
+        if let Some(Err(e)) = self.server.as_ref().map(|run| run.log_artifact(path)) {
+            let what = format!("{} not uploaded", path.display());
+            self.warn(&what, &e, None);
+        }
+        Ok(())
+    }
+
+    /// Marks the run finished or failed.
+    fn finish(mut self, status: RunStatus) -> Result<()> {
+        if let Some(Err(e)) = self.server.take().map(|run| run.finish(status)) {
+            self.warn("the run's end not recorded", &e, None);
+        }
+        self.file_store
+            .take()
+            .map_or(Ok(()), |run| run.finish(status))
+    }
 }
 
 /// Generates `n` tokens from an empty prompt, printing the text as it comes.

@@ -1,5 +1,5 @@
 //! The product as a user drives it: a tiny run from a config file with
-//! periodic checkpoints, MLflow output and a plot; `--print-config`;
+//! periodic checkpoints, a legacy MLflow file store and a plot; `--print-config`;
 //! `--resume`; and `generate` from the checkpoint, streaming and failing
 //! clearly on a prompt outside the vocabulary.
 
@@ -12,6 +12,8 @@ use std::process::{Command, Output};
 fn run(name: &str, args: &[&str]) -> Output {
     Command::new(common::example(name))
         .args(args)
+        // MLflow is logged to only when asked for here.
+        .env_remove("MLFLOW_TRACKING_URI")
         .output()
         .unwrap()
 }
@@ -28,6 +30,7 @@ fn config_checkpoints_resume_mlflow_plot_and_generate() {
     let config = dir.join("tiny.toml");
     std::fs::write(&config, TINY).unwrap();
     let out_dir = dir.join("run");
+    let mlruns = dir.join("mlruns");
     let (cfg, out) = (config.to_str().unwrap(), out_dir.to_str().unwrap());
 
     // Flags override the file; the resolved config is printed.
@@ -74,7 +77,15 @@ fn config_checkpoints_resume_mlflow_plot_and_generate() {
     ];
     let first = [
         &common[..],
-        &["--max-iters", "6", "--checkpoint-interval", "3", "--plot"],
+        &[
+            "--max-iters",
+            "6",
+            "--checkpoint-interval",
+            "3",
+            "--plot",
+            "--mlflow-file-store",
+            mlruns.to_str().unwrap(),
+        ],
     ]
     .concat();
     let stdout = ok(&run("shakespeare", &first));
@@ -96,7 +107,7 @@ fn config_checkpoints_resume_mlflow_plot_and_generate() {
     assert_eq!(meta["model"]["n_embd"], 32);
     assert_eq!(meta["model"]["router"]["kind"], "top_k");
     assert_eq!(meta["model"]["router"]["bias"], false);
-    let runs: Vec<_> = std::fs::read_dir(out_dir.join("mlruns").join("1"))
+    let runs: Vec<_> = std::fs::read_dir(mlruns.join("1"))
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| e.path().is_dir())
@@ -104,6 +115,11 @@ fn config_checkpoints_resume_mlflow_plot_and_generate() {
     assert_eq!(runs.len(), 1);
     let val = std::fs::read_to_string(runs[0].path().join("metrics").join("val_loss")).unwrap();
     assert_eq!(val.lines().count(), 3, "evals at steps 0, 4, 5: {val}");
+    assert!(runs[0].path().join("artifacts/loss_curve.png").is_file());
+    assert!(
+        !out_dir.join("mlruns").exists(),
+        "no file store unless asked for"
+    );
 
     let resumed = [&common[..], &["--resume", out, "--max-iters", "8"]].concat();
     let stdout = ok(&run("shakespeare", &resumed));

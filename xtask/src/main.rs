@@ -10,8 +10,9 @@
 //! Each first makes sure `.venv` holds PyPI's `torch==2.11.0` (the libtorch
 //! that `tch 0.24` is built against), creating it with `python3 -m venv` and
 //! pip when missing; `hf-fixtures` also installs `transformers==5.23.0`, the
-//! reference those fixtures come from. It has no dependencies so that it
-//! builds in seconds, before libtorch exists.
+//! reference those fixtures come from, and `test` installs `mlflow==3.17.2`,
+//! the tracking server and client of the `mlflow_server` test. It has no
+//! dependencies so that it builds in seconds, before libtorch exists.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,9 @@ use std::process::{exit, Command};
 
 const TORCH_VERSION: &str = "2.11.0";
 const TRANSFORMERS_VERSION: &str = "5.23.0";
+/// The newest MLflow on PyPI whose `mlflow-skinny` is there too (3.18.0's
+/// was not, when this was pinned).
+const MLFLOW_VERSION: &str = "3.17.2";
 
 fn main() {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -46,7 +50,7 @@ fn usage() -> ! {
         "usage: cargo xtask <shakespeare|test|env|run|hf-fixtures> [-- ARGS]\n\
          \n  shakespeare   train the makeMoE model on the bundled tinyshakespeare\
          \n                (--nproc N: N processes under torchrun, with --expert-parallel)\
-         \n  test          run every test of the workspace\
+         \n  test          run every test of the workspace (installs mlflow into .venv)\
          \n  env           print the exports that make plain cargo find libtorch\
          \n  run ARGS      run `cargo ARGS` with that environment\
          \n  hf-fixtures   rewrite tests/data/hf with transformers (ARGS go to\
@@ -119,7 +123,7 @@ fn pip_install(root: &Path, requirement: &str) -> Result<(), String> {
 
 /// Installs transformers into `.venv` unless it already holds that version.
 fn ensure_transformers(root: &Path) -> Result<(), String> {
-    if transformers_version(root).as_deref() == Some(TRANSFORMERS_VERSION) {
+    if package_version(root, "transformers").as_deref() == Some(TRANSFORMERS_VERSION) {
         return Ok(());
     }
     eprintln!(
@@ -127,19 +131,44 @@ fn ensure_transformers(root: &Path) -> Result<(), String> {
          (the reference of tests/data/hf)"
     );
     pip_install(root, &format!("transformers=={TRANSFORMERS_VERSION}"))?;
-    match transformers_version(root) {
+    match package_version(root, "transformers") {
         Some(v) if v == TRANSFORMERS_VERSION => Ok(()),
         found => Err(format!(
-            "transformers=={TRANSFORMERS_VERSION} was installed but `import transformers` \
-             in .venv gives {found:?}"
+            "transformers=={TRANSFORMERS_VERSION} was installed but .venv reports \
+             version {found:?}"
         )),
     }
 }
 
-/// What `import transformers` in `.venv` reports as its version.
-fn transformers_version(root: &Path) -> Option<String> {
+/// Installs MLflow (the tracking server and the client the `mlflow_server`
+/// test reads runs back with) into `.venv` unless it already holds that
+/// version: about 80 packages, 0.8 GB, a minute or two, once.
+fn ensure_mlflow(root: &Path) -> Result<(), String> {
+    if package_version(root, "mlflow").as_deref() == Some(MLFLOW_VERSION) {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing mlflow=={MLFLOW_VERSION} into .venv from PyPI \
+         (the tracking server of the mlflow_server test; 0.8 GB, once)"
+    );
+    pip_install(root, &format!("mlflow=={MLFLOW_VERSION}"))?;
+    match package_version(root, "mlflow") {
+        Some(v) if v == MLFLOW_VERSION => Ok(()),
+        found => Err(format!(
+            "mlflow=={MLFLOW_VERSION} was installed but .venv reports version {found:?}"
+        )),
+    }
+}
+
+/// The version of an installed distribution of `.venv`, from its metadata
+/// (without importing it: `import mlflow` takes seconds).
+fn package_version(root: &Path, name: &str) -> Option<String> {
     let out = Command::new(venv_python(root))
-        .args(["-c", "import transformers; print(transformers.__version__)"])
+        .args([
+            "-c",
+            "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))",
+            name,
+        ])
         .output()
         .ok()?;
     out.status
@@ -334,6 +363,7 @@ fn test(root: &Path, rest: &[String]) -> Result<(), String> {
     // The end-to-end tests run the examples' plain binaries, which
     // `cargo test --all-targets` builds only as test harnesses.
     cargo(root, &["build", "--workspace", "--examples"], &[])?;
+    ensure_mlflow(root)?;
     let mut totals = (0u64, 0u64);
     let mut result = cargo_counting(
         root,

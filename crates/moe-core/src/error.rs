@@ -101,6 +101,17 @@ pub enum MoeError {
     #[error("distributed: {0}")]
     Distributed(String),
 
+    /// An MLflow tracking server could not be reached, or answered with an
+    /// error: `url` is the request's, `message` says what went wrong (the
+    /// server's `error_code` and message when it sent them).
+    #[error("MLflow at {url}: {message}")]
+    Mlflow {
+        /// The request's URL.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
+
     /// An error raised inside libtorch.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

@@ -1,8 +1,9 @@
-//! `loss_curve.png`: train and validation loss against step and, when the
-//! metrics have it, the routing balance, drawn with `plotters` (bitmap
-//! backend, pure Rust). Axis labels need a TrueType font: the first of
-//! [`FONT_PATHS`] that exists is used; without one the curves are drawn
-//! without text (train blue, validation red, balance green).
+//! `loss_curve.png`: the run's name as title, train and validation loss
+//! against step and, when the metrics have it, the routing balance, drawn
+//! with `plotters` (bitmap backend, pure Rust). The title and labels need a
+//! TrueType font: the first of [`FONT_PATHS`] that exists is used; without
+//! one the curves are drawn without text (train blue, validation red,
+//! balance green).
 
 use moe_core::{MoeError, Result};
 use moe_train::TrainEvent;
@@ -62,8 +63,11 @@ impl LossCurves {
     }
 }
 
-/// Draws `curves` into a 1000x600 PNG at `path`.
-pub fn plot_loss_curve(path: &Path, curves: &LossCurves) -> Result<()> {
+/// Draws `curves` into a 1000x600 PNG at `path`, titled `title` (the
+/// run's name): train and validation loss (nats) against step and, below
+/// when the metrics have it, the routing balance (the experts' load CV,
+/// lower is more balanced).
+pub fn plot_loss_curve(path: &Path, title: &str, curves: &LossCurves) -> Result<()> {
     let err =
         |e: &dyn std::fmt::Display| MoeError::Data(format!("plotting {}: {e}", path.display()));
     if curves.train.is_empty() && curves.val.is_empty() {
@@ -72,24 +76,35 @@ pub fn plot_loss_curve(path: &Path, curves: &LossCurves) -> Result<()> {
     let text = font_available();
     let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
-    let (top, bottom) = if curves.balance.is_empty() {
-        (root.clone(), None)
+    let body = if text && !title.is_empty() {
+        root.titled(title, ("sans-serif", 24))
+            .map_err(|e| err(&e))?
     } else {
-        let (a, b) = root.split_vertically(400);
+        root.clone()
+    };
+    let (top, bottom) = if curves.balance.is_empty() {
+        (body, None)
+    } else {
+        let height = body.dim_in_pixel().1;
+        let (a, b) = body.split_vertically(height * 3 / 5);
         (a, Some(b))
     };
-    let losses: [Series; 2] = [
-        ("train loss", &curves.train, BLUE),
-        ("val loss", &curves.val, RED),
-    ];
+    let losses = Panel {
+        caption: None,
+        y_desc: "loss (nats)",
+        series: &[
+            ("train loss", &curves.train, BLUE),
+            ("val loss", &curves.val, RED),
+        ],
+    };
     draw_panel(&top, &losses, text).map_err(|e| err(&e))?;
     if let Some(bottom) = bottom {
-        draw_panel(
-            &bottom,
-            &[("routing balance", &curves.balance, GREEN)],
-            text,
-        )
-        .map_err(|e| err(&e))?;
+        let balance = Panel {
+            caption: Some("routing balance: CV of the experts' loads (lower = more balanced)"),
+            y_desc: "load CV",
+            series: &[("load CV", &curves.balance, GREEN)],
+        };
+        draw_panel(&bottom, &balance, text).map_err(|e| err(&e))?;
     }
     root.present().map_err(|e| err(&e))
 }
@@ -110,21 +125,33 @@ pub fn plot_val_losses(path: &Path, runs: &[(&str, &LossCurves)]) -> Result<()> 
         .collect();
     let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
-    draw_panel(&root, &series, font_available()).map_err(|e| err(&e))?;
+    let panel = Panel {
+        caption: None,
+        y_desc: "val loss (nats)",
+        series: &series,
+    };
+    draw_panel(&root, &panel, font_available()).map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))
 }
 
 type Series<'a> = (&'a str, &'a [(i64, f64)], RGBColor);
 
+/// One chart: its caption, the y axis's label and the lines.
+struct Panel<'a> {
+    caption: Option<&'a str>,
+    y_desc: &'a str,
+    series: &'a [Series<'a>],
+}
+
 fn draw_panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
-    series: &[Series],
+    panel: &Panel,
     text: bool,
 ) -> std::result::Result<(), Box<dyn std::error::Error + 'static>>
 where
     DB::ErrorType: 'static,
 {
-    let points = series.iter().flat_map(|s| s.1.iter());
+    let points = panel.series.iter().flat_map(|s| s.1.iter());
     let (mut x_max, mut y_min, mut y_max) = (1i64, f64::INFINITY, f64::NEG_INFINITY);
     for &(x, y) in points {
         x_max = x_max.max(x);
@@ -135,17 +162,25 @@ where
     let mut builder = ChartBuilder::on(area);
     builder.margin(15);
     if text {
-        builder.x_label_area_size(35).y_label_area_size(55);
+        builder.x_label_area_size(40).y_label_area_size(70);
+        if let Some(caption) = panel.caption {
+            builder.caption(caption, ("sans-serif", 18));
+        }
     }
     let mut chart = builder.build_cartesian_2d(0..x_max, (y_min - pad)..(y_max + pad))?;
     let mut mesh = chart.configure_mesh();
     if text {
-        mesh.x_desc("step");
+        // A label every 25 px or more.
+        let y_labels = (area.dim_in_pixel().1 / 25).clamp(3, 10) as usize;
+        mesh.x_desc("step")
+            .y_desc(panel.y_desc)
+            .y_labels(y_labels)
+            .axis_desc_style(("sans-serif", 16));
     } else {
         mesh.x_labels(0).y_labels(0);
     }
     mesh.draw()?;
-    for &(name, data, color) in series {
+    for &(name, data, color) in panel.series {
         let drawn =
             chart.draw_series(LineSeries::new(data.iter().copied(), color.stroke_width(2)))?;
         if text {

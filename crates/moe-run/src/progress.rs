@@ -48,6 +48,14 @@ impl Progress {
         }
     }
 
+    /// Prints a line to stderr (a warning) above the bar.
+    pub fn eprintln(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
+        }
+    }
+
     /// Leaves the bar at its last state.
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {

@@ -1,8 +1,8 @@
-//! MLflow file-store runs, loss-curve plots and run config files.
+//! MLflow's legacy file-store runs, loss-curve plots and run config files.
 
 use moe_data::TokenizerKind;
 use moe_routers::{Gate, RouterConfig};
-use moe_run::{plot_loss_curve, JsonlWriter, LossCurves, MlflowRun, RunConfig, RunStatus};
+use moe_run::{plot_loss_curve, JsonlWriter, LossCurves, MlflowFileStoreRun, RunConfig, RunStatus};
 use moe_train::{DecayGroups, LrSchedule, TrainEvent};
 use std::path::PathBuf;
 
@@ -38,12 +38,19 @@ fn get<'a>(fields: &'a [(String, String)], key: &str) -> &'a str {
 #[test]
 fn mlflow_runs_follow_the_file_store_layout() {
     let root = temp_dir("mlruns").join("mlruns");
-    let run = MlflowRun::create(&root, "shakespeare", "first").unwrap();
+    let run = MlflowFileStoreRun::create(&root, "shakespeare", "first").unwrap();
     run.log_param("model.n_embd", 128).unwrap();
     for (step, v) in [(0, 4.2), (10, 3.1)] {
         run.log_metric("val_loss", v, step).unwrap();
     }
+    let png = run.dir().join("plot.png");
+    std::fs::write(&png, b"png").unwrap();
+    run.log_artifact(&png).unwrap();
     run.finish(RunStatus::Finished).unwrap();
+    assert_eq!(
+        std::fs::read(run.dir().join("artifacts").join("plot.png")).unwrap(),
+        b"png"
+    );
 
     let exp = yaml(&root.join("1").join("meta.yaml"));
     assert_eq!(get(&exp, "name"), "'shakespeare'");
@@ -80,12 +87,12 @@ fn mlflow_runs_follow_the_file_store_layout() {
     assert!(lines[1][0].parse::<u128>().unwrap() >= start);
 
     // A second run of the same experiment goes into the same folder.
-    let again = MlflowRun::create(&root, "shakespeare", "second").unwrap();
+    let again = MlflowFileStoreRun::create(&root, "shakespeare", "second").unwrap();
     assert_eq!(
         again.dir().parent().unwrap(),
         root.join("1").canonicalize().unwrap()
     );
-    let other = MlflowRun::create(&root, "other", "x").unwrap();
+    let other = MlflowFileStoreRun::create(&root, "other", "x").unwrap();
     assert!(other
         .dir()
         .starts_with(root.join("2").canonicalize().unwrap()));
@@ -124,12 +131,12 @@ fn loss_curves_are_read_from_metrics_and_plotted_as_png() {
     let err = LossCurves::from_jsonl(&metrics).unwrap_err().to_string();
     assert!(err.contains("line 1"), "{err}");
     let png = dir.join("loss_curve.png");
-    plot_loss_curve(&png, &curves).unwrap();
+    plot_loss_curve(&png, "tiny run", &curves).unwrap();
     let bytes = std::fs::read(&png).unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
     let be = |i: usize| u32::from_be_bytes(bytes[i..i + 4].try_into().unwrap());
     assert_eq!((be(16), be(20)), (1000, 600), "IHDR width and height");
-    assert!(plot_loss_curve(&png, &LossCurves::default()).is_err());
+    assert!(plot_loss_curve(&png, "empty", &LossCurves::default()).is_err());
 }
 
 #[test]
