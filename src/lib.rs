@@ -38,9 +38,12 @@
 //! | `models` | model families, generation | |
 //! | `data` | tokenizers, datasets | Hugging Face `tokenizers` |
 //! | `train` | trainer, fused AdamW, checkpoints, data parallelism | the C++ shim |
-//! | `run` | run configs, metrics, MLflow, plots, progress | plotters, TOML |
+//! | `run` | run configs, metrics, progress, MLflow's legacy file store | TOML, indicatif |
+//! | `plot` | loss-curve PNGs (`run::plot_loss_curve`) | plotters |
+//! | `mlflow` | logging to an MLflow tracking server (`run::MlflowClient`) | ureq with rustls |
 //! | `hf` | Hugging Face checkpoints in and out | safetensors, memory maps |
 //! | `lm` (default) | all of the above | |
+//! | `cli` (default) | `clap::ValueEnum` on the kind enums (devices, presets, ...) | clap |
 //!
 //! `tch` is re-exported, so that a user's tensors come from the same tch as
 //! the library's. A program's `build.rs` should call

@@ -4,18 +4,27 @@
 //! MLflow logging to a tracking server ([`MlflowClient`], [`MlflowRun`]; the
 //! legacy file-store writer [`MlflowFileStoreRun`]), the loss plot
 //! ([`plot_loss_curve`]) and the terminal [`Progress`] bar.
+//!
+//! Features: `mlflow` (the REST client, through `ureq` with rustls) and
+//! `plot` (through `plotters`); the facade's `lm` turns both on.
 #![warn(missing_docs)]
 
 mod metrics;
+#[cfg(feature = "mlflow")]
 mod mlflow;
 mod mlflow_file_store;
+#[cfg(feature = "plot")]
 mod plot;
 mod progress;
 mod run_config;
+mod run_status;
 
 pub use metrics::JsonlWriter;
-pub use mlflow::{MlflowClient, MlflowRun, RunStatus};
+#[cfg(feature = "mlflow")]
+pub use mlflow::{MlflowClient, MlflowRun};
 pub use mlflow_file_store::MlflowFileStoreRun;
+#[cfg(feature = "plot")]
 pub use plot::{plot_loss_curve, plot_val_losses, LossCurves, FONT_PATHS};
 pub use progress::{format_secs, Progress};
 pub use run_config::RunConfig;
+pub use run_status::RunStatus;

@@ -22,29 +22,11 @@
 //! [`MlflowClient::with_timeout`] says otherwise); a failure is a
 //! [`MoeError::Mlflow`] naming the request's URL and what went wrong.
 
+pub use crate::run_status::RunStatus;
 use moe_core::{MoeError, Result};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
-/// How a run ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunStatus {
-    /// Ran to the end.
-    Finished,
-    /// Ended by an error.
-    Failed,
-}
-
-impl RunStatus {
-    /// MLflow's name of the status (`FINISHED`, `FAILED`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunStatus::Finished => "FINISHED",
-            RunStatus::Failed => "FAILED",
-        }
-    }
-}
 
 /// A connection to an MLflow tracking server (`http://HOST:PORT` or
 /// `https://...`, optionally with a path prefix).

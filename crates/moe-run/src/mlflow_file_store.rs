@@ -15,7 +15,7 @@
 //! Timestamps are milliseconds since the Unix epoch; run status codes are
 //! MLflow's `RunStatus` (1 running, 3 finished, 4 failed).
 
-use crate::mlflow::RunStatus;
+use crate::RunStatus;
 use moe_core::{MoeError, Result};
 use std::fs::{self, OpenOptions};
 use std::io::Write;
