@@ -80,11 +80,12 @@ pub fn plot_loss_curve(path: &Path, curves: &LossCurves) -> Result<()> {
         ("train loss", &curves.train, BLUE),
         ("val loss", &curves.val, RED),
     ];
-    draw_panel(&top, &losses, text).map_err(|e| err(&e))?;
+    draw_panel(&top, &losses, &Labels::steps(), text).map_err(|e| err(&e))?;
     if let Some(bottom) = bottom {
         draw_panel(
             &bottom,
             &[("routing balance", &curves.balance, GREEN)],
+            &Labels::steps(),
             text,
         )
         .map_err(|e| err(&e))?;
@@ -108,8 +109,61 @@ pub fn plot_val_losses(path: &Path, runs: &[(&str, &LossCurves)]) -> Result<()> 
         .collect();
     let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
-    draw_panel(&root, &series, font_available()).map_err(|e| err(&e))?;
+    draw_panel(&root, &series, &Labels::steps(), font_available()).map_err(|e| err(&e))?;
     root.present().map_err(|e| err(&e))
+}
+
+/// Draws named series of `(x, y)` points as lines with a dot at each point
+/// into a 1000x600 PNG at `path`, under `title`, with the axes labelled
+/// `x_label` and `y_label` (e.g. the best loss so far against trials of
+/// several searches).
+pub fn plot_series(
+    path: &Path,
+    title: &str,
+    (x_label, y_label): (&str, &str),
+    series: &[(&str, &[(i64, f64)])],
+) -> Result<()> {
+    let err =
+        |e: &dyn std::fmt::Display| MoeError::Data(format!("plotting {}: {e}", path.display()));
+    if series.iter().all(|(_, points)| points.is_empty()) {
+        return Err(err(&"no points to plot"));
+    }
+    const COLORS: [RGBColor; 4] = [BLUE, RED, GREEN, MAGENTA];
+    let series: Vec<Series> = series
+        .iter()
+        .zip(COLORS.iter().cycle())
+        .map(|((name, points), &color)| (*name, *points, color))
+        .collect();
+    let labels = Labels {
+        title: Some(title),
+        x: x_label,
+        y: Some(y_label),
+        dots: true,
+    };
+    let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    draw_panel(&root, &series, &labels, font_available()).map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))
+}
+
+/// The text around a panel, and whether points get a dot.
+struct Labels<'a> {
+    title: Option<&'a str>,
+    x: &'a str,
+    y: Option<&'a str>,
+    dots: bool,
+}
+
+impl Labels<'static> {
+    /// A panel of curves against training steps.
+    fn steps() -> Self {
+        Labels {
+            title: None,
+            x: "step",
+            y: None,
+            dots: false,
+        }
+    }
 }
 
 type Series<'a> = (&'a str, &'a [(i64, f64)], RGBColor);
@@ -117,6 +171,7 @@ type Series<'a> = (&'a str, &'a [(i64, f64)], RGBColor);
 fn draw_panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, plotters::coord::Shift>,
     series: &[Series],
+    labels: &Labels,
     text: bool,
 ) -> std::result::Result<(), Box<dyn std::error::Error + 'static>>
 where
@@ -133,12 +188,18 @@ where
     let mut builder = ChartBuilder::on(area);
     builder.margin(15);
     if text {
-        builder.x_label_area_size(35).y_label_area_size(55);
+        builder.x_label_area_size(45).y_label_area_size(70);
+        if let Some(title) = labels.title {
+            builder.caption(title, ("sans-serif", 24));
+        }
     }
     let mut chart = builder.build_cartesian_2d(0..x_max, (y_min - pad)..(y_max + pad))?;
     let mut mesh = chart.configure_mesh();
     if text {
-        mesh.x_desc("step");
+        mesh.x_desc(labels.x);
+        if let Some(y) = labels.y {
+            mesh.y_desc(y);
+        }
     } else {
         mesh.x_labels(0).y_labels(0);
     }
@@ -150,6 +211,12 @@ where
             drawn
                 .label(name)
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color));
+        }
+        if labels.dots {
+            let dots = data
+                .iter()
+                .map(|&(x, y)| Circle::new((x, y), 4, color.filled()));
+            chart.draw_series(dots)?;
         }
     }
     if text {
