@@ -44,6 +44,9 @@ const FINE_GRAINED: [i64; 3] = [1, 2, 4];
 /// Seeds libtorch's generator before the final evaluation, so that every
 /// trial is scored on the same batches.
 const EVAL_SEED: i64 = 4242;
+/// How many times the Bayesian search asks egobox (with other random
+/// starts) for an untried configuration before it draws one at random.
+const PROPOSAL_RETRIES: u64 = 4;
 
 #[derive(Parser, Debug)]
 #[command(version)]
@@ -787,35 +790,41 @@ fn propose(
         y.push(best);
     }
     let dims = space.xtypes().len();
-    let suggested = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> Option<Config> {
-        let x = ndarray::Array2::from_shape_vec((y.len(), dims), x).ok()?;
-        let y = ndarray::Array2::from_shape_vec((y.len(), 1), y).ok()?;
+    let (Ok(x), Ok(y)) = (
+        ndarray::Array2::from_shape_vec((y.len(), dims), x),
+        ndarray::Array2::from_shape_vec((y.len(), 1), y),
+    ) else {
+        unreachable!("one row of x and y per trial");
+    };
+    let ask = |seed: u64| -> Option<Config> {
         let egor = EgorServiceBuilder::optimize()
-            .configure(|c| {
-                c.infill_strategy(InfillStrategy::LogEI)
-                    .seed(args.search_seed + 1 + t as u64)
-            })
+            .configure(|c| c.infill_strategy(InfillStrategy::LogEI).seed(seed))
             .min_within_mixint_space(&space.xtypes())
             .ok()?;
-        let next = egor.suggest(&x, &y);
-        let row: Vec<f64> = next.row(0).to_vec();
-        Some(space.config_at(&row))
-    }));
-    match suggested {
-        Ok(Some(c)) if !seen.contains(&c) => (c, Proposal::Ei),
-        Ok(Some(c)) => {
-            eprintln!(
-                "bayes trial {t}: the surrogate proposed {c} again; a random untried one instead"
-            );
-            fallback()
-        }
-        _ => {
-            eprintln!(
-                "bayes trial {t}: the surrogate could not be fitted; a random untried one instead"
-            );
-            fallback()
+        // egobox panics rather than erring on some fits: a failed proposal.
+        let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| egor.suggest(&x, &y)));
+        Some(space.config_at(&next.ok()?.row(0).to_vec()))
+    };
+    // As egobox's own loop does when the infill's maximiser rounds onto a
+    // point it has, ask again with fresh random starts before giving up.
+    let mut last = None;
+    for retry in 0..PROPOSAL_RETRIES {
+        let seed = args.search_seed + 1 + t as u64 + 1000 * retry;
+        match ask(seed) {
+            Some(c) if !seen.contains(&c) => return (c, Proposal::Ei),
+            other => last = other.or(last),
         }
     }
+    match last {
+        Some(c) => eprintln!(
+            "bayes trial {t}: the surrogate proposed {c}, already tried, {PROPOSAL_RETRIES} times; \
+             a random untried configuration instead"
+        ),
+        None => eprintln!(
+            "bayes trial {t}: the surrogate could not be fitted; a random untried configuration instead"
+        ),
+    }
+    fallback()
 }
 
 /// The best finite validation loss after each trial of `search`, trials in
