@@ -35,6 +35,17 @@ impl DeviceChoice {
     }
 }
 
+/// The name [`DeviceChoice::from_str`] reads back (`auto`, `cpu`, `cuda`).
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DeviceChoice::Auto => "auto",
+            DeviceChoice::Cpu => "cpu",
+            DeviceChoice::Cuda => "cuda",
+        })
+    }
+}
+
 impl FromStr for DeviceChoice {
     type Err = MoeError;
 

@@ -90,6 +90,8 @@ pub fn plot_loss_curve(path: &Path, title: &str, curves: &LossCurves) -> Result<
         (a, Some(b))
     };
     let losses = Panel {
+        x_desc: "step",
+        dots: false,
         caption: None,
         y_desc: "loss (nats)",
         series: &[
@@ -100,6 +102,8 @@ pub fn plot_loss_curve(path: &Path, title: &str, curves: &LossCurves) -> Result<
     draw_panel(&top, &losses, text).map_err(|e| err(&e))?;
     if let Some(bottom) = bottom {
         let balance = Panel {
+            x_desc: "step",
+            dots: false,
             caption: Some("routing balance: CV of the experts' loads (lower = more balanced)"),
             y_desc: "load CV",
             series: &[("load CV", &curves.balance, GREEN)],
@@ -126,6 +130,8 @@ pub fn plot_val_losses(path: &Path, runs: &[(&str, &LossCurves)]) -> Result<()> 
     let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let panel = Panel {
+        x_desc: "step",
+        dots: false,
         caption: None,
         y_desc: "val loss (nats)",
         series: &series,
@@ -134,13 +140,50 @@ pub fn plot_val_losses(path: &Path, runs: &[(&str, &LossCurves)]) -> Result<()> 
     root.present().map_err(|e| err(&e))
 }
 
+/// Draws named series of `(x, y)` points as lines with a dot at each point
+/// into a 1000x600 PNG at `path`, under `title`, with the axes labelled
+/// `x_label` and `y_label` (e.g. the best loss so far against trials of
+/// several searches).
+pub fn plot_series(
+    path: &Path,
+    title: &str,
+    (x_label, y_label): (&str, &str),
+    series: &[(&str, &[(i64, f64)])],
+) -> Result<()> {
+    let err =
+        |e: &dyn std::fmt::Display| MoeError::Data(format!("plotting {}: {e}", path.display()));
+    if series.iter().all(|(_, points)| points.is_empty()) {
+        return Err(err(&"no points to plot"));
+    }
+    const COLORS: [RGBColor; 4] = [BLUE, RED, GREEN, MAGENTA];
+    let series: Vec<Series> = series
+        .iter()
+        .zip(COLORS.iter().cycle())
+        .map(|((name, points), &color)| (*name, *points, color))
+        .collect();
+    let panel = Panel {
+        caption: Some(title),
+        x_desc: x_label,
+        y_desc: y_label,
+        series: &series,
+        dots: true,
+    };
+    let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    draw_panel(&root, &panel, font_available()).map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))
+}
+
 type Series<'a> = (&'a str, &'a [(i64, f64)], RGBColor);
 
-/// One chart: its caption, the y axis's label and the lines.
+/// One chart: its caption, the axes' labels, the lines, and whether each
+/// point gets a dot.
 struct Panel<'a> {
     caption: Option<&'a str>,
+    x_desc: &'a str,
     y_desc: &'a str,
     series: &'a [Series<'a>],
+    dots: bool,
 }
 
 fn draw_panel<DB: DrawingBackend>(
@@ -172,7 +215,7 @@ where
     if text {
         // A label every 25 px or more.
         let y_labels = (area.dim_in_pixel().1 / 25).clamp(3, 10) as usize;
-        mesh.x_desc("step")
+        mesh.x_desc(panel.x_desc)
             .y_desc(panel.y_desc)
             .y_labels(y_labels)
             .axis_desc_style(("sans-serif", 16));
@@ -181,6 +224,12 @@ where
     }
     mesh.draw()?;
     for &(name, data, color) in panel.series {
+        if panel.dots {
+            chart.draw_series(
+                data.iter()
+                    .map(|&point| Circle::new(point, 4, color.filled())),
+            )?;
+        }
         let drawn =
             chart.draw_series(LineSeries::new(data.iter().copied(), color.stroke_width(2)))?;
         if text {

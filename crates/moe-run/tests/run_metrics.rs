@@ -2,7 +2,9 @@
 
 use moe_data::TokenizerKind;
 use moe_routers::{Gate, RouterConfig};
-use moe_run::{plot_loss_curve, JsonlWriter, LossCurves, MlflowFileStoreRun, RunConfig, RunStatus};
+use moe_run::{
+    plot_loss_curve, plot_series, JsonlWriter, LossCurves, MlflowFileStoreRun, RunConfig, RunStatus,
+};
 use moe_train::{DecayGroups, LrSchedule, TrainEvent};
 use std::path::PathBuf;
 
@@ -137,6 +139,16 @@ fn loss_curves_are_read_from_metrics_and_plotted_as_png() {
     let be = |i: usize| u32::from_be_bytes(bytes[i..i + 4].try_into().unwrap());
     assert_eq!((be(16), be(20)), (1000, 600), "IHDR width and height");
     assert!(plot_loss_curve(&png, "empty", &LossCurves::default()).is_err());
+    // Series against trials, with a title and axis labels.
+    let series = plot_series(
+        &png,
+        "best so far",
+        ("trial", "loss"),
+        &[("a", &[(1, 2.0), (2, 1.5)]), ("b", &[(1, 2.2)])],
+    );
+    series.unwrap();
+    assert_eq!(&std::fs::read(&png).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
+    assert!(plot_series(&png, "t", ("x", "y"), &[("a", &[])]).is_err());
 }
 
 #[test]
