@@ -348,7 +348,7 @@ impl RouterConfig {
         // Out of place: the weights may be the saved output of a softmax.
         let routing = if self.routed_scaling_factor != 1.0 {
             Routing {
-                weights: routing.weights.multiply_scalar(self.routed_scaling_factor),
+                weight: routing.weight.multiply_scalar(self.routed_scaling_factor),
                 ..routing
             }
         } else {
