@@ -74,6 +74,7 @@ struct RunResult {
     cv: f64,
     max_violation: f64,
     dropped: f64,
+    unrouted: f64,
     total_params: i64,
     active_params: i64,
 }
@@ -147,6 +148,11 @@ fn designs(base: &MakeMoeConfig) -> Vec<Design> {
                 c.router.capacity_factor = Some(1.0);
             }),
         },
+        Design {
+            name: "expert choice, per position (causal)",
+            balance: "by construction",
+            config: with(&|c| c.router.gate = Gate::expert_choice()),
+        },
     ]
 }
 
@@ -158,6 +164,7 @@ struct Row {
     cv: Vec<f64>,
     max_violation: Vec<f64>,
     dropped: Vec<f64>,
+    unrouted: Vec<f64>,
     total_params: i64,
     active_params: i64,
 }
@@ -247,6 +254,7 @@ fn run(args: Args) -> Result<()> {
         row.cv.push(r.cv);
         row.max_violation.push(r.max_violation);
         row.dropped.push(r.dropped);
+        row.unrouted.push(r.unrouted);
         row.total_params = r.total_params;
         row.active_params = r.active_params;
     }
@@ -328,6 +336,7 @@ fn train_one(
         cv: per_layer(|s| s.cv),
         max_violation: per_layer(|s| s.max_violation),
         dropped: per_layer(|s| s.dropped_fraction),
+        unrouted: per_layer(|s| s.unrouted_fraction),
         total_params,
         active_params,
     })
@@ -427,7 +436,10 @@ fn render(args: &Args, device: tch::Device, designs: &[Design], rows: &[Row]) ->
          hidden 512 (ReLU), top-2, AdamW lr 1e-3. {} training steps, val loss over {} \
          batches after the last step, mean over {} seed(s). Load CV and max violation \
          are means over the 8 layers of one evaluation-mode forward pass on validation \
-         sequences; ms/step excludes evaluation (with --jobs, runs share the machine).\n",
+         sequences; dropped is the fraction of slots a capacity limit removed, unrouted \
+         the fraction of tokens no expert processed (expert choice: those no expert \
+         chose; with batch 16 each expert takes 4 of the 16 tokens at each position); \
+         ms/step excludes evaluation (with --jobs, runs share the machine).\n",
         args.max_iters, args.eval_iters, args.seeds
     );
     if args.max_iters < 1000 {
@@ -439,13 +451,13 @@ fn render(args: &Args, device: tch::Device, designs: &[Design], rows: &[Row]) ->
         );
     }
     s.push_str(
-        "| design | balance | val loss | total params | active params | ms/step | load CV | max violation | dropped |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+        "| design | balance | val loss | total params | active params | ms/step | load CV | max violation | dropped | unrouted |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for (d, r) in designs.iter().zip(rows) {
         let _ = writeln!(
             s,
-            "| {} | {} | {:.4} | {:.3} M | {:.3} M | {:.1} | {:.3} | {:.3} | {:.3} |",
+            "| {} | {} | {:.4} | {:.3} M | {:.3} M | {:.1} | {:.3} | {:.3} | {:.3} | {:.3} |",
             d.name,
             d.balance,
             mean(&r.val_loss),
@@ -455,6 +467,7 @@ fn render(args: &Args, device: tch::Device, designs: &[Design], rows: &[Row]) ->
             mean(&r.cv),
             mean(&r.max_violation),
             mean(&r.dropped),
+            mean(&r.unrouted),
         );
     }
     s

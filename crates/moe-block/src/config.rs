@@ -226,7 +226,7 @@ impl SparseMoeConfig {
     }
 
     /// Sizes, shared experts, the capacity dispatch's need of a capacity
-    /// factor, the router's settings for its sizes (`1 <= top_k <=
+    /// factor (a token-choice gate's; expert choice has its own), the router's settings for its sizes (`1 <= top_k <=
     /// num_experts` among them), experts and balance losses.
     pub fn validate(&self) -> Result<()> {
         if self.n_embd <= 0 {
@@ -238,7 +238,10 @@ impl SparseMoeConfig {
         if let Some(shared) = &self.shared_experts {
             shared.validate()?;
         }
-        if self.dispatch == DispatchKind::Capacity && self.router.capacity_factor.is_none() {
+        if self.dispatch == DispatchKind::Capacity
+            && self.router.capacity_factor.is_none()
+            && self.router.gate.is_token_choice()
+        {
             return Err(MoeError::config(
                 "dispatch `capacity` needs router.capacity_factor (the one capacity setting: \
                  the router marks the dropped slots and the strategy sizes its buffers from \

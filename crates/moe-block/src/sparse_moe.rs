@@ -16,9 +16,10 @@ use tch::{nn, Tensor};
 ///
 /// `c(x) = sigmoid(x w_g)` with a shared-expert gate, else 1.
 ///
-/// The router picks `k` experts per token; the dispatch strategy runs only
-/// those experts and sums their outputs weighted by the gate; shared experts
-/// see every token.
+/// The router picks `k` experts per token (or, with expert choice, each
+/// expert picks its tokens and `TopK(x)` is the experts that chose `x`); the
+/// dispatch strategy runs only those experts and sums their outputs
+/// weighted by the gate; shared experts see every token.
 #[derive(Debug)]
 pub struct SparseMoe {
     router: Box<dyn Router>,
@@ -183,8 +184,10 @@ impl SparseMoe {
     }
 
     /// `x`: `[..., d]` (any leading dims) -> same shape. With a rank of 3 or
-    /// more, the second-to-last dimension is the sequence length that the
-    /// per-sequence balance loss groups by.
+    /// more, the second-to-last dimension is the sequence length `T` that
+    /// the per-sequence balance loss groups by and expert choice per
+    /// position reads (`[B, T, d]`: at each position, the experts choose
+    /// among the `B` tokens there); `[N, d]` is one sequence.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<MoeOutput> {
         let d = self.config.n_embd;
         let shape = x.size();
@@ -198,12 +201,13 @@ impl SparseMoe {
         check_float(x, "MoE input")?;
         check_same_device(x, "MoE input", self.experts.w_in.device())?;
         let flat = x.reshape([-1, d]);
+        let seq_len = (shape.len() >= 3).then(|| shape[shape.len() - 2]);
         // The router computes in the parameters' dtype (f32 under mixed
         // precision, see `moe_core::Precision`): its softmax and top-k decide
         // which experts run, and bf16 logits tie and round.
-        let routing = self
-            .router
-            .route(&flat.to_kind(self.experts.w_in.kind()), train)?;
+        let routing =
+            self.router
+                .route_sequences(&flat.to_kind(self.experts.w_in.kind()), seq_len, train)?;
         let mut output = match &self.expert_parallel {
             Some(parallel) => parallel.combine(&flat, &routing, &self.experts, train)?,
             None => self.dispatch.combine(&flat, &routing, &self.experts, train),
@@ -218,7 +222,6 @@ impl SparseMoe {
                 None => y,
             };
         }
-        let seq_len = (shape.len() >= 3).then(|| shape[shape.len() - 2]);
         let aux_loss = match &self.expert_parallel {
             // The load of each expert over every rank's tokens.
             Some(parallel) if self.config.balance.is_active() => {

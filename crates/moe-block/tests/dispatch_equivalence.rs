@@ -5,7 +5,7 @@
 use moe_block::{SparseMoe, SparseMoeConfig};
 use moe_dispatch::DispatchKind;
 use moe_experts::Activation;
-use moe_routers::{Gate, RouterConfig};
+use moe_routers::{ExpertChoiceScope, Gate, RouterConfig};
 use std::sync::{Mutex, MutexGuard};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -41,6 +41,9 @@ struct Case {
     expert_bias: bool,
     /// Bias added to expert 0's router logit (large: every token picks it).
     skew: f64,
+    /// The input as `[n / seq_len, seq_len, d]` sequences (expert choice per
+    /// position reads them); `None`: `[n, d]`.
+    seq_len: Option<i64>,
 }
 
 /// Output and gradients (input first, then every parameter by name) of `moe` under `kind`.
@@ -96,8 +99,9 @@ fn check(case: &Case, seed: i64) {
         router: RouterConfig {
             gate: case.router.clone(),
             // A capacity factor of E gives C = N k: nothing can overflow, so
-            // the capacity strategy must equal the dropless ones.
-            capacity_factor: Some(case.e as f64),
+            // the capacity strategy must equal the dropless ones. Expert
+            // choice has its own capacity, which never drops.
+            capacity_factor: case.router.is_token_choice().then_some(case.e as f64),
             ..Default::default()
         },
         activation: case.activation,
@@ -112,6 +116,10 @@ fn check(case: &Case, seed: i64) {
         });
     }
     let x = Tensor::randn([case.n, case.d], (Kind::Float, Device::Cpu));
+    let x = match case.seq_len {
+        Some(t) => x.view([case.n / t, t, case.d]),
+        None => x,
+    };
     drop(rng);
     let names: Vec<String> = vs.variables().into_keys().collect();
     let has_bias = names
@@ -172,6 +180,7 @@ fn random_cases_match_the_dense_reference() {
             },
             expert_bias: seed % 5 != 0,
             skew: 0.0,
+            seq_len: None,
         };
         drop(rng);
         check(&case, seed);
@@ -190,6 +199,7 @@ fn edge_cases_match_the_dense_reference() {
         activation: Activation::Relu,
         expert_bias: true,
         skew: 0.0,
+        seq_len: None,
     };
     // A single token: most experts get nothing.
     check(
@@ -325,5 +335,69 @@ fn bf16_compute_with_f32_parameters_matches_the_f32_reference() {
                 "{kind:?} in bf16 differs from the f32 reference in {name}: |diff| {err}, |ref| {scale}"
             );
         }
+    }
+}
+
+/// Expert choice (a token gets zero, one or many experts) through every
+/// strategy: the paper's form on `[N, d]`, the causal form on `[B, T, d]`
+/// (and its top-k rule where `C_t = 0`), in values and gradients of the
+/// input, the experts and the router.
+#[test]
+fn expert_choice_matches_the_dense_reference() {
+    let all_tokens = |capacity_factor| Gate::ExpertChoice {
+        capacity_factor,
+        scope: ExpertChoiceScope::AllTokens,
+    };
+    let per_position = |capacity_factor| Gate::ExpertChoice {
+        capacity_factor,
+        scope: ExpertChoiceScope::PerPosition,
+    };
+    let base = Case {
+        n: 24,
+        d: 8,
+        h: 12,
+        e: 6,
+        k: 2,
+        router: all_tokens(1.0),
+        activation: Activation::Relu,
+        expert_bias: true,
+        skew: 0.0,
+        seq_len: None,
+    };
+    let cases = [
+        base.clone(),
+        Case {
+            router: all_tokens(2.5),
+            activation: Activation::SwiGlu,
+            expert_bias: false,
+            ..base.clone()
+        },
+        // Experts crowding onto the tokens expert 0 likes.
+        Case {
+            skew: 5.0,
+            ..base.clone()
+        },
+        // B = 6 sequences of T = 4: C_t = floor(6 * 2 / 6) = 2.
+        Case {
+            router: per_position(1.0),
+            seq_len: Some(4),
+            ..base.clone()
+        },
+        // B = 2: C_t = floor(2 * 2 / 6) = 0, the per-token top-k rule.
+        Case {
+            router: per_position(1.0),
+            seq_len: Some(12),
+            ..base.clone()
+        },
+        // More experts than tokens in scope: C = 1 each.
+        Case {
+            n: 3,
+            e: 8,
+            k: 1,
+            ..base
+        },
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        check(case, 300 + i as i64);
     }
 }

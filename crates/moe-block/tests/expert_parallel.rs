@@ -4,7 +4,8 @@
 //! gradients of the inputs, of the expert weights and (summed over the
 //! ranks) of the router — including an expert that gets no token and a
 //! rank that receives nothing; the capacity mode equals the single-process
-//! capacity dispatch on each rank's tokens.
+//! capacity dispatch on each rank's tokens; expert choice equals one
+//! process running each rank's batch on its own.
 
 use moe_aten::dist::{Group, GroupOptions};
 use moe_block::{SharedExperts, SparseMoe, SparseMoeConfig};
@@ -12,8 +13,16 @@ use moe_dispatch::{DispatchKind, ExchangeMode, ExpertParallel};
 use moe_experts::Activation;
 use moe_routers::{BalanceLossConfig, Gate, RouterConfig};
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use tch::{nn, Device, Kind, Tensor};
+
+/// libtorch's generator is global and this file's tests run in parallel: a
+/// test holds this lock from seeding it until its weights and inputs are
+/// drawn, so that it draws the same numbers whatever the others do.
+fn rng() -> MutexGuard<'static, ()> {
+    static RNG: Mutex<()> = Mutex::new(());
+    RNG.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 const E: i64 = 8;
 const D: i64 = 12;
@@ -127,6 +136,7 @@ struct RankResult {
 /// The expert-parallel layer on `p` ranks against one layer holding every
 /// expert, on the same weights and the same global batch.
 fn check(cfg: &SparseMoeConfig, p: i64, starve: &[i64], label: &str) {
+    let rng = rng();
     tch::manual_seed(11);
     let reference_vs = nn::VarStore::new(Device::Cpu);
     let reference = SparseMoe::new(&reference_vs.root(), cfg.clone()).unwrap();
@@ -143,6 +153,7 @@ fn check(cfg: &SparseMoeConfig, p: i64, starve: &[i64], label: &str) {
     });
     let x = Tensor::randn([p * N, D], (Kind::Float, Device::Cpu));
     let upstream = Tensor::randn([p * N, D], (Kind::Float, Device::Cpu));
+    drop(rng);
     // The reference on the whole batch.
     let xr = x.copy().set_requires_grad(true);
     let out = reference.forward_t(&xr, true).unwrap();
@@ -300,11 +311,13 @@ fn capacity_mode_equals_the_capacity_dispatch_on_each_ranks_tokens() {
     cfg.router.capacity_factor = Some(1.0);
     cfg.dispatch = DispatchKind::Capacity;
     let p = 2;
+    let rng = rng();
     tch::manual_seed(5);
     let reference_vs = nn::VarStore::new(Device::Cpu);
     let reference = SparseMoe::new(&reference_vs.root(), cfg.clone()).unwrap();
     let ref_vars = vars(&reference_vs);
     let x = Tensor::randn([p * N, D], (Kind::Float, Device::Cpu));
+    drop(rng);
     let l = E / p;
     let inputs: Vec<_> = (0..p)
         .map(|rank| {
@@ -341,5 +354,109 @@ fn experts_must_split_evenly_over_the_ranks() {
     });
     for msg in results {
         assert!(msg.contains("8 experts over 3 ranks"), "{msg}");
+    }
+}
+
+/// Expert choice: each rank's experts choose among that rank's tokens (its
+/// `[B, T, d]` batch), so the expert-parallel layer must equal one process
+/// holding every expert that runs each rank's batch on its own: outputs and
+/// input gradients rank by rank, expert gradients (each rank's share of the
+/// sum over the ranks' batches) and the summed router gradients, in both
+/// exchange modes (every expert gets exactly `C` rows per rank: the
+/// capacity mode pads and drops nothing).
+#[test]
+fn expert_choice_equals_one_process_on_each_ranks_batch() {
+    use moe_routers::ExpertChoiceScope;
+    let (p, b, t) = (2, 4, 3);
+    for scope in [ExpertChoiceScope::PerPosition, ExpertChoiceScope::AllTokens] {
+        for mode in [ExchangeMode::Dropless, ExchangeMode::Capacity] {
+            let label = format!("{scope:?}, {mode:?}");
+            let mut cfg = config(
+                Gate::ExpertChoice {
+                    capacity_factor: 1.0,
+                    scope,
+                },
+                Activation::SwiGlu,
+                true,
+                false,
+            );
+            cfg.balance = BalanceLossConfig::default();
+            let rng = rng();
+            tch::manual_seed(13);
+            let reference_vs = nn::VarStore::new(Device::Cpu);
+            let reference = SparseMoe::new(&reference_vs.root(), cfg.clone()).unwrap();
+            let x = Tensor::randn([p * b, t, D], (Kind::Float, Device::Cpu));
+            let upstream = Tensor::randn([p * b, t, D], (Kind::Float, Device::Cpu));
+            drop(rng);
+            let batch = |t: &Tensor, rank: i64| t.narrow(0, rank * b, b).copy();
+            // The reference on each rank's batch; parameter gradients add up.
+            let mut want = Vec::new();
+            for rank in 0..p {
+                let xr = batch(&x, rank).set_requires_grad(true);
+                let out = reference.forward_t(&xr, true).unwrap();
+                assert_eq!(out.routing.top_k, None, "{label}: expert choice");
+                (&out.output * batch(&upstream, rank))
+                    .sum(Kind::Float)
+                    .backward();
+                want.push((out.output.detach(), xr.grad()));
+            }
+            let ref_vars = vars(&reference_vs);
+            let l = E / p;
+            let inputs: Vec<_> = (0..p)
+                .map(|rank| {
+                    (
+                        rank_weights(&ref_vars, rank, l),
+                        batch(&x, rank),
+                        batch(&upstream, rank),
+                    )
+                })
+                .collect();
+            let results = on_ranks(inputs, |_, group, (weights, x, g)| {
+                let (vs, layer) = rank_layer(&cfg, group, mode, weights);
+                let xr = x.set_requires_grad(true);
+                let out = layer.forward_t(&xr, true).unwrap();
+                (&out.output * &g).sum(Kind::Float).backward();
+                RankResult {
+                    output: out.output.detach(),
+                    input_grad: xr.grad(),
+                    grads: vs
+                        .variables()
+                        .into_iter()
+                        .filter(|(_, v)| v.requires_grad())
+                        .map(|(name, v)| (name, v.grad()))
+                        .collect(),
+                    aux: 0.0,
+                }
+            });
+            let mut router_grads: BTreeMap<String, Tensor> = BTreeMap::new();
+            for (rank, (r, (output, input_grad))) in results.iter().zip(&want).enumerate() {
+                let d = max_diff(&r.output, output);
+                assert!(d < 1e-5, "{label}, rank {rank}: output differs by {d}");
+                let d = max_diff(&r.input_grad, input_grad);
+                assert!(
+                    d < 1e-5,
+                    "{label}, rank {rank}: input gradient differs by {d}"
+                );
+                for (name, grad) in &r.grads {
+                    let full = ref_vars[name].grad();
+                    if name.starts_with("experts.") {
+                        let d = max_diff(grad, &full.narrow(0, rank as i64 * l, l));
+                        assert!(
+                            d < 1e-5,
+                            "{label}, rank {rank}: {name} gradient differs by {d}"
+                        );
+                    } else {
+                        let sum = router_grads
+                            .remove(name)
+                            .map_or_else(|| grad.copy(), |s| s + grad);
+                        router_grads.insert(name.clone(), sum);
+                    }
+                }
+            }
+            for (name, sum) in router_grads {
+                let d = max_diff(&sum, &ref_vars[&name].grad());
+                assert!(d < 1e-5, "{label}: summed {name} gradient differs by {d}");
+            }
+        }
     }
 }

@@ -22,6 +22,10 @@ use tch::{Kind, Tensor};
 /// A routing without a capacity (none was configured) gets `C = N`: a
 /// token chooses an expert at most once, so nothing overflows, at the cost
 /// of the dense layer's `E N` rows.
+///
+/// An expert-choice routing records the tokens each expert chose as its
+/// capacity, so its buffers are exactly full: nothing is dropped and no row
+/// is padding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Capacity;
 
@@ -30,10 +34,10 @@ pub struct Capacity;
 pub struct CapacityPlan {
     /// Rows per expert.
     pub capacity: i64,
-    /// Row of each slot (token-major order) in the flat `[E * C + 1, d]`
+    /// Row of each slot (slot order) in the flat `[E * C + 1, d]`
     /// buffer; dropped slots point at the last, spare row.
     pub row: Tensor,
-    /// 1 for kept slots, 0 for dropped ones, `[N k]`.
+    /// 1 for kept slots, 0 for dropped ones, `[S]`.
     pub keep: Tensor,
 }
 
@@ -44,15 +48,15 @@ impl Capacity {
     }
 
     /// Buffer positions ([`Routing::slot_positions`]): a slot's row within
-    /// its expert is the number of earlier slots (in token order) routed there.
+    /// its expert is the number of earlier slots (in slot order, token order
+    /// under token choice) routed there.
     pub fn plan(&self, routing: &Routing) -> CapacityPlan {
         let e = routing.num_experts;
         let capacity = self.capacity(routing);
-        let expert = routing.indices.flatten(0, -1);
         let position = routing.slot_positions();
         let keep = position.lt(capacity);
-        let spare = Tensor::full_like(&expert, e * capacity);
-        let row = (expert * capacity + &position).where_self(&keep, &spare);
+        let spare = Tensor::full_like(&routing.expert, e * capacity);
+        let row = (&routing.expert * capacity + &position).where_self(&keep, &spare);
         CapacityPlan {
             capacity,
             row,
@@ -87,17 +91,14 @@ impl Dispatch for Capacity {
 /// atomics.
 pub(crate) fn fill_buffer(x: &Tensor, routing: &Routing, plan: &CapacityPlan) -> Tensor {
     let (n, d) = (x.size()[0], x.size()[1]);
-    let (k, e, c) = (routing.top_k(), routing.num_experts, plan.capacity);
-    let slots = n * k;
+    let (e, c) = (routing.num_experts, plan.capacity);
+    let slots = routing.num_slots();
     let opts = (Kind::Int64, x.device());
     let slot_of_row = Tensor::full([e * c + 1], slots, opts)
         .scatter(0, &plan.row, &Tensor::arange(slots, opts))
         .narrow(0, 0, e * c);
     let token_of_slot = Tensor::cat(
-        &[
-            Tensor::arange(slots, opts).divide_scalar_mode(k, "trunc"),
-            Tensor::full([1], n, opts),
-        ],
+        &[routing.token.shallow_clone(), Tensor::full([1], n, opts)],
         0,
     );
     let x_or_zero = Tensor::cat(
@@ -110,15 +111,15 @@ pub(crate) fn fill_buffer(x: &Tensor, routing: &Routing, plan: &CapacityPlan) ->
     x_or_zero.index_select(0, &token_of_slot.index_select(0, &slot_of_row))
 }
 
-/// `y_n = sum_j w[n, j] keep[n, j] rows[row(n, j)]` from the experts'
-/// `[E C, d]` output rows (dropped slots read a zero spare row).
+/// `y_n = sum_{s : token[s] = n} weight[s] keep[s] rows[row(s)]` from the
+/// experts' `[E C, d]` output rows (dropped slots read a zero spare row).
 pub(crate) fn combine_rows(
     rows: &Tensor,
     x: &Tensor,
     routing: &Routing,
     plan: &CapacityPlan,
 ) -> Tensor {
-    let (n, d) = (x.size()[0], x.size()[1]);
+    let d = x.size()[1];
     let kind = x.kind();
     let rows = Tensor::cat(
         &[
@@ -127,6 +128,6 @@ pub(crate) fn combine_rows(
         ],
         0,
     );
-    let weight = routing.weights.flatten(0, -1).to_kind(kind) * plan.keep.to_kind(kind);
-    gather_weighted_sum(&rows, &plan.row, &weight, (n, routing.top_k()))
+    let weight = routing.weight.to_kind(kind) * plan.keep.to_kind(kind);
+    gather_weighted_sum(&rows, &plan.row, &weight, routing)
 }

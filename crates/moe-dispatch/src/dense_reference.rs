@@ -5,7 +5,8 @@ use tch::Tensor;
 
 /// Every expert on every token, then weighted by the dense gate matrix:
 ///
-/// `y = sum_e G[:, e] * FFN_e(x)`, `G = Routing::dense_gates()` (zero off the top-k).
+/// `y = sum_e G[:, e] * FFN_e(x)`, `G = Routing::dense_gates()` (zero off
+/// the chosen (token, expert) pairs).
 ///
 /// `E / k` times the work of a sparse layer; the oracle for tests.
 #[derive(Debug, Clone, Copy, Default)]

@@ -83,7 +83,8 @@ impl ExpertParallelism {
 /// experts each (rank `r` holds experts `r L .. (r + 1) L`). Each rank
 /// routes its own tokens over all `E` experts, then
 ///
-/// 1. sorts its `N k` slots by expert, so that the slots bound for each rank
+/// 1. sorts its slots (`N k` under token choice, any number per token
+///    under expert choice) by expert, so that the slots bound for each rank
 ///    are contiguous;
 /// 2. (dropless) exchanges its per-expert slot counts (an all-to-all of
 ///    `[P, L]` counts) and reads them once on the host;
@@ -91,7 +92,7 @@ impl ExpertParallelism {
 /// 4. runs its `L` experts on what it received, sorted by expert, with the
 ///    grouped dispatch's GEMMs ([`crate::Grouped`]);
 /// 5. sends the results back with the reverse all-to-all;
-/// 6. combines each token's `k` outputs weighted by its gate.
+/// 6. combines each token's outputs weighted by its gate.
 ///
 /// Every step is differentiable (the all-to-all's backward is the reverse
 /// exchange), so the gradient of an expert's weights sums over the tokens
@@ -212,8 +213,9 @@ impl ExpertParallel {
         lock(&self.group)
     }
 
-    /// `x: [N, d]` -> `y: [N, d]`, `y_n = sum_j w[n, j] FFN_{i[n, j]}(x_n)`
-    /// with the experts spread over the ranks; `local` holds this rank's
+    /// `x: [N, d]` -> `y: [N, d]`, `y_n = sum_{s : token[s] = n} weight[s]
+    /// FFN_{expert[s]}(x_n)` with the experts spread over the ranks (each
+    /// rank's routing chose among its own tokens); `local` holds this rank's
     /// `L` experts. Every rank of the group must call it (a collective).
     pub fn combine(
         &self,
@@ -254,7 +256,6 @@ impl ExpertParallel {
         train: bool,
     ) -> Result<Tensor> {
         let (group, p, l) = self.locked_split();
-        let (n, k) = (routing.num_tokens(), routing.top_k());
         let slots = SortedSlots::new(routing);
         let xs = x.index_select(0, &slots.token);
         let clock = Instant::now();
@@ -318,12 +319,11 @@ impl ExpertParallel {
         let row_bytes = x.size()[1] * x.kind().elt_size_in_bytes() as i64;
         let rows_sent = send_splits.iter().sum::<i64>() + recv_splits.iter().sum::<i64>();
         self.record(exchange_s, expert_s, rows_sent * row_bytes);
-        let slot_weight = routing.weights.flatten(0, -1);
         Ok(gather_weighted_sum(
             &back,
             &slots.position,
-            &slot_weight,
-            (n, k),
+            &routing.weight,
+            routing,
         ))
     }
 

@@ -9,13 +9,15 @@ use tch::{Device, Kind, Tensor};
 /// Dropless sorted dispatch with grouped GEMM (MegaBlocks, Gale et al. 2022,
 /// arXiv 2211.15841; the `_grouped_mm` path of PyTorch's MoE code):
 ///
-/// 1. sort the `N k` slots by expert (stable), counts -> offsets;
+/// 1. sort the `S` slots (`N k` under token choice) by expert (stable),
+///    counts -> offsets;
 /// 2. gather `x` once into expert-contiguous rows `X_s`;
 /// 3. `H = act(GroupedMM(X_s, W_in, offsets) (+ b_in[e_s]))`,
 ///    `O = GroupedMM(H, W_out, offsets) (+ b_out[e_s])` — every expert's segment
 ///    in one kernel, no padding, no dropped token;
 /// 4. each token gathers its `k` rows back and sums them weighted (no
-///    scatter-add, so no atomics).
+///    scatter-add, so no atomics); under expert choice, where a token has
+///    any number of rows, an `index_add` sums them.
 ///
 /// On a GPU nothing is read back to the host, in forward or backward, where
 /// libtorch has a native `_grouped_mm` kernel (bf16 on sm90/sm100; its
@@ -41,9 +43,7 @@ impl Dispatch for Grouped {
             expert: &slots.expert,
         };
         let out = experts.output_dropout(run_segments(experts, &xs, &segments), train);
-        let n = x.size()[0];
-        let slot_weight = routing.weights.flatten(0, -1);
-        gather_weighted_sum(&out, &slots.position, &slot_weight, (n, routing.top_k()))
+        gather_weighted_sum(&out, &slots.position, &routing.weight, routing)
     }
 }
 

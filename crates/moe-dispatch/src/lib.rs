@@ -2,11 +2,13 @@
 //! [`Routing`](moe_core::Routing) and an [`ExpertBank`](moe_experts::ExpertBank),
 //! compute
 //!
-//! `y_n = sum_{j < k} w[n, j] * FFN_{i[n, j]}(x_n)`
+//! `y_n = sum_{s : token[s] = n} weight[s] * FFN_{expert[s]}(x_n)`
 //!
-//! Every strategy implements [`Dispatch`] and computes the same `y` (the
-//! capacity strategy drops overflowing slots by design); they differ in how
-//! much work and host synchronisation it costs:
+//! over the routing's slots: `k` per token under token choice, any number
+//! under expert choice, which every strategy takes alike. Every strategy
+//! implements [`Dispatch`] and computes the same `y` (the capacity strategy
+//! drops overflowing slots by design); they differ in how much work and
+//! host synchronisation it costs:
 //!
 //! | strategy | work | host syncs per layer | source |
 //! |---|---|---|---|

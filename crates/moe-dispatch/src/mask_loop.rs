@@ -4,10 +4,11 @@ use moe_experts::ExpertBank;
 use tch::Tensor;
 
 /// makeMoE's `SparseMoE.forward`: for each expert `e`, the tokens whose
-/// top-k holds `e` are gathered, run through `FFN_e`, scaled by `G[:, e]` and
-/// added back:
+/// top-k holds `e` (whom `e` chose, under expert choice) are gathered, run
+/// through `FFN_e`, scaled by `G[:, e]` and added back:
 ///
-/// `y[M_e] += G[M_e, e] * FFN_e(x[M_e])`, `M_e = {n : e in topk(n)}`.
+/// `y[M_e] += G[M_e, e] * FFN_e(x[M_e])`, `M_e = {n : e in topk(n)}`
+/// (the column `e` of [`Routing::chosen`]).
 ///
 /// Only chosen experts compute, but every expert costs a mask, a host
 /// synchronisation (`M_e` empty?) and a gather; kept as the reference of the
@@ -22,11 +23,11 @@ impl Dispatch for MaskLoop {
 
     fn combine(&self, x: &Tensor, routing: &Routing, experts: &ExpertBank, train: bool) -> Tensor {
         let gates = routing.dense_gates().to_kind(x.kind());
+        let chosen = routing.chosen();
         let views = experts.views(x);
         let mut y = x.zeros_like();
         for e in 0..experts.num_experts() {
-            let mask = routing.indices.eq(e).any_dim(-1, false);
-            let rows = mask.nonzero().squeeze_dim(1);
+            let rows = chosen.select(1, e).nonzero().squeeze_dim(1);
             if rows.size()[0] == 0 {
                 continue;
             }

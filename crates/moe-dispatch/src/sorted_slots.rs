@@ -1,12 +1,14 @@
 use moe_core::Routing;
 use tch::{Kind, Tensor};
 
-/// The `N * k` routing slots sorted by expert: the permutation that turns
+/// The `S` routing slots sorted by expert: the permutation that turns
 /// scattered (token, expert) pairs into one contiguous segment per expert,
 /// computed on the device without reading anything back.
 ///
-/// Slot `s = n * k + j` is token `n`'s `j`-th choice. After a stable sort by
-/// expert, segment `e` is `[offsets[e-1], offsets[e])`, in token order.
+/// After a stable sort by expert, segment `e` is `[offsets[e-1],
+/// offsets[e])`, in slot order (token order under token choice, where slot
+/// `s = n k + j` is token `n`'s `j`-th choice; already sorted under expert
+/// choice).
 #[derive(Debug)]
 pub struct SortedSlots {
     /// Token of each sorted slot, `[S]` int64.
@@ -14,7 +16,7 @@ pub struct SortedSlots {
     /// Expert of each sorted slot (non-decreasing), `[S]` int64.
     pub expert: Tensor,
     /// Sorted position of each slot `s` (slot order), `[S]` int64: the
-    /// inverse permutation, where token `n`'s `j`-th output lands.
+    /// inverse permutation, where slot `s`'s output lands.
     pub position: Tensor,
     /// Slots per expert, `[E]` int64.
     pub counts: Tensor,
@@ -26,13 +28,11 @@ pub struct SortedSlots {
 impl SortedSlots {
     /// Sorts the routing's `N * k` slots by expert (stable, so tokens keep their order inside a segment).
     pub fn new(routing: &Routing) -> Self {
-        let k = routing.top_k();
-        let flat_expert = routing.indices.flatten(0, -1);
-        let (expert, order) = flat_expert.sort_stable(true, 0, false);
+        let (expert, order) = routing.expert.sort_stable(true, 0, false);
         let counts = routing.expert_counts();
         let slots = Tensor::arange(order.size()[0], (Kind::Int64, order.device()));
         SortedSlots {
-            token: order.divide_scalar_mode(k, "trunc"),
+            token: routing.token.index_select(0, &order),
             position: order.zeros_like().scatter(0, &order, &slots),
             expert,
             offsets: counts.cumsum(0, Kind::Int).to_kind(Kind::Int),

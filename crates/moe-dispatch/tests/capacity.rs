@@ -31,13 +31,13 @@ fn scaling_experts(vs: &nn::VarStore, scale: &[f32]) -> ExpertBank {
 /// drops: the strategy finds them itself).
 fn routing(indices: &[i64], weights: &[f32], n: i64, k: i64, e: i64, capacity: i64) -> Routing {
     Routing {
-        indices: Tensor::from_slice(indices).view([n, k]),
-        weights: Tensor::from_slice(weights).view([n, k]),
-        logits: Tensor::zeros([n, e], (Kind::Float, Device::Cpu)),
-        probs: Tensor::full([n, e], 1.0 / e as f64, (Kind::Float, Device::Cpu)),
-        dropped: None,
         capacity: Some(capacity),
-        num_experts: e,
+        ..Routing::token_choice(
+            Tensor::from_slice(indices).view([n, k]),
+            Tensor::from_slice(weights).view([n, k]),
+            Tensor::zeros([n, e], (Kind::Float, Device::Cpu)),
+            Tensor::full([n, e], 1.0 / e as f64, (Kind::Float, Device::Cpu)),
+        )
     }
 }
 

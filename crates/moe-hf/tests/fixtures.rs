@@ -45,7 +45,7 @@ fn check(name: &str) -> f64 {
             "{name}: routings"
         );
         for (m, routing) in out.routings.iter().enumerate() {
-            let (sorted, _) = routing.indices.sort(-1, false);
+            let (sorted, _) = routing.indices().unwrap().sort(-1, false);
             let got: Vec<Vec<i64>> = Vec::<Vec<i64>>::try_from(&sorted).unwrap();
             assert_eq!(
                 got, want.experts[p][m],

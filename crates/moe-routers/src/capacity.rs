@@ -1,5 +1,5 @@
 use crate::config::check_capacity_factor;
-use moe_core::{expert_capacity, Result, Routing};
+use moe_core::{expert_capacity, MoeError, Result, Routing};
 
 /// Expert capacity (Switch Transformer, Fedus et al. 2021, arXiv 2101.03961,
 /// §2.2; makeMoE's capacity variant): each expert processes at most
@@ -19,12 +19,18 @@ use moe_core::{expert_capacity, Result, Routing};
 /// to size its buffers.
 pub fn apply_capacity(routing: Routing, capacity_factor: f64) -> Result<Routing> {
     check_capacity_factor(capacity_factor)?;
-    let (n, k, e) = (routing.num_tokens(), routing.top_k(), routing.num_experts);
+    let Some(k) = routing.top_k else {
+        return Err(MoeError::config(
+            "a capacity limit applies to token-choice routings; an expert-choice routing \
+             is balanced by construction, its capacity set by the gate's capacity_factor",
+        ));
+    };
+    let (n, e) = (routing.num_tokens(), routing.num_experts);
     let capacity = expert_capacity(n, k, e, capacity_factor);
-    let dropped = routing.slot_positions().ge(capacity).view([n, k]);
-    let weights = routing.weights.masked_fill(&dropped, 0.0);
+    let dropped = routing.slot_positions().ge(capacity);
+    let weight = routing.weight.masked_fill(&dropped, 0.0);
     Ok(Routing {
-        weights,
+        weight,
         dropped: Some(dropped),
         capacity: Some(capacity),
         ..routing

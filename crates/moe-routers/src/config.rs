@@ -1,6 +1,6 @@
 use crate::{
-    apply_capacity, check_groups, AttentionRouter, AuxFreeSigmoidRouter, NoisyTopKRouter, Router,
-    TopKRouter,
+    apply_capacity, check_groups, AttentionRouter, AuxFreeSigmoidRouter, ExpertChoiceRouter,
+    ExpertChoiceScope, NoisyTopKRouter, Router, TopKRouter,
 };
 use moe_core::{MoeError, Result, Routing, WeightInit};
 use serde::{Deserialize, Serialize};
@@ -81,6 +81,27 @@ pub enum Gate {
         #[serde(default = "default_one")]
         topk_group: i64,
     },
+    /// Expert choice (Zhou et al. 2022, arXiv 2202.09368, §3.1;
+    /// [`crate::expert_choice`]): `S = softmax(l)` over the experts of each
+    /// token; each expert takes the `C` tokens of highest `S[:, e]` among
+    /// those of its `scope`, `C = floor(M k / E * capacity_factor)` for `M`
+    /// tokens in scope, each weighted by its `S[n, e]`. A token gets zero,
+    /// one or many experts; every expert gets exactly `C` tokens per scope.
+    /// The layer's `top_k` sets the compute, `k` experts per token on
+    /// average (times `capacity_factor`). Balanced by construction: the
+    /// router's own `capacity_factor` must stay unset.
+    ExpertChoice {
+        /// `c` in `C = floor(M k / E * c)` (default 1: the compute of
+        /// top-k; the paper's EC-CF2 is `k = 2`, `c = 1` here). Serialised
+        /// as `ec_capacity_factor`: in a router table it sits next to
+        /// [`RouterConfig::capacity_factor`], the token-choice limit.
+        #[serde(rename = "ec_capacity_factor", default = "default_capacity_factor")]
+        capacity_factor: f64,
+        /// Which tokens an expert chooses among (default
+        /// [`ExpertChoiceScope::PerPosition`], the causal form a decoder needs).
+        #[serde(default)]
+        scope: ExpertChoiceScope,
+    },
 }
 
 fn default_true() -> bool {
@@ -93,6 +114,10 @@ fn default_bias_update_rate() -> f64 {
 
 fn default_one() -> i64 {
     1
+}
+
+fn default_capacity_factor() -> f64 {
+    1.0
 }
 
 impl Default for Gate {
@@ -108,12 +133,13 @@ impl Default for Gate {
 impl Gate {
     /// The gate names [`Gate::from_str`](std::str::FromStr) accepts, in the
     /// order of the router comparison.
-    pub const NAMES: [&'static str; 5] = [
+    pub const NAMES: [&'static str; 6] = [
         "top_k",
         "noisy_top_k",
         "attention",
         "deepseek_moe",
         "sigmoid_aux_free",
+        "expert_choice",
     ];
 
     /// DeepSeek-V3's gate without group limit: sigmoid, renormalised,
@@ -127,12 +153,26 @@ impl Gate {
         }
     }
 
+    /// Expert choice in its causal form (per position), `capacity_factor = 1`.
+    pub fn expert_choice() -> Self {
+        Gate::ExpertChoice {
+            capacity_factor: 1.0,
+            scope: ExpertChoiceScope::PerPosition,
+        }
+    }
+
+    /// Whether each token chooses its `k` experts (every gate but expert
+    /// choice, whose routings have any number of experts per token).
+    pub fn is_token_choice(&self) -> bool {
+        !matches!(self, Gate::ExpertChoice { .. })
+    }
+
     /// How many linear maps `d -> E` the gate has (each with a bias when
     /// [`RouterConfig::bias`]): 1, 2 for noisy top-k (logits and noise
     /// scale), 3 for the attention router (`Q`, `K`, `V`).
     pub fn linear_maps(&self) -> i64 {
         match self {
-            Gate::TopK { .. } | Gate::SigmoidAuxFree { .. } => 1,
+            Gate::TopK { .. } | Gate::SigmoidAuxFree { .. } | Gate::ExpertChoice { .. } => 1,
             Gate::NoisyTopK { .. } => 2,
             Gate::Attention { .. } => 3,
         }
@@ -141,8 +181,21 @@ impl Gate {
     /// Checks the gate's settings against the router's sizes: a finite
     /// `bias_update_rate >= 0`; `n_group >= 1` dividing `E`, `topk_group`
     /// in `1..=n_group`, and at least `k` experts in the kept groups
-    /// (`k <= topk_group * E / n_group`).
+    /// (`k <= topk_group * E / n_group`); expert choice's finite
+    /// `capacity_factor > 0`.
     pub fn validate(&self, dims: RouterDims) -> Result<()> {
+        if let Gate::ExpertChoice {
+            capacity_factor, ..
+        } = *self
+        {
+            if !(capacity_factor > 0.0 && capacity_factor.is_finite()) {
+                return Err(MoeError::config(format!(
+                    "expert choice's capacity_factor must be a finite number > 0 (each expert \
+                     takes floor(M k / E * capacity_factor) of the M tokens it chooses among), \
+                     got {capacity_factor}"
+                )));
+            }
+        }
         if let Gate::SigmoidAuxFree {
             bias_update_rate,
             n_group,
@@ -177,8 +230,9 @@ impl std::str::FromStr for Gate {
     /// `top_k` (Mixtral: renormalised), `noisy_top_k` (noise in training
     /// only), `attention`, `deepseek_moe` (top-k of the softmax, not
     /// renormalised; DeepSeekMoE's gate has no bias, which is
-    /// [`RouterConfig::bias`]) or `sigmoid_aux_free` (DeepSeek-V3's
-    /// defaults); `-` may replace `_`.
+    /// [`RouterConfig::bias`]), `sigmoid_aux_free` (DeepSeek-V3's
+    /// defaults) or `expert_choice` (causal, per position, capacity factor
+    /// 1; [`Gate::expert_choice`]); `-` may replace `_`.
     fn from_str(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().replace('-', "_").as_str() {
             "top_k" | "topk" => Ok(Gate::TopK {
@@ -192,6 +246,7 @@ impl std::str::FromStr for Gate {
                 norm_topk_prob: false,
             }),
             "sigmoid_aux_free" | "aux_free" => Ok(Gate::sigmoid_aux_free()),
+            "expert_choice" | "ec" => Ok(Gate::expert_choice()),
             other => Err(MoeError::config(format!(
                 "unknown router gate `{other}`: expected one of {}",
                 Gate::NAMES.join(", ")
@@ -273,7 +328,8 @@ pub struct RouterConfig {
     /// `C = max(1, floor(N k / E * factor))` slots of a batch of `N` tokens
     /// (Switch Transformer, arXiv 2101.03961, §2.2); `None`: no limit. The
     /// one capacity setting: the capacity dispatch strategy reads `C` from
-    /// the routing.
+    /// the routing. Token-choice gates only: expert choice
+    /// ([`Gate::ExpertChoice`]) has its own capacity factor and drops nothing.
     pub capacity_factor: Option<f64>,
 }
 
@@ -298,7 +354,8 @@ impl RouterConfig {
     }
 
     /// Checks the sizes, the gate's settings for them, a finite
-    /// `routed_scaling_factor > 0` and a finite `capacity_factor > 0`.
+    /// `routed_scaling_factor > 0` and a finite `capacity_factor > 0`,
+    /// which only token-choice gates take.
     pub fn validate(&self, dims: RouterDims) -> Result<()> {
         dims.validate()?;
         self.gate.validate(dims)?;
@@ -309,6 +366,14 @@ impl RouterConfig {
             )));
         }
         if let Some(factor) = self.capacity_factor {
+            if !self.gate.is_token_choice() {
+                return Err(MoeError::config(format!(
+                    "router.capacity_factor = {factor} limits token-choice routings; expert \
+                     choice sets its capacity with the gate's own capacity factor \
+                     (`ec_capacity_factor` in a config file) and drops nothing: leave \
+                     router.capacity_factor unset"
+                )));
+            }
             check_capacity_factor(factor)?;
         }
         Ok(())
@@ -331,6 +396,7 @@ impl RouterConfig {
             Gate::SigmoidAuxFree { .. } => {
                 Box::new(AuxFreeSigmoidRouter::new(p, dims, self, init)?)
             }
+            Gate::ExpertChoice { .. } => Box::new(ExpertChoiceRouter::new(p, dims, self, init)?),
         })
     }
 
@@ -349,7 +415,7 @@ impl RouterConfig {
         // Out of place: the weights may be the saved output of a softmax.
         let routing = if self.routed_scaling_factor != 1.0 {
             Routing {
-                weights: routing.weights.multiply_scalar(self.routed_scaling_factor),
+                weight: routing.weight.multiply_scalar(self.routed_scaling_factor),
                 ..routing
             }
         } else {

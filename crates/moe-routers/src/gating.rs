@@ -13,19 +13,10 @@ use tch::{Kind, Tensor};
 /// arXiv 2401.04088). The weights `[N, k]` are that softmax read at the
 /// chosen experts; they sum to 1. `probs` is the softmax over all `E` logits.
 pub fn top_k_softmax(logits: Tensor, k: i64) -> Routing {
-    let num_experts = logits.size()[1];
     let (values, indices) = logits.topk(k, -1, true, true);
     let weights = values.softmax(-1, Kind::Float).to_kind(logits.kind());
     let probs = logits.softmax(-1, Kind::Float).to_kind(logits.kind());
-    Routing {
-        indices,
-        weights,
-        logits,
-        probs,
-        dropped: None,
-        capacity: None,
-        num_experts,
-    }
+    Routing::token_choice(indices, weights, logits, probs)
 }
 
 /// Chooses the `k` largest entries of `selection` per row and weights each
@@ -47,21 +38,12 @@ pub fn top_k_of_affinities(
     k: i64,
     renormalise: bool,
 ) -> Routing {
-    let num_experts = logits.size()[1];
     let (_, indices) = selection.topk(k, -1, true, true);
     let mut weights = affinity.gather(1, &indices, false);
     if renormalise {
         weights = &weights / weights.sum_dim_intlist(-1, true, None);
     }
-    Routing {
-        indices,
-        weights,
-        logits,
-        probs,
-        dropped: None,
-        capacity: None,
-        num_experts,
-    }
+    Routing::token_choice(indices, weights, logits, probs)
 }
 
 /// Group-limited selection (DeepSeek-V3, arXiv 2412.19437, §2.1.2 and

@@ -1,5 +1,6 @@
 //! Routers of `moe-layers`: given a flat batch of tokens `x` (`[N, d]`), a
-//! router picks `k` of `E` experts per token and the weight of each, as a
+//! router picks `k` of `E` experts per token and the weight of each, or
+//! (expert choice, [`expert_choice`]) each expert picks its tokens, as a
 //! [`Routing`](moe_core::Routing).
 //!
 //! All routers implement [`Router`]: a [`RouterConfig`] (a [`Gate`] with its
@@ -17,6 +18,7 @@ mod aux_free;
 pub mod balance;
 mod capacity;
 mod config;
+mod expert_choice;
 mod gating;
 mod noisy_top_k;
 mod router;
@@ -28,6 +30,9 @@ pub use aux_free::AuxFreeSigmoidRouter;
 pub use balance::BalanceLossConfig;
 pub use capacity::apply_capacity;
 pub use config::{check_top_k, Gate, RouterConfig, RouterDims, DEFAULT_BIAS_UPDATE_RATE};
+pub use expert_choice::{
+    expert_choice, expert_choice_capacity, ExpertChoiceRouter, ExpertChoiceScope,
+};
 pub(crate) use gating::check_groups;
 pub use gating::{group_limited_selection, softmax_top_k, top_k_of_affinities, top_k_softmax};
 pub use noisy_top_k::NoisyTopKRouter;

@@ -10,10 +10,29 @@ pub trait Router: std::fmt::Debug + Send {
     /// as noise.
     fn select(&self, x: &Tensor, train: bool) -> Result<Routing>;
 
-    /// Routes `x` (`[N, d]`): [`Router::select`], then
-    /// [`RouterConfig::finish`] (scaling, capacity).
+    /// [`Router::select`] for `x` holding sequences of `seq_len` tokens
+    /// (`N = B T`, sequence-major: row `b T + t` is position `t` of
+    /// sequence `b`); `None`: one sequence of `N` tokens. Only gates that
+    /// choose among tokens read it (expert choice per position,
+    /// [`crate::ExpertChoiceScope::PerPosition`]); the others choose per
+    /// token and ignore it.
+    fn select_sequences(&self, x: &Tensor, seq_len: Option<i64>, train: bool) -> Result<Routing> {
+        let _ = seq_len;
+        self.select(x, train)
+    }
+
+    /// Routes `x` (`[N, d]`, one sequence): [`Router::route_sequences`]
+    /// with `seq_len = None`.
     fn route(&self, x: &Tensor, train: bool) -> Result<Routing> {
-        self.config().finish(self.select(x, train)?)
+        self.route_sequences(x, None, train)
+    }
+
+    /// Routes `x` (`[N, d]`, sequences of `seq_len` tokens, see
+    /// [`Router::select_sequences`]): the gate's selection, then
+    /// [`RouterConfig::finish`] (scaling, capacity).
+    fn route_sequences(&self, x: &Tensor, seq_len: Option<i64>, train: bool) -> Result<Routing> {
+        self.config()
+            .finish(self.select_sequences(x, seq_len, train)?)
     }
 
     /// The sizes the router was built for.

@@ -19,6 +19,13 @@ pub struct RoutingStats {
     pub max_violation: f64,
     /// Fraction of slots dropped by a capacity limit (0 without one).
     pub dropped_fraction: f64,
+    /// Fraction of tokens that no expert processes: under expert choice
+    /// the tokens no expert chose, under a capacity limit those whose every
+    /// slot was dropped (0 for dropless token choice). Such a token passes
+    /// the layer on its residual (and shared experts) alone. Absent from
+    /// statistics written before it existed, which read as 0.
+    #[serde(default)]
+    pub unrouted_fraction: f64,
     /// Mean over tokens of the entropy of the router probabilities,
     /// `-sum_i p_i ln p_i` (nats; `ln E` when uniform).
     pub mean_entropy: f64,
@@ -38,34 +45,30 @@ impl RoutingStats {
             )));
         }
         let mut counts = vec![0i64; e as usize];
-        let (mut slots, mut dropped, mut tokens, mut entropy_sum) = (0i64, 0i64, 0i64, 0f64);
+        let (mut slots, mut dropped, mut tokens, mut unrouted) = (0i64, 0i64, 0i64, 0i64);
+        let mut entropy_sum = 0f64;
         for r in routings {
             let c = Vec::<i64>::try_from(r.expert_counts())?;
             counts.iter_mut().zip(&c).for_each(|(a, b)| *a += b);
-            slots += r.indices.numel() as i64;
+            slots += r.num_slots();
             if let Some(d) = &r.dropped {
                 dropped += d.sum(Kind::Int64).int64_value(&[]);
             }
             tokens += r.num_tokens();
+            unrouted += unrouted_tokens(r);
             let p = r.probs.to_kind(Kind::Double);
             // p ln p -> 0 as p -> 0: the clamp only avoids 0 * -inf.
             let plogp = &p * p.clamp_min(1e-30).log();
             entropy_sum -= plogp.sum(Kind::Double).double_value(&[]);
         }
         let (cv, max_violation) = load_spread(&counts);
+        let fraction = |part: f64, whole: i64| if whole > 0 { part / whole as f64 } else { 0.0 };
         Ok(RoutingStats {
             cv,
             max_violation,
-            dropped_fraction: if slots > 0 {
-                dropped as f64 / slots as f64
-            } else {
-                0.0
-            },
-            mean_entropy: if tokens > 0 {
-                entropy_sum / tokens as f64
-            } else {
-                0.0
-            },
+            dropped_fraction: fraction(dropped as f64, slots),
+            unrouted_fraction: fraction(unrouted as f64, tokens),
+            mean_entropy: fraction(entropy_sum, tokens),
             tokens_per_expert: counts,
         })
     }
@@ -74,6 +77,17 @@ impl RoutingStats {
     pub fn of(routing: &Routing) -> Result<Self> {
         Self::from_routings(&[routing])
     }
+}
+
+/// Tokens of `routing` without a kept slot.
+fn unrouted_tokens(routing: &Routing) -> i64 {
+    let kept = match &routing.dropped {
+        Some(d) => d.logical_not().to_kind(Kind::Int64),
+        None => routing.expert.ones_like().to_kind(Kind::Int64),
+    };
+    let per_token = Tensor::zeros([routing.num_tokens()], (Kind::Int64, kept.device()))
+        .scatter_add(0, &routing.token, &kept);
+    per_token.eq(0).sum(Kind::Int64).int64_value(&[])
 }
 
 /// The mean router probability of each expert, `[E]`: the `P_i` of the

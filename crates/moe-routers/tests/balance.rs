@@ -14,15 +14,12 @@ fn routing(indices: &[i64], k: i64, probs: &[f32], e: i64) -> Routing {
     let n = indices.len() as i64 / k;
     let probs = Tensor::from_slice(probs).view([n, e]);
     let indices = Tensor::from_slice(indices).view([n, k]);
-    Routing {
-        weights: Tensor::ones([n, k], (Kind::Float, Device::Cpu)) / k as f64,
-        logits: probs.clamp_min(1e-30).log(),
-        probs,
+    Routing::token_choice(
         indices,
-        dropped: None,
-        capacity: None,
-        num_experts: e,
-    }
+        Tensor::ones([n, k], (Kind::Float, Device::Cpu)) / k as f64,
+        probs.clamp_min(1e-30).log(),
+        probs,
+    )
 }
 
 fn scalar(t: &Tensor) -> f64 {
@@ -162,7 +159,7 @@ fn capacity_drops_exactly_the_overflow_slots_hand_computed() {
     // expert 1 gets t0, t1, t2 -> t2 dropped; expert 2 gets t3 only.
     let r = routing(&[0, 1, 0, 1, 1, 0, 0, 2], 2, &[1. / 3.; 12], 3);
     let r = Routing {
-        weights: Tensor::from_slice(&[0.6f32, 0.4, 0.7, 0.3, 0.5, 0.5, 0.9, 0.1]).view([4, 2]),
+        weight: Tensor::from_slice(&[0.6f32, 0.4, 0.7, 0.3, 0.5, 0.5, 0.9, 0.1]),
         ..r
     };
     let capped = apply_capacity(r, 1.0).unwrap();
@@ -172,7 +169,7 @@ fn capacity_drops_exactly_the_overflow_slots_hand_computed() {
         [false, false, false, false, true, true, true, false]
     );
     // Dropped slots weigh 0; the others keep their weight (no renormalisation).
-    let w = Vec::<f32>::try_from(capped.weights.flatten(0, -1)).unwrap();
+    let w = Vec::<f32>::try_from(&capped.weight).unwrap();
     assert_eq!(w, [0.6, 0.4, 0.7, 0.3, 0.0, 0.0, 0.0, 0.1]);
     assert_eq!(
         Vec::<i64>::try_from(capped.kept_counts()).unwrap(),
@@ -180,6 +177,8 @@ fn capacity_drops_exactly_the_overflow_slots_hand_computed() {
     );
     let stats = RoutingStats::of(&capped).unwrap();
     assert_abs_diff_eq!(stats.dropped_fraction, 3.0 / 8.0);
+    // Token 2 lost both of its slots; the others keep at least one.
+    assert_abs_diff_eq!(stats.unrouted_fraction, 1.0 / 4.0);
 }
 
 #[test]
@@ -217,6 +216,7 @@ fn routing_stats_hand_computed() {
     assert_abs_diff_eq!(s.cv, 0.5, epsilon = 1e-12);
     assert_abs_diff_eq!(s.max_violation, 0.5, epsilon = 1e-12);
     assert_abs_diff_eq!(s.dropped_fraction, 0.0);
+    assert_abs_diff_eq!(s.unrouted_fraction, 0.0);
     assert_abs_diff_eq!(s.mean_entropy, 2f64.ln(), epsilon = 1e-6);
     // Two routings pool their counts: (3, 1) + (0, 2) = (3, 3), even.
     let other = routing(&[1, 1], 1, &[0.5; 4], 2);

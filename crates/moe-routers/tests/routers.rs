@@ -1,8 +1,8 @@
 use approx::assert_abs_diff_eq;
 use moe_core::{MoeError, WeightInit};
 use moe_routers::{
-    group_limited_selection, AttentionRouter, AuxFreeSigmoidRouter, Gate, NoisyTopKRouter, Router,
-    RouterConfig, RouterDims, RoutingStats, TopKRouter,
+    group_limited_selection, AttentionRouter, AuxFreeSigmoidRouter, ExpertChoiceScope, Gate,
+    NoisyTopKRouter, Router, RouterConfig, RouterDims, RoutingStats, TopKRouter,
 };
 use tch::{nn, Device, Kind, Tensor};
 
@@ -66,7 +66,7 @@ fn top_k_router_hand_computed_case() {
     // x1 = (1, -1): logits (1, -1, -2) -> experts 0, 1 with softmax(1, -1).
     let x = Tensor::from_slice(&[3f32, 1., 1., -1.]).view([2, 2]);
     let r = router.route(&x, true).unwrap();
-    assert_eq!(to_vec_i(&r.indices), vec![0, 2, 0, 1]);
+    assert_eq!(to_vec_i(&r.indices().unwrap()), vec![0, 2, 0, 1]);
     let e = std::f32::consts::E;
     let expected = [
         e / (e + 1.),
@@ -74,7 +74,7 @@ fn top_k_router_hand_computed_case() {
         1. / (1. + (-2f32).exp()),
         1. / (1. + 2f32.exp()),
     ];
-    for (got, want) in to_vec_f(&r.weights).iter().zip(expected) {
+    for (got, want) in to_vec_f(&r.weights().unwrap()).iter().zip(expected) {
         assert_abs_diff_eq!(*got, want, epsilon = 1e-6);
     }
     assert_eq!(to_vec_f(&r.logits), vec![3., 1., 2., 1., -1., -2.]);
@@ -90,18 +90,20 @@ fn top_k_router_hand_computed_case() {
 fn weights_sum_to_one_with_exactly_k_distinct_experts() {
     tch::manual_seed(3);
     for (e, k) in [(8, 2), (4, 1), (5, 5), (64, 8)] {
-        for name in Gate::NAMES {
+        // Expert choice gives a token any number of experts (its own tests).
+        for name in Gate::NAMES.into_iter().filter(|n| *n != "expert_choice") {
             let gate: Gate = name.parse().unwrap();
+            assert!(gate.is_token_choice(), "{name}");
             let vs = nn::VarStore::new(Device::Cpu);
             let router = RouterConfig::with_gate(gate.clone())
                 .build(&vs.root(), dims(16, e, k), init())
                 .unwrap();
             let x = Tensor::randn([50, 16], (Kind::Float, Device::Cpu));
             let r = router.route(&x, true).unwrap();
-            assert_eq!(r.indices.size(), vec![50, k]);
+            assert_eq!(r.indices().unwrap().size(), vec![50, k]);
             // DeepSeekMoE without norm_topk_prob keeps the raw probabilities.
             if gate != DEEPSEEK_MOE {
-                let sums = r.weights.sum_dim_intlist(-1, false, None);
+                let sums = r.weights().unwrap().sum_dim_intlist(-1, false, None);
                 assert!((sums - 1.0).abs().max().double_value(&[]) < 1e-5, "{name}");
             }
             let prob_sums = r.probs.sum_dim_intlist(-1, false, None);
@@ -233,6 +235,10 @@ fn gate_names_parse_with_clear_errors() {
             },
             DEEPSEEK_MOE,
             Gate::sigmoid_aux_free(),
+            Gate::ExpertChoice {
+                capacity_factor: 1.0,
+                scope: ExpertChoiceScope::PerPosition,
+            },
         ]
     );
     assert_eq!(
@@ -353,10 +359,10 @@ fn attention_router_hand_computed_case() {
     let p0 = (3. + e2) / (1. + e2);
     let x = Tensor::from_slice(&[1f32]).view([1, 1]);
     let r = router.route(&x, true).unwrap();
-    assert_eq!(to_vec_i(&r.indices), vec![1, 0]);
+    assert_eq!(to_vec_i(&r.indices().unwrap()), vec![1, 0]);
     assert_all_close(&r.logits, &[p0, 2.], 1e-6);
     let w1 = 1. / (1. + (p0 - 2.).exp());
-    assert_all_close(&r.weights, &[w1, 1. - w1], 1e-6);
+    assert_all_close(&r.weights().unwrap(), &[w1, 1. - w1], 1e-6);
 }
 
 /// `P_i = sum_j softmax_j(q_i k_j) v_j` with plain loops, per token.
@@ -397,7 +403,7 @@ fn attention_router_matches_a_per_token_loop() {
     let r = router.route(&x, false).unwrap();
     let xs = to_vec_f(&x);
     let logits = to_vec_f(&r.logits);
-    let indices = to_vec_i(&r.indices);
+    let indices = to_vec_i(&r.indices().unwrap());
     for t in 0..n as usize {
         let d = d as usize;
         let want = attention_by_loops(&xs[t * d..(t + 1) * d], &wq, &wk, &wv, d);
@@ -428,7 +434,7 @@ fn top_k_gate_renormalises_only_with_norm_topk_prob() {
         // x = (3, 1): logits (3, 1, 4); s = softmax over all three.
         let x = Tensor::from_slice(&[3f32, 1.]).view([1, 2]);
         let r = router.route(&x, true).unwrap();
-        assert_eq!(to_vec_i(&r.indices), vec![2, 0]);
+        assert_eq!(to_vec_i(&r.indices().unwrap()), vec![2, 0]);
         let (a, b, c) = (3f32.exp(), 1f32.exp(), 4f32.exp());
         let z = a + b + c;
         assert_all_close(&r.probs, &[a / z, b / z, c / z], 1e-6);
@@ -439,8 +445,8 @@ fn top_k_gate_renormalises_only_with_norm_topk_prob() {
         } else {
             [c / z, a / z]
         };
-        assert_all_close(&r.weights, &want, 1e-6);
-        let sum = r.weights.sum(Kind::Float).double_value(&[]);
+        assert_all_close(&r.weights().unwrap(), &want, 1e-6);
+        let sum = r.weights().unwrap().sum(Kind::Float).double_value(&[]);
         if norm {
             assert_abs_diff_eq!(sum, 1.0, epsilon = 1e-6);
         } else {
@@ -461,15 +467,23 @@ fn sigmoid_router_selects_with_the_bias_and_weights_without_it() {
     let (s0, s1, s2) = (sig(3.), sig(1.), sig(4.));
     // Without bias: experts 2 and 0.
     let r = router.route(&x, true).unwrap();
-    assert_eq!(to_vec_i(&r.indices), vec![2, 0]);
-    assert_all_close(&r.weights, &[s2 / (s2 + s0), s0 / (s2 + s0)], 1e-6);
+    assert_eq!(to_vec_i(&r.indices().unwrap()), vec![2, 0]);
+    assert_all_close(
+        &r.weights().unwrap(),
+        &[s2 / (s2 + s0), s0 / (s2 + s0)],
+        1e-6,
+    );
     let sum = s0 + s1 + s2;
     assert_all_close(&r.probs, &[s0 / sum, s1 / sum, s2 / sum], 1e-6);
     // A large bias on expert 1 brings it in first; weights still come from s.
     set(&vs, "expert_bias", &[0., 10., 0.], &[3]);
     let r = router.route(&x, true).unwrap();
-    assert_eq!(to_vec_i(&r.indices), vec![1, 2]);
-    assert_all_close(&r.weights, &[s1 / (s1 + s2), s2 / (s1 + s2)], 1e-6);
+    assert_eq!(to_vec_i(&r.indices().unwrap()), vec![1, 2]);
+    assert_all_close(
+        &r.weights().unwrap(),
+        &[s1 / (s1 + s2), s2 / (s1 + s2)],
+        1e-6,
+    );
 }
 
 #[test]
@@ -483,9 +497,9 @@ fn sigmoid_router_without_norm_topk_prob_weights_by_the_sigmoids() {
         // Tokens (3, 1) and (-1, 0.5): sigmoids of (3, 1, 4) and (-1, 0.5, -0.5).
         let x = Tensor::from_slice(&[3f32, 1., -1., 0.5]).view([2, 2]);
         let r = router.route(&x, true).unwrap();
-        assert_eq!(to_vec_i(&r.indices), vec![2, 0, 1, 2]);
+        assert_eq!(to_vec_i(&r.indices().unwrap()), vec![2, 0, 1, 2]);
         let raw = [sig(4.), sig(3.), sig(0.5), sig(-0.5)];
-        let sums = to_vec_f(&r.weights.sum_dim_intlist(-1, false, None));
+        let sums = to_vec_f(&r.weights().unwrap().sum_dim_intlist(-1, false, None));
         if norm {
             let want = [
                 raw[0] / (raw[0] + raw[1]),
@@ -493,12 +507,16 @@ fn sigmoid_router_without_norm_topk_prob_weights_by_the_sigmoids() {
                 raw[2] / (raw[2] + raw[3]),
                 raw[3] / (raw[2] + raw[3]),
             ];
-            assert_all_close(&r.weights, &want, 1e-6);
-            assert_all_close(&r.weights.sum_dim_intlist(-1, false, None), &[1., 1.], 1e-6);
+            assert_all_close(&r.weights().unwrap(), &want, 1e-6);
+            assert_all_close(
+                &r.weights().unwrap().sum_dim_intlist(-1, false, None),
+                &[1., 1.],
+                1e-6,
+            );
         } else {
             // The affinities themselves: rows sum to 1.93 and 1.0 (sigmoid(x) +
             // sigmoid(-x) = 1 for the second token's pair), not renormalised.
-            assert_all_close(&r.weights, &raw, 1e-6);
+            assert_all_close(&r.weights().unwrap(), &raw, 1e-6);
             assert!((sums[0] - 1.0).abs() > 0.5, "{sums:?}");
         }
     }
@@ -526,15 +544,15 @@ fn group_limited_routing_chooses_inside_the_best_groups() {
     //
     // No group limit: the two largest sigmoids overall.
     let plain = route(1, 1);
-    assert_eq!(to_vec_i(&plain.indices), vec![0, 6, 7, 1]);
+    assert_eq!(to_vec_i(&plain.indices().unwrap()), vec![0, 6, 7, 1]);
     // Groups 1 and 2 for token 0: experts 2 and 3, although 0 and 6 score
     // higher; groups 3 and 0 for token 1: the same experts as without limit.
     let grouped = route(4, 2);
-    assert_eq!(to_vec_i(&grouped.indices), vec![2, 3, 7, 1]);
+    assert_eq!(to_vec_i(&grouped.indices().unwrap()), vec![2, 3, 7, 1]);
     let (s2, s3) = (sig(1.2), sig(0.8));
     let (s7, s1) = (sig(4.0), sig(3.0));
     assert_all_close(
-        &grouped.weights,
+        &grouped.weights().unwrap(),
         &[
             s2 / (s2 + s3),
             s3 / (s2 + s3),
@@ -546,9 +564,9 @@ fn group_limited_routing_chooses_inside_the_best_groups() {
     // The limit steers selection only: probabilities stay over all 8.
     assert!(plain.probs.equal(&grouped.probs));
     // Three groups for token 0 (1, 2 and 0): expert 0 is back, with expert 2.
-    assert_eq!(to_vec_i(&route(4, 3).indices)[..2], [0, 2]);
+    assert_eq!(to_vec_i(&route(4, 3).indices().unwrap())[..2], [0, 2]);
     // One group of 2 is enough for k = 2.
-    assert_eq!(to_vec_i(&route(4, 1).indices), vec![2, 3, 7, 6]);
+    assert_eq!(to_vec_i(&route(4, 1).indices().unwrap()), vec![2, 3, 7, 6]);
 }
 
 #[test]
@@ -591,15 +609,21 @@ fn routed_scaling_factor_scales_the_final_weights() {
         let router = config.build(&vs.root(), dims(6, 8, 2), init()).unwrap();
         let unscaled = router.select(&x, false).unwrap();
         let scaled = router.route(&x, false).unwrap();
-        assert!(scaled.indices.equal(&unscaled.indices), "{gate:?}");
-        let diff = (&scaled.weights - &unscaled.weights * 2.5)
+        assert!(
+            scaled
+                .indices()
+                .unwrap()
+                .equal(&unscaled.indices().unwrap()),
+            "{gate:?}"
+        );
+        let diff = (&scaled.weights().unwrap() - &unscaled.weights().unwrap() * 2.5)
             .abs()
             .max()
             .double_value(&[]);
         assert!(diff < 1e-6, "{gate:?}: {diff}");
         // The scale is applied after the renormalisation: rows sum to 2.5.
         if gate != DEEPSEEK_MOE {
-            let sums = scaled.weights.sum_dim_intlist(-1, false, None);
+            let sums = scaled.weights().unwrap().sum_dim_intlist(-1, false, None);
             assert!(
                 (sums - 2.5).abs().max().double_value(&[]) < 1e-5,
                 "{gate:?}"
@@ -620,7 +644,11 @@ fn routed_scaling_factor_scales_the_final_weights() {
         .route(&Tensor::from_slice(&[3f32, 1.]).view([1, 2]), false)
         .unwrap();
     let e = std::f32::consts::E;
-    assert_all_close(&r.weights, &[2.5 * e / (e + 1.), 2.5 / (e + 1.)], 1e-6);
+    assert_all_close(
+        &r.weights().unwrap(),
+        &[2.5 * e / (e + 1.), 2.5 / (e + 1.)],
+        1e-6,
+    );
 }
 
 #[test]
@@ -638,7 +666,7 @@ fn sigmoid_router_bias_update_follows_the_sign_of_the_load_gap() {
     set(&vs, "gate.weight", &[1., 0., 0., 1., -1., -1.], &[3, 2]);
     let x = Tensor::from_slice(&[2f32, 0., 2., 1., 3., 0., 0., 2.]).view([4, 2]);
     let r = router.route(&x, true).unwrap();
-    assert_eq!(to_vec_i(&r.indices), vec![0, 0, 0, 1]);
+    assert_eq!(to_vec_i(&r.indices().unwrap()), vec![0, 0, 0, 1]);
     router.after_step(&r).unwrap();
     assert_all_close(router.expert_bias(), &[-0.25, 0.25, 0.25], 0.0);
     // The bias is a buffer: no gradient, not among the trainable variables.
@@ -748,17 +776,24 @@ fn every_softmax_gate_renormalises_only_with_norm_topk_prob() {
         vs_b.copy(&vs_a).unwrap();
         let a = router_a.route(&x, false).unwrap();
         let b = router_b.route(&x, false).unwrap();
-        assert!(a.indices.equal(&b.indices), "{with:?}: same experts");
-        let sums = a.weights.sum_dim_intlist(-1, false, Kind::Float);
+        assert!(
+            a.indices().unwrap().equal(&b.indices().unwrap()),
+            "{with:?}: same experts"
+        );
+        let sums = a.weights().unwrap().sum_dim_intlist(-1, false, Kind::Float);
         assert_all_close(&sums, &[1.0, 1.0], 1e-6);
         // Without: the probabilities over all E at the chosen experts.
-        let want = b.probs.gather(1, &b.indices, false);
+        let want = b.probs.gather(1, &b.indices().unwrap(), false);
         assert!(
-            (&b.weights - want).abs().max().double_value(&[]) < 1e-6,
+            (&b.weights().unwrap() - want).abs().max().double_value(&[]) < 1e-6,
             "{without:?}"
         );
-        let sums =
-            Vec::<f64>::try_from(b.weights.sum_dim_intlist(-1, false, Kind::Double)).unwrap();
+        let sums = Vec::<f64>::try_from(b.weights().unwrap().sum_dim_intlist(
+            -1,
+            false,
+            Kind::Double,
+        ))
+        .unwrap();
         assert!(sums.iter().all(|&s| s < 0.999), "{without:?}: {sums:?}");
     }
 }

@@ -312,7 +312,7 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
         }
         self.optimizer.step()?;
         self.model
-            .after_optimizer_step(&concat_micro_batches(routings))?;
+            .after_optimizer_step(&concat_micro_batches(routings)?)?;
         laps.optimizer_s += clock.as_mut().map_or(0.0, PhaseClock::lap);
         if let Some(phases) = self.phases.as_mut() {
             phases.add(&laps);
@@ -597,32 +597,13 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
 /// The routings of a step's micro-batches, layer by layer, as one routing
 /// per layer over all their tokens (the aux-free bias update counts the
 /// load of the whole step).
-fn concat_micro_batches(mut micro: Vec<Vec<Routing>>) -> Vec<Routing> {
+fn concat_micro_batches(mut micro: Vec<Vec<Routing>>) -> Result<Vec<Routing>> {
     if micro.len() == 1 {
-        return micro.pop().unwrap_or_default();
+        return Ok(micro.pop().unwrap_or_default());
     }
     let layers = micro.first().map_or(0, Vec::len);
     (0..layers)
-        .map(|layer| {
-            let parts: Vec<&Routing> = micro.iter().map(|m| &m[layer]).collect();
-            let cat = |f: fn(&Routing) -> &Tensor| {
-                Tensor::cat(&parts.iter().map(|r| f(r)).collect::<Vec<_>>(), 0)
-            };
-            let dropped = parts
-                .iter()
-                .map(|r| r.dropped.as_ref())
-                .collect::<Option<Vec<_>>>()
-                .map(|d| Tensor::cat(&d, 0));
-            Routing {
-                indices: cat(|r| &r.indices),
-                weights: cat(|r| &r.weights),
-                logits: cat(|r| &r.logits),
-                probs: cat(|r| &r.probs),
-                dropped,
-                num_experts: parts[0].num_experts,
-                capacity: parts[0].capacity,
-            }
-        })
+        .map(|layer| Routing::concat(&micro.iter().map(|m| &m[layer]).collect::<Vec<_>>()))
         .collect()
 }
 

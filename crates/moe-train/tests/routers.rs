@@ -113,6 +113,7 @@ fn every_design_trains_and_reports_routing_stats_at_evaluations() {
         ("attention", 1, 0, None),
         ("deepseek_moe", 2, 1, None),
         ("sigmoid_aux_free", 1, 0, None),
+        ("expert_choice", 1, 0, None),
     ];
     for (router, segments, shared, capacity) in designs {
         tch::manual_seed(2);
@@ -141,6 +142,10 @@ fn every_design_trains_and_reports_routing_stats_at_evaluations() {
                         assert!(s.cv.is_finite() && s.mean_entropy > 0.0);
                         if capacity.is_none() {
                             assert_eq!(s.dropped_fraction, 0.0);
+                        }
+                        if router == "expert_choice" {
+                            // Every expert takes as many tokens at each position.
+                            assert_eq!(s.cv, 0.0, "{s:?}");
                         }
                     }
                     evals += 1;

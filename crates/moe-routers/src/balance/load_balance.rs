@@ -4,16 +4,29 @@ use tch::{Kind, Tensor};
 
 /// `f_i = N'/(K' T) * count_i` per group of `T` tokens, `[G, E]` (float):
 /// the load of expert `i` relative to a perfectly even load (1 each).
-/// `count_i` counts routed slots, dropped ones included (the router's choice).
+/// `count_i` counts the slots of the group's tokens, dropped ones included
+/// (the router's choice); `K'` is the slots per token, `k` under token
+/// choice and `S / N` under expert choice.
 pub fn expert_fractions(routing: &Routing, group: Option<i64>) -> Result<Tensor> {
     let (g, t) = groups(routing, group)?;
-    let (k, e) = (routing.top_k(), routing.num_experts);
-    let counts = routing
-        .indices
-        .view([g, t * k])
-        .one_hot(e)
-        .sum_dim_intlist(1, false, Kind::Float); // [G, E]
-    Ok(counts * (e as f64 / (k * t) as f64))
+    let e = routing.num_experts;
+    let group_of_slot = routing.token.divide_scalar_mode(t, "trunc");
+    let counts = Tensor::zeros([g * e], (Kind::Float, routing.expert.device()))
+        .scatter_add(
+            0,
+            &(group_of_slot * e + &routing.expert),
+            &routing.expert.ones_like().to_kind(Kind::Float),
+        )
+        .view([g, e]);
+    Ok(counts * (e as f64 / (slots_per_token(routing) * t as f64)))
+}
+
+/// `K'`, the mean slots per token: `k` under token choice.
+fn slots_per_token(routing: &Routing) -> f64 {
+    match routing.top_k {
+        Some(k) => k as f64,
+        None => routing.num_slots() as f64 / routing.num_tokens().max(1) as f64,
+    }
 }
 
 /// The expert-level balance loss, without its coefficient:
@@ -55,9 +68,9 @@ pub fn load_balance_loss_over_ranks(
     global_counts: &Tensor,
     world_size: i64,
 ) -> Tensor {
-    let (k, e) = (routing.top_k(), routing.num_experts);
-    let tokens = routing.num_tokens() * world_size;
-    let f = global_counts.to_kind(Kind::Float) * (e as f64 / (k * tokens).max(1) as f64);
+    let e = routing.num_experts;
+    let tokens = (routing.num_tokens() * world_size).max(1) as f64;
+    let f = global_counts.to_kind(Kind::Float) * (e as f64 / (slots_per_token(routing) * tokens));
     let p = routing
         .probs
         .to_kind(Kind::Float)
