@@ -17,6 +17,7 @@ use tch::{nn, nn::Module, Kind, Tensor};
 /// encoders and other non-causal use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum ExpertChoiceScope {
     /// Every expert chooses among all `N` tokens of the layer's input
     /// (every position of every sequence): the paper's form. Not causal: a
