@@ -46,7 +46,7 @@ fn compare_routers_runs_in_parallel_processes_and_merges_their_results() {
         .lines()
         .filter(|l| l.starts_with("| ") && !l.starts_with("| design"))
         .collect();
-    assert_eq!(rows.len(), 6, "one row per design: {md}");
+    assert_eq!(rows.len(), 7, "one row per design: {md}");
     for row in &rows {
         let val: f64 = row.split('|').nth(3).unwrap().trim().parse().unwrap();
         assert!(
@@ -69,7 +69,7 @@ fn compare_routers_runs_in_parallel_processes_and_merges_their_results() {
         })
         .collect();
     runs.dedup();
-    assert_eq!(runs.len(), 12, "{text}");
+    assert_eq!(runs.len(), 14, "{text}");
     let leftovers = std::fs::read_dir(&dir)
         .unwrap()
         .filter(|e| {

@@ -107,7 +107,11 @@ pub fn generate_with<M: CausalLm + ?Sized>(
 /// need no padding and work with every model. The padding tokens still pass
 /// through the MoE layers: with a capacity-limited dispatch they take
 /// expert capacity in the prefill, so rows can then differ from their
-/// unbatched runs (the default dispatch has no capacity).
+/// unbatched runs (the default dispatch has no capacity). With expert
+/// choice per position the `B` rows are routed together at each position
+/// (padding included), as a training batch is, while a row alone is routed
+/// by the per-token top-k rule (`moe_routers::ExpertChoiceScope`): batched
+/// rows then differ from their unbatched runs.
 ///
 /// The prefill is one forward pass of `[B, T]`; each step then feeds the
 /// `B` tokens just sampled. A row ends at one of `options.eos_token_ids`
