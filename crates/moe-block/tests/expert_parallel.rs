@@ -126,6 +126,31 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 /// What one rank computes: its rows of the output, the gradients of its
 /// input rows, of its experts and of its replicated parameters, its aux loss.
+/// Checks one rank's expert gradients against rows `first .. first + l` of
+/// the one-process reference's, and adds its other (replicated) parameters'
+/// gradients into `summed`, to compare with the reference's after all ranks.
+fn check_rank_grads(
+    what: &str,
+    r: &RankResult,
+    reference: &BTreeMap<String, Tensor>,
+    first: i64,
+    l: i64,
+    summed: &mut BTreeMap<String, Tensor>,
+) {
+    for (name, grad) in &r.grads {
+        let full = reference[name].grad();
+        if name.starts_with("experts.") {
+            let d = max_diff(grad, &full.narrow(0, first, l));
+            assert!(d < 1e-5, "{what}: {name} gradient differs by {d}");
+        } else {
+            let sum = summed
+                .remove(name)
+                .map_or_else(|| grad.copy(), |s| s + grad);
+            summed.insert(name.clone(), sum);
+        }
+    }
+}
+
 struct RankResult {
     output: Tensor,
     input_grad: Tensor,
@@ -215,21 +240,14 @@ fn check(cfg: &SparseMoeConfig, p: i64, starve: &[i64], label: &str) {
             d < 1e-5,
             "{label}, P = {p}, rank {rank}: input gradient differs by {d}"
         );
-        for (name, grad) in &r.grads {
-            let full = ref_vars[name].grad();
-            if name.starts_with("experts.") {
-                let d = max_diff(grad, &full.narrow(0, rank as i64 * l, l));
-                assert!(
-                    d < 1e-5,
-                    "{label}, P = {p}, rank {rank}: {name} gradient differs by {d}"
-                );
-            } else {
-                let sum = router_grads
-                    .remove(name)
-                    .map_or_else(|| grad.copy(), |s| s + grad);
-                router_grads.insert(name.clone(), sum);
-            }
-        }
+        check_rank_grads(
+            &format!("{label}, P = {p}, rank {rank}"),
+            r,
+            &ref_vars,
+            rank as i64 * l,
+            l,
+            &mut router_grads,
+        );
         aux_mean += r.aux / p as f64;
     }
     // Replicated parameters: the sum of the ranks' gradients (what an
@@ -437,21 +455,14 @@ fn expert_choice_equals_one_process_on_each_ranks_batch() {
                     d < 1e-5,
                     "{label}, rank {rank}: input gradient differs by {d}"
                 );
-                for (name, grad) in &r.grads {
-                    let full = ref_vars[name].grad();
-                    if name.starts_with("experts.") {
-                        let d = max_diff(grad, &full.narrow(0, rank as i64 * l, l));
-                        assert!(
-                            d < 1e-5,
-                            "{label}, rank {rank}: {name} gradient differs by {d}"
-                        );
-                    } else {
-                        let sum = router_grads
-                            .remove(name)
-                            .map_or_else(|| grad.copy(), |s| s + grad);
-                        router_grads.insert(name.clone(), sum);
-                    }
-                }
+                check_rank_grads(
+                    &format!("{label}, rank {rank}"),
+                    r,
+                    &ref_vars,
+                    rank as i64 * l,
+                    l,
+                    &mut router_grads,
+                );
             }
             for (name, sum) in router_grads {
                 let d = max_diff(&sum, &ref_vars[&name].grad());
