@@ -14,6 +14,7 @@ mod error;
 mod init;
 mod precision;
 mod routing;
+mod safetensors_file;
 
 pub use atomic_file::{commit, temp_path, write_atomic};
 pub use check::{check_float, check_rank, check_same_device};
@@ -23,3 +24,4 @@ pub use error::{MoeError, Result};
 pub use init::{linear, WeightInit};
 pub use precision::{as_kind_of, linear_in_input_dtype, Precision};
 pub use routing::{expert_capacity, Routing};
+pub use safetensors_file::{safetensors_dtype, write_safetensors};

@@ -4,7 +4,7 @@
 use crate::names::{groups, ignorable, tensor_map, ExpertLayout, HfTensor, Placement};
 use crate::HfFamily;
 use memmap2::Mmap;
-use moe_core::{commit, temp_path};
+use moe_core::{safetensors_dtype, write_safetensors};
 use moe_core::{MoeError, Result};
 use moe_models::DecoderConfig;
 use safetensors::tensor::{Dtype, TensorView, View};
@@ -208,15 +208,11 @@ fn float_kind(dtype: Dtype) -> Option<Kind> {
     }
 }
 
-/// The safetensors dtype of a floating-point kind.
+/// The safetensors dtype of a floating-point kind (the kinds weights are
+/// saved in).
 pub(crate) fn dtype_of(kind: Kind) -> Option<Dtype> {
-    match kind {
-        Kind::Float => Some(Dtype::F32),
-        Kind::Half => Some(Dtype::F16),
-        Kind::BFloat16 => Some(Dtype::BF16),
-        Kind::Double => Some(Dtype::F64),
-        _ => None,
-    }
+    safetensors_dtype(kind)
+        .filter(|d| matches!(d, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64))
 }
 
 /// The shape a checkpoint tensor must have to fill its variables, or why
@@ -621,28 +617,7 @@ pub(crate) fn write_weights(
             },
         ));
     }
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let tmp = temp_path(path);
-    // The safetensors writer creates its file with mode 0600 (a private
-    // temporary file); the weights get the permissions of any new file
-    // (the umask's), read from a file created the ordinary way.
-    let permissions = File::create(&tmp)
-        .and_then(|f| f.metadata())
-        .map(|m| m.permissions())
-        .map_err(|e| MoeError::io(&tmp, e))?;
-    let written = safetensors::serialize_to_file(views, Some(metadata), &tmp)
-        .and_then(|()| Ok(std::fs::set_permissions(&tmp, permissions)?));
-    let failed = match (written, error.borrow_mut().take()) {
-        (Err(e), _) => Some(e.to_string()),
-        (Ok(()), Some(e)) => Some(e.to_string()),
-        (Ok(()), None) => None,
-    };
-    if let Some(reason) = failed {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(checkpoint_err(
-            path,
-            format!("cannot write the weights: {reason}"),
-        ));
-    }
-    commit(&tmp, path)
+    write_safetensors(path, views, || {
+        error.borrow_mut().take().map(|e| e.to_string())
+    })
 }

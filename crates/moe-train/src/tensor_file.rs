@@ -2,11 +2,11 @@
 //! a temporary name and renamed, read back only when every expected tensor
 //! is present with its shape and nothing else is there.
 
-use moe_core::{commit, temp_path, write_atomic, MoeError, Result};
-use safetensors::tensor::{Dtype, TensorView};
+use moe_core::{safetensors_dtype, write_atomic, write_safetensors, MoeError, Result};
+use safetensors::tensor::TensorView;
 use std::collections::HashMap;
 use std::path::Path;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 /// Writes `named` to `path` as safetensors with `__metadata__ {"format":
 /// "pt"}` (what PyTorch's `safetensors.torch.save_file` writes, and what
@@ -18,7 +18,7 @@ pub(crate) fn write_tensors(path: &Path, named: &[(String, Tensor)]) -> Result<(
     let mut stored = Vec::with_capacity(named.len());
     for (name, tensor) in named {
         let tensor = tensor.to_device(Device::Cpu).contiguous();
-        let dtype = dtype_of(tensor.kind()).ok_or_else(|| {
+        let dtype = safetensors_dtype(tensor.kind()).ok_or_else(|| {
             file_err(
                 path,
                 format!(
@@ -43,41 +43,7 @@ pub(crate) fn write_tensors(path: &Path, named: &[(String, Tensor)]) -> Result<(
         })
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|e| file_err(path, e))?;
-    let tmp = temp_path(path);
-    // The safetensors writer creates its file with mode 0600; the file gets
-    // the permissions of any new file (the umask's), as `model.safetensors`.
-    let permissions = std::fs::File::create(&tmp)
-        .and_then(|f| f.metadata())
-        .map(|m| m.permissions())
-        .map_err(|e| MoeError::io(&tmp, e))?;
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    if let Err(e) = safetensors::serialize_to_file(views, Some(metadata), &tmp)
-        .map_err(|e| file_err(&tmp, e))
-        .and_then(|()| {
-            std::fs::set_permissions(&tmp, permissions).map_err(|e| MoeError::io(&tmp, e))
-        })
-    {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    commit(&tmp, path)
-}
-
-/// The safetensors dtype of a libtorch kind, if it has one.
-fn dtype_of(kind: Kind) -> Option<Dtype> {
-    Some(match kind {
-        Kind::Float => Dtype::F32,
-        Kind::Double => Dtype::F64,
-        Kind::Half => Dtype::F16,
-        Kind::BFloat16 => Dtype::BF16,
-        Kind::Int64 => Dtype::I64,
-        Kind::Int => Dtype::I32,
-        Kind::Int16 => Dtype::I16,
-        Kind::Int8 => Dtype::I8,
-        Kind::Uint8 => Dtype::U8,
-        Kind::Bool => Dtype::BOOL,
-        _ => return None,
-    })
+    write_safetensors(path, views, || None)
 }
 
 /// Writes `bytes` to `path` atomically ([`moe_core::write_atomic`]).
