@@ -88,6 +88,14 @@ fn a_search_logs_its_trials_and_resumes_from_the_log() {
         "{doc}"
     );
     assert!(stdout.contains("| random | 1 |"), "{stdout}");
+    // The report's command reproduces the run: it names the paths given.
+    let log = dir.join("trials.jsonl");
+    assert!(
+        doc.contains(&format!("--log {}", log.display()))
+            && doc.contains(" --out ")
+            && doc.contains(" --plot "),
+        "{doc}"
+    );
     let png = std::fs::read(dir.join("best.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
 
