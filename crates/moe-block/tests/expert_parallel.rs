@@ -158,6 +158,24 @@ struct RankResult {
     aux: f64,
 }
 
+impl RankResult {
+    /// After `backward`: the output, the gradient of the input `xr`, every
+    /// trainable parameter's gradient, and the aux loss.
+    fn after_backward(vs: &nn::VarStore, output: &Tensor, xr: &Tensor, aux: f64) -> Self {
+        RankResult {
+            output: output.detach(),
+            input_grad: xr.grad(),
+            grads: vs
+                .variables()
+                .into_iter()
+                .filter(|(_, v)| v.requires_grad())
+                .map(|(name, v)| (name, v.grad()))
+                .collect(),
+            aux,
+        }
+    }
+}
+
 /// The expert-parallel layer on `p` ranks against one layer holding every
 /// expert, on the same weights and the same global batch.
 fn check(cfg: &SparseMoeConfig, p: i64, starve: &[i64], label: &str) {
@@ -213,17 +231,7 @@ fn check(cfg: &SparseMoeConfig, p: i64, starve: &[i64], label: &str) {
         // its gradient the mean of theirs; the sum of the ranks' gradients
         // (what an all-reduce gives) is compared, so each rank adds aux / P.
         ((&out.output * &g).sum(Kind::Float) + aux / p as f64).backward();
-        RankResult {
-            output: out.output.detach(),
-            input_grad: xr.grad(),
-            grads: vs
-                .variables()
-                .into_iter()
-                .filter(|(_, v)| v.requires_grad())
-                .map(|(name, v)| (name, v.grad()))
-                .collect(),
-            aux: aux.double_value(&[]),
-        }
+        RankResult::after_backward(&vs, &out.output, &xr, aux.double_value(&[]))
     });
 
     let mut router_grads: BTreeMap<String, Tensor> = BTreeMap::new();
@@ -434,17 +442,7 @@ fn expert_choice_equals_one_process_on_each_ranks_batch() {
                 let xr = x.set_requires_grad(true);
                 let out = layer.forward_t(&xr, true).unwrap();
                 (&out.output * &g).sum(Kind::Float).backward();
-                RankResult {
-                    output: out.output.detach(),
-                    input_grad: xr.grad(),
-                    grads: vs
-                        .variables()
-                        .into_iter()
-                        .filter(|(_, v)| v.requires_grad())
-                        .map(|(name, v)| (name, v.grad()))
-                        .collect(),
-                    aux: 0.0,
-                }
+                RankResult::after_backward(&vs, &out.output, &xr, 0.0)
             });
             let mut router_grads: BTreeMap<String, Tensor> = BTreeMap::new();
             for (rank, (r, (output, input_grad))) in results.iter().zip(&want).enumerate() {

@@ -2,10 +2,10 @@
 //! structure, causality, KV-cached decoding equal to full recomputation,
 //! and every config error.
 
+mod support;
+
 use moe_core::MoeError;
-use moe_models::{
-    generate, CausalLm, DecoderConfig, DecoderModel, DecoderPreset, LmConfig, ModelCache, Sampling,
-};
+use moe_models::{CausalLm, DecoderConfig, DecoderModel, DecoderPreset, LmConfig, ModelCache};
 use moe_nn::QkNorm;
 use moe_routers::Gate;
 use std::sync::{Mutex, MutexGuard};
@@ -26,23 +26,6 @@ const PRESETS: [DecoderPreset; 6] = [
     DecoderPreset::Llama,
 ];
 
-/// A preset on small sizes, fast enough for tests.
-fn small(preset: DecoderPreset) -> DecoderConfig {
-    let c = DecoderConfig::preset(preset);
-    DecoderConfig {
-        vocab_size: 30,
-        hidden_size: 32,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        max_position_embeddings: 24,
-        intermediate_size: 48,
-        moe_intermediate_size: c.moe_intermediate_size.map(|_| 16),
-        shared_expert_intermediate_size: c.shared_expert_intermediate_size.map(|_| 24),
-        ..c
-    }
-}
-
 fn build(config: &DecoderConfig, seed: i64) -> (nn::VarStore, DecoderModel) {
     tch::manual_seed(seed);
     let vs = nn::VarStore::new(Device::Cpu);
@@ -59,7 +42,7 @@ fn names(vs: &nn::VarStore) -> Vec<String> {
 #[test]
 fn parameters_carry_hugging_face_names_and_no_biases() {
     let _rng = rng_lock();
-    let (vs, _) = build(&small(DecoderPreset::Mixtral), 0);
+    let (vs, _) = build(&support::small_decoder(DecoderPreset::Mixtral, 30), 0);
     let all = names(&vs);
     for want in [
         "model.embed_tokens.weight",
@@ -87,7 +70,7 @@ fn parameters_carry_hugging_face_names_and_no_biases() {
     let (vs, _) = build(
         &DecoderConfig {
             tie_word_embeddings: false,
-            ..small(DecoderPreset::Mixtral)
+            ..support::small_decoder(DecoderPreset::Mixtral, 30)
         },
         0,
     );
@@ -98,7 +81,7 @@ fn parameters_carry_hugging_face_names_and_no_biases() {
 fn each_preset_builds_its_familys_structure() {
     let _rng = rng_lock();
     let has = |preset, what: &str| {
-        let (vs, _) = build(&small(preset), 0);
+        let (vs, _) = build(&support::small_decoder(preset, 30), 0);
         names(&vs).iter().any(|n| n.contains(what))
     };
     assert!(has(DecoderPreset::Qwen2Moe, "mlp.shared_expert_gate"));
@@ -118,7 +101,7 @@ fn each_preset_builds_its_familys_structure() {
     assert!(has(DecoderPreset::Llama, "layers.1.mlp.down_proj"));
     assert!(!has(DecoderPreset::Llama, "experts"));
     for preset in PRESETS {
-        let config = small(preset);
+        let config = support::small_decoder(preset, 30);
         let (_vs, model) = build(&config, 1);
         let idx = Tensor::randint(30, [2, 10], (Kind::Int64, Device::Cpu));
         let out = model.forward_t(&idx, true).unwrap();
@@ -134,7 +117,7 @@ fn each_preset_builds_its_familys_structure() {
             "{preset:?}"
         );
     }
-    let deepseek = small(DecoderPreset::DeepseekV3);
+    let deepseek = support::small_decoder(DecoderPreset::DeepseekV3, 30);
     assert_eq!(deepseek.num_moe_layers(), 1, "first_k_dense_replace = 1");
 }
 
@@ -142,7 +125,7 @@ fn each_preset_builds_its_familys_structure() {
 fn later_tokens_never_change_earlier_logits() {
     let _rng = rng_lock();
     for preset in PRESETS {
-        let (_vs, model) = build(&small(preset), 2);
+        let (_vs, model) = build(&support::small_decoder(preset, 30), 2);
         let idx = Tensor::randint(30, [1, 12], (Kind::Int64, Device::Cpu));
         let changed = idx.copy();
         let _ = changed.narrow(1, 8, 4).fill_(7);
@@ -161,7 +144,7 @@ fn later_tokens_never_change_earlier_logits() {
 fn cached_logits_and_greedy_generation_equal_full_recomputation() {
     let _rng = rng_lock();
     for preset in PRESETS {
-        let (_vs, model) = build(&small(preset), 3);
+        let (_vs, model) = build(&support::small_decoder(preset, 30), 3);
         let idx = Tensor::randint(30, [2, 20], (Kind::Int64, Device::Cpu));
         let full = model.forward_t(&idx, false).unwrap().logits;
         let mut cache = ModelCache::default();
@@ -178,24 +161,14 @@ fn cached_logits_and_greedy_generation_equal_full_recomputation() {
 
         // Greedy decoding within the context, token for token.
         let prompt = [3i64, 14, 15, 9];
-        let cached = generate(&model, &prompt, 16, Sampling::greedy(), |_| {}).unwrap();
-        let mut context = prompt.to_vec();
-        for &token in &cached {
-            let logits = model
-                .forward_t(&Tensor::from_slice(&context).unsqueeze(0), false)
-                .unwrap()
-                .logits;
-            let want = logits.select(1, -1).argmax(-1, false).int64_value(&[0]);
-            assert_eq!(token, want, "{preset:?}");
-            context.push(token);
-        }
+        support::assert_cached_greedy_is_argmax(&format!("{preset:?}"), &model, &prompt, 16);
     }
 }
 
 #[test]
 fn wrong_inputs_are_errors() {
     let _rng = rng_lock();
-    let (_vs, model) = build(&small(DecoderPreset::Mixtral), 4);
+    let (_vs, model) = build(&support::small_decoder(DecoderPreset::Mixtral, 30), 4);
     let too_long = Tensor::zeros([1, 25], (Kind::Int64, Device::Cpu));
     assert!(matches!(
         model.forward_t(&too_long, false),
@@ -223,8 +196,8 @@ fn wrong_inputs_are_errors() {
 
 #[test]
 fn every_config_error_is_a_moe_error() {
-    let base = small(DecoderPreset::Mixtral);
-    let deepseek = small(DecoderPreset::DeepseekV3);
+    let base = support::small_decoder(DecoderPreset::Mixtral, 30);
+    let deepseek = support::small_decoder(DecoderPreset::DeepseekV3, 30);
     let with_gate = |gate: Gate| DecoderConfig {
         router: moe_routers::RouterConfig {
             gate,
@@ -313,7 +286,7 @@ fn every_config_error_is_a_moe_error() {
 
 #[test]
 fn configs_round_trip_through_json_with_the_family_tag() {
-    let config = LmConfig::Decoder(small(DecoderPreset::DeepseekV3));
+    let config = LmConfig::Decoder(support::small_decoder(DecoderPreset::DeepseekV3, 30));
     let json = serde_json::to_value(&config).unwrap();
     assert_eq!(json["family"], "decoder");
     assert_eq!(json["hidden_size"], 32);

@@ -7,11 +7,11 @@
 
 #[path = "../../moe-train/tests/common.rs"]
 mod common;
+mod support;
 
 use common::tiny_config;
 use moe_models::{
-    generate, CausalLm, DecoderConfig, DecoderModel, DecoderPreset, MakeMoeConfig, MakeMoeModel,
-    ModelCache, Sampling,
+    CausalLm, DecoderConfig, DecoderModel, DecoderPreset, MakeMoeConfig, MakeMoeModel, ModelCache,
 };
 use moe_routers::{ExpertChoiceScope, Gate, RouterConfig};
 use std::sync::{Mutex, MutexGuard};
@@ -49,21 +49,12 @@ fn makemoe(scope: ExpertChoiceScope) -> (nn::VarStore, MakeMoeModel) {
 /// Mixtral's layout, small, 8 experts, top-2 compute: with B = 4,
 /// C_t = floor(4 * 2 / 8) = 1.
 fn decoder(scope: ExpertChoiceScope) -> (nn::VarStore, DecoderModel) {
-    let c = DecoderConfig::preset(DecoderPreset::Mixtral);
     let config = DecoderConfig {
-        vocab_size: VOCAB,
-        hidden_size: 32,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        max_position_embeddings: 24,
-        intermediate_size: 48,
-        moe_intermediate_size: c.moe_intermediate_size.map(|_| 16),
         router: RouterConfig {
             bias: false,
             ..RouterConfig::with_gate(gate(scope))
         },
-        ..c
+        ..support::small_decoder(DecoderPreset::Mixtral, VOCAB)
     };
     tch::manual_seed(32);
     let vs = nn::VarStore::new(Device::Cpu);
@@ -170,15 +161,5 @@ fn cached_decoding_and_generation_follow_the_full_forward_pass() {
     }
     // Greedy generation with the cache equals recomputing the whole context.
     let prompt = [3i64, 14, 15, 9];
-    let cached = generate(&model, &prompt, 12, Sampling::greedy(), |_| {}).unwrap();
-    let mut context = prompt.to_vec();
-    for &token in &cached {
-        let logits = model
-            .forward_t(&Tensor::from_slice(&context).unsqueeze(0), false)
-            .unwrap()
-            .logits;
-        let want = logits.select(1, -1).argmax(-1, false).int64_value(&[0]);
-        assert_eq!(token, want);
-        context.push(token);
-    }
+    support::assert_cached_greedy_is_argmax("expert choice", &model, &prompt, 12);
 }

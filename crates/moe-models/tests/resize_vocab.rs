@@ -3,6 +3,8 @@
 //! are errors. No test seeds libtorch's generator: the properties hold for
 //! any draw.
 
+mod support;
+
 use moe_core::MoeError;
 use moe_models::{resize_vocab, CausalLm, DecoderConfig, DecoderModel, DecoderPreset};
 use tch::{nn, Device, Kind, Tensor};
@@ -12,19 +14,9 @@ const NEW: i64 = 47;
 
 /// A preset on small sizes; embeddings scaled up so logits are far from 0.
 fn model(preset: DecoderPreset, tied: bool) -> (nn::VarStore, DecoderConfig, DecoderModel) {
-    let c = DecoderConfig::preset(preset);
     let config = DecoderConfig {
-        vocab_size: OLD,
-        hidden_size: 32,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        max_position_embeddings: 24,
-        intermediate_size: 48,
-        moe_intermediate_size: c.moe_intermediate_size.map(|_| 16),
-        shared_expert_intermediate_size: c.shared_expert_intermediate_size.map(|_| 24),
         tie_word_embeddings: tied,
-        ..c
+        ..support::small_decoder(preset, OLD)
     };
     let vs = nn::VarStore::new(Device::Cpu);
     let model = DecoderModel::new(&vs.root(), &config).unwrap();
