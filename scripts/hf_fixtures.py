@@ -30,7 +30,9 @@ computes the logits of the same prompts and writes `transformers_check.json`
 (`{"transformers_version", "max_abs_diff", "ok"}`, ok when the difference is at
 most 1e-4 and transformers found exactly the tensors it expects; otherwise also
 `missing_keys` / `unexpected_keys` / `mismatched_keys`, or `error` when it
-cannot load the folder) into DIR; the exit status is 1 when any folder is not
+cannot load the folder; `weights_sha256` and `config_sha256`, the SHA-256 of the
+`model.safetensors` and `config.json` it checked; `prompts` and `logits`,
+transformers' own fp32 logits of them) into DIR; the exit status is 1 when any folder is not
 ok.
 
 Run it through `cargo xtask hf-fixtures [-- ARGS]`, which installs the pinned
@@ -40,6 +42,7 @@ fixed seeds, fixed prompts.
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -530,6 +533,15 @@ def max_abs_diff(model, prompts, logits):
     return diff
 
 
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@torch.no_grad()
+def prompt_logits(model, prompts):
+    return [model(input_ids=torch.tensor([ids])).logits[0].float().tolist() for ids in prompts]
+
+
 def check_ours(tf, dirs):
     ok_all = True
     for d in dirs:
@@ -537,13 +549,18 @@ def check_ours(tf, dirs):
         result = {"transformers_version": tf.__version__}
         try:
             ours = json.loads((d / "ours.json").read_text())
+            # The verdict belongs to these exact files: the test checks the hashes.
+            result.update(weights_sha256=sha256(d / "model.safetensors"), config_sha256=sha256(d / "config.json"))
             model, problems = load_fp32(tf, d)
             diff = max_abs_diff(model, ours["prompts"], ours["logits"])
             result.update(max_abs_diff=diff, ok=diff <= CHECK_TOLERANCE and not problems, **problems)
+            # transformers' own logits: the test compares ours with them on
+            # whatever CPU it runs on.
+            result.update(prompts=ours["prompts"], logits=prompt_logits(model, ours["prompts"]))
         except Exception as e:  # a folder transformers cannot load is a failed check
             result.update(max_abs_diff=None, ok=False, error=f"{type(e).__name__}: {e}")
         write_json(d / "transformers_check.json", result)
-        print(f"{d}: {json.dumps({k: v for k, v in result.items() if k != 'transformers_version'})}")
+        print(f"{d}: {json.dumps({k: v for k, v in result.items() if k not in ('transformers_version', 'prompts', 'logits')})}")
         ok_all &= result["ok"]
     return 0 if ok_all else 1
 

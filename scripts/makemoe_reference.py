@@ -2,21 +2,46 @@
 (seed 000: Head/MultiHeadAttention per head, NoisyTopkRouter, SparseMoE's
 boolean-mask loop over experts, Kaiming-normal init, torch.optim.AdamW).
 
-It exists to time makeMoE's step side by side with ours on the same machine
-(issue #6): `train_bench --versus-makemoe` runs it with the `.venv` torch in
-rounds alternating with our own step, and prints both step times and their
-ratio. It prints one JSON line: {"impl":"makemoe-pytorch", "ms_per_step":..., ...}.
+Two uses:
 
-Usage: python scripts/makemoe_reference.py [--steps 30] [--warmup 5]
-       [--device cpu|cuda] [--eval-iters 0] [--data data/tinyshakespeare.txt]
-       [--threads N]
+- Timing (issue #6): `train_bench --versus-makemoe` runs it with the `.venv`
+  torch in rounds alternating with our own step, and prints both step times
+  and their ratio. It prints one JSON line:
+  {"impl":"makemoe-pytorch", "ms_per_step":..., ...}.
+
+  Usage: python scripts/makemoe_reference.py [--steps 30] [--warmup 5]
+         [--device cpu|cuda] [--eval-iters 0] [--data data/tinyshakespeare.txt]
+         [--threads N]
+
+- The reference of our makeMoE model (`--check DIR`, run by the test
+  `moe-layers-train --test makemoe_pytorch`). DIR holds what the Rust test
+  wrote: `init.safetensors` (our model's initial variables, under our names
+  and layouts), `batches.safetensors` (`x.S`, `y.S`: the batch of step S) and
+  `check.json` (`{"steps", "learning_rate", "weight_decay", "noise_seed",
+  "min_router_gap"}`). With dropout 0 this script loads the weights into
+  makeMoE's modules (in the weights' dtype), trains `steps` steps with
+  torch.optim.AdamW and writes
+  `reference.safetensors`: `loss` [steps], `grad.S.NAME` (the gradient of
+  our variable NAME at step S, in our layout), and the router noise it drew,
+  `noise.S.L` [B*T, E] for layer L at step S, with the experts it chose,
+  `experts.S.L` [B*T, k] (ascending), plus `reference.json` (`parameters`,
+  `losses`, `min_router_gap`). The noise is makeMoE's `randn_like`, except
+  that a token whose k-th and (k+1)-th noisy logits are closer than
+  `min_router_gap` draws again: the choice of experts then cannot depend on
+  rounding, so both implementations route alike. Gradients are zeroed, not
+  set to None, so that AdamW updates an expert that got no token, as ours
+  does. Needs torch only (no numpy, no safetensors package).
 """
 
 import argparse
+import warnings
 import json
 import time
+from pathlib import Path
 
-import torch
+# torch warns on import when numpy is absent; nothing here needs numpy.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+import torch  # noqa: E402
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn import init
@@ -80,6 +105,12 @@ class Expert(nn.Module):
         return self.net(x)
 
 
+def draw_noise(logits, noise_logits):
+    """makeMoE's `torch.randn_like(logits)`; `--check` replaces it with a
+    recorder (`GivenNoise`) whose draws are handed to the Rust model."""
+    return torch.randn_like(logits)
+
+
 class NoisyTopkRouter(nn.Module):
     def __init__(self, n_embed, num_experts, top_k):
         super().__init__()
@@ -90,7 +121,7 @@ class NoisyTopkRouter(nn.Module):
     def forward(self, mh_output):
         logits = self.topkroute_linear(mh_output)
         noise_logits = self.noise_linear(mh_output)
-        noise = torch.randn_like(logits) * F.softplus(noise_logits)
+        noise = draw_noise(logits, noise_logits) * F.softplus(noise_logits)
         noisy_logits = logits + noise
         top_k_logits, indices = noisy_logits.topk(self.top_k, dim=-1)
         zeros = torch.full_like(noisy_logits, float("-inf"))
@@ -157,6 +188,206 @@ class SparseMoELanguageModel(nn.Module):
         return F.cross_entropy(logits.view(B * T, -1), targets.view(B * T))
 
 
+# ---------------------------------------------------------------------------
+# --check: the reference of our model, step by step
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F64": torch.float64, "I64": torch.int64}
+
+
+def read_safetensors(path):
+    """The tensors of a safetensors file (8-byte header length, JSON header, data)."""
+    raw = Path(path).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    base = 8 + n
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = meta["data_offsets"]
+        flat = torch.frombuffer(bytearray(raw[base + a : base + b]), dtype=SAFETENSORS_DTYPES[meta["dtype"]])
+        out[name] = flat.reshape(meta["shape"])
+    return out
+
+
+def write_safetensors(path, tensors):
+    """Writes `tensors` (name -> tensor) as a safetensors file, through a
+    file-backed tensor (`torch.from_file(shared=True)`) instead of numpy."""
+    names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    items = [(k, t.detach().cpu().contiguous()) for k, t in tensors.items()]
+    header, offset = {}, 0
+    for k, t in items:
+        nbytes = t.numel() * t.element_size()
+        header[k] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    base = 8 + len(text)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        f.truncate(base + offset)
+    buf = torch.from_file(str(path), shared=True, size=base + offset, dtype=torch.uint8)
+    for k, t in items:
+        a, b = header[k]["data_offsets"]
+        buf[base + a : base + b].copy_(t.reshape(-1).view(torch.uint8))
+    del buf
+
+
+class GivenNoise:
+    """makeMoE's router noise, drawn and recorded: `randn_like`, redrawn for
+    each token whose k-th and (k+1)-th noisy logits lie closer than `gap`."""
+
+    def __init__(self, gap, seed):
+        self.gap = gap
+        self.generator = torch.Generator().manual_seed(seed)
+        self.draws = []
+        self.experts = []
+        self.min_gap = float("inf")
+
+    def __call__(self, logits, noise_logits):
+        logits, scale = logits.detach(), F.softplus(noise_logits.detach())
+        shape = (-1, logits.size(-1))
+        logits, scale = logits.reshape(shape), scale.reshape(shape)
+        eps = torch.randn(logits.shape, generator=self.generator, dtype=logits.dtype)
+        for _ in range(1000):
+            top = (logits + eps * scale).topk(top_k + 1, dim=-1).values
+            close = top[:, top_k - 1] - top[:, top_k] < self.gap
+            if not close.any():
+                break
+            eps[close] = torch.randn((int(close.sum()), logits.size(-1)), generator=self.generator, dtype=logits.dtype)
+        else:
+            raise RuntimeError(f"no noise clears the router gap {self.gap} after 1000 draws")
+        self.min_gap = min(self.min_gap, float((top[:, top_k - 1] - top[:, top_k]).min()))
+        self.draws.append(eps)
+        chosen = (logits + eps * scale).topk(top_k, dim=-1).indices
+        self.experts.append(chosen.sort(dim=-1).values)
+        return eps.reshape(noise_logits.shape)
+
+
+def our_layout(get):
+    """Our variables (name -> tensor) from makeMoE's (`get(makeMoE name)`):
+    the heads' query/key/value rows stacked into `attn.qkv` [3C, C], and
+    the experts' `nn.Linear` weights transposed and stacked into banks
+    `w_in` [E, C, 4C], `w_out` [E, 4C, C]."""
+    ours = {
+        "tok_emb.weight": get("token_embedding_table.weight"),
+        "pos_emb.weight": get("position_embedding_table.weight"),
+        "ln_f.weight": get("ln_f.weight"),
+        "ln_f.bias": get("ln_f.bias"),
+        "lm_head.weight": get("lm_head.weight"),
+        "lm_head.bias": get("lm_head.bias"),
+    }
+    for i in range(n_layer):
+        b = f"blocks.{i}."
+        ours[b + "attn.qkv"] = torch.cat(
+            [get(f"{b}sa.heads.{h}.{part}.weight") for part in ("query", "key", "value") for h in range(n_head)]
+        )
+        for ours_name, theirs in [
+            ("attn.proj", "sa.proj"),
+            ("ln1", "ln1"),
+            ("ln2", "ln2"),
+            ("moe.router.gate", "smoe.router.topkroute_linear"),
+            ("moe.router.noise", "smoe.router.noise_linear"),
+        ]:
+            for p in ("weight", "bias"):
+                ours[f"{b}{ours_name}.{p}"] = get(f"{b}{theirs}.{p}")
+        experts = [f"{b}smoe.experts.{e}.net." for e in range(num_experts)]
+        ours[b + "moe.experts.w_in"] = torch.stack([get(e + "0.weight").t() for e in experts])
+        ours[b + "moe.experts.b_in"] = torch.stack([get(e + "0.bias") for e in experts])
+        ours[b + "moe.experts.w_out"] = torch.stack([get(e + "2.weight").t() for e in experts])
+        ours[b + "moe.experts.b_out"] = torch.stack([get(e + "2.bias") for e in experts])
+    return ours
+
+
+def load_ours(model, ours):
+    """Copies our variables into makeMoE's parameters: the inverse of
+    `our_layout`, checked by reading the parameters back through it."""
+    params = dict(model.named_parameters())
+    C, hs = n_embd, n_embd // n_head
+    plain = {
+        "tok_emb.weight": "token_embedding_table.weight",
+        "pos_emb.weight": "position_embedding_table.weight",
+    }
+    renames = [
+        ("attn.proj.", "sa.proj."),
+        ("moe.router.gate.", "smoe.router.topkroute_linear."),
+        ("moe.router.noise.", "smoe.router.noise_linear."),
+    ]
+    bank = {"w_in": "0.weight", "b_in": "0.bias", "w_out": "2.weight", "b_out": "2.bias"}
+    with torch.no_grad():
+        for name, value in ours.items():
+            if name.endswith(".attn.qkv"):
+                b = name[: -len("attn.qkv")]
+                for j, part in enumerate(("query", "key", "value")):
+                    for h in range(n_head):
+                        rows = value[j * C + h * hs : j * C + (h + 1) * hs]
+                        params[f"{b}sa.heads.{h}.{part}.weight"].copy_(rows)
+            elif ".moe.experts." in name:
+                b, kind = name.split(".moe.experts.")
+                for e in range(num_experts):
+                    v = value[e].t() if kind.startswith("w_") else value[e]
+                    params[f"{b}.smoe.experts.{e}.net.{bank[kind]}"].copy_(v)
+            else:
+                theirs = plain.get(name, name)
+                for a, b in renames:
+                    theirs = theirs.replace(a, b)
+                params[theirs].copy_(value)
+    back = our_layout(lambda n: params[n].detach())
+    if set(back) != set(ours) or any(not torch.equal(back[k], ours[k]) for k in ours):
+        raise ValueError(f"our variables do not map onto makeMoE's: {sorted(set(back) ^ set(ours))}")
+
+
+def check(folder):
+    folder = Path(folder)
+    spec = json.loads((folder / "check.json").read_text())
+    init_ours = read_safetensors(folder / "init.safetensors")
+    batches = read_safetensors(folder / "batches.safetensors")
+    global dropout, draw_noise
+    dropout = 0.0
+    noise = GivenNoise(spec["min_router_gap"], spec["noise_seed"])
+    draw_noise = noise
+    vocab_size = init_ours["lm_head.bias"].numel()
+    # In the dtype of the weights given (the test's: f64, see its docs).
+    model = SparseMoELanguageModel(vocab_size, "cpu").to(init_ours["lm_head.bias"].dtype)
+    load_ours(model, init_ours)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=spec["learning_rate"], weight_decay=spec["weight_decay"]
+    )
+    model.train()
+    params = dict(model.named_parameters())
+    # makeMoE's loop sets gradients to None, so AdamW skips (does not decay)
+    # an expert that got no token; ours updates every parameter, as an
+    # optimizer over all of them does. Zero gradients instead of None make
+    # both optimizers see the same parameters.
+    for p in params.values():
+        p.grad = torch.zeros_like(p)
+    out, losses = {}, []
+    for step in range(spec["steps"]):
+        noise.draws, noise.experts = [], []
+        loss = model(batches[f"x.{step}"], batches[f"y.{step}"])
+        optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        losses.append(loss.item())
+        grads = our_layout(lambda name: params[name].grad.clone())
+        out.update({f"grad.{step}.{k}": v for k, v in grads.items()})
+        for layer, eps in enumerate(noise.draws):
+            out[f"noise.{step}.{layer}"] = eps
+        for layer, chosen in enumerate(noise.experts):
+            out[f"experts.{step}.{layer}"] = chosen
+        optimizer.step()
+    out["loss"] = torch.tensor(losses, dtype=torch.float64)
+    write_safetensors(folder / "reference.safetensors", out)
+    summary = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "losses": losses,
+        "min_router_gap": noise.min_gap,
+        "torch": torch.__version__,
+    }
+    (folder / "reference.json").write_text(json.dumps(summary))
+    print(json.dumps(summary))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -165,7 +396,12 @@ def main():
     parser.add_argument("--eval-iters", type=int, default=0)
     parser.add_argument("--data", default="data/tinyshakespeare.txt")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default)")
+    parser.add_argument("--check", metavar="DIR", help="train from DIR's weights and batches, write the reference")
     args = parser.parse_args()
+    if args.check:
+        torch.set_num_threads(1)
+        check(args.check)
+        return
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 

@@ -22,6 +22,6 @@ pub use device::DeviceChoice;
 pub use dropout::{dropout, keep_mask};
 pub use error::{MoeError, Result};
 pub use init::{linear, WeightInit};
-pub use precision::{as_kind_of, linear_in_input_dtype, Precision};
+pub use precision::{accumulation_kind, as_kind_of, linear_in_input_dtype, Precision};
 pub use routing::{expert_capacity, Routing};
 pub use safetensors_file::{safetensors_dtype, write_safetensors};

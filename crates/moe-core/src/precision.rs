@@ -14,6 +14,12 @@ use tch::{nn, Kind, Tensor};
 /// weights cast at use, as PyTorch's autocast does for matmuls; layer norms,
 /// the residual stream, router logits and softmax, the LM head and the loss
 /// stay f32. Gradients reach the f32 parameters through the casts.
+///
+/// [`Precision::Fp64`] is for numerical checks: with the parameters
+/// converted to f64 as well (`VarStore::double`), every operation runs in
+/// f64, where rounding (`2^-53`) no longer decides a ReLU's kink or a top-k
+/// tie, so that two implementations of a model can be compared as functions
+/// (`moe-layers-train`'s test against makeMoE's PyTorch code does).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 #[cfg_attr(feature = "clap", derive(clap::ValueEnum), value(rename_all = "lower"))]
@@ -24,6 +30,8 @@ pub enum Precision {
     Fp32,
     /// Matrix products in bf16, the rest in f32 (autocast-style).
     Bf16,
+    /// Matrix products in f64; everything in f64 with f64 parameters.
+    Fp64,
 }
 
 impl Precision {
@@ -32,6 +40,7 @@ impl Precision {
         match self {
             Precision::Fp32 => Kind::Float,
             Precision::Bf16 => Kind::BFloat16,
+            Precision::Fp64 => Kind::Double,
         }
     }
 }
@@ -43,8 +52,9 @@ impl FromStr for Precision {
         match s.to_ascii_lowercase().as_str() {
             "fp32" | "f32" | "float32" => Ok(Precision::Fp32),
             "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            "fp64" | "f64" | "float64" => Ok(Precision::Fp64),
             other => Err(MoeError::config(format!(
-                "unknown precision `{other}`: expected fp32 or bf16"
+                "unknown precision `{other}`: expected fp32, bf16 or fp64"
             ))),
         }
     }
@@ -55,7 +65,18 @@ impl fmt::Display for Precision {
         f.write_str(match self {
             Precision::Fp32 => "fp32",
             Precision::Bf16 => "bf16",
+            Precision::Fp64 => "fp64",
         })
+    }
+}
+
+/// The dtype softmaxes, norms and losses accumulate in for inputs of
+/// `kind`: f64 for f64, f32 for everything else (bf16 and f16 inputs are
+/// widened, as PyTorch's autocast does for these ops).
+pub fn accumulation_kind(kind: Kind) -> Kind {
+    match kind {
+        Kind::Double => Kind::Double,
+        _ => Kind::Float,
     }
 }
 

@@ -226,11 +226,13 @@ impl ModelCache {
     }
 }
 
-/// Mean cross-entropy of `logits: [B, T, V]` against `targets: [B, T]`, in f32.
+/// Mean cross-entropy of `logits: [B, T, V]` against `targets: [B, T]`, in
+/// f32 (f64 for f64 logits, [`moe_core::accumulation_kind`]).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Tensor {
     let v = logits.size()[2];
+    // (tch's cross_entropy_for_logits would compute in f32 whatever the input.)
     logits
         .view([-1, v])
-        .to_kind(Kind::Float)
-        .cross_entropy_for_logits(&targets.view([-1]))
+        .log_softmax(-1, moe_core::accumulation_kind(logits.kind()))
+        .nll_loss(&targets.view([-1]))
 }

@@ -1,5 +1,5 @@
-use moe_core::{check_float, check_same_device, MoeError, Result};
-use tch::{nn, Kind, Tensor};
+use moe_core::{accumulation_kind, check_float, check_same_device, MoeError, Result};
+use tch::{nn, Tensor};
 
 /// Root-mean-square layer normalisation (Zhang & Sennrich 2019,
 /// arXiv 1910.07467) over the last dimension:
@@ -54,8 +54,9 @@ impl RmsNorm {
     /// Normalises `x` (`[..., dim]`, floating point, on the weight's device).
     /// Panics (in libtorch) on other shapes; [`Self::try_forward`] checks.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let x32 = x.to_kind(Kind::Float);
-        let mean_square = x32.square().mean_dim(-1, true, Kind::Float);
+        let wide = accumulation_kind(x.kind());
+        let x32 = x.to_kind(wide);
+        let mean_square = x32.square().mean_dim(-1, true, wide);
         let normed = (x32 * (mean_square + self.eps).rsqrt()).to_kind(x.kind());
         normed * self.weight.to_kind(x.kind())
     }

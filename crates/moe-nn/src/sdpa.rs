@@ -3,7 +3,7 @@
 //! causal scaled dot-product attention of `T` new queries over the
 //! `S = past + T` keys of the sequence so far.
 
-use moe_core::{check_float, check_rank, check_same_device, dropout, MoeError, Result};
+use moe_core::{accumulation_kind, check_float, check_rank, check_same_device, dropout, MoeError, Result};
 use tch::{Device, Kind, Tensor};
 
 /// `Dropout_p(softmax(s Q K^T + M)) V` for queries at absolute positions
@@ -88,7 +88,7 @@ pub(crate) fn causal_attention_math(
     let future = Tensor::ones([t, past + t], (Kind::Bool, q.device())).triu(past + 1);
     let weights = (q.matmul(&k.transpose(-2, -1)) * scale)
         .masked_fill(&future, f64::NEG_INFINITY)
-        .softmax(-1, Kind::Float)
+        .softmax(-1, accumulation_kind(q.kind()))
         .to_kind(q.kind());
     dropout(&weights, p, true).matmul(&v)
 }

@@ -3,7 +3,7 @@
 
 use crate::config::wrong_gate;
 use crate::{top_k_of_affinities, Gate, Router, RouterConfig, RouterDims};
-use moe_core::{linear, MoeError, Result, Routing, WeightInit};
+use moe_core::{accumulation_kind, linear, MoeError, Result, Routing, WeightInit};
 use serde::{Deserialize, Serialize};
 use tch::{nn, nn::Module, Kind, Tensor};
 
@@ -74,7 +74,7 @@ pub fn expert_choice(
     seq_len: Option<i64>,
 ) -> Result<Routing> {
     let (n, e) = (logits.size()[0], logits.size()[1]);
-    let probs = logits.softmax(-1, Kind::Float).to_kind(logits.kind());
+    let probs = logits.softmax(-1, accumulation_kind(logits.kind())).to_kind(logits.kind());
     let tokens = Tensor::arange(n, (Kind::Int64, logits.device()));
     // The scopes as groups: scores `[G, M, E]` and token ids `[G, M]`.
     let (scores, token_ids) = match scope {

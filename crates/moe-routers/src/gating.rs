@@ -3,8 +3,8 @@
 //! probabilities the scores already are; and DeepSeek-V3's group limit on
 //! the experts a token may choose from.
 
-use moe_core::{check_rank, MoeError, Result, Routing};
-use tch::{Kind, Tensor};
+use moe_core::{accumulation_kind, check_rank, MoeError, Result, Routing};
+use tch::Tensor;
 
 /// Keeps the `k` largest `logits` per row and softmaxes over them alone:
 ///
@@ -14,8 +14,8 @@ use tch::{Kind, Tensor};
 /// chosen experts; they sum to 1. `probs` is the softmax over all `E` logits.
 pub fn top_k_softmax(logits: Tensor, k: i64) -> Routing {
     let (values, indices) = logits.topk(k, -1, true, true);
-    let weights = values.softmax(-1, Kind::Float).to_kind(logits.kind());
-    let probs = logits.softmax(-1, Kind::Float).to_kind(logits.kind());
+    let weights = values.softmax(-1, accumulation_kind(logits.kind())).to_kind(logits.kind());
+    let probs = logits.softmax(-1, accumulation_kind(logits.kind())).to_kind(logits.kind());
     Routing::token_choice(indices, weights, logits, probs)
 }
 
@@ -114,6 +114,6 @@ pub fn softmax_top_k(logits: Tensor, k: i64, norm_topk_prob: bool) -> Routing {
     if norm_topk_prob {
         return top_k_softmax(logits, k);
     }
-    let probs = logits.softmax(-1, Kind::Float).to_kind(logits.kind());
+    let probs = logits.softmax(-1, accumulation_kind(logits.kind())).to_kind(logits.kind());
     top_k_of_affinities(logits, &probs, &probs, probs.shallow_clone(), k, false)
 }

@@ -20,6 +20,7 @@ mod capacity;
 mod config;
 mod expert_choice;
 mod gating;
+mod noise;
 mod noisy_top_k;
 mod router;
 mod stats;
@@ -35,6 +36,7 @@ pub use expert_choice::{
 };
 pub(crate) use gating::check_groups;
 pub use gating::{group_limited_selection, softmax_top_k, top_k_of_affinities, top_k_softmax};
+pub use noise::with_given_noise;
 pub use noisy_top_k::NoisyTopKRouter;
 pub use router::Router;
 pub use stats::{mean_probs, RoutingStats};

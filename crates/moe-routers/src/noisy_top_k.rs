@@ -11,7 +11,8 @@ use tch::{nn, nn::Module, Tensor};
 ///
 /// The noise spreads tokens over experts early in training. It is added in
 /// training, and outside it too when `noise_at_eval` is set (makeMoE's
-/// behaviour).
+/// behaviour). `eps` comes from libtorch's generator, or from a tape of
+/// given draws inside [`with_given_noise`](crate::with_given_noise).
 #[derive(Debug)]
 pub struct NoisyTopKRouter {
     gate: nn::Linear,
@@ -62,7 +63,7 @@ impl Router for NoisyTopKRouter {
         let mut logits = self.gate.forward(x);
         if self.adds_noise(train) {
             let scale = self.noise.forward(x).softplus();
-            logits = &logits + logits.randn_like() * scale;
+            logits = &logits + crate::noise::standard_normal_like(&logits)? * scale;
         }
         Ok(softmax_top_k(logits, self.dims.top_k, self.norm_topk_prob))
     }

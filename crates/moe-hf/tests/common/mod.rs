@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use moe_hf::{from_pretrained, LoadOptions, Pretrained};
+use moe_models::DecoderConfig;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -152,4 +153,71 @@ pub fn assert_same_vars(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tenso
 /// Max |a - b| over two tensors.
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
+}
+
+/// `u = 2^-24`, the unit roundoff of f32.
+pub const F32_UNIT_ROUNDOFF: f64 = 5.960_464_477_539_063e-8;
+
+/// The largest difference two correct f32 evaluations of the logits of the
+/// decoder `config` with the weights of `vs` (ours and transformers', on
+/// any CPU) can show for prompts of at most `len` tokens: a bound from the
+/// arithmetic, not from a run.
+///
+/// A sum of `n` products computed in any order is off by at most
+/// `gamma_n ~ n u` of the sum of its terms' magnitudes (Higham, *Accuracy
+/// and Stability of Numerical Algorithms*, §3.1). Counting each reduction
+/// of the forward pass as adding its own `gamma_n` to first order (RMSNorm
+/// before every sub-layer keeps each stage's gain near one), a layer adds
+/// RMSNorm (`d`), the query/key/value projections (`d`, and the latent
+/// ranks with MLA), the scores (the query-key width), the weighted sum of
+/// values (`len`), the output projection (heads times value width),
+/// RMSNorm (`d`), the router (`d`), the expert's input (`d`) and output
+/// (its width) layers and the sum over the routed and shared experts; the
+/// final RMSNorm and the head add `2 d`. That relative error `eps` applies
+/// to the sum of a logit's terms' magnitudes, at most
+/// `||w_v|| ||h|| <= max_v ||w_v|| sqrt(d) max |g|` by Cauchy-Schwarz, with
+/// `w_v` the head's rows and `h` the final RMSNorm's output (unit RMS
+/// times its gain `g`). For these test models (d = 32, 1-3 layers) the
+/// bound is a few 1e-4, ~1e-3 with tied N(0, 1) embeddings; differences
+/// seen are ~1e-6, and a wrong weight, scale or layout moves logits by 1e-2
+/// or more.
+pub fn logit_tolerance(c: &DecoderConfig, vs: &tch::nn::VarStore, len: i64) -> f64 {
+    let d = c.hidden_size;
+    let heads = c.num_attention_heads;
+    let (qk_width, v_width, latent) = match &c.latent_attention {
+        Some(mla) => (
+            mla.qk_nope_head_dim + mla.qk_rope_head_dim,
+            mla.v_head_dim,
+            mla.kv_lora_rank + mla.q_lora_rank.unwrap_or(0),
+        ),
+        None => {
+            let head_dim = c.head_dim.unwrap_or(d / heads);
+            (head_dim, head_dim, 0)
+        }
+    };
+    let experts = c.num_experts_per_tok + c.n_shared_experts + 1;
+    let width = c
+        .expert_width()
+        .max(c.intermediate_size)
+        .max(c.shared_expert_intermediate_size.unwrap_or(0));
+    let per_layer = d + d + latent + qk_width + len + heads * v_width + d + d + d + width + experts;
+    let stages = c.num_hidden_layers * per_layer + 2 * d;
+    let eps = stages as f64 * F32_UNIT_ROUNDOFF;
+
+    let vars = vs.variables();
+    let head = vars
+        .get("lm_head.weight")
+        .or_else(|| vars.get("model.embed_tokens.weight"))
+        .expect("a decoder has an lm_head or tied embeddings");
+    let max_row = head
+        .to_kind(tch::Kind::Double)
+        .norm_scalaropt_dim(2, [1], false)
+        .max()
+        .double_value(&[]);
+    let gain = vars["model.norm.weight"]
+        .abs()
+        .max()
+        .to_kind(tch::Kind::Double)
+        .double_value(&[]);
+    eps * max_row * (d as f64).sqrt() * gain
 }
