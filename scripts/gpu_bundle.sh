@@ -12,14 +12,16 @@ cd "$(dirname "$0")/.."
 eval "$(cargo xtask env)"
 examples=(shakespeare train_bench dispatch_bench compare_routers generate)
 cargo build --release $(printf -- '--example %s ' "${examples[@]}")
-# The CUDA tests (tests/cuda.rs), as a test binary.
+# The CUDA tests (tests/cuda.rs), as a test binary. They are #[ignore]d, so
+# that machines without a GPU count them as skipped: gpu_run.sh passes --ignored.
 test_bin=$(cargo test --release --test cuda --no-run --message-format=json 2>/dev/null \
   | python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "cuda" and m.get("executable"):
         print(m["executable"])' | tail -1)
-# c10d's tests with the NCCL group (moe-aten's `nccl` feature).
+# c10d's tests with the NCCL group (moe-aten's `nccl` feature; the NCCL test
+# is #[ignore]d, so gpu_run.sh passes --include-ignored).
 dist_bin=$(cargo xtask run test --release -p moe-layers-aten --features nccl --test dist --no-run \
   --message-format=json 2>/dev/null \
   | python3 -c 'import json,sys

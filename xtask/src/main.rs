@@ -7,9 +7,12 @@
 //! - `cargo xtask hf-fixtures [-- ARGS]`: rewrites `tests/data/hf` with
 //!   `scripts/hf_fixtures.py` (ARGS go to the script, e.g. `--check-ours DIR`).
 //!
-//! Each first makes sure `.venv` holds PyPI's `torch==2.11.0` (the libtorch
-//! that `tch 0.24` is built against), creating it with `python3 -m venv` and
-//! pip when missing; `hf-fixtures` also installs `transformers==5.23.0`, the
+//! All but `hf-fixtures` first check that a build can succeed here (a C++
+//! compiler; Gloo's headers, or the Debian tools that fetch them) and stop
+//! with one message naming what is missing, before anything is installed
+//! or cargo starts. Each then makes sure `.venv` holds PyPI's
+//! `torch==2.11.0` (the libtorch that `tch 0.24` is built against),
+//! creating it with `python3 -m venv` and pip when missing; `hf-fixtures` also installs `transformers==5.23.0`, the
 //! reference those fixtures come from, and `test` installs `mlflow==3.17.2`,
 //! the tracking server and client of the `mlflow_server` test. It has no
 //! dependencies so that it builds in seconds, before libtorch exists.
@@ -265,16 +268,79 @@ fn shakespeare(root: &Path, rest: &[String]) -> Result<(), String> {
         .current_dir(root))
 }
 
-/// Gloo's headers (Debian's `libgloo-dev`, unpacked into `.venv/gloo`):
-/// c10d's `ProcessGroupGloo.hpp` includes them and the torch wheel does not
-/// ship them. Returns their include folder, fetching the package first if
-/// needed (`apt-get download` + `dpkg -x`, no root needed).
-fn ensure_gloo(root: &Path) -> Result<PathBuf, String> {
-    let dest = venv(root).join("gloo");
-    let include = dest.join("usr").join("include");
-    if include.join("gloo").join("algorithm.h").is_file() {
-        return Ok(include);
+/// Where Gloo's headers come from: c10d's `ProcessGroupGloo.hpp` includes
+/// them and the torch wheel does not ship them.
+#[derive(Debug, PartialEq)]
+enum GlooSource {
+    /// A folder that holds `gloo/algorithm.h` (the user's `MOE_GLOO_INCLUDE`,
+    /// the copy fetched earlier into `.venv/gloo`, or `/usr/include`).
+    Found(PathBuf),
+    /// `MOE_GLOO_INCLUDE` set to the empty string: build without them
+    /// (moe-aten then leaves c10d's process groups out).
+    Disabled,
+    /// Not here yet: Debian's `libgloo-dev` is to be fetched with
+    /// `apt-get download` and unpacked with `dpkg-deb -x` into `.venv/gloo`.
+    Fetch,
+}
+
+/// `.venv/gloo/usr/include`, where [`ensure_gloo`] unpacks Debian's package.
+fn fetched_gloo(root: &Path) -> PathBuf {
+    venv(root).join("gloo").join("usr").join("include")
+}
+
+fn holds_gloo(dir: &Path) -> bool {
+    dir.join("gloo").join("algorithm.h").is_file()
+}
+
+/// Decides where Gloo's headers come from, without fetching anything: a
+/// user-set `MOE_GLOO_INCLUDE` first (it must hold `gloo/algorithm.h`; empty
+/// means none), then `.venv/gloo`, then `/usr/include` (where moe-aten's
+/// build script also looks), else [`GlooSource::Fetch`], which needs
+/// `apt-get` and `dpkg-deb` on PATH.
+fn gloo_source(root: &Path) -> Result<GlooSource, String> {
+    if let Some(dir) = env::var_os("MOE_GLOO_INCLUDE") {
+        if dir.is_empty() {
+            return Ok(GlooSource::Disabled);
+        }
+        let dir = PathBuf::from(dir);
+        return if holds_gloo(&dir) {
+            Ok(GlooSource::Found(dir))
+        } else {
+            Err(format!(
+                "MOE_GLOO_INCLUDE={} holds no gloo/algorithm.h: point it at the folder \
+                 that holds Gloo's `gloo/` header folder (or set it empty to build \
+                 without process groups)",
+                dir.display()
+            ))
+        };
     }
+    let fetched = fetched_gloo(root);
+    let system = PathBuf::from("/usr/include");
+    Ok([fetched, system]
+        .into_iter()
+        .find(|dir| holds_gloo(dir))
+        .map_or(GlooSource::Fetch, GlooSource::Found))
+}
+
+/// Returns the include folder of Gloo's headers (`None` when the user
+/// turned them off with an empty `MOE_GLOO_INCLUDE`), fetching Debian's
+/// `libgloo-dev` into `.venv/gloo` first if needed (`apt-get download` +
+/// `dpkg-deb -x`, no root needed).
+fn ensure_gloo(root: &Path) -> Result<Option<PathBuf>, String> {
+    match gloo_source(root)? {
+        GlooSource::Found(dir) => return Ok(Some(dir)),
+        GlooSource::Disabled => {
+            eprintln!(
+                "xtask: MOE_GLOO_INCLUDE is empty: building without Gloo's headers, so \
+                 without c10d's process groups (expert and data parallelism across \
+                 processes fail at run time, and so do their tests)"
+            );
+            return Ok(None);
+        }
+        GlooSource::Fetch => {}
+    }
+    let dest = venv(root).join("gloo");
+    let include = fetched_gloo(root);
     let debs = dest.join("deb");
     std::fs::create_dir_all(&debs).map_err(|e| format!("{}: {e}", debs.display()))?;
     eprintln!(
@@ -300,20 +366,112 @@ fn ensure_gloo(root: &Path) -> Result<PathBuf, String> {
         .find(|p| p.extension().is_some_and(|x| x == "deb"))
         .ok_or_else(|| format!("apt-get download left no .deb in {}", debs.display()))?;
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&dest))?;
-    if include.join("gloo").join("algorithm.h").is_file() {
-        Ok(include)
+    if holds_gloo(&include) {
+        Ok(Some(include))
     } else {
         Err(format!("{} holds no gloo/algorithm.h", include.display()))
     }
 }
 
+/// The program a command name runs: a path as it is, a bare name looked up
+/// in `path` (a PATH value), the first executable file of that name.
+fn find_program(name: &str, path: Option<&std::ffi::OsStr>) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        p.metadata()
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if name.contains('/') {
+        let p = PathBuf::from(name);
+        return executable(&p).then_some(p);
+    }
+    env::split_paths(path?)
+        .map(|dir| dir.join(name))
+        .find(|p| executable(p))
+}
+
+/// What the build needs from the machine, checked before anything is
+/// installed or cargo starts: a C++ compiler (torch-sys compiles tch's
+/// C++ bindings, moe-aten its C++17 shim, both through the `cc` crate, which
+/// runs `$CXX`, else `c++`), and either Gloo's headers or `apt-get` and
+/// `dpkg-deb` to fetch them. Every problem is named in one message.
+fn check_build_tools(root: &Path) -> Result<(), String> {
+    let path = env::var_os("PATH");
+    let path = path.as_deref();
+    let mut missing = Vec::new();
+    match env::var("CXX") {
+        Ok(cxx) if !cxx.trim().is_empty() => {
+            // CXX may carry a wrapper and flags (`ccache g++ -m64`).
+            let program = cxx.split_whitespace().next().unwrap_or_default();
+            if find_program(program, path).is_none() {
+                missing.push(format!(
+                    "a C++ compiler: CXX={cxx} but `{program}` is not an executable on PATH"
+                ));
+            }
+        }
+        _ => {
+            if find_program("c++", path).is_none() {
+                let hint = if find_program("g++", path).is_some() {
+                    "g++ is there: set CXX=g++".to_string()
+                } else if find_program("clang++", path).is_some() {
+                    "clang++ is there: set CXX=clang++".to_string()
+                } else {
+                    "install g++ (Debian/Ubuntu: `apt-get install g++`, Fedora: \
+                     `dnf install gcc-c++`) or set CXX to a C++17 compiler"
+                        .to_string()
+                };
+                missing.push(format!(
+                    "a C++ compiler: no `c++` on PATH, which the build runs to compile \
+                     tch's bindings and moe-aten's C++17 shim; {hint}"
+                ));
+            }
+        }
+    }
+    match gloo_source(root) {
+        Err(bad_folder) => missing.push(format!("Gloo's headers: {bad_folder}")),
+        Ok(GlooSource::Fetch) => {
+            let absent: Vec<&str> = ["apt-get", "dpkg-deb"]
+                .into_iter()
+                .filter(|tool| find_program(tool, path).is_none())
+                .collect();
+            if !absent.is_empty() {
+                missing.push(format!(
+                    "Gloo's headers (c10d's process groups include them; the torch \
+                     wheel lacks them): MOE_GLOO_INCLUDE is unset, neither .venv/gloo \
+                     nor /usr/include holds gloo/algorithm.h, and there is no {} on \
+                     PATH to fetch Debian's libgloo-dev with (Debian/Ubuntu only). Set \
+                     MOE_GLOO_INCLUDE to a folder holding gloo/algorithm.h (the include \
+                     folder of your distribution's Gloo headers), or set it empty \
+                     (MOE_GLOO_INCLUDE=) to build without process groups",
+                    absent.join(" and no ")
+                ));
+            }
+        }
+        Ok(_) => {}
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = missing.iter().map(|m| format!("\n  - {m}")).collect();
+    Err(format!(
+        "this machine lacks what the build needs (see README.md, \"Needs\"):{}",
+        list.concat()
+    ))
+}
+
 /// Everything the build needs (torch in `.venv`, Gloo's headers) and the
 /// environment that points cargo at it.
 fn build_env(root: &Path) -> Result<Vec<(String, String)>, String> {
-    let lib = ensure_torch(root)?;
+    check_build_tools(root)?;
     let gloo = ensure_gloo(root)?;
+    let lib = ensure_torch(root)?;
     let mut vars = torch_env(root, &lib);
-    vars.push(("MOE_GLOO_INCLUDE".into(), gloo.display().to_string()));
+    // Empty when the user turned Gloo off: moe-aten's build script then
+    // compiles no process groups (and does not look in /usr/include).
+    let gloo = gloo
+        .map(|dir| dir.display().to_string())
+        .unwrap_or_default();
+    vars.push(("MOE_GLOO_INCLUDE".into(), gloo));
     Ok(vars)
 }
 
@@ -348,8 +506,8 @@ fn ensure_nccl_headers(root: &Path, args: &[String]) -> Result<(), String> {
 }
 
 fn cargo(root: &Path, fixed: &[&str], rest: &[String]) -> Result<(), String> {
-    ensure_nccl_headers(root, rest)?;
     let vars = build_env(root)?;
+    ensure_nccl_headers(root, rest)?;
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root).args(fixed).args(rest).envs(vars);
@@ -358,13 +516,15 @@ fn cargo(root: &Path, fixed: &[&str], rest: &[String]) -> Result<(), String> {
 
 /// Every test of the workspace: unit, integration, examples and benches in
 /// test mode, then doctests (the README's example among them), closing with
-/// one line that totals them.
+/// one line that totals them: `tests: N passed, M failed, K skipped`, where
+/// skipped counts libtest's ignored tests (those that need a GPU among them:
+/// they are `#[ignore]`d so that they are not counted as passed here).
 fn test(root: &Path, rest: &[String]) -> Result<(), String> {
     // The end-to-end tests run the examples' plain binaries, which
     // `cargo test --all-targets` builds only as test harnesses.
     cargo(root, &["build", "--workspace", "--examples"], &[])?;
     ensure_mlflow(root)?;
-    let mut totals = (0u64, 0u64);
+    let mut totals = TestCounts::default();
     let mut result = cargo_counting(
         root,
         &["test", "--workspace", "--all-targets"],
@@ -374,21 +534,24 @@ fn test(root: &Path, rest: &[String]) -> Result<(), String> {
     if result.is_ok() {
         result = cargo_counting(root, &["test", "--workspace", "--doc"], &[], &mut totals);
     }
-    println!("tests: {} passed, {} failed", totals.0, totals.1);
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
     result
 }
 
 /// Runs cargo, echoing its output and adding up libtest's
-/// `test result: ... N passed; M failed` lines into `totals`.
+/// `test result: ... N passed; M failed; K ignored` lines into `totals`.
 fn cargo_counting(
     root: &Path,
     fixed: &[&str],
     rest: &[String],
-    totals: &mut (u64, u64),
+    totals: &mut TestCounts,
 ) -> Result<(), String> {
     use std::io::{BufRead, BufReader};
-    ensure_nccl_headers(root, rest)?;
     let vars = build_env(root)?;
+    ensure_nccl_headers(root, rest)?;
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root)
@@ -402,9 +565,10 @@ fn cargo_counting(
     if let Some(out) = child.stdout.take() {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
             println!("{line}");
-            if let Some((passed, failed)) = parse_test_result(&line) {
-                totals.0 += passed;
-                totals.1 += failed;
+            if let Some(counts) = parse_test_result(&line) {
+                totals.passed += counts.passed;
+                totals.failed += counts.failed;
+                totals.ignored += counts.ignored;
             }
         }
     }
@@ -416,8 +580,17 @@ fn cargo_counting(
     }
 }
 
-/// `test result: ok. 12 passed; 0 failed; ...` -> (12, 0).
-fn parse_test_result(line: &str) -> Option<(u64, u64)> {
+/// Tests counted by libtest's summary lines.
+#[derive(Debug, Default, PartialEq)]
+struct TestCounts {
+    passed: u64,
+    failed: u64,
+    /// `#[ignore]`d tests that did not run.
+    ignored: u64,
+}
+
+/// `test result: ok. 12 passed; 0 failed; 1 ignored; ...` -> 12, 0, 1.
+fn parse_test_result(line: &str) -> Option<TestCounts> {
     let rest = line.trim().strip_prefix("test result: ")?;
     let count = |word: &str| {
         rest.split(';')
@@ -429,7 +602,12 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
             })
             .and_then(|n| n.trim().parse().ok())
     };
-    Some((count(" passed")?, count(" failed")?))
+    Some(TestCounts {
+        passed: count(" passed")?,
+        failed: count(" failed")?,
+        // Every libtest summary has it; 0 if a future one does not.
+        ignored: count(" ignored").unwrap_or(0),
+    })
 }
 
 fn run(cmd: &mut Command) -> Result<(), String> {
@@ -449,14 +627,46 @@ fn run(cmd: &mut Command) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_test_result;
+    use super::{find_program, parse_test_result, TestCounts};
 
     #[test]
     fn reads_libtest_summaries() {
         let ok = "test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.09s";
-        assert_eq!(parse_test_result(ok), Some((12, 0)));
+        let counts = |passed, failed, ignored| {
+            Some(TestCounts {
+                passed,
+                failed,
+                ignored,
+            })
+        };
+        assert_eq!(parse_test_result(ok), counts(12, 0, 1));
         let bad = "test result: FAILED. 1 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out";
-        assert_eq!(parse_test_result(bad), Some((1, 2)));
+        assert_eq!(parse_test_result(bad), counts(1, 2, 0));
+        let gpu = "test result: ok. 0 passed; 0 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.00s";
+        assert_eq!(parse_test_result(gpu), counts(0, 0, 2));
         assert_eq!(parse_test_result("running 3 tests"), None);
+        assert_eq!(
+            parse_test_result("test result: ok. 3 passed; 0 failed"),
+            counts(3, 0, 0)
+        );
+    }
+
+    #[test]
+    fn finds_programs_on_a_path() {
+        let dir = std::env::temp_dir().join(format!("xtask-path-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tool = dir.join("tool");
+        std::fs::write(&tool, "#!/bin/sh\n").unwrap();
+        let plain = dir.join("plain");
+        std::fs::write(&plain, "not executable").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path =
+            std::env::join_paths(["/nonexistent-xtask-dir".as_ref(), dir.as_path()]).unwrap();
+        assert_eq!(find_program("tool", Some(&path)), Some(tool.clone()));
+        assert_eq!(find_program("plain", Some(&path)), None);
+        assert_eq!(find_program("tool", None), None);
+        assert_eq!(find_program(tool.to_str().unwrap(), None), Some(tool));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
