@@ -2,12 +2,14 @@
 //! of the shakespeare example on 127.0.0.1 (Gloo); their 20 steps equal,
 //! loss by loss, one process training on the same global batches
 //! (`--simulate-ranks 2`), and their checkpoint is one that a single process
-//! loads. Experts that do not split over the ranks are an error.
+//! loads. Experts that do not split over the ranks are an error. The
+//! parameter count each run prints is the whole model's, every process's
+//! experts included, with the active count per token from it.
 
 mod common;
 
 use common::ok;
-use moe_layers::lm::load_checkpoint;
+use moe_layers::lm::{load_checkpoint, LmConfig};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -65,6 +67,33 @@ fn shakespeare(args: &[&str], config: &Path, out: &Path) -> Command {
     cmd
 }
 
+/// The `start` record of `dir/metrics.jsonl`.
+fn start_record(dir: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+    let first = text.lines().next().unwrap();
+    let record: serde_json::Value = serde_json::from_str(first).unwrap();
+    assert_eq!(record["event"], "start", "{record}");
+    record
+}
+
+/// The printed `"{total} M parameters ({active} M active per token)"`, in millions.
+fn printed_counts(stdout: &str) -> (f64, f64) {
+    let line = stdout
+        .lines()
+        .find(|l| l.contains(" M parameters ("))
+        .unwrap_or_else(|| panic!("no parameter count in:\n{stdout}"));
+    let total = line.split(" M parameters (").next().unwrap();
+    let active = line
+        .split(" M parameters (")
+        .nth(1)
+        .and_then(|rest| rest.split(" M active per token").next())
+        .unwrap();
+    (
+        total.trim().parse().unwrap(),
+        active.trim().parse().unwrap(),
+    )
+}
+
 fn torchrun_shakespeare(nproc: &str, config: &Path, out: &Path) -> Command {
     let mut cmd = Command::new(torchrun());
     cmd.args(["--no-python", "--standalone", "--nproc-per-node", nproc])
@@ -97,6 +126,14 @@ fn two_processes_train_as_one_on_the_same_global_batches() {
         .unwrap());
     let out = ok(&torchrun_shakespeare("2", &config, &two).output().unwrap());
     assert!(out.contains("saved"), "{out}");
+    // The whole model's parameter count, not rank 0's share of the experts.
+    let (single, parallel) = (start_record(&one), start_record(&two));
+    for key in ["parameters", "active_parameters"] {
+        assert_eq!(parallel[key], single[key], "{key}");
+    }
+    let (total, active) = printed_counts(&out);
+    assert_eq!(total, single["parameters"].as_f64().unwrap() / 1e6, "{out}");
+    assert!(active > 0.0 && active < total, "{out}");
     let (want, got) = (step_losses(&one), step_losses(&two));
     assert_eq!(got.len(), 20, "{got:?}");
     let worst = want
@@ -137,6 +174,51 @@ fn experts_that_do_not_split_over_the_processes_are_an_error() {
         start.elapsed() < Duration::from_secs(120),
         "{:?}",
         start.elapsed()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// makeMoE's Shakespeare model (8 experts per layer) over two processes
+/// prints the count one process prints (`tests/shakespeare_cli.rs`):
+/// 8.996545 M, with a positive active count per token computed from it.
+#[test]
+fn the_parameter_count_is_the_whole_models_over_every_process() {
+    let dir = std::env::temp_dir().join(format!("moe-ep-cli-count-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = ok(&Command::new(torchrun())
+        .args(["--no-python", "--standalone", "--nproc-per-node", "2"])
+        .arg(common::example("shakespeare"))
+        .args([
+            "--expert-parallel",
+            "--device",
+            "cpu",
+            "--sample-chars",
+            "0",
+            "--max-iters",
+            "1",
+            "--eval-iters",
+            "1",
+        ])
+        .arg("--out")
+        .arg(dir.join("run"))
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .unwrap());
+    assert!(out.contains("8.996545 M parameters"), "{out}");
+    let record = start_record(&dir.join("run"));
+    assert_eq!(record["parameters"], 8_996_545);
+    assert_eq!(record["model"]["family"], "make_moe");
+    // The active count is the config's formula applied to the whole model.
+    let config: LmConfig = serde_json::from_value(record["model"].clone()).unwrap();
+    let active = config.active_params(8_996_545).unwrap();
+    assert_eq!(record["active_parameters"], active);
+    assert!(0 < active && active < 8_996_545, "{active}");
+    let (total, printed_active) = printed_counts(&out);
+    assert_eq!(total, 8.996545);
+    assert_eq!(
+        format!("{printed_active:.3}"),
+        format!("{:.3}", active as f64 / 1e6)
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -24,6 +24,7 @@
 #include <cstdio>
 #include <exception>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -65,6 +66,10 @@ c10::intrusive_ptr<c10d::Work> issue(F &&f) {
   std::lock_guard<std::mutex> lock(issue_mutex);
   return f();
 }
+
+// The prefix of the message of a collective that failed inside autograd's
+// backward; moe_aten::backward (src/lib.rs) looks for it.
+constexpr const char *COLLECTIVE_FAILED = "moe_c10d collective failed: ";
 
 // Waits for a collective, with the group's timeout.
 void wait(const c10::intrusive_ptr<c10d::Work> &work, const Group &group) {
@@ -109,16 +114,30 @@ struct AllToAll : public torch::autograd::Function<AllToAll> {
     return exchange(*group, input, out_splits, in_splits);
   }
 
+  // A failure here (a peer that died, the timeout, a group freed since the
+  // forward) reaches the caller of backward through the autograd engine;
+  // it is rethrown with the prefix COLLECTIVE_FAILED, by which the Rust side
+  // (moe_aten::backward) tells it from other libtorch errors.
   static torch::autograd::variable_list backward(
       torch::autograd::AutogradContext *ctx,
       torch::autograd::variable_list grad_out) {
     auto name = ctx->saved_data["group"].toStringRef();
-    Group group{c10d::resolve_process_group(name), name,
-                std::chrono::milliseconds(ctx->saved_data["timeout_ms"].toInt())};
-    auto out_splits = ctx->saved_data["out_splits"].toIntVector();
-    auto in_splits = ctx->saved_data["in_splits"].toIntVector();
-    auto grad = exchange(group, grad_out[0], in_splits, out_splits);
-    return {grad, at::Tensor(), at::Tensor(), at::Tensor()};
+    auto timeout_ms = ctx->saved_data["timeout_ms"].toInt();
+    std::string where = "all_to_all backward (group " + name + ", timeout " +
+                        std::to_string(timeout_ms) + " ms)";
+    try {
+      Group group{c10d::resolve_process_group(name), name,
+                  std::chrono::milliseconds(timeout_ms)};
+      where = "all_to_all backward on rank " + std::to_string(group.pg->getRank()) + " of " +
+              std::to_string(group.pg->getSize()) + " (group " + name + ", timeout " +
+              std::to_string(timeout_ms) + " ms)";
+      auto out_splits = ctx->saved_data["out_splits"].toIntVector();
+      auto in_splits = ctx->saved_data["in_splits"].toIntVector();
+      auto grad = exchange(group, grad_out[0], in_splits, out_splits);
+      return {grad, at::Tensor(), at::Tensor(), at::Tensor()};
+    } catch (const std::exception &e) {
+      throw std::runtime_error(std::string(COLLECTIVE_FAILED) + where + ": " + e.what());
+    }
   }
 };
 

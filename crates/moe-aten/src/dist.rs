@@ -254,20 +254,8 @@ fn shim(what: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
             MoeError::Torch(t) => t.to_string(),
             other => other.to_string(),
         };
-        MoeError::Distributed(format!("{what}: {}", first_line(&message)))
+        MoeError::Distributed(format!("{what}: {}", crate::first_lines(&message)))
     })
-}
-
-/// c10d's messages carry a C++ backtrace after the first lines.
-#[cfg(moe_c10d)]
-fn first_line(message: &str) -> String {
-    message
-        .lines()
-        .take_while(|l| !l.contains("Exception raised from"))
-        .collect::<Vec<_>>()
-        .join(" ")
-        .trim()
-        .to_string()
 }
 
 fn timeout_ms(timeout: Duration) -> i64 {

@@ -5,8 +5,10 @@
 //! operators that return nothing and take lists of tensors: the `_foreach_`
 //! and `_fused_` families that PyTorch's optimizers are built on. This
 //! crate exposes what the training loop needs: [`fused_adamw_`], and
-//! [`clear_grads`], which tch's API cannot express; and [`dist`], c10d's
-//! process groups (Gloo) and collectives, which tch does not bind at all.
+//! [`clear_grads`], which tch's API cannot express; [`backward`], a
+//! backward pass that returns libtorch's errors (tch's `backward` panics on
+//! them); and [`dist`], c10d's process groups (Gloo) and collectives, which
+//! tch does not bind at all.
 #![warn(missing_docs)]
 
 use moe_core::{check_same_device, MoeError, Result};
@@ -67,6 +69,62 @@ pub fn clear_grads(tensors: &[Tensor]) -> Result<()> {
     // SAFETY: `list` holds live tch handles (`at::Tensor*`) borrowed for the
     // call; the shim writes at most `len` bytes, NUL-terminated, to `error`.
     call_shim(|error, len| unsafe { moe_aten_clear_grads(list.as_ptr(), list.len(), error, len) })
+}
+
+/// The prefix `csrc/c10d.cpp` gives the error of a collective that failed
+/// inside autograd's backward (the all-to-all's reverse exchange).
+const COLLECTIVE_FAILED: &str = "moe_c10d collective failed: ";
+
+/// Runs the backward pass from `loss` (a scalar, usually), accumulating the
+/// gradient of every tensor it depends on into `grad()`, as tch's
+/// `Tensor::backward` (PyTorch's `loss.backward()`) does, but returning
+/// libtorch's error instead of panicking on it.
+///
+/// Under expert parallelism the backward runs collectives: the
+/// all-to-all's gradient goes back through the reverse exchange
+/// ([`dist::Group::all_to_all`]). A peer that died, closed its connections
+/// or did not take part within the group's timeout makes that exchange
+/// fail inside libtorch's autograd engine, which hands the C++ exception
+/// back here: it is a [`MoeError::Distributed`] (as the same failure in the
+/// forward pass is), any other libtorch error (a graph already freed, a
+/// loss that needs no gradient, a failing kernel) a [`MoeError::Torch`].
+/// The gradients of a failed backward are partial: the step must not go on.
+pub fn backward(loss: &Tensor) -> Result<()> {
+    loss.f_backward().map_err(backward_error)
+}
+
+/// Classifies the error of a backward pass (see [`backward`]).
+fn backward_error(error: TchError) -> MoeError {
+    let TchError::Torch(message) = &error else {
+        return error.into();
+    };
+    if let Some(start) = message.find(COLLECTIVE_FAILED) {
+        let what = first_lines(&message[start + COLLECTIVE_FAILED.len()..]);
+        return MoeError::Distributed(format!("backward pass: {what}"));
+    }
+    // A c10d or Gloo failure from elsewhere in the graph (a collective this
+    // crate did not issue): Gloo's messages name their source file
+    // (`gloo/transport/tcp/pair.cc`), c10d's theirs (`ProcessGroupGloo.cpp`).
+    let lower = message.to_ascii_lowercase();
+    if ["gloo", "c10d", "processgroup", "nccl"]
+        .iter()
+        .any(|marker| lower.contains(marker))
+    {
+        return MoeError::Distributed(format!("backward pass: {}", first_lines(message)));
+    }
+    error.into()
+}
+
+/// A libtorch message without the C++ backtrace that follows its first
+/// lines (c10d's messages carry one).
+pub(crate) fn first_lines(message: &str) -> String {
+    message
+        .lines()
+        .take_while(|l| !l.contains("Exception raised from"))
+        .collect::<Vec<_>>()
+        .join(" ")
+        .trim()
+        .to_string()
 }
 
 /// AdamW's hyper-parameters; `Default` is PyTorch's `torch.optim.AdamW`.

@@ -95,6 +95,11 @@ pub enum MoeError {
     #[error("training diverged: {0}")]
     Diverged(String),
 
+    /// A model computed NaN or infinite values where finite ones are needed
+    /// (logits to sample from): a corrupt checkpoint or an overflow.
+    #[error("non-finite values: {0}")]
+    NonFinite(String),
+
     /// A process group could not be formed or a collective failed: a bad
     /// launch environment, a peer that died or did not join within the
     /// timeout, mismatched exchanges.

@@ -2,6 +2,7 @@
 //! on the Hub ships it.
 
 use crate::bpe::vocab_ids;
+use crate::tokenizer::known_ids;
 use moe_core::{MoeError, Result};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::path::Path;
@@ -122,19 +123,24 @@ impl HfTokenizer {
         Ok(encoding.get_ids().iter().map(|&id| i64::from(id)).collect())
     }
 
-    /// The text of `ids` without special tokens; an id outside the
-    /// vocabulary is an error.
+    /// The text of `ids` without special tokens (transformers'
+    /// `decode(ids, skip_special_tokens=True)`). An id at or past
+    /// [`HfTokenizer::vocab_size`] decodes as nothing, with one warning on
+    /// stderr for the call, as in transformers: checkpoints pad their
+    /// embedding past the tokenizer (OLMoE: 50304 rows for 50280 tokens).
+    /// A negative id is [`MoeError::TokenOutOfVocab`].
     pub fn decode(&self, ids: &[i64]) -> Result<String> {
         self.decode_with(ids, true)
     }
 
-    /// The text of `ids`, special tokens included.
+    /// The text of `ids`, special tokens included (ids past the vocabulary
+    /// as in [`HfTokenizer::decode`]).
     pub fn decode_all(&self, ids: &[i64]) -> Result<String> {
         self.decode_with(ids, false)
     }
 
     fn decode_with(&self, ids: &[i64], skip_special_tokens: bool) -> Result<String> {
-        let ids = vocab_ids(ids, self.vocab_size)?;
+        let ids = vocab_ids(&known_ids(ids, self.vocab_size)?, self.vocab_size)?;
         self.inner
             .decode(&ids, skip_special_tokens)
             .map_err(|e| MoeError::Encode(format!("decoding with the Hugging Face tokenizer: {e}")))

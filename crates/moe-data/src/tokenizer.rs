@@ -114,15 +114,51 @@ impl Tokenizer {
         }
     }
 
-    /// The text of `ids`; an id outside the vocabulary is an error. A
-    /// pretrained tokenizer leaves special tokens out ([`HfTokenizer::decode`]).
+    /// The text of `ids`. A pretrained tokenizer leaves special tokens out
+    /// ([`HfTokenizer::decode`]). An id at or past [`Tokenizer::vocab_size`]
+    /// decodes as nothing, with one warning on stderr for the call, as
+    /// transformers' `decode` does: checkpoints pad their embedding past the
+    /// tokenizer (OLMoE: 50304 rows for 50280 tokens), so a model can emit
+    /// ids no tokenizer entry has. A negative id is
+    /// [`MoeError::TokenOutOfVocab`].
     pub fn decode(&self, ids: &[i64]) -> Result<String> {
+        let known = known_ids(ids, self.vocab_size())?;
         match self {
-            Tokenizer::Char(t) => t.decode(ids),
-            Tokenizer::Bpe(t) => t.decode(ids),
-            Tokenizer::Hf(t) => t.decode(ids),
+            Tokenizer::Char(t) => t.decode(&known),
+            Tokenizer::Bpe(t) => t.decode(&known),
+            Tokenizer::Hf(t) => t.decode(&known),
         }
     }
+}
+
+/// The ids of `ids` below `vocab_size`, in order; the others (ids of an
+/// embedding padded past the tokenizer) are left out with one warning on
+/// stderr naming them. A negative id is [`MoeError::TokenOutOfVocab`]:
+/// no model emits one.
+pub(crate) fn known_ids(ids: &[i64], vocab_size: i64) -> Result<Vec<i64>> {
+    if let Some(&id) = ids.iter().find(|&&id| id < 0) {
+        return Err(MoeError::TokenOutOfVocab { id, vocab_size });
+    }
+    let (known, unknown): (Vec<i64>, Vec<i64>) = ids.iter().partition(|&&id| id < vocab_size);
+    if !unknown.is_empty() {
+        warn_unknown(&unknown, vocab_size);
+    }
+    Ok(known)
+}
+
+/// The warning for ids past the tokenizer's vocabulary (the first few named).
+fn warn_unknown(unknown: &[i64], vocab_size: i64) {
+    const SHOWN: usize = 8;
+    let mut list: Vec<String> = unknown.iter().take(SHOWN).map(i64::to_string).collect();
+    if unknown.len() > SHOWN {
+        list.push("...".into());
+    }
+    eprintln!(
+        "warning: {} token id(s) [{}] at or past the tokenizer's {vocab_size} tokens decoded as \
+         nothing (the model's embedding is larger than its tokenizer)",
+        unknown.len(),
+        list.join(", ")
+    );
 }
 
 /// makeMoE's character tokenizer: the vocabulary is the sorted set of the
@@ -207,8 +243,15 @@ impl CharTokenizer {
 /// decoding, not the whole text's. The concatenated chunks are the text
 /// [`Tokenizer::decode`] gives for all the ids. A character tokenizer
 /// returns each token's character.
+///
+/// An id at or past the tokenizer's vocabulary (an embedding padded past
+/// the tokenizer) adds no text; the first one of a stream is reported with
+/// one warning on stderr, as [`Tokenizer::decode`] does once per call, and
+/// [`TextStream::unknown_ids`] counts them.
 pub struct TextStream<'a> {
     inner: Stream<'a>,
+    vocab_size: i64,
+    unknown: usize,
 }
 
 /// The decoder behind a [`TextStream`].
@@ -255,12 +298,24 @@ impl<'a> TextStream<'a> {
                 vocab_size: t.vocab_size(),
             },
         };
-        TextStream { inner }
+        TextStream {
+            inner,
+            vocab_size: tokenizer.vocab_size(),
+            unknown: 0,
+        }
     }
 
-    /// The text that `id` adds (possibly empty); an id outside the
-    /// vocabulary is [`MoeError::TokenOutOfVocab`].
+    /// The text that `id` adds (possibly empty). An id at or past the
+    /// vocabulary adds nothing (warned about once per stream, see
+    /// [`TextStream`]); a negative id is [`MoeError::TokenOutOfVocab`].
     pub fn push(&mut self, id: i64) -> Result<String> {
+        if id >= self.vocab_size {
+            if self.unknown == 0 {
+                warn_unknown(&[id], self.vocab_size);
+            }
+            self.unknown += 1;
+            return Ok(String::new());
+        }
         match &mut self.inner {
             Stream::Char(t) => Ok(t.decode_one(id)?.to_string()),
             Stream::Incremental {
@@ -274,5 +329,11 @@ impl<'a> TextStream<'a> {
                     .map_err(|e| MoeError::Encode(format!("incremental decoding: {e}")))
             }
         }
+    }
+
+    /// How many ids pushed so far were at or past the vocabulary, and so
+    /// added no text.
+    pub fn unknown_ids(&self) -> usize {
+        self.unknown
     }
 }

@@ -32,6 +32,10 @@ pub struct GenerateOptions {
 ///
 /// makeMoE starts from token 0 when the prompt is empty. `on_token` sees each
 /// new token as it comes (for streaming). Returns the new tokens only.
+/// Logits that name no token (a NaN or `+inf`, or every one `-inf`: a
+/// diverged or corrupt model) end generation with a [`MoeError::NonFinite`]
+/// naming the step (0 for the first new token) and the batch row, not a
+/// panic; greedy settings take the argmax ([`Sampling::sample`]).
 pub fn generate<M: CausalLm + ?Sized>(
     model: &M,
     prompt: &[i64],
@@ -71,7 +75,7 @@ pub fn generate_with<M: CausalLm + ?Sized>(
         let start = context.len().saturating_sub(block);
         let mut logits = last_logits(model, &row(&context[start..]), &mut cache)?;
         for i in 0..options.max_new_tokens {
-            let next = sampling.sample(&logits, &context);
+            let next = sampling.sample_step(&logits, &context, i, 0)?;
             context.push(next);
             new_tokens.push(next);
             let stop = on_token(next).is_break() || options.eos_token_ids.contains(&next);
@@ -182,7 +186,8 @@ pub fn generate_batch<M: CausalLm + ?Sized>(
                     fed.push(*context.last().expect("non-empty"));
                     continue;
                 }
-                let next = sampling.sample(&logits.get(row as i64).unsqueeze(0), context);
+                let row_logits = logits.get(row as i64).unsqueeze(0);
+                let next = sampling.sample_step(&row_logits, context, step, row)?;
                 context.push(next);
                 new_tokens[row].push(next);
                 fed.push(next);
@@ -214,13 +219,13 @@ pub fn generate_recompute<M: CausalLm + ?Sized>(
     let device = model.device();
     let mut new_tokens = Vec::with_capacity(max_new_tokens);
     tch::no_grad(|| -> Result<()> {
-        for _ in 0..max_new_tokens {
+        for step in 0..max_new_tokens {
             let start = context.len().saturating_sub(block);
             let idx = Tensor::from_slice(&context[start..])
                 .to_device(device)
                 .unsqueeze(0);
             let logits = model.forward_t(&idx, false)?.logits.select(1, -1);
-            let next = sampling.sample(&logits, &context);
+            let next = sampling.sample_step(&logits, &context, step, 0)?;
             context.push(next);
             new_tokens.push(next);
             on_token(next);

@@ -73,21 +73,30 @@ impl Sampling {
         Ok(())
     }
 
+    /// Whether these settings always take the most likely token: `top_k`
+    /// of 1 (what [`Sampling::greedy`] and a generation config without
+    /// `do_sample` give; a temperature of 0 is not a setting, see
+    /// [`Sampling::validate`]). Greedy decoding is a plain argmax of the
+    /// logits after the repetition penalty (temperature and top-p cannot
+    /// change which token is largest), never a draw.
+    pub fn is_greedy(&self) -> bool {
+        self.top_k == Some(1)
+    }
+
     /// The probabilities the next token is drawn from, `[1, V]` (0 for
     /// excluded tokens), given the model's `logits` (`[1, V]`) and the
     /// `context` so far (prompt and generated tokens).
+    ///
+    /// After the repetition penalty the largest logit is subtracted before
+    /// dividing by the temperature: softmax, top-k and top-p do not change
+    /// when every logit moves by one amount, and `(l - max) / T <= 0`
+    /// cannot overflow however small `T` is (where `l / T` would, making
+    /// the softmax NaN). The logits must be finite or `-inf` (see
+    /// [`Sampling::sample`], which checks them).
     pub fn distribution(&self, logits: &Tensor, context: &[i64]) -> Tensor {
-        let mut logits = logits.to_kind(Kind::Float);
-        if self.repetition_penalty != 1.0 && !context.is_empty() {
-            let seen = Tensor::from_slice(context)
-                .to_device(logits.device())
-                .unsqueeze(0);
-            let l = logits.gather(1, &seen, false);
-            let r = self.repetition_penalty;
-            let penalised = (&l * r).where_self(&l.lt(0.0), &(&l / r));
-            logits = logits.scatter(1, &seen, &penalised);
-        }
-        logits /= self.temperature;
+        let mut logits = self.penalised(logits, context);
+        let (max, _) = logits.max_dim(-1, true);
+        logits = (logits - max) / self.temperature;
         if let Some(k) = self.top_k {
             let (top, _) = logits.topk(k, -1, true, true);
             let threshold = top.select(1, k - 1).unsqueeze(1);
@@ -106,10 +115,131 @@ impl Sampling {
         logits.softmax(-1, Kind::Float)
     }
 
-    /// Draws one token (see [`Sampling::distribution`]).
-    pub fn sample(&self, logits: &Tensor, context: &[i64]) -> i64 {
-        self.distribution(logits, context)
-            .multinomial(1, false)
-            .int64_value(&[0, 0])
+    /// The logits in f32 after CTRL's repetition penalty.
+    fn penalised(&self, logits: &Tensor, context: &[i64]) -> Tensor {
+        let logits = logits.to_kind(Kind::Float);
+        if self.repetition_penalty == 1.0 || context.is_empty() {
+            return logits;
+        }
+        let seen = Tensor::from_slice(context)
+            .to_device(logits.device())
+            .unsqueeze(0);
+        let l = logits.gather(1, &seen, false);
+        let r = self.repetition_penalty;
+        let penalised = (&l * r).where_self(&l.lt(0.0), &(&l / r));
+        logits.scatter(1, &seen, &penalised)
     }
+
+    /// Draws one token from `logits` (`[1, V]`): the argmax after the
+    /// repetition penalty when the settings are greedy
+    /// ([`Sampling::is_greedy`]), else a draw from
+    /// [`Sampling::distribution`].
+    ///
+    /// Errors instead of panicking: settings that [`Sampling::validate`]
+    /// rejects for `V` tokens, logits that are not one row of `V`, a
+    /// context id outside `0..V`, and logits that name no token: a NaN or
+    /// `+inf` anywhere, or every logit `-inf`, is a [`MoeError::NonFinite`]
+    /// naming the row (a lone `-inf` is an excluded token, as masks write
+    /// it). [`crate::generate`] and its variants name the generation step
+    /// too.
+    pub fn sample(&self, logits: &Tensor, context: &[i64]) -> Result<i64> {
+        self.draw(logits, context, &|| "the logits of row 0".into())
+    }
+
+    /// [`Sampling::sample`] for generation: an error names `step` (0 for
+    /// the first new token, as the message counts) and the batch `row` the
+    /// logits belong to.
+    pub(crate) fn sample_step(
+        &self,
+        logits: &Tensor,
+        context: &[i64],
+        step: usize,
+        row: usize,
+    ) -> Result<i64> {
+        self.draw(logits, context, &|| {
+            format!("the logits at generation step {step}, batch row {row}")
+        })
+    }
+
+    fn draw(&self, logits: &Tensor, context: &[i64], at: &dyn Fn() -> String) -> Result<i64> {
+        let size = logits.size();
+        let &[1, vocab_size] = size.as_slice() else {
+            return Err(MoeError::Shape {
+                what: "the logits a token is sampled from".into(),
+                expected: "[1, vocab_size]: one row".into(),
+                got: size,
+            });
+        };
+        self.validate(vocab_size)?;
+        if let Some(&id) = context.iter().find(|&&t| t < 0 || t >= vocab_size) {
+            return Err(MoeError::TokenOutOfVocab { id, vocab_size });
+        }
+        check_logits(logits, at)?;
+        if self.is_greedy() {
+            let penalised = self.penalised(logits, context);
+            // Finite logits can still overflow under the penalty (a tiny
+            // repetition_penalty divides positive ones into +inf).
+            if self.repetition_penalty != 1.0 {
+                let (pos_inf, _, finite) = counts(&penalised)?;
+                if pos_inf > 0 || finite == 0 {
+                    return Err(overflow(self, at));
+                }
+            }
+            return Ok(penalised.argmax(-1, false).int64_value(&[0]));
+        }
+        let probs = self.distribution(logits, context);
+        let total = probs.sum(Kind::Float).double_value(&[]);
+        if !(total.is_finite() && total > 0.0) {
+            return Err(overflow(self, at));
+        }
+        Ok(probs.f_multinomial(1, false)?.int64_value(&[0, 0]))
+    }
+}
+
+/// Checks that `logits` name a token: no NaN, no `+inf`, not every one
+/// `-inf`; else a [`MoeError::NonFinite`] naming `at()` and what was found.
+fn check_logits(logits: &Tensor, at: &dyn Fn() -> String) -> Result<()> {
+    let (inf, nan, finite) = counts(logits)?;
+    let vocab_size = logits.numel();
+    let found = if nan > 0 {
+        format!("hold NaN ({nan} of {vocab_size} logits)")
+    } else if inf > 0 {
+        format!("hold +inf ({inf} of {vocab_size} logits)")
+    } else if finite == 0 {
+        format!("are all -inf ({vocab_size} logits)")
+    } else {
+        return Ok(());
+    };
+    Err(MoeError::NonFinite(format!(
+        "{} {found}, so no token can be chosen: expected finite logits (a lone -inf excludes a \
+         token); the model's weights or activations are not finite (a diverged or corrupt \
+         checkpoint?)",
+        at()
+    )))
+}
+
+/// How many of `logits` are `+inf`, NaN and finite, in one read-back.
+fn counts(logits: &Tensor) -> Result<(i64, i64, i64)> {
+    let logits = logits.to_kind(Kind::Float);
+    let counts = Tensor::stack(
+        &[
+            logits.isposinf().sum(Kind::Int64),
+            logits.isnan().sum(Kind::Int64),
+            logits.isfinite().sum(Kind::Int64),
+        ],
+        0,
+    );
+    let counts = Vec::<i64>::try_from(&counts)?;
+    Ok((counts[0], counts[1], counts[2]))
+}
+
+/// The error of settings that turn finite logits into no distribution.
+fn overflow(sampling: &Sampling, at: &dyn Fn() -> String) -> MoeError {
+    MoeError::config(format!(
+        "{}: temperature {} and repetition_penalty {} overflow finite logits into values no \
+         token can be drawn from: expected settings nearer 1",
+        at(),
+        sampling.temperature,
+        sampling.repetition_penalty
+    ))
 }

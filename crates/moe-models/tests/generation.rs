@@ -150,8 +150,8 @@ fn the_repetition_penalty_divides_positive_and_multiplies_negative_logits() {
         ..Sampling::default()
     };
     // Token 0 seen: 2.0 -> 1.0, so token 1 (1.5) becomes the greedy choice.
-    assert_eq!(penalised.sample(&logits, &[0]), 1);
-    assert_eq!(penalised.sample(&logits, &[]), 0);
+    assert_eq!(penalised.sample(&logits, &[0]).unwrap(), 1);
+    assert_eq!(penalised.sample(&logits, &[]).unwrap(), 0);
     // By hand: [2/2, 1.5, -1*2, 0] after seeing tokens 0 and 2.
     let probs = Sampling {
         repetition_penalty: 2.0,

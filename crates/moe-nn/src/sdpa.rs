@@ -3,7 +3,9 @@
 //! causal scaled dot-product attention of `T` new queries over the
 //! `S = past + T` keys of the sequence so far.
 
-use moe_core::{accumulation_kind, check_float, check_rank, check_same_device, dropout, MoeError, Result};
+use moe_core::{
+    accumulation_kind, check_float, check_rank, check_same_device, dropout, MoeError, Result,
+};
 use tch::{Device, Kind, Tensor};
 
 /// `Dropout_p(softmax(s Q K^T + M)) V` for queries at absolute positions

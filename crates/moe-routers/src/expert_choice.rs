@@ -74,7 +74,9 @@ pub fn expert_choice(
     seq_len: Option<i64>,
 ) -> Result<Routing> {
     let (n, e) = (logits.size()[0], logits.size()[1]);
-    let probs = logits.softmax(-1, accumulation_kind(logits.kind())).to_kind(logits.kind());
+    let probs = logits
+        .softmax(-1, accumulation_kind(logits.kind()))
+        .to_kind(logits.kind());
     let tokens = Tensor::arange(n, (Kind::Int64, logits.device()));
     // The scopes as groups: scores `[G, M, E]` and token ids `[G, M]`.
     let (scores, token_ids) = match scope {

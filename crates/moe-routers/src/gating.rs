@@ -14,8 +14,12 @@ use tch::Tensor;
 /// chosen experts; they sum to 1. `probs` is the softmax over all `E` logits.
 pub fn top_k_softmax(logits: Tensor, k: i64) -> Routing {
     let (values, indices) = logits.topk(k, -1, true, true);
-    let weights = values.softmax(-1, accumulation_kind(logits.kind())).to_kind(logits.kind());
-    let probs = logits.softmax(-1, accumulation_kind(logits.kind())).to_kind(logits.kind());
+    let weights = values
+        .softmax(-1, accumulation_kind(logits.kind()))
+        .to_kind(logits.kind());
+    let probs = logits
+        .softmax(-1, accumulation_kind(logits.kind()))
+        .to_kind(logits.kind());
     Routing::token_choice(indices, weights, logits, probs)
 }
 
@@ -114,6 +118,8 @@ pub fn softmax_top_k(logits: Tensor, k: i64, norm_topk_prob: bool) -> Routing {
     if norm_topk_prob {
         return top_k_softmax(logits, k);
     }
-    let probs = logits.softmax(-1, accumulation_kind(logits.kind())).to_kind(logits.kind());
+    let probs = logits
+        .softmax(-1, accumulation_kind(logits.kind()))
+        .to_kind(logits.kind());
     top_k_of_affinities(logits, &probs, &probs, probs.shallow_clone(), k, false)
 }

@@ -108,7 +108,7 @@ impl DataParallel {
         for (name, var) in variables.iter().filter(|(_, v)| v.requires_grad()) {
             if !var.grad().defined() {
                 // Defines a zero gradient (the variable took no part here).
-                (var.sum(Kind::Float) * 0.0).backward();
+                moe_aten::backward(&(var.sum(Kind::Float) * 0.0))?;
             }
             if is_expert_shard(name) {
                 tch::no_grad(|| {
@@ -153,6 +153,35 @@ impl DataParallel {
             .collect();
         scale_to_norm(&grads, &total, max_norm);
         Ok(total)
+    }
+
+    /// The trainable parameters of the whole model, which no rank holds
+    /// alone: every replicated variable once, plus the expert shards of
+    /// every rank (each holds `E / P` experts of each bank),
+    ///
+    /// ```text
+    /// total = sum(replicated numel) + sum over ranks r of sum(expert shard numel on r)
+    /// ```
+    ///
+    /// counting the variables that require a gradient (a `VarStore`'s
+    /// trainable ones, as [`crate::parameter_count`] does). A collective:
+    /// one all-reduce of this rank's expert count. It equals
+    /// [`crate::parameter_count`] of the single-process model, from which
+    /// the active parameters per token follow
+    /// ([`moe_models::LmConfig::active_params`]).
+    pub fn global_parameter_count(&self, variables: &[(String, Tensor)]) -> Result<i64> {
+        let (mut replicated, mut experts) = (0i64, 0i64);
+        for (name, var) in variables.iter().filter(|(_, v)| v.requires_grad()) {
+            let n = var.numel() as i64;
+            match is_expert_shard(name) {
+                true => experts += n,
+                false => replicated += n,
+            }
+        }
+        let group = self.group();
+        let mut all = Tensor::from_slice(&[experts]).to_device(group.device());
+        group.all_reduce_(&mut all, ReduceOp::Sum)?;
+        Ok(replicated + all.to_device(tch::Device::Cpu).int64_value(&[0]))
     }
 
     /// The mean over the ranks of a scalar (a step's loss).

@@ -202,9 +202,15 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
     /// reports the mean loss of the ranks. Evaluations average the ranks'
     /// losses and sum their routing loads; only rank 0 reports events and
     /// writes the checkpoint's weights (the expert shards gathered), each
-    /// rank its optimizer state (`optimizer.rank{r}.safetensors`).
+    /// rank its optimizer state (`optimizer.rank{r}.safetensors`). The
+    /// start event counts the whole model's parameters, every rank's expert
+    /// shards included ([`DataParallel::global_parameter_count`]), and the
+    /// active ones per token from that count.
     pub fn with_data_parallel(mut self, parallel: DataParallel) -> Result<Self> {
         parallel.broadcast_parameters(&self.variables)?;
+        // This rank holds only its share of the experts: the start event
+        // reports the whole model's count, and the active count from it.
+        self.parameters = parallel.global_parameter_count(&self.variables)?;
         self.ranks = Ranks::Parallel(parallel);
         Ok(self)
     }
@@ -263,7 +269,12 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
 
     /// One optimisation step (see [`Trainer`]); returns the step's mean
     /// training loss, balance losses included, as a device scalar (not read
-    /// back, so no host synchronisation).
+    /// back, so no host synchronisation). With data or expert parallelism a
+    /// peer that died or timed out, in the forward pass, in the backward
+    /// pass's all-to-all ([`moe_aten::backward`]) or in the gradients'
+    /// all-reduce, is a [`MoeError::Distributed`] within the group's
+    /// timeout; other libtorch errors of the backward are
+    /// [`MoeError::Torch`].
     pub fn step(&mut self) -> Result<Tensor> {
         let mut clock = self.phases.map(|_| PhaseClock::start(self.model.device()));
         let mut laps = StepPhases::default();
@@ -287,10 +298,12 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
             laps.batch_s += clock.as_mut().map_or(0.0, PhaseClock::lap);
             let objective = self.model.batch_objective(&batch.x, &batch.y, true)?;
             laps.forward_s += clock.as_mut().map_or(0.0, PhaseClock::lap);
+            // Fallible: under expert parallelism the backward exchanges with
+            // the other ranks, and a peer that died is an error, not a panic.
             if micro_batches == 1 {
-                objective.total.backward();
+                moe_aten::backward(&objective.total)?;
             } else {
-                (&objective.total / micro_batches as f64).backward();
+                moe_aten::backward(&(&objective.total / micro_batches as f64))?;
             }
             laps.backward_s += clock.as_mut().map_or(0.0, PhaseClock::lap);
             let loss = objective.total.detach();

@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use moe_data::{CharTokenizer, Dataset};
-use moe_models::MakeMoeConfig;
+use moe_models::{DecoderConfig, DecoderPreset, MakeMoeConfig};
 use tch::Device;
 
 pub fn corpus() -> String {
@@ -24,6 +24,23 @@ pub fn tiny_config(vocab_size: i64) -> MakeMoeConfig {
         num_experts: 4,
         top_k: 2,
         ..MakeMoeConfig::default()
+    }
+}
+
+/// A small Mixtral-style decoder (2 layers of width 32, 4 experts, top-2)
+/// for the multi-process tests.
+pub fn small_mixtral(vocab_size: i64) -> DecoderConfig {
+    DecoderConfig {
+        vocab_size,
+        hidden_size: 32,
+        intermediate_size: 32,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        max_position_embeddings: 16,
+        num_local_experts: 4,
+        num_experts_per_tok: 2,
+        ..DecoderConfig::preset(DecoderPreset::Mixtral)
     }
 }
 

@@ -10,7 +10,7 @@ mod common;
 use moe_aten::dist::{Group, GroupOptions};
 use moe_data::{CharTokenizer, Tokenizer};
 use moe_dispatch::{ExchangeMode, ExpertParallelism};
-use moe_models::{CausalLm, DecoderConfig, DecoderModel, DecoderPreset};
+use moe_models::{CausalLm, DecoderConfig, DecoderModel};
 use moe_train::data_parallel::is_expert_shard;
 use moe_train::{load_checkpoint, Checkpointing, DataParallel, TrainConfig, TrainEvent, Trainer};
 use std::collections::BTreeMap;
@@ -25,17 +25,8 @@ static RNG: Mutex<()> = Mutex::new(());
 
 fn model_config(vocab_size: i64) -> DecoderConfig {
     DecoderConfig {
-        vocab_size,
-        hidden_size: 32,
-        intermediate_size: 32,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: 2,
-        max_position_embeddings: 16,
-        num_local_experts: 4,
-        num_experts_per_tok: 2,
         router_aux_loss_coef: 0.01,
-        ..DecoderConfig::preset(DecoderPreset::Mixtral)
+        ..common::small_mixtral(vocab_size)
     }
 }
 
