@@ -37,6 +37,7 @@ fn check(name: &str) -> f64 {
         let diff = common::max_abs_diff(&logits, &reference);
         let tolerance =
             common::logit_tolerance(&pretrained.config, &pretrained.vs, prompt.len() as i64);
+        println!("{name}, prompt {p}: max |logit diff| {diff:e}, bound {tolerance:e}");
         assert!(
             diff <= tolerance,
             "{name}, prompt {p}: max |logit diff| {diff:e} > {tolerance:e}"

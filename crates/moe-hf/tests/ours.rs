@@ -333,6 +333,11 @@ fn ours_folders_compute_transformers_logits() {
             let diff = common::max_abs_diff(&got, &want);
             let tolerance =
                 common::logit_tolerance(&pretrained.config, &pretrained.vs, p.len() as i64);
+            println!(
+                "{}, prompt of {}: max |logit diff| {diff:e}, bound {tolerance:e}",
+                case.name,
+                p.len()
+            );
             assert!(
                 diff <= tolerance,
                 "{}: our logits differ from transformers' by {diff:e} > {tolerance:e}",
