@@ -28,11 +28,23 @@
 //!     --prompt "First Citizen:" --prompt "All:" --max-new-tokens 20 --top-k 1
 //! ```
 //!
+//! `--plan` prints what a Hugging Face folder needs in memory (parameters,
+//! active ones per token, bytes by dtype, KV cache per token and at the
+//! context) from its config and its files' headers, without loading a
+//! weight, and whether that fits in `--memory-gib` (default: the available
+//! memory); `--dtype bf16` (or `auto`, the files' dtype) plans and loads in
+//! another dtype:
+//!
+//! ```sh
+//! cargo xtask run run --release --example generate -- \
+//!     --model tests/data/hf/mixtral --plan --dtype auto
+//! ```
+//!
 //! `--bench` instead times the KV-cached generation against makeMoE's
 //! recomputation of the whole context for every token, and prints the ratio.
 
 use clap::Parser;
-use moe_layers::hf::{from_pretrained, LoadOptions};
+use moe_layers::hf::{from_pretrained, memory_plan, LoadOptions};
 use moe_layers::lm::{
     generate_batch, generate_recompute, generate_with, load_checkpoint, CausalLm, GenerateOptions,
     Sampling, TextStream, Tokenizer,
@@ -43,6 +55,7 @@ use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
+use tch::Kind;
 
 #[derive(Parser, Debug)]
 #[command(version)]
@@ -87,6 +100,74 @@ struct Args {
     /// Time KV-cached generation against full recomputation instead
     #[arg(long)]
     bench: bool,
+    /// With --model: the parameters' dtype, f32, bf16, f16, f64, or auto
+    /// (the dtype of the checkpoint's files). bf16 and f64 models compute
+    /// in their dtype; f16 ones in f32
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// With --model: print what the checkpoint needs in memory (parameters,
+    /// active ones per token, bytes, KV cache) from its config and its
+    /// files' headers, without loading it, and exit
+    #[arg(long)]
+    plan: bool,
+    /// With --plan: the memory to fit in, GiB (default: the machine's
+    /// available memory, /proc/meminfo's MemAvailable)
+    #[arg(long)]
+    memory_gib: Option<f64>,
+}
+
+/// `--dtype`'s kind for the folder `dir` (`auto`: its files').
+fn dtype(args: &Args, dir: &std::path::Path) -> Result<Kind> {
+    Ok(match args.dtype.to_ascii_lowercase().as_str() {
+        "f32" | "fp32" | "float32" => Kind::Float,
+        "bf16" | "bfloat16" => Kind::BFloat16,
+        "f16" | "fp16" | "float16" => Kind::Half,
+        "f64" | "fp64" | "float64" => Kind::Double,
+        "auto" => memory_plan(dir, None, &[])?.dtype,
+        other => {
+            return Err(MoeError::config(format!(
+                "--dtype {other}: expected f32, bf16, f16, f64 or auto"
+            )))
+        }
+    })
+}
+
+/// The machine's available memory in bytes (/proc/meminfo's MemAvailable).
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// `--plan`: the memory plan of `dir` and whether it fits.
+fn print_plan(args: &Args, dir: &std::path::Path) -> Result<()> {
+    let plan = memory_plan(dir, Some(dtype(args, dir)?), &[])?;
+    println!("{plan}");
+    let budget = match args.memory_gib {
+        Some(gib) if gib > 0.0 && gib.is_finite() => (gib * (1u64 << 30) as f64) as u64,
+        Some(gib) => {
+            return Err(MoeError::config(format!(
+                "--memory-gib must be a positive number of GiB, got {gib}"
+            )))
+        }
+        None => available_memory().ok_or_else(|| {
+            MoeError::config("cannot read MemAvailable from /proc/meminfo: give --memory-gib")
+        })?,
+    };
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    println!(
+        "needs:               {:.2} GiB (weights and one sequence's KV cache at the full context) \
+         of {:.2} GiB: {}",
+        gib(plan.resident_bytes()),
+        gib(budget),
+        if plan.fits(budget) {
+            "fits"
+        } else {
+            "does not fit"
+        }
+    );
+    Ok(())
 }
 
 fn main() {
@@ -110,6 +191,7 @@ fn load(args: &Args) -> Result<Loaded> {
     if let Some(dir) = &args.model {
         let options = LoadOptions {
             device,
+            dtype: Some(dtype(args, dir)?),
             ..LoadOptions::default()
         };
         let pretrained = from_pretrained(dir, &options)?;
@@ -138,6 +220,12 @@ fn load(args: &Args) -> Result<Loaded> {
 }
 
 fn run(args: Args) -> Result<()> {
+    if args.plan {
+        let dir = args.model.as_ref().ok_or_else(|| {
+            MoeError::config("--plan reads a Hugging Face folder: give it with --model DIR")
+        })?;
+        return print_plan(&args, dir);
+    }
     let loaded = load(&args)?;
     let tokenizer = &loaded.tokenizer;
     let texts = match args.prompt.as_slice() {

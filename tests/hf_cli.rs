@@ -12,6 +12,51 @@ use std::path::Path;
 use std::process::Command;
 
 #[test]
+fn generate_plans_a_folder_without_loading_it() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf/mixtral");
+    let params: i64 = from_pretrained(&dir, &LoadOptions::default())
+        .unwrap()
+        .vs
+        .variables()
+        .values()
+        .map(|t| t.numel() as i64)
+        .sum();
+    let plan = |extra: &[&str]| {
+        ok(&Command::new(common::example("generate"))
+            .args(["--model", dir.to_str().unwrap(), "--plan"])
+            .args(extra)
+            .output()
+            .unwrap())
+    };
+    let text = plan(&["--dtype", "auto", "--memory-gib", "1"]);
+    assert!(
+        text.contains(&format!("parameters:          {params} total")),
+        "{text}"
+    );
+    assert!(
+        text.contains("weights as BFloat16") && text.contains("fits"),
+        "{text}"
+    );
+    let text = plan(&["--memory-gib", "0.00001"]);
+    assert!(
+        text.contains("weights as Float") && text.contains("does not fit"),
+        "{text}"
+    );
+    let out = Command::new(common::example("generate"))
+        .args([
+            "--model",
+            dir.to_str().unwrap(),
+            "--plan",
+            "--dtype",
+            "int4",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected f32, bf16, f16, f64 or auto"));
+}
+
+#[test]
 fn generate_reads_a_hugging_face_folder() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/hf/mixtral");
     let prompt = "First Citizen:";

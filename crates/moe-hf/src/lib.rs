@@ -13,6 +13,8 @@
 //! - `weights.rs`: [`load_weights`] (memory-mapped, checked whole before any
 //!   copy) and the safetensors writer;
 //! - `generation.rs`: [`GenerationConfig`];
+//! - `plan.rs`: [`memory_plan`], what a folder needs in memory, from its
+//!   config and its files' headers, before loading;
 //! - `pretrained.rs`: [`from_pretrained`], [`save_pretrained`],
 //!   [`Pretrained`], [`LoadOptions`], [`SaveOptions`].
 //!
@@ -70,6 +72,7 @@ mod family;
 mod fs;
 mod generation;
 mod names;
+mod plan;
 mod pretrained;
 mod weights;
 
@@ -77,6 +80,7 @@ pub use config::HfConfig;
 pub use family::HfFamily;
 pub use generation::GenerationConfig;
 pub use names::{tensor_map, ExpertLayout, HfTensor, Placement, TensorPart};
+pub use plan::{memory_plan, MemoryPlan};
 pub use pretrained::{
     from_pretrained, save_pretrained, save_pretrained_with, LoadOptions, Pretrained, SaveOptions,
     CONFIG_FILE, GENERATION_FILE, TOKENIZER_FILE,

@@ -4,7 +4,7 @@ use crate::fs::write_json;
 use crate::weights::{dtype_of, load_weights, write_weights, WEIGHTS_FILE};
 use crate::{ExpertLayout, GenerationConfig, HfConfig, HfFamily};
 use moe_core::write_atomic;
-use moe_core::{MoeError, Result};
+use moe_core::{MoeError, Precision, Result};
 use moe_data::{HfTokenizer, Tokenizer};
 use moe_models::{DecoderConfig, DecoderModel};
 use serde_json::json;
@@ -24,6 +24,9 @@ pub struct LoadOptions {
     /// The parameters' dtype: `None` for f32 (the library's parameters are
     /// f32, whatever the checkpoint holds); `Some(Kind::BFloat16)` (or
     /// `Half`, `Double`) to keep or choose another floating-point dtype.
+    /// With bf16 or f64 parameters the model computes in that dtype too
+    /// (its config's `precision`): attention, experts and the KV cache;
+    /// f16 parameters are cast to f32 at use.
     pub dtype: Option<Kind>,
     /// Where the parameters live.
     pub device: Device,
@@ -128,6 +131,20 @@ fn dtype_name(kind: Kind) -> &'static str {
     }
 }
 
+/// The compute dtype of a model whose parameters are `kind`: theirs for
+/// bf16 and f64 (attention, experts and the KV cache in that dtype; norms,
+/// softmaxes and the loss accumulate in f32 or f64), `configured` for f32,
+/// and f32 for f16 parameters (cast at use: f16 products are not computed
+/// on every CPU).
+pub(crate) fn compute_precision(kind: Kind, configured: Precision) -> Precision {
+    match kind {
+        Kind::BFloat16 => Precision::Bf16,
+        Kind::Double => Precision::Fp64,
+        Kind::Half => Precision::Fp32,
+        _ => configured,
+    }
+}
+
 /// Checks that `kind` is one a model's parameters can have.
 fn float_dtype(kind: Kind, what: &str) -> Result<()> {
     dtype_of(kind).map(|_| ()).ok_or_else(|| {
@@ -176,6 +193,7 @@ pub fn from_pretrained(dir: &Path, options: &LoadOptions) -> Result<Pretrained> 
     } else {
         None
     };
+    config.precision = compute_precision(kind, config.precision);
     let mut vs = nn::VarStore::new(options.device);
     let model = DecoderModel::new(&vs.root(), &config)?;
     match kind {

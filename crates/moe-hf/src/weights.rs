@@ -150,6 +150,20 @@ fn parse(m: &Mapped) -> Result<SafeTensors<'_>> {
     SafeTensors::deserialize(&m.map).map_err(|e| checkpoint_err(&m.path, diagnose(&m.map, &e)))
 }
 
+/// Every tensor of a folder's weight files, `(dtype, element count)`, read
+/// from their headers alone: the files are mapped, and only the pages of
+/// their headers are read.
+pub(crate) fn tensor_sizes(dir: &Path) -> Result<Vec<(Dtype, usize)>> {
+    let files = open_files(dir)?;
+    let mut sizes = Vec::new();
+    for m in &files.mapped {
+        for (_, view) in parse(m)?.iter() {
+            sizes.push((view.dtype(), view.shape().iter().product()));
+        }
+    }
+    Ok(sizes)
+}
+
 /// Why `bytes` is not a safetensors file, as precisely as the header allows.
 fn diagnose(bytes: &[u8], e: &safetensors::SafeTensorError) -> String {
     let generic = format!("not a valid safetensors file (corrupt or truncated): {e}");
