@@ -5,6 +5,9 @@
 //! `MoeError::Distributed` within the group's timeout. The peer is this
 //! test binary run again as rank 1 (over a TCPStore on 127.0.0.1).
 
+mod common;
+
+use common::free_port;
 use moe_aten::dist::{Group, GroupOptions, LaunchEnv};
 use moe_core::MoeError;
 use std::process::{Child, Command, Stdio};
@@ -50,14 +53,6 @@ fn options() -> GroupOptions {
         timeout: TIMEOUT,
         ..GroupOptions::default()
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Runs `test` of this binary again as rank 1, with `PEER` set to `how`.

@@ -3,6 +3,9 @@
 //! uneven all-to-all with its gradient, the other collectives, and errors
 //! within the timeout.
 
+mod common;
+
+use common::free_port;
 use moe_aten::dist::{Group, GroupOptions, LaunchEnv, ReduceOp};
 use moe_core::MoeError;
 use std::time::{Duration, Instant};
@@ -240,14 +243,6 @@ fn launch_environments_are_checked() {
         "{:?}",
         start.elapsed()
     );
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// One rank's NCCL group on the first GPU exchanges with itself (feature

@@ -174,21 +174,23 @@ impl Sampling {
         if let Some(&id) = context.iter().find(|&&t| t < 0 || t >= vocab_size) {
             return Err(MoeError::TokenOutOfVocab { id, vocab_size });
         }
-        check_logits(logits, at)?;
+        // One read-back per token: the checks travel with the result.
         if self.is_greedy() {
             let penalised = self.penalised(logits, context);
-            // Finite logits can still overflow under the penalty (a tiny
-            // repetition_penalty divides positive ones into +inf).
-            if self.repetition_penalty != 1.0 {
-                let (pos_inf, _, finite) = counts(&penalised)?;
-                if pos_inf > 0 || finite == 0 {
-                    return Err(overflow(self, at));
-                }
+            let token = penalised.argmax(-1, false).to_kind(Kind::Double);
+            let [pos_inf, nan, finite, token] = read(&counts(&penalised), &token)?;
+            if pos_inf > 0.0 || nan > 0.0 || finite == 0.0 {
+                // The model's logits, or finite ones the penalty overflowed
+                // (a tiny repetition_penalty divides positive ones into +inf).
+                let [pos_inf, nan, finite] = read3(&counts(logits))?;
+                check_logits(pos_inf, nan, finite, logits.numel(), at)?;
+                return Err(overflow(self, at));
             }
-            return Ok(penalised.argmax(-1, false).int64_value(&[0]));
+            return Ok(token as i64);
         }
         let probs = self.distribution(logits, context);
-        let total = probs.sum(Kind::Float).double_value(&[]);
+        let [pos_inf, nan, finite, total] = read(&counts(logits), &probs.sum(Kind::Double))?;
+        check_logits(pos_inf, nan, finite, logits.numel(), at)?;
         if !(total.is_finite() && total > 0.0) {
             return Err(overflow(self, at));
         }
@@ -196,16 +198,21 @@ impl Sampling {
     }
 }
 
-/// Checks that `logits` name a token: no NaN, no `+inf`, not every one
-/// `-inf`; else a [`MoeError::NonFinite`] naming `at()` and what was found.
-fn check_logits(logits: &Tensor, at: &dyn Fn() -> String) -> Result<()> {
-    let (inf, nan, finite) = counts(logits)?;
-    let vocab_size = logits.numel();
-    let found = if nan > 0 {
+/// Checks that logits with these counts of `+inf`, NaN and finite values
+/// (of `vocab_size`) name a token: no NaN, no `+inf`, not every one `-inf`;
+/// else a [`MoeError::NonFinite`] naming `at()` and what was found.
+fn check_logits(
+    pos_inf: f64,
+    nan: f64,
+    finite: f64,
+    vocab_size: usize,
+    at: &dyn Fn() -> String,
+) -> Result<()> {
+    let found = if nan > 0.0 {
         format!("hold NaN ({nan} of {vocab_size} logits)")
-    } else if inf > 0 {
-        format!("hold +inf ({inf} of {vocab_size} logits)")
-    } else if finite == 0 {
+    } else if pos_inf > 0.0 {
+        format!("hold +inf ({pos_inf} of {vocab_size} logits)")
+    } else if finite == 0.0 {
         format!("are all -inf ({vocab_size} logits)")
     } else {
         return Ok(());
@@ -218,19 +225,29 @@ fn check_logits(logits: &Tensor, at: &dyn Fn() -> String) -> Result<()> {
     )))
 }
 
-/// How many of `logits` are `+inf`, NaN and finite, in one read-back.
-fn counts(logits: &Tensor) -> Result<(i64, i64, i64)> {
-    let logits = logits.to_kind(Kind::Float);
-    let counts = Tensor::stack(
+/// How many of `logits` are `+inf`, NaN and finite, `[3]` f64 on their device.
+fn counts(logits: &Tensor) -> Tensor {
+    Tensor::stack(
         &[
-            logits.isposinf().sum(Kind::Int64),
-            logits.isnan().sum(Kind::Int64),
-            logits.isfinite().sum(Kind::Int64),
+            logits.isposinf().sum(Kind::Double),
+            logits.isnan().sum(Kind::Double),
+            logits.isfinite().sum(Kind::Double),
         ],
         0,
-    );
-    let counts = Vec::<i64>::try_from(&counts)?;
-    Ok((counts[0], counts[1], counts[2]))
+    )
+}
+
+/// `counts` and one more scalar, in one read-back.
+fn read(counts: &Tensor, scalar: &Tensor) -> Result<[f64; 4]> {
+    let all = Tensor::cat(&[counts.shallow_clone(), scalar.reshape([1])], 0);
+    let v = Vec::<f64>::try_from(&all)?;
+    Ok([v[0], v[1], v[2], v[3]])
+}
+
+/// `counts` alone, read back.
+fn read3(counts: &Tensor) -> Result<[f64; 3]> {
+    let v = Vec::<f64>::try_from(counts)?;
+    Ok([v[0], v[1], v[2]])
 }
 
 /// The error of settings that turn finite logits into no distribution.
