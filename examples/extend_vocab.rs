@@ -70,8 +70,10 @@ fn read(path: &Path) -> Result<String> {
 
 fn run(args: Args) -> Result<()> {
     let device = args.device.resolve()?;
+    // f32 parameters: this example trains them.
     let options = LoadOptions {
         device,
+        dtype: Some(tch::Kind::Float),
         ..LoadOptions::default()
     };
     println!("loading {}", args.model.display());

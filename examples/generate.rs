@@ -44,7 +44,8 @@
 //! recomputation of the whole context for every token, and prints the ratio.
 
 use clap::Parser;
-use moe_layers::hf::{from_pretrained, memory_plan, LoadOptions};
+use moe_layers::experts::{ExpertQuantization, ExpertResidency};
+use moe_layers::hf::{dtype_by_name, from_pretrained, memory_plan, ExpertStorage, LoadOptions};
 use moe_layers::lm::{
     generate_batch, generate_recompute, generate_with, load_checkpoint, CausalLm, GenerateOptions,
     Sampling, TextStream, Tokenizer,
@@ -55,7 +56,6 @@ use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
-use tch::Kind;
 
 #[derive(Parser, Debug)]
 #[command(version)]
@@ -100,10 +100,11 @@ struct Args {
     /// Time KV-cached generation against full recomputation instead
     #[arg(long)]
     bench: bool,
-    /// With --model: the parameters' dtype, f32, bf16, f16, f64, or auto
-    /// (the dtype of the checkpoint's files). bf16 and f64 models compute
-    /// in their dtype; f16 ones in f32
-    #[arg(long, default_value = "f32")]
+    /// With --model: the parameters' dtype, auto (the dtype holding most
+    /// of the checkpoint's weight bytes, as transformers' dtype="auto"),
+    /// f32, bf16, f16 or f64. bf16 and f64 models compute in their dtype;
+    /// f16 ones in f32
+    #[arg(long, default_value = "auto")]
     dtype: String,
     /// With --model: print what the checkpoint needs in memory (parameters,
     /// active ones per token, bytes, KV cache) from its config and its
@@ -114,22 +115,16 @@ struct Args {
     /// available memory, /proc/meminfo's MemAvailable)
     #[arg(long)]
     memory_gib: Option<f64>,
-}
-
-/// `--dtype`'s kind for the folder `dir` (`auto`: its files').
-fn dtype(args: &Args, dir: &std::path::Path) -> Result<Kind> {
-    Ok(match args.dtype.to_ascii_lowercase().as_str() {
-        "f32" | "fp32" | "float32" => Kind::Float,
-        "bf16" | "bfloat16" => Kind::BFloat16,
-        "f16" | "fp16" | "float16" => Kind::Half,
-        "f64" | "fp64" | "float64" => Kind::Double,
-        "auto" => memory_plan(dir, None, &[])?.dtype,
-        other => {
-            return Err(MoeError::config(format!(
-                "--dtype {other}: expected f32, bf16, f16, f64 or auto"
-            )))
-        }
-    })
+    /// With --model: quantise the routed experts' weights after loading
+    /// (int8: per output channel, libtorch's int8 GEMV on the CPU)
+    #[arg(long)]
+    quantize_experts: Option<ExpertQuantization>,
+    /// With --model: leave the routed experts in the checkpoint's files and
+    /// keep at most this many GiB of them in memory (least recently used
+    /// out first, the next layer's likely experts read ahead): for
+    /// checkpoints larger than the memory; CPU, the files' dtype
+    #[arg(long)]
+    expert_cache_gib: Option<f64>,
 }
 
 /// The machine's available memory in bytes (/proc/meminfo's MemAvailable).
@@ -142,7 +137,7 @@ fn available_memory() -> Option<u64> {
 
 /// `--plan`: the memory plan of `dir` and whether it fits.
 fn print_plan(args: &Args, dir: &std::path::Path) -> Result<()> {
-    let plan = memory_plan(dir, Some(dtype(args, dir)?), &[])?;
+    let plan = memory_plan(dir, dtype_by_name(&args.dtype)?, &[])?;
     println!("{plan}");
     let budget = match args.memory_gib {
         Some(gib) if gib > 0.0 && gib.is_finite() => (gib * (1u64 << 30) as f64) as u64,
@@ -184,6 +179,8 @@ struct Loaded {
     tokenizer: Tokenizer,
     sampling: Sampling,
     stop_tokens: Vec<i64>,
+    /// The experts left in the files, with `--expert-cache-gib`.
+    residency: Option<ExpertResidency>,
 }
 
 fn load(args: &Args) -> Result<Loaded> {
@@ -191,7 +188,9 @@ fn load(args: &Args) -> Result<Loaded> {
     if let Some(dir) = &args.model {
         let options = LoadOptions {
             device,
-            dtype: Some(dtype(args, dir)?),
+            dtype: dtype_by_name(&args.dtype)?,
+            experts: ExpertStorage::with_cache_gib(args.expert_cache_gib)?,
+            quantize_experts: args.quantize_experts,
             ..LoadOptions::default()
         };
         let pretrained = from_pretrained(dir, &options)?;
@@ -202,6 +201,7 @@ fn load(args: &Args) -> Result<Loaded> {
         return Ok(Loaded {
             sampling: pretrained.generation.sampling(pretrained.config.vocab_size),
             stop_tokens: pretrained.generation.eos_token_id.clone(),
+            residency: pretrained.residency,
             model: Box::new(pretrained.model),
             tokenizer,
         });
@@ -216,6 +216,7 @@ fn load(args: &Args) -> Result<Loaded> {
         tokenizer: checkpoint.meta.tokenizer,
         sampling: Sampling::default(),
         stop_tokens: Vec::new(),
+        residency: None,
     })
 }
 
@@ -260,7 +261,29 @@ fn run(args: Args) -> Result<()> {
     }
     print!("{text}");
     let mut row = Continuation::new(tokenizer, prompt, &args.stop, true)?;
-    generate_with(model, prompt, &options, |id| row.push(id))?;
+    let start = Instant::now();
+    let mut generated = 0usize;
+    generate_with(model, prompt, &options, |id| {
+        generated += 1;
+        row.push(id)
+    })?;
+    if let Some(residency) = &loaded.residency {
+        let s = residency.stats();
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        eprintln!(
+            "\nexperts from the files: hit rate {:.3} ({} hits, {} misses, {} prefetched, {} \
+             evicted), {:.2} GiB read in, {:.2} of {:.2} GiB resident; {:.3} tokens/s",
+            s.hit_rate(),
+            s.hits,
+            s.misses,
+            s.prefetches,
+            s.evictions,
+            gib(s.bytes_loaded),
+            gib(s.resident_bytes),
+            gib(s.capacity_bytes),
+            generated as f64 / start.elapsed().as_secs_f64()
+        );
+    }
     println!();
     row.finish().map(|_| ())
 }

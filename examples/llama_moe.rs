@@ -133,8 +133,10 @@ fn run(args: Args) -> Result<()> {
 
     // 1. The dense model: loaded, or trained here.
     if let Some(dir) = &args.model {
+        // f32 parameters: this example trains them.
         let options = LoadOptions {
             device,
+            dtype: Some(tch::Kind::Float),
             ..LoadOptions::default()
         };
         let dense = from_pretrained(dir, &options)?;

@@ -90,7 +90,7 @@ pub mod prelude {
     #[cfg(feature = "data")]
     pub use moe_data::{CharTokenizer, Dataset};
     pub use moe_dispatch::{Dispatch, DispatchKind, DispatchSpec};
-    pub use moe_experts::{ExpertBank, ExpertConfig};
+    pub use moe_experts::{ExpertBank, ExpertConfig, ExpertQuantization};
     #[cfg(feature = "models")]
     pub use moe_models::{
         generate, CausalLm, DecoderConfig, DecoderModel, LmConfig, MakeMoeConfig, MakeMoeModel,

@@ -1,11 +1,12 @@
 use crate::SparseMoeConfig;
+use moe_core::profile::span;
 use moe_core::{
     check_float, check_same_device, linear, linear_in_input_dtype, MoeError, Result, Routing,
 };
 use moe_dispatch::{Dispatch, ExpertParallel, ExpertParallelism};
 use moe_experts::ExpertBank;
 use moe_routers::Router;
-use tch::{nn, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 /// Sparse Mixture-of-Experts feed-forward layer (Shazeer et al. 2017;
 /// Mixtral, arXiv 2401.04088), with shared experts (DeepSeekMoE, arXiv
@@ -183,11 +184,34 @@ impl SparseMoe {
         }
     }
 
+    /// Reads ahead the pages of the experts the router picks for `x`
+    /// (`[..., d]`, the normalised input this layer would get) when the
+    /// experts are left in the checkpoint's files
+    /// ([`ExpertBank::map_experts`]); nothing otherwise. The next layer's
+    /// router on the current hidden state guesses most of the next token's
+    /// experts (Eliseev & Mazur 2023, arXiv 2312.17238), so their reads
+    /// overlap this layer's computation.
+    pub fn prefetch_experts(&self, x: &Tensor) -> Result<()> {
+        if self.experts.mapped_experts().is_none() {
+            return Ok(());
+        }
+        let d = self.config.n_embd;
+        let flat = x.f_reshape([-1, d])?.to_kind(self.experts.w_in.kind());
+        let routing = tch::no_grad(|| self.router.route_sequences(&flat, None, false))?;
+        let mut experts = Vec::<i64>::try_from(&routing.expert.flatten(0, -1))?;
+        experts.sort_unstable();
+        experts.dedup();
+        self.experts.prefetch(&experts);
+        Ok(())
+    }
+
     /// `x`: `[..., d]` (any leading dims) -> same shape. With a rank of 3 or
     /// more, the second-to-last dimension is the sequence length `T` that
     /// the per-sequence balance loss groups by and expert choice per
     /// position reads (`[B, T, d]`: at each position, the experts choose
-    /// among the `B` tokens there); `[N, d]` is one sequence.
+    /// among the `B` tokens there); `[N, d]` is one sequence. An error with
+    /// `train = true` when the routed experts are quantised
+    /// ([`ExpertBank::quantize`]): they are for inference only.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<MoeOutput> {
         let d = self.config.n_embd;
         let shape = x.size();
@@ -200,27 +224,57 @@ impl SparseMoe {
         }
         check_float(x, "MoE input")?;
         check_same_device(x, "MoE input", self.experts.w_in.device())?;
+        if let (true, Some(q)) = (train, self.experts.quantization()) {
+            return Err(MoeError::config(format!(
+                "the routed experts are quantised ({q}) for inference: forward_t with \
+                 train = true is not supported"
+            )));
+        }
+        if train && self.experts.mapped_experts().is_some() {
+            return Err(MoeError::config(
+                "the routed experts are left in the checkpoint's files for inference: \
+                 forward_t with train = true is not supported (load them resident to train)",
+            ));
+        }
         let flat = x.reshape([-1, d]);
         let seq_len = (shape.len() >= 3).then(|| shape[shape.len() - 2]);
         // The router computes in the parameters' dtype (f32 under mixed
         // precision, see `moe_core::Precision`): its softmax and top-k decide
         // which experts run, and bf16 logits tie and round.
-        let routing =
+        let routing = span("router", || {
             self.router
-                .route_sequences(&flat.to_kind(self.experts.w_in.kind()), seq_len, train)?;
-        let mut output = match &self.expert_parallel {
-            Some(parallel) => parallel.combine(&flat, &routing, &self.experts, train)?,
-            None => self.dispatch.combine(&flat, &routing, &self.experts, train),
-        };
+                .route_sequences(&flat.to_kind(self.experts.w_in.kind()), seq_len, train)
+        })?;
+        // One token on the CPU (batch-1 decoding): only its experts, with a
+        // few ops each, instead of a dispatch strategy's sorting and
+        // gathering (the same sum, `ExpertBank::one_token`).
+        let one_token = !train && flat.size()[0] == 1 && flat.device() == Device::Cpu;
+        let mut output = span("experts", || match &self.expert_parallel {
+            Some(parallel) => parallel.combine(&flat, &routing, &self.experts, train),
+            None if one_token => {
+                Ok(self
+                    .experts
+                    .one_token(&flat, &routing.expert, &routing.weight))
+            }
+            None => Ok(self.dispatch.combine(&flat, &routing, &self.experts, train)),
+        })?;
         if let Some(shared) = &self.shared_experts {
-            let y = shared
-                .forward_all(&flat, train)
-                .sum_dim_intlist(0, false, None);
-            output += match &self.shared_expert_gate {
-                // In the compute dtype, as the experts (`moe_core::Precision`).
-                Some(gate) => y * linear_in_input_dtype(&flat, gate).sigmoid(),
-                None => y,
-            };
+            output += span("shared_experts", || {
+                let y = if one_token {
+                    // Every shared expert with weight 1.
+                    let all = Tensor::arange(shared.num_experts(), (Kind::Int64, Device::Cpu));
+                    shared.one_token(&flat, &all, &all.ones_like().to_kind(Kind::Float))
+                } else {
+                    shared
+                        .forward_all(&flat, train)
+                        .sum_dim_intlist(0, false, None)
+                };
+                match &self.shared_expert_gate {
+                    // In the compute dtype, as the experts (`moe_core::Precision`).
+                    Some(gate) => y * linear_in_input_dtype(&flat, gate).sigmoid(),
+                    None => y,
+                }
+            });
         }
         let aux_loss = match &self.expert_parallel {
             // The load of each expert over every rank's tokens.

@@ -1,6 +1,8 @@
 //! Shared foundations of `moe-layers`: the [`MoeError`] type every crate
 //! returns, weight-initialisation schemes, device selection, dropout, the [`Routing`]
-//! that routers produce and dispatchers consume, and small tensor checks.
+//! that routers produce and dispatchers consume, small tensor checks, the
+//! one-row CPU kernels of batch-1 decoding ([`gemv`]) and the spans that
+//! time a forward pass ([`profile`]).
 //!
 //! Every other crate of the workspace depends on this one and on nothing
 //! above it.
@@ -11,8 +13,10 @@ mod check;
 mod device;
 mod dropout;
 mod error;
+pub mod gemv;
 mod init;
 mod precision;
+pub mod profile;
 mod routing;
 mod safetensors_file;
 
@@ -21,7 +25,9 @@ pub use check::{check_float, check_rank, check_same_device};
 pub use device::DeviceChoice;
 pub use dropout::{dropout, keep_mask};
 pub use error::{MoeError, Result};
-pub use init::{linear, WeightInit};
-pub use precision::{accumulation_kind, as_kind_of, linear_in_input_dtype, Precision};
+pub use init::{allocate_only, linear, var, var_column_major, variables_drawn, WeightInit};
+pub use precision::{
+    accumulation_kind, as_kind_of, linear_in_input_dtype, router_logits, Precision,
+};
 pub use routing::{expert_capacity, Routing};
 pub use safetensors_file::{safetensors_dtype, write_safetensors};

@@ -86,8 +86,24 @@ pub fn as_kind_of(t: &Tensor, like: &Tensor) -> Tensor {
     t.to_kind(like.kind())
 }
 
-/// `y = x W^T + b` computed in `x`'s dtype ([`Precision`]).
+/// A router's logits `l = x W_g^T (+ b_g)` in the accumulation dtype of
+/// `x` ([`accumulation_kind`]: f32 for bf16 and f16 inputs): a top-k choice
+/// between close logits must not depend on the compute dtype's rounding
+/// (DeepSeek-V3's gate in transformers computes in f32 likewise). The gate
+/// is `E x d`, so the casts cost nothing next to the experts.
+pub fn router_logits(x: &Tensor, gate: &nn::Linear) -> Tensor {
+    let wide = accumulation_kind(x.kind());
+    let bias = gate.bs.as_ref().map(|b| b.to_kind(wide));
+    x.to_kind(wide)
+        .linear(&gate.ws.to_kind(wide), bias.as_ref())
+}
+
+/// `y = x W^T + b` computed in `x`'s dtype ([`Precision`]); one bf16 row on
+/// the CPU goes through [`crate::gemv::linear`].
 pub fn linear_in_input_dtype(x: &Tensor, layer: &nn::Linear) -> Tensor {
+    if let Some(y) = crate::gemv::linear(x, &layer.ws, layer.bs.as_ref()) {
+        return y;
+    }
     let bias = layer.bs.as_ref().map(|b| as_kind_of(b, x));
     x.linear(&as_kind_of(&layer.ws, x), bias.as_ref())
 }

@@ -25,7 +25,10 @@ use tch::{Device, Kind, Tensor};
 /// `_grouped_mm` does not support the device, dtype or sizes (probed once
 /// and remembered), and on CPU from `CPU_SEGMENT_LOOP_MIN_ROWS` rows per
 /// expert, the GEMMs run as a loop over segments, which reads the segment
-/// sizes back once per call.
+/// sizes back once per call. A quantised bank ([`ExpertBank::quantize`])
+/// always takes the loop: `_grouped_mm` has no int8-weight form, and the
+/// loop's per-expert products read the int8 weights directly
+/// ([`ExpertBank::ffn_view`]).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Grouped;
 
@@ -60,7 +63,7 @@ pub(crate) struct Segments<'a> {
 
 /// Every expert of the bank on its segment of `xs` (`[R, d]` sorted by
 /// expert): two grouped GEMMs, or a loop of GEMMs over segments where that
-/// is faster or `_grouped_mm` cannot run.
+/// is faster or `_grouped_mm` cannot run (a quantised bank among them).
 pub(crate) fn run_segments(experts: &ExpertBank, xs: &Tensor, segments: &Segments<'_>) -> Tensor {
     let rows = xs.size()[0];
     let rows_per_expert = rows / experts.num_experts().max(1);
@@ -124,9 +127,13 @@ pub const CPU_SEGMENT_LOOP_MIN_ROWS: i64 = 256;
 type SupportCache = Mutex<Option<HashMap<(Device, Kind, i64, i64), bool>>>;
 
 /// Whether `_grouped_mm` runs for this bank's sizes on its device in `kind`.
-/// Probed once per (device, dtype, d, h) with a tiny call.
+/// Probed once per (device, dtype, d, h) with a tiny call. Never for a
+/// quantised bank, whose weights are int8.
 pub fn grouped_mm_supported(experts: &ExpertBank, kind: Kind) -> bool {
     static CACHE: SupportCache = Mutex::new(None);
+    if experts.quantization().is_some() {
+        return false;
+    }
     let device = experts.w_in.device();
     let (d, h) = (experts.config().input_dim, experts.config().hidden_dim);
     let key = (device, kind, d, h);

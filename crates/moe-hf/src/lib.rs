@@ -82,7 +82,8 @@ pub use generation::GenerationConfig;
 pub use names::{tensor_map, ExpertLayout, HfTensor, Placement, TensorPart};
 pub use plan::{memory_plan, MemoryPlan};
 pub use pretrained::{
-    from_pretrained, save_pretrained, save_pretrained_with, LoadOptions, Pretrained, SaveOptions,
-    CONFIG_FILE, GENERATION_FILE, TOKENIZER_FILE,
+    checkpoint_dtype, dtype_by_name, from_pretrained, save_pretrained, save_pretrained_with,
+    ExpertStorage, LoadOptions, Pretrained, SaveOptions, CONFIG_FILE, GENERATION_FILE,
+    TOKENIZER_FILE,
 };
-pub use weights::{load_weights, INDEX_FILE, WEIGHTS_FILE};
+pub use weights::{load_weights, LoadStats, INDEX_FILE, WEIGHTS_FILE};

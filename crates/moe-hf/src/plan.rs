@@ -98,7 +98,7 @@ impl fmt::Display for MemoryPlan {
 
 /// The [`MemoryPlan`] of the checkpoint folder `dir` with its parameters
 /// in `dtype` (`None`: the dtype of its files, as transformers'
-/// `dtype="auto"`; F32 where they mix dtypes), read from `config.json` and
+/// `dtype="auto"`: the dtype holding most of their bytes), read from `config.json` and
 /// the safetensors headers. `ignore_keys` are `config.json` keys to accept
 /// unread, as [`crate::LoadOptions::ignore_keys`]. Errors are those of
 /// [`crate::from_pretrained`] for the same files.
@@ -113,12 +113,7 @@ pub fn memory_plan(dir: &Path, dtype: Option<Kind>, ignore_keys: &[String]) -> R
     }
     let dtype = match dtype {
         Some(kind) => kind,
-        None => match file_bytes.keys().map(String::as_str).collect::<Vec<_>>()[..] {
-            ["BF16"] => Kind::BFloat16,
-            ["F16"] => Kind::Half,
-            ["F64"] => Kind::Double,
-            _ => Kind::Float,
-        },
+        None => crate::checkpoint_dtype(dir)?,
     };
     if !matches!(
         dtype,

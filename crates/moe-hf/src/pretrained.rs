@@ -1,15 +1,22 @@
 //! `from_pretrained` and `save_pretrained`: whole checkpoint folders.
 
 use crate::fs::write_json;
-use crate::weights::{dtype_of, load_weights, write_weights, WEIGHTS_FILE};
+#[cfg(doc)]
+use crate::weights::load_weights;
+use crate::weights::{
+    dtype_of, load_weights_as, tensor_sizes, write_weights, Fill, LoadStats,
+    MappedExperts as MappedExpertMatrices, WEIGHTS_FILE,
+};
 use crate::{ExpertLayout, GenerationConfig, HfConfig, HfFamily};
 use moe_core::write_atomic;
 use moe_core::{MoeError, Precision, Result};
 use moe_data::{HfTokenizer, Tokenizer};
+use moe_experts::{ExpertQuantization, ExpertResidency};
+use moe_models::decoder::FeedForward;
 use moe_models::{DecoderConfig, DecoderModel};
 use serde_json::json;
 use std::path::Path;
-use tch::{nn, Device, Kind};
+use tch::{nn, Device, Kind, Tensor};
 
 /// The model config of a checkpoint folder.
 pub const CONFIG_FILE: &str = "config.json";
@@ -21,11 +28,12 @@ pub const TOKENIZER_FILE: &str = "tokenizer.json";
 /// How [`from_pretrained`] builds the model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoadOptions {
-    /// The parameters' dtype: `None` for f32 (the library's parameters are
-    /// f32, whatever the checkpoint holds); `Some(Kind::BFloat16)` (or
-    /// `Half`, `Double`) to keep or choose another floating-point dtype.
+    /// The parameters' dtype: `None` for the checkpoint's own (the dtype
+    /// holding most of its weight bytes, as transformers' `dtype="auto"`);
+    /// `Some(Kind::Float)`, `BFloat16`, `Half` or `Double` to choose one.
     /// With bf16 or f64 parameters the model computes in that dtype too
-    /// (its config's `precision`): attention, experts and the KV cache;
+    /// (its config's `precision`): attention, experts and the KV cache,
+    /// while norms, softmaxes and router logits accumulate in f32 (f64);
     /// f16 parameters are cast to f32 at use.
     pub dtype: Option<Kind>,
     /// Where the parameters live.
@@ -37,16 +45,78 @@ pub struct LoadOptions {
     /// (the rotary tables of every layer are built for the whole context);
     /// `None` keeps the checkpoint's.
     pub max_position_embeddings: Option<i64>,
+    /// Where the routed experts' weights live.
+    pub experts: ExpertStorage,
+    /// Weight-only quantisation of the routed experts after loading
+    /// ([`DecoderModel::quantize_experts`]); `None` keeps them as loaded.
+    pub quantize_experts: Option<ExpertQuantization>,
+}
+
+/// Where [`from_pretrained`] puts the routed experts' weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExpertStorage {
+    /// Copied into the model's expert banks: trainable, any dtype and
+    /// device.
+    #[default]
+    Resident,
+    /// Left in the checkpoint's memory-mapped files, for inference on the
+    /// CPU in the files' dtype: nothing is copied, an expert's pages are
+    /// read when it runs, and at most `cache_bytes` of experts stay in
+    /// memory, least recently used out first, with the next layer's likely
+    /// experts read ahead while a token is decoded
+    /// ([`moe_experts::ExpertResidency`]). For checkpoints larger than the
+    /// memory. `cache_bytes` must hold at least one layer's `top_k`
+    /// experts.
+    Mapped {
+        /// The most bytes of experts kept in memory.
+        cache_bytes: u64,
+    },
+}
+
+impl ExpertStorage {
+    /// A command line's expert cache: none ([`ExpertStorage::Resident`]),
+    /// or [`ExpertStorage::Mapped`] with `gib` GiB (a positive number).
+    pub fn with_cache_gib(gib: Option<f64>) -> Result<Self> {
+        match gib {
+            None => Ok(ExpertStorage::Resident),
+            Some(gib) if gib > 0.0 && gib.is_finite() => Ok(ExpertStorage::Mapped {
+                cache_bytes: (gib * (1u64 << 30) as f64) as u64,
+            }),
+            Some(gib) => Err(MoeError::config(format!(
+                "an expert cache must be a positive number of GiB, got {gib}"
+            ))),
+        }
+    }
+}
+
+/// A command line's dtype name as [`LoadOptions::dtype`]: `auto` (the
+/// files' dtype, `None`), `f32`, `bf16`, `f16` or `f64` (and their long
+/// names: `float32`, `bfloat16`, ...).
+pub fn dtype_by_name(name: &str) -> Result<Option<Kind>> {
+    Ok(Some(match name.to_ascii_lowercase().as_str() {
+        "auto" => return Ok(None),
+        "f32" | "fp32" | "float32" => Kind::Float,
+        "bf16" | "bfloat16" => Kind::BFloat16,
+        "f16" | "fp16" | "float16" => Kind::Half,
+        "f64" | "fp64" | "float64" => Kind::Double,
+        other => {
+            return Err(MoeError::config(format!(
+                "dtype {other}: expected f32, bf16, f16, f64 or auto"
+            )))
+        }
+    }))
 }
 
 impl Default for LoadOptions {
-    /// f32 parameters on the CPU, the checkpoint's context.
+    /// The checkpoint's dtype, on the CPU, the checkpoint's context.
     fn default() -> Self {
         LoadOptions {
             dtype: None,
             device: Device::Cpu,
             ignore_keys: Vec::new(),
             max_position_embeddings: None,
+            experts: ExpertStorage::Resident,
+            quantize_experts: None,
         }
     }
 }
@@ -80,6 +150,11 @@ pub struct Pretrained {
     pub tokenizer: Option<Tokenizer>,
     /// `config.json` as read, with its family.
     pub source: HfConfig,
+    /// How the weights were put into the parameters.
+    pub load: LoadStats,
+    /// The resident set of experts left in the files
+    /// ([`ExpertStorage::Mapped`]): its hit rate and bytes read.
+    pub residency: Option<ExpertResidency>,
 }
 
 impl Pretrained {
@@ -157,21 +232,32 @@ fn float_dtype(kind: Kind, what: &str) -> Result<()> {
 /// Loads a folder as transformers' `save_pretrained` writes it:
 ///
 /// - `config.json`, mapped to a [`DecoderConfig`] by its `model_type`
-///   (`mixtral`, `qwen2_moe`, `olmoe`, `llama`; see [`HfConfig::to_decoder`]
-///   for the key policy; `deepseek_v3` is an error until the decoder has
-///   Multi-head Latent Attention);
+///   (`mixtral`, `qwen2_moe`, `olmoe`, `llama`, `deepseek_v3`; see
+///   [`HfConfig::to_decoder`] for the key policy);
 /// - the weights, `model.safetensors` or the shards of
-///   `model.safetensors.index.json`, memory-mapped, checked whole, then
-///   copied into the parameters ([`load_weights`]), in either expert layout;
+///   `model.safetensors.index.json`, memory-mapped and checked whole
+///   ([`load_weights`]), in either expert layout;
 /// - `generation_config.json` when present;
 /// - `tokenizer.json` when present, as [`Tokenizer::Hf`].
+///
+/// The model is built without drawing a single initial value
+/// ([`moe_core::allocate_only`]): its parameters are allocated in the
+/// chosen dtype ([`LoadOptions::dtype`], the checkpoint's by default) and
+/// filled from the files once everything is checked. A tensor stored as
+/// the parameter holds it (same dtype, the CPU, not transposed or stacked:
+/// embeddings, attention, norms, dense MLPs) is used from the memory map
+/// without a copy; the others (expert banks, other dtypes or devices) are
+/// copied, and their pages released as they are. So a bf16 model loaded as
+/// bf16 takes about its weights' bytes in memory ([`Pretrained::load`]
+/// says how many were mapped and how many copied).
 ///
 /// Errors are [`MoeError::Checkpoint`]s naming the file (and the tensor or
 /// key), or [`MoeError::Config`] for bad `options`.
 pub fn from_pretrained(dir: &Path, options: &LoadOptions) -> Result<Pretrained> {
-    let kind = options.dtype.unwrap_or(Kind::Float);
-    float_dtype(kind, "LoadOptions::dtype")?;
     let source = HfConfig::read(&dir.join(CONFIG_FILE))?;
+    if let Some(kind) = options.dtype {
+        float_dtype(kind, "LoadOptions::dtype")?;
+    }
     let mut config = source.to_decoder(&options.ignore_keys)?;
     if let Some(n) = options.max_position_embeddings {
         if n <= 0 {
@@ -193,16 +279,54 @@ pub fn from_pretrained(dir: &Path, options: &LoadOptions) -> Result<Pretrained> 
     } else {
         None
     };
+    let kind = match options.dtype {
+        Some(kind) => kind,
+        None => checkpoint_dtype(dir)?,
+    };
     config.precision = compute_precision(kind, config.precision);
-    let mut vs = nn::VarStore::new(options.device);
-    let model = DecoderModel::new(&vs.root(), &config)?;
-    match kind {
-        Kind::Float => {}
-        Kind::Half => vs.half(),
-        Kind::BFloat16 => vs.bfloat16(),
-        _ => vs.double(),
+    check_computable(config.precision.kind(), options.device)?;
+    let cache_bytes = match options.experts {
+        ExpertStorage::Resident => None,
+        ExpertStorage::Mapped { cache_bytes } => {
+            check_mappable(dir, &config, kind, options.device, cache_bytes)?;
+            Some(cache_bytes)
+        }
+    };
+    if options.quantize_experts.is_some() && config.num_moe_layers() == 0 {
+        return Err(MoeError::config(format!(
+            "quantize_experts: this {} checkpoint has no routed experts (no MoE layer) to \
+             quantise; load it without quantisation",
+            source.family.model_type()
+        )));
     }
-    load_weights(dir, source.family, &config, &vs)?;
+    // Experts to be quantised are read from the files' pages when they can
+    // be: the float experts are then never all in memory at once.
+    let quantize_from_files = cache_bytes.is_none()
+        && options.quantize_experts.is_some()
+        && check_mappable(dir, &config, kind, options.device, u64::MAX).is_ok();
+    let mut vs = nn::VarStore::new(options.device);
+    vs.set_kind(kind);
+    let mut model = moe_core::allocate_only(|| DecoderModel::new(&vs.root(), &config))?;
+    let (load, mapped) = load_weights_as(
+        dir,
+        source.family,
+        &config,
+        &vs,
+        Fill::MapWhereStored {
+            experts: cache_bytes.is_some() || quantize_from_files,
+        },
+    )?;
+    let mut residency = match (cache_bytes, quantize_from_files) {
+        (Some(bytes), _) => Some(map_experts(&mut model, mapped, bytes)?),
+        (None, true) => Some(map_experts(&mut model, mapped, u64::MAX)?),
+        (None, false) => None,
+    };
+    if let Some(q) = options.quantize_experts {
+        model.quantize_experts(q)?;
+        if quantize_from_files {
+            residency = None;
+        }
+    }
     Ok(Pretrained {
         vs,
         model,
@@ -210,7 +334,129 @@ pub fn from_pretrained(dir: &Path, options: &LoadOptions) -> Result<Pretrained> 
         generation,
         tokenizer,
         source,
+        load,
+        residency,
     })
+}
+
+/// That the routed experts of `dir` can stay in its files
+/// ([`ExpertStorage::Mapped`]): on the CPU, in the files' dtype, with a
+/// cache of at least one layer's `top_k` experts.
+fn check_mappable(
+    dir: &Path,
+    config: &DecoderConfig,
+    kind: Kind,
+    device: Device,
+    cache_bytes: u64,
+) -> Result<()> {
+    if device != Device::Cpu {
+        return Err(MoeError::config(format!(
+            "experts left in the checkpoint's files are read through CPU memory maps; \
+             {device:?} was asked for: load them resident on that device"
+        )));
+    }
+    let stored = checkpoint_dtype(dir)?;
+    if kind != stored {
+        return Err(MoeError::config(format!(
+            "experts left in the checkpoint's files compute in the files' dtype {stored:?}; \
+             {kind:?} was asked for: load with dtype {stored:?} (auto) or resident experts"
+        )));
+    }
+    if config.num_moe_layers() == 0 {
+        return Err(MoeError::config(
+            "this checkpoint has no routed experts to leave in its files",
+        ));
+    }
+    let matrices = 3 * config.hidden_size * config.expert_width();
+    let per_expert = (matrices * kind.elt_size_in_bytes() as i64) as u64;
+    let needed = per_expert * config.num_experts_per_tok as u64;
+    if cache_bytes < needed {
+        return Err(MoeError::config(format!(
+            "an expert cache of {cache_bytes} bytes cannot hold one layer's top-{} experts \
+             ({needed} bytes, {per_expert} each): give it at least that",
+            config.num_experts_per_tok
+        )));
+    }
+    Ok(())
+}
+
+/// Hands each MoE layer its routed experts' mapped matrices, counted in
+/// one residency of `cache_bytes`.
+fn map_experts(
+    model: &mut DecoderModel,
+    mut mapped: MappedExpertMatrices,
+    cache_bytes: u64,
+) -> Result<ExpertResidency> {
+    let residency = ExpertResidency::new(cache_bytes);
+    for (i, layer) in model.layers_mut().iter_mut().enumerate() {
+        let FeedForward::Moe(moe) = layer.feed_forward_network_mut() else {
+            continue;
+        };
+        let bank = moe.experts_mut();
+        let mut take = |name: &str| -> Result<Option<Vec<Tensor>>> {
+            let var = format!("model.layers.{i}.mlp.experts.{name}");
+            let Some(list) = mapped.remove(&var) else {
+                return Ok(None);
+            };
+            list.into_iter()
+                .enumerate()
+                .map(|(e, t)| {
+                    t.ok_or_else(|| {
+                        MoeError::config(format!("expert {e} of `{var}` was not mapped"))
+                    })
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Some)
+        };
+        let missing = || MoeError::config(format!("layer {i}: its routed experts were not mapped"));
+        let w_in = take("w_in")?.ok_or_else(missing)?;
+        let w_gate = take("w_gate")?;
+        let w_out = take("w_out")?.ok_or_else(missing)?;
+        bank.map_experts(w_in, w_gate, w_out, &residency, i)?;
+    }
+    Ok(residency)
+}
+
+/// That `device` multiplies matrices in `kind` (a GPU before Ampere has
+/// no bf16 products, for one): a 2 x 2 product tried there, so that a
+/// model is not loaded only to fail at its first token.
+fn check_computable(kind: Kind, device: Device) -> Result<()> {
+    let tried = Tensor::f_ones([2, 2], (kind, device)).and_then(|a| a.f_matmul(&a));
+    tried.map(|_| ()).map_err(|e| {
+        let first = e.to_string();
+        let first = first.lines().next().unwrap_or_default();
+        MoeError::config(format!(
+            "this {device:?} device cannot compute in {kind:?} ({first}); load with another \
+             LoadOptions::dtype (`--dtype`): Float works everywhere, BFloat16 on CPUs and on \
+             GPUs from compute capability 8.0"
+        ))
+    })
+}
+
+/// The floating-point dtype holding most of the weight bytes of `dir`
+/// (read from the safetensors headers): what `dtype="auto"` loads.
+pub fn checkpoint_dtype(dir: &Path) -> Result<Kind> {
+    let mut bytes: Vec<(Kind, usize)> = Vec::new();
+    for (dtype, n) in tensor_sizes(dir)? {
+        let Some(kind) = [Kind::Float, Kind::BFloat16, Kind::Half, Kind::Double]
+            .into_iter()
+            .find(|&k| dtype_of(k) == Some(dtype))
+        else {
+            continue;
+        };
+        match bytes.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, total)) => *total += n * kind.elt_size_in_bytes(),
+            None => bytes.push((kind, n * kind.elt_size_in_bytes())),
+        }
+    }
+    bytes
+        .into_iter()
+        .max_by_key(|&(_, total)| total)
+        .map(|(kind, _)| kind)
+        .ok_or_else(|| MoeError::Checkpoint {
+            path: dir.to_path_buf(),
+            reason: "no floating-point tensor in the weights: cannot tell their dtype".into(),
+        })
 }
 
 /// [`save_pretrained_with`] with the default [`SaveOptions`]: the

@@ -3,7 +3,7 @@
 
 use crate::names::{groups, ignorable, tensor_map, ExpertLayout, HfTensor, Placement};
 use crate::HfFamily;
-use memmap2::Mmap;
+use memmap2::{Advice, Mmap, UncheckedAdvice};
 use moe_core::{safetensors_dtype, write_safetensors};
 use moe_core::{MoeError, Result};
 use moe_models::DecoderConfig;
@@ -322,7 +322,68 @@ pub fn load_weights(
     family: HfFamily,
     config: &DecoderConfig,
     vs: &nn::VarStore,
-) -> Result<()> {
+) -> Result<LoadStats> {
+    load_weights_as(dir, family, config, vs, Fill::Copy).map(|(stats, _)| stats)
+}
+
+/// How [`load_weights_as`] puts a checked tensor into its variable(s).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fill {
+    /// Copy into the variables' own memory (which keeps its other views).
+    Copy,
+    /// Where a tensor fills one whole CPU variable of its own dtype as it
+    /// is stored, the variable takes the file's pages (a private,
+    /// copy-on-write map that libtorch owns: [`map_tensor`]); the rest is
+    /// copied. For a model built just now, whose variables have no other
+    /// views. With `experts`, the routed experts' matrices are not copied
+    /// into their banks either: they are returned as views of the files
+    /// ([`MappedExperts`]), for banks that compute from them.
+    MapWhereStored {
+        /// Leave the routed experts in the files.
+        experts: bool,
+    },
+}
+
+/// The routed experts' matrices of a checkpoint as views of its mapped
+/// files, by bank variable (`model.layers.3.mlp.experts.w_in`): one
+/// `[in, out]` matrix per expert (the bank's `var[e]` orientation; the
+/// file holds its transpose, an `nn.Linear` weight, so each is a
+/// column-major view).
+pub(crate) type MappedExperts = HashMap<String, Vec<Option<Tensor>>>;
+
+/// A routed expert bank's variable (not a shared expert's).
+fn is_routed_bank(var: &str) -> bool {
+    var.contains(".mlp.experts.")
+}
+
+/// What loading did with a checkpoint's bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadStats {
+    /// Bytes of tensors the parameters use from the memory-mapped files
+    /// without a copy (file-backed pages the kernel can evict and re-read).
+    pub mapped_bytes: u64,
+    /// Bytes of tensors copied into parameters: converted to another
+    /// dtype, moved to another device, transposed or stacked into an
+    /// expert bank.
+    pub copied_bytes: u64,
+}
+
+/// A checked tensor of the checkpoint and where it is.
+struct Planned<'h, 'f> {
+    tensor: &'h HfTensor,
+    /// Index into [`Files::mapped`].
+    file: usize,
+    view: &'f TensorView<'f>,
+}
+
+/// [`load_weights`] with the choice of how tensors land ([`Fill`]).
+pub(crate) fn load_weights_as(
+    dir: &Path,
+    family: HfFamily,
+    config: &DecoderConfig,
+    vs: &nn::VarStore,
+    fill: Fill,
+) -> Result<(LoadStats, MappedExperts)> {
     let files = open_files(dir)?;
     let parsed = files.mapped.iter().map(parse).collect::<Result<Vec<_>>>()?;
     let file_name = |i: usize| {
@@ -386,7 +447,7 @@ pub fn load_weights(
             .flat_map(|a| &a.tensors),
         &vars,
     )?;
-    let mut plan: Vec<(&HfTensor, &TensorView<'_>)> = Vec::new();
+    let mut plan: Vec<Planned<'_, '_>> = Vec::new();
     let mut used: HashSet<&str> = HashSet::new();
     for group in &groups {
         let present = |a: &crate::names::Alternative| {
@@ -454,7 +515,11 @@ pub fn load_weights(
                     for_var(t)
                 ));
             } else {
-                plan.push((t, view));
+                plan.push(Planned {
+                    tensor: t,
+                    file: *i,
+                    view,
+                });
             }
         }
     }
@@ -480,7 +545,7 @@ pub fn load_weights(
             ),
         ));
     }
-    tch::no_grad(|| copy_all(&plan, &vars))
+    tch::no_grad(|| fill_all(&plan, &vars, &files, fill))
 }
 
 /// " for variable `v`" when the tensor fills variables of other names.
@@ -498,27 +563,154 @@ fn for_var(t: &HfTensor) -> String {
     }
 }
 
-/// Copies each planned tensor into its variables.
-fn copy_all(plan: &[(&HfTensor, &TensorView<'_>)], vars: &HashMap<String, Tensor>) -> Result<()> {
-    for (t, view) in plan {
-        let kind = float_kind(view.dtype()).expect("checked");
-        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        let src = Tensor::f_from_data_size(TensorView::data(view), &shape, kind)?;
-        for part in &t.parts {
-            let var = &vars[&part.var];
-            let (mut dest, piece) = match part.placement {
-                Placement::Same => (var.shallow_clone(), src.shallow_clone()),
-                Placement::Transposed => (var.shallow_clone(), src.tr()),
-                Placement::ExpertTransposed(e) => (var.select(0, e), src.tr()),
-                Placement::PackedRows { offset } => (
-                    var.shallow_clone(),
-                    src.narrow(1, offset, var.size()[2]).transpose(1, 2),
-                ),
-            };
-            dest.f_copy_(&piece)?;
+/// Puts each planned tensor into its variables ([`Fill`]). A copied
+/// tensor is read through the read-only map and its pages are then dropped
+/// from this process (`MADV_DONTNEED`: they stay in the page cache), so
+/// that loading holds the parameters plus one tensor's pages, not the
+/// parameters plus the files.
+fn fill_all(
+    plan: &[Planned<'_, '_>],
+    vars: &HashMap<String, Tensor>,
+    files: &Files,
+    fill: Fill,
+) -> Result<(LoadStats, MappedExperts)> {
+    let mut stats = LoadStats::default();
+    let mut experts = MappedExperts::new();
+    let mut whole_files: Vec<Option<Tensor>> = (0..files.mapped.len()).map(|_| None).collect();
+    for p in plan {
+        let m = &files.mapped[p.file];
+        let kind = float_kind(p.view.dtype()).expect("checked");
+        let shape: Vec<i64> = p.view.shape().iter().map(|&d| d as i64).collect();
+        let bytes = p.view.data();
+        let offset = bytes.as_ptr() as usize - m.map.as_ptr() as usize;
+        let aligned = offset.is_multiple_of(kind.elt_size_in_bytes());
+        let Fill::MapWhereStored {
+            experts: map_experts,
+        } = fill
+        else {
+            copy_into(p, &shape, kind, aligned, vars, m, offset)?;
+            stats.copied_bytes += bytes.len() as u64;
+            continue;
+        };
+        let first = &p.tensor.parts[0];
+        let var = &vars[&first.var];
+        let mappable = var.device() == Device::Cpu && var.kind() == kind && aligned;
+        let as_stored = p.tensor.parts.len() == 1 && first.placement == Placement::Same;
+        let expert = map_experts && p.tensor.parts.iter().all(|part| is_routed_bank(&part.var));
+        if !(mappable && (as_stored || expert)) {
+            copy_into(p, &shape, kind, aligned, vars, m, offset)?;
+            stats.copied_bytes += bytes.len() as u64;
+            continue;
+        }
+        let whole = match &mut whole_files[p.file] {
+            Some(t) => t,
+            slot => slot.insert(map_tensor(&m.path, m.map.len())?),
+        };
+        let mapped = whole
+            .f_narrow(0, offset as i64, bytes.len() as i64)?
+            .f_view_dtype(kind)?
+            .f_view(shape.as_slice())?;
+        stats.mapped_bytes += bytes.len() as u64;
+        if as_stored && !expert {
+            var.shallow_clone().f_set_data(&mapped)?;
+            continue;
+        }
+        for part in &p.tensor.parts {
+            let num_experts = vars[&part.var].size()[0];
+            let slots = experts
+                .entry(part.var.clone())
+                .or_insert_with(|| (0..num_experts).map(|_| None).collect());
+            match part.placement {
+                Placement::ExpertTransposed(e) => slots[e as usize] = Some(mapped.tr()),
+                Placement::PackedRows { offset } => {
+                    let rows = vars[&part.var].size()[2];
+                    let bank = mapped.narrow(1, offset, rows).transpose(1, 2);
+                    for (e, slot) in slots.iter_mut().enumerate() {
+                        *slot = Some(bank.select(0, e as i64));
+                    }
+                }
+                Placement::Same | Placement::Transposed => {
+                    unreachable!("routed experts are stored per expert or packed")
+                }
+            }
         }
     }
+    Ok((stats, experts))
+}
+
+/// Copies the planned tensor `p` (at `offset` of the read-only map `m`)
+/// into its variables, then drops its pages from this process.
+fn copy_into(
+    p: &Planned<'_, '_>,
+    shape: &[i64],
+    kind: Kind,
+    aligned: bool,
+    vars: &HashMap<String, Tensor>,
+    m: &Mapped,
+    offset: usize,
+) -> Result<()> {
+    let bytes = p.view.data();
+    // Ask the kernel to read the whole tensor ahead in large requests
+    // instead of faulting it in page by page (a hint: failure only costs
+    // speed).
+    let _ = m.map.advise_range(Advice::WillNeed, offset, bytes.len());
+    let src = if aligned {
+        let strides = contiguous_strides(shape);
+        // SAFETY: `bytes` lies in `m.map`, which outlives `src` (dropped
+        // below); the pointer is aligned to the element size; the map is
+        // read-only and `src` is only read.
+        unsafe { Tensor::f_from_blob(bytes.as_ptr(), shape, &strides, kind, Device::Cpu)? }
+    } else {
+        Tensor::f_from_data_size(bytes, shape, kind)?
+    };
+    for part in &p.tensor.parts {
+        let var = &vars[&part.var];
+        let (mut dest, piece) = match part.placement {
+            Placement::Same => (var.shallow_clone(), src.shallow_clone()),
+            Placement::Transposed => (var.shallow_clone(), src.tr()),
+            Placement::ExpertTransposed(e) => (var.select(0, e), src.tr()),
+            Placement::PackedRows { offset } => (
+                var.shallow_clone(),
+                src.narrow(1, offset, var.size()[2]).transpose(1, 2),
+            ),
+        };
+        dest.f_copy_(&piece)?;
+    }
+    drop(src);
+    // SAFETY: nothing reads these pages now (`src` is gone; the parsed
+    // headers lie before the data); dropping a read-only shared file
+    // mapping's pages only makes a later read fault them in again.
+    let _ = unsafe {
+        m.map
+            .unchecked_advise_range(UncheckedAdvice::DontNeed, offset, bytes.len())
+    };
     Ok(())
+}
+
+/// Row-major strides of `shape`.
+fn contiguous_strides(shape: &[i64]) -> Vec<i64> {
+    let mut strides = vec![1i64; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
+    }
+    strides
+}
+
+/// The whole file at `path` as a `u8` tensor whose storage is a private,
+/// copy-on-write memory map that libtorch owns (`torch.from_file(path,
+/// shared=False)`): the map lives as long as any tensor viewing it, pages
+/// are read from the file when first touched and can be evicted while
+/// unmodified, and writes (a training step) go to private copies, never to
+/// the file.
+fn map_tensor(path: &Path, len: usize) -> Result<Tensor> {
+    let name = path.to_str().ok_or_else(|| {
+        checkpoint_err(
+            path,
+            "the path is not valid UTF-8, which libtorch's file maps need",
+        )
+    })?;
+    Tensor::f_from_file(name, false, Some(len as i64), (Kind::Uint8, Device::Cpu))
+        .map_err(|e| checkpoint_err(path, format!("cannot map the file into a tensor: {e}")))
 }
 
 /// A checkpoint tensor assembled from its variables when the writer asks

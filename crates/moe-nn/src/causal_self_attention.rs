@@ -28,7 +28,8 @@ impl CausalSelfAttention {
     pub fn new(p: &nn::Path, config: AttentionConfig) -> Result<Self> {
         config.validate()?;
         let c = config.n_embd;
-        let qkv = p.var(
+        let qkv = moe_core::var(
+            p,
             "qkv",
             &[3 * c, c],
             config.init.weight(c, config.head_size()),

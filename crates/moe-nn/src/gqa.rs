@@ -1,5 +1,6 @@
 use crate::sdpa::{causal_attention, check_attention_input, project_heads};
 use crate::{GqaConfig, KvCache, LocalizedFiltering, QkNorm, RmsNorm, Rope};
+use moe_core::profile::span;
 use moe_core::{check_same_device, linear, linear_in_input_dtype, MoeError, Result};
 use tch::{nn, Tensor};
 
@@ -146,9 +147,11 @@ impl GroupedQueryAttention {
             None => x.shallow_clone(),
         };
         let (q, k, v) = self.project(x, &qk_input, past);
-        let (keys, values) = cache.append(k, v)?;
+        let (keys, values) = span("kv_cache", || cache.append(k, v))?;
         let scale = self.config.scale_factor();
-        let heads = causal_attention(&q, &keys, &values, past, scale, 0.0, real.as_ref());
+        let heads = span("sdpa", || {
+            causal_attention(&q, &keys, &values, past, scale, 0.0, real.as_ref())
+        });
         Ok(self.output(&heads))
     }
 
@@ -157,9 +160,13 @@ impl GroupedQueryAttention {
     fn project(&self, x: &Tensor, qk_input: &Tensor, start: i64) -> (Tensor, Tensor, Tensor) {
         let (b, t, _) = x.size3().expect("checked rank 3");
         let d = self.config.head_dim();
-        let mut q = linear_in_input_dtype(qk_input, &self.q_proj);
-        let mut k = linear_in_input_dtype(qk_input, &self.k_proj);
-        let v = linear_in_input_dtype(x, &self.v_proj);
+        let (mut q, mut k, v) = span("projections", || {
+            (
+                linear_in_input_dtype(qk_input, &self.q_proj),
+                linear_in_input_dtype(qk_input, &self.k_proj),
+                linear_in_input_dtype(x, &self.v_proj),
+            )
+        });
         if let (QkNorm::Projection, Some((q_norm, k_norm))) = (self.config.qk_norm, &self.qk_norm) {
             q = q_norm.forward(&q);
             k = k_norm.forward(&k);
@@ -172,12 +179,14 @@ impl GroupedQueryAttention {
             q = q_norm.forward(&q);
             k = k_norm.forward(&k);
         }
-        (self.rope.rotate(&q, start), self.rope.rotate(&k, start), v)
+        span("rope", || {
+            (self.rope.rotate(&q, start), self.rope.rotate(&k, start), v)
+        })
     }
 
     /// `[B, H, T, d]` heads -> `[B, T, C]` through `o_proj`.
     fn output(&self, heads: &Tensor) -> Tensor {
-        project_heads(heads, &self.o_proj)
+        span("projections", || project_heads(heads, &self.o_proj))
     }
 
     /// See [`check_attention_input`].

@@ -116,12 +116,13 @@ struct CausalConv {
 
 impl CausalConv {
     fn new(p: &nn::Path, c_in: i64, c_out: i64, init: WeightInit) -> Self {
-        let weight = p.var(
+        let weight = moe_core::var(
+            p,
             "weight",
             &[c_out, c_in, 2, 1],
             init.weight(2 * c_in, 2 * c_out),
         );
-        let bias = p.var("bias", &[c_out], WeightInit::bias(2 * c_in));
+        let bias = moe_core::var(p, "bias", &[c_out], WeightInit::bias(2 * c_in));
         CausalConv { weight, bias }
     }
 

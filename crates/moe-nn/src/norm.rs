@@ -22,7 +22,7 @@ impl RmsNorm {
     /// `dim` must be positive and `eps` non-negative; [`Self::try_new`]
     /// reports those as errors.
     pub fn new(p: &nn::Path, dim: i64, eps: f64) -> Self {
-        let weight = p.var("weight", &[dim], nn::Init::Const(1.0));
+        let weight = moe_core::var(p, "weight", &[dim], nn::Init::Const(1.0));
         RmsNorm { weight, eps }
     }
 

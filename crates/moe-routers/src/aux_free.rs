@@ -1,7 +1,7 @@
 use crate::config::wrong_gate;
 use crate::{group_limited_selection, top_k_of_affinities, Gate, Router, RouterConfig, RouterDims};
 use moe_core::{linear, MoeError, Result, Routing, WeightInit};
-use tch::{nn, nn::Module, Kind, Tensor};
+use tch::{nn, Kind, Tensor};
 
 /// Sigmoid gate with auxiliary-loss-free load balancing
 /// ([`Gate::SigmoidAuxFree`]; DeepSeek-V3, arXiv 2412.19437, §2.1.2,
@@ -59,7 +59,13 @@ impl AuxFreeSigmoidRouter {
         let (d, e) = (dims.input_dim, dims.num_experts);
         Ok(AuxFreeSigmoidRouter {
             gate: linear(p / "gate", d, e, config.bias, init),
-            expert_bias: p.zeros_no_train("expert_bias", &[e]),
+            // In the store's dtype, as every parameter (a bf16 model loaded
+            // as bf16 holds it in bf16, as transformers does).
+            expert_bias: p.add(
+                "expert_bias",
+                Tensor::zeros([e], (p.kind(), p.device())),
+                false,
+            ),
             norm_topk_prob,
             bias_update_rate,
             groups: (n_group, topk_group),
@@ -77,7 +83,7 @@ impl AuxFreeSigmoidRouter {
 impl Router for AuxFreeSigmoidRouter {
     fn select(&self, x: &Tensor, _train: bool) -> Result<Routing> {
         self.check_input(x, self.gate.ws.device())?;
-        let logits = self.gate.forward(x);
+        let logits = moe_core::router_logits(x, &self.gate);
         let affinity = logits.sigmoid();
         let selection = (&affinity + self.expert_bias.to_kind(affinity.kind())).detach();
         let (n_group, topk_group) = self.groups;

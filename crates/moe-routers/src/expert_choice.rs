@@ -5,7 +5,7 @@ use crate::config::wrong_gate;
 use crate::{top_k_of_affinities, Gate, Router, RouterConfig, RouterDims};
 use moe_core::{accumulation_kind, linear, MoeError, Result, Routing, WeightInit};
 use serde::{Deserialize, Serialize};
-use tch::{nn, nn::Module, Kind, Tensor};
+use tch::{nn, Kind, Tensor};
 
 /// Which tokens each expert of an expert-choice router chooses among.
 ///
@@ -185,7 +185,7 @@ impl Router for ExpertChoiceRouter {
 
     fn select_sequences(&self, x: &Tensor, seq_len: Option<i64>, _train: bool) -> Result<Routing> {
         self.check_input(x, self.gate.ws.device())?;
-        let logits = self.gate.forward(x);
+        let logits = moe_core::router_logits(x, &self.gate);
         expert_choice(
             logits,
             self.dims.top_k,

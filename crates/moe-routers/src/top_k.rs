@@ -1,7 +1,7 @@
 use crate::config::wrong_gate;
 use crate::{softmax_top_k, Gate, Router, RouterConfig, RouterDims};
 use moe_core::{linear, Result, Routing, WeightInit};
-use tch::{nn, nn::Module, Tensor};
+use tch::{nn, Tensor};
 
 /// The top-k gate ([`Gate::TopK`]): `l = W_g x (+ b_g)`, `p = softmax(l)`
 /// over all `E` experts, the `k` largest `p_i` chosen.
@@ -45,7 +45,7 @@ impl TopKRouter {
 impl Router for TopKRouter {
     fn select(&self, x: &Tensor, _train: bool) -> Result<Routing> {
         self.check_input(x, self.gate.ws.device())?;
-        let logits = self.gate.forward(x);
+        let logits = moe_core::router_logits(x, &self.gate);
         Ok(softmax_top_k(logits, self.dims.top_k, self.norm_topk_prob))
     }
 

@@ -129,6 +129,14 @@ fn makemoe_matches_makemoes_pytorch_code_step_by_step() {
     tch::set_num_threads(1);
     let dir = std::env::temp_dir().join(format!("makemoe_pytorch_{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    // The exchanged files (276 MB) leave with the test, passed or failed.
+    struct RemoveOnDrop(std::path::PathBuf);
+    impl Drop for RemoveOnDrop {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = RemoveOnDrop(dir.clone());
 
     // Our model at makeMoE's sizes, with makeMoE's quirks and no dropout.
     let text = common::corpus();
@@ -154,7 +162,13 @@ fn makemoe_matches_makemoes_pytorch_code_step_by_step() {
     );
 
     // The inputs of the reference: weights, batches, settings.
-    let init: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    // Contiguous copies: the expert banks are column-major, which tch's
+    // safetensors writer refuses.
+    let init: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(name, t)| (name, t.contiguous()))
+        .collect();
     Tensor::write_safetensors(&init, dir.join("init.safetensors")).unwrap();
     let data = common::corpus_dataset(&tok, &text, config.block_size);
     let batches: Vec<_> = (0..STEPS).map(|_| data.batch(Split::Train, 16)).collect();

@@ -46,8 +46,12 @@ pub fn expected(name: &str) -> Expected {
 }
 
 pub fn load(dir: &Path) -> Pretrained {
-    from_pretrained(dir, &LoadOptions::default())
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+    // f32, as the fixtures' logits were computed (the files hold bf16).
+    let options = LoadOptions {
+        dtype: Some(tch::Kind::Float),
+        ..LoadOptions::default()
+    };
+    from_pretrained(dir, &options).unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 
 /// A fresh empty folder under the system's temp dir.
@@ -182,6 +186,35 @@ pub const F32_UNIT_ROUNDOFF: f64 = 5.960_464_477_539_063e-8;
 /// seen are ~1e-6, and a wrong weight, scale or layout moves logits by 1e-2
 /// or more.
 pub fn logit_tolerance(c: &DecoderConfig, vs: &tch::nn::VarStore, len: i64) -> f64 {
+    logit_scale(vs) * stages(c, len) as f64 * F32_UNIT_ROUNDOFF
+}
+
+/// `2^-9`, the unit roundoff of bf16 (8 significant bits, round to nearest).
+pub const BF16_UNIT_ROUNDOFF: f64 = 1.953_125e-3;
+
+/// Values a decoder layer computing in bf16 rounds to bf16 on their way:
+/// the query, key and value projections, the attention probabilities, the
+/// attention output and its projection, the residual sum, the RMSNorm
+/// output, the router's logits, the expert's two input projections, its
+/// activation product and output, and the weighted sum with the residual.
+pub const BF16_ROUNDINGS_PER_LAYER: i64 = 14;
+
+/// The largest difference between the logits of one model computed in bf16
+/// (parameters held in bf16 exactly, as the bf16 fixtures store them) and
+/// in f32, for prompts of at most `len` tokens, when both route every token
+/// to the same experts: [`logit_tolerance`]'s f32 accumulation bound plus,
+/// to first order, one bf16 rounding (relative `2^-9`) of every value the
+/// bf16 pass stores ([`BF16_ROUNDINGS_PER_LAYER`] per layer, then the final
+/// norm and the head), each applying to the sum of a logit's terms'
+/// magnitudes as there.
+pub fn bf16_logit_tolerance(c: &DecoderConfig, vs: &tch::nn::VarStore, len: i64) -> f64 {
+    let roundings = c.num_hidden_layers * BF16_ROUNDINGS_PER_LAYER + 2;
+    logit_tolerance(c, vs, len) + logit_scale(vs) * roundings as f64 * BF16_UNIT_ROUNDOFF
+}
+
+/// The reductions of a forward pass, each adding its `gamma_n` to first
+/// order (see [`logit_tolerance`]).
+fn stages(c: &DecoderConfig, len: i64) -> i64 {
     let d = c.hidden_size;
     let heads = c.num_attention_heads;
     let (qk_width, v_width, latent) = match &c.latent_attention {
@@ -201,9 +234,12 @@ pub fn logit_tolerance(c: &DecoderConfig, vs: &tch::nn::VarStore, len: i64) -> f
         .max(c.intermediate_size)
         .max(c.shared_expert_intermediate_size.unwrap_or(0));
     let per_layer = d + d + latent + qk_width + len + heads * v_width + d + d + d + width + experts;
-    let stages = c.num_hidden_layers * per_layer + 2 * d;
-    let eps = stages as f64 * F32_UNIT_ROUNDOFF;
+    c.num_hidden_layers * per_layer + 2 * d
+}
 
+/// `max_v ||w_v|| sqrt(d) max |g|`: the bound on the sum of a logit's
+/// terms' magnitudes (see [`logit_tolerance`]).
+fn logit_scale(vs: &tch::nn::VarStore) -> f64 {
     let vars = vs.variables();
     let head = vars
         .get("lm_head.weight")
@@ -219,5 +255,6 @@ pub fn logit_tolerance(c: &DecoderConfig, vs: &tch::nn::VarStore, len: i64) -> f
         .max()
         .to_kind(tch::Kind::Double)
         .double_value(&[]);
-    eps * max_row * (d as f64).sqrt() * gain
+    let d = vars["model.norm.weight"].size()[0];
+    max_row * (d as f64).sqrt() * gain
 }

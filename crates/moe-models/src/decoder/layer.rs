@@ -1,5 +1,6 @@
 use super::DecoderConfig;
 use moe_block::{MoeOutput, SparseMoe};
+use moe_core::profile::span;
 use moe_core::{Result, Routing};
 use moe_dispatch::ExpertParallelism;
 use moe_nn::{GroupedQueryAttention, KvCache, MultiHeadLatentAttention, RmsNorm, SwiGluMlp};
@@ -116,7 +117,7 @@ impl DecoderLayer {
     /// `x: [B, T, d]` in training or evaluation mode.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<LayerOutput> {
         let normed = self.input_layernorm.forward(x).to_kind(self.compute);
-        let attn = self.self_attn.forward_t(&normed, train)?;
+        let attn = span("attention", || self.self_attn.forward_t(&normed, train))?;
         self.feed_forward(x + attn.to_kind(x.kind()), train)
     }
 
@@ -124,8 +125,27 @@ impl DecoderLayer {
     /// that follow those in `cache`.
     pub fn forward_cached(&self, x: &Tensor, cache: &mut KvCache) -> Result<LayerOutput> {
         let normed = self.input_layernorm.forward(x).to_kind(self.compute);
-        let attn = self.self_attn.forward_cached(&normed, cache)?;
+        let attn = span("attention", || {
+            self.self_attn.forward_cached(&normed, cache)
+        })?;
         self.feed_forward(x + attn.to_kind(x.kind()), false)
+    }
+
+    /// Reads ahead the experts this layer's router would pick for the
+    /// hidden state `x` (`[B, T, d]`, e.g. the previous layer's input),
+    /// when its routed experts are left in the checkpoint's files
+    /// ([`SparseMoe::prefetch_experts`]); nothing otherwise.
+    pub fn prefetch_experts(&self, x: &Tensor) -> Result<()> {
+        match &self.mlp {
+            FeedForward::Moe(moe) if moe.experts().mapped_experts().is_some() => {
+                let normed = self
+                    .post_attention_layernorm
+                    .forward(x)
+                    .to_kind(self.compute);
+                moe.prefetch_experts(&normed)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// `h + FFN(RMSNorm_2(h))`.
@@ -135,7 +155,7 @@ impl DecoderLayer {
             .forward(&h)
             .to_kind(self.compute);
         let (out, routing, aux_loss) = match &self.mlp {
-            FeedForward::Dense(mlp) => (mlp.forward(&normed)?, None, None),
+            FeedForward::Dense(mlp) => (span("dense_mlp", || mlp.forward(&normed))?, None, None),
             FeedForward::Moe(moe) => {
                 let MoeOutput {
                     output,

@@ -16,6 +16,7 @@ mod config;
 mod convert;
 mod layer;
 mod model;
+mod quantize;
 mod resize;
 
 pub use config::{DecoderConfig, DecoderPreset, LatentAttention};

@@ -1,9 +1,10 @@
 use super::{DecoderConfig, DecoderLayer, LayerOutput};
 use crate::{check_context, CausalLm, ForwardOutput, LmConfig, ModelCache};
+use moe_core::profile::span;
 use moe_core::{linear, MoeError, Result, Routing};
 use moe_dispatch::ExpertParallelism;
 use moe_nn::{KvCache, RmsNorm};
-use tch::{nn, nn::Module, Device, Tensor};
+use tch::{nn, Device, Tensor};
 
 /// The decoder family's causal language model (Mixtral's
 /// `MixtralForCausalLM` and its relatives):
@@ -17,7 +18,8 @@ use tch::{nn, nn::Module, Device, Tensor};
 /// `lm_head` (absent when tied).
 #[derive(Debug)]
 pub struct DecoderModel {
-    embed_tokens: nn::Embedding,
+    /// `[vocab_size, hidden_size]`.
+    embed_tokens: Tensor,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     lm_head: Option<nn::Linear>,
@@ -43,16 +45,13 @@ impl DecoderModel {
         config.validate()?;
         let (v, d) = (config.vocab_size, config.hidden_size);
         let model = p / "model";
-        let embed_tokens = nn::embedding(
-            &model / "embed_tokens",
-            v,
-            d,
-            nn::EmbeddingConfig {
-                ws_init: nn::Init::Randn {
-                    mean: 0.0,
-                    stdev: 0.02,
-                },
-                ..Default::default()
+        let embed_tokens = moe_core::var(
+            &(&model / "embed_tokens"),
+            "weight",
+            &[v, d],
+            nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
             },
         );
         let layers = (0..config.num_hidden_layers)
@@ -90,7 +89,9 @@ impl DecoderModel {
         idx: &Tensor,
         mut layer_fn: impl FnMut(usize, &DecoderLayer, &Tensor) -> Result<LayerOutput>,
     ) -> Result<ForwardOutput> {
-        let mut x = self.embed_tokens.forward(idx);
+        let mut x = span("embedding", || {
+            Tensor::embedding(&self.embed_tokens, idx, -1, false, false)
+        });
         let mut routings = Vec::new();
         let mut aux_loss: Option<Tensor> = None;
         for (i, layer) in self.layers.iter().enumerate() {
@@ -102,11 +103,17 @@ impl DecoderModel {
                 (a, b) => a.or(b),
             };
         }
-        let x = self.norm.forward(&x);
-        let logits = match &self.lm_head {
-            Some(head) => head.forward(&x),
-            None => x.matmul(&self.embed_tokens.ws.tr()),
-        };
+        let logits = span("lm_head", || {
+            let x = self.norm.forward(&x);
+            let logits = match &self.lm_head {
+                Some(head) => moe_core::linear_in_input_dtype(&x, head),
+                None => x.matmul(&self.embed_tokens.tr()),
+            };
+            // Logits leave in f32 (f64 for an f64 model) whatever the
+            // compute dtype, for sampling and the loss, as transformers'
+            // `generate` takes them.
+            logits.to_kind(moe_core::accumulation_kind(logits.kind()))
+        });
         Ok(ForwardOutput {
             logits,
             routings,
@@ -131,7 +138,7 @@ impl CausalLm for DecoderModel {
     }
 
     fn device(&self) -> Device {
-        self.embed_tokens.ws.device()
+        self.embed_tokens.device()
     }
 
     fn num_moe_layers(&self) -> usize {
@@ -156,7 +163,16 @@ impl CausalLm for DecoderModel {
         let layers = cache.layers_mut(self.layers.len());
         let past = layers.first().map_or(0, KvCache::len);
         check_context(past + idx.size()[1], self.config.max_position_embeddings)?;
-        let mut out = self.run(idx, |i, layer, x| layer.forward_cached(x, &mut layers[i]))?;
+        // One position at a time (decoding), the next layer's experts are
+        // read ahead while this layer computes, where they are left in the
+        // checkpoint's files.
+        let decoding = idx.size()[1] == 1;
+        let mut out = self.run(idx, |i, layer, x| {
+            if let (true, Some(next)) = (decoding, self.layers.get(i + 1)) {
+                span("prefetch", || next.prefetch_experts(x))?;
+            }
+            layer.forward_cached(x, &mut layers[i])
+        })?;
         out.aux_loss = None;
         Ok(out)
     }
