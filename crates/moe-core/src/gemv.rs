@@ -4,10 +4,10 @@
 //!
 //! Batch-1 decoding is bound by memory bandwidth: every weight is read once
 //! per token and used for one multiply-add. On the 2-core AVX2 machine this
-//! project is developed on, libtorch's bf16 GEMV streams about 16-18 GB/s
+//! project is developed on, libtorch's bf16 GEMV streams about 16-20 GB/s
 //! out of memory, while a streaming dot product per row (8 bf16 widened to
 //! f32 by a 16-bit shift, fused multiply-add into f32 accumulators) streams
-//! about 22-24 GB/s: four rows at a time sharing each load of `x` for rows
+//! 1.3-1.5 times as much (21-31 GB/s): four rows at a time sharing each load of `x` for rows
 //! of 4 KiB and more, one row at a time for shorter ones (the ignored test
 //! `gemv_streaming` prints both kernels' GB/s). That is what this module
 //! does, nothing more.
