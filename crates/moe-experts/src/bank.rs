@@ -1,6 +1,7 @@
 use crate::quantize::{int8_matmul_auto, tensor_bytes, ExpertQuantization, Int8Weight};
 use crate::{Activation, BankWeights, ExpertConfig, ExpertKey, ExpertResidency};
 use moe_core::gemv::{self, Product};
+use moe_core::profile::span;
 use moe_core::{as_kind_of, dropout, var, var_column_major, MoeError, Result, WeightInit};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -594,7 +595,7 @@ impl ExpertBank {
                 });
             }
         }
-        if !gemv::gemv_batch(&mut products) {
+        if !span("expert_gemv", || gemv::gemv_batch(&mut products)) {
             return None;
         }
         drop(products);
@@ -628,7 +629,7 @@ impl ExpertBank {
                 y,
             })
             .collect();
-        if !gemv::gemv_batch(&mut products) {
+        if !span("expert_gemv", || gemv::gemv_batch(&mut products)) {
             return None;
         }
         drop(products);
