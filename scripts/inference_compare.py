@@ -16,6 +16,10 @@ JSON goes to `--out-dir`, and the table to `--out-dir/table.md`.
 Build ours first (release, for timings):
     cargo build --release --example inference_bench
 
+transformers runs in this interpreter: another version installed beside
+`.venv` (`pip install --target /work/tf/5.25.0 transformers==5.25.0`) is
+taken with `PYTHONPATH=/work/tf/5.25.0`; the table names each run's version.
+
 Usage:
     .venv/bin/python scripts/inference_compare.py /work/bench/olmoe-0.5b --dtype bfloat16 --threads 2
     .venv/bin/python scripts/inference_compare.py /work/bench/olmoe-0.5b --dtype float32 --only ours
@@ -103,7 +107,8 @@ def table(model, args, runs):
             continue
         same = "-" if r["impl"] == "transformers" or not hf else agreement(r, hf[0])
         cells = ["-" if r.get(key) is None else format(r[key], spec) for _, key, spec, _ in COLUMNS]
-        name = f"{r['impl']} ({r['dtype']}{', ' + r['build'] if 'build' in r else ''})"
+        version = r.get("versions", {}).get("transformers") if r["impl"] == "transformers" else None
+        name = f"{r['impl']}{' ' + version if version else ''} ({r['dtype']}{', ' + r['build'] if 'build' in r else ''})"
         if r.get("extra_args"):
             name += f" `{r['extra_args']}`"
         lines.append(f"| {name} | {r['params']:,} | " + " | ".join(cells) + f" | {same} | {r['loadavg'][0]}, {r['loadavg'][1]} |")

@@ -3,14 +3,24 @@
 //! scale per row (`y_n = s_n · Σ_k q_nk x_k`).
 //!
 //! Batch-1 decoding is bound by memory bandwidth: every weight is read once
-//! per token and used for one multiply-add. On the 2-core AVX2 machine this
-//! project is developed on, libtorch's bf16 GEMV streams about 16-20 GB/s
-//! out of memory, while a streaming dot product per row (8 bf16 widened to
-//! f32 by a 16-bit shift, fused multiply-add into f32 accumulators) streams
-//! 1.3-1.5 times as much (21-31 GB/s): four rows at a time sharing each load of `x` for rows
-//! of 4 KiB and more, one row at a time for shorter ones (the ignored test
-//! `gemv_streaming` prints both kernels' GB/s). That is what this module
-//! does, nothing more.
+//! per token and used for one multiply-add. What this module does, nothing
+//! more: a streaming dot product per row (bf16 widened to f32 by a 16-bit
+//! shift, int8 converted, fused multiply-add into f32 accumulators), four
+//! rows at a time sharing each load of `x` for rows of 4 KiB and more, one
+//! row at a time for shorter ones, with a software prefetch a fixed
+//! distance ahead of the weights being read; at the AVX-512 width where the
+//! CPU has it, AVX2 otherwise. The ignored test `gemv_streaming` prints its
+//! GB/s beside libtorch's (bf16 `linear`, int8 `_weight_int8pack_mm`), 2
+//! threads streaming 1 GiB:
+//!
+//! | machine | bf16, 2 KiB / 4 KiB rows | libtorch bf16 | int8 | libtorch int8 |
+//! |---|---|---|---|---|
+//! | 2 AMD EPYC cores, AVX2 (before AVX-512 and the prefetch) | 21-31 | 15.5-20 | - | - |
+//! | 2 Intel Xeon cores (hyperthreads), AVX-512 | 20.6-21.1 / 21.3-21.7 | 14.3 / 18.6-18.9 | 17.1-18.0 | 10.8-13.1 |
+//! | the same, `ATEN_CPU_CAPABILITY=avx2` | 16.7-17.6 / 21.7-22.0 | 15.8-16.4 / 17.0-17.8 | 16.9-18.5 | 9.1-11.5 |
+//!
+//! (The Xeon's libtorch f32 sum reads 22 GB/s with 2 threads, 11 with
+//! one; without the prefetch its int8 kernel stalled at 12 GB/s.)
 //!
 //! - Arithmetic: products and sums in f32 (a bf16 or int8 weight times an
 //!   f32 copy of `x` is exact in f32; the sum's rounding is f32's, as in
@@ -24,7 +34,9 @@
 //! - When it applies ([`linear`] and [`int8_linear`] return `None`
 //!   otherwise and the caller uses libtorch): CPU tensors, one row (`x`'s
 //!   leading dimensions multiply to 1), bf16 activations, contiguous
-//!   weights, an x86-64 CPU with AVX2 and FMA, and no gradient to record
+//!   weights, an x86-64 CPU with AVX2 and FMA (AVX-512F for the wider
+//!   kernels; `ATEN_CPU_CAPABILITY=avx2` keeps them at AVX2 and `default`
+//!   turns the module off, as for libtorch), and no gradient to record
 //!   (grad mode off, or nothing requiring a gradient).
 
 use std::ffi::c_void;
@@ -119,6 +131,24 @@ fn cpu_has_avx2_fma() -> bool {
                 "default" | "sse" | "sse4"
             ) && std::is_x86_feature_detected!("avx2")
                 && std::is_x86_feature_detected!("fma")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether the AVX-512 width of the kernels runs: the CPU has AVX-512F,
+/// and libtorch was not told to take an AVX2 CPU's paths
+/// (`ATEN_CPU_CAPABILITY=avx2` simulates one for both).
+fn cpu_has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            let capability = std::env::var("ATEN_CPU_CAPABILITY").unwrap_or_default();
+            cpu_has_avx2_fma()
+                && !capability.eq_ignore_ascii_case("avx2")
+                && std::is_x86_feature_detected!("avx512f")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -228,21 +258,11 @@ impl Job {
             let chunk = s.n.div_ceil(threads).div_ceil(4) * 4;
             let start = (id * chunk).min(s.n);
             let end = ((id + 1) * chunk).min(s.n);
-            // Four rows at once share each load of `x` and read four
-            // streams of pages; rows shorter than a 4 KiB page are read
-            // one at a time instead, a single sequential stream (four
-            // 2 KiB rows at once, two streams within each page, streamed
-            // about a third slower on the development machine).
             #[cfg(target_arch = "x86_64")]
-            match s.weights {
-                Weights::Bf16(w) if 2 * s.k >= 4096 => {
-                    avx2::rows::<avx2::Bf16>(w, s.x, s.y, s.k, start, end)
-                }
-                Weights::Bf16(w) => avx2::row_by_row::<avx2::Bf16>(w, s.x, s.y, s.k, start, end),
-                Weights::Int8(w) if s.k >= 4096 => {
-                    avx2::rows::<avx2::Int8>(w, s.x, s.y, s.k, start, end)
-                }
-                Weights::Int8(w) => avx2::row_by_row::<avx2::Int8>(w, s.x, s.y, s.k, start, end),
+            if cpu_has_avx512() {
+                simd::run_avx512(s, start, end)
+            } else {
+                simd::run_avx2(s, start, end)
             }
         }
     }
@@ -335,27 +355,120 @@ extern "C" fn team_member(data: *mut c_void) {
     }
 }
 
+/// The kernels, written once over the SIMD width ([`simd::Width`]): AVX2
+/// (8 f32 lanes) everywhere the module applies, AVX-512 (16 lanes) where
+/// the CPU has it. Widening a weight to f32 costs the same instructions per
+/// vector at either width, so AVX-512 halves the instructions per weight:
+/// on a core shared with another hyperthread the AVX2 int8 kernel is bound
+/// by them (about 7 G weights/s a thread), not by memory.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+mod simd {
     use std::arch::x86_64::*;
 
-    /// A weight element type: 8 of them widened to f32 lanes.
-    pub trait Element: Copy {
-        unsafe fn load8(p: *const Self) -> __m256;
-        fn to_f32(self) -> f32;
+    /// One SIMD width's operations on f32 lanes. Every method is
+    /// `#[inline(always)]` without a target feature of its own: it is
+    /// compiled inside the `#[target_feature]` entry point
+    /// ([`run_avx2`], [`run_avx512`]) that instantiates the kernels.
+    pub trait Width {
+        /// f32 lanes in a vector.
+        const LANES: usize;
+        type V: Copy;
+        unsafe fn zero() -> Self::V;
+        unsafe fn load_x(p: *const f32) -> Self::V;
+        /// `LANES` bf16 values widened to f32 (a 16-bit shift: exact).
+        unsafe fn load_bf16(p: *const u16) -> Self::V;
+        /// `LANES` int8 values converted to f32 (exact).
+        unsafe fn load_i8(p: *const i8) -> Self::V;
+        unsafe fn fmadd(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+        unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
+        unsafe fn hsum(v: Self::V) -> f32;
     }
 
     #[derive(Clone, Copy)]
-    pub struct Bf16(());
+    pub struct Avx2;
     #[derive(Clone, Copy)]
-    pub struct Int8(());
+    pub struct Avx512;
 
-    impl Element for u16 {
-        #[inline]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn load8(p: *const u16) -> __m256 {
+    impl Width for Avx2 {
+        const LANES: usize = 8;
+        type V = __m256;
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load_x(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn load_bf16(p: *const u16) -> __m256 {
             let bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
             _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16))
+        }
+        #[inline(always)]
+        unsafe fn load_i8(p: *const i8) -> __m256 {
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+        }
+        #[inline(always)]
+        unsafe fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m256, b: __m256) -> __m256 {
+            _mm256_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn hsum(v: __m256) -> f32 {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            let s = _mm_hadd_ps(s, s);
+            _mm_cvtss_f32(_mm_hadd_ps(s, s))
+        }
+    }
+
+    impl Width for Avx512 {
+        const LANES: usize = 16;
+        type V = __m512;
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load_x(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn load_bf16(p: *const u16) -> __m512 {
+            let bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+            _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16))
+        }
+        #[inline(always)]
+        unsafe fn load_i8(p: *const i8) -> __m512 {
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(p as *const __m128i)))
+        }
+        #[inline(always)]
+        unsafe fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m512, b: __m512) -> __m512 {
+            _mm512_add_ps(a, b)
+        }
+        #[inline(always)]
+        unsafe fn hsum(v: __m512) -> f32 {
+            _mm512_reduce_add_ps(v)
+        }
+    }
+
+    /// A weight element type: loaded `LANES` at a time as f32.
+    pub trait Element: Copy {
+        unsafe fn load<W: Width>(p: *const Self) -> W::V;
+        fn to_f32(self) -> f32;
+    }
+
+    impl Element for u16 {
+        #[inline(always)]
+        unsafe fn load<W: Width>(p: *const u16) -> W::V {
+            W::load_bf16(p)
         }
         fn to_f32(self) -> f32 {
             f32::from_bits((self as u32) << 16)
@@ -363,107 +476,140 @@ mod avx2 {
     }
 
     impl Element for i8 {
-        #[inline]
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn load8(p: *const i8) -> __m256 {
-            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p as *const __m128i)))
+        #[inline(always)]
+        unsafe fn load<W: Width>(p: *const i8) -> W::V {
+            W::load_i8(p)
         }
         fn to_f32(self) -> f32 {
             self as f32
         }
     }
 
-    /// Maps the marker types of the caller to element types.
-    pub trait Kind {
-        type E: Element;
-    }
-    impl Kind for Bf16 {
-        type E = u16;
-    }
-    impl Kind for Int8 {
-        type E = i8;
-    }
+    /// How far ahead of the weights being read the kernels ask for cache
+    /// lines, for 1-byte weights: 2 KiB of int8; bf16 weights ask 1 KiB
+    /// ahead (this divided by their size), which streamed faster than 2.
+    /// On a 2-core AVX-512 machine (each core shared with another
+    /// hyperthread) the hardware prefetcher alone left the int8 kernel at
+    /// 15 GB/s; with these, 17-18 (the ignored test `gemv_streaming`).
+    const PREFETCH_BYTES: usize = 2048;
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_hadd_ps(s, s);
-        _mm_cvtss_f32(_mm_hadd_ps(s, s))
+    /// Asks for the cache lines `PREFETCH_BYTES / size` bytes past `p`, as
+    /// many as one loop step of the widest width reads (64 weights); a
+    /// prefetch past the end of the weights does nothing.
+    #[inline(always)]
+    unsafe fn prefetch_ahead<E: Element>(p: *const E) {
+        let size = std::mem::size_of::<E>();
+        let bytes = 64 * size;
+        let at = (p as *const i8).wrapping_add(PREFETCH_BYTES / size);
+        for line in (0..bytes).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(line));
+        }
     }
 
     /// `y[r] = Σ_k w[r, k] x[k]` for rows `start..end`, one at a time with
     /// four accumulators (one sequential stream).
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn row_by_row<K: Kind>(
-        w: *const K::E,
+    #[inline(always)]
+    pub unsafe fn row_by_row<W: Width, E: Element>(
+        w: *const E,
         x: *const f32,
         y: *mut f32,
         k: usize,
         start: usize,
         end: usize,
     ) {
-        let body = k / 32 * 32;
+        let step = 4 * W::LANES;
+        let body = k / step * step;
         for r in start..end {
             let row = w.add(r * k);
-            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut acc = [W::zero(); 4];
             let mut i = 0;
             while i < body {
+                prefetch_ahead(row.add(i));
                 for (j, acc) in acc.iter_mut().enumerate() {
-                    let at = i + 8 * j;
-                    *acc =
-                        _mm256_fmadd_ps(K::E::load8(row.add(at)), _mm256_loadu_ps(x.add(at)), *acc);
+                    let at = i + W::LANES * j;
+                    *acc = W::fmadd(E::load::<W>(row.add(at)), W::load_x(x.add(at)), *acc);
                 }
-                i += 32;
+                i += step;
             }
-            let sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            let sum = W::add(W::add(acc[0], acc[1]), W::add(acc[2], acc[3]));
             let tail: f32 = (body..k).map(|i| (*row.add(i)).to_f32() * *x.add(i)).sum();
-            *y.add(r) = hsum(sum) + tail;
+            *y.add(r) = W::hsum(sum) + tail;
         }
     }
 
     /// `y[r] = Σ_k w[r, k] x[k]` for rows `start..end`, four at a time.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn rows<K: Kind>(
-        w: *const K::E,
+    #[inline(always)]
+    pub unsafe fn rows<W: Width, E: Element>(
+        w: *const E,
         x: *const f32,
         y: *mut f32,
         k: usize,
         start: usize,
         end: usize,
     ) {
-        let body = k / 8 * 8;
-        let tail = |row: *const K::E| -> f32 {
-            (body..k).map(|i| (*row.add(i)).to_f32() * *x.add(i)).sum()
-        };
+        let body = k / W::LANES * W::LANES;
+        let tail =
+            |row: *const E| -> f32 { (body..k).map(|i| (*row.add(i)).to_f32() * *x.add(i)).sum() };
         let mut r = start;
         while r + 4 <= end {
             let rows = [0, 1, 2, 3].map(|j| w.add((r + j) * k));
-            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut acc = [W::zero(); 4];
             let mut i = 0;
             while i < body {
-                let xv = _mm256_loadu_ps(x.add(i));
-                for j in 0..4 {
-                    acc[j] = _mm256_fmadd_ps(K::E::load8(rows[j].add(i)), xv, acc[j]);
+                if i % (4 * W::LANES) == 0 {
+                    rows.iter().for_each(|&row| prefetch_ahead(row.add(i)));
                 }
-                i += 8;
+                let xv = W::load_x(x.add(i));
+                for j in 0..4 {
+                    acc[j] = W::fmadd(E::load::<W>(rows[j].add(i)), xv, acc[j]);
+                }
+                i += W::LANES;
             }
             for j in 0..4 {
-                *y.add(r + j) = hsum(acc[j]) + tail(rows[j]);
+                *y.add(r + j) = W::hsum(acc[j]) + tail(rows[j]);
             }
             r += 4;
         }
         while r < end {
             let row = w.add(r * k);
-            let mut acc = _mm256_setzero_ps();
+            let mut acc = W::zero();
             let mut i = 0;
             while i < body {
-                acc = _mm256_fmadd_ps(K::E::load8(row.add(i)), _mm256_loadu_ps(x.add(i)), acc);
-                i += 8;
+                acc = W::fmadd(E::load::<W>(row.add(i)), W::load_x(x.add(i)), acc);
+                i += W::LANES;
             }
-            *y.add(r) = hsum(acc) + tail(row);
+            *y.add(r) = W::hsum(acc) + tail(row);
             r += 1;
         }
+    }
+
+    /// Rows `start..end` of one product at width `W`: four rows at a time
+    /// sharing each load of `x` for rows of 4 KiB and more, one row at a
+    /// time for shorter ones (a single sequential stream: four 2 KiB rows
+    /// at once, two streams within each page, streamed about a third
+    /// slower on an AVX2 development machine).
+    #[inline(always)]
+    unsafe fn product<W: Width>(s: &super::Segment, start: usize, end: usize) {
+        match s.weights {
+            super::Weights::Bf16(w) if 2 * s.k >= 4096 => {
+                rows::<W, u16>(w, s.x, s.y, s.k, start, end)
+            }
+            super::Weights::Bf16(w) => row_by_row::<W, u16>(w, s.x, s.y, s.k, start, end),
+            super::Weights::Int8(w) if s.k >= 4096 => rows::<W, i8>(w, s.x, s.y, s.k, start, end),
+            super::Weights::Int8(w) => row_by_row::<W, i8>(w, s.x, s.y, s.k, start, end),
+        }
+    }
+
+    /// [`product`] with AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn run_avx2(s: &super::Segment, start: usize, end: usize) {
+        product::<Avx2>(s, start, end)
+    }
+
+    /// [`product`] with AVX-512 (foundation).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn run_avx512(s: &super::Segment, start: usize, end: usize) {
+        product::<Avx512>(s, start, end)
     }
 }
 
@@ -548,16 +694,60 @@ mod timing {
     use super::*;
 
     /// `cargo test --release -p moe-layers-core --lib gemv_streaming -- --ignored --nocapture`:
-    /// GB/s of bf16 GEMVs streaming through 1 GiB (no cache reuse), ours
-    /// and libtorch's, for rows of 2 KiB (`2048 x 1024`, an expert's output
-    /// projection in OLMoE-1B-7B) and 4 KiB (`1024 x 2048`, its input ones).
+    /// GB/s of one-row GEMVs streaming through 1 GiB (no cache reuse),
+    /// ours and libtorch's, for rows of 2 KiB (`2048 x 1024`, an expert's
+    /// output projection in OLMoE-1B-7B) and 4 KiB (`1024 x 2048`, its
+    /// input ones) in bf16, then the same shapes in int8. 2 threads, or
+    /// `GEMV_THREADS`.
     #[test]
     #[ignore]
     fn gemv_streaming() {
         let _guard = tch::no_grad_guard();
-        tch::set_num_threads(2);
+        let threads = std::env::var("GEMV_THREADS").map_or(2, |t| t.parse().unwrap());
+        tch::set_num_threads(threads);
         for (n, k) in [(2048i64, 1024i64), (1024, 2048)] {
             streaming(n, k);
+        }
+        for (n, k) in [(2048i64, 1024i64), (1024, 2048)] {
+            int8_streaming(n, k);
+        }
+    }
+
+    /// GB/s of int8 GEMVs through [`gemv_batch`], eight products a batch
+    /// (a token's experts), streaming through 1 GiB; libtorch's
+    /// `_weight_int8pack_mm` beside it.
+    fn int8_streaming(n: i64, k: i64) {
+        let count = (1i64 << 30) / (n * k) / 8 * 8;
+        let w = Tensor::randint_low(-127, 128, [count, n, k], (Kind::Int8, Device::Cpu));
+        let mats: Vec<Tensor> = (0..count).map(|i| w.get(i)).collect();
+        let scales = Tensor::ones([n], (Kind::BFloat16, Device::Cpu));
+        let xt = Tensor::randn([1, k], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+        let x = row_f32(&xt);
+        let mut ys = vec![vec![0f32; n as usize]; 8];
+        for round in 0..3 {
+            let t = std::time::Instant::now();
+            for batch in mats.chunks(8) {
+                let mut products: Vec<Product<'_>> = batch
+                    .iter()
+                    .zip(ys.iter_mut())
+                    .map(|(weight, y)| Product { weight, x: &x, y })
+                    .collect();
+                assert!(gemv_batch(&mut products));
+            }
+            let s = t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
+            for m in &mats {
+                let _ = xt.internal_weight_int8pack_mm(m, &scales);
+            }
+            let torch = t.elapsed().as_secs_f64();
+            let gb = (count * n * k) as f64 / 1e9;
+            println!(
+                "int8 {n}x{k}, round {round}: ours {:.3} ms/GEMV {:.1} GB/s; libtorch int8pack_mm {:.3} ms {:.1} GB/s",
+                1e3 * s / count as f64,
+                gb / s,
+                1e3 * torch / count as f64,
+                gb / torch
+            );
         }
     }
 
