@@ -222,6 +222,27 @@ def family_specs(tf):
             ),
             None,
         ),
+        (
+            "qwen3_moe",
+            tf.Qwen3MoeConfig,
+            tf.Qwen3MoeForCausalLM,
+            dict(
+                common,
+                num_hidden_layers=3,
+                intermediate_size=64,  # layer 0's dense MLP (mlp_only_layers)
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,  # not hidden_size / num_attention_heads (8), as in the hub's Qwen3 configs
+                num_experts=8,
+                num_experts_per_tok=2,
+                moe_intermediate_size=16,
+                norm_topk_prob=True,
+                attention_bias=False,
+                decoder_sparse_step=1,
+                mlp_only_layers=[0],
+            ),
+            4.0,
+        ),
     ]
 
 
@@ -644,6 +665,10 @@ Notes on the families:
   top-2, the best topk_group groups kept, top-k experts among those; weights
   are the sigmoids without the bias, renormalised (norm_topk_prob) and times
   routed_scaling_factor; one shared expert added. Attention is MLA.
+- Qwen3-MoE: softmax, top-k, renormalised (norm_topk_prob true), no shared
+  expert; layer 0 is dense (mlp_only_layers [0], width intermediate_size);
+  q_norm / k_norm are RMSNorms over head_dim applied to every head before the
+  rope; head_dim 16 while hidden_size / num_attention_heads is 8.
 - OLMoE: softmax, top-k, not renormalised; q_norm / k_norm are RMSNorms over
   the whole projected q (heads x head_dim) and k (kv heads x head_dim) before
   the rope.
@@ -659,7 +684,7 @@ Notes on the families:
     gate `[I, H]`, w3 = up `[I, H]`, w2 = down `[H, I]`; router
     `model.layers.L.block_sparse_moe.gate.weight [E, H]` (in memory the module
     is `mlp`, not `block_sparse_moe`).
-  - Qwen2-MoE, OLMoE, DeepSeek-V3:
+  - Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3:
     `model.layers.L.mlp.experts.N.{{gate_proj,up_proj,down_proj}}.weight`; router
     `model.layers.L.mlp.gate.weight [E, H]`.
   - Qwen2-MoE's shared expert: `mlp.shared_expert.{{gate,up,down}}_proj.weight`
@@ -690,11 +715,13 @@ Notes on the families:
   before its top-k; its selection scores here are positive either way.
 - Qwen2-MoE has a `qkv_bias` config key (true) and writes `layer_types`
   (all `full_attention`) and `sliding_window: 0` next to
-  `use_sliding_window: false`; OLMoE writes `clip_qkv`. The RMSNorm eps
+  `use_sliding_window: false`; OLMoE writes `clip_qkv`. Qwen3-MoE writes
+  its expert count as `num_local_experts` (its `attribute_map` of the hub
+  files' `num_experts`). The RMSNorm eps
   differ: 1e-5 for Mixtral and OLMoE, 1e-6 for the others (in config.json).
 - `config.json` holds `"dtype": "bfloat16"` (the v5 name of `torch_dtype`).
 - How expert choices were captured: forward hooks on the router modules
-  (`MixtralTopKRouter`, `Qwen2MoeTopKRouter`, `OlmoeTopKRouter`,
+  (`MixtralTopKRouter`, `Qwen2MoeTopKRouter`, `Qwen3MoeTopKRouter`, `OlmoeTopKRouter`,
   `DeepseekV3TopkRouter`), whose forward returns `(router_logits,
   top_k_weights, top_k_indices)`; the indices are recorded, and the script
   recomputes the choice from the logits (and asserts it agrees) to measure the
@@ -756,8 +783,8 @@ def main():
 
     specs = family_specs(tf)
     OUT.mkdir(parents=True, exist_ok=True)
-    for old in OUT.iterdir():  # folders of families no longer written
-        if old.is_dir() and old.name not in {spec[0] for spec in specs}:
+    for old in OUT.iterdir():  # folders of families no longer written (`ours` is the Rust side's)
+        if old.is_dir() and old.name not in {spec[0] for spec in specs} | {"ours"}:
             shutil.rmtree(old)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer_file = Path(tmp) / "tokenizer.json"

@@ -153,6 +153,17 @@ impl HfFamily {
                 rms_norm_eps: 1e-6,
                 rope_theta: 10000.0,
             },
+            HfFamily::Qwen3Moe => Defaults {
+                vocab_size: 151936,
+                hidden_size: 2048,
+                intermediate_size: 6144,
+                num_hidden_layers: 24,
+                num_attention_heads: 32,
+                num_key_value_heads: Some(4),
+                max_position_embeddings: 32768,
+                rms_norm_eps: 1e-6,
+                rope_theta: 10000.0,
+            },
             HfFamily::Olmoe => Defaults {
                 vocab_size: 50304,
                 hidden_size: 2048,
@@ -214,6 +225,19 @@ impl<'a> Reader<'a> {
 
     fn int(&mut self, key: &str, default: i64) -> Result<i64> {
         Ok(self.opt_int(key)?.unwrap_or(default))
+    }
+
+    /// An integer stored under either of two names (a config class's
+    /// `attribute_map`: Qwen3-MoE's hub files say `num_experts`, what
+    /// transformers 5 saves says `num_local_experts`); both present must
+    /// agree.
+    fn int_aliased(&mut self, key: &str, alias: &str, default: i64) -> Result<i64> {
+        match (self.opt_int(key)?, self.opt_int(alias)?) {
+            (Some(a), Some(b)) if a != b => Err(self.err(format!(
+                "`{key}` = {a} and `{alias}` = {b} name the same setting and must agree"
+            ))),
+            (a, b) => Ok(a.or(b).unwrap_or(default)),
+        }
     }
 
     fn opt_int(&mut self, key: &str) -> Result<Option<i64>> {
@@ -306,6 +330,34 @@ impl<'a> Reader<'a> {
             },
             "full attention in every layer (layer_types all \"full_attention\")",
         )
+    }
+
+    /// Qwen2-MoE's and Qwen3-MoE's layer layout: `decoder_sparse_step` and
+    /// `mlp_only_layers` as a dense prefix ([`qwen2_dense_prefix`]; no
+    /// routed experts at all when every layer is dense), and the sliding
+    /// window (`use_sliding_window`; off, `sliding_window` does not apply).
+    fn qwen_layers(
+        &mut self,
+        c: &mut DecoderConfig,
+        num_experts: i64,
+        max_position_embeddings: i64,
+    ) -> Result<()> {
+        let step = self.int("decoder_sparse_step", 1)?;
+        let mlp_only = self.int_list("mlp_only_layers")?;
+        c.first_k_dense_replace =
+            qwen2_dense_prefix(self, c.num_hidden_layers, num_experts, step, &mlp_only)?;
+        c.num_local_experts = if c.first_k_dense_replace >= c.num_hidden_layers {
+            0
+        } else {
+            num_experts
+        };
+        if self.boolean("use_sliding_window", false)? {
+            self.no_sliding_window(max_position_embeddings)?;
+        } else {
+            self.informational(&["sliding_window"]);
+        }
+        self.informational(&["max_window_layers"]);
+        Ok(())
     }
 
     /// The RoPE base and scaling: `rope_theta` and `rope_scaling`
@@ -515,21 +567,24 @@ impl HfConfig {
                 // (default true). Qwen2MoeAttention ignores `attention_bias`.
                 c.attention_bias = r.boolean("qkv_bias", true)?;
                 r.informational(&["attention_bias"]);
-                let step = r.int("decoder_sparse_step", 1)?;
-                let mlp_only = r.int_list("mlp_only_layers")?;
-                c.first_k_dense_replace =
-                    qwen2_dense_prefix(&r, c.num_hidden_layers, num_experts, step, &mlp_only)?;
-                c.num_local_experts = if c.first_k_dense_replace >= c.num_hidden_layers {
-                    0
-                } else {
-                    num_experts
+                r.qwen_layers(&mut c, num_experts, max_position_embeddings)?;
+            }
+            HfFamily::Qwen3Moe => {
+                let num_experts = r.int_aliased("num_experts", "num_local_experts", 128)?;
+                c.num_experts_per_tok = r.int("num_experts_per_tok", 8)?;
+                c.moe_intermediate_size = Some(r.int("moe_intermediate_size", 768)?);
+                c.router.gate = Gate::TopK {
+                    norm_topk_prob: r.boolean("norm_topk_prob", false)?,
                 };
-                if r.boolean("use_sliding_window", false)? {
-                    r.no_sliding_window(max_position_embeddings)?;
-                } else {
-                    r.informational(&["sliding_window"]);
-                }
-                r.informational(&["max_window_layers"]);
+                c.router_aux_loss_coef = r.float("router_aux_loss_coef", 0.001)?;
+                c.qk_norm = QkNorm::Head;
+                // Qwen3MoeAttention gives o_proj the bias too.
+                r.fixed(
+                    "attention_bias",
+                    |v| v.as_bool() == Some(false),
+                    "attention_bias false (q/k/v/o without bias)",
+                )?;
+                r.qwen_layers(&mut c, num_experts, max_position_embeddings)?;
             }
             HfFamily::Olmoe => {
                 c.num_local_experts = r.int("num_experts", 64)?;
@@ -673,10 +728,10 @@ impl HfConfig {
                 c.n_shared_experts
             )));
         }
-        let expected_qk = if family == HfFamily::Olmoe {
-            QkNorm::Projection
-        } else {
-            QkNorm::None
+        let expected_qk = match family {
+            HfFamily::Olmoe => QkNorm::Projection,
+            HfFamily::Qwen3Moe => QkNorm::Head,
+            _ => QkNorm::None,
         };
         if c.qk_norm != expected_qk {
             return Err(bad(format!(
@@ -771,25 +826,24 @@ impl HfConfig {
                          (shared_expert_intermediate_size)"
                         .into()));
                 }
-                let dense = c.first_k_dense_replace.min(c.num_hidden_layers);
-                let mlp_only: Vec<i64> = if moe {
-                    (0..dense).collect()
-                } else {
-                    Vec::new()
-                };
-                j.insert("num_experts".into(), json!(c.num_local_experts));
-                j.insert("num_experts_per_tok".into(), json!(c.num_experts_per_tok));
-                j.insert("moe_intermediate_size".into(), json!(c.expert_width()));
+                write_qwen_layers(&mut j, c, norm_topk_prob);
                 j.insert(
                     "shared_expert_intermediate_size".into(),
                     json!(c.shared_expert_intermediate_size.unwrap_or(0)),
                 );
-                j.insert("norm_topk_prob".into(), json!(norm_topk_prob));
-                j.insert("router_aux_loss_coef".into(), json!(c.router_aux_loss_coef));
-                j.insert("decoder_sparse_step".into(), json!(1));
-                j.insert("mlp_only_layers".into(), json!(mlp_only));
                 j.insert("qkv_bias".into(), json!(c.attention_bias));
-                j.insert("use_sliding_window".into(), json!(false));
+            }
+            HfFamily::Qwen3Moe => {
+                if c.shared_experts().is_some() {
+                    return Err(bad("Qwen3-MoE layers have no shared expert \
+                         (shared_expert_intermediate_size)"
+                        .into()));
+                }
+                if c.attention_bias {
+                    return Err(bad("Qwen3-MoE's attention bias would include o_proj".into()));
+                }
+                write_qwen_layers(&mut j, c, norm_topk_prob);
+                j.insert("attention_bias".into(), json!(false));
             }
             HfFamily::Olmoe => {
                 if !moe || c.first_k_dense_replace != 0 || c.shared_experts().is_some() {
@@ -904,6 +958,27 @@ fn rope_parameters(c: &DecoderConfig) -> Result<Value> {
     };
     params["rope_theta"] = json!(c.rope_theta);
     Ok(params)
+}
+
+/// Qwen2-MoE's and Qwen3-MoE's keys for the layers' layout and experts
+/// (the inverse of [`Reader::qwen_layers`] and the router keys): a dense
+/// prefix as `mlp_only_layers`, `decoder_sparse_step` 1, no sliding window.
+fn write_qwen_layers(j: &mut Map<String, Value>, c: &DecoderConfig, norm_topk_prob: bool) {
+    let moe = c.num_local_experts > 0;
+    let dense = c.first_k_dense_replace.min(c.num_hidden_layers);
+    let mlp_only: Vec<i64> = if moe {
+        (0..dense).collect()
+    } else {
+        Vec::new()
+    };
+    j.insert("num_experts".into(), json!(c.num_local_experts));
+    j.insert("num_experts_per_tok".into(), json!(c.num_experts_per_tok));
+    j.insert("moe_intermediate_size".into(), json!(c.expert_width()));
+    j.insert("norm_topk_prob".into(), json!(norm_topk_prob));
+    j.insert("router_aux_loss_coef".into(), json!(c.router_aux_loss_coef));
+    j.insert("decoder_sparse_step".into(), json!(1));
+    j.insert("mlp_only_layers".into(), json!(mlp_only));
+    j.insert("use_sliding_window".into(), json!(false));
 }
 
 /// Qwen2-MoE's layer layout as a dense prefix: layer `i` is dense when it

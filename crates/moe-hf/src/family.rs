@@ -15,6 +15,9 @@ pub enum HfFamily {
     /// `qwen2_moe` (`Qwen2MoeForCausalLM`): q/k/v bias, fine-grained experts
     /// and a sigmoid-gated shared expert.
     Qwen2Moe,
+    /// `qwen3_moe` (`Qwen3MoeForCausalLM`): Qwen2-MoE's layers without the
+    /// shared expert, with QK-norm per head (`RMSNorm(head_dim)`).
+    Qwen3Moe,
     /// `olmoe` (`OlmoeForCausalLM`): QK-norm over the projections.
     Olmoe,
     /// `llama` (`LlamaForCausalLM`): dense.
@@ -28,9 +31,10 @@ pub enum HfFamily {
 
 impl HfFamily {
     /// Every model type this crate reads and writes.
-    pub const ALL: [HfFamily; 5] = [
+    pub const ALL: [HfFamily; 6] = [
         HfFamily::Mixtral,
         HfFamily::Qwen2Moe,
+        HfFamily::Qwen3Moe,
         HfFamily::DeepseekV3,
         HfFamily::Olmoe,
         HfFamily::Llama,
@@ -41,6 +45,7 @@ impl HfFamily {
         match self {
             HfFamily::Mixtral => "mixtral",
             HfFamily::Qwen2Moe => "qwen2_moe",
+            HfFamily::Qwen3Moe => "qwen3_moe",
             HfFamily::Olmoe => "olmoe",
             HfFamily::Llama => "llama",
             HfFamily::DeepseekV3 => "deepseek_v3",
@@ -52,6 +57,7 @@ impl HfFamily {
         match self {
             HfFamily::Mixtral => "MixtralForCausalLM",
             HfFamily::Qwen2Moe => "Qwen2MoeForCausalLM",
+            HfFamily::Qwen3Moe => "Qwen3MoeForCausalLM",
             HfFamily::Olmoe => "OlmoeForCausalLM",
             HfFamily::Llama => "LlamaForCausalLM",
             HfFamily::DeepseekV3 => "DeepseekV3ForCausalLM",
@@ -63,7 +69,7 @@ impl HfFamily {
         self != HfFamily::Llama
     }
 
-    /// The model types, for messages: "mixtral, qwen2_moe, deepseek_v3, olmoe, llama".
+    /// The model types, for messages: "mixtral, qwen2_moe, qwen3_moe, deepseek_v3, olmoe, llama".
     pub fn supported_list() -> String {
         Self::ALL
             .iter()
@@ -82,8 +88,8 @@ impl fmt::Display for HfFamily {
 impl FromStr for HfFamily {
     type Err = MoeError;
 
-    /// A `model_type` (`mixtral`, `qwen2_moe`, `olmoe`, `llama`,
-    /// `deepseek_v3`); any other is an error naming the supported ones.
+    /// A `model_type` (`mixtral`, `qwen2_moe`, `qwen3_moe`, `olmoe`,
+    /// `llama`, `deepseek_v3`); any other is an error naming the supported ones.
     fn from_str(s: &str) -> Result<Self> {
         Self::ALL
             .into_iter()

@@ -220,7 +220,10 @@ fn an_unknown_model_type_names_the_supported_ones() {
     });
     assert_config_rejected(
         &dir,
-        &["`gpt2`", "mixtral, qwen2_moe, deepseek_v3, olmoe, llama"],
+        &[
+            "`gpt2`",
+            "mixtral, qwen2_moe, qwen3_moe, deepseek_v3, olmoe, llama",
+        ],
     );
 }
 
@@ -295,8 +298,23 @@ fn rope_settings_the_decoder_does_not_implement_are_named() {
 
 #[test]
 fn keys_that_change_the_model_are_not_ignored() {
-    let cases: [(&str, &str, serde_json::Value, &str); 6] = [
+    let cases: [(&str, &str, serde_json::Value, &str); 9] = [
         ("olmoe", "clip_qkv", 8.0.into(), "clip_qkv"),
+        // Qwen3-MoE: o_proj would take a bias too; its two names for the
+        // expert count must agree.
+        ("qwen3_moe", "attention_bias", true.into(), "attention_bias"),
+        (
+            "qwen3_moe",
+            "num_experts",
+            4.into(),
+            "`num_experts` = 4 and `num_local_experts` = 8",
+        ),
+        (
+            "qwen3_moe",
+            "mlp_only_layers",
+            serde_json::json!([1]),
+            "dense prefix",
+        ),
         (
             "mixtral",
             "router_jitter_noise",
@@ -319,6 +337,12 @@ fn keys_that_change_the_model_are_not_ignored() {
         });
         assert_config_rejected(&dir, &[needle, &format!("model_type `{name}`")]);
     }
+    // Qwen3-MoE's sliding window, switched on, shorter than the context.
+    let dir = edited_config("qwen3_moe", "key-window", |c| {
+        c.insert("use_sliding_window".into(), true.into());
+        c.insert("sliding_window".into(), 16.into());
+    });
+    assert_config_rejected(&dir, &["`sliding_window` = 16", "model_type `qwen3_moe`"]);
     // An unknown key is an error, unless the caller ignores it.
     let dir = edited_config("mixtral", "unknown-key", |c| {
         c.insert("quantization_config".into(), serde_json::json!({"bits": 4}));

@@ -77,6 +77,11 @@ fn qwen2_moe_matches_transformers() {
 }
 
 #[test]
+fn qwen3_moe_matches_transformers() {
+    check("qwen3_moe");
+}
+
+#[test]
 fn olmoe_matches_transformers() {
     check("olmoe");
 }

@@ -8,14 +8,15 @@
 //! files it checked and its own logits, which the test compares ours with.
 //!
 //! Regenerate the folders with
-//! `cargo test -p moe-layers-hf --test ours -- --ignored write_ours`.
+//! `cargo test -p moe-layers-hf --test ours -- --ignored write_ours`
+//! (`OURS_CASE=<name>` writes that folder alone).
 
 mod common;
 
 use common::{expected, fixture, load};
 use moe_hf::{save_pretrained_with, ExpertLayout, HfFamily, SaveOptions};
 use moe_models::{CausalLm, DecoderConfig, DecoderModel, DecoderPreset, LatentAttention};
-use moe_nn::RopeScaling;
+use moe_nn::{QkNorm, RopeScaling};
 use moe_routers::Gate;
 use serde_json::json;
 use std::path::PathBuf;
@@ -61,6 +62,22 @@ fn cases() -> Vec<Case> {
     };
     qwen2.router.gate = Gate::TopK {
         norm_topk_prob: true,
+    };
+    // Qwen3-MoE: every layer MoE, no renormalisation, tied embeddings,
+    // head_dim from the width (the fixture has a dense layer 0,
+    // renormalisation and a wider head_dim).
+    let mut qwen3 = DecoderConfig {
+        num_local_experts: 8,
+        num_experts_per_tok: 2,
+        moe_intermediate_size: Some(16),
+        shared_expert_intermediate_size: None,
+        attention_bias: false,
+        qk_norm: QkNorm::Head,
+        tie_word_embeddings: true,
+        ..small(DecoderPreset::Qwen2Moe)
+    };
+    qwen3.router.gate = Gate::TopK {
+        norm_topk_prob: false,
     };
     let olmoe = DecoderConfig {
         num_local_experts: 8,
@@ -137,6 +154,12 @@ fn cases() -> Vec<Case> {
             layout: ExpertLayout::PerExpert,
         },
         Case {
+            name: "qwen3_moe",
+            family: HfFamily::Qwen3Moe,
+            config: qwen3,
+            layout: ExpertLayout::PerExpert,
+        },
+        Case {
             name: "olmoe",
             family: HfFamily::Olmoe,
             config: olmoe,
@@ -209,7 +232,11 @@ fn min_router_gap(model: &DecoderModel, prompts: &[Vec<i64>]) -> f64 {
 fn write_ours() {
     let prompts = expected("mixtral").prompts;
     let tokenizer = load(&fixture("mixtral")).tokenizer;
+    let only = std::env::var("OURS_CASE").ok();
     for case in cases() {
+        if only.as_deref().is_some_and(|name| name != case.name) {
+            continue;
+        }
         let dir = ours_dir(case.name);
         let mut seed = 100;
         loop {

@@ -346,7 +346,7 @@ fn bf16_parameters_can_be_kept() {
 
 #[test]
 fn configs_a_family_cannot_express_are_errors_before_anything_is_written() {
-    let cases: [(DecoderPreset, &str, &str); 7] = [
+    let cases: [(DecoderPreset, &str, &str); 9] = [
         (DecoderPreset::Yuan, "mixtral", "localized filtering"),
         (
             DecoderPreset::DeepseekV3,
@@ -362,6 +362,16 @@ fn configs_a_family_cannot_express_are_errors_before_anything_is_written() {
         (DecoderPreset::Mixtral, "llama", "dense"),
         (DecoderPreset::Mixtral, "qwen2_moe", "shared expert"),
         (DecoderPreset::Qwen2Moe, "olmoe", "qk_norm"),
+        (
+            DecoderPreset::Qwen2Moe,
+            "qwen3_moe",
+            "qk_norm = None, the family has Head",
+        ),
+        (
+            DecoderPreset::Qwen3Moe,
+            "qwen2_moe",
+            "qk_norm = Head, the family has None",
+        ),
     ];
     for (preset, model_type, needle) in cases {
         let config = DecoderConfig {
@@ -392,7 +402,7 @@ fn configs_a_family_cannot_express_are_errors_before_anything_is_written() {
     .unwrap_err()
     .to_string();
     assert!(
-        err.contains("expected one of mixtral, qwen2_moe, deepseek_v3, olmoe, llama"),
+        err.contains("expected one of mixtral, qwen2_moe, qwen3_moe, deepseek_v3, olmoe, llama"),
         "{err}"
     );
     let chars = moe_data::Tokenizer::Char(moe_data::CharTokenizer::from_text("ab").unwrap());
@@ -416,6 +426,7 @@ fn our_presets_round_trip_through_every_family_that_expresses_them() {
     let cases = [
         (DecoderPreset::Mixtral, "mixtral"),
         (DecoderPreset::Qwen2Moe, "qwen2_moe"),
+        (DecoderPreset::Qwen3Moe, "qwen3_moe"),
         (DecoderPreset::Olmoe, "olmoe"),
         (DecoderPreset::Llama, "llama"),
         (DecoderPreset::DeepseekV3, "deepseek_v3"),

@@ -17,9 +17,10 @@ fn rng_lock() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-const PRESETS: [DecoderPreset; 6] = [
+const PRESETS: [DecoderPreset; 7] = [
     DecoderPreset::Mixtral,
     DecoderPreset::Qwen2Moe,
+    DecoderPreset::Qwen3Moe,
     DecoderPreset::DeepseekV3,
     DecoderPreset::Olmoe,
     DecoderPreset::Yuan,

@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use tch::Tensor;
 
 /// Every fixture folder: one per family, and two with RoPE scaling.
-pub const FAMILIES: [&str; 7] = [
+pub const FAMILIES: [&str; 8] = [
     "mixtral",
     "qwen2_moe",
+    "qwen3_moe",
     "deepseek_v3",
     "deepseek_v3_yarn",
     "olmoe",

@@ -186,6 +186,9 @@ pub enum DecoderPreset {
     /// Qwen2-MoE: q/k/v bias, fine-grained experts, no renormalisation, a
     /// sigmoid-gated shared expert.
     Qwen2Moe,
+    /// Qwen3-MoE: QK-norm per head, fine-grained experts renormalised, no
+    /// shared expert.
+    Qwen3Moe,
     /// DeepSeek-V3: Multi-head Latent Attention, sigmoid gate with aux-free
     /// bias, group-limited top-k, routed scaling 2.5, one shared expert, a
     /// first dense layer.
@@ -205,13 +208,14 @@ impl FromStr for DecoderPreset {
         match s.to_ascii_lowercase().replace('-', "_").as_str() {
             "mixtral" => Ok(DecoderPreset::Mixtral),
             "qwen2_moe" | "qwen" => Ok(DecoderPreset::Qwen2Moe),
+            "qwen3_moe" | "qwen3" => Ok(DecoderPreset::Qwen3Moe),
             "deepseek_v3" | "deepseek" => Ok(DecoderPreset::DeepseekV3),
             "olmoe" => Ok(DecoderPreset::Olmoe),
             "yuan" => Ok(DecoderPreset::Yuan),
             "llama" => Ok(DecoderPreset::Llama),
             other => Err(MoeError::config(format!(
-                "unknown decoder preset `{other}`: expected mixtral, qwen2_moe, deepseek_v3, \
-                 olmoe, yuan or llama"
+                "unknown decoder preset `{other}`: expected mixtral, qwen2_moe, qwen3_moe, \
+                 deepseek_v3, olmoe, yuan or llama"
             ))),
         }
     }
@@ -232,6 +236,20 @@ impl DecoderConfig {
                 router: RouterConfig {
                     gate: Gate::TopK {
                         norm_topk_prob: false,
+                    },
+                    ..base.router.clone()
+                },
+                ..base
+            },
+            DecoderPreset::Qwen3Moe => DecoderConfig {
+                qk_norm: QkNorm::Head,
+                num_local_experts: 16,
+                num_experts_per_tok: 4,
+                moe_intermediate_size: Some(128),
+                rms_norm_eps: 1e-6,
+                router: RouterConfig {
+                    gate: Gate::TopK {
+                        norm_topk_prob: true,
                     },
                     ..base.router.clone()
                 },
