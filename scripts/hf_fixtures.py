@@ -243,6 +243,33 @@ def family_specs(tf):
             ),
             4.0,
         ),
+        (
+            "glm4_moe",
+            tf.Glm4MoeConfig,
+            tf.Glm4MoeForCausalLM,
+            dict(
+                common,
+                num_hidden_layers=3,
+                intermediate_size=64,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,
+                partial_rotary_factor=0.5,  # RoPE on the first 8 of each head's 16 dimensions
+                attention_bias=True,  # q/k/v (o_proj never)
+                use_qk_norm=True,
+                n_routed_experts=8,
+                num_experts_per_tok=2,
+                moe_intermediate_size=16,
+                n_shared_experts=1,
+                first_k_dense_replace=1,
+                n_group=4,
+                topk_group=2,
+                routed_scaling_factor=2.5,
+                norm_topk_prob=True,
+                num_mtp_layers=0,  # written as num_nextn_predict_layers
+            ),
+            2.0,
+        ),
     ]
 
 
@@ -669,6 +696,10 @@ Notes on the families:
   expert; layer 0 is dense (mlp_only_layers [0], width intermediate_size);
   q_norm / k_norm are RMSNorms over head_dim applied to every head before the
   rope; head_dim 16 while hidden_size / num_attention_heads is 8.
+- GLM-4.5 (`glm4_moe`): DeepSeek-V3's router, shared expert and dense layer 0
+  under grouped-query attention with q/k/v biases, QK-norm per head
+  (use_qk_norm) and RoPE on the first half of each head (partial_rotary_factor
+  0.5, written into `rope_parameters`).
 - OLMoE: softmax, top-k, not renormalised; q_norm / k_norm are RMSNorms over
   the whole projected q (heads x head_dim) and k (kv heads x head_dim) before
   the rope.
@@ -722,7 +753,7 @@ Notes on the families:
 - `config.json` holds `"dtype": "bfloat16"` (the v5 name of `torch_dtype`).
 - How expert choices were captured: forward hooks on the router modules
   (`MixtralTopKRouter`, `Qwen2MoeTopKRouter`, `Qwen3MoeTopKRouter`, `OlmoeTopKRouter`,
-  `DeepseekV3TopkRouter`), whose forward returns `(router_logits,
+  `DeepseekV3TopkRouter`, `Glm4MoeTopkRouter`), whose forward returns `(router_logits,
   top_k_weights, top_k_indices)`; the indices are recorded, and the script
   recomputes the choice from the logits (and asserts it agrees) to measure the
   margins. (`output_router_logits=True` gives only the raw logits, which for

@@ -197,8 +197,30 @@ impl HfFamily {
                 rms_norm_eps: 1e-6,
                 rope_theta: 10000.0,
             },
+            HfFamily::Glm4Moe => Defaults {
+                vocab_size: 151552,
+                hidden_size: 4096,
+                intermediate_size: 10944,
+                num_hidden_layers: 46,
+                num_attention_heads: 96,
+                num_key_value_heads: Some(8),
+                max_position_embeddings: 131072,
+                rms_norm_eps: 1e-5,
+                rope_theta: 10000.0,
+            },
         }
     }
+}
+
+/// transformers' defaults of the keys of DeepSeek-V3's MoE layers, which
+/// GLM-4.5 shares with other defaults.
+struct SigmoidMoeDefaults {
+    n_routed_experts: i64,
+    moe_intermediate_size: i64,
+    first_k_dense_replace: i64,
+    routed_scaling_factor: f64,
+    n_group: i64,
+    topk_group: i64,
 }
 
 /// Reads the keys of one `config.json`, remembering which it has used.
@@ -332,6 +354,27 @@ impl<'a> Reader<'a> {
         )
     }
 
+    /// DeepSeek-V3's (and GLM-4.5's) MoE keys: routed and shared experts,
+    /// the dense prefix, and the sigmoid router with the aux-free bias and
+    /// group-limited top-k.
+    fn sigmoid_moe(&mut self, c: &mut DecoderConfig, d: SigmoidMoeDefaults) -> Result<()> {
+        c.num_local_experts = self.int("n_routed_experts", d.n_routed_experts)?;
+        c.num_experts_per_tok = self.int("num_experts_per_tok", 8)?;
+        c.moe_intermediate_size = Some(self.int("moe_intermediate_size", d.moe_intermediate_size)?);
+        c.n_shared_experts = self.int("n_shared_experts", 1)?;
+        c.first_k_dense_replace = self.int("first_k_dense_replace", d.first_k_dense_replace)?;
+        c.router.routed_scaling_factor =
+            self.float("routed_scaling_factor", d.routed_scaling_factor)?;
+        c.router.gate = Gate::SigmoidAuxFree {
+            norm_topk_prob: self.boolean("norm_topk_prob", true)?,
+            // A training setting of ours; Hugging Face has none.
+            bias_update_rate: 1e-3,
+            n_group: self.int("n_group", d.n_group)?,
+            topk_group: self.int("topk_group", d.topk_group)?,
+        };
+        Ok(())
+    }
+
     /// Qwen2-MoE's and Qwen3-MoE's layer layout: `decoder_sparse_step` and
     /// `mlp_only_layers` as a dense prefix ([`qwen2_dense_prefix`]; no
     /// routed experts at all when every layer is dense), and the sliding
@@ -363,11 +406,15 @@ impl<'a> Reader<'a> {
     /// The RoPE base and scaling: `rope_theta` and `rope_scaling`
     /// (transformers 4) or `rope_parameters` (transformers 5: `rope_theta`,
     /// `rope_type` and the scheme's fields in one object). A scheme other
-    /// than `linear`, `dynamic`, `yarn` or `llama3`, a `partial_rotary_factor`
-    /// other than 1, a key the scheme does not have, or two different
-    /// schemes in the two places is an error.
-    fn rope(&mut self, default_theta: f64) -> Result<(f64, Option<RopeScaling>)> {
+    /// than `linear`, `dynamic`, `yarn` or `llama3`, a key the scheme does
+    /// not have, or two different schemes (or partial factors) in the two
+    /// places is an error. Also returns `partial_rotary_factor` (top level or
+    /// in `rope_parameters`; 1 when absent).
+    fn rope(&mut self, default_theta: f64) -> Result<(f64, Option<RopeScaling>, f64)> {
         let mut theta = self.float("rope_theta", default_theta)?;
+        // GLM-4.5's hub files have it at the top level, transformers 5
+        // writes it into `rope_parameters`.
+        let mut partial = self.float("partial_rotary_factor", 1.0)?;
         let mut scaling = match self.value("rope_scaling") {
             Some(v) => self.rope_scaling(v, "rope_scaling")?,
             None => None,
@@ -385,6 +432,20 @@ impl<'a> Reader<'a> {
                     ))
                 })?;
             }
+            if let Some(value) = params.get("partial_rotary_factor") {
+                let inner = value.as_f64().ok_or_else(|| {
+                    self.err(format!(
+                        "`rope_parameters.partial_rotary_factor` must be a number, got {value}"
+                    ))
+                })?;
+                if self.json.contains_key("partial_rotary_factor") && inner != partial {
+                    return Err(self.err(format!(
+                        "`partial_rotary_factor` = {partial} and \
+                         `rope_parameters.partial_rotary_factor` = {inner} disagree"
+                    )));
+                }
+                partial = inner;
+            }
             let from_parameters = self.rope_scaling(params, "rope_parameters")?;
             if scaling.is_some() && from_parameters.is_some() && scaling != from_parameters {
                 return Err(self.err(format!(
@@ -394,7 +455,7 @@ impl<'a> Reader<'a> {
             }
             scaling = scaling.or(from_parameters);
         }
-        Ok((theta, scaling))
+        Ok((theta, scaling, partial))
     }
 
     /// One RoPE settings object (`rope_scaling` or `rope_parameters`) as a
@@ -409,7 +470,8 @@ impl<'a> Reader<'a> {
         for (field, value) in object {
             match field.as_str() {
                 "rope_type" | "type" | "rope_theta" => {}
-                "partial_rotary_factor" if value.as_f64() == Some(1.0) => {}
+                // Read by `rope`.
+                "partial_rotary_factor" if value.is_number() => {}
                 f if allowed.contains(&f) => {}
                 other => {
                     let kind = scaling.as_ref().map_or("default", RopeScaling::rope_type);
@@ -507,7 +569,13 @@ impl HfConfig {
         let num_attention_heads = r.int("num_attention_heads", d.num_attention_heads)?;
         let max_position_embeddings =
             r.int("max_position_embeddings", d.max_position_embeddings)?;
-        let (rope_theta, rope_scaling) = r.rope(d.rope_theta)?;
+        let (rope_theta, rope_scaling, partial_rotary_factor) = r.rope(d.rope_theta)?;
+        if partial_rotary_factor != 1.0 && self.family != HfFamily::Glm4Moe {
+            return Err(r.err(format!(
+                "`partial_rotary_factor` = {partial_rotary_factor} is not supported: the family \
+                 turns every dimension of a head (1); glm4_moe takes other factors"
+            )));
+        }
         let mut c = DecoderConfig {
             vocab_size: r.int("vocab_size", d.vocab_size)?,
             hidden_size: r.int("hidden_size", d.hidden_size)?,
@@ -523,6 +591,7 @@ impl HfConfig {
             max_position_embeddings,
             rope_theta,
             rope_scaling,
+            partial_rotary_factor,
             rms_norm_eps: r.float("rms_norm_eps", d.rms_norm_eps)?,
             attention_bias: false,
             attention_dropout: r.float("attention_dropout", 0.0)?,
@@ -617,21 +686,41 @@ impl HfConfig {
                 r.informational(&["pretraining_tp"]);
                 r.no_sliding_window(max_position_embeddings)?;
             }
-            HfFamily::DeepseekV3 => {
-                c.num_local_experts = r.int("n_routed_experts", 256)?;
-                c.num_experts_per_tok = r.int("num_experts_per_tok", 8)?;
-                c.moe_intermediate_size = Some(r.int("moe_intermediate_size", 2048)?);
-                c.n_shared_experts = r.int("n_shared_experts", 1)?;
-                c.first_k_dense_replace = r.int("first_k_dense_replace", 3)?;
+            HfFamily::Glm4Moe => {
+                r.sigmoid_moe(
+                    &mut c,
+                    SigmoidMoeDefaults {
+                        n_routed_experts: 128,
+                        moe_intermediate_size: 1408,
+                        first_k_dense_replace: 1,
+                        routed_scaling_factor: 1.0,
+                        n_group: 1,
+                        topk_group: 1,
+                    },
+                )?;
+                // q/k/v only: Glm4MoeAttention's o_proj has no bias.
                 c.attention_bias = r.boolean("attention_bias", false)?;
-                c.router.routed_scaling_factor = r.float("routed_scaling_factor", 2.5)?;
-                c.router.gate = Gate::SigmoidAuxFree {
-                    norm_topk_prob: r.boolean("norm_topk_prob", true)?,
-                    // A training setting of ours; Hugging Face has none.
-                    bias_update_rate: 1e-3,
-                    n_group: r.int("n_group", 8)?,
-                    topk_group: r.int("topk_group", 4)?,
-                };
+                if r.boolean("use_qk_norm", false)? {
+                    c.qk_norm = QkNorm::Head;
+                }
+                // Multi-token prediction layers (their weights past the last
+                // layer are skipped on load, as transformers does).
+                r.informational(&["num_nextn_predict_layers", "num_mtp_layers"]);
+                r.no_sliding_window(max_position_embeddings)?;
+            }
+            HfFamily::DeepseekV3 => {
+                r.sigmoid_moe(
+                    &mut c,
+                    SigmoidMoeDefaults {
+                        n_routed_experts: 256,
+                        moe_intermediate_size: 2048,
+                        first_k_dense_replace: 3,
+                        routed_scaling_factor: 2.5,
+                        n_group: 8,
+                        topk_group: 4,
+                    },
+                )?;
+                c.attention_bias = r.boolean("attention_bias", false)?;
                 let latent = LatentAttention {
                     // `null` is a full `q_proj` (DeepSeek-V2-Lite); missing is the default.
                     q_lora_rank: match self.json.get("q_lora_rank") {
@@ -710,6 +799,15 @@ impl HfConfig {
             ))
         };
         let deepseek = family == HfFamily::DeepseekV3;
+        // DeepSeek-V3's MoE layers: its sigmoid router, routed scaling and
+        // ungated shared experts (GLM-4.5 has them too).
+        let sigmoid_moe = matches!(family, HfFamily::DeepseekV3 | HfFamily::Glm4Moe);
+        if c.partial_rotary_factor != 1.0 && family != HfFamily::Glm4Moe {
+            return Err(bad(format!(
+                "partial_rotary_factor = {} (GLM-4.5's RoPE on part of each head)",
+                c.partial_rotary_factor
+            )));
+        }
         if c.localized_filtering {
             return Err(bad(
                 "localized filtering (Yuan 2.0) has no counterpart".into()
@@ -722,7 +820,7 @@ impl HfConfig {
                 "latent_attention (Multi-head Latent Attention) is DeepSeek-V3's".into()
             }));
         }
-        if c.n_shared_experts != 0 && !deepseek {
+        if c.n_shared_experts != 0 && !sigmoid_moe {
             return Err(bad(format!(
                 "n_shared_experts = {} (DeepSeek's shared experts)",
                 c.n_shared_experts
@@ -731,8 +829,15 @@ impl HfConfig {
         let expected_qk = match family {
             HfFamily::Olmoe => QkNorm::Projection,
             HfFamily::Qwen3Moe => QkNorm::Head,
+            // `use_qk_norm`: either.
+            HfFamily::Glm4Moe => c.qk_norm,
             _ => QkNorm::None,
         };
+        if family == HfFamily::Glm4Moe && c.qk_norm == QkNorm::Projection {
+            return Err(bad(
+                "qk_norm = Projection; GLM-4.5's QK-norm is per head (Head)".into(),
+            ));
+        }
         if c.qk_norm != expected_qk {
             return Err(bad(format!(
                 "qk_norm = {:?}, the family has {expected_qk:?}",
@@ -748,21 +853,21 @@ impl HfConfig {
                 r.bias, r.capacity_factor
             )));
         }
-        if moe && !deepseek && r.routed_scaling_factor != 1.0 {
+        if moe && !sigmoid_moe && r.routed_scaling_factor != 1.0 {
             return Err(bad(format!(
                 "routed_scaling_factor = {} (DeepSeek's); the family does not scale the expert \
                  weights",
                 r.routed_scaling_factor
             )));
         }
-        let norm_topk_prob = match (moe, deepseek, &r.gate) {
+        let norm_topk_prob = match (moe, sigmoid_moe, &r.gate) {
             (false, _, _) => true,
             (true, false, Gate::TopK { norm_topk_prob })
             | (true, true, Gate::SigmoidAuxFree { norm_topk_prob, .. }) => *norm_topk_prob,
             (true, _, other) => {
                 return Err(bad(format!(
                     "router gate {other:?}; the family's router is {}",
-                    if deepseek {
+                    if sigmoid_moe {
                         "sigmoid with the aux-free bias (SigmoidAuxFree)"
                     } else {
                         "softmax top-k"
@@ -886,6 +991,25 @@ impl HfConfig {
                 j.insert("attention_bias".into(), json!(false));
                 j.insert("mlp_bias".into(), json!(false));
             }
+            HfFamily::Glm4Moe => {
+                if !moe || c.shared_expert_intermediate_size.is_some() {
+                    return Err(bad(format!(
+                        "GLM-4.5 has routed experts and ungated shared ones \
+                         (num_local_experts = {}, shared_expert_intermediate_size = {:?})",
+                        c.num_local_experts, c.shared_expert_intermediate_size
+                    )));
+                }
+                write_sigmoid_moe(&mut j, c, norm_topk_prob);
+                j.insert("attention_bias".into(), json!(c.attention_bias));
+                j.insert("use_qk_norm".into(), json!(c.qk_norm == QkNorm::Head));
+                j.insert("num_nextn_predict_layers".into(), json!(0));
+                if let Some(Value::Object(rope)) = j.get_mut("rope_parameters") {
+                    rope.insert(
+                        "partial_rotary_factor".into(),
+                        json!(c.partial_rotary_factor),
+                    );
+                }
+            }
             HfFamily::DeepseekV3 => {
                 let latent = c.latent_attention.expect("checked above");
                 if !moe || c.shared_expert_intermediate_size.is_some() {
@@ -895,29 +1019,7 @@ impl HfConfig {
                         c.num_local_experts, c.shared_expert_intermediate_size
                     )));
                 }
-                let Gate::SigmoidAuxFree {
-                    n_group,
-                    topk_group,
-                    ..
-                } = c.router.gate
-                else {
-                    unreachable!("checked above")
-                };
-                j.insert("n_routed_experts".into(), json!(c.num_local_experts));
-                j.insert("num_experts_per_tok".into(), json!(c.num_experts_per_tok));
-                j.insert("moe_intermediate_size".into(), json!(c.expert_width()));
-                j.insert("n_shared_experts".into(), json!(c.n_shared_experts));
-                j.insert(
-                    "first_k_dense_replace".into(),
-                    json!(c.first_k_dense_replace),
-                );
-                j.insert("n_group".into(), json!(n_group));
-                j.insert("topk_group".into(), json!(topk_group));
-                j.insert("norm_topk_prob".into(), json!(norm_topk_prob));
-                j.insert(
-                    "routed_scaling_factor".into(),
-                    json!(c.router.routed_scaling_factor),
-                );
+                write_sigmoid_moe(&mut j, c, norm_topk_prob);
                 j.insert("q_lora_rank".into(), json!(latent.q_lora_rank));
                 j.insert("kv_lora_rank".into(), json!(latent.kv_lora_rank));
                 j.insert("qk_nope_head_dim".into(), json!(latent.qk_nope_head_dim));
@@ -958,6 +1060,34 @@ fn rope_parameters(c: &DecoderConfig) -> Result<Value> {
     };
     params["rope_theta"] = json!(c.rope_theta);
     Ok(params)
+}
+
+/// DeepSeek-V3's and GLM-4.5's MoE keys (the inverse of
+/// [`Reader::sigmoid_moe`]); `c.router.gate` is `SigmoidAuxFree` (checked by
+/// the caller).
+fn write_sigmoid_moe(j: &mut Map<String, Value>, c: &DecoderConfig, norm_topk_prob: bool) {
+    if let Gate::SigmoidAuxFree {
+        n_group,
+        topk_group,
+        ..
+    } = c.router.gate
+    {
+        j.insert("n_group".into(), json!(n_group));
+        j.insert("topk_group".into(), json!(topk_group));
+    }
+    j.insert("n_routed_experts".into(), json!(c.num_local_experts));
+    j.insert("num_experts_per_tok".into(), json!(c.num_experts_per_tok));
+    j.insert("moe_intermediate_size".into(), json!(c.expert_width()));
+    j.insert("n_shared_experts".into(), json!(c.n_shared_experts));
+    j.insert(
+        "first_k_dense_replace".into(),
+        json!(c.first_k_dense_replace),
+    );
+    j.insert("norm_topk_prob".into(), json!(norm_topk_prob));
+    j.insert(
+        "routed_scaling_factor".into(),
+        json!(c.router.routed_scaling_factor),
+    );
 }
 
 /// Qwen2-MoE's and Qwen3-MoE's keys for the layers' layout and experts

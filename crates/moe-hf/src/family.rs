@@ -27,15 +27,21 @@ pub enum HfFamily {
     /// (`e_score_correction_bias`) and group-limited top-k, routed scaling,
     /// shared experts and a dense prefix (`first_k_dense_replace`).
     DeepseekV3,
+    /// `glm4_moe` (`Glm4MoeForCausalLM`, GLM-4.5/4.6/4.7): DeepSeek-V3's
+    /// router, shared experts and dense prefix under grouped-query attention
+    /// with q/k/v biases, optional QK-norm per head and RoPE on part of each
+    /// head (`partial_rotary_factor`).
+    Glm4Moe,
 }
 
 impl HfFamily {
     /// Every model type this crate reads and writes.
-    pub const ALL: [HfFamily; 6] = [
+    pub const ALL: [HfFamily; 7] = [
         HfFamily::Mixtral,
         HfFamily::Qwen2Moe,
         HfFamily::Qwen3Moe,
         HfFamily::DeepseekV3,
+        HfFamily::Glm4Moe,
         HfFamily::Olmoe,
         HfFamily::Llama,
     ];
@@ -49,6 +55,7 @@ impl HfFamily {
             HfFamily::Olmoe => "olmoe",
             HfFamily::Llama => "llama",
             HfFamily::DeepseekV3 => "deepseek_v3",
+            HfFamily::Glm4Moe => "glm4_moe",
         }
     }
 
@@ -61,6 +68,7 @@ impl HfFamily {
             HfFamily::Olmoe => "OlmoeForCausalLM",
             HfFamily::Llama => "LlamaForCausalLM",
             HfFamily::DeepseekV3 => "DeepseekV3ForCausalLM",
+            HfFamily::Glm4Moe => "Glm4MoeForCausalLM",
         }
     }
 
@@ -69,7 +77,7 @@ impl HfFamily {
         self != HfFamily::Llama
     }
 
-    /// The model types, for messages: "mixtral, qwen2_moe, qwen3_moe, deepseek_v3, olmoe, llama".
+    /// The model types, for messages: "mixtral, qwen2_moe, qwen3_moe, deepseek_v3, glm4_moe, olmoe, llama".
     pub fn supported_list() -> String {
         Self::ALL
             .iter()
@@ -89,7 +97,7 @@ impl FromStr for HfFamily {
     type Err = MoeError;
 
     /// A `model_type` (`mixtral`, `qwen2_moe`, `qwen3_moe`, `olmoe`,
-    /// `llama`, `deepseek_v3`); any other is an error naming the supported ones.
+    /// `llama`, `deepseek_v3`, `glm4_moe`); any other is an error naming the supported ones.
     fn from_str(s: &str) -> Result<Self> {
         Self::ALL
             .into_iter()

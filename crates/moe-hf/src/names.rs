@@ -282,7 +282,9 @@ pub(crate) fn groups(family: HfFamily, c: &DecoderConfig) -> Vec<Group> {
         }
         if c.shared_experts().is_some() {
             let (hf, gate) = match family {
-                HfFamily::DeepseekV3 => (format!("{mlp}.shared_experts"), false),
+                HfFamily::DeepseekV3 | HfFamily::Glm4Moe => {
+                    (format!("{mlp}.shared_experts"), false)
+                }
                 _ => (format!("{mlp}.shared_expert"), true),
             };
             plain.extend(mlp_as_expert(&hf, &format!("{mlp}.shared_experts")));
@@ -327,7 +329,7 @@ pub fn tensor_map(family: HfFamily, config: &DecoderConfig, layout: ExpertLayout
 /// Whether a checkpoint tensor that no variable takes may be skipped:
 /// rotary tables (`...rotary_emb.inv_freq`, recomputed), with tied
 /// embeddings a stored `lm_head.weight` (transformers ties it to the
-/// embeddings too), and DeepSeek-V3's multi-token-prediction layers
+/// embeddings too), and DeepSeek-V3's and GLM-4.5's multi-token-prediction layers
 /// (`model.layers.N.*` past the last decoder layer, which the causal LM does
 /// not run; transformers skips them too).
 pub(crate) fn ignorable(name: &str, family: HfFamily, config: &DecoderConfig) -> bool {
@@ -339,5 +341,5 @@ pub(crate) fn ignorable(name: &str, family: HfFamily, config: &DecoderConfig) ->
     };
     name.ends_with("rotary_emb.inv_freq")
         || (config.tie_word_embeddings && name == "lm_head.weight")
-        || (family == HfFamily::DeepseekV3 && past_last_layer())
+        || (matches!(family, HfFamily::DeepseekV3 | HfFamily::Glm4Moe) && past_last_layer())
 }

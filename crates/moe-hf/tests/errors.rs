@@ -123,6 +123,34 @@ fn an_unexpected_tensor_is_named() {
     });
     load_weights(&dir, target.family(), &target.config, &target.vs).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
+    // GLM-4.5's (and DeepSeek-V3's) next-token-prediction layers, stored past
+    // the last decoder layer, are skipped, as transformers skips them; in
+    // another family such a layer is unexpected.
+    let glm = load(&fixture("glm4_moe"));
+    let mtp = format!(
+        "model.layers.{}.self_attn.q_proj.weight",
+        glm.config.num_hidden_layers
+    );
+    let dir = edited("glm4_moe", "mtp", |t| {
+        let q = t["model.layers.0.self_attn.q_proj.weight"].clone();
+        t.insert(mtp.clone(), q);
+    });
+    load_weights(&dir, glm.family(), &glm.config, &glm.vs).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let past = format!(
+        "model.layers.{}.self_attn.q_proj.weight",
+        target.config.num_hidden_layers
+    );
+    let dir = edited("qwen2_moe", "past-last", |t| {
+        let q = t[Q].clone();
+        t.insert(past.clone(), q);
+    });
+    assert_weights_rejected(
+        &dir,
+        &target,
+        "model.safetensors",
+        &["unexpected tensor", &past],
+    );
 }
 
 #[test]
@@ -222,7 +250,7 @@ fn an_unknown_model_type_names_the_supported_ones() {
         &dir,
         &[
             "`gpt2`",
-            "mixtral, qwen2_moe, qwen3_moe, deepseek_v3, olmoe, llama",
+            "mixtral, qwen2_moe, qwen3_moe, deepseek_v3, glm4_moe, olmoe, llama",
         ],
     );
 }
@@ -280,7 +308,7 @@ fn rope_settings_the_decoder_does_not_implement_are_named() {
             "rope_parameters",
             serde_json::json!({"rope_type": "default", "rope_theta": 1e4,
                                "partial_rotary_factor": 0.5}),
-            "`rope_parameters.partial_rotary_factor` = 0.5",
+            "`partial_rotary_factor` = 0.5 is not supported",
         ),
         (
             "rope_scaling",
@@ -298,7 +326,15 @@ fn rope_settings_the_decoder_does_not_implement_are_named() {
 
 #[test]
 fn keys_that_change_the_model_are_not_ignored() {
-    let cases: [(&str, &str, serde_json::Value, &str); 9] = [
+    let cases: [(&str, &str, serde_json::Value, &str); 11] = [
+        // RoPE on part of each head is GLM-4.5's; its two places must agree.
+        (
+            "llama",
+            "partial_rotary_factor",
+            0.5.into(),
+            "`partial_rotary_factor` = 0.5 is not supported",
+        ),
+        ("glm4_moe", "partial_rotary_factor", 0.25.into(), "disagree"),
         ("olmoe", "clip_qkv", 8.0.into(), "clip_qkv"),
         // Qwen3-MoE: o_proj would take a bias too; its two names for the
         // expert count must agree.

@@ -82,6 +82,11 @@ fn qwen3_moe_matches_transformers() {
 }
 
 #[test]
+fn glm4_moe_matches_transformers() {
+    check("glm4_moe");
+}
+
+#[test]
 fn olmoe_matches_transformers() {
     check("olmoe");
 }

@@ -79,6 +79,26 @@ fn cases() -> Vec<Case> {
     qwen3.router.gate = Gate::TopK {
         norm_topk_prob: false,
     };
+    // GLM-4.5: every layer MoE, two shared experts, no QK-norm, no bias,
+    // RoPE on a quarter of each head, no renormalisation (the fixture has a
+    // dense layer 0, one shared expert, QK-norm, q/k/v biases and half).
+    let mut glm = DecoderConfig {
+        num_local_experts: 8,
+        num_experts_per_tok: 2,
+        moe_intermediate_size: Some(16),
+        n_shared_experts: 2,
+        partial_rotary_factor: 0.25,
+        // GLM-4.5's config has no balance-loss key.
+        router_aux_loss_coef: 0.0,
+        ..small(DecoderPreset::Mixtral)
+    };
+    glm.router.routed_scaling_factor = 1.5;
+    glm.router.gate = Gate::SigmoidAuxFree {
+        norm_topk_prob: false,
+        bias_update_rate: 1e-3,
+        n_group: 2,
+        topk_group: 1,
+    };
     let olmoe = DecoderConfig {
         num_local_experts: 8,
         ..small(DecoderPreset::Olmoe)
@@ -157,6 +177,12 @@ fn cases() -> Vec<Case> {
             name: "qwen3_moe",
             family: HfFamily::Qwen3Moe,
             config: qwen3,
+            layout: ExpertLayout::PerExpert,
+        },
+        Case {
+            name: "glm4_moe",
+            family: HfFamily::Glm4Moe,
+            config: glm,
             layout: ExpertLayout::PerExpert,
         },
         Case {

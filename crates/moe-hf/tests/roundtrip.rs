@@ -346,7 +346,7 @@ fn bf16_parameters_can_be_kept() {
 
 #[test]
 fn configs_a_family_cannot_express_are_errors_before_anything_is_written() {
-    let cases: [(DecoderPreset, &str, &str); 9] = [
+    let cases: [(DecoderPreset, &str, &str); 10] = [
         (DecoderPreset::Yuan, "mixtral", "localized filtering"),
         (
             DecoderPreset::DeepseekV3,
@@ -371,6 +371,11 @@ fn configs_a_family_cannot_express_are_errors_before_anything_is_written() {
             DecoderPreset::Qwen3Moe,
             "qwen2_moe",
             "qk_norm = Head, the family has None",
+        ),
+        (
+            DecoderPreset::DeepseekV3,
+            "glm4_moe",
+            "latent_attention (Multi-head Latent Attention) is DeepSeek-V3's",
         ),
     ];
     for (preset, model_type, needle) in cases {
@@ -402,7 +407,9 @@ fn configs_a_family_cannot_express_are_errors_before_anything_is_written() {
     .unwrap_err()
     .to_string();
     assert!(
-        err.contains("expected one of mixtral, qwen2_moe, qwen3_moe, deepseek_v3, olmoe, llama"),
+        err.contains(
+            "expected one of mixtral, qwen2_moe, qwen3_moe, deepseek_v3, glm4_moe, olmoe, llama"
+        ),
         "{err}"
     );
     let chars = moe_data::Tokenizer::Char(moe_data::CharTokenizer::from_text("ab").unwrap());
@@ -427,6 +434,7 @@ fn our_presets_round_trip_through_every_family_that_expresses_them() {
         (DecoderPreset::Mixtral, "mixtral"),
         (DecoderPreset::Qwen2Moe, "qwen2_moe"),
         (DecoderPreset::Qwen3Moe, "qwen3_moe"),
+        (DecoderPreset::Glm4Moe, "glm4_moe"),
         (DecoderPreset::Olmoe, "olmoe"),
         (DecoderPreset::Llama, "llama"),
         (DecoderPreset::DeepseekV3, "deepseek_v3"),

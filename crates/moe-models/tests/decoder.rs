@@ -17,10 +17,11 @@ fn rng_lock() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-const PRESETS: [DecoderPreset; 7] = [
+const PRESETS: [DecoderPreset; 8] = [
     DecoderPreset::Mixtral,
     DecoderPreset::Qwen2Moe,
     DecoderPreset::Qwen3Moe,
+    DecoderPreset::Glm4Moe,
     DecoderPreset::DeepseekV3,
     DecoderPreset::Olmoe,
     DecoderPreset::Yuan,

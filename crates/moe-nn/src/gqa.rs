@@ -20,7 +20,8 @@ use tch::{nn, Tensor};
 /// 2021, arXiv 2104.09864; with [`GqaConfig::rope_scaling`], the tables of
 /// [`Rope::with_scaling`]). Options: biases on the q, k, v projections
 /// (Qwen2), QK-norm before RoPE ([`QkNorm`]: OLMoE's over the projections,
-/// Qwen3's per head) and Yuan 2.0's localized filtering, which computes `Q`
+/// Qwen3's per head), RoPE on part of each head
+/// ([`GqaConfig::partial_rotary_factor`], GLM-4.5) and Yuan 2.0's localized filtering, which computes `Q`
 /// and `K` from `LF(x)` ([`LocalizedFiltering`]) and `V` from `x`.
 ///
 /// Parameters: `p/q_proj`, `p/k_proj`, `p/v_proj`, `p/o_proj` (`nn::Linear`,
@@ -80,7 +81,7 @@ impl GroupedQueryAttention {
             qk_norm,
             lf_gate,
             rope: Rope::with_scaling(
-                d,
+                config.rotary_dim(),
                 config.max_position_embeddings,
                 config.rope_theta,
                 config.rope_scaling.as_ref(),
@@ -180,8 +181,19 @@ impl GroupedQueryAttention {
             k = k_norm.forward(&k);
         }
         span("rope", || {
-            (self.rope.rotate(&q, start), self.rope.rotate(&k, start), v)
+            (self.rotate(&q, start), self.rotate(&k, start), v)
         })
+    }
+
+    /// RoPE on `[B, H, T, d]` heads: all `d` dimensions, or with a partial
+    /// factor the first `rotary_dim`, the rest passed through.
+    fn rotate(&self, x: &Tensor, start: i64) -> Tensor {
+        let (d, r) = (self.config.head_dim(), self.config.rotary_dim());
+        if r == d {
+            return self.rope.rotate(x, start);
+        }
+        let turned = self.rope.rotate(&x.narrow(-1, 0, r), start);
+        Tensor::cat(&[turned, x.narrow(-1, r, d - r)], -1)
     }
 
     /// `[B, H, T, d]` heads -> `[B, T, C]` through `o_proj`.

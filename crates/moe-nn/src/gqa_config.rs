@@ -46,6 +46,12 @@ pub struct GqaConfig {
     /// Reads `null` and `{"rope_type": "default"}` as `None`.
     #[serde(deserialize_with = "RopeScaling::deserialize_option")]
     pub rope_scaling: Option<RopeScaling>,
+    /// The share of each head's dimensions RoPE turns (GLM-4.5's 0.5):
+    /// the first `rotary_dim = floor(head_dim * partial_rotary_factor)`
+    /// (even, positive) rotate in halves, the rest pass unrotated, as
+    /// transformers' `apply_rotary_pos_emb` with a partial `cos`/`sin`
+    /// (`modeling_glm4_moe.py`). 1: every dimension.
+    pub partial_rotary_factor: f64,
     /// Bias on the q, k and v projections (Qwen2); `o_proj` never has one.
     pub attention_bias: bool,
     /// QK-norm before RoPE, if any.
@@ -74,6 +80,7 @@ impl Default for GqaConfig {
             max_position_embeddings: 256,
             rope_theta: 10000.0,
             rope_scaling: None,
+            partial_rotary_factor: 1.0,
             attention_bias: false,
             qk_norm: QkNorm::None,
             rms_norm_eps: 1e-6,
@@ -118,6 +125,18 @@ impl GqaConfig {
                 self.head_dim()
             )));
         }
+        let rotary = self.rotary_dim();
+        if !(self.partial_rotary_factor > 0.0 && self.partial_rotary_factor <= 1.0)
+            || rotary <= 0
+            || rotary % 2 != 0
+        {
+            return Err(MoeError::config(format!(
+                "partial_rotary_factor ({}) must be in (0, 1] and turn an even, positive number \
+                 of the head's {} dimensions (got {rotary})",
+                self.partial_rotary_factor,
+                self.head_dim()
+            )));
+        }
         check_rope_norm_dropout(
             self.rope_theta,
             self.rope_scaling.as_ref(),
@@ -137,6 +156,12 @@ impl GqaConfig {
     pub fn head_dim(&self) -> i64 {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// The dimensions of a head RoPE turns: `floor(head_dim *
+    /// partial_rotary_factor)` (transformers' `int(...)`).
+    pub fn rotary_dim(&self) -> i64 {
+        (self.head_dim() as f64 * self.partial_rotary_factor).floor() as i64
     }
 
     /// Query heads per key/value head, `H / H_kv`.

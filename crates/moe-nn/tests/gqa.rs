@@ -84,6 +84,13 @@ fn variants() -> Vec<(&'static str, GqaConfig)> {
             },
         ),
         (
+            "rope on half of each head",
+            GqaConfig {
+                partial_rotary_factor: 0.5,
+                ..config()
+            },
+        ),
+        (
             "yarn rope scaling",
             GqaConfig {
                 rope_scaling: Some(yarn()),
@@ -416,6 +423,28 @@ fn bad_configs_are_errors() {
                 ..config()
             },
             "rms_norm_eps",
+        ),
+        // head_dim 4: 0, more than all, and one (odd) dimension to turn.
+        (
+            GqaConfig {
+                partial_rotary_factor: 0.0,
+                ..config()
+            },
+            "partial_rotary_factor",
+        ),
+        (
+            GqaConfig {
+                partial_rotary_factor: 1.5,
+                ..config()
+            },
+            "partial_rotary_factor",
+        ),
+        (
+            GqaConfig {
+                partial_rotary_factor: 0.25,
+                ..config()
+            },
+            "even, positive number of the head's 4 dimensions (got 1)",
         ),
     ];
     let vs = nn::VarStore::new(Device::Cpu);

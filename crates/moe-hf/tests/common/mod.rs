@@ -11,10 +11,11 @@ use std::path::{Path, PathBuf};
 use tch::Tensor;
 
 /// Every fixture folder: one per family, and two with RoPE scaling.
-pub const FAMILIES: [&str; 8] = [
+pub const FAMILIES: [&str; 9] = [
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
+    "glm4_moe",
     "deepseek_v3",
     "deepseek_v3_yarn",
     "olmoe",

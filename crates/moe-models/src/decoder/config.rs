@@ -49,6 +49,9 @@ pub struct DecoderConfig {
     /// RoPE scaling (`linear`, `dynamic`, `yarn`, `llama3`); `None`: plain.
     #[serde(deserialize_with = "RopeScaling::deserialize_option")]
     pub rope_scaling: Option<RopeScaling>,
+    /// The share of each head's dimensions RoPE turns (GLM-4.5: 0.5; see
+    /// [`GqaConfig::partial_rotary_factor`]); 1 with latent attention.
+    pub partial_rotary_factor: f64,
     /// DeepSeek-V2/V3's Multi-head Latent Attention instead of grouped-query
     /// attention: its low-rank sizes (Hugging Face's flat `q_lora_rank`,
     /// `kv_lora_rank`, `qk_nope_head_dim`, `qk_rope_head_dim`, `v_head_dim`,
@@ -108,6 +111,7 @@ impl Default for DecoderConfig {
             max_position_embeddings: 32,
             rope_theta: 10_000.0,
             rope_scaling: None,
+            partial_rotary_factor: 1.0,
             latent_attention: None,
             rms_norm_eps: 1e-5,
             attention_bias: false,
@@ -193,6 +197,10 @@ pub enum DecoderPreset {
     /// bias, group-limited top-k, routed scaling 2.5, one shared expert, a
     /// first dense layer.
     DeepseekV3,
+    /// GLM-4.5: DeepSeek-V3's sigmoid router, shared expert and dense first
+    /// layer under grouped-query attention with q/k/v biases, QK-norm per
+    /// head and RoPE on half of each head.
+    Glm4Moe,
     /// OLMoE: QK-norm, softmax top-2 without renormalisation.
     Olmoe,
     /// Yuan 2.0-M32: localized filtering attention and the attention router.
@@ -210,12 +218,13 @@ impl FromStr for DecoderPreset {
             "qwen2_moe" | "qwen" => Ok(DecoderPreset::Qwen2Moe),
             "qwen3_moe" | "qwen3" => Ok(DecoderPreset::Qwen3Moe),
             "deepseek_v3" | "deepseek" => Ok(DecoderPreset::DeepseekV3),
+            "glm4_moe" | "glm" => Ok(DecoderPreset::Glm4Moe),
             "olmoe" => Ok(DecoderPreset::Olmoe),
             "yuan" => Ok(DecoderPreset::Yuan),
             "llama" => Ok(DecoderPreset::Llama),
             other => Err(MoeError::config(format!(
                 "unknown decoder preset `{other}`: expected mixtral, qwen2_moe, qwen3_moe, \
-                 deepseek_v3, olmoe, yuan or llama"
+                 deepseek_v3, glm4_moe, olmoe, yuan or llama"
             ))),
         }
     }
@@ -276,6 +285,15 @@ impl DecoderConfig {
                 },
                 router_aux_loss_coef: 0.0,
                 ..base
+            },
+            // DeepSeek-V3's MoE layers under grouped-query attention.
+            DecoderPreset::Glm4Moe => DecoderConfig {
+                attention_bias: true,
+                qk_norm: QkNorm::Head,
+                partial_rotary_factor: 0.5,
+                latent_attention: None,
+                rms_norm_eps: 1e-5,
+                ..DecoderConfig::preset(DecoderPreset::DeepseekV3)
             },
             DecoderPreset::Olmoe => DecoderConfig {
                 qk_norm: QkNorm::Projection,
@@ -339,6 +357,7 @@ impl DecoderConfig {
             max_position_embeddings: self.max_position_embeddings,
             rope_theta: self.rope_theta,
             rope_scaling: self.rope_scaling.clone(),
+            partial_rotary_factor: self.partial_rotary_factor,
             attention_bias: self.attention_bias,
             qk_norm: self.qk_norm,
             rms_norm_eps: self.rms_norm_eps,
@@ -452,6 +471,13 @@ impl DecoderConfig {
                 "set n_shared_experts (DeepSeek's ungated shared experts) or \
                  shared_expert_intermediate_size (Qwen2-MoE's gated one), not both",
             ));
+        }
+        if self.latent_attention.is_some() && self.partial_rotary_factor != 1.0 {
+            return Err(MoeError::config(format!(
+                "partial_rotary_factor = {} applies to grouped-query attention; latent \
+                 attention turns qk_rope_head_dim dimensions (set it to 1)",
+                self.partial_rotary_factor
+            )));
         }
         match self.latent_attention_config() {
             Some(mla) => mla.validate()?,
