@@ -176,11 +176,11 @@ fn per_expert_names(family: &str, l: usize) -> ([&'static str; 3], String, Strin
 fn to_packed(
     family: &str,
     tensors: &BTreeMap<String, Raw>,
-    layers: usize,
+    moe_layers: &[usize],
     experts: usize,
 ) -> BTreeMap<String, Raw> {
     let mut out = tensors.clone();
-    for l in 0..layers {
+    for &l in moe_layers {
         let (names, prefix, router) = per_expert_names(family, l);
         let mut gate_up = Vec::new();
         let mut down = Vec::new();
@@ -223,16 +223,24 @@ fn to_packed(
 
 #[test]
 fn packed_and_per_expert_layouts_load_to_the_same_weights() {
-    for name in ["mixtral", "qwen2_moe", "olmoe"] {
+    // Every MoE family, dense first layers (qwen3_moe, glm4_moe,
+    // deepseek_v3) included.
+    for name in [
+        "mixtral",
+        "qwen2_moe",
+        "qwen3_moe",
+        "glm4_moe",
+        "deepseek_v3",
+        "olmoe",
+    ] {
         let original = load(&fixture(name));
         let c = &original.config;
         let tensors = read_raw(&fixture(name).join("model.safetensors"));
-        let packed = to_packed(
-            name,
-            &tensors,
-            c.num_hidden_layers as usize,
-            c.num_local_experts as usize,
-        );
+        let moe_layers: Vec<usize> = (0..c.num_hidden_layers)
+            .filter(|&l| c.is_moe_layer(l))
+            .map(|l| l as usize)
+            .collect();
+        let packed = to_packed(name, &tensors, &moe_layers, c.num_local_experts as usize);
         let dir = temp_dir(&format!("packed-{name}"));
         copy_json(name, &dir);
         write_raw(&dir.join("model.safetensors"), &packed);
