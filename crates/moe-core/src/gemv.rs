@@ -15,12 +15,13 @@
 //!
 //! | machine | bf16, 2 KiB / 4 KiB rows | libtorch bf16 | int8 | libtorch int8 |
 //! |---|---|---|---|---|
-//! | 2 AMD EPYC cores, AVX2 (before AVX-512 and the prefetch) | 21-31 | 15.5-20 | - | - |
+//! | 2 AMD EPYC cores, AVX2 (at f5e79cc: before AVX-512 and the prefetch) | 21-31 | 15.5-20 | - | - |
 //! | 2 Intel Xeon cores (hyperthreads), AVX-512 | 20.6-21.1 / 21.3-21.7 | 14.3 / 18.6-18.9 | 17.1-18.0 | 10.8-13.1 |
 //! | the same, `ATEN_CPU_CAPABILITY=avx2` | 16.7-17.6 / 21.7-22.0 | 15.8-16.4 / 17.0-17.8 | 16.9-18.5 | 9.1-11.5 |
 //!
 //! (The Xeon's libtorch f32 sum reads 22 GB/s with 2 threads, 11 with
-//! one; without the prefetch its int8 kernel stalled at 12 GB/s.)
+//! one. At commit f5e79cc, before the AVX-512 width and the prefetch, the
+//! same test gave its bf16 2 KiB rows 16.5-16.8 GB/s.)
 //!
 //! - Arithmetic: products and sums in f32 (a bf16 or int8 weight times an
 //!   f32 copy of `x` is exact in f32; the sum's rounding is f32's, as in
@@ -125,16 +126,21 @@ fn cpu_has_avx2_fma() -> bool {
     {
         static HAS: OnceLock<bool> = OnceLock::new();
         *HAS.get_or_init(|| {
-            let capability = std::env::var("ATEN_CPU_CAPABILITY").unwrap_or_default();
-            !matches!(
-                capability.to_ascii_lowercase().as_str(),
-                "default" | "sse" | "sse4"
-            ) && std::is_x86_feature_detected!("avx2")
+            !matches!(aten_capability().as_str(), "default" | "sse" | "sse4")
+                && std::is_x86_feature_detected!("avx2")
                 && std::is_x86_feature_detected!("fma")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
+}
+
+/// `ATEN_CPU_CAPABILITY` in lower case (empty when unset): the CPU paths
+/// libtorch was told to take, which these kernels follow too.
+fn aten_capability() -> String {
+    std::env::var("ATEN_CPU_CAPABILITY")
+        .unwrap_or_default()
+        .to_ascii_lowercase()
 }
 
 /// Whether the AVX-512 width of the kernels runs: the CPU has AVX-512F,
@@ -145,9 +151,8 @@ fn cpu_has_avx512() -> bool {
     {
         static HAS: OnceLock<bool> = OnceLock::new();
         *HAS.get_or_init(|| {
-            let capability = std::env::var("ATEN_CPU_CAPABILITY").unwrap_or_default();
             cpu_has_avx2_fma()
-                && !capability.eq_ignore_ascii_case("avx2")
+                && aten_capability() != "avx2"
                 && std::is_x86_feature_detected!("avx512f")
         })
     }
@@ -488,9 +493,10 @@ mod simd {
     /// How far ahead of the weights being read the kernels ask for cache
     /// lines, for 1-byte weights: 2 KiB of int8; bf16 weights ask 1 KiB
     /// ahead (this divided by their size), which streamed faster than 2.
-    /// On a 2-core AVX-512 machine (each core shared with another
-    /// hyperthread) the hardware prefetcher alone left the int8 kernel at
-    /// 15 GB/s; with these, 17-18 (the ignored test `gemv_streaming`).
+    /// Chosen on a 2-core AVX-512 machine (each core shared with another
+    /// hyperthread), where the hardware prefetcher alone did not keep up
+    /// with the int8 kernel; the ignored test `gemv_streaming` prints the
+    /// rates.
     const PREFETCH_BYTES: usize = 2048;
 
     /// Asks for the cache lines `PREFETCH_BYTES / size` bytes past `p`, as

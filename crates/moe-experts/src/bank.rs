@@ -653,14 +653,20 @@ impl ExpertBank {
     /// Expert `e`'s matrices as row-major `[out, in]` (int8 ones with their
     /// row scales), `None` where the storage is not that (an f32 bank, a
     /// bank in row-major order).
-    fn expert_rows(&self, e: i64) -> Option<ExpertRows> {
-        let rows = |w: Tensor| w.is_contiguous().then_some((w, None));
+    fn expert_rows<'a>(&'a self, e: i64) -> Option<ExpertRows<'a>> {
+        let rows = |w: Tensor| w.is_contiguous().then_some(RowMatrix(w, None));
         if let Some(int8) = &self.int8 {
-            let q = |w: &Int8Weight| (w.values().get(e), Some(gemv::row_f32(&w.scales().get(e))));
+            // The scales are read in place: no copy per token.
+            let q = |w: &'a Int8Weight| -> Option<RowMatrix<'a>> {
+                Some(RowMatrix(w.values().get(e), Some(w.row_scales(e)?)))
+            };
             return Some(ExpertRows {
-                w_in: q(&int8.w_in).into(),
-                w_gate: int8.w_gate.as_ref().map(|w| q(w).into()),
-                w_out: q(&int8.w_out).into(),
+                w_in: q(&int8.w_in)?,
+                w_gate: match &int8.w_gate {
+                    Some(w) => Some(q(w)?),
+                    None => None,
+                },
+                w_out: q(&int8.w_out)?,
             });
         }
         let (w_in, w_gate, w_out) = match &self.mapped {
@@ -675,12 +681,12 @@ impl ExpertBank {
             ),
         };
         Some(ExpertRows {
-            w_in: rows(w_in)?.into(),
+            w_in: rows(w_in)?,
             w_gate: match w_gate {
-                Some(g) => Some(rows(g)?.into()),
+                Some(g) => Some(rows(g)?),
                 None => None,
             },
-            w_out: rows(w_out)?.into(),
+            w_out: rows(w_out)?,
         })
     }
 
@@ -725,25 +731,19 @@ fn times(x: &Tensor, w: &Tensor) -> Tensor {
 }
 
 /// One expert's matrices for the one-row kernels ([`ExpertBank::expert_rows`]).
-struct ExpertRows {
-    w_in: RowMatrix,
-    w_gate: Option<RowMatrix>,
-    w_out: RowMatrix,
+struct ExpertRows<'a> {
+    w_in: RowMatrix<'a>,
+    w_gate: Option<RowMatrix<'a>>,
+    w_out: RowMatrix<'a>,
 }
 
 /// `[out, in]` row-major, with an int8 matrix's per-row scales.
-struct RowMatrix(Tensor, Option<Vec<f32>>);
+struct RowMatrix<'a>(Tensor, Option<&'a [f32]>);
 
-impl From<(Tensor, Option<Vec<f32>>)> for RowMatrix {
-    fn from((w, scales): (Tensor, Option<Vec<f32>>)) -> Self {
-        RowMatrix(w, scales)
-    }
-}
-
-impl RowMatrix {
+impl RowMatrix<'_> {
     /// Applies the row scales (if any) to this matrix's products `y`.
     fn scale(&self, y: &mut [f32]) {
-        if let Some(s) = &self.1 {
+        if let Some(s) = self.1 {
             y.iter_mut().zip(s).for_each(|(y, s)| *y *= s);
         }
     }

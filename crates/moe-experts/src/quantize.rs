@@ -139,6 +139,29 @@ impl Int8Weight {
         &self.scales
     }
 
+    /// Expert `e`'s row scales `[out]` read in place (no copy): the one-row
+    /// kernels' per-token path. `None` unless the scales are a contiguous
+    /// f32 CPU tensor (as quantisation makes them) and `e` is in range.
+    pub(crate) fn row_scales(&self, e: i64) -> Option<&[f32]> {
+        let s = &self.scales;
+        let (experts, out) = (s.size()[0], s.size()[1]);
+        if s.device() != Device::Cpu || s.kind() != Kind::Float || !s.is_contiguous() {
+            return None;
+        }
+        if !(0..experts).contains(&e) {
+            return None;
+        }
+        // SAFETY: a contiguous CPU f32 tensor of `experts * out` elements,
+        // owned by `self` (borrowed for the slice's lifetime) and never
+        // written after quantisation.
+        Some(unsafe {
+            std::slice::from_raw_parts(
+                (s.data_ptr() as *const f32).add((e * out) as usize),
+                out as usize,
+            )
+        })
+    }
+
     /// Number of experts `E`.
     pub fn num_experts(&self) -> i64 {
         self.values.size()[0]

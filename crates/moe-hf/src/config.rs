@@ -438,7 +438,8 @@ impl<'a> Reader<'a> {
                         "`rope_parameters.partial_rotary_factor` must be a number, got {value}"
                     ))
                 })?;
-                if self.json.contains_key("partial_rotary_factor") && inner != partial {
+                let top_level = self.json.get("partial_rotary_factor");
+                if top_level.is_some_and(|v| !v.is_null()) && inner != partial {
                     return Err(self.err(format!(
                         "`partial_rotary_factor` = {partial} and \
                          `rope_parameters.partial_rotary_factor` = {inner} disagree"
@@ -1003,12 +1004,6 @@ impl HfConfig {
                 j.insert("attention_bias".into(), json!(c.attention_bias));
                 j.insert("use_qk_norm".into(), json!(c.qk_norm == QkNorm::Head));
                 j.insert("num_nextn_predict_layers".into(), json!(0));
-                if let Some(Value::Object(rope)) = j.get_mut("rope_parameters") {
-                    rope.insert(
-                        "partial_rotary_factor".into(),
-                        json!(c.partial_rotary_factor),
-                    );
-                }
             }
             HfFamily::DeepseekV3 => {
                 let latent = c.latent_attention.expect("checked above");
@@ -1049,9 +1044,9 @@ impl HfConfig {
     }
 }
 
-/// transformers 5's `rope_parameters` of `c`: `rope_theta`, `rope_type` and
+/// transformers 5's `rope_parameters` of `c`: `rope_theta`, `rope_type`,
 /// the scaling scheme's fields (which transformers 4 read from
-/// `rope_scaling`).
+/// `rope_scaling`) and a `partial_rotary_factor` other than 1.
 fn rope_parameters(c: &DecoderConfig) -> Result<Value> {
     let mut params = match &c.rope_scaling {
         None => json!({"rope_type": "default"}),
@@ -1059,6 +1054,10 @@ fn rope_parameters(c: &DecoderConfig) -> Result<Value> {
             .map_err(|e| MoeError::config(format!("rope_scaling: {e}")))?,
     };
     params["rope_theta"] = json!(c.rope_theta);
+    // GLM-4.5's partial RoPE (any other family has refused a factor != 1).
+    if c.partial_rotary_factor != 1.0 {
+        params["partial_rotary_factor"] = json!(c.partial_rotary_factor);
+    }
     Ok(params)
 }
 
