@@ -2,6 +2,8 @@
 //!
 //! - `cargo xtask shakespeare [-- ARGS]`: trains the makeMoE Shakespeare model.
 //! - `cargo xtask test [-- ARGS]`: runs every test of the workspace.
+//! - `cargo xtask library-tests [-- ARGS]`: runs the library crates' tests
+//!   again from that build (`.ci/run` does, under other CPUs' kernels).
 //! - `cargo xtask env`: prints the exports that make plain `cargo` work.
 //! - `cargo xtask run CARGO-ARGS...`: any cargo command in that environment.
 //! - `cargo xtask hf-fixtures [-- ARGS]`: rewrites `tests/data/hf` with
@@ -37,6 +39,7 @@ fn main() {
     let result = match task {
         "env" => build_env(&root).map(|vars| print_env(&vars)),
         "test" => test(&root, &rest),
+        "library-tests" => library_tests(&root, &rest),
         "shakespeare" => shakespeare(&root, &rest),
         "run" => cargo(&root, &[], &rest),
         "hf-fixtures" => hf_fixtures(&root, &rest),
@@ -54,6 +57,7 @@ fn usage() -> ! {
          \n  shakespeare   train the makeMoE model on the bundled tinyshakespeare\
          \n                (--nproc N: N processes under torchrun, with --expert-parallel)\
          \n  test          run every test of the workspace (installs mlflow into .venv)\
+         \n  library-tests run the library crates' tests again (ARGS go to each test binary)\
          \n  env           print the exports that make plain cargo find libtorch\
          \n  run ARGS      run `cargo ARGS` with that environment\
          \n  hf-fixtures   rewrite tests/data/hf with transformers (ARGS go to\
@@ -541,6 +545,147 @@ fn test(root: &Path, rest: &[String]) -> Result<(), String> {
     result
 }
 
+/// The library crates (folders under `crates/`): their tests are the ones
+/// that compare numbers (dense references, transformers' fixtures,
+/// makeMoE's PyTorch code, training runs against their thresholds), the
+/// ones `.ci/run` runs again on other CPUs' kernels. The facade's end-to-end
+/// CLI tests, MLflow and the multi-process tests check behaviour and run once.
+const LIBRARY_CRATES: [&str; 10] = [
+    "moe-core",
+    "moe-nn",
+    "moe-routers",
+    "moe-experts",
+    "moe-dispatch",
+    "moe-block",
+    "moe-models",
+    "moe-data",
+    "moe-hf",
+    "moe-train",
+];
+
+/// The library crates' unit and integration tests, run from the build
+/// `cargo xtask test` made. `cargo test -p A -p B` would resolve the
+/// dependencies' features for those packages alone (libc without the
+/// `extra_traits` a facade dependency turns on, and so on) and so build
+/// the whole tree a second time: gigabytes, and minutes of CI. Here cargo
+/// builds (or finds) the workspace-wide test binaries, and each library
+/// one runs the way `cargo test` runs it, in its package's folder. `rest`
+/// goes to every binary (a name filter, `--nocapture`, ...). The
+/// environment (ATEN_CPU_CAPABILITY, MKL_CBWR, ...) passes through.
+fn library_tests(root: &Path, rest: &[String]) -> Result<(), String> {
+    use std::io::{BufRead, BufReader};
+    let vars = build_env(root)?;
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut build = Command::new(cargo);
+    build
+        .current_dir(root)
+        .args([
+            "test",
+            "--workspace",
+            "--tests",
+            "--no-run",
+            "--message-format=json-render-diagnostics",
+        ])
+        .envs(vars.clone())
+        .stdout(std::process::Stdio::piped());
+    let mut child = build
+        .spawn()
+        .map_err(|e| format!("cannot start cargo: {e}"))?;
+    let mut binaries = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if let Some(binary) = test_binary(&line) {
+                binaries.push(binary);
+            }
+        }
+    }
+    let status = child.wait().map_err(|e| format!("cargo: {e}"))?;
+    if !status.success() {
+        return Err(format!("cargo test --no-run failed ({status})"));
+    }
+    let crates = root.join("crates");
+    binaries.retain(|b| {
+        LIBRARY_CRATES
+            .iter()
+            .any(|name| b.package_dir == crates.join(name))
+    });
+    binaries.sort_by(|a, b| (&a.package_dir, &a.path).cmp(&(&b.package_dir, &b.path)));
+    if binaries.len() < LIBRARY_CRATES.len() {
+        return Err(format!(
+            "found {} test binaries of the library crates {LIBRARY_CRATES:?}, expected one or more each",
+            binaries.len()
+        ));
+    }
+    let mut totals = TestCounts::default();
+    let mut failures = Vec::new();
+    for binary in &binaries {
+        println!("     Running {}", binary.path.display());
+        let mut cmd = Command::new(&binary.path);
+        cmd.current_dir(&binary.package_dir)
+            .env("CARGO_MANIFEST_DIR", &binary.package_dir)
+            .args(rest)
+            .envs(vars.clone());
+        if let Err(e) = run_counting(&mut cmd, &mut totals) {
+            failures.push(e);
+        }
+    }
+    println!(
+        "library tests: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("\n"))
+    }
+}
+
+/// A test executable cargo built, and the folder of its package.
+#[derive(Debug, PartialEq)]
+struct TestBinary {
+    path: PathBuf,
+    package_dir: PathBuf,
+}
+
+/// A `compiler-artifact` line of `cargo --message-format=json` that names
+/// an executable built in test mode.
+fn test_binary(line: &str) -> Option<TestBinary> {
+    if json_string(line, "reason")? != "compiler-artifact" || !line.contains("\"test\":true") {
+        return None;
+    }
+    let path = PathBuf::from(json_string(line, "executable")?);
+    let manifest = PathBuf::from(json_string(line, "manifest_path")?);
+    Some(TestBinary {
+        path,
+        package_dir: manifest.parent()?.to_path_buf(),
+    })
+}
+
+/// The string value of the first `"key":"..."` in a line of JSON (cargo's
+/// messages are one object a line, with no spaces after the colons); `None`
+/// if absent or not a string (`"executable":null`).
+fn json_string(line: &str, key: &str) -> Option<String> {
+    let start = line.find(&format!("\"{key}\":\""))? + key.len() + 4;
+    let mut value = String::new();
+    let mut chars = line[start..].chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => return Some(value),
+            '\\' => match chars.next()? {
+                'n' => value.push('\n'),
+                't' => value.push('\t'),
+                'u' => {
+                    let hex: String = chars.by_ref().take(4).collect();
+                    value.push(char::from_u32(u32::from_str_radix(&hex, 16).ok()?)?);
+                }
+                other => value.push(other),
+            },
+            c => value.push(c),
+        }
+    }
+    None
+}
+
 /// Runs cargo, echoing its output and adding up libtest's
 /// `test result: ... N passed; M failed; K ignored` lines into `totals`.
 fn cargo_counting(
@@ -549,19 +694,22 @@ fn cargo_counting(
     rest: &[String],
     totals: &mut TestCounts,
 ) -> Result<(), String> {
-    use std::io::{BufRead, BufReader};
     let vars = build_env(root)?;
     ensure_nccl_headers(root, rest)?;
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(root)
-        .args(fixed)
-        .args(rest)
-        .envs(vars)
-        .stdout(std::process::Stdio::piped());
+    cmd.current_dir(root).args(fixed).args(rest).envs(vars);
+    run_counting(&mut cmd, totals)
+}
+
+/// Runs `cmd`, echoing its standard output and adding up its libtest
+/// summary lines into `totals`.
+fn run_counting(cmd: &mut Command, totals: &mut TestCounts) -> Result<(), String> {
+    use std::io::{BufRead, BufReader};
+    cmd.stdout(std::process::Stdio::piped());
     let mut child = cmd
         .spawn()
-        .map_err(|e| format!("cannot start cargo: {e}"))?;
+        .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
     if let Some(out) = child.stdout.take() {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
             println!("{line}");
@@ -572,11 +720,17 @@ fn cargo_counting(
             }
         }
     }
-    let status = child.wait().map_err(|e| format!("cargo: {e}"))?;
+    let status = child
+        .wait()
+        .map_err(|e| format!("{:?}: {e}", cmd.get_program()))?;
     if status.success() {
         Ok(())
     } else {
-        Err(format!("cargo {fixed:?} failed ({status})"))
+        Err(format!(
+            "{:?} {:?} failed ({status})",
+            cmd.get_program(),
+            cmd.get_args().collect::<Vec<_>>()
+        ))
     }
 }
 
@@ -627,7 +781,32 @@ fn run(cmd: &mut Command) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{find_program, parse_test_result, TestCounts};
+    use super::{find_program, parse_test_result, test_binary, TestBinary, TestCounts};
+    use std::path::PathBuf;
+
+    #[test]
+    fn reads_test_binaries_from_cargo_messages() {
+        let test = r#"{"reason":"compiler-artifact","package_id":"path+file:///w/crates/moe-core#moe-layers-core@0.1.0","manifest_path":"/w/crates/moe-core/Cargo.toml","target":{"kind":["lib"],"name":"moe_core","src_path":"/w/crates/moe-core/src/lib.rs","test":true},"profile":{"opt_level":"1","test":true},"features":[],"filenames":["/w/target/debug/deps/moe_core-1"],"executable":"/w/target/debug/deps/moe_core-1","fresh":true}"#;
+        assert_eq!(
+            test_binary(test),
+            Some(TestBinary {
+                path: PathBuf::from("/w/target/debug/deps/moe_core-1"),
+                package_dir: PathBuf::from("/w/crates/moe-core"),
+            })
+        );
+        let library = r#"{"reason":"compiler-artifact","manifest_path":"/w/crates/moe-core/Cargo.toml","profile":{"test":false},"executable":null,"fresh":true}"#;
+        assert_eq!(test_binary(library), None);
+        let escaped = r#"{"reason":"compiler-artifact","manifest_path":"/w/a \"b\"/Cargo.toml","profile":{"test":true},"executable":"/w/t\u00e9st"}"#;
+        assert_eq!(
+            test_binary(escaped),
+            Some(TestBinary {
+                path: PathBuf::from("/w/t\u{e9}st"),
+                package_dir: PathBuf::from("/w/a \"b\""),
+            })
+        );
+        let other = r#"{"reason":"build-finished","success":true}"#;
+        assert_eq!(test_binary(other), None);
+    }
 
     #[test]
     fn reads_libtest_summaries() {
