@@ -131,6 +131,21 @@ def family_specs(tf):
         v_head_dim=8,
         num_mtp_layers=0,  # written as num_nextn_predict_layers; the files hold no MTP layer
     )
+    deepseek_v2 = dict(
+        common,
+        num_hidden_layers=3,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_attention_heads=4,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=2,
+        first_k_dense_replace=1,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+    )
     llama = dict(common, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
     return [
         (
@@ -270,6 +285,41 @@ def family_specs(tf):
             ),
             2.0,
         ),
+        (
+            "deepseek_v2",
+            tf.DeepseekV2Config,
+            tf.DeepseekV2ForCausalLM,
+            dict(
+                deepseek_v2,
+                q_lora_rank=None,  # a full q_proj, as V2-Lite
+                topk_method="group_limited_greedy",
+                n_group=4,
+                topk_group=2,
+                routed_scaling_factor=2.0,
+                rope_parameters={  # V2's YaRN with its mscale (0.707 on the hub)
+                    "rope_type": "yarn",
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 16,
+                    "beta_fast": 32,
+                    "beta_slow": 1,
+                    "mscale": 0.707,
+                    "mscale_all_dim": 0.707,
+                },
+            ),
+            2.0,
+        ),
+        (
+            "deepseek_v2_greedy",
+            tf.DeepseekV2Config,
+            tf.DeepseekV2ForCausalLM,
+            dict(
+                deepseek_v2,
+                q_lora_rank=32,
+                topk_method="greedy",
+                attention_bias=True,  # q_a_proj, kv_a_proj_with_mqa and o_proj
+            ),
+            2.0,
+        ),
     ]
 
 
@@ -355,6 +405,15 @@ def selection(module, logits):
         t, e = scores.shape
         g = module.num_group
         groups = scores.view(t, g, e // g).topk(2, dim=-1)[0].sum(dim=-1)
+        chosen = groups.topk(module.topk_group, dim=-1)[1]
+        mask = torch.zeros_like(groups).scatter_(1, chosen, 1.0).bool()
+        mask = mask.unsqueeze(-1).expand(t, g, e // g).reshape(t, e)
+        return scores.masked_fill(~mask, float("-inf")), groups
+    if getattr(module, "topk_method", None) == "group_limited_greedy":  # DeepSeek-V2: softmax, best per group
+        scores = torch.softmax(logits, dim=-1)
+        t, e = scores.shape
+        g = module.num_group
+        groups = scores.view(t, g, e // g).max(dim=-1).values
         chosen = groups.topk(module.topk_group, dim=-1)[1]
         mask = torch.zeros_like(groups).scatter_(1, chosen, 1.0).bool()
         mask = mask.unsqueeze(-1).expand(t, g, e // g).reshape(t, e)
@@ -700,6 +759,12 @@ Notes on the families:
   under grouped-query attention with q/k/v biases, QK-norm per head
   (use_qk_norm) and RoPE on the first half of each head (partial_rotary_factor
   0.5, written into `rope_parameters`).
+- DeepSeek-V2 (`deepseek_v2`, `deepseek_v2_greedy`): DeepSeek-V3's latent
+  attention (a full q_proj without q_lora_rank, as V2-Lite; biases with
+  attention_bias) and layer layout with a softmax router: `greedy` top-k, or
+  `group_limited_greedy` (the topk_group groups of highest best probability
+  first); the chosen probabilities are never renormalised, then times
+  routed_scaling_factor; two ungated shared experts; RoPE on adjacent pairs.
 - OLMoE: softmax, top-k, not renormalised; q_norm / k_norm are RMSNorms over
   the whole projected q (heads x head_dim) and k (kv heads x head_dim) before
   the rope.

@@ -197,6 +197,17 @@ impl HfFamily {
                 rms_norm_eps: 1e-6,
                 rope_theta: 10000.0,
             },
+            HfFamily::DeepseekV2 => Defaults {
+                vocab_size: 102400,
+                hidden_size: 4096,
+                intermediate_size: 11008,
+                num_hidden_layers: 32,
+                num_attention_heads: 32,
+                num_key_value_heads: None,
+                max_position_embeddings: 2048,
+                rms_norm_eps: 1e-6,
+                rope_theta: 10000.0,
+            },
             HfFamily::Glm4Moe => Defaults {
                 vocab_size: 151552,
                 hidden_size: 4096,
@@ -372,6 +383,70 @@ impl<'a> Reader<'a> {
             n_group: self.int("n_group", d.n_group)?,
             topk_group: self.int("topk_group", d.topk_group)?,
         };
+        Ok(())
+    }
+
+    /// DeepSeek's Multi-head Latent Attention keys (V2 and V3): the ranks
+    /// and head widths, `qk_head_dim` and `head_dim` (transformers derives
+    /// them; present, they must agree), every head with its own key.
+    fn latent_attention(&mut self, c: &mut DecoderConfig, rope_interleave: bool) -> Result<()> {
+        let latent = LatentAttention {
+            // `null` is a full `q_proj` (DeepSeek-V2-Lite); missing is the default.
+            q_lora_rank: match self.json.get("q_lora_rank") {
+                Some(Value::Null) => None,
+                _ => Some(self.int("q_lora_rank", 1536)?),
+            },
+            kv_lora_rank: self.int("kv_lora_rank", 512)?,
+            qk_nope_head_dim: self.int("qk_nope_head_dim", 128)?,
+            qk_rope_head_dim: self.int("qk_rope_head_dim", 64)?,
+            v_head_dim: self.int("v_head_dim", 128)?,
+            rope_interleave,
+        };
+        self.used.insert("q_lora_rank".into());
+        let qk_head_dim = latent.qk_nope_head_dim + latent.qk_rope_head_dim;
+        self.fixed(
+            "qk_head_dim",
+            |v| v.as_i64() == Some(qk_head_dim),
+            &format!("qk_head_dim = qk_nope_head_dim + qk_rope_head_dim = {qk_head_dim}"),
+        )?;
+        // transformers builds the RoPE tables `head_dim` wide.
+        let rope_dim = latent.qk_rope_head_dim;
+        self.fixed(
+            "head_dim",
+            |v| v.as_i64() == Some(rope_dim),
+            &format!("head_dim = qk_rope_head_dim = {rope_dim} (the width RoPE turns)"),
+        )?;
+        c.head_dim = None;
+        // Every head has its own key in MLA.
+        c.num_key_value_heads = c.num_attention_heads;
+        c.latent_attention = Some(latent);
+        Ok(())
+    }
+
+    /// Keys of DeepSeek's original checkpoints (its own modeling code) that
+    /// transformers' classes do not read: the scores (`scoring`, the
+    /// family's), every layer after the dense ones MoE, and settings that do
+    /// not change the causal LM (multi-token-prediction layers, which
+    /// transformers skips; expert-parallel size; training-only losses).
+    fn deepseek_originals(&mut self, scoring: &str) -> Result<()> {
+        self.fixed(
+            "scoring_func",
+            |v| v.as_str() == Some(scoring),
+            &format!("\"{scoring}\" scores"),
+        )?;
+        self.fixed(
+            "moe_layer_freq",
+            |v| v.as_i64() == Some(1),
+            "moe_layer_freq 1 (every layer after the dense ones is MoE)",
+        )?;
+        self.informational(&[
+            "num_nextn_predict_layers",
+            "num_mtp_layers",
+            "ep_size",
+            "aux_loss_alpha",
+            "seq_aux",
+            "pretraining_tp",
+        ]);
         Ok(())
     }
 
@@ -722,63 +797,59 @@ impl HfConfig {
                     },
                 )?;
                 c.attention_bias = r.boolean("attention_bias", false)?;
-                let latent = LatentAttention {
-                    // `null` is a full `q_proj` (DeepSeek-V2-Lite); missing is the default.
-                    q_lora_rank: match self.json.get("q_lora_rank") {
-                        Some(Value::Null) => None,
-                        _ => Some(r.int("q_lora_rank", 1536)?),
-                    },
-                    kv_lora_rank: r.int("kv_lora_rank", 512)?,
-                    qk_nope_head_dim: r.int("qk_nope_head_dim", 128)?,
-                    qk_rope_head_dim: r.int("qk_rope_head_dim", 64)?,
-                    v_head_dim: r.int("v_head_dim", 128)?,
-                    rope_interleave: r.boolean("rope_interleave", true)?,
-                };
-                r.used.insert("q_lora_rank".into());
-                let qk_head_dim = latent.qk_nope_head_dim + latent.qk_rope_head_dim;
-                r.fixed(
-                    "qk_head_dim",
-                    |v| v.as_i64() == Some(qk_head_dim),
-                    &format!("qk_head_dim = qk_nope_head_dim + qk_rope_head_dim = {qk_head_dim}"),
-                )?;
-                // transformers builds the RoPE tables `head_dim` wide.
-                let rope_dim = latent.qk_rope_head_dim;
-                r.fixed(
-                    "head_dim",
-                    |v| v.as_i64() == Some(rope_dim),
-                    &format!("head_dim = qk_rope_head_dim = {rope_dim} (the width RoPE turns)"),
-                )?;
-                c.head_dim = None;
-                // Every head has its own key in MLA.
-                c.num_key_value_heads = num_attention_heads;
-                c.latent_attention = Some(latent);
+                let rope_interleave = r.boolean("rope_interleave", true)?;
+                r.latent_attention(&mut c, rope_interleave)?;
                 // The original checkpoints' keys (DeepSeek's own modeling code).
-                r.fixed(
-                    "scoring_func",
-                    |v| v.as_str() == Some("sigmoid"),
-                    "\"sigmoid\" scores",
-                )?;
                 r.fixed(
                     "topk_method",
                     |v| v.as_str() == Some("noaux_tc"),
                     "\"noaux_tc\" (group-limited top-k on the bias-corrected scores)",
                 )?;
-                r.fixed(
-                    "moe_layer_freq",
-                    |v| v.as_i64() == Some(1),
-                    "moe_layer_freq 1 (every layer after the dense ones is MoE)",
-                )?;
-                // Multi-token prediction layers (not part of the causal LM,
-                // transformers skips their weights), expert-parallel size and
-                // training-only auxiliary losses.
-                r.informational(&[
-                    "num_nextn_predict_layers",
-                    "num_mtp_layers",
-                    "ep_size",
-                    "aux_loss_alpha",
-                    "seq_aux",
-                    "pretraining_tp",
-                ]);
+                r.deepseek_originals("sigmoid")?;
+            }
+            HfFamily::DeepseekV2 => {
+                c.num_local_experts = r.int_aliased("n_routed_experts", "num_experts", 64)?;
+                c.num_experts_per_tok = r.opt_int("num_experts_per_tok")?.ok_or_else(|| {
+                    r.err("`num_experts_per_tok` is missing: DeepSeek-V2 has no default for it")
+                })?;
+                c.moe_intermediate_size = Some(r.int("moe_intermediate_size", 1407)?);
+                c.n_shared_experts = r.int("n_shared_experts", 2)?;
+                c.first_k_dense_replace = r.int("first_k_dense_replace", 0)?;
+                c.router.routed_scaling_factor = r.float("routed_scaling_factor", 1.0)?;
+                c.router.gate = match r.value("topk_method").map(|v| (v, v.as_str())) {
+                    None | Some((_, Some("greedy"))) => {
+                        // Without a group limit the group keys do nothing.
+                        r.informational(&["n_group", "topk_group"]);
+                        Gate::TopK {
+                            norm_topk_prob: false,
+                        }
+                    }
+                    Some((_, Some("group_limited_greedy"))) => Gate::GroupLimitedGreedy {
+                        norm_topk_prob: false,
+                        n_group: r.opt_int("n_group")?.ok_or_else(|| {
+                            r.err("topk_method `group_limited_greedy` needs `n_group`")
+                        })?,
+                        topk_group: r.opt_int("topk_group")?.ok_or_else(|| {
+                            r.err("topk_method `group_limited_greedy` needs `topk_group`")
+                        })?,
+                    },
+                    Some((v, _)) => {
+                        return Err(r.err(format!(
+                            "`topk_method` = {v} is not supported: DeepSeek-V2 chooses by \
+                             \"greedy\" or \"group_limited_greedy\""
+                        )))
+                    }
+                };
+                // transformers' DeepseekV2TopkRouter never renormalises,
+                // whatever the key says (DeepSeek's own code did when true;
+                // its checkpoints say false).
+                r.informational(&["norm_topk_prob"]);
+                c.attention_bias = r.boolean("attention_bias", false)?;
+                r.fixed("mlp_bias", |v| v.as_bool() == Some(false), "mlp_bias false")?;
+                // RoPE on adjacent pairs of the rotary dimensions (complex
+                // products), as V3's `rope_interleave`.
+                r.latent_attention(&mut c, true)?;
+                r.deepseek_originals("softmax")?;
             }
         }
         r.finish(ignore)?;
@@ -799,7 +870,8 @@ impl HfConfig {
                 "model_type `{family}` cannot express this decoder config: {what}"
             ))
         };
-        let deepseek = family == HfFamily::DeepseekV3;
+        // Multi-head Latent Attention and ungated shared experts.
+        let deepseek = matches!(family, HfFamily::DeepseekV3 | HfFamily::DeepseekV2);
         // DeepSeek-V3's MoE layers: its sigmoid router, routed scaling and
         // ungated shared experts (GLM-4.5 has them too).
         let sigmoid_moe = matches!(family, HfFamily::DeepseekV3 | HfFamily::Glm4Moe);
@@ -816,12 +888,12 @@ impl HfConfig {
         }
         if c.latent_attention.is_some() != deepseek {
             return Err(bad(if deepseek {
-                "DeepSeek-V3's attention is Multi-head Latent Attention (latent_attention)".into()
+                "DeepSeek's attention is Multi-head Latent Attention (latent_attention)".into()
             } else {
-                "latent_attention (Multi-head Latent Attention) is DeepSeek-V3's".into()
+                "latent_attention (Multi-head Latent Attention) is DeepSeek's".into()
             }));
         }
-        if c.n_shared_experts != 0 && !sigmoid_moe {
+        if c.n_shared_experts != 0 && !(sigmoid_moe || deepseek) {
             return Err(bad(format!(
                 "n_shared_experts = {} (DeepSeek's shared experts)",
                 c.n_shared_experts
@@ -854,28 +926,37 @@ impl HfConfig {
                 r.bias, r.capacity_factor
             )));
         }
-        if moe && !sigmoid_moe && r.routed_scaling_factor != 1.0 {
+        if moe && !(sigmoid_moe || deepseek) && r.routed_scaling_factor != 1.0 {
             return Err(bad(format!(
                 "routed_scaling_factor = {} (DeepSeek's); the family does not scale the expert \
                  weights",
                 r.routed_scaling_factor
             )));
         }
+        let v2 = family == HfFamily::DeepseekV2;
         let norm_topk_prob = match (moe, sigmoid_moe, &r.gate) {
             (false, _, _) => true,
             (true, false, Gate::TopK { norm_topk_prob })
             | (true, true, Gate::SigmoidAuxFree { norm_topk_prob, .. }) => *norm_topk_prob,
+            (true, false, Gate::GroupLimitedGreedy { norm_topk_prob, .. }) if v2 => *norm_topk_prob,
             (true, _, other) => {
                 return Err(bad(format!(
                     "router gate {other:?}; the family's router is {}",
                     if sigmoid_moe {
                         "sigmoid with the aux-free bias (SigmoidAuxFree)"
+                    } else if v2 {
+                        "softmax top-k (TopK), group-limited or not (GroupLimitedGreedy)"
                     } else {
                         "softmax top-k"
                     }
                 )))
             }
         };
+        if v2 && moe && norm_topk_prob {
+            return Err(bad(
+                "norm_topk_prob = true; transformers' DeepSeek-V2 router never renormalises".into(),
+            ));
+        }
         let mut j = Map::new();
         j.insert("model_type".into(), json!(family.model_type()));
         j.insert("architectures".into(), json!([family.architecture()]));
@@ -1006,7 +1087,6 @@ impl HfConfig {
                 j.insert("num_nextn_predict_layers".into(), json!(0));
             }
             HfFamily::DeepseekV3 => {
-                let latent = c.latent_attention.expect("checked above");
                 if !moe || c.shared_expert_intermediate_size.is_some() {
                     return Err(bad(format!(
                         "DeepSeek-V3 has routed experts and ungated shared ones \
@@ -1015,20 +1095,48 @@ impl HfConfig {
                     )));
                 }
                 write_sigmoid_moe(&mut j, c, norm_topk_prob);
-                j.insert("q_lora_rank".into(), json!(latent.q_lora_rank));
-                j.insert("kv_lora_rank".into(), json!(latent.kv_lora_rank));
-                j.insert("qk_nope_head_dim".into(), json!(latent.qk_nope_head_dim));
-                j.insert("qk_rope_head_dim".into(), json!(latent.qk_rope_head_dim));
-                j.insert(
-                    "qk_head_dim".into(),
-                    json!(latent.qk_nope_head_dim + latent.qk_rope_head_dim),
-                );
-                j.insert("v_head_dim".into(), json!(latent.v_head_dim));
-                j.insert("head_dim".into(), json!(latent.qk_rope_head_dim));
+                let latent = write_latent_attention(&mut j, c);
                 j.insert("rope_interleave".into(), json!(latent.rope_interleave));
-                j.insert("num_key_value_heads".into(), json!(c.num_attention_heads));
                 j.insert("attention_bias".into(), json!(c.attention_bias));
                 j.insert("num_nextn_predict_layers".into(), json!(0));
+            }
+            HfFamily::DeepseekV2 => {
+                if !moe || c.shared_expert_intermediate_size.is_some() {
+                    return Err(bad(format!(
+                        "DeepSeek-V2 has routed experts and ungated shared ones \
+                         (num_local_experts = {}, shared_expert_intermediate_size = {:?})",
+                        c.num_local_experts, c.shared_expert_intermediate_size
+                    )));
+                }
+                if c.latent_attention.is_some_and(|l| !l.rope_interleave) {
+                    return Err(bad(
+                        "rope_interleave = false; DeepSeek-V2 turns adjacent pairs".into(),
+                    ));
+                }
+                // transformers writes `null` groups for `greedy`.
+                let (method, n_group, topk_group) = match r.gate.groups() {
+                    Some((n, k)) => ("group_limited_greedy", json!(n), json!(k)),
+                    None => ("greedy", Value::Null, Value::Null),
+                };
+                j.insert("n_routed_experts".into(), json!(c.num_local_experts));
+                j.insert("num_experts_per_tok".into(), json!(c.num_experts_per_tok));
+                j.insert("moe_intermediate_size".into(), json!(c.expert_width()));
+                j.insert("n_shared_experts".into(), json!(c.n_shared_experts));
+                j.insert(
+                    "first_k_dense_replace".into(),
+                    json!(c.first_k_dense_replace),
+                );
+                j.insert("topk_method".into(), json!(method));
+                j.insert("n_group".into(), n_group);
+                j.insert("topk_group".into(), topk_group);
+                j.insert("norm_topk_prob".into(), json!(false));
+                j.insert(
+                    "routed_scaling_factor".into(),
+                    json!(r.routed_scaling_factor),
+                );
+                write_latent_attention(&mut j, c);
+                j.insert("attention_bias".into(), json!(c.attention_bias));
+                j.insert("mlp_bias".into(), json!(false));
             }
         }
         Ok(HfConfig {
@@ -1087,6 +1195,25 @@ fn write_sigmoid_moe(j: &mut Map<String, Value>, c: &DecoderConfig, norm_topk_pr
         "routed_scaling_factor".into(),
         json!(c.router.routed_scaling_factor),
     );
+}
+
+/// DeepSeek's Multi-head Latent Attention keys (the inverse of
+/// [`Reader::latent_attention`]); `c.latent_attention` is set (checked by
+/// the caller).
+fn write_latent_attention(j: &mut Map<String, Value>, c: &DecoderConfig) -> LatentAttention {
+    let latent = c.latent_attention.expect("checked by from_decoder");
+    j.insert("q_lora_rank".into(), json!(latent.q_lora_rank));
+    j.insert("kv_lora_rank".into(), json!(latent.kv_lora_rank));
+    j.insert("qk_nope_head_dim".into(), json!(latent.qk_nope_head_dim));
+    j.insert("qk_rope_head_dim".into(), json!(latent.qk_rope_head_dim));
+    j.insert(
+        "qk_head_dim".into(),
+        json!(latent.qk_nope_head_dim + latent.qk_rope_head_dim),
+    );
+    j.insert("v_head_dim".into(), json!(latent.v_head_dim));
+    j.insert("head_dim".into(), json!(latent.qk_rope_head_dim));
+    j.insert("num_key_value_heads".into(), json!(c.num_attention_heads));
+    latent
 }
 
 /// Qwen2-MoE's and Qwen3-MoE's keys for the layers' layout and experts

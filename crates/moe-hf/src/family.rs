@@ -27,6 +27,11 @@ pub enum HfFamily {
     /// (`e_score_correction_bias`) and group-limited top-k, routed scaling,
     /// shared experts and a dense prefix (`first_k_dense_replace`).
     DeepseekV3,
+    /// `deepseek_v2` (`DeepseekV2ForCausalLM`, V2 and V2-Lite): DeepSeek-V3's
+    /// attention and layer layout with a softmax router, `greedy` or
+    /// `group_limited_greedy` (groups scored by their best probability),
+    /// weights not renormalised, times `routed_scaling_factor`.
+    DeepseekV2,
     /// `glm4_moe` (`Glm4MoeForCausalLM`, GLM-4.5/4.6/4.7): DeepSeek-V3's
     /// router, shared experts and dense prefix under grouped-query attention
     /// with q/k/v biases, optional QK-norm per head and RoPE on part of each
@@ -36,11 +41,12 @@ pub enum HfFamily {
 
 impl HfFamily {
     /// Every model type this crate reads and writes.
-    pub const ALL: [HfFamily; 7] = [
+    pub const ALL: [HfFamily; 8] = [
         HfFamily::Mixtral,
         HfFamily::Qwen2Moe,
         HfFamily::Qwen3Moe,
         HfFamily::DeepseekV3,
+        HfFamily::DeepseekV2,
         HfFamily::Glm4Moe,
         HfFamily::Olmoe,
         HfFamily::Llama,
@@ -55,6 +61,7 @@ impl HfFamily {
             HfFamily::Olmoe => "olmoe",
             HfFamily::Llama => "llama",
             HfFamily::DeepseekV3 => "deepseek_v3",
+            HfFamily::DeepseekV2 => "deepseek_v2",
             HfFamily::Glm4Moe => "glm4_moe",
         }
     }
@@ -68,6 +75,7 @@ impl HfFamily {
             HfFamily::Olmoe => "OlmoeForCausalLM",
             HfFamily::Llama => "LlamaForCausalLM",
             HfFamily::DeepseekV3 => "DeepseekV3ForCausalLM",
+            HfFamily::DeepseekV2 => "DeepseekV2ForCausalLM",
             HfFamily::Glm4Moe => "Glm4MoeForCausalLM",
         }
     }
@@ -77,7 +85,7 @@ impl HfFamily {
         self != HfFamily::Llama
     }
 
-    /// The model types, for messages: "mixtral, qwen2_moe, qwen3_moe, deepseek_v3, glm4_moe, olmoe, llama".
+    /// The model types, for messages: "mixtral, qwen2_moe, qwen3_moe, deepseek_v3, deepseek_v2, glm4_moe, olmoe, llama".
     pub fn supported_list() -> String {
         Self::ALL
             .iter()
@@ -97,7 +105,7 @@ impl FromStr for HfFamily {
     type Err = MoeError;
 
     /// A `model_type` (`mixtral`, `qwen2_moe`, `qwen3_moe`, `olmoe`,
-    /// `llama`, `deepseek_v3`, `glm4_moe`); any other is an error naming the supported ones.
+    /// `llama`, `deepseek_v3`, `deepseek_v2`, `glm4_moe`); any other is an error naming the supported ones.
     fn from_str(s: &str) -> Result<Self> {
         Self::ALL
             .into_iter()

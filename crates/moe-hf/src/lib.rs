@@ -37,12 +37,12 @@
 //! | packed: `model.layers.N.mlp.experts.down_proj` `[E, H, I]` | `w_out` `[E, I, H]` | `transpose(1, 2)` |
 //! | Qwen2-MoE `model.layers.N.mlp.shared_expert.{gate,up,down}_proj.weight` | `...mlp.shared_experts.{w_gate,w_in,w_out}[0]` | transposed |
 //! | Qwen2-MoE `model.layers.N.mlp.shared_expert_gate.weight` | same | as is, `[1, H]` |
-//! | DeepSeek-V3 `model.layers.N.self_attn.{q_a_proj,q_a_layernorm,q_b_proj,kv_a_proj_with_mqa,kv_a_layernorm,kv_b_proj,o_proj}.weight` (or `q_proj` without `q_lora_rank`), biases with `attention_bias` | same | as is |
-//! | DeepSeek-V3 `...mlp.gate.e_score_correction_bias` | `...mlp.router.expert_bias` | as is, `[E]` |
-//! | DeepSeek-V3 `...mlp.shared_experts.{gate,up,down}_proj.weight` | `...mlp.shared_experts.{w_gate,w_in,w_out}[0]` | transposed |
+//! | DeepSeek-V2/V3 `model.layers.N.self_attn.{q_a_proj,q_a_layernorm,q_b_proj,kv_a_proj_with_mqa,kv_a_layernorm,kv_b_proj,o_proj}.weight` (or `q_proj` without `q_lora_rank`), biases with `attention_bias` | same | as is |
+//! | DeepSeek-V3, GLM-4.5 `...mlp.gate.e_score_correction_bias` | `...mlp.router.expert_bias` | as is, `[E]` |
+//! | DeepSeek-V2/V3, GLM-4.5 `...mlp.shared_experts.{gate,up,down}_proj.weight` | `...mlp.shared_experts.{w_gate,w_in,w_out}[0]` | transposed |
 //!
 //! `...rotary_emb.inv_freq` buffers (recomputed), with tied embeddings a
-//! stored `lm_head.weight`, and DeepSeek-V3's multi-token-prediction layers
+//! stored `lm_head.weight`, and DeepSeek-V3's and GLM-4.5's multi-token-prediction layers
 //! (`model.layers.N` past `num_hidden_layers`) are skipped on reading.
 //!
 //! RoPE settings are read from transformers 4's `rope_theta` +

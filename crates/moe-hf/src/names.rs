@@ -136,7 +136,7 @@ fn mlp_as_expert(prefix: &str, ours: &str) -> Vec<HfTensor> {
 /// The parameters of one attention layer, named alike here and in the
 /// checkpoint (`q_proj.weight`, ...): grouped-query attention's
 /// projections, q/k/v biases with `attention_bias` (Qwen2) and QK-norms
-/// (OLMoE); or Multi-head Latent Attention's (DeepSeek-V3), with biases on
+/// (OLMoE); or Multi-head Latent Attention's (DeepSeek-V2/V3), with biases on
 /// `q_a_proj`, `kv_a_proj_with_mqa` and `o_proj` under `attention_bias`.
 fn attention_params(c: &DecoderConfig) -> Vec<String> {
     let mut params = Vec::new();
@@ -282,7 +282,7 @@ pub(crate) fn groups(family: HfFamily, c: &DecoderConfig) -> Vec<Group> {
         }
         if c.shared_experts().is_some() {
             let (hf, gate) = match family {
-                HfFamily::DeepseekV3 | HfFamily::Glm4Moe => {
+                HfFamily::DeepseekV3 | HfFamily::DeepseekV2 | HfFamily::Glm4Moe => {
                     (format!("{mlp}.shared_experts"), false)
                 }
                 _ => (format!("{mlp}.shared_expert"), true),

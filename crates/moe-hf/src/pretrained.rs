@@ -232,8 +232,8 @@ fn float_dtype(kind: Kind, what: &str) -> Result<()> {
 /// Loads a folder as transformers' `save_pretrained` writes it:
 ///
 /// - `config.json`, mapped to a [`DecoderConfig`] by its `model_type`
-///   (`mixtral`, `qwen2_moe`, `olmoe`, `llama`, `deepseek_v3`; see
-///   [`HfConfig::to_decoder`] for the key policy);
+///   (one of [`HfFamily::ALL`]; see [`HfConfig::to_decoder`] for the key
+///   policy);
 /// - the weights, `model.safetensors` or the shards of
 ///   `model.safetensors.index.json`, memory-mapped and checked whole
 ///   ([`load_weights`]), in either expert layout;

@@ -250,7 +250,7 @@ fn an_unknown_model_type_names_the_supported_ones() {
         &dir,
         &[
             "`gpt2`",
-            "mixtral, qwen2_moe, qwen3_moe, deepseek_v3, glm4_moe, olmoe, llama",
+            "mixtral, qwen2_moe, qwen3_moe, deepseek_v3, deepseek_v2, glm4_moe, olmoe, llama",
         ],
     );
 }
@@ -326,7 +326,7 @@ fn rope_settings_the_decoder_does_not_implement_are_named() {
 
 #[test]
 fn keys_that_change_the_model_are_not_ignored() {
-    let cases: [(&str, &str, serde_json::Value, &str); 11] = [
+    let cases: [(&str, &str, serde_json::Value, &str); 15] = [
         // RoPE on part of each head is GLM-4.5's; its two places must agree.
         (
             "llama",
@@ -366,6 +366,32 @@ fn keys_that_change_the_model_are_not_ignored() {
             serde_json::json!([1]),
             "dense prefix",
         ),
+        // DeepSeek-V2: its two selection methods only, with their groups;
+        // no top-k default; softmax scores.
+        (
+            "deepseek_v2",
+            "topk_method",
+            "noaux_tc".into(),
+            "`topk_method` = \"noaux_tc\" is not supported",
+        ),
+        (
+            "deepseek_v2",
+            "n_group",
+            serde_json::Value::Null,
+            "`group_limited_greedy` needs `n_group`",
+        ),
+        (
+            "deepseek_v2",
+            "num_experts_per_tok",
+            serde_json::Value::Null,
+            "`num_experts_per_tok` is missing",
+        ),
+        (
+            "deepseek_v2",
+            "scoring_func",
+            "sigmoid".into(),
+            "`scoring_func`",
+        ),
     ];
     for (name, key, value, needle) in cases {
         let dir = edited_config(name, &format!("key-{key}"), |c| {
@@ -379,6 +405,16 @@ fn keys_that_change_the_model_are_not_ignored() {
         c.insert("sliding_window".into(), 16.into());
     });
     assert_config_rejected(&dir, &["`sliding_window` = 16", "model_type `qwen3_moe`"]);
+    // DeepSeek-V2's groups must split the experts evenly, and leave k experts.
+    let dir = edited_config("deepseek_v2", "key-groups", |c| {
+        c.insert("n_group".into(), 3.into());
+    });
+    assert_config_rejected(&dir, &["n_group", "model_type `deepseek_v2`"]);
+    let dir = edited_config("deepseek_v2", "key-topk-group", |c| {
+        c.insert("n_group".into(), 8.into());
+        c.insert("topk_group".into(), 1.into());
+    });
+    assert_config_rejected(&dir, &["topk_group", "model_type `deepseek_v2`"]);
     // An unknown key is an error, unless the caller ignores it.
     let dir = edited_config("mixtral", "unknown-key", |c| {
         c.insert("quantization_config".into(), serde_json::json!({"bits": 4}));

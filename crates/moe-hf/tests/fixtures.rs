@@ -118,6 +118,38 @@ fn deepseek_v3_with_yarn_matches_transformers() {
     check_scaled("deepseek_v3_yarn", "yarn");
 }
 
+/// DeepSeek-V2-Lite's shape: no q_lora_rank, the group-limited greedy
+/// router, YaRN with V2's mscale.
+#[test]
+fn deepseek_v2_matches_transformers() {
+    let pretrained = load(&fixture("deepseek_v2"));
+    let latent = pretrained.config.latent_attention.expect("MLA");
+    assert_eq!(latent.q_lora_rank, None);
+    assert!(matches!(
+        pretrained.config.router.gate,
+        moe_routers::Gate::GroupLimitedGreedy {
+            norm_topk_prob: false,
+            n_group: 4,
+            topk_group: 2
+        }
+    ));
+    check_scaled("deepseek_v2", "yarn");
+}
+
+/// DeepSeek-V2 with `q_lora_rank`, attention biases and the plain greedy router.
+#[test]
+fn deepseek_v2_greedy_matches_transformers() {
+    let pretrained = load(&fixture("deepseek_v2_greedy"));
+    assert!(pretrained.config.attention_bias);
+    assert_eq!(
+        pretrained.config.router.gate,
+        moe_routers::Gate::TopK {
+            norm_topk_prob: false
+        }
+    );
+    check("deepseek_v2_greedy");
+}
+
 #[test]
 fn llama_with_llama3_rope_scaling_matches_transformers() {
     check_scaled("llama_rope3", "llama3");

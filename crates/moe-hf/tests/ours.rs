@@ -148,7 +148,34 @@ fn cases() -> Vec<Case> {
         n_group: 4,
         topk_group: 2,
     };
+    // DeepSeek-V2 with q_lora_rank, attention biases, every layer MoE, one
+    // shared expert and the group-limited greedy router over two groups (the
+    // fixtures have V2-Lite's full q_proj, a dense layer 0 and two shared).
+    let mut deepseek_v2 = DecoderConfig {
+        first_k_dense_replace: 0,
+        n_shared_experts: 1,
+        attention_bias: true,
+        rope_scaling: None,
+        latent_attention: Some(LatentAttention {
+            q_lora_rank: Some(16),
+            ..deepseek.latent_attention.unwrap()
+        }),
+        router_aux_loss_coef: 0.0,
+        ..deepseek.clone()
+    };
+    deepseek_v2.router.routed_scaling_factor = 1.5;
+    deepseek_v2.router.gate = Gate::GroupLimitedGreedy {
+        norm_topk_prob: false,
+        n_group: 2,
+        topk_group: 1,
+    };
     vec![
+        Case {
+            name: "deepseek_v2",
+            family: HfFamily::DeepseekV2,
+            config: deepseek_v2,
+            layout: ExpertLayout::PerExpert,
+        },
         Case {
             name: "deepseek_v3",
             family: HfFamily::DeepseekV3,

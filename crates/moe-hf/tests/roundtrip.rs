@@ -224,13 +224,14 @@ fn to_packed(
 #[test]
 fn packed_and_per_expert_layouts_load_to_the_same_weights() {
     // Every MoE family, dense first layers (qwen3_moe, glm4_moe,
-    // deepseek_v3) included.
+    // deepseek_v3, deepseek_v2) included.
     for name in [
         "mixtral",
         "qwen2_moe",
         "qwen3_moe",
         "glm4_moe",
         "deepseek_v3",
+        "deepseek_v2",
         "olmoe",
     ] {
         let original = load(&fixture(name));
@@ -354,17 +355,17 @@ fn bf16_parameters_can_be_kept() {
 
 #[test]
 fn configs_a_family_cannot_express_are_errors_before_anything_is_written() {
-    let cases: [(DecoderPreset, &str, &str); 10] = [
+    let cases: [(DecoderPreset, &str, &str); 12] = [
         (DecoderPreset::Yuan, "mixtral", "localized filtering"),
         (
             DecoderPreset::DeepseekV3,
             "qwen2_moe",
-            "latent_attention (Multi-head Latent Attention) is DeepSeek-V3's",
+            "latent_attention (Multi-head Latent Attention) is DeepSeek's",
         ),
         (
             DecoderPreset::Mixtral,
             "deepseek_v3",
-            "DeepSeek-V3's attention is Multi-head Latent Attention",
+            "DeepSeek's attention is Multi-head Latent Attention",
         ),
         (DecoderPreset::Llama, "mixtral", "MoE layers only"),
         (DecoderPreset::Mixtral, "llama", "dense"),
@@ -383,7 +384,17 @@ fn configs_a_family_cannot_express_are_errors_before_anything_is_written() {
         (
             DecoderPreset::DeepseekV3,
             "glm4_moe",
-            "latent_attention (Multi-head Latent Attention) is DeepSeek-V3's",
+            "latent_attention (Multi-head Latent Attention) is DeepSeek's",
+        ),
+        (
+            DecoderPreset::DeepseekV3,
+            "deepseek_v2",
+            "the family's router is softmax top-k (TopK), group-limited or not",
+        ),
+        (
+            DecoderPreset::DeepseekV2,
+            "deepseek_v3",
+            "the family's router is sigmoid with the aux-free bias",
         ),
     ];
     for (preset, model_type, needle) in cases {
@@ -416,7 +427,8 @@ fn configs_a_family_cannot_express_are_errors_before_anything_is_written() {
     .to_string();
     assert!(
         err.contains(
-            "expected one of mixtral, qwen2_moe, qwen3_moe, deepseek_v3, glm4_moe, olmoe, llama"
+            "expected one of mixtral, qwen2_moe, qwen3_moe, deepseek_v3, deepseek_v2, glm4_moe, olmoe, \
+             llama"
         ),
         "{err}"
     );
@@ -446,6 +458,7 @@ fn our_presets_round_trip_through_every_family_that_expresses_them() {
         (DecoderPreset::Olmoe, "olmoe"),
         (DecoderPreset::Llama, "llama"),
         (DecoderPreset::DeepseekV3, "deepseek_v3"),
+        (DecoderPreset::DeepseekV2, "deepseek_v2"),
     ];
     for (preset, model_type) in cases {
         tch::manual_seed(7);
@@ -457,7 +470,10 @@ fn our_presets_round_trip_through_every_family_that_expresses_them() {
             num_key_value_heads: 2,
             ..DecoderConfig::preset(preset)
         };
-        if preset == DecoderPreset::DeepseekV3 {
+        if matches!(
+            preset,
+            DecoderPreset::DeepseekV3 | DecoderPreset::DeepseekV2
+        ) {
             // Every head has its own key in Multi-head Latent Attention.
             config.num_key_value_heads = config.num_attention_heads;
         }
@@ -476,6 +492,10 @@ fn our_presets_round_trip_through_every_family_that_expresses_them() {
         assert_same_vars(&snapshot(&vs), &snapshot(&back.vs));
         let mut want = config.clone();
         want.init = back.config.init;
+        if preset == DecoderPreset::DeepseekV2 {
+            // transformers' DeepSeek-V2 config has no balance-loss key.
+            want.router_aux_loss_coef = 0.0;
+        }
         assert_eq!(back.config, want, "{model_type}: config");
         let hf = HfConfig::read(&dir.join("config.json")).unwrap();
         if preset == DecoderPreset::Qwen2Moe {

@@ -1,5 +1,8 @@
 use crate::config::wrong_gate;
-use crate::{group_limited_selection, top_k_of_affinities, Gate, Router, RouterConfig, RouterDims};
+use crate::{
+    group_limited_selection, top_k_of_affinities, Gate, GroupScore, Router, RouterConfig,
+    RouterDims,
+};
 use moe_core::{linear, MoeError, Result, Routing, WeightInit};
 use tch::{nn, Kind, Tensor};
 
@@ -87,7 +90,8 @@ impl Router for AuxFreeSigmoidRouter {
         let affinity = logits.sigmoid();
         let selection = (&affinity + self.expert_bias.to_kind(affinity.kind())).detach();
         let (n_group, topk_group) = self.groups;
-        let selection = group_limited_selection(&selection, n_group, topk_group)?;
+        let selection =
+            group_limited_selection(&selection, n_group, topk_group, GroupScore::TopTwoSum)?;
         let probs = &affinity / affinity.sum_dim_intlist(-1, true, None);
         Ok(top_k_of_affinities(
             logits,

@@ -60,6 +60,25 @@ pub enum Gate {
         #[serde(default = "default_true")]
         norm_topk_prob: bool,
     },
+    /// DeepSeek-V2's softmax gate with group-limited greedy selection
+    /// (arXiv 2405.04434, §2.2.3 "device-limited routing"; HF
+    /// `DeepseekV2TopkRouter`, `topk_method = "group_limited_greedy"`):
+    /// `p = softmax(l)`, experts chosen by `TopK(p, k)` within the
+    /// `topk_group` groups of highest `max p` among `n_group`
+    /// ([`crate::group_limited_selection`] with [`crate::GroupScore::Max`]),
+    /// weights `p_i`, divided by their sum when `norm_topk_prob` (DeepSeek-V2
+    /// never does). One group is [`Gate::TopK`].
+    GroupLimitedGreedy {
+        /// Renormalise the `k` chosen probabilities (default false, DeepSeek-V2).
+        #[serde(default)]
+        norm_topk_prob: bool,
+        /// Expert groups `n_group` (default 1: no group limit; DeepSeek-V2: 8).
+        #[serde(default = "default_one")]
+        n_group: i64,
+        /// Groups kept per token, `topk_group` (default 1; DeepSeek-V2: 3).
+        #[serde(default = "default_one")]
+        topk_group: i64,
+    },
     /// DeepSeek-V3's sigmoid gate with auxiliary-loss-free balancing
     /// (arXiv 2412.19437, §2.1.2, eq. 12-16; HF `DeepseekV3TopkRouter`,
     /// `topk_method = "noaux_tc"`): `s = sigmoid(l)`, experts chosen by
@@ -133,11 +152,12 @@ impl Default for Gate {
 impl Gate {
     /// The gate names [`Gate::from_str`](std::str::FromStr) accepts, in the
     /// order of the router comparison.
-    pub const NAMES: [&'static str; 6] = [
+    pub const NAMES: [&'static str; 7] = [
         "top_k",
         "noisy_top_k",
         "attention",
         "deepseek_moe",
+        "group_limited_greedy",
         "sigmoid_aux_free",
         "expert_choice",
     ];
@@ -167,12 +187,33 @@ impl Gate {
         !matches!(self, Gate::ExpertChoice { .. })
     }
 
+    /// `(n_group, topk_group)` of the gates with DeepSeek's group limit
+    /// (V2's and V3's); `None` for the others.
+    pub fn groups(&self) -> Option<(i64, i64)> {
+        match *self {
+            Gate::GroupLimitedGreedy {
+                n_group,
+                topk_group,
+                ..
+            }
+            | Gate::SigmoidAuxFree {
+                n_group,
+                topk_group,
+                ..
+            } => Some((n_group, topk_group)),
+            _ => None,
+        }
+    }
+
     /// How many linear maps `d -> E` the gate has (each with a bias when
     /// [`RouterConfig::bias`]): 1, 2 for noisy top-k (logits and noise
     /// scale), 3 for the attention router (`Q`, `K`, `V`).
     pub fn linear_maps(&self) -> i64 {
         match self {
-            Gate::TopK { .. } | Gate::SigmoidAuxFree { .. } | Gate::ExpertChoice { .. } => 1,
+            Gate::TopK { .. }
+            | Gate::GroupLimitedGreedy { .. }
+            | Gate::SigmoidAuxFree { .. }
+            | Gate::ExpertChoice { .. } => 1,
             Gate::NoisyTopK { .. } => 2,
             Gate::Attention { .. } => 3,
         }
@@ -197,10 +238,7 @@ impl Gate {
             }
         }
         if let Gate::SigmoidAuxFree {
-            bias_update_rate,
-            n_group,
-            topk_group,
-            ..
+            bias_update_rate, ..
         } = *self
         {
             if !(bias_update_rate >= 0.0 && bias_update_rate.is_finite()) {
@@ -208,6 +246,8 @@ impl Gate {
                     "bias_update_rate must be a finite number >= 0, got {bias_update_rate}"
                 )));
             }
+        }
+        if let Some((n_group, topk_group)) = self.groups() {
             check_groups(dims.num_experts, n_group, topk_group)?;
             let available = topk_group * (dims.num_experts / n_group);
             if dims.top_k > available {
@@ -230,8 +270,9 @@ impl std::str::FromStr for Gate {
     /// `top_k` (Mixtral: renormalised), `noisy_top_k` (noise in training
     /// only), `attention`, `deepseek_moe` (top-k of the softmax, not
     /// renormalised; DeepSeekMoE's gate has no bias, which is
-    /// [`RouterConfig::bias`]), `sigmoid_aux_free` (DeepSeek-V3's
-    /// defaults) or `expert_choice` (causal, per position, capacity factor
+    /// [`RouterConfig::bias`]), `group_limited_greedy` (DeepSeek-V2's
+    /// gate, one group until `n_group` and `topk_group` are set),
+    /// `sigmoid_aux_free` (DeepSeek-V3's defaults) or `expert_choice` (causal, per position, capacity factor
     /// 1; [`Gate::expert_choice`]); `-` may replace `_`.
     fn from_str(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().replace('-', "_").as_str() {
@@ -244,6 +285,11 @@ impl std::str::FromStr for Gate {
             }),
             "deepseek_moe" | "deepseek" => Ok(Gate::TopK {
                 norm_topk_prob: false,
+            }),
+            "group_limited_greedy" => Ok(Gate::GroupLimitedGreedy {
+                norm_topk_prob: false,
+                n_group: 1,
+                topk_group: 1,
             }),
             "sigmoid_aux_free" | "aux_free" => Ok(Gate::sigmoid_aux_free()),
             "expert_choice" | "ec" => Ok(Gate::expert_choice()),
@@ -390,7 +436,9 @@ impl RouterConfig {
         init: WeightInit,
     ) -> Result<Box<dyn Router>> {
         Ok(match self.gate {
-            Gate::TopK { .. } => Box::new(TopKRouter::new(p, dims, self, init)?),
+            Gate::TopK { .. } | Gate::GroupLimitedGreedy { .. } => {
+                Box::new(TopKRouter::new(p, dims, self, init)?)
+            }
             Gate::NoisyTopK { .. } => Box::new(NoisyTopKRouter::new(p, dims, self, init)?),
             Gate::Attention { .. } => Box::new(AttentionRouter::new(p, dims, self, init)?),
             Gate::SigmoidAuxFree { .. } => {

@@ -50,28 +50,40 @@ pub fn top_k_of_affinities(
     Routing::token_choice(indices, weights, logits, probs)
 }
 
+/// How [`group_limited_selection`] scores a group of experts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupScore {
+    /// The sum of its two largest selection scores (its one score when
+    /// groups hold one expert): DeepSeek-V3's `noaux_tc`.
+    TopTwoSum,
+    /// Its largest selection score: DeepSeek-V2's `group_limited_greedy`.
+    Max,
+}
+
 /// Group-limited selection (DeepSeek-V3, arXiv 2412.19437, §2.1.2 and
-/// §3.2.2 "node-limited routing"; HF `DeepseekV3TopkRouter` /
-/// `MoEGate.topk_method = "noaux_tc"`): the `E` experts form `n_group`
-/// contiguous groups of `E / n_group`; each group is scored by the sum of
-/// its two largest selection scores (its one score when groups hold one
-/// expert), the `topk_group` best groups of each token are kept, and the
-/// scores of every expert outside them become `-inf`:
+/// §3.2.2 "node-limited routing"; DeepSeek-V2, arXiv 2405.04434, §2.2.3
+/// "device-limited routing"; HF `DeepseekV3TopkRouter` and
+/// `DeepseekV2TopkRouter`): the `E` experts form `n_group` contiguous
+/// groups of `E / n_group`; each group is scored from its selection scores
+/// ([`GroupScore`]), the `topk_group` best groups of each token are kept,
+/// and the scores of every expert outside them become `-inf`:
 ///
-/// `score_g = sum Top2({sel_i : i in g})`, `G_t = TopK(score, topk_group)`,
+/// `score_g = sum Top2({sel_i : i in g})` (V3) or `max({sel_i : i in g})`
+/// (V2), `G_t = TopK(score, topk_group)`,
 /// `sel'_i = sel_i` if `group(i) in G_t`, else `-inf`.
 ///
 /// A top-k of the returned `[N, E]` scores then chooses only inside the kept
 /// groups, given `k <= topk_group * E / n_group` (checked by
 /// [`crate::Gate::validate`]). HF masks with 0 instead of `-inf`, which is
-/// the same while every score is positive (sigmoid + a small bias); with the
-/// aux-free bias a score can turn negative, and a masked 0 would then beat
-/// it, so `-inf` keeps the group limit exact. `n_group = 1` returns the
-/// scores unchanged.
+/// the same while every score is positive (a softmax, or sigmoid + a small
+/// bias); with the aux-free bias a score can turn negative, and a masked 0
+/// would then beat it, so `-inf` keeps the group limit exact. `n_group = 1`
+/// returns the scores unchanged.
 pub fn group_limited_selection(
     selection: &Tensor,
     n_group: i64,
     topk_group: i64,
+    score: GroupScore,
 ) -> Result<Tensor> {
     check_rank(selection, "selection scores [N, E]", 2, None)?;
     let (n, e) = (selection.size()[0], selection.size()[1]);
@@ -81,8 +93,13 @@ pub fn group_limited_selection(
     }
     let size = e / n_group;
     let grouped = selection.view([n, n_group, size]);
-    let (best, _) = grouped.topk(size.min(2), -1, true, false);
-    let group_scores = best.sum_dim_intlist(-1, false, None); // [N, n_group]
+    let group_scores = match score {
+        GroupScore::TopTwoSum => {
+            let (best, _) = grouped.topk(size.min(2), -1, true, false);
+            best.sum_dim_intlist(-1, false, None)
+        }
+        GroupScore::Max => grouped.amax(-1, false),
+    }; // [N, n_group]
     let (_, kept) = group_scores.topk(topk_group, -1, true, false);
     let keep = group_scores
         .zeros_like()

@@ -7,7 +7,7 @@
 //! settings, plus the gate bias, the routed scaling factor and the capacity
 //! factor) and the sizes ([`RouterDims`]) build one at run time, and the MoE
 //! layer never names a concrete type. They share two selection mechanisms
-//! ([`top_k_softmax`], [`top_k_of_affinities`]) and DeepSeek-V3's group
+//! ([`top_k_softmax`], [`top_k_of_affinities`]) and DeepSeek's group
 //! limit ([`group_limited_selection`]); an expert-capacity limit
 //! ([`apply_capacity`]) post-processes any routing. The [`balance`] losses
 //! and [`RoutingStats`] read routings.
@@ -35,7 +35,9 @@ pub use expert_choice::{
     expert_choice, expert_choice_capacity, ExpertChoiceRouter, ExpertChoiceScope,
 };
 pub(crate) use gating::check_groups;
-pub use gating::{group_limited_selection, softmax_top_k, top_k_of_affinities, top_k_softmax};
+pub use gating::{
+    group_limited_selection, softmax_top_k, top_k_of_affinities, top_k_softmax, GroupScore,
+};
 pub use noise::with_given_noise;
 pub use noisy_top_k::NoisyTopKRouter;
 pub use router::Router;

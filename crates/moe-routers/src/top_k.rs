@@ -1,6 +1,9 @@
 use crate::config::wrong_gate;
-use crate::{softmax_top_k, Gate, Router, RouterConfig, RouterDims};
-use moe_core::{linear, Result, Routing, WeightInit};
+use crate::{
+    group_limited_selection, softmax_top_k, top_k_of_affinities, Gate, GroupScore, Router,
+    RouterConfig, RouterDims,
+};
+use moe_core::{accumulation_kind, linear, Result, Routing, WeightInit};
 use tch::{nn, Tensor};
 
 /// The top-k gate ([`Gate::TopK`]): `l = W_g x (+ b_g)`, `p = softmax(l)`
@@ -12,10 +15,17 @@ use tch::{nn, Tensor};
 /// - `norm_topk_prob: false` (DeepSeekMoE, arXiv 2401.06066, eq. 4-5;
 ///   Qwen2-MoE and OLMoE's default): weights `p_i` ([`crate::top_k_of_affinities`]),
 ///   a token's weights summing to at most 1.
+///
+/// With DeepSeek-V2's group limit ([`Gate::GroupLimitedGreedy`]) the `k`
+/// are chosen among the experts of the `topk_group` groups of highest
+/// `max p` ([`group_limited_selection`], [`GroupScore::Max`]), weighted by
+/// `p_i` (renormalised when `norm_topk_prob`).
 #[derive(Debug)]
 pub struct TopKRouter {
     gate: nn::Linear,
     norm_topk_prob: bool,
+    /// `(n_group, topk_group)`; `(1, 1)` without a group limit.
+    groups: (i64, i64),
     dims: RouterDims,
     config: RouterConfig,
 }
@@ -28,14 +38,24 @@ impl TopKRouter {
         config: &RouterConfig,
         init: WeightInit,
     ) -> Result<Self> {
-        let Gate::TopK { norm_topk_prob } = config.gate else {
-            return Err(wrong_gate("TopKRouter", "top_k", &config.gate));
+        let norm_topk_prob = match config.gate {
+            Gate::TopK { norm_topk_prob } | Gate::GroupLimitedGreedy { norm_topk_prob, .. } => {
+                norm_topk_prob
+            }
+            _ => {
+                return Err(wrong_gate(
+                    "TopKRouter",
+                    "top_k or group_limited_greedy",
+                    &config.gate,
+                ))
+            }
         };
         config.validate(dims)?;
         let (d, e) = (dims.input_dim, dims.num_experts);
         Ok(TopKRouter {
             gate: linear(p / "gate", d, e, config.bias, init),
             norm_topk_prob,
+            groups: config.gate.groups().unwrap_or((1, 1)),
             dims,
             config: config.clone(),
         })
@@ -46,7 +66,23 @@ impl Router for TopKRouter {
     fn select(&self, x: &Tensor, _train: bool) -> Result<Routing> {
         self.check_input(x, self.gate.ws.device())?;
         let logits = moe_core::router_logits(x, &self.gate);
-        Ok(softmax_top_k(logits, self.dims.top_k, self.norm_topk_prob))
+        let (n_group, topk_group) = self.groups;
+        if n_group == 1 {
+            return Ok(softmax_top_k(logits, self.dims.top_k, self.norm_topk_prob));
+        }
+        let probs = logits
+            .softmax(-1, accumulation_kind(logits.kind()))
+            .to_kind(logits.kind());
+        let selection =
+            group_limited_selection(&probs.detach(), n_group, topk_group, GroupScore::Max)?;
+        Ok(top_k_of_affinities(
+            logits,
+            &probs,
+            &selection,
+            probs.shallow_clone(),
+            self.dims.top_k,
+            self.norm_topk_prob,
+        ))
     }
 
     fn dims(&self) -> RouterDims {

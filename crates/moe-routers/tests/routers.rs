@@ -2,7 +2,7 @@ use approx::assert_abs_diff_eq;
 use moe_core::{MoeError, WeightInit};
 use moe_routers::{
     group_limited_selection, AttentionRouter, AuxFreeSigmoidRouter, ExpertChoiceScope, Gate,
-    NoisyTopKRouter, Router, RouterConfig, RouterDims, RoutingStats, TopKRouter,
+    GroupScore, NoisyTopKRouter, Router, RouterConfig, RouterDims, RoutingStats, TopKRouter,
 };
 use tch::{nn, Device, Kind, Tensor};
 
@@ -101,8 +101,16 @@ fn weights_sum_to_one_with_exactly_k_distinct_experts() {
             let x = Tensor::randn([50, 16], (Kind::Float, Device::Cpu));
             let r = router.route(&x, true).unwrap();
             assert_eq!(r.indices().unwrap().size(), vec![50, k]);
-            // DeepSeekMoE without norm_topk_prob keeps the raw probabilities.
-            if gate != DEEPSEEK_MOE {
+            // DeepSeekMoE and DeepSeek-V2 without norm_topk_prob keep the
+            // raw probabilities.
+            if !matches!(
+                gate,
+                DEEPSEEK_MOE
+                    | Gate::GroupLimitedGreedy {
+                        norm_topk_prob: false,
+                        ..
+                    }
+            ) {
                 let sums = r.weights().unwrap().sum_dim_intlist(-1, false, None);
                 assert!((sums - 1.0).abs().max().double_value(&[]) < 1e-5, "{name}");
             }
@@ -213,7 +221,7 @@ fn bad_gate_settings_are_errors() {
     let scores = Tensor::zeros([2, 8], (Kind::Float, Device::Cpu));
     for (n_group, topk_group) in [(3, 1), (4, 5), (0, 0)] {
         assert!(matches!(
-            group_limited_selection(&scores, n_group, topk_group),
+            group_limited_selection(&scores, n_group, topk_group, GroupScore::Max),
             Err(MoeError::Config(_))
         ));
     }
@@ -234,6 +242,11 @@ fn gate_names_parse_with_clear_errors() {
                 norm_topk_prob: true,
             },
             DEEPSEEK_MOE,
+            Gate::GroupLimitedGreedy {
+                norm_topk_prob: false,
+                n_group: 1,
+                topk_group: 1,
+            },
             Gate::sigmoid_aux_free(),
             Gate::ExpertChoice {
                 capacity_factor: 1.0,
@@ -573,20 +586,90 @@ fn group_limited_routing_chooses_inside_the_best_groups() {
 fn group_limited_selection_masks_the_other_groups_with_minus_infinity() {
     let sel = Tensor::from_slice(&[0.9f32, 0.1, 0.5, 0.6, -0.3, -0.2, 0.4, 0.7, 0.2]).view([1, 9]);
     // Groups {0,1,2}: 0.9 + 0.5 = 1.4; {3,4,5}: 0.6 - 0.2 = 0.4; {6,7,8}: 0.7 + 0.4 = 1.1.
-    let masked = group_limited_selection(&sel, 3, 2).unwrap();
+    let masked = group_limited_selection(&sel, 3, 2, GroupScore::TopTwoSum).unwrap();
     let inf = f32::NEG_INFINITY;
     assert_eq!(
         to_vec_f(&masked),
         vec![0.9, 0.1, 0.5, inf, inf, inf, 0.4, 0.7, 0.2]
     );
     // One expert per group: groups are scored by that one score.
-    let single = group_limited_selection(&sel, 9, 3).unwrap();
+    let single = group_limited_selection(&sel, 9, 3, GroupScore::TopTwoSum).unwrap();
     assert_eq!(
         to_vec_f(&single),
         vec![0.9, inf, inf, 0.6, inf, inf, inf, 0.7, inf]
     );
     // One group: unchanged.
-    assert!(group_limited_selection(&sel, 1, 1).unwrap().equal(&sel));
+    assert!(group_limited_selection(&sel, 1, 1, GroupScore::TopTwoSum)
+        .unwrap()
+        .equal(&sel));
+    // DeepSeek-V2's group score, the largest: {0,1,2}: 0.9; {3,4,5}: 0.6;
+    // {6,7,8}: 0.7 -- the second group loses to the third by its best alone.
+    let by_max = group_limited_selection(&sel, 3, 2, GroupScore::Max).unwrap();
+    assert_eq!(
+        to_vec_f(&by_max),
+        vec![0.9, 0.1, 0.5, inf, inf, inf, 0.4, 0.7, 0.2]
+    );
+    let one_group = group_limited_selection(&sel, 3, 1, GroupScore::Max).unwrap();
+    assert_eq!(
+        to_vec_f(&one_group),
+        vec![0.9, 0.1, 0.5, inf, inf, inf, inf, inf, inf]
+    );
+}
+
+/// DeepSeek-V2's gate on one token by hand: the softmax of the logits, the
+/// groups scored by their largest probability, the top-k inside the kept
+/// groups, weighted by the probabilities themselves (not renormalised).
+#[test]
+fn group_limited_greedy_routes_by_hand() {
+    let logits = [2.0f32, 0.0, 1.0, 2.5, 1.9, 1.8];
+    let z: f64 = logits.iter().map(|&l| f64::from(l).exp()).sum();
+    let p = |i: usize| f64::from(logits[i]).exp() / z;
+    // Groups {0,1}, {2,3}, {4,5} scored 2.0, 2.5, 1.9 by their best logit:
+    // two kept groups choose experts 3 and 0 (DeepSeek-V3's sum of the two
+    // best would keep {4,5}, 3.7, and choose 3 and 4); one kept group, 3 and 2.
+    for (topk_group, expected) in [(2, [3i64, 0]), (1, [3, 2])] {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let gate = Gate::GroupLimitedGreedy {
+            norm_topk_prob: false,
+            n_group: 3,
+            topk_group,
+        };
+        let router = TopKRouter::new(&vs.root(), dims(1, 6, 2), &cfg(gate, false), init()).unwrap();
+        set(&vs, "gate.weight", &logits, &[6, 1]);
+        let r = router
+            .route(&Tensor::ones([1, 1], (Kind::Float, Device::Cpu)), false)
+            .unwrap();
+        let indices: Vec<i64> = Vec::try_from(r.indices().unwrap().view([-1])).unwrap();
+        assert_eq!(indices, expected, "topk_group {topk_group}");
+        let weights = to_vec_f(&r.weights().unwrap());
+        for (w, &e) in weights.iter().zip(&expected) {
+            assert_abs_diff_eq!(f64::from(*w), p(e as usize), epsilon = 1e-6);
+        }
+    }
+    // Renormalised: the two chosen probabilities over their sum.
+    let vs = nn::VarStore::new(Device::Cpu);
+    let gate = Gate::GroupLimitedGreedy {
+        norm_topk_prob: true,
+        n_group: 3,
+        topk_group: 1,
+    };
+    let router =
+        TopKRouter::new(&vs.root(), dims(1, 6, 2), &cfg(gate.clone(), false), init()).unwrap();
+    set(&vs, "gate.weight", &logits, &[6, 1]);
+    let r = router
+        .route(&Tensor::ones([1, 1], (Kind::Float, Device::Cpu)), false)
+        .unwrap();
+    let weights = to_vec_f(&r.weights().unwrap());
+    assert_abs_diff_eq!(f64::from(weights[0]), p(3) / (p(3) + p(2)), epsilon = 1e-6);
+    // k beyond the kept groups' experts is a config error.
+    let err = TopKRouter::new(
+        &(vs.root() / "k3"),
+        dims(1, 6, 3),
+        &cfg(gate, false),
+        init(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("topk_group"), "{err}");
 }
 
 #[test]
@@ -596,6 +679,11 @@ fn routed_scaling_factor_scales_the_final_weights() {
     for gate in [
         MIXTRAL,
         DEEPSEEK_MOE,
+        Gate::GroupLimitedGreedy {
+            norm_topk_prob: true,
+            n_group: 4,
+            topk_group: 2,
+        },
         sigmoid_gate(true, 4, 2),
         Gate::Attention {
             norm_topk_prob: true,

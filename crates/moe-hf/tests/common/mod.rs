@@ -10,14 +10,17 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
-/// Every fixture folder: one per family, and two with RoPE scaling.
-pub const FAMILIES: [&str; 9] = [
+/// Every fixture folder: one per family, two with RoPE scaling and
+/// DeepSeek-V2's second router.
+pub const FAMILIES: [&str; 11] = [
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
     "glm4_moe",
     "deepseek_v3",
     "deepseek_v3_yarn",
+    "deepseek_v2",
+    "deepseek_v2_greedy",
     "olmoe",
     "llama",
     "llama_rope3",

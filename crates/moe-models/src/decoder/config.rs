@@ -197,6 +197,10 @@ pub enum DecoderPreset {
     /// bias, group-limited top-k, routed scaling 2.5, one shared expert, a
     /// first dense layer.
     DeepseekV3,
+    /// DeepSeek-V2(-Lite): DeepSeek-V3's layers with a full query projection
+    /// (no `q_lora_rank`, as V2-Lite), the softmax gate with group-limited
+    /// greedy selection, not renormalised, two shared experts.
+    DeepseekV2,
     /// GLM-4.5: DeepSeek-V3's sigmoid router, shared expert and dense first
     /// layer under grouped-query attention with q/k/v biases, QK-norm per
     /// head and RoPE on half of each head.
@@ -218,13 +222,14 @@ impl FromStr for DecoderPreset {
             "qwen2_moe" | "qwen" => Ok(DecoderPreset::Qwen2Moe),
             "qwen3_moe" | "qwen3" => Ok(DecoderPreset::Qwen3Moe),
             "deepseek_v3" | "deepseek" => Ok(DecoderPreset::DeepseekV3),
+            "deepseek_v2" => Ok(DecoderPreset::DeepseekV2),
             "glm4_moe" | "glm" => Ok(DecoderPreset::Glm4Moe),
             "olmoe" => Ok(DecoderPreset::Olmoe),
             "yuan" => Ok(DecoderPreset::Yuan),
             "llama" => Ok(DecoderPreset::Llama),
             other => Err(MoeError::config(format!(
                 "unknown decoder preset `{other}`: expected mixtral, qwen2_moe, qwen3_moe, \
-                 deepseek_v3, glm4_moe, olmoe, yuan or llama"
+                 deepseek_v3, deepseek_v2, glm4_moe, olmoe, yuan or llama"
             ))),
         }
     }
@@ -286,6 +291,29 @@ impl DecoderConfig {
                 router_aux_loss_coef: 0.0,
                 ..base
             },
+            DecoderPreset::DeepseekV2 => {
+                let v3 = DecoderConfig::preset(DecoderPreset::DeepseekV3);
+                DecoderConfig {
+                    n_shared_experts: 2,
+                    latent_attention: Some(LatentAttention {
+                        q_lora_rank: None,
+                        ..LatentAttention::default()
+                    }),
+                    router: RouterConfig {
+                        gate: Gate::GroupLimitedGreedy {
+                            norm_topk_prob: false,
+                            n_group: 4,
+                            topk_group: 2,
+                        },
+                        routed_scaling_factor: 1.0,
+                        ..v3.router.clone()
+                    },
+                    // Trained with an expert-level balance loss (arXiv
+                    // 2405.04434, §2.2.3, alpha_1 = 0.003).
+                    router_aux_loss_coef: 0.003,
+                    ..v3
+                }
+            }
             // DeepSeek-V3's MoE layers under grouped-query attention.
             DecoderPreset::Glm4Moe => DecoderConfig {
                 attention_bias: true,
