@@ -147,7 +147,7 @@ def family_specs(tf):
         v_head_dim=8,
     )
     llama = dict(common, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
-    return [
+    specs = [
         (
             "mixtral",
             tf.MixtralConfig,
@@ -320,6 +320,19 @@ def family_specs(tf):
             ),
             2.0,
         ),
+    ]
+    by_folder = {spec[0]: spec for spec in specs}
+
+    def variant(base, folder, **settings):
+        _, config_cls, model_cls, kwargs, router_scale = by_folder[base]
+        return (folder, config_cls, model_cls, dict(kwargs, **settings), router_scale)
+
+    # Sliding windows shorter than every prompt with its continuation.
+    return specs + [
+        variant("mixtral", "mixtral_window", sliding_window=4),  # every layer
+        variant("qwen3_moe", "qwen3_moe_window", use_sliding_window=True, sliding_window=4),  # every layer
+        # layer_types from max_window_layers: layer 0 slides, layer 1 attends to all
+        variant("qwen2_moe", "qwen2_moe_window", use_sliding_window=True, sliding_window=4, max_window_layers=2),
     ]
 
 
@@ -765,6 +778,10 @@ Notes on the families:
   `group_limited_greedy` (the topk_group groups of highest best probability
   first); the chosen probabilities are never renormalised, then times
   routed_scaling_factor; two ungated shared experts; RoPE on adjacent pairs.
+- Sliding windows (`mixtral_window`, `qwen3_moe_window`, `qwen2_moe_window`):
+  a query sees its 4 latest positions, itself included, in every layer
+  (Mixtral, Qwen3-MoE) or in the layers `layer_types` names (Qwen2-MoE: layer
+  0, from max_window_layers 2).
 - OLMoE: softmax, top-k, not renormalised; q_norm / k_norm are RMSNorms over
   the whole projected q (heads x head_dim) and k (kv heads x head_dim) before
   the rope.

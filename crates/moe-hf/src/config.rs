@@ -23,7 +23,7 @@
 
 use crate::HfFamily;
 use moe_core::{MoeError, Result};
-use moe_models::{DecoderConfig, LatentAttention};
+use moe_models::{DecoderConfig, LatentAttention, LayerType};
 use moe_nn::{QkNorm, RopeScaling};
 use moe_routers::Gate;
 use serde_json::{json, Map, Value};
@@ -469,13 +469,59 @@ impl<'a> Reader<'a> {
         } else {
             num_experts
         };
-        if self.boolean("use_sliding_window", false)? {
-            self.no_sliding_window(max_position_embeddings)?;
-        } else {
-            self.informational(&["sliding_window"]);
+        if !self.boolean("use_sliding_window", false)? {
+            // Off: the window applies nowhere.
+            self.informational(&["sliding_window", "max_window_layers"]);
+            if self.family == HfFamily::Qwen2Moe {
+                self.full_attention_layers()?;
+            }
+            return Ok(());
         }
-        self.informational(&["max_window_layers"]);
+        let window = self.int("sliding_window", 4096)?;
+        if window < 1 {
+            return Err(self.err(format!(
+                "`sliding_window` = {window} with use_sliding_window: a window holds at least \
+                 the query's own position"
+            )));
+        }
+        c.sliding_window = (window < max_position_embeddings).then_some(window);
+        if self.family == HfFamily::Qwen2Moe {
+            // transformers 5's `layer_types`, or its default: every other
+            // layer below `max_window_layers` slides (layers 0, 2, ...).
+            let max_window_layers = self.int("max_window_layers", 28)?;
+            let types = self.layer_types()?.unwrap_or_else(|| {
+                (0..c.num_hidden_layers)
+                    .map(|i| {
+                        if (i + 1) % 2 == 1 && i < max_window_layers {
+                            LayerType::SlidingAttention
+                        } else {
+                            LayerType::FullAttention
+                        }
+                    })
+                    .collect()
+            });
+            if c.sliding_window.is_some() {
+                c.layer_types = types;
+            }
+        } else {
+            // Qwen3-MoE's attention takes the window in every layer.
+            self.informational(&["max_window_layers"]);
+        }
         Ok(())
+    }
+
+    /// transformers 5's `layer_types` (`full_attention` or
+    /// `sliding_attention` per layer), when present.
+    fn layer_types(&mut self) -> Result<Option<Vec<LayerType>>> {
+        let Some(v) = self.value("layer_types") else {
+            return Ok(None);
+        };
+        serde_json::from_value(v.clone()).map(Some).map_err(|e| {
+            self.err(format!(
+                "`layer_types` must list \"full_attention\" or \"sliding_attention\" per \
+                 layer, got {v}: {e}"
+            ))
+        })
     }
 
     /// The RoPE base and scaling: `rope_theta` and `rope_scaling`
@@ -685,7 +731,10 @@ impl HfConfig {
             ..DecoderConfig::default()
         };
         r.silu()?;
-        r.full_attention_layers()?;
+        if self.family != HfFamily::Qwen2Moe {
+            // Read with the window where the family's class has the key.
+            r.full_attention_layers()?;
+        }
         match self.family {
             HfFamily::Mixtral => {
                 c.num_local_experts = r.int("num_local_experts", 8)?;
@@ -696,7 +745,16 @@ impl HfConfig {
                     |v| v.as_f64() == Some(0.0),
                     "router_jitter_noise 0 (no jitter on the router input)",
                 )?;
-                r.no_sliding_window(max_position_embeddings)?;
+                // Every layer slides; a window as long as the context never masks.
+                if let Some(window) = r.opt_int("sliding_window")? {
+                    if window < 1 {
+                        return Err(r.err(format!(
+                            "`sliding_window` = {window}: a window holds at least the query's \
+                             own position"
+                        )));
+                    }
+                    c.sliding_window = (window < max_position_embeddings).then_some(window);
+                }
             }
             HfFamily::Qwen2Moe => {
                 let num_experts = r.int("num_experts", 60)?;
@@ -886,6 +944,26 @@ impl HfConfig {
                 "localized filtering (Yuan 2.0) has no counterpart".into()
             ));
         }
+        if c.attention_sinks {
+            return Err(bad("attention sinks (gpt-oss's) have no counterpart".into()));
+        }
+        if let Some(window) = c.sliding_window {
+            let every_layer = (0..c.num_hidden_layers).all(|i| c.sliding_window_of(i).is_some());
+            let expressible = match family {
+                HfFamily::Mixtral | HfFamily::Qwen3Moe => every_layer,
+                HfFamily::Qwen2Moe => true,
+                _ => false,
+            };
+            if !expressible {
+                return Err(bad(format!(
+                    "sliding_window = {window} on layers {:?}; mixtral and qwen3_moe slide in \
+                     every layer, qwen2_moe in any (layer_types), the others in none",
+                    (0..c.num_hidden_layers)
+                        .filter(|&i| c.sliding_window_of(i).is_some())
+                        .collect::<Vec<_>>()
+                )));
+            }
+        }
         if c.latent_attention.is_some() != deepseek {
             return Err(bad(if deepseek {
                 "DeepSeek's attention is Multi-head Latent Attention (latent_attention)".into()
@@ -1005,7 +1083,7 @@ impl HfConfig {
                 j.insert("num_experts_per_tok".into(), json!(c.num_experts_per_tok));
                 j.insert("router_aux_loss_coef".into(), json!(c.router_aux_loss_coef));
                 j.insert("router_jitter_noise".into(), json!(0.0));
-                j.insert("sliding_window".into(), Value::Null);
+                j.insert("sliding_window".into(), json!(c.sliding_window));
             }
             HfFamily::Qwen2Moe => {
                 if moe && c.shared_expert_intermediate_size.is_none() {
@@ -1013,7 +1091,7 @@ impl HfConfig {
                          (shared_expert_intermediate_size)"
                         .into()));
                 }
-                write_qwen_layers(&mut j, c, norm_topk_prob);
+                write_qwen_layers(&mut j, family, c, norm_topk_prob);
                 j.insert(
                     "shared_expert_intermediate_size".into(),
                     json!(c.shared_expert_intermediate_size.unwrap_or(0)),
@@ -1029,7 +1107,7 @@ impl HfConfig {
                 if c.attention_bias {
                     return Err(bad("Qwen3-MoE's attention bias would include o_proj".into()));
                 }
-                write_qwen_layers(&mut j, c, norm_topk_prob);
+                write_qwen_layers(&mut j, family, c, norm_topk_prob);
                 j.insert("attention_bias".into(), json!(false));
             }
             HfFamily::Olmoe => {
@@ -1218,8 +1296,14 @@ fn write_latent_attention(j: &mut Map<String, Value>, c: &DecoderConfig) -> Late
 
 /// Qwen2-MoE's and Qwen3-MoE's keys for the layers' layout and experts
 /// (the inverse of [`Reader::qwen_layers`] and the router keys): a dense
-/// prefix as `mlp_only_layers`, `decoder_sparse_step` 1, no sliding window.
-fn write_qwen_layers(j: &mut Map<String, Value>, c: &DecoderConfig, norm_topk_prob: bool) {
+/// prefix as `mlp_only_layers`, `decoder_sparse_step` 1, the sliding window
+/// (Qwen2-MoE's layers by `layer_types`).
+fn write_qwen_layers(
+    j: &mut Map<String, Value>,
+    family: HfFamily,
+    c: &DecoderConfig,
+    norm_topk_prob: bool,
+) {
     let moe = c.num_local_experts > 0;
     let dense = c.first_k_dense_replace.min(c.num_hidden_layers);
     let mlp_only: Vec<i64> = if moe {
@@ -1234,7 +1318,23 @@ fn write_qwen_layers(j: &mut Map<String, Value>, c: &DecoderConfig, norm_topk_pr
     j.insert("router_aux_loss_coef".into(), json!(c.router_aux_loss_coef));
     j.insert("decoder_sparse_step".into(), json!(1));
     j.insert("mlp_only_layers".into(), json!(mlp_only));
-    j.insert("use_sliding_window".into(), json!(false));
+    j.insert(
+        "use_sliding_window".into(),
+        json!(c.sliding_window.is_some()),
+    );
+    if let Some(window) = c.sliding_window {
+        j.insert("sliding_window".into(), json!(window));
+        if family == HfFamily::Qwen2Moe {
+            // Explicit, so that `max_window_layers` does not apply.
+            let types: Vec<LayerType> = (0..c.num_hidden_layers)
+                .map(|i| match c.sliding_window_of(i) {
+                    Some(_) => LayerType::SlidingAttention,
+                    None => LayerType::FullAttention,
+                })
+                .collect();
+            j.insert("layer_types".into(), json!(types));
+        }
+    }
 }
 
 /// Qwen2-MoE's layer layout as a dense prefix: layer `i` is dense when it

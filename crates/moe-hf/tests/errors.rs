@@ -326,7 +326,7 @@ fn rope_settings_the_decoder_does_not_implement_are_named() {
 
 #[test]
 fn keys_that_change_the_model_are_not_ignored() {
-    let cases: [(&str, &str, serde_json::Value, &str); 15] = [
+    let cases: [(&str, &str, serde_json::Value, &str); 16] = [
         // RoPE on part of each head is GLM-4.5's; its two places must agree.
         (
             "llama",
@@ -357,7 +357,19 @@ fn keys_that_change_the_model_are_not_ignored() {
             0.1.into(),
             "router_jitter_noise",
         ),
-        ("mixtral", "sliding_window", 16.into(), "sliding_window"),
+        // A window must hold the query; OLMoE has none to give.
+        (
+            "mixtral",
+            "sliding_window",
+            0.into(),
+            "`sliding_window` = 0",
+        ),
+        (
+            "olmoe",
+            "sliding_window",
+            16.into(),
+            "`sliding_window` = 16",
+        ),
         ("llama", "mlp_bias", true.into(), "mlp_bias"),
         ("llama", "hidden_act", "gelu".into(), "hidden_act"),
         (
@@ -399,12 +411,24 @@ fn keys_that_change_the_model_are_not_ignored() {
         });
         assert_config_rejected(&dir, &[needle, &format!("model_type `{name}`")]);
     }
-    // Qwen3-MoE's sliding window, switched on, shorter than the context.
-    let dir = edited_config("qwen3_moe", "key-window", |c| {
-        c.insert("use_sliding_window".into(), true.into());
-        c.insert("sliding_window".into(), 16.into());
+    // Qwen2-MoE's layer_types must name every layer with a known kind.
+    let dir = edited_config("qwen2_moe_window", "key-layer-types", |c| {
+        c.insert(
+            "layer_types".into(),
+            serde_json::json!(["sliding_attention", "chunked"]),
+        );
     });
-    assert_config_rejected(&dir, &["`sliding_window` = 16", "model_type `qwen3_moe`"]);
+    assert_config_rejected(&dir, &["`layer_types` must list", "model_type `qwen2_moe`"]);
+    let dir = edited_config("qwen2_moe_window", "key-layer-count", |c| {
+        c.insert(
+            "layer_types".into(),
+            serde_json::json!(["sliding_attention"]),
+        );
+    });
+    assert_config_rejected(
+        &dir,
+        &["layer_types lists 1 layers", "num_hidden_layers = 2"],
+    );
     // DeepSeek-V2's groups must split the experts evenly, and leave k experts.
     let dir = edited_config("deepseek_v2", "key-groups", |c| {
         c.insert("n_group".into(), 3.into());

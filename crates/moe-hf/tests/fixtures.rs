@@ -150,6 +150,24 @@ fn deepseek_v2_greedy_matches_transformers() {
     check("deepseek_v2_greedy");
 }
 
+/// Windows of 4 positions under prompts of 5 to 9 and 20 greedy tokens:
+/// in every layer (Mixtral, Qwen3-MoE) or in layer 0 alone (Qwen2-MoE's
+/// `layer_types`).
+#[test]
+fn sliding_windows_match_transformers() {
+    use moe_models::LayerType::{FullAttention, SlidingAttention};
+    for (name, layer_types) in [
+        ("mixtral_window", vec![]),
+        ("qwen3_moe_window", vec![]),
+        ("qwen2_moe_window", vec![SlidingAttention, FullAttention]),
+    ] {
+        let config = load(&fixture(name)).config;
+        assert_eq!(config.sliding_window, Some(4), "{name}");
+        assert_eq!(config.layer_types, layer_types, "{name}");
+        check(name);
+    }
+}
+
 #[test]
 fn llama_with_llama3_rope_scaling_matches_transformers() {
     check_scaled("llama_rope3", "llama3");

@@ -15,7 +15,9 @@ mod common;
 
 use common::{expected, fixture, load};
 use moe_hf::{save_pretrained_with, ExpertLayout, HfFamily, SaveOptions};
-use moe_models::{CausalLm, DecoderConfig, DecoderModel, DecoderPreset, LatentAttention};
+use moe_models::{
+    CausalLm, DecoderConfig, DecoderModel, DecoderPreset, LatentAttention, LayerType,
+};
 use moe_nn::{QkNorm, RopeScaling};
 use moe_routers::Gate;
 use serde_json::json;
@@ -169,7 +171,34 @@ fn cases() -> Vec<Case> {
         n_group: 2,
         topk_group: 1,
     };
+    // Qwen2-MoE sliding over 3 positions in its last layer only (the
+    // fixture slides in layer 0); Mixtral in every layer.
+    let qwen2_window = DecoderConfig {
+        sliding_window: Some(3),
+        layer_types: vec![
+            LayerType::FullAttention,
+            LayerType::FullAttention,
+            LayerType::SlidingAttention,
+        ],
+        ..qwen2.clone()
+    };
+    let mixtral_window = DecoderConfig {
+        sliding_window: Some(5),
+        ..mixtral.clone()
+    };
     vec![
+        Case {
+            name: "qwen2_moe_window",
+            family: HfFamily::Qwen2Moe,
+            config: qwen2_window,
+            layout: ExpertLayout::PerExpert,
+        },
+        Case {
+            name: "mixtral_window",
+            family: HfFamily::Mixtral,
+            config: mixtral_window,
+            layout: ExpertLayout::PerExpert,
+        },
         Case {
             name: "deepseek_v2",
             family: HfFamily::DeepseekV2,

@@ -563,3 +563,52 @@ fn every_rope_scaling_round_trips() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+#[test]
+fn windows_and_sinks_a_family_cannot_express_are_errors() {
+    use moe_models::LayerType::{FullAttention, SlidingAttention};
+    let windowed = |preset| DecoderConfig {
+        num_hidden_layers: 2,
+        sliding_window: Some(4),
+        ..DecoderConfig::preset(preset)
+    };
+    let cases = [
+        (
+            windowed(DecoderPreset::Olmoe),
+            HfFamily::Olmoe,
+            "sliding_window = 4",
+        ),
+        (
+            DecoderConfig {
+                layer_types: vec![FullAttention, SlidingAttention],
+                ..windowed(DecoderPreset::Mixtral)
+            },
+            HfFamily::Mixtral,
+            "on layers [1]; mixtral and qwen3_moe slide in every layer",
+        ),
+        (
+            DecoderConfig {
+                attention_sinks: true,
+                ..DecoderConfig::preset(DecoderPreset::Qwen2Moe)
+            },
+            HfFamily::Qwen2Moe,
+            "attention sinks",
+        ),
+    ];
+    for (config, family, needle) in cases {
+        let err = HfConfig::from_decoder(family, &config).unwrap_err();
+        assert!(matches!(err, moe_core::MoeError::Config(_)), "{err}");
+        assert!(err.to_string().contains(needle), "{family}: {err}");
+    }
+    // What they can express survives the trip.
+    let qwen2 = DecoderConfig {
+        layer_types: vec![FullAttention, SlidingAttention],
+        ..windowed(DecoderPreset::Qwen2Moe)
+    };
+    let json = HfConfig::from_decoder(HfFamily::Qwen2Moe, &qwen2).unwrap();
+    let back = json.to_decoder(&[]).unwrap();
+    assert_eq!(
+        (back.sliding_window, back.layer_types),
+        (Some(4), qwen2.layer_types)
+    );
+}

@@ -15,6 +15,9 @@ use tch::nn;
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "family", rename_all = "snake_case")]
 #[non_exhaustive]
+// A config is built once per run and read by reference: boxing the
+// decoder's would save a few hundred bytes once and cost every match a `Box`.
+#[allow(clippy::large_enum_variant)]
 pub enum LmConfig {
     /// makeMoE's character model ([`MakeMoeModel`]).
     MakeMoe(MakeMoeConfig),

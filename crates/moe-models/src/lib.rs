@@ -23,7 +23,7 @@ mod sampling;
 pub use causal_lm::{check_context, cross_entropy, BatchLoss, CausalLm, ForwardOutput, ModelCache};
 pub use decoder::{
     resize_vocab, DecoderConfig, DecoderModel, DecoderPreset, ExpertConstruction, LatentAttention,
-    MoeConversion,
+    LayerType, MoeConversion,
 };
 pub use family::LmConfig;
 pub use generate::{generate, generate_batch, generate_recompute, generate_with, GenerateOptions};

@@ -17,12 +17,13 @@ fn rng_lock() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-const PRESETS: [DecoderPreset; 8] = [
+const PRESETS: [DecoderPreset; 9] = [
     DecoderPreset::Mixtral,
     DecoderPreset::Qwen2Moe,
     DecoderPreset::Qwen3Moe,
     DecoderPreset::Glm4Moe,
     DecoderPreset::DeepseekV3,
+    DecoderPreset::DeepseekV2,
     DecoderPreset::Olmoe,
     DecoderPreset::Yuan,
     DecoderPreset::Llama,
@@ -165,6 +166,73 @@ fn cached_logits_and_greedy_generation_equal_full_recomputation() {
         let prompt = [3i64, 14, 15, 9];
         support::assert_cached_greedy_is_argmax(&format!("{preset:?}"), &model, &prompt, 16);
     }
+}
+
+/// Sliding windows (in the second layer only) and attention sinks: KV-cached
+/// chunks equal the full forward, greedy decoding is the argmax of full
+/// recomputation, a left-padded batch generates what each prompt alone does.
+#[test]
+fn sliding_windows_and_sinks_decode_like_full_recomputation() {
+    use moe_models::{generate_batch, GenerateOptions, LayerType, Sampling};
+    use std::ops::ControlFlow;
+    let _rng = rng_lock();
+    for (window, sinks) in [(3, false), (5, true), (1, true)] {
+        let config = DecoderConfig {
+            sliding_window: Some(window),
+            layer_types: vec![LayerType::FullAttention, LayerType::SlidingAttention],
+            attention_sinks: sinks,
+            ..support::small_decoder(DecoderPreset::Mixtral, 30)
+        };
+        let (vs, model) = build(&config, 4);
+        tch::no_grad(|| {
+            for (name, mut var) in vs.variables() {
+                if name.ends_with("sinks") {
+                    var.copy_(&Tensor::randn_like(&var));
+                }
+            }
+        });
+        let label = format!("window {window}, sinks {sinks}");
+        let idx = Tensor::randint(30, [2, 20], (Kind::Int64, Device::Cpu));
+        let full = model.forward_t(&idx, false).unwrap().logits;
+        let mut cache = ModelCache::default();
+        let mut parts = Vec::new();
+        for (start, len) in [(0, 7), (7, 1), (8, 5), (13, 1), (14, 6)] {
+            let chunk = idx.narrow(1, start, len);
+            parts.push(model.forward_cached(&chunk, &mut cache).unwrap().logits);
+        }
+        let diff = (Tensor::cat(&parts, 1) - &full)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff < 1e-4, "{label}: cached logits differ by {diff}");
+        support::assert_cached_greedy_is_argmax(&label, &model, &[3, 14, 15, 9], 16);
+
+        let prompts = vec![vec![4i64, 9, 2, 7, 7, 1], vec![1, 5]];
+        let options = GenerateOptions {
+            max_new_tokens: 8,
+            sampling: Sampling::greedy(),
+            eos_token_ids: Vec::new(),
+        };
+        let batched =
+            generate_batch(&model, &prompts, &options, |_, _| ControlFlow::Continue(())).unwrap();
+        for (prompt, got) in prompts.iter().zip(&batched) {
+            let alone =
+                moe_models::generate(&model, prompt, 8, Sampling::greedy(), |_| {}).unwrap();
+            assert_eq!(got, &alone, "{label}: prompt {prompt:?}");
+        }
+    }
+    // A window without sliding layers to apply to, or layer kinds for
+    // other layers, are config errors.
+    let bad = DecoderConfig {
+        layer_types: vec![LayerType::SlidingAttention, LayerType::FullAttention],
+        ..support::small_decoder(DecoderPreset::Mixtral, 30)
+    };
+    assert!(matches!(bad.validate(), Err(MoeError::Config(_))));
+    let bad = DecoderConfig {
+        sliding_window: Some(2),
+        ..support::small_decoder(DecoderPreset::DeepseekV3, 30)
+    };
+    assert!(matches!(bad.validate(), Err(MoeError::Config(_))));
 }
 
 #[test]

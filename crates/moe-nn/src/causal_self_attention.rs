@@ -1,4 +1,4 @@
-use crate::sdpa::{causal_attention, causal_attention_math};
+use crate::sdpa::{causal_attention, causal_attention_math, Visibility};
 use crate::{AttentionConfig, AttentionPath, KvCache};
 use moe_core::{
     as_kind_of, check_float, check_rank, check_same_device, dropout, linear, linear_in_input_dtype,
@@ -88,10 +88,18 @@ impl CausalSelfAttention {
         let split = |i: i64| qkv.narrow(2, i * c, c).view([b, t, h, hs]).transpose(1, 2);
         let (keys, values) = cache.append(split(1), split(2))?;
         let scale = self.config.scale_factor();
-        let heads = causal_attention(&split(0), &keys, &values, past, scale, 0.0, None)
-            .transpose(1, 2)
-            .contiguous()
-            .view([b, t, c]);
+        let heads = causal_attention(
+            &split(0),
+            &keys,
+            &values,
+            past,
+            scale,
+            0.0,
+            Visibility::default(),
+        )
+        .transpose(1, 2)
+        .contiguous()
+        .view([b, t, c]);
         Ok(linear_in_input_dtype(&heads, &self.proj))
     }
 
@@ -123,7 +131,7 @@ impl CausalSelfAttention {
         let (q, k, v) = (split(0), split(1), split(2));
         let scale = self.config.scale_factor();
         let p = if train { self.config.dropout } else { 0.0 };
-        let heads = causal_attention(&q, &k, &v, 0, scale, p, None);
+        let heads = causal_attention(&q, &k, &v, 0, scale, p, Visibility::default());
         heads.transpose(1, 2).contiguous().view([b, t, c])
     }
 

@@ -1,4 +1,4 @@
-use crate::sdpa::{causal_attention, check_attention_input, project_heads};
+use crate::sdpa::{causal_attention, check_attention_input, project_heads, Visibility};
 use crate::{GqaConfig, KvCache, LocalizedFiltering, QkNorm, RmsNorm, Rope};
 use moe_core::profile::span;
 use moe_core::{check_same_device, linear, linear_in_input_dtype, MoeError, Result};
@@ -21,12 +21,17 @@ use tch::{nn, Tensor};
 /// [`Rope::with_scaling`]). Options: biases on the q, k, v projections
 /// (Qwen2), QK-norm before RoPE ([`QkNorm`]: OLMoE's over the projections,
 /// Qwen3's per head), RoPE on part of each head
-/// ([`GqaConfig::partial_rotary_factor`], GLM-4.5) and Yuan 2.0's localized filtering, which computes `Q`
-/// and `K` from `LF(x)` ([`LocalizedFiltering`]) and `V` from `x`.
+/// ([`GqaConfig::partial_rotary_factor`], GLM-4.5), Yuan 2.0's localized
+/// filtering, which computes `Q` and `K` from `LF(x)`
+/// ([`LocalizedFiltering`]) and `V` from `x`, a sliding window
+/// ([`GqaConfig::sliding_window`]: `M[i, j] = -inf` also for `i - j >= W`)
+/// and learned attention sinks ([`GqaConfig::attention_sinks`], gpt-oss:
+/// `softmax([Q_h K_g^T / sqrt(head_dim) + M, s_h])` without its last column).
 ///
 /// Parameters: `p/q_proj`, `p/k_proj`, `p/v_proj`, `p/o_proj` (`nn::Linear`,
 /// `o_proj` without bias), `p/q_norm/weight`, `p/k_norm/weight` with
-/// QK-norm, `p/lf_gate/...` with localized filtering.
+/// QK-norm, `p/lf_gate/...` with localized filtering, `p/sinks` (`[H]`,
+/// zeros at first) with attention sinks.
 ///
 /// The kernel is libtorch's `scaled_dot_product_attention` with
 /// `enable_gqa` (the key/value heads are not copied; libtorch repeats them
@@ -41,6 +46,8 @@ pub struct GroupedQueryAttention {
     /// `(q_norm, k_norm)` with QK-norm.
     qk_norm: Option<(RmsNorm, RmsNorm)>,
     lf_gate: Option<LocalizedFiltering>,
+    /// `s_h`, `[H]`, with attention sinks.
+    sinks: Option<Tensor>,
     rope: Rope,
     config: GqaConfig,
 }
@@ -80,6 +87,9 @@ impl GroupedQueryAttention {
             o_proj: linear(p / "o_proj", q_width, c, false, init),
             qk_norm,
             lf_gate,
+            sinks: config
+                .attention_sinks
+                .then(|| p.var("sinks", &[config.num_attention_heads], nn::Init::Const(0.0))),
             rope: Rope::with_scaling(
                 config.rotary_dim(),
                 config.max_position_embeddings,
@@ -115,7 +125,8 @@ impl GroupedQueryAttention {
         } else {
             0.0
         };
-        let heads = causal_attention(&q, &k, &v, 0, self.config.scale_factor(), p, None);
+        let visibility = self.visibility(None);
+        let heads = causal_attention(&q, &k, &v, 0, self.config.scale_factor(), p, visibility);
         Ok(self.output(&heads))
     }
 
@@ -150,8 +161,9 @@ impl GroupedQueryAttention {
         let (q, k, v) = self.project(x, &qk_input, past);
         let (keys, values) = span("kv_cache", || cache.append(k, v))?;
         let scale = self.config.scale_factor();
+        let visibility = self.visibility(real.as_ref());
         let heads = span("sdpa", || {
-            causal_attention(&q, &keys, &values, past, scale, 0.0, real.as_ref())
+            causal_attention(&q, &keys, &values, past, scale, 0.0, visibility)
         });
         Ok(self.output(&heads))
     }
@@ -194,6 +206,15 @@ impl GroupedQueryAttention {
         }
         let turned = self.rope.rotate(&x.narrow(-1, 0, r), start);
         Tensor::cat(&[turned, x.narrow(-1, r, d - r)], -1)
+    }
+
+    /// The padding mask `real`, the window and the sinks of this layer.
+    fn visibility<'a>(&'a self, real: Option<&'a Tensor>) -> Visibility<'a> {
+        Visibility {
+            real,
+            window: self.config.sliding_window,
+            sinks: self.sinks.as_ref(),
+        }
     }
 
     /// `[B, H, T, d]` heads -> `[B, T, C]` through `o_proj`.

@@ -63,6 +63,14 @@ pub struct GqaConfig {
     /// Yuan 2.0's localized filtering of the query/key input
     /// ([`crate::LocalizedFiltering`]); needs an even `hidden_size`.
     pub localized_filtering: bool,
+    /// Sliding-window attention (Mistral, Qwen, gpt-oss): a query sees the
+    /// `W` latest positions, itself included (`i - j < W`); `None`: every
+    /// earlier position.
+    pub sliding_window: Option<i64>,
+    /// Learned attention sinks (gpt-oss): a parameter `sinks [H]`, one logit
+    /// per query head that joins the softmax's denominator and takes weight
+    /// from the keys without adding a value.
+    pub attention_sinks: bool,
     /// How the projection (and filter convolution) weights are drawn.
     pub init: WeightInit,
 }
@@ -86,6 +94,8 @@ impl Default for GqaConfig {
             rms_norm_eps: 1e-6,
             attention_dropout: 0.0,
             localized_filtering: false,
+            sliding_window: None,
+            attention_sinks: false,
             init: WeightInit::default(),
         }
     }
@@ -143,6 +153,11 @@ impl GqaConfig {
             self.rms_norm_eps,
             self.attention_dropout,
         )?;
+        if let Some(w) = self.sliding_window.filter(|&w| w < 1) {
+            return Err(MoeError::config(format!(
+                "sliding_window must be at least 1 (a query sees itself), got {w}"
+            )));
+        }
         if self.localized_filtering && self.hidden_size % 2 != 0 {
             return Err(MoeError::config(format!(
                 "localized filtering needs an even hidden_size, got {}",

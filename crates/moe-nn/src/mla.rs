@@ -1,4 +1,4 @@
-use crate::sdpa::{causal_attention, check_attention_input, project_heads};
+use crate::sdpa::{causal_attention, check_attention_input, project_heads, Visibility};
 use crate::{KvCache, MlaConfig, RmsNorm, Rope};
 use moe_core::{check_same_device, linear, linear_in_input_dtype, MoeError, Result};
 use tch::{nn, Tensor};
@@ -223,7 +223,11 @@ impl MultiHeadLatentAttention {
         let k_pe = k_pe.unsqueeze(1).expand([b, h, s, d_r], false);
         let k = Tensor::cat(&[kv.narrow(-1, 0, d_n), k_pe], -1);
         let v = kv.narrow(-1, d_n, d_v);
-        let heads = causal_attention(q, &k, &v, past, self.config.softmax_scale(), p, real);
+        let visibility = Visibility {
+            real,
+            ..Visibility::default()
+        };
+        let heads = causal_attention(q, &k, &v, past, self.config.softmax_scale(), p, visibility);
         project_heads(&heads, &self.o_proj)
     }
 

@@ -25,10 +25,18 @@ use tch::{Device, Kind, Tensor};
 /// `is_causal` aligns the mask to the top-left corner, which is wrong once
 /// `S > T`). With dropout on a CPU it runs [`causal_attention_math`] instead.
 ///
-/// `real` (`[B, S]` bool, [`crate::KvCache::key_mask`]) hides left padding:
-/// query `i` then sees key `j` when `j <= past + i` and key `j` is real or
-/// `j = past + i` (a padded query sees itself, so that no row of weights is
-/// empty; what it computes is never read by a real position).
+/// `visibility` narrows what a query sees and adds to its softmax:
+///
+/// - `real` (`[B, S]` bool, [`crate::KvCache::key_mask`]) hides left
+///   padding: query `i` then sees key `j` when `j <= past + i` and key `j`
+///   is real or `j = past + i` (a padded query sees itself, so that no row
+///   of weights is empty; what it computes is never read by a real
+///   position);
+/// - a sliding window `W` hides keys `j` with `past + i - j >= W`
+///   (libtorch's kernel under that explicit mask);
+/// - attention sinks add a logit per head to the softmax's denominator
+///   (the math path: libtorch's kernels have no sink; the softmax in f32
+///   for bf16/f16 inputs).
 pub(crate) fn causal_attention(
     q: &Tensor,
     k: &Tensor,
@@ -36,22 +44,38 @@ pub(crate) fn causal_attention(
     past: i64,
     scale: f64,
     p: f64,
-    real: Option<&Tensor>,
+    visibility: Visibility<'_>,
 ) -> Tensor {
     let size = q.size();
     let t = size[size.len() - 2];
     let gqa = size.len() == 4 && k.size()[1] != size[1];
-    if let Some(real) = real {
-        let q_pos = Tensor::arange_start(past, past + t, (Kind::Int64, q.device())).unsqueeze(1);
-        let k_pos = Tensor::arange(past + t, (Kind::Int64, q.device())).unsqueeze(0);
-        let visible = real
-            .unsqueeze(1)
-            .logical_or(&k_pos.eq_tensor(&q_pos))
-            .logical_and(&k_pos.le_tensor(&q_pos))
-            .unsqueeze(1);
-        return Tensor::scaled_dot_product_attention(q, k, v, Some(&visible), p, false, scale, gqa);
+    let Visibility {
+        real,
+        window,
+        sinks,
+    } = visibility;
+    // A window at least as long as the sequence never hides a key.
+    let window = window.filter(|&w| w < past + t);
+    if real.is_some() || window.is_some() || sinks.is_some() {
+        let mut visible = visible_keys(past, t, window, q.device());
+        if let Some(real) = real {
+            let q_pos =
+                Tensor::arange_start(past, past + t, (Kind::Int64, q.device())).unsqueeze(1);
+            let k_pos = Tensor::arange(past + t, (Kind::Int64, q.device())).unsqueeze(0);
+            visible = real
+                .unsqueeze(1)
+                .logical_or(&k_pos.eq_tensor(&q_pos))
+                .logical_and(&visible)
+                .unsqueeze(1);
+        }
+        return match sinks {
+            None => {
+                Tensor::scaled_dot_product_attention(q, k, v, Some(&visible), p, false, scale, gqa)
+            }
+            Some(sinks) => attention_with_sinks(q, k, v, &visible, sinks, scale, p),
+        };
     }
-    if let Some(out) = one_query_bf16(q, k, v, scale, p, real) {
+    if let Some(out) = one_query_bf16(q, k, v, scale, p) {
         return out;
     }
     if p > 0.0 && q.device() == Device::Cpu {
@@ -68,25 +92,77 @@ pub(crate) fn causal_attention(
     Tensor::scaled_dot_product_attention(q, k, v, mask.as_ref(), p, past == 0 && t > 1, scale, gqa)
 }
 
+/// Which keys a query sees beyond the causal rule, and what else enters
+/// its softmax ([`causal_attention`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Visibility<'a> {
+    /// Left padding: `[B, S]` bool, true at real keys.
+    pub real: Option<&'a Tensor>,
+    /// Sliding window `W`: query `i` sees key `j` only when `i - j < W`
+    /// (the `W` latest positions, itself included; Mistral's and
+    /// transformers' `sliding_window`).
+    pub window: Option<i64>,
+    /// Learned attention sinks `s_h` (`[H]`): one more logit per head in
+    /// the softmax's denominator, whose weight is dropped (gpt-oss;
+    /// Xiao et al. 2023, arXiv 2309.17453):
+    /// `w_ij = exp(l_ij) / (exp(s_h) + sum_j' exp(l_ij'))`.
+    pub sinks: Option<&'a Tensor>,
+}
+
+/// `[T, past + T]` bool: query `i` (position `past + i`) sees key `j` when
+/// `j <= past + i` and, with a window `W`, `past + i - j < W`.
+fn visible_keys(past: i64, t: i64, window: Option<i64>, device: Device) -> Tensor {
+    let q_pos = Tensor::arange_start(past, past + t, (Kind::Int64, device)).unsqueeze(1);
+    let k_pos = Tensor::arange(past + t, (Kind::Int64, device)).unsqueeze(0);
+    let causal = k_pos.le_tensor(&q_pos);
+    match window {
+        Some(w) => causal.logical_and(&(&q_pos - &k_pos).lt(w)),
+        None => causal,
+    }
+}
+
+/// `Dropout_p(softmax([s Q K^T + M, s_h])[..., :S]) V`: the keys `visible`
+/// may see (`[T, S]` or `[B, 1, T, S]`), each head's sink logit `s_h`
+/// (`sinks: [H]`) as one more column of the softmax, dropped after it.
+/// Key/value heads are repeated for grouped-query attention.
+fn attention_with_sinks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    visible: &Tensor,
+    sinks: &Tensor,
+    scale: f64,
+    p: f64,
+) -> Tensor {
+    let (b, h, t, _) = q.size4().expect("[B, H, T, hs]");
+    let groups = h / k.size()[1];
+    let (k, v) = (repeat_kv(k, groups), repeat_kv(v, groups));
+    let logits = (q.matmul(&k.transpose(-2, -1)) * scale)
+        .masked_fill(&visible.logical_not(), f64::NEG_INFINITY);
+    let sink = sinks
+        .to_kind(q.kind())
+        .view([1, h, 1, 1])
+        .expand([b, h, t, 1], false);
+    let s = logits.size()[3];
+    let weights = Tensor::cat(&[logits, sink], -1)
+        .softmax(-1, accumulation_kind(q.kind()))
+        .narrow(-1, 0, s)
+        .to_kind(q.kind());
+    dropout(&weights, p, true).matmul(&v)
+}
+
 /// One bf16 query per sequence on the CPU (batch-1 decoding), no dropout,
-/// no padding: each head's `softmax(s q K^T) V` over the cached keys in f32
+/// no padding, window or sink (the caller's other paths): each head's `softmax(s q K^T) V` over the cached keys in f32
 /// on the host, one rounding to bf16: a quarter faster than libtorch's CPU
 /// SDPA at OLMoE-1B-7B's shape (the ignored test `one_query_timing`), whose
 /// set-up costs more than these few multiply-adds per head. `None` where it
 /// does not apply.
-fn one_query_bf16(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    p: f64,
-    real: Option<&Tensor>,
-) -> Option<Tensor> {
+fn one_query_bf16(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, p: f64) -> Option<Tensor> {
     let size = q.size();
     let on_cpu_bf16 = [q, k, v]
         .iter()
         .all(|t| t.device() == Device::Cpu && t.kind() == Kind::BFloat16 && t.dim() == 4);
-    if !on_cpu_bf16 || p > 0.0 || real.is_some() || size[0] != 1 || size[2] != 1 {
+    if !on_cpu_bf16 || p > 0.0 || size[0] != 1 || size[2] != 1 {
         return None;
     }
     let (heads, d) = (size[1] as usize, size[3] as usize);
@@ -232,6 +308,85 @@ pub(crate) fn project_heads(heads: &Tensor, o_proj: &tch::nn::Linear) -> Tensor 
 mod tests {
     use super::*;
 
+    /// The window and the sinks against the formula written out per query
+    /// in f64: `w_j = exp(l_j) / (exp(s_h) + sum_{j visible} exp(l_j))` over
+    /// the keys `j <= past + i` with `past + i - j < W`, `out = sum_j w_j v_j`;
+    /// grouped-query heads, cached positions and a padded sequence included.
+    /// Both sides compute in f64: the difference is rounding, `1e-12`.
+    #[test]
+    fn window_and_sinks_are_the_written_out_softmax() {
+        tch::manual_seed(5);
+        let f64s = |shape: &[i64]| Tensor::randn(shape, (Kind::Double, Device::Cpu));
+        let (b, h, h_kv, d) = (2, 4, 2, 8);
+        for (past, t, window, with_sinks, padded) in [
+            (0, 7, Some(3), false, false),
+            (0, 7, Some(3), true, false),
+            (5, 3, Some(4), true, false),
+            (0, 6, None, true, false),
+            (2, 4, Some(2), true, true),
+            (4, 1, Some(1), false, false),
+        ] {
+            let s = past + t;
+            let (q, k, v) = (
+                f64s(&[b, h, t, d]),
+                f64s(&[b, h_kv, s, d]),
+                f64s(&[b, h_kv, s, d]),
+            );
+            let sinks = f64s(&[h]);
+            // Sequence 1 padded on the left over its first two positions.
+            let real = Tensor::ones([b, s], (Kind::Bool, Device::Cpu));
+            if padded {
+                let _ = real.get(1).narrow(0, 0, 2).fill_(0);
+            }
+            let visibility = Visibility {
+                real: padded.then_some(&real),
+                window,
+                sinks: with_sinks.then_some(&sinks),
+            };
+            let got = causal_attention(&q, &k, &v, past, 0.3, 0.0, visibility);
+            let want = Tensor::zeros([b, h, t, d], (Kind::Double, Device::Cpu));
+            for bi in 0..b {
+                for hi in 0..h {
+                    let g = hi / (h / h_kv);
+                    for i in 0..t {
+                        let pos = past + i;
+                        let seen: Vec<i64> = (0..=pos)
+                            .filter(|&j| window.is_none_or(|w| pos - j < w))
+                            .filter(|&j| !padded || j == pos || real.int64_value(&[bi, j]) != 0)
+                            .collect();
+                        let logits: Vec<f64> = seen
+                            .iter()
+                            .map(|&j| {
+                                0.3 * q
+                                    .get(bi)
+                                    .get(hi)
+                                    .get(i)
+                                    .dot(&k.get(bi).get(g).get(j))
+                                    .double_value(&[])
+                            })
+                            .collect();
+                        let sink = if with_sinks {
+                            sinks.double_value(&[hi]).exp()
+                        } else {
+                            0.0
+                        };
+                        let total: f64 = sink + logits.iter().map(|l| l.exp()).sum::<f64>();
+                        let out = seen.iter().zip(&logits).fold(
+                            Tensor::zeros([d], (Kind::Double, Device::Cpu)),
+                            |acc, (&j, l)| acc + v.get(bi).get(g).get(j) * (l.exp() / total),
+                        );
+                        want.get(bi).get(hi).get(i).copy_(&out);
+                    }
+                }
+            }
+            let diff = (got - want).abs().max().double_value(&[]);
+            assert!(
+                diff < 1e-12,
+                "past {past}, T {t}, window {window:?}, sinks {with_sinks}, padded {padded}: {diff:e}"
+            );
+        }
+    }
+
     /// The one-query path against the math path computed in f64 from the
     /// same bf16 values, grouped-query heads included: f32 dot products and
     /// sums of at most `S` terms (`S 2^-24` relative to the sum of
@@ -247,7 +402,7 @@ mod tests {
             let q = bf16(&[1, heads, 1, 16]);
             let k = bf16(&[1, kv_heads, past + 1, 16]);
             let v = bf16(&[1, kv_heads, past + 1, 16]);
-            let got = causal_attention(&q, &k, &v, past, 0.25, 0.0, None);
+            let got = causal_attention(&q, &k, &v, past, 0.25, 0.0, Visibility::default());
             assert_eq!(got.size(), [1, heads, 1, 16]);
             assert_eq!(got.kind(), Kind::BFloat16);
             let d = |t: &Tensor| t.to_kind(Kind::Double);
@@ -286,7 +441,7 @@ mod timing {
         for _ in 0..3 {
             let t = std::time::Instant::now();
             for _ in 0..200 {
-                let _ = causal_attention(&q, &k, &v, 159, 0.1, 0.0, None);
+                let _ = causal_attention(&q, &k, &v, 159, 0.1, 0.0, Visibility::default());
             }
             let ours = t.elapsed().as_secs_f64() / 200.0;
             let t = std::time::Instant::now();

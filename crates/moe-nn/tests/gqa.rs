@@ -32,6 +32,10 @@ fn layer(config: &GqaConfig, seed: i64) -> (nn::VarStore, GroupedQueryAttention)
             if name.contains("norm") {
                 var.copy_(&(Tensor::rand_like(&var) + 0.5));
             }
+            // Sinks of either sign, not the zeros they start from.
+            if name.ends_with("sinks") {
+                var.copy_(&Tensor::randn_like(&var));
+            }
         }
     });
     (vs, attn)
@@ -98,6 +102,30 @@ fn variants() -> Vec<(&'static str, GqaConfig)> {
             },
         ),
         (
+            "sliding window 3",
+            GqaConfig {
+                sliding_window: Some(3),
+                ..config()
+            },
+        ),
+        (
+            "attention sinks",
+            GqaConfig {
+                attention_sinks: true,
+                ..config()
+            },
+        ),
+        (
+            "window and sinks, qk-norm head",
+            GqaConfig {
+                sliding_window: Some(4),
+                attention_sinks: true,
+                qk_norm: QkNorm::Head,
+                attention_bias: true,
+                ..config()
+            },
+        ),
+        (
             "everything, head_dim 6",
             GqaConfig {
                 head_dim: Some(6),
@@ -148,6 +176,84 @@ fn parameters_have_hugging_face_names() {
     assert_eq!(vars["attn.q_norm.weight"].size(), [6]);
     assert_eq!(vars["attn.k_norm.weight"].size(), [6]);
     assert!(!vars.contains_key("attn.q_proj.bias"));
+
+    let sinks = GqaConfig {
+        attention_sinks: true,
+        ..config()
+    };
+    let (vs, _attn) = layer(&sinks, 0);
+    assert_eq!(vs.variables()["attn.sinks"].size(), [8]);
+}
+
+/// RoPE makes a score depend on `i - j` alone and every other step acts on
+/// one token, so position `i` under a window `W` computes what the layer
+/// without a window computes at the last position of `x[i - W + 1 ..= i]`.
+#[test]
+fn a_sliding_window_sees_what_the_last_w_positions_alone_give() {
+    for (window, sinks) in [(3, false), (4, true), (1, false)] {
+        let windowed = GqaConfig {
+            sliding_window: Some(window),
+            attention_sinks: sinks,
+            qk_norm: QkNorm::Head,
+            ..config()
+        };
+        let (vs, attn) = layer(&windowed, 8);
+        let full_view = GqaConfig {
+            sliding_window: None,
+            ..windowed.clone()
+        };
+        let mut vs_full = nn::VarStore::new(Device::Cpu);
+        let unwindowed =
+            GroupedQueryAttention::new(&(vs_full.root() / "attn"), &full_view).unwrap();
+        vs_full.copy(&vs).unwrap();
+        let x = Tensor::randn([2, 11, 32], (Kind::Float, Device::Cpu));
+        let y = attn.forward_t(&x, false).unwrap();
+        for i in 0..11 {
+            let start = (i - window + 1).max(0);
+            let alone = unwindowed
+                .forward_t(&x.narrow(1, start, i - start + 1), false)
+                .unwrap();
+            let diff = max_abs_diff(&y.narrow(1, i, 1), &alone.narrow(1, i - start, 1));
+            assert!(diff < 1e-5, "window {window}, position {i}: {diff}");
+        }
+        // The window changes what the later positions see.
+        let y_full = unwindowed.forward_t(&x, false).unwrap();
+        assert!(max_abs_diff(&y.narrow(1, 10, 1), &y_full.narrow(1, 10, 1)) > 1e-4);
+    }
+}
+
+/// Sinks are trained: the loss reaches them; a very negative sink is no sink.
+#[test]
+fn sinks_take_gradients_and_vanish_at_minus_infinity() {
+    let with_sinks = GqaConfig {
+        attention_sinks: true,
+        ..config()
+    };
+    let (vs, attn) = layer(&with_sinks, 9);
+    let x = Tensor::randn([2, 6, 32], (Kind::Float, Device::Cpu));
+    attn.forward_t(&x, true)
+        .unwrap()
+        .square()
+        .sum(Kind::Float)
+        .backward();
+    let grad = vs.variables()["attn.sinks"].grad();
+    assert!(grad.defined() && grad.abs().max().double_value(&[]) > 0.0);
+
+    let plain = GqaConfig {
+        attention_sinks: false,
+        ..with_sinks.clone()
+    };
+    let mut vs_plain = nn::VarStore::new(Device::Cpu);
+    let without = GroupedQueryAttention::new(&(vs_plain.root() / "attn"), &plain).unwrap();
+    vs_plain.copy(&vs).unwrap();
+    tch::no_grad(|| {
+        let _ = vs.variables()["attn.sinks"].shallow_clone().fill_(-1e4);
+    });
+    let diff = max_abs_diff(
+        &attn.forward_t(&x, false).unwrap(),
+        &without.forward_t(&x, false).unwrap(),
+    );
+    assert!(diff < 1e-6, "{diff}");
 }
 
 #[test]
@@ -337,6 +443,13 @@ fn bad_configs_are_errors() {
                 ..config()
             },
             "must divide",
+        ),
+        (
+            GqaConfig {
+                sliding_window: Some(0),
+                ..config()
+            },
+            "sliding_window must be at least 1",
         ),
         (
             GqaConfig {

@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
-/// Every fixture folder: one per family, two with RoPE scaling and
-/// DeepSeek-V2's second router.
-pub const FAMILIES: [&str; 11] = [
+/// Every fixture folder: one per family, two with RoPE scaling,
+/// DeepSeek-V2's second router and three with sliding windows.
+pub const FAMILIES: [&str; 14] = [
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
@@ -24,6 +24,9 @@ pub const FAMILIES: [&str; 11] = [
     "olmoe",
     "llama",
     "llama_rope3",
+    "mixtral_window",
+    "qwen3_moe_window",
+    "qwen2_moe_window",
 ];
 
 /// `tests/data/hf/NAME` of the workspace.

@@ -20,7 +20,8 @@ use std::str::FromStr;
 /// `topk_group`, `routed_scaling_factor`, `scoring_func`) lives here in one
 /// place, the nested [`RouterConfig`] whose [`Gate`] variant carries its own
 /// settings. Fields that Hugging Face does not have are ours:
-/// `qk_norm`, `localized_filtering`, `router`, `dispatch`, `init`, `precision`.
+/// `qk_norm`, `localized_filtering`, `attention_sinks`, `router`, `dispatch`, `init`,
+/// `precision`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct DecoderConfig {
@@ -69,6 +70,16 @@ pub struct DecoderConfig {
     pub qk_norm: QkNorm,
     /// Yuan 2.0's localized filtering of the query/key stream.
     pub localized_filtering: bool,
+    /// The window of the sliding-window layers (Mixtral, Qwen, gpt-oss): a
+    /// query there sees the `sliding_window` latest positions, itself
+    /// included. `None`: every layer attends to the whole prefix.
+    pub sliding_window: Option<i64>,
+    /// Each layer's attention, `full_attention` or `sliding_attention`
+    /// (transformers 5's `layer_types`); empty: every layer slides when
+    /// `sliding_window` is set (Mixtral's, Qwen3-MoE's), else none does.
+    pub layer_types: Vec<LayerType>,
+    /// Learned attention sinks in every layer (gpt-oss; [`GqaConfig::attention_sinks`]).
+    pub attention_sinks: bool,
     /// Routed experts `E` (0: every layer is dense, as LLaMA).
     pub num_local_experts: i64,
     /// Experts per token `k`.
@@ -119,6 +130,9 @@ impl Default for DecoderConfig {
             tie_word_embeddings: true,
             qk_norm: QkNorm::None,
             localized_filtering: false,
+            sliding_window: None,
+            layer_types: Vec::new(),
+            attention_sinks: false,
             num_local_experts: 8,
             num_experts_per_tok: 2,
             n_shared_experts: 0,
@@ -137,6 +151,17 @@ impl Default for DecoderConfig {
             precision: Precision::Fp32,
         }
     }
+}
+
+/// The attention of one decoder layer (transformers 5's `layer_types`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum LayerType {
+    /// Every earlier position.
+    FullAttention,
+    /// The [`DecoderConfig::sliding_window`] latest positions.
+    SlidingAttention,
 }
 
 /// The sizes of Multi-head Latent Attention (DeepSeek-V2, arXiv 2405.04434
@@ -391,7 +416,30 @@ impl DecoderConfig {
             rms_norm_eps: self.rms_norm_eps,
             attention_dropout: self.attention_dropout,
             localized_filtering: self.localized_filtering,
+            // Set per layer by `attention_config_of`.
+            sliding_window: None,
+            attention_sinks: self.attention_sinks,
             init: self.init,
+        }
+    }
+
+    /// The window of layer `layer`'s attention: `sliding_window` where
+    /// [`Self::layer_types`] says `sliding_attention` (every layer when it
+    /// is empty), `None` elsewhere.
+    pub fn sliding_window_of(&self, layer: i64) -> Option<i64> {
+        let slides = match self.layer_types.get(layer as usize) {
+            Some(kind) => *kind == LayerType::SlidingAttention,
+            None => self.layer_types.is_empty(),
+        };
+        self.sliding_window.filter(|_| slides)
+    }
+
+    /// Layer `layer`'s grouped-query attention: [`Self::attention_config`]
+    /// with that layer's window.
+    pub fn attention_config_of(&self, layer: i64) -> GqaConfig {
+        GqaConfig {
+            sliding_window: self.sliding_window_of(layer),
+            ..self.attention_config()
         }
     }
 
@@ -500,6 +548,27 @@ impl DecoderConfig {
                  shared_expert_intermediate_size (Qwen2-MoE's gated one), not both",
             ));
         }
+        if !self.layer_types.is_empty() && self.layer_types.len() as i64 != self.num_hidden_layers {
+            return Err(MoeError::config(format!(
+                "layer_types lists {} layers, the model has num_hidden_layers = {}",
+                self.layer_types.len(),
+                self.num_hidden_layers
+            )));
+        }
+        if self.sliding_window.is_none() && self.layer_types.contains(&LayerType::SlidingAttention)
+        {
+            return Err(MoeError::config(
+                "layer_types has sliding_attention layers but sliding_window is not set",
+            ));
+        }
+        if self.latent_attention.is_some()
+            && (self.sliding_window.is_some() || self.attention_sinks)
+        {
+            return Err(MoeError::config(
+                "sliding_window and attention_sinks apply to grouped-query attention; latent \
+                 attention (DeepSeek) has neither",
+            ));
+        }
         if self.latent_attention.is_some() && self.partial_rotary_factor != 1.0 {
             return Err(MoeError::config(format!(
                 "partial_rotary_factor = {} applies to grouped-query attention; latent \
@@ -509,7 +578,12 @@ impl DecoderConfig {
         }
         match self.latent_attention_config() {
             Some(mla) => mla.validate()?,
-            None => self.attention_config().validate()?,
+            None => self.attention_config_of(0).validate()?,
+        }
+        if let Some(w) = self.sliding_window.filter(|&w| w < 1) {
+            return Err(MoeError::config(format!(
+                "sliding_window must be at least 1 (a query sees itself), got {w}"
+            )));
         }
         if self.num_local_experts > 0 {
             self.moe_config().validate()?;

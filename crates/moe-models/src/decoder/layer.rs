@@ -101,7 +101,7 @@ impl DecoderLayer {
                 }
                 None => Attention::GroupedQuery(GroupedQueryAttention::new(
                     &(p / "self_attn"),
-                    &config.attention_config(),
+                    &config.attention_config_of(index),
                 )?),
             },
             post_attention_layernorm: RmsNorm::new(

@@ -19,7 +19,7 @@ mod model;
 mod quantize;
 mod resize;
 
-pub use config::{DecoderConfig, DecoderPreset, LatentAttention};
+pub use config::{DecoderConfig, DecoderPreset, LatentAttention, LayerType};
 pub use convert::{ExpertConstruction, MoeConversion};
 pub use layer::{Attention, DecoderLayer, FeedForward, LayerOutput};
 pub use model::DecoderModel;
