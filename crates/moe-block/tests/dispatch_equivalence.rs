@@ -173,10 +173,14 @@ fn random_cases_match_the_dense_reference() {
             } else {
                 Gate::default()
             },
-            activation: if seed % 3 == 0 {
-                Activation::SwiGlu
-            } else {
-                Activation::Relu
+            activation: match seed % 3 {
+                0 => Activation::SwiGlu,
+                // gpt-oss's, with a limit the pre-activations cross.
+                1 if seed % 2 == 1 => Activation::ClampedSwiGlu {
+                    alpha: 1.702,
+                    limit: 0.5,
+                },
+                _ => Activation::Relu,
             },
             expert_bias: seed % 5 != 0,
             skew: 0.0,

@@ -12,7 +12,8 @@ use tch::{Device, Kind, Tensor};
 /// 1. sort the `S` slots (`N k` under token choice) by expert (stable),
 ///    counts -> offsets;
 /// 2. gather `x` once into expert-contiguous rows `X_s`;
-/// 3. `H = act(GroupedMM(X_s, W_in, offsets) (+ b_in[e_s]))`,
+/// 3. `H = act(GroupedMM(X_s, W_in, offsets) (+ b_in[e_s]))` (the gate's
+///    product with its bias likewise),
 ///    `O = GroupedMM(H, W_out, offsets) (+ b_out[e_s])` — every expert's segment
 ///    in one kernel, no padding, no dropped token;
 /// 4. each token gathers its `k` rows back and sums them weighted (no
@@ -88,7 +89,10 @@ fn expert_segments_grouped(experts: &ExpertBank, xs: &Tensor, slots: &Segments<'
             .map(|b| b.index_select(0, slots.expert).to_kind(kind))
     };
     let pre = plus_bias(mm(xs, &experts.w_in), bias(&experts.b_in));
-    let gate = experts.w_gate.as_ref().map(|w| mm(xs, w));
+    let gate = experts
+        .w_gate
+        .as_ref()
+        .map(|w| plus_bias(mm(xs, w), bias(&experts.b_gate)));
     let hidden = experts.activate(pre, gate);
     plus_bias(mm(&hidden, &experts.w_out), bias(&experts.b_out))
 }

@@ -8,10 +8,12 @@ use tch::{nn, Device, Kind, Tensor};
 /// `E` two-layer experts, stacked (makeMoE's `Expert`, or a SwiGLU FFN):
 ///
 /// `FFN_e(x) = Dropout(act_e(x) W_out[e] (+ b_out[e]))`, with
-/// `act_e(x) = ReLU(x W_in[e] (+ b_in[e]))` or
-/// `act_e(x) = SiLU(x W_gate[e]) * (x W_in[e] (+ b_in[e]))`,
+/// `act_e(x) = ReLU(x W_in[e] (+ b_in[e]))`,
+/// `act_e(x) = SiLU(x W_gate[e] (+ b_gate[e])) * (x W_in[e] (+ b_in[e]))` or
+/// gpt-oss's clamped SwiGLU of the same two projections ([`Activation`]),
 ///
-/// `W_in, W_gate: [E, d, h]`, `b_in: [E, h]`, `W_out: [E, h, d]`, `b_out: [E, d]`;
+/// `W_in, W_gate: [E, d, h]`, `b_in, b_gate: [E, h]`, `W_out: [E, h, d]`,
+/// `b_out: [E, d]`;
 /// the biases exist only with [`ExpertConfig::bias`] (Mixtral, Qwen2-MoE,
 /// DeepSeek and OLMoE experts have none).
 /// `W_in[e]` is the transpose of PyTorch's `nn.Linear(d, h).weight`, so that
@@ -31,6 +33,8 @@ pub struct ExpertBank {
     pub b_in: Option<Tensor>,
     /// SwiGLU only; `[0]` once the bank is quantised.
     pub w_gate: Option<Tensor>,
+    /// SwiGLU with [`ExpertConfig::bias`] only.
+    pub b_gate: Option<Tensor>,
     /// Output projections `[E, h, d]`; `[0]` once the bank is quantised.
     pub w_out: Tensor,
     /// With [`ExpertConfig::bias`] only.
@@ -110,6 +114,7 @@ impl Int8Experts {
             w_in: self.w_in.dequantize(kind),
             b_in: None,
             w_gate: self.w_gate.as_ref().map(|w| w.dequantize(kind)),
+            b_gate: None,
             w_out: self.w_out.dequantize(kind),
             b_out: None,
         }
@@ -125,22 +130,22 @@ pub fn plus_bias(t: Tensor, b: Option<Tensor>) -> Tensor {
 }
 
 impl ExpertBank {
-    /// Parameters: `p/w_in`, `p/w_out` and, with SwiGLU, `p/w_gate`, each
+    /// Parameters: `p/w_in`, `p/w_out` and, with a SwiGLU, `p/w_gate`, each
     /// weight drawn by `config.init` for its fans; with `config.bias`,
-    /// `p/b_in` and `p/b_out` drawn as PyTorch's `nn.Linear` biases.
+    /// `p/b_in`, `p/b_out` (and `p/b_gate` with a gate) drawn as PyTorch's
+    /// `nn.Linear` biases.
     pub fn new(p: &nn::Path, config: &ExpertConfig) -> Result<Self> {
         config.validate()?;
         let (e, d, h) = (config.num_experts, config.input_dim, config.hidden_dim);
         let init = config.init;
-        let w_gate = match config.activation {
-            Activation::Relu => None,
-            Activation::SwiGlu => Some(var_column_major(p, "w_gate", [e, d, h], init.weight(d, h))),
-        };
+        let gated = config.activation.is_gated();
+        let w_gate = gated.then(|| var_column_major(p, "w_gate", [e, d, h], init.weight(d, h)));
         let bias = config.bias;
         Ok(ExpertBank {
             w_in: var_column_major(p, "w_in", [e, d, h], init.weight(d, h)),
             b_in: bias.then(|| var(p, "b_in", &[e, h], WeightInit::bias(d))),
             w_gate,
+            b_gate: (bias && gated).then(|| var(p, "b_gate", &[e, h], WeightInit::bias(d))),
             w_out: var_column_major(p, "w_out", [e, h, d], init.weight(h, d)),
             b_out: bias.then(|| var(p, "b_out", &[e, d], WeightInit::bias(h))),
             config: config.clone(),
@@ -370,6 +375,7 @@ impl ExpertBank {
             ("w_gate", "SwiGLU gate", &mut self.w_gate, &weights.w_gate),
             ("b_in", "input bias", &mut self.b_in, &weights.b_in),
             ("b_out", "output bias", &mut self.b_out, &weights.b_out),
+            ("b_gate", "gate bias", &mut self.b_gate, &weights.b_gate),
         ];
         for (name, meaning, dst, src) in optional {
             match (dst, src) {
@@ -404,13 +410,41 @@ impl ExpertBank {
         Ok(())
     }
 
-    /// The hidden activation from the two pre-activations: `ReLU(pre)` or
-    /// `SiLU(gate) * pre`. Shared by every dispatch strategy, whatever way it
-    /// computed `pre = x W_in (+ b_in)` and `gate = x W_gate`.
+    /// The hidden activation from the two pre-activations: `ReLU(pre)`,
+    /// `SiLU(gate) * pre` or the clamped SwiGLU ([`Activation`]). Shared by
+    /// every dispatch strategy, whatever way it computed
+    /// `pre = x W_in (+ b_in)` and `gate = x W_gate (+ b_gate)`.
     pub fn activate(&self, pre: Tensor, gate: Option<Tensor>) -> Tensor {
         match (self.config.activation, gate) {
             (Activation::SwiGlu, Some(gate)) => gate.silu() * pre,
+            (Activation::ClampedSwiGlu { alpha, limit }, Some(gate)) => {
+                let gate = gate.clamp_max(limit);
+                let glu = (&gate * alpha).sigmoid() * gate;
+                (pre.clamp(-limit, limit) + 1.0) * glu
+            }
             _ => pre.relu(),
+        }
+    }
+
+    /// [`ExpertBank::activate`] on one row on the host (f32).
+    fn activate_row(&self, pre: &[f32], gate: &[f32]) -> Vec<f32> {
+        match self.config.activation {
+            Activation::SwiGlu => pre
+                .iter()
+                .zip(gate)
+                .map(|(&p, &g)| g / (1.0 + (-g).exp()) * p)
+                .collect(),
+            Activation::ClampedSwiGlu { alpha, limit } => {
+                let (alpha, limit) = (alpha as f32, limit as f32);
+                pre.iter()
+                    .zip(gate)
+                    .map(|(&p, &g)| {
+                        let g = g.min(limit);
+                        (p.clamp(-limit, limit) + 1.0) * g / (1.0 + (-alpha * g).exp())
+                    })
+                    .collect()
+            }
+            Activation::Relu => pre.iter().map(|&p| p.max(0.0)).collect(),
         }
     }
 
@@ -474,6 +508,7 @@ impl ExpertBank {
             w_in,
             b_in: self.b_in.as_ref().map(split),
             w_gate,
+            b_gate: self.b_gate.as_ref().map(split),
             w_out,
             b_out: self.b_out.as_ref().map(split),
         }
@@ -490,7 +525,10 @@ impl ExpertBank {
             m.residency.use_expert(m.key(e));
         }
         let pre = views.w_in[e].affine(x, bias(&views.b_in, e));
-        let gate = views.w_gate.as_ref().map(|g| g[e].affine(x, None));
+        let gate = views
+            .w_gate
+            .as_ref()
+            .map(|g| g[e].affine(x, bias(&views.b_gate, e)));
         views.w_out[e].affine(&self.activate(pre, gate), bias(&views.b_out, e))
     }
 
@@ -502,7 +540,10 @@ impl ExpertBank {
             m.residency.use_expert(m.key(e as usize));
             let at = |list: &[Tensor]| as_kind_of(&list[e as usize], x);
             let pre = plus_bias(times(x, &at(&m.w_in)), self.b_in.as_ref().map(w));
-            let gate = m.w_gate.as_ref().map(|g| times(x, &at(g)));
+            let gate = m
+                .w_gate
+                .as_ref()
+                .map(|g| plus_bias(times(x, &at(g)), self.b_gate.as_ref().map(w)));
             return plus_bias(
                 times(&self.activate(pre, gate), &at(&m.w_out)),
                 self.b_out.as_ref().map(w),
@@ -510,7 +551,10 @@ impl ExpertBank {
         }
         let Some(int8) = &self.int8 else {
             let pre = plus_bias(times(x, &w(&self.w_in)), self.b_in.as_ref().map(w));
-            let gate = self.w_gate.as_ref().map(|g| times(x, &w(g)));
+            let gate = self
+                .w_gate
+                .as_ref()
+                .map(|g| plus_bias(times(x, &w(g)), self.b_gate.as_ref().map(w)));
             return plus_bias(
                 times(&self.activate(pre, gate), &w(&self.w_out)),
                 self.b_out.as_ref().map(w),
@@ -521,7 +565,10 @@ impl ExpertBank {
             int8_matmul_auto(x, &values, &scales)
         };
         let pre = plus_bias(mm(x, &int8.w_in), self.b_in.as_ref().map(w));
-        let gate = int8.w_gate.as_ref().map(|g| mm(x, g));
+        let gate = int8
+            .w_gate
+            .as_ref()
+            .map(|g| plus_bias(mm(x, g), self.b_gate.as_ref().map(w)));
         plus_bias(
             mm(&self.activate(pre, gate), &int8.w_out),
             self.b_out.as_ref().map(w),
@@ -606,16 +653,11 @@ impl ExpertBank {
             .map(|((r, (p, g)), &(e, _))| {
                 r.w_in.scale(p);
                 add_bias(p, self.b_in.as_ref(), e);
-                match (&r.w_gate, self.config.activation) {
-                    (Some(w), Activation::SwiGlu) => {
-                        w.scale(g);
-                        p.iter()
-                            .zip(g.iter())
-                            .map(|(&p, &g)| g / (1.0 + (-g).exp()) * p)
-                            .collect()
-                    }
-                    _ => p.iter().map(|&p| p.max(0.0)).collect(),
+                if let Some(w) = &r.w_gate {
+                    w.scale(g);
+                    add_bias(g, self.b_gate.as_ref(), e);
                 }
+                self.activate_row(p, g)
             })
             .collect();
         let mut outs = vec![vec![0f32; d]; k];
@@ -709,7 +751,10 @@ impl ExpertBank {
         let w = |t: &Tensor| as_kind_of(t, x);
         let b = |t: &Tensor| w(t).unsqueeze(1);
         let pre = plus_bias(x.matmul(&w(&self.w_in)), self.b_in.as_ref().map(b));
-        let gate = self.w_gate.as_ref().map(|g| x.matmul(&w(g)));
+        let gate = self
+            .w_gate
+            .as_ref()
+            .map(|g| plus_bias(x.matmul(&w(g)), self.b_gate.as_ref().map(b)));
         plus_bias(
             self.activate(pre, gate).matmul(&w(&self.w_out)),
             self.b_out.as_ref().map(b),
@@ -794,6 +839,7 @@ pub struct ExpertViews {
     w_in: Vec<ExpertMatrix>,
     b_in: Option<Vec<Tensor>>,
     w_gate: Option<Vec<ExpertMatrix>>,
+    b_gate: Option<Vec<Tensor>>,
     w_out: Vec<ExpertMatrix>,
     b_out: Option<Vec<Tensor>>,
 }

@@ -37,6 +37,7 @@ impl Default for NeuronPartition {
 /// (LLaMA-MoE, arXiv 2406.16554, eq. 3-5): with `S_e` the `e`-th neuron set,
 ///
 /// `w_in[e] = W_in[:, S_e]`, `b_in[e] = b_in[S_e]`, `w_gate[e] = W_gate[:, S_e]`,
+/// `b_gate[e] = b_gate[S_e]`,
 /// `w_out[e] = W_out[S_e, :]`, `b_out[e] = b_out / E`.
 ///
 /// Hidden neurons act independently, so `sum_e FFN_e(x) = FFN(x)` exactly
@@ -69,6 +70,10 @@ pub fn split_dense_ffn(
             .w_gate
             .as_ref()
             .map(|g| stack(&|s| g.index_select(1, s))),
+        b_gate: dense
+            .b_gate
+            .as_ref()
+            .map(|b| stack(&|s| b.index_select(0, s))),
         w_out: stack(&|s| dense.w_out.index_select(0, s)),
         b_out: dense.b_out.as_ref().map(|b| {
             (b / num_experts as f64)
@@ -94,6 +99,7 @@ pub fn upcycle_dense_ffn(dense: &DenseFfnWeights, num_experts: i64) -> Result<Ba
         w_in: copies(&dense.w_in),
         b_in: dense.b_in.as_ref().map(copies),
         w_gate: dense.w_gate.as_ref().map(copies),
+        b_gate: dense.b_gate.as_ref().map(copies),
         w_out: copies(&dense.w_out),
         b_out: dense.b_out.as_ref().map(copies),
     })

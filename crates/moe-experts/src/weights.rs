@@ -3,10 +3,11 @@ use moe_core::{MoeError, Result};
 use tch::Tensor;
 
 /// The weights of one dense two-layer FFN in the bank's layout (no expert
-/// dimension): `w_in, w_gate: [d, h]`, `b_in: [h]`, `w_out: [h, d]`, `b_out: [d]`,
+/// dimension): `w_in, w_gate: [d, h]`, `b_in, b_gate: [h]`, `w_out: [h, d]`,
+/// `b_out: [d]`,
 ///
 /// `FFN(x) = act(x) w_out (+ b_out)`, `act(x) = ReLU(x w_in (+ b_in))` or
-/// `SiLU(x w_gate) * (x w_in (+ b_in))`; LLaMA's FFN has no biases.
+/// `SiLU(x w_gate (+ b_gate)) * (x w_in (+ b_in))`; LLaMA's FFN has no biases.
 ///
 /// The source of LLaMA-MoE's expert construction and of upcycling.
 #[derive(Debug)]
@@ -17,6 +18,8 @@ pub struct DenseFfnWeights {
     pub b_in: Option<Tensor>,
     /// SwiGLU only.
     pub w_gate: Option<Tensor>,
+    /// The gate's bias `[h]`: SwiGLU with biases only.
+    pub b_gate: Option<Tensor>,
     /// Output projection `[h, d]`.
     pub w_out: Tensor,
     /// `None` for an FFN without output bias.
@@ -34,6 +37,8 @@ pub struct BankWeights {
     pub b_in: Option<Tensor>,
     /// Gate projections `[E, d, h]` (SwiGLU only).
     pub w_gate: Option<Tensor>,
+    /// Gate biases `[E, h]` (SwiGLU with biases only).
+    pub b_gate: Option<Tensor>,
     /// Output projections `[E, h, d]`.
     pub w_out: Tensor,
     /// Output biases `[E, d]`, `None` without biases.
@@ -58,11 +63,17 @@ impl DenseFfnWeights {
             ("w_out", vec![h, d], Some(&self.w_out)),
             ("b_out", vec![d], self.b_out.as_ref()),
             ("w_gate", vec![d, h], self.w_gate.as_ref()),
+            ("b_gate", vec![h], self.b_gate.as_ref()),
         ];
         for (what, want, got) in checks {
             if let Some(got) = got.map(Tensor::size).filter(|got| *got != want) {
                 return Err(wrong(what, format!("{want:?}"), got));
             }
+        }
+        if self.b_gate.is_some() && self.w_gate.is_none() {
+            return Err(MoeError::config(
+                "dense FFN weights with a gate bias (b_gate) but no gate (w_gate)",
+            ));
         }
         Ok((d, h))
     }
@@ -83,7 +94,10 @@ impl DenseFfnWeights {
             self.b_in.as_ref().map(Tensor::shallow_clone),
         );
         let hidden = match &self.w_gate {
-            Some(g) => x.matmul(g).silu() * pre,
+            Some(g) => {
+                let gate = plus_bias(x.matmul(g), self.b_gate.as_ref().map(Tensor::shallow_clone));
+                gate.silu() * pre
+            }
             None => pre.relu(),
         };
         plus_bias(

@@ -17,6 +17,7 @@ fn dense_with_bias(d: i64, h: i64, swiglu: bool, bias: bool) -> DenseFfnWeights 
         w_in: r(&[d, h]),
         b_in: bias.then(|| r(&[h])),
         w_gate: swiglu.then(|| r(&[d, h])),
+        b_gate: (swiglu && bias).then(|| r(&[h])),
         w_out: r(&[h, d]),
         b_out: bias.then(|| r(&[d])),
     }
@@ -113,6 +114,7 @@ fn balanced_kmeans_recovers_planted_clusters() {
         w_in: rows.transpose(0, 1).contiguous(),
         b_in: None,
         w_gate: None,
+        b_gate: None,
         w_out: Tensor::zeros([h, d], (Kind::Float, Device::Cpu)),
         b_out: None,
     };

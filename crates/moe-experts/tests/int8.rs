@@ -471,6 +471,7 @@ fn quantising_frees_the_float_weights_and_halves_a_bf16_bank() {
         w_in: Tensor::zeros([e, d, h], (Kind::Float, Device::Cpu)),
         b_in: None,
         w_gate: Some(Tensor::zeros([e, d, h], (Kind::Float, Device::Cpu))),
+        b_gate: None,
         w_out: Tensor::zeros([e, h, d], (Kind::Float, Device::Cpu)),
         b_out: None,
     };

@@ -22,6 +22,12 @@ use tch::{nn, Device, Kind, Tensor};
 
 const F32_ROUNDOFF: f64 = 1.0 / (1u64 << 24) as f64;
 
+/// gpt-oss's clamped SwiGLU with a limit that these weights' products cross.
+const CLAMPED: Activation = Activation::ClampedSwiGlu {
+    alpha: 1.702,
+    limit: 0.5,
+};
+
 fn bank(kind: Kind, activation: Activation, bias: bool) -> (nn::VarStore, ExpertBank) {
     tch::manual_seed(7);
     let mut vs = nn::VarStore::new(Device::Cpu);
@@ -38,7 +44,10 @@ fn bank(kind: Kind, activation: Activation, bias: bool) -> (nn::VarStore, Expert
     if bias {
         // Non-zero biases, so that adding them is checked too.
         tch::no_grad(|| {
-            for b in [&bank.b_in, &bank.b_out].into_iter().flatten() {
+            for b in [&bank.b_in, &bank.b_gate, &bank.b_out]
+                .into_iter()
+                .flatten()
+            {
                 b.shallow_clone()
                     .copy_(&(Tensor::randn(b.size(), (Kind::Float, Device::Cpu)) * 0.1));
             }
@@ -69,13 +78,29 @@ fn reference(
             pre_abs += b.abs();
             pre += b;
         }
+        // SiLU(g) and g sigmoid(alpha g) = SiLU(alpha g) / alpha have
+        // slopes below 1.1; the clamps do not widen an error.
         let (h, h_abs) = match weights.1 {
             Some(g) => {
                 let g_w = f(&g.get(e));
-                let gate = x.matmul(&g_w);
-                let gate_abs = x.abs().matmul(&g_w.abs());
-                let silu = gate.silu();
-                (&silu * &pre, (silu.abs() + gate_abs * 1.1) * &pre_abs)
+                let mut gate = x.matmul(&g_w);
+                let mut gate_abs = x.abs().matmul(&g_w.abs());
+                if let Some(b) = bias(&bank.b_gate) {
+                    gate_abs += b.abs();
+                    gate += b;
+                }
+                match bank.config().activation {
+                    Activation::ClampedSwiGlu { alpha, limit } => {
+                        let gate = gate.clamp_max(limit);
+                        let glu = (&gate * alpha).sigmoid() * &gate;
+                        let up = pre.clamp(-limit, limit) + 1.0;
+                        (&glu * up, (glu.abs() + gate_abs * 1.1) * (pre_abs + 1.0))
+                    }
+                    _ => {
+                        let silu = gate.silu();
+                        (&silu * &pre, (silu.abs() + gate_abs * 1.1) * &pre_abs)
+                    }
+                }
             }
             None => (pre.relu(), pre_abs),
         };
@@ -124,7 +149,11 @@ fn check(bank: &ExpertBank, weights: (&Tensor, Option<&Tensor>, &Tensor), what: 
 
 #[test]
 fn one_token_is_the_weighted_sum_of_its_experts_in_bf16() {
-    for (activation, bias) in [(Activation::SwiGlu, false), (Activation::Relu, true)] {
+    for (activation, bias) in [
+        (Activation::SwiGlu, false),
+        (Activation::Relu, true),
+        (CLAMPED, true),
+    ] {
         let (_vs, bank) = bank(Kind::BFloat16, activation, bias);
         let what = format!("bf16 {activation:?}, bias {bias}");
         check(
@@ -137,7 +166,11 @@ fn one_token_is_the_weighted_sum_of_its_experts_in_bf16() {
 
 #[test]
 fn one_token_with_int8_experts_is_their_dequantised_sum() {
-    for (activation, bias) in [(Activation::SwiGlu, false), (Activation::Relu, true)] {
+    for (activation, bias) in [
+        (Activation::SwiGlu, false),
+        (Activation::Relu, true),
+        (CLAMPED, true),
+    ] {
         let (_vs, mut bank) = bank(Kind::BFloat16, activation, bias);
         bank.quantize(ExpertQuantization::Int8).unwrap();
         // The reference uses the weights the int8 values stand for.

@@ -45,7 +45,11 @@ pub fn is_expert_shard(name: &str) -> bool {
     let (Some(last), Some(parent)) = (parts.next(), parts.next()) else {
         return false;
     };
-    parent == "experts" && matches!(last, "w_in" | "w_gate" | "w_out" | "b_in" | "b_out")
+    parent == "experts"
+        && matches!(
+            last,
+            "w_in" | "w_gate" | "w_out" | "b_in" | "b_gate" | "b_out"
+        )
 }
 
 /// The ranks a [`crate::Trainer`] runs on and what each variable is.

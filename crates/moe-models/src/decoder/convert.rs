@@ -130,6 +130,7 @@ impl MoeConversion {
                 w_in: take(&format!("{mlp}.up_proj.weight"))?.tr(),
                 w_out: take(&format!("{mlp}.down_proj.weight"))?.tr(),
                 b_in: None,
+                b_gate: None,
                 b_out: None,
             };
             let bank = match self.construction {
