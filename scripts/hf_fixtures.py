@@ -333,6 +333,25 @@ def family_specs(tf):
         variant("qwen3_moe", "qwen3_moe_window", use_sliding_window=True, sliding_window=4),  # every layer
         # layer_types from max_window_layers: layer 0 slides, layer 1 attends to all
         variant("qwen2_moe", "qwen2_moe_window", use_sliding_window=True, sliding_window=4, max_window_layers=2),
+        (
+            "gpt_oss",
+            tf.GptOssConfig,
+            tf.GptOssForCausalLM,
+            dict(
+                common,
+                num_hidden_layers=2,  # layer_types' default: layer 0 slides, layer 1 attends to all
+                intermediate_size=16,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                head_dim=16,  # not hidden_size / num_attention_heads (8)
+                num_local_experts=8,
+                num_experts_per_tok=2,
+                sliding_window=4,
+                attention_bias=True,
+                swiglu_limit=2.0,  # a limit these activations cross (the hub's: 7)
+            ),
+            4.0,
+        ),
     ]
 
 
@@ -368,6 +387,8 @@ def randomize(model, router_scale, seed):
             p.copy_(noise * scale / math.sqrt(p.shape[-1]))
         elif "norm" in name:
             p.copy_(1.0 + 0.1 * noise)
+        elif name.endswith("sinks"):  # gpt-oss: a sink logit per head, on the scores' scale
+            p.copy_(noise)
         else:
             p.copy_(0.1 * noise)
     for _, module in routers(model):
@@ -782,6 +803,11 @@ Notes on the families:
   a query sees its 4 latest positions, itself included, in every layer
   (Mixtral, Qwen3-MoE) or in the layers `layer_types` names (Qwen2-MoE: layer
   0, from max_window_layers 2).
+- gpt-oss (`gpt_oss`): q/k/v/o biases, a learned sink logit per head, a window
+  of 4 in layer 0 (layer_types' default), a biased router whose top-2 logits are
+  softmaxed, experts with biases and the clamped SwiGLU (limit 2 here), fused
+  as `gate_up_proj` `[E, H, 2I]` with gate and up columns interleaved; RoPE is
+  GptOssConfig's default YaRN (factor 32 over 4096 positions, not truncated).
 - OLMoE: softmax, top-k, not renormalised; q_norm / k_norm are RMSNorms over
   the whole projected q (heads x head_dim) and k (kv heads x head_dim) before
   the rope.

@@ -23,6 +23,7 @@
 
 use crate::HfFamily;
 use moe_core::{MoeError, Result};
+use moe_experts::Activation;
 use moe_models::{DecoderConfig, LatentAttention, LayerType};
 use moe_nn::{QkNorm, RopeScaling};
 use moe_routers::Gate;
@@ -207,6 +208,17 @@ impl HfFamily {
                 max_position_embeddings: 2048,
                 rms_norm_eps: 1e-6,
                 rope_theta: 10000.0,
+            },
+            HfFamily::GptOss => Defaults {
+                vocab_size: 201088,
+                hidden_size: 2880,
+                intermediate_size: 2880,
+                num_hidden_layers: 36,
+                num_attention_heads: 64,
+                num_key_value_heads: Some(8),
+                max_position_embeddings: 131072,
+                rms_norm_eps: 1e-5,
+                rope_theta: 150000.0,
             },
             HfFamily::Glm4Moe => Defaults {
                 vocab_size: 151552,
@@ -500,9 +512,7 @@ impl<'a> Reader<'a> {
                     })
                     .collect()
             });
-            if c.sliding_window.is_some() {
-                c.layer_types = types;
-            }
+            set_windowed_layers(c, types);
         } else {
             // Qwen3-MoE's attention takes the window in every layer.
             self.informational(&["max_window_layers"]);
@@ -731,7 +741,7 @@ impl HfConfig {
             ..DecoderConfig::default()
         };
         r.silu()?;
-        if self.family != HfFamily::Qwen2Moe {
+        if !matches!(self.family, HfFamily::Qwen2Moe | HfFamily::GptOss) {
             // Read with the window where the family's class has the key.
             r.full_attention_layers()?;
         }
@@ -909,6 +919,72 @@ impl HfConfig {
                 r.latent_attention(&mut c, true)?;
                 r.deepseek_originals("softmax")?;
             }
+            HfFamily::GptOss => {
+                c.num_local_experts = r.int_aliased("num_local_experts", "num_experts", 128)?;
+                c.num_experts_per_tok = r.int("num_experts_per_tok", 4)?;
+                c.router_aux_loss_coef = r.float("router_aux_loss_coef", 0.001)?;
+                // GptOssConfig's default is 64, not hidden_size /
+                // num_attention_heads (which the decoder's `None` means).
+                let head_dim = r.int("head_dim", 64)?;
+                c.head_dim =
+                    (head_dim * c.num_attention_heads != c.hidden_size).then_some(head_dim);
+                // A biased router; the softmax of the top-k logits.
+                c.router.bias = true;
+                c.router.gate = Gate::TopK {
+                    norm_topk_prob: true,
+                };
+                c.expert_bias = true;
+                c.expert_activation = Activation::ClampedSwiGlu {
+                    alpha: r.float("swiglu_alpha", 1.702)?,
+                    limit: r.float("swiglu_limit", 7.0)?,
+                };
+                // q, k, v and o together.
+                let bias = r.boolean("attention_bias", true)?;
+                (c.attention_bias, c.o_proj_bias) = (bias, bias);
+                c.attention_sinks = true;
+                // transformers' default: layers 0, 2, ... slide.
+                let window = r.int("sliding_window", 128)?;
+                let types = r.layer_types()?.unwrap_or_else(|| {
+                    (0..c.num_hidden_layers)
+                        .map(|i| match i % 2 {
+                            0 => LayerType::SlidingAttention,
+                            _ => LayerType::FullAttention,
+                        })
+                        .collect()
+                });
+                if window < 1 {
+                    return Err(r.err(format!(
+                        "`sliding_window` = {window}: a window holds at least the query's own \
+                         position"
+                    )));
+                }
+                c.sliding_window = (window < max_position_embeddings).then_some(window);
+                set_windowed_layers(&mut c, types);
+                // GptOssConfig's RoPE when the file has none: YaRN over 4096
+                // original positions, factor 32, not truncated.
+                if c.rope_scaling.is_none()
+                    && !r.json.contains_key("rope_parameters")
+                    && !r.json.contains_key("rope_scaling")
+                {
+                    c.rope_scaling = Some(RopeScaling::Yarn {
+                        factor: 32.0,
+                        original_max_position_embeddings: Some(4096),
+                        beta_fast: 32.0,
+                        beta_slow: 1.0,
+                        mscale: None,
+                        mscale_all_dim: None,
+                        attention_factor: None,
+                        truncate: false,
+                    });
+                }
+                if r.json.contains_key("quantization_config") {
+                    return Err(r.err(
+                        "`quantization_config` (the hub's MXFP4 experts) is not read yet: load \
+                         a folder with float weights (transformers' `save_pretrained` of the \
+                         dequantised model)",
+                    ));
+                }
+            }
         }
         r.finish(ignore)?;
         c.validate().map_err(|e| r.err(strip_config_prefix(e)))?;
@@ -944,14 +1020,36 @@ impl HfConfig {
                 "localized filtering (Yuan 2.0) has no counterpart".into()
             ));
         }
-        if c.attention_sinks {
-            return Err(bad("attention sinks (gpt-oss's) have no counterpart".into()));
+        let gpt_oss = family == HfFamily::GptOss;
+        if c.attention_sinks != gpt_oss {
+            return Err(bad(format!(
+                "attention_sinks = {}; gpt-oss's attention has them, no other family's",
+                c.attention_sinks
+            )));
+        }
+        let clamped = matches!(c.expert_activation, Activation::ClampedSwiGlu { .. });
+        let gpt_oss_experts = c.expert_bias && clamped;
+        if c.num_local_experts > 0 && gpt_oss_experts != gpt_oss
+            || (!gpt_oss && (c.expert_bias || c.expert_activation != Activation::SwiGlu))
+        {
+            return Err(bad(format!(
+                "expert_activation = {:?}, expert_bias = {}; gpt-oss's experts have biases and \
+                 the clamped SwiGLU, the other families' neither",
+                c.expert_activation, c.expert_bias
+            )));
+        }
+        if c.o_proj_bias != (gpt_oss && c.attention_bias) {
+            return Err(bad(format!(
+                "o_proj_bias = {} with attention_bias = {}; only gpt-oss biases o_proj, as its \
+                 q, k and v",
+                c.o_proj_bias, c.attention_bias
+            )));
         }
         if let Some(window) = c.sliding_window {
             let every_layer = (0..c.num_hidden_layers).all(|i| c.sliding_window_of(i).is_some());
             let expressible = match family {
                 HfFamily::Mixtral | HfFamily::Qwen3Moe => every_layer,
-                HfFamily::Qwen2Moe => true,
+                HfFamily::Qwen2Moe | HfFamily::GptOss => true,
                 _ => false,
             };
             if !expressible {
@@ -997,11 +1095,13 @@ impl HfConfig {
         }
         let moe = c.num_local_experts > 0;
         let r = &c.router;
-        if moe && (r.bias || r.capacity_factor.is_some()) {
+        if moe && (r.bias != gpt_oss || r.capacity_factor.is_some()) {
             return Err(bad(format!(
-                "router bias = {}, capacity_factor = {:?}; the family's router has no bias and \
+                "router bias = {}, capacity_factor = {:?}; the family's router has {} bias and \
                  no capacity limit",
-                r.bias, r.capacity_factor
+                r.bias,
+                r.capacity_factor,
+                if gpt_oss { "a" } else { "no" }
             )));
         }
         if moe && !(sigmoid_moe || deepseek) && r.routed_scaling_factor != 1.0 {
@@ -1177,6 +1277,44 @@ impl HfConfig {
                 j.insert("rope_interleave".into(), json!(latent.rope_interleave));
                 j.insert("attention_bias".into(), json!(c.attention_bias));
                 j.insert("num_nextn_predict_layers".into(), json!(0));
+            }
+            HfFamily::GptOss => {
+                if !moe || c.first_k_dense_replace != 0 || c.shared_experts().is_some() {
+                    return Err(bad(format!(
+                        "gpt-oss has MoE layers only, without shared experts (num_local_experts \
+                         = {}, first_k_dense_replace = {})",
+                        c.num_local_experts, c.first_k_dense_replace
+                    )));
+                }
+                if !norm_topk_prob {
+                    return Err(bad(
+                        "gpt-oss softmaxes the top-k logits (norm_topk_prob = true)".into(),
+                    ));
+                }
+                let Activation::ClampedSwiGlu { alpha, limit } = c.expert_activation else {
+                    return Err(bad("gpt-oss's experts are clamped SwiGLUs".into()));
+                };
+                j.insert("intermediate_size".into(), json!(c.expert_width()));
+                j.insert("num_local_experts".into(), json!(c.num_local_experts));
+                j.insert("num_experts_per_tok".into(), json!(c.num_experts_per_tok));
+                j.insert("router_aux_loss_coef".into(), json!(c.router_aux_loss_coef));
+                j.insert("head_dim".into(), json!(c.attention_config().head_dim()));
+                j.insert("attention_bias".into(), json!(c.attention_bias));
+                j.insert("swiglu_alpha".into(), json!(alpha));
+                j.insert("swiglu_limit".into(), json!(limit));
+                // Without a window every layer attends fully (the window's
+                // value is then never read).
+                let types: Vec<LayerType> = (0..c.num_hidden_layers)
+                    .map(|i| match c.sliding_window_of(i) {
+                        Some(_) => LayerType::SlidingAttention,
+                        None => LayerType::FullAttention,
+                    })
+                    .collect();
+                j.insert(
+                    "sliding_window".into(),
+                    json!(c.sliding_window.unwrap_or(128)),
+                );
+                j.insert("layer_types".into(), json!(types));
             }
             HfFamily::DeepseekV2 => {
                 if !moe || c.shared_expert_intermediate_size.is_some() {
@@ -1362,6 +1500,23 @@ fn qwen2_dense_prefix(
         )));
     }
     Ok(k)
+}
+
+/// A family's per-layer windows (`layer_types`) in the decoder's canonical
+/// form, so that a config survives a round trip unchanged: a list that
+/// mixes sliding and full layers is kept; all sliding is the empty list
+/// (every layer slides); all full is no window at all. A list of the wrong
+/// length is kept for [`DecoderConfig::validate`] to name.
+fn set_windowed_layers(c: &mut DecoderConfig, types: Vec<LayerType>) {
+    let all = |kind: LayerType| types.iter().all(|t| *t == kind);
+    c.layer_types = Vec::new();
+    if types.len() as i64 != c.num_hidden_layers {
+        c.layer_types = types;
+    } else if c.sliding_window.is_none() || all(LayerType::FullAttention) {
+        c.sliding_window = None;
+    } else if !all(LayerType::SlidingAttention) {
+        c.layer_types = types;
+    }
 }
 
 /// The message of a [`MoeError::Config`] without its "invalid configuration: " prefix.

@@ -37,17 +37,25 @@ pub enum HfFamily {
     /// with q/k/v biases, optional QK-norm per head and RoPE on part of each
     /// head (`partial_rotary_factor`).
     Glm4Moe,
+    /// `gpt_oss` (`GptOssForCausalLM`, gpt-oss-20b/120b): grouped-query
+    /// attention with biases on q, k, v and o, learned attention sinks and
+    /// sliding windows on alternate layers (`layer_types`); a biased
+    /// router whose top-k logits are softmaxed; experts with biases and the
+    /// clamped SwiGLU (`swiglu_alpha`, `swiglu_limit`), fused as
+    /// `gate_up_proj` `[E, H, 2I]` with gate and up columns interleaved.
+    GptOss,
 }
 
 impl HfFamily {
     /// Every model type this crate reads and writes.
-    pub const ALL: [HfFamily; 8] = [
+    pub const ALL: [HfFamily; 9] = [
         HfFamily::Mixtral,
         HfFamily::Qwen2Moe,
         HfFamily::Qwen3Moe,
         HfFamily::DeepseekV3,
         HfFamily::DeepseekV2,
         HfFamily::Glm4Moe,
+        HfFamily::GptOss,
         HfFamily::Olmoe,
         HfFamily::Llama,
     ];
@@ -63,6 +71,7 @@ impl HfFamily {
             HfFamily::DeepseekV3 => "deepseek_v3",
             HfFamily::DeepseekV2 => "deepseek_v2",
             HfFamily::Glm4Moe => "glm4_moe",
+            HfFamily::GptOss => "gpt_oss",
         }
     }
 
@@ -77,6 +86,7 @@ impl HfFamily {
             HfFamily::DeepseekV3 => "DeepseekV3ForCausalLM",
             HfFamily::DeepseekV2 => "DeepseekV2ForCausalLM",
             HfFamily::Glm4Moe => "Glm4MoeForCausalLM",
+            HfFamily::GptOss => "GptOssForCausalLM",
         }
     }
 
@@ -85,7 +95,7 @@ impl HfFamily {
         self != HfFamily::Llama
     }
 
-    /// The model types, for messages: "mixtral, qwen2_moe, qwen3_moe, deepseek_v3, deepseek_v2, glm4_moe, olmoe, llama".
+    /// The model types, for messages: "mixtral, qwen2_moe, qwen3_moe, deepseek_v3, deepseek_v2, glm4_moe, gpt_oss, olmoe, llama".
     pub fn supported_list() -> String {
         Self::ALL
             .iter()
@@ -105,7 +115,7 @@ impl FromStr for HfFamily {
     type Err = MoeError;
 
     /// A `model_type` (`mixtral`, `qwen2_moe`, `qwen3_moe`, `olmoe`,
-    /// `llama`, `deepseek_v3`, `deepseek_v2`, `glm4_moe`); any other is an error naming the supported ones.
+    /// `llama`, `deepseek_v3`, `deepseek_v2`, `glm4_moe`, `gpt_oss`); any other is an error naming the supported ones.
     fn from_str(s: &str) -> Result<Self> {
         Self::ALL
             .into_iter()

@@ -40,6 +40,10 @@
 //! | DeepSeek-V2/V3 `model.layers.N.self_attn.{q_a_proj,q_a_layernorm,q_b_proj,kv_a_proj_with_mqa,kv_a_layernorm,kv_b_proj,o_proj}.weight` (or `q_proj` without `q_lora_rank`), biases with `attention_bias` | same | as is |
 //! | DeepSeek-V3, GLM-4.5 `...mlp.gate.e_score_correction_bias` | `...mlp.router.expert_bias` | as is, `[E]` |
 //! | DeepSeek-V2/V3, GLM-4.5 `...mlp.shared_experts.{gate,up,down}_proj.weight` | `...mlp.shared_experts.{w_gate,w_in,w_out}[0]` | transposed |
+//! | gpt-oss `...self_attn.o_proj.bias`, `...self_attn.sinks` (`[H]`) | same | as is |
+//! | gpt-oss `...mlp.router.{weight,bias}` | `...mlp.router.gate.{weight,bias}` | as is |
+//! | gpt-oss `...mlp.experts.gate_up_proj` `[E, H, 2I]`, `..._bias` `[E, 2I]` | `w_gate` / `b_gate` (even columns), `w_in` / `b_in` (odd) | every other column |
+//! | gpt-oss `...mlp.experts.down_proj` `[E, I, H]`, `..._bias` `[E, H]` | `w_out`, `b_out` | as is |
 //!
 //! `...rotary_emb.inv_freq` buffers (recomputed), with tied embeddings a
 //! stored `lm_head.weight`, and DeepSeek-V3's and GLM-4.5's multi-token-prediction layers

@@ -40,6 +40,13 @@ pub enum Placement {
         /// First row of dimension 1.
         offset: i64,
     },
+    /// Every other entry of the last dimension, from `offset` (0 or 1), is
+    /// the variable: `hf[..., offset::2] = var` (gpt-oss's `gate_up_proj`
+    /// `[E, H, 2I]` and its bias `[E, 2I]`: gate columns even, up odd).
+    Interleaved {
+        /// First entry, 0 or 1.
+        offset: i64,
+    },
 }
 
 /// One of the variables a checkpoint tensor fills, and how.
@@ -136,7 +143,8 @@ fn mlp_as_expert(prefix: &str, ours: &str) -> Vec<HfTensor> {
 /// The parameters of one attention layer, named alike here and in the
 /// checkpoint (`q_proj.weight`, ...): grouped-query attention's
 /// projections, q/k/v biases with `attention_bias` (Qwen2) and QK-norms
-/// (OLMoE); or Multi-head Latent Attention's (DeepSeek-V2/V3), with biases on
+/// (OLMoE), `o_proj.bias` and `sinks` (gpt-oss); or Multi-head Latent
+/// Attention's (DeepSeek-V2/V3), with biases on
 /// `q_a_proj`, `kv_a_proj_with_mqa` and `o_proj` under `attention_bias`.
 fn attention_params(c: &DecoderConfig) -> Vec<String> {
     let mut params = Vec::new();
@@ -165,12 +173,15 @@ fn attention_params(c: &DecoderConfig) -> Vec<String> {
             for proj in ["q_proj", "k_proj", "v_proj"] {
                 layer(proj, bias);
             }
-            layer("o_proj", false);
+            layer("o_proj", c.o_proj_bias);
             if c.qk_norm != moe_nn::QkNorm::None {
                 layer("q_norm", false);
                 layer("k_norm", false);
             }
         }
+    }
+    if c.attention_sinks {
+        params.push("sinks".into());
     }
     params
 }
@@ -217,6 +228,44 @@ fn packed(i: i64, h: i64) -> Vec<HfTensor> {
     ]
 }
 
+/// gpt-oss's MoE layer `i`: the biased router `mlp.router`, the experts
+/// fused with gate and up columns interleaved (`gate_up_proj [E, H, 2I]`,
+/// already in our `x @ w` orientation), `down_proj [E, I, H]`, and their
+/// biases.
+fn gpt_oss_mlp(i: i64) -> Vec<HfTensor> {
+    let mlp = format!("model.layers.{i}.mlp");
+    let interleaved = |name: &str, gate: &str, up: &str| HfTensor {
+        name: format!("{mlp}.experts.{name}"),
+        parts: [(gate, 0), (up, 1)]
+            .iter()
+            .map(|&(var, offset)| TensorPart {
+                var: format!("{mlp}.experts.{var}"),
+                placement: Placement::Interleaved { offset },
+            })
+            .collect(),
+    };
+    vec![
+        same(
+            format!("{mlp}.router.weight"),
+            format!("{mlp}.router.gate.weight"),
+        ),
+        same(
+            format!("{mlp}.router.bias"),
+            format!("{mlp}.router.gate.bias"),
+        ),
+        interleaved("gate_up_proj", "w_gate", "w_in"),
+        interleaved("gate_up_proj_bias", "b_gate", "b_in"),
+        same(
+            format!("{mlp}.experts.down_proj"),
+            format!("{mlp}.experts.w_out"),
+        ),
+        same(
+            format!("{mlp}.experts.down_proj_bias"),
+            format!("{mlp}.experts.b_out"),
+        ),
+    ]
+}
+
 /// The groups of tensors of a `family` checkpoint for a decoder `config`:
 /// embeddings, every layer's norms, attention and feed-forward network, the
 /// final norm and the untied head.
@@ -249,6 +298,12 @@ pub(crate) fn groups(family: HfFamily, c: &DecoderConfig) -> Vec<Group> {
                 let name = format!("{mlp}.{proj}.weight");
                 plain.push(same(&name, &name));
             }
+            groups.push(Group::one(plain));
+            continue;
+        }
+        if family == HfFamily::GptOss {
+            // One layout: the hub's and transformers' files alike.
+            plain.extend(gpt_oss_mlp(i));
             groups.push(Group::one(plain));
             continue;
         }

@@ -288,7 +288,14 @@ pub fn from_pretrained(dir: &Path, options: &LoadOptions) -> Result<Pretrained> 
     let cache_bytes = match options.experts {
         ExpertStorage::Resident => None,
         ExpertStorage::Mapped { cache_bytes } => {
-            check_mappable(dir, &config, kind, options.device, cache_bytes)?;
+            check_mappable(
+                dir,
+                source.family,
+                &config,
+                kind,
+                options.device,
+                cache_bytes,
+            )?;
             Some(cache_bytes)
         }
     };
@@ -303,7 +310,7 @@ pub fn from_pretrained(dir: &Path, options: &LoadOptions) -> Result<Pretrained> 
     // be: the float experts are then never all in memory at once.
     let quantize_from_files = cache_bytes.is_none()
         && options.quantize_experts.is_some()
-        && check_mappable(dir, &config, kind, options.device, u64::MAX).is_ok();
+        && check_mappable(dir, source.family, &config, kind, options.device, u64::MAX).is_ok();
     let mut vs = nn::VarStore::new(options.device);
     vs.set_kind(kind);
     let mut model = moe_core::allocate_only(|| DecoderModel::new(&vs.root(), &config))?;
@@ -341,14 +348,23 @@ pub fn from_pretrained(dir: &Path, options: &LoadOptions) -> Result<Pretrained> 
 
 /// That the routed experts of `dir` can stay in its files
 /// ([`ExpertStorage::Mapped`]): on the CPU, in the files' dtype, with a
-/// cache of at least one layer's `top_k` experts.
+/// cache of at least one layer's `top_k` experts, stored so that each
+/// expert's matrices are views of the files (not gpt-oss's interleaved
+/// gate and up columns).
 fn check_mappable(
     dir: &Path,
+    family: HfFamily,
     config: &DecoderConfig,
     kind: Kind,
     device: Device,
     cache_bytes: u64,
 ) -> Result<()> {
+    if family == HfFamily::GptOss {
+        return Err(MoeError::config(
+            "gpt-oss's files interleave each expert's gate and up columns, which the experts \
+             cannot compute from in place: load them resident (without an expert cache)",
+        ));
+    }
     if device != Device::Cpu {
         return Err(MoeError::config(format!(
             "experts left in the checkpoint's files are read through CPU memory maps; \

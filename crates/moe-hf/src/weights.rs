@@ -266,6 +266,22 @@ fn expected_shape(
             }
             Ok(vec![s[0], rows, s[1]])
         }
+        Placement::Interleaved { .. } if !s.is_empty() => {
+            let fits = t.parts.len() == 2
+                && t.parts.iter().enumerate().all(|(i, part)| {
+                    part.placement == Placement::Interleaved { offset: i as i64 }
+                        && vars.get(&part.var).map(Tensor::size).as_ref() == Some(&s)
+                });
+            if !fits {
+                return Err(format!(
+                    "variables {:?} cannot be interleaved into `{}`",
+                    t.parts, t.name
+                ));
+            }
+            let mut shape = s.clone();
+            *shape.last_mut().expect("not empty") *= 2;
+            Ok(shape)
+        }
         _ => Err(format!(
             "variable `{}` of shape {s:?} cannot take tensor `{}` as {:?}",
             first.var, t.name, first.placement
@@ -595,8 +611,21 @@ fn fill_all(
         let first = &p.tensor.parts[0];
         let var = &vars[&first.var];
         let mappable = var.device() == Device::Cpu && var.kind() == kind && aligned;
-        let as_stored = p.tensor.parts.len() == 1 && first.placement == Placement::Same;
-        let expert = map_experts && p.tensor.parts.iter().all(|part| is_routed_bank(&part.var));
+        // An expert bank's matrices stay column-major (the layout its
+        // kernels read): gpt-oss's `down_proj`, stored as the variable but
+        // row-major, is copied into it.
+        let bank_matrix = is_routed_bank(&first.var) && var.dim() == 3;
+        let as_stored =
+            p.tensor.parts.len() == 1 && first.placement == Placement::Same && !bank_matrix;
+        // Interleaved columns (gpt-oss) are copied apart, not viewed.
+        let expert = map_experts
+            && p.tensor.parts.iter().all(|part| {
+                is_routed_bank(&part.var)
+                    && matches!(
+                        part.placement,
+                        Placement::ExpertTransposed(_) | Placement::PackedRows { .. }
+                    )
+            });
         if !(mappable && (as_stored || expert)) {
             copy_into(p, &shape, kind, aligned, vars, m, offset)?;
             stats.copied_bytes += bytes.len() as u64;
@@ -629,8 +658,8 @@ fn fill_all(
                         *slot = Some(bank.select(0, e as i64));
                     }
                 }
-                Placement::Same | Placement::Transposed => {
-                    unreachable!("routed experts are stored per expert or packed")
+                Placement::Same | Placement::Transposed | Placement::Interleaved { .. } => {
+                    unreachable!("only per-expert and packed experts are mapped")
                 }
             }
         }
@@ -673,6 +702,9 @@ fn copy_into(
                 var.shallow_clone(),
                 src.narrow(1, offset, var.size()[2]).transpose(1, 2),
             ),
+            Placement::Interleaved { offset } => {
+                (var.shallow_clone(), src.slice(-1, offset, None, 2))
+            }
         };
         dest.f_copy_(&piece)?;
     }
@@ -734,10 +766,15 @@ impl Assembled {
                 Placement::Transposed => var.f_tr(),
                 Placement::ExpertTransposed(e) => var.f_select(0, *e)?.f_tr(),
                 Placement::PackedRows { .. } => var.f_transpose(1, 2),
+                Placement::Interleaved { .. } => Ok(var.shallow_clone()),
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
+        let interleaved = matches!(self.parts[0].1, Placement::Interleaved { .. });
         let whole = if pieces.len() == 1 {
             pieces.into_iter().next().expect("one piece")
+        } else if interleaved {
+            // [..., n] twice -> [..., n, 2] -> [..., 2n]: entries alternate.
+            Tensor::f_stack(&pieces, -1)?.f_flatten(-2, -1)?
         } else {
             Tensor::f_cat(&pieces, 1)?
         };
@@ -809,7 +846,7 @@ pub(crate) fn write_weights(
             .map(|p| (vars[&p.var].shallow_clone(), p.placement))
             .collect();
         parts.sort_by_key(|(_, p)| match p {
-            Placement::PackedRows { offset } => *offset,
+            Placement::PackedRows { offset } | Placement::Interleaved { offset } => *offset,
             _ => 0,
         });
         views.push((

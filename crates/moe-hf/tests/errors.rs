@@ -250,7 +250,7 @@ fn an_unknown_model_type_names_the_supported_ones() {
         &dir,
         &[
             "`gpt2`",
-            "mixtral, qwen2_moe, qwen3_moe, deepseek_v3, deepseek_v2, glm4_moe, olmoe, llama",
+            "mixtral, qwen2_moe, qwen3_moe, deepseek_v3, deepseek_v2, glm4_moe, gpt_oss, olmoe, llama",
         ],
     );
 }
@@ -326,7 +326,7 @@ fn rope_settings_the_decoder_does_not_implement_are_named() {
 
 #[test]
 fn keys_that_change_the_model_are_not_ignored() {
-    let cases: [(&str, &str, serde_json::Value, &str); 16] = [
+    let cases: [(&str, &str, serde_json::Value, &str); 18] = [
         // RoPE on part of each head is GLM-4.5's; its two places must agree.
         (
             "llama",
@@ -403,6 +403,19 @@ fn keys_that_change_the_model_are_not_ignored() {
             "scoring_func",
             "sigmoid".into(),
             "`scoring_func`",
+        ),
+        // gpt-oss: the hub's MXFP4 experts are named, not half-read.
+        (
+            "gpt_oss",
+            "quantization_config",
+            serde_json::json!({"quant_method": "mxfp4"}),
+            "MXFP4",
+        ),
+        (
+            "gpt_oss",
+            "sliding_window",
+            0.into(),
+            "`sliding_window` = 0",
         ),
     ];
     for (name, key, value, needle) in cases {

@@ -168,6 +168,24 @@ fn sliding_windows_match_transformers() {
     }
 }
 
+/// gpt-oss: sinks, a window in layer 0, q/k/v/o biases, the biased router,
+/// biased experts with the clamped SwiGLU, interleaved fused experts, YaRN.
+#[test]
+fn gpt_oss_matches_transformers() {
+    use moe_models::LayerType::{FullAttention, SlidingAttention};
+    let config = load(&fixture("gpt_oss")).config;
+    assert!(config.attention_sinks && config.o_proj_bias && config.expert_bias);
+    assert_eq!(config.layer_types, [SlidingAttention, FullAttention]);
+    assert_eq!(
+        config.expert_activation,
+        moe_experts::Activation::ClampedSwiGlu {
+            alpha: 1.702,
+            limit: 2.0
+        }
+    );
+    check_scaled("gpt_oss", "yarn");
+}
+
 #[test]
 fn llama_with_llama3_rope_scaling_matches_transformers() {
     check_scaled("llama_rope3", "llama3");

@@ -268,6 +268,31 @@ fn bad_expert_storage_and_quantisation_requests_are_errors() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("no routed experts"), "{err}");
+    // gpt-oss's interleaved experts cannot stay in the files; quantised,
+    // they are read resident and then quantised.
+    let gpt_oss = fixture("gpt_oss");
+    let err = from_pretrained(
+        &gpt_oss,
+        &LoadOptions {
+            experts: ExpertStorage::Mapped {
+                cache_bytes: 1 << 30,
+            },
+            ..LoadOptions::default()
+        },
+    )
+    .map(|_| ())
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("interleave"), "{err}");
+    let int8 = from_pretrained(
+        &gpt_oss,
+        &LoadOptions {
+            quantize_experts: Some(moe_experts::ExpertQuantization::Int8),
+            ..LoadOptions::default()
+        },
+    )
+    .unwrap();
+    assert!(int8.residency.is_none());
 }
 
 #[test]

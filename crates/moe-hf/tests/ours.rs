@@ -186,7 +186,29 @@ fn cases() -> Vec<Case> {
         sliding_window: Some(5),
         ..mixtral.clone()
     };
+    // gpt-oss without attention biases, the window in layer 1 and the hub's
+    // clamp (the fixture: biases, the window in layer 0, limit 2).
+    let mut gpt_oss = DecoderConfig {
+        num_local_experts: 4,
+        sliding_window: Some(3),
+        layer_types: vec![LayerType::FullAttention, LayerType::SlidingAttention],
+        attention_sinks: true,
+        expert_bias: true,
+        expert_activation: moe_experts::Activation::ClampedSwiGlu {
+            alpha: 1.702,
+            limit: 7.0,
+        },
+        head_dim: Some(16),
+        ..small(DecoderPreset::Mixtral)
+    };
+    gpt_oss.router.bias = true;
     vec![
+        Case {
+            name: "gpt_oss",
+            family: HfFamily::GptOss,
+            config: gpt_oss,
+            layout: ExpertLayout::PerExpert,
+        },
         Case {
             name: "qwen2_moe_window",
             family: HfFamily::Qwen2Moe,
@@ -262,7 +284,7 @@ fn ours_dir(name: &str) -> PathBuf {
 
 /// Unit-scale random weights, as the transformers fixtures draw them:
 /// embeddings N(0, 1), matrices N(0, 1/fan_in), norm weights 1 + N(0, 0.01),
-/// biases N(0, 0.01), routers scaled by 4.
+/// biases N(0, 0.01), sinks N(0, 1), routers scaled by 4.
 fn randomise(vs: &nn::VarStore) {
     let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -272,8 +294,16 @@ fn randomise(vs: &nn::VarStore) {
             let noise = Tensor::randn(size.as_slice(), (Kind::Float, Device::Cpu));
             let value = if name.ends_with("norm.weight") {
                 noise * 0.01 + 1.0
-            } else if name.ends_with(".bias") || name.ends_with("expert_bias") {
+            } else if name.ends_with(".bias")
+                || name.ends_with("expert_bias")
+                || [".b_in", ".b_gate", ".b_out"]
+                    .iter()
+                    .any(|b| name.ends_with(b))
+            {
                 noise * 0.01
+            } else if name.ends_with(".sinks") {
+                // gpt-oss's sink logits, on the attention scores' scale.
+                noise
             } else if name.contains("embed_tokens") {
                 noise
             } else {

@@ -427,8 +427,8 @@ fn configs_a_family_cannot_express_are_errors_before_anything_is_written() {
     .to_string();
     assert!(
         err.contains(
-            "expected one of mixtral, qwen2_moe, qwen3_moe, deepseek_v3, deepseek_v2, glm4_moe, olmoe, \
-             llama"
+            "expected one of mixtral, qwen2_moe, qwen3_moe, deepseek_v3, deepseek_v2, glm4_moe, \
+             gpt_oss, olmoe, llama"
         ),
         "{err}"
     );
@@ -459,6 +459,7 @@ fn our_presets_round_trip_through_every_family_that_expresses_them() {
         (DecoderPreset::Llama, "llama"),
         (DecoderPreset::DeepseekV3, "deepseek_v3"),
         (DecoderPreset::DeepseekV2, "deepseek_v2"),
+        (DecoderPreset::GptOss, "gpt_oss"),
     ];
     for (preset, model_type) in cases {
         tch::manual_seed(7);
@@ -592,7 +593,7 @@ fn windows_and_sinks_a_family_cannot_express_are_errors() {
                 ..DecoderConfig::preset(DecoderPreset::Qwen2Moe)
             },
             HfFamily::Qwen2Moe,
-            "attention sinks",
+            "attention_sinks = true",
         ),
     ];
     for (config, family, needle) in cases {

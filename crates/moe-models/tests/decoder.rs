@@ -17,13 +17,14 @@ fn rng_lock() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-const PRESETS: [DecoderPreset; 9] = [
+const PRESETS: [DecoderPreset; 10] = [
     DecoderPreset::Mixtral,
     DecoderPreset::Qwen2Moe,
     DecoderPreset::Qwen3Moe,
     DecoderPreset::Glm4Moe,
     DecoderPreset::DeepseekV3,
     DecoderPreset::DeepseekV2,
+    DecoderPreset::GptOss,
     DecoderPreset::Olmoe,
     DecoderPreset::Yuan,
     DecoderPreset::Llama,

@@ -29,7 +29,7 @@ use tch::{nn, Tensor};
 /// `softmax([Q_h K_g^T / sqrt(head_dim) + M, s_h])` without its last column).
 ///
 /// Parameters: `p/q_proj`, `p/k_proj`, `p/v_proj`, `p/o_proj` (`nn::Linear`,
-/// `o_proj` without bias), `p/q_norm/weight`, `p/k_norm/weight` with
+/// `o_proj` with a bias only with [`GqaConfig::o_proj_bias`]), `p/q_norm/weight`, `p/k_norm/weight` with
 /// QK-norm, `p/lf_gate/...` with localized filtering, `p/sinks` (`[H]`,
 /// zeros at first) with attention sinks.
 ///
@@ -84,7 +84,7 @@ impl GroupedQueryAttention {
             q_proj: linear(p / "q_proj", c, q_width, bias, init),
             k_proj: linear(p / "k_proj", c, kv_width, bias, init),
             v_proj: linear(p / "v_proj", c, kv_width, bias, init),
-            o_proj: linear(p / "o_proj", q_width, c, false, init),
+            o_proj: linear(p / "o_proj", q_width, c, config.o_proj_bias, init),
             qk_norm,
             lf_gate,
             sinks: config

@@ -52,8 +52,11 @@ pub struct GqaConfig {
     /// transformers' `apply_rotary_pos_emb` with a partial `cos`/`sin`
     /// (`modeling_glm4_moe.py`). 1: every dimension.
     pub partial_rotary_factor: f64,
-    /// Bias on the q, k and v projections (Qwen2); `o_proj` never has one.
+    /// Bias on the q, k and v projections (Qwen2).
     pub attention_bias: bool,
+    /// Bias on the output projection `o_proj` (gpt-oss, with
+    /// `attention_bias`).
+    pub o_proj_bias: bool,
     /// QK-norm before RoPE, if any.
     pub qk_norm: QkNorm,
     /// `eps` of the QK-norm and localized-filtering RMSNorms.
@@ -90,6 +93,7 @@ impl Default for GqaConfig {
             rope_scaling: None,
             partial_rotary_factor: 1.0,
             attention_bias: false,
+            o_proj_bias: false,
             qk_norm: QkNorm::None,
             rms_norm_eps: 1e-6,
             attention_dropout: 0.0,

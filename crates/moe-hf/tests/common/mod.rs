@@ -12,7 +12,7 @@ use tch::Tensor;
 
 /// Every fixture folder: one per family, two with RoPE scaling,
 /// DeepSeek-V2's second router and three with sliding windows.
-pub const FAMILIES: [&str; 14] = [
+pub const FAMILIES: [&str; 15] = [
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
@@ -27,6 +27,7 @@ pub const FAMILIES: [&str; 14] = [
     "mixtral_window",
     "qwen3_moe_window",
     "qwen2_moe_window",
+    "gpt_oss",
 ];
 
 /// `tests/data/hf/NAME` of the workspace.

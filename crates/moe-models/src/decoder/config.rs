@@ -20,7 +20,8 @@ use std::str::FromStr;
 /// `topk_group`, `routed_scaling_factor`, `scoring_func`) lives here in one
 /// place, the nested [`RouterConfig`] whose [`Gate`] variant carries its own
 /// settings. Fields that Hugging Face does not have are ours:
-/// `qk_norm`, `localized_filtering`, `attention_sinks`, `router`, `dispatch`, `init`,
+/// `qk_norm`, `localized_filtering`, `attention_sinks`, `o_proj_bias`,
+/// `expert_activation`, `expert_bias`, `router`, `dispatch`, `init`,
 /// `precision`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -62,6 +63,9 @@ pub struct DecoderConfig {
     pub rms_norm_eps: f64,
     /// Bias on the q, k, v projections (Qwen2).
     pub attention_bias: bool,
+    /// Bias on the attention's output projection (gpt-oss's
+    /// `attention_bias` covers q, k, v and o).
+    pub o_proj_bias: bool,
     /// Dropout on the attention weights in training.
     pub attention_dropout: f64,
     /// The LM head shares the token embedding matrix.
@@ -80,6 +84,11 @@ pub struct DecoderConfig {
     pub layer_types: Vec<LayerType>,
     /// Learned attention sinks in every layer (gpt-oss; [`GqaConfig::attention_sinks`]).
     pub attention_sinks: bool,
+    /// The routed (and shared) experts' non-linearity: SwiGLU, or gpt-oss's
+    /// clamped SwiGLU (its `swiglu_alpha` and `swiglu_limit`).
+    pub expert_activation: Activation,
+    /// Biases on the experts' projections (gpt-oss).
+    pub expert_bias: bool,
     /// Routed experts `E` (0: every layer is dense, as LLaMA).
     pub num_local_experts: i64,
     /// Experts per token `k`.
@@ -126,6 +135,7 @@ impl Default for DecoderConfig {
             latent_attention: None,
             rms_norm_eps: 1e-5,
             attention_bias: false,
+            o_proj_bias: false,
             attention_dropout: 0.0,
             tie_word_embeddings: true,
             qk_norm: QkNorm::None,
@@ -133,6 +143,8 @@ impl Default for DecoderConfig {
             sliding_window: None,
             layer_types: Vec::new(),
             attention_sinks: false,
+            expert_activation: Activation::SwiGlu,
+            expert_bias: false,
             num_local_experts: 8,
             num_experts_per_tok: 2,
             n_shared_experts: 0,
@@ -230,6 +242,11 @@ pub enum DecoderPreset {
     /// layer under grouped-query attention with q/k/v biases, QK-norm per
     /// head and RoPE on half of each head.
     Glm4Moe,
+    /// gpt-oss: q/k/v/o biases, attention sinks, windows of 16 positions
+    /// (in every layer; gpt-oss alternates them with full layers through
+    /// `layer_types`), a biased router softmaxing its top-2 logits, biased
+    /// experts with the clamped SwiGLU.
+    GptOss,
     /// OLMoE: QK-norm, softmax top-2 without renormalisation.
     Olmoe,
     /// Yuan 2.0-M32: localized filtering attention and the attention router.
@@ -249,12 +266,13 @@ impl FromStr for DecoderPreset {
             "deepseek_v3" | "deepseek" => Ok(DecoderPreset::DeepseekV3),
             "deepseek_v2" => Ok(DecoderPreset::DeepseekV2),
             "glm4_moe" | "glm" => Ok(DecoderPreset::Glm4Moe),
+            "gpt_oss" => Ok(DecoderPreset::GptOss),
             "olmoe" => Ok(DecoderPreset::Olmoe),
             "yuan" => Ok(DecoderPreset::Yuan),
             "llama" => Ok(DecoderPreset::Llama),
             other => Err(MoeError::config(format!(
                 "unknown decoder preset `{other}`: expected mixtral, qwen2_moe, qwen3_moe, \
-                 deepseek_v3, deepseek_v2, glm4_moe, olmoe, yuan or llama"
+                 deepseek_v3, deepseek_v2, glm4_moe, gpt_oss, olmoe, yuan or llama"
             ))),
         }
     }
@@ -348,6 +366,23 @@ impl DecoderConfig {
                 rms_norm_eps: 1e-5,
                 ..DecoderConfig::preset(DecoderPreset::DeepseekV3)
             },
+            DecoderPreset::GptOss => DecoderConfig {
+                attention_bias: true,
+                o_proj_bias: true,
+                attention_sinks: true,
+                sliding_window: Some(16),
+                expert_activation: Activation::ClampedSwiGlu {
+                    alpha: 1.702,
+                    limit: 7.0,
+                },
+                expert_bias: true,
+                router: RouterConfig {
+                    bias: true,
+                    ..base.router.clone()
+                },
+                router_aux_loss_coef: 0.001,
+                ..base
+            },
             DecoderPreset::Olmoe => DecoderConfig {
                 qk_norm: QkNorm::Projection,
                 router: RouterConfig {
@@ -412,6 +447,7 @@ impl DecoderConfig {
             rope_scaling: self.rope_scaling.clone(),
             partial_rotary_factor: self.partial_rotary_factor,
             attention_bias: self.attention_bias,
+            o_proj_bias: self.o_proj_bias,
             qk_norm: self.qk_norm,
             rms_norm_eps: self.rms_norm_eps,
             attention_dropout: self.attention_dropout,
@@ -487,7 +523,8 @@ impl DecoderConfig {
         }
     }
 
-    /// The MoE layers' config: SwiGLU experts without bias, no dropout.
+    /// The MoE layers' config: experts of [`Self::expert_activation`], with
+    /// biases when [`Self::expert_bias`], no dropout.
     pub fn moe_config(&self) -> SparseMoeConfig {
         SparseMoeConfig {
             n_embd: self.hidden_size,
@@ -496,8 +533,8 @@ impl DecoderConfig {
             expert_hidden: self.expert_width(),
             shared_experts: self.shared_experts(),
             dropout: 0.0,
-            activation: Activation::SwiGlu,
-            expert_bias: false,
+            activation: self.expert_activation,
+            expert_bias: self.expert_bias,
             router: self.router.clone(),
             balance: BalanceLossConfig {
                 load_balance: self.router_aux_loss_coef,
