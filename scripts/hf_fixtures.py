@@ -328,7 +328,7 @@ def family_specs(tf):
         return (folder, config_cls, model_cls, dict(kwargs, **settings), router_scale)
 
     # Sliding windows shorter than every prompt with its continuation.
-    return specs + [
+    specs = specs + [
         variant("mixtral", "mixtral_window", sliding_window=4),  # every layer
         variant("qwen3_moe", "qwen3_moe_window", use_sliding_window=True, sliding_window=4),  # every layer
         # layer_types from max_window_layers: layer 0 slides, layer 1 attends to all
@@ -353,6 +353,78 @@ def family_specs(tf):
             4.0,
         ),
     ]
+    # The hub's format: experts in MXFP4 (widths that are multiples of its
+    # 32-value blocks), everything else in bf16.
+    specs.append(variant_of(specs[-1], "gpt_oss_mxfp4", intermediate_size=32))
+    return specs
+
+
+def variant_of(spec, folder, **settings):
+    _, config_cls, model_cls, kwargs, router_scale = spec
+    return (folder, config_cls, model_cls, dict(kwargs, **settings), router_scale)
+
+
+# ---------------------------------------------------------------------------
+# MXFP4 (OCP Microscaling, E2M1 values in blocks of 32 with an E8M0 scale)
+
+FP4_MAGNITUDES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def to_mxfp4(w):
+    """[..., K] -> (blocks [..., K/32, 16] uint8, scales [..., K/32] uint8) by
+    the format's rules: per block of 32, the shared exponent
+    e = floor(log2(max |v|)) - 2 (E2M1's largest exponent), values v / 2^e
+    rounded to the nearest E2M1 value (magnitudes clamped to 6), two codes a
+    byte, the first in the low nibble; the scale byte is e + 127."""
+    *prefix, k = w.shape
+    assert k % 32 == 0, k
+    groups = w.float().reshape(*prefix, k // 32, 32)
+    amax = groups.abs().amax(-1).clamp_min(2.0**-126)
+    exponent = (torch.floor(torch.log2(amax)) - 2).clamp(-127, 127)
+    scaled = groups / torch.exp2(exponent)[..., None]
+    index = (scaled.abs().clamp_max(6.0)[..., None] - FP4_MAGNITUDES).abs().argmin(-1)
+    codes = index + 8 * (scaled < 0).long()
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+    return blocks, (exponent + 127).to(torch.uint8)
+
+
+def from_mxfp4(blocks, scales):
+    """The inverse of to_mxfp4's encoding: [..., G, 16], [..., G] -> [..., 32 G]."""
+    signed = torch.cat([FP4_MAGNITUDES, -FP4_MAGNITUDES])
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], -1).reshape(*blocks.shape[:-1], 32).long()
+    values = signed[codes] * torch.exp2(scales.float() - 127)[..., None]
+    return values.reshape(*blocks.shape[:-2], -1)
+
+
+@torch.no_grad()
+def round_experts_to_mxfp4(model):
+    """Every expert matrix replaced by the MXFP4 values it quantises to, so
+    that the float model is what the MXFP4 files hold. gpt-oss stores
+    gate_up_proj [E, H, 2I] and down_proj [E, I, H]; the blocks run along
+    the input dimension (H, I), as the hub's `*_blocks` [E, out, in/32, 16]."""
+    for name, p in model.named_parameters():
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            blocks, scales = to_mxfp4(p.transpose(1, 2))
+            p.copy_(from_mxfp4(blocks, scales).transpose(1, 2))
+
+
+def write_mxfp4_weights(path):
+    """Rewrites the saved folder in the hub's layout: the experts' matrices
+    as `*_blocks` and `*_scales`, `quantization_config` in config.json."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    for name in [n for n in tensors if n.endswith("experts.gate_up_proj") or n.endswith("experts.down_proj")]:
+        blocks, scales = to_mxfp4(tensors.pop(name).float().transpose(1, 2))
+        assert torch.equal(from_mxfp4(blocks, scales).transpose(1, 2).bfloat16(), load_file(path / "model.safetensors")[name])
+        tensors[name + "_blocks"], tensors[name + "_scales"] = blocks.contiguous(), scales.contiguous()
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+    }
+    write_json(path / "config.json", config)
 
 
 def is_router(module):
@@ -559,6 +631,8 @@ def build(tf, spec, seed):
     config = config_cls(**copy.deepcopy(kwargs))  # configs add keys to a rope_parameters dict
     model = model_cls(config).eval()
     randomize(model, router_scale if router_scale is not None else 1.0, seed)
+    if folder.endswith("_mxfp4"):
+        round_experts_to_mxfp4(model)
     return model
 
 
@@ -580,6 +654,8 @@ def write_fixture(tf, spec, prompts, tokenizer_file):
         shutil.rmtree(path)
     copy.deepcopy(model).to(torch.bfloat16).save_pretrained(path)
     shutil.copyfile(tokenizer_file, path / "tokenizer.json")
+    if folder.endswith("_mxfp4"):
+        write_mxfp4_weights(path)
 
     all_logits = torch.cat([l.flatten() for l in ref["logits"]])
     expected = {
@@ -647,12 +723,15 @@ def train_tokenizer(path):
 def load_fp32(tf, path):
     """The folder loaded by transformers in float32, eval mode, with the names
     of the tensors it expected and did not find, or found and did not expect."""
+    quantized = "quantization_config" in json.loads((Path(path) / "config.json").read_text())
+    extra = dict(quantization_config=tf.Mxfp4Config(dequantize=True)) if quantized else {}
     model, info = tf.AutoModelForCausalLM.from_pretrained(
         path,
         dtype=torch.float32,
         attn_implementation="eager",
         experts_implementation="eager",
         output_loading_info=True,
+        **extra,
     )
     problems = {
         "missing_keys": sorted(info["missing_keys"]),

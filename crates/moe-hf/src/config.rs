@@ -977,12 +977,17 @@ impl HfConfig {
                         truncate: false,
                     });
                 }
-                if r.json.contains_key("quantization_config") {
-                    return Err(r.err(
-                        "`quantization_config` (the hub's MXFP4 experts) is not read yet: load \
-                         a folder with float weights (transformers' `save_pretrained` of the \
-                         dequantised model)",
-                    ));
+                // The hub's experts in MXFP4: the weight loader dequantises
+                // their `*_blocks` and `*_scales`.
+                if let Some(q) = r.value("quantization_config") {
+                    let method = q.get("quant_method").and_then(Value::as_str);
+                    if method != Some("mxfp4") {
+                        return Err(r.err(format!(
+                            "`quantization_config` = {q} is not supported: gpt-oss's MXFP4 \
+                             experts (quant_method \"mxfp4\") are dequantised on load, other \
+                             methods are not read"
+                        )));
+                    }
                 }
             }
         }

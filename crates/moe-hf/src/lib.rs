@@ -44,6 +44,7 @@
 //! | gpt-oss `...mlp.router.{weight,bias}` | `...mlp.router.gate.{weight,bias}` | as is |
 //! | gpt-oss `...mlp.experts.gate_up_proj` `[E, H, 2I]`, `..._bias` `[E, 2I]` | `w_gate` / `b_gate` (even columns), `w_in` / `b_in` (odd) | every other column |
 //! | gpt-oss `...mlp.experts.down_proj` `[E, I, H]`, `..._bias` `[E, H]` | `w_out`, `b_out` | as is |
+//! | gpt-oss (hub) `...experts.{gate_up,down}_proj_blocks` `[E, out, in/32, 16]` U8 and `..._scales` `[E, out, in/32]` U8 | as the float tensors above | MXFP4 dequantised on read (never written) |
 //!
 //! `...rotary_emb.inv_freq` buffers (recomputed), with tied embeddings a
 //! stored `lm_head.weight`, and DeepSeek-V3's and GLM-4.5's multi-token-prediction layers

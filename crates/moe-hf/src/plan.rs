@@ -106,10 +106,10 @@ pub fn memory_plan(dir: &Path, dtype: Option<Kind>, ignore_keys: &[String]) -> R
     let source = HfConfig::read(&dir.join(CONFIG_FILE))?;
     let config = source.to_decoder(ignore_keys)?;
     let sizes = tensor_sizes(dir)?;
-    let total_params: usize = sizes.iter().map(|(_, n)| n).sum();
+    let total_params: usize = sizes.iter().map(|s| s.params).sum();
     let mut file_bytes: BTreeMap<String, u64> = BTreeMap::new();
-    for (dtype, n) in &sizes {
-        *file_bytes.entry(format!("{dtype:?}")).or_default() += (n * dtype.bitsize() / 8) as u64;
+    for s in &sizes {
+        *file_bytes.entry(format!("{:?}", s.dtype)).or_default() += s.bytes as u64;
     }
     let dtype = match dtype {
         Some(kind) => kind,

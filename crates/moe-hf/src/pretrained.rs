@@ -453,16 +453,16 @@ fn check_computable(kind: Kind, device: Device) -> Result<()> {
 /// (read from the safetensors headers): what `dtype="auto"` loads.
 pub fn checkpoint_dtype(dir: &Path) -> Result<Kind> {
     let mut bytes: Vec<(Kind, usize)> = Vec::new();
-    for (dtype, n) in tensor_sizes(dir)? {
+    for size in tensor_sizes(dir)? {
         let Some(kind) = [Kind::Float, Kind::BFloat16, Kind::Half, Kind::Double]
             .into_iter()
-            .find(|&k| dtype_of(k) == Some(dtype))
+            .find(|&k| dtype_of(k) == Some(size.dtype))
         else {
             continue;
         };
         match bytes.iter_mut().find(|(k, _)| *k == kind) {
-            Some((_, total)) => *total += n * kind.elt_size_in_bytes(),
-            None => bytes.push((kind, n * kind.elt_size_in_bytes())),
+            Some((_, total)) => *total += size.bytes,
+            None => bytes.push((kind, size.bytes)),
         }
     }
     bytes

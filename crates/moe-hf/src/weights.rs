@@ -1,7 +1,7 @@
 //! safetensors weights: read through a memory map and checked whole before
 //! any variable changes; written with the safetensors crate.
 
-use crate::names::{groups, ignorable, tensor_map, ExpertLayout, HfTensor, Placement};
+use crate::names::{groups, ignorable, tensor_map, ExpertLayout, HfTensor, Placement, TensorPart};
 use crate::HfFamily;
 use memmap2::{Advice, Mmap, UncheckedAdvice};
 use moe_core::{safetensors_dtype, write_safetensors};
@@ -153,15 +153,35 @@ fn parse(m: &Mapped) -> Result<SafeTensors<'_>> {
 /// Every tensor of a folder's weight files, `(dtype, element count)`, read
 /// from their headers alone: the files are mapped, and only the pages of
 /// their headers are read.
-pub(crate) fn tensor_sizes(dir: &Path) -> Result<Vec<(Dtype, usize)>> {
+pub(crate) fn tensor_sizes(dir: &Path) -> Result<Vec<TensorSize>> {
     let files = open_files(dir)?;
     let mut sizes = Vec::new();
     for m in &files.mapped {
-        for (_, view) in parse(m)?.iter() {
-            sizes.push((view.dtype(), view.shape().iter().product()));
+        for (name, view) in parse(m)?.iter() {
+            let elements: usize = view.shape().iter().product();
+            let mxfp4 = view.dtype() == Dtype::U8;
+            sizes.push(TensorSize {
+                dtype: view.dtype(),
+                // MXFP4: two values a byte of `*_blocks`; `*_scales` scale them.
+                params: match (mxfp4, name.ends_with("_blocks"), name.ends_with("_scales")) {
+                    (true, true, _) => 2 * elements,
+                    (true, _, true) => 0,
+                    _ => elements,
+                },
+                bytes: elements * view.dtype().bitsize() / 8,
+            });
         }
     }
     Ok(sizes)
+}
+
+/// A tensor of a checkpoint's files, from its header.
+pub(crate) struct TensorSize {
+    pub dtype: Dtype,
+    /// The parameters it holds (an MXFP4 byte holds two).
+    pub params: usize,
+    /// Its bytes in the file.
+    pub bytes: usize,
 }
 
 /// Why `bytes` is not a safetensors file, as precisely as the header allows.
@@ -464,13 +484,19 @@ pub(crate) fn load_weights_as(
         &vars,
     )?;
     let mut plan: Vec<Planned<'_, '_>> = Vec::new();
-    let mut used: HashSet<&str> = HashSet::new();
+    let mut mxfp4_plan: Vec<PlannedMxfp4<'_, '_>> = Vec::new();
+    let mut used: HashSet<String> = HashSet::new();
+    // gpt-oss's hub files hold its experts' matrices in MXFP4: `X_blocks`
+    // and `X_scales` for a tensor `X`.
+    let in_mxfp4 = |name: &str| {
+        family == HfFamily::GptOss
+            && table.contains_key(format!("{name}_blocks").as_str())
+            && table.contains_key(format!("{name}_scales").as_str())
+    };
+    let held = |name: &str| table.contains_key(name) || in_mxfp4(name);
     for group in &groups {
         let present = |a: &crate::names::Alternative| {
-            a.tensors
-                .iter()
-                .filter(|t| table.contains_key(t.name.as_str()))
-                .count()
+            a.tensors.iter().filter(|t| held(t.name.as_str())).count()
         };
         let complete = group
             .alternatives
@@ -492,11 +518,7 @@ pub(crate) fn load_weights_as(
                     .filter(|a| !std::ptr::eq(*a, best))
                     .filter_map(|a| a.tensors.first().map(|t| t.name.as_str()))
                     .collect();
-                for t in best
-                    .tensors
-                    .iter()
-                    .filter(|t| !table.contains_key(t.name.as_str()))
-                {
+                for t in best.tensors.iter().filter(|t| !held(t.name.as_str())) {
                     let alt = if others.is_empty() {
                         String::new()
                     } else {
@@ -509,9 +531,37 @@ pub(crate) fn load_weights_as(
         };
         for t in &chosen.tensors {
             let Some((i, view)) = table.get(t.name.as_str()) else {
+                if in_mxfp4(&t.name) {
+                    let blocks = format!("{}_blocks", t.name);
+                    let scales = format!("{}_scales", t.name);
+                    let (bi, bv) = &table[blocks.as_str()];
+                    let (_, sv) = &table[scales.as_str()];
+                    let expected = expected_shape(t, &vars).map_err(|reason| {
+                        MoeError::config(format!("model_type `{family}`: {reason}"))
+                    })?;
+                    match mxfp4_shape(bv, sv) {
+                        Err(why) => problems.push(format!(
+                            "tensors `{blocks}` and `{scales}` in {}: {why}",
+                            file_name(*bi)
+                        )),
+                        Ok(shape) if shape != expected => problems.push(format!(
+                            "tensors `{blocks}` and `{scales}` in {} hold {shape:?}, expected \
+                             {expected:?}{}",
+                            file_name(*bi),
+                            for_var(t)
+                        )),
+                        Ok(_) => mxfp4_plan.push(PlannedMxfp4 {
+                            tensor: t,
+                            blocks: bv,
+                            scales: sv,
+                        }),
+                    }
+                    used.insert(blocks);
+                    used.insert(scales);
+                }
                 continue;
             };
-            used.insert(t.name.as_str());
+            used.insert(t.name.clone());
             let expected = expected_shape(t, &vars)
                 .map_err(|reason| MoeError::config(format!("model_type `{family}`: {reason}")))?;
             let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
@@ -561,7 +611,92 @@ pub(crate) fn load_weights_as(
             ),
         ));
     }
-    tch::no_grad(|| fill_all(&plan, &vars, &files, fill))
+    tch::no_grad(|| {
+        let (mut stats, experts) = fill_all(&plan, &vars, &files, fill)?;
+        for p in &mxfp4_plan {
+            stats.copied_bytes += fill_mxfp4(p, &vars)?;
+        }
+        Ok((stats, experts))
+    })
+}
+
+/// A tensor the checkpoint holds in MXFP4 (`X_blocks`, `X_scales`).
+struct PlannedMxfp4<'h, 'f> {
+    tensor: &'h HfTensor,
+    blocks: &'f TensorView<'f>,
+    scales: &'f TensorView<'f>,
+}
+
+/// The tensor MXFP4 `blocks` (U8 `[E, R, G, 16]`) and `scales` (U8
+/// `[E, R, G]`) stand for: `[E, 32 G, R]` (gpt-oss's `[E, in, out]`), or
+/// what is wrong with them.
+fn mxfp4_shape(
+    blocks: &TensorView<'_>,
+    scales: &TensorView<'_>,
+) -> std::result::Result<Vec<i64>, String> {
+    let b: Vec<i64> = blocks.shape().iter().map(|&d| d as i64).collect();
+    let s: Vec<i64> = scales.shape().iter().map(|&d| d as i64).collect();
+    if blocks.dtype() != Dtype::U8 || scales.dtype() != Dtype::U8 {
+        return Err(format!(
+            "MXFP4 blocks and scales are U8, got {:?} and {:?}",
+            blocks.dtype(),
+            scales.dtype()
+        ));
+    }
+    if b.len() != 4 || b[3] != 16 || s.len() != 3 || b[..3] != s[..] {
+        return Err(format!(
+            "MXFP4 blocks [E, out, in/32, 16] and scales [E, out, in/32] expected, got {b:?} \
+             and {s:?}"
+        ));
+    }
+    Ok(vec![b[0], 32 * b[2], b[1]])
+}
+
+/// The 16 E2M1 values of MXFP4's 4-bit codes (sign bit 8).
+const E2M1: [f32; 16] = [
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+];
+
+/// Dequantises an MXFP4 tensor into its variables (OCP Microscaling
+/// Formats v1.0; transformers' `convert_moe_packed_tensors`): each byte of
+/// `blocks` holds two E2M1 codes, the first in its low nibble; a block of
+/// 32 values shares the scale `2^(s - 127)` of its E8M0 byte `s`;
+/// `[E, out, in]` is then seen as gpt-oss's `[E, in, out]`. Returns the
+/// bytes read.
+fn fill_mxfp4(p: &PlannedMxfp4<'_, '_>, vars: &HashMap<String, Tensor>) -> Result<u64> {
+    let shape = |v: &TensorView<'_>| v.shape().iter().map(|&d| d as i64).collect::<Vec<_>>();
+    let (bs, ss) = (shape(p.blocks), shape(p.scales));
+    let blocks = Tensor::f_from_data_size(p.blocks.data(), &bs, Kind::Uint8)?.to_kind(Kind::Int64);
+    let scales = Tensor::f_from_data_size(p.scales.data(), &ss, Kind::Uint8)?;
+    let codes = Tensor::stack(&[blocks.remainder(16), blocks.floor_divide_scalar(16)], -1)
+        .view([bs[0], bs[1], bs[2], 32]);
+    let factor = (scales.to_kind(Kind::Float) - 127.0).exp2().unsqueeze(-1);
+    let values = (Tensor::from_slice(&E2M1).take(&codes) * factor)
+        .view([bs[0], bs[1], 32 * bs[2]])
+        .transpose(1, 2);
+    place(&values, &p.tensor.parts, vars)?;
+    Ok((p.blocks.data().len() + p.scales.data().len()) as u64)
+}
+
+/// Copies `src`, a checkpoint tensor, into the variables its `parts` name.
+fn place(src: &Tensor, parts: &[TensorPart], vars: &HashMap<String, Tensor>) -> Result<()> {
+    for part in parts {
+        let var = &vars[&part.var];
+        let (mut dest, piece) = match part.placement {
+            Placement::Same => (var.shallow_clone(), src.shallow_clone()),
+            Placement::Transposed => (var.shallow_clone(), src.tr()),
+            Placement::ExpertTransposed(e) => (var.select(0, e), src.tr()),
+            Placement::PackedRows { offset } => (
+                var.shallow_clone(),
+                src.narrow(1, offset, var.size()[2]).transpose(1, 2),
+            ),
+            Placement::Interleaved { offset } => {
+                (var.shallow_clone(), src.slice(-1, offset, None, 2))
+            }
+        };
+        dest.f_copy_(&piece)?;
+    }
+    Ok(())
 }
 
 /// " for variable `v`" when the tensor fills variables of other names.
@@ -692,22 +827,7 @@ fn copy_into(
     } else {
         Tensor::f_from_data_size(bytes, shape, kind)?
     };
-    for part in &p.tensor.parts {
-        let var = &vars[&part.var];
-        let (mut dest, piece) = match part.placement {
-            Placement::Same => (var.shallow_clone(), src.shallow_clone()),
-            Placement::Transposed => (var.shallow_clone(), src.tr()),
-            Placement::ExpertTransposed(e) => (var.select(0, e), src.tr()),
-            Placement::PackedRows { offset } => (
-                var.shallow_clone(),
-                src.narrow(1, offset, var.size()[2]).transpose(1, 2),
-            ),
-            Placement::Interleaved { offset } => {
-                (var.shallow_clone(), src.slice(-1, offset, None, 2))
-            }
-        };
-        dest.f_copy_(&piece)?;
-    }
+    place(&src, &p.tensor.parts, vars)?;
     drop(src);
     // SAFETY: nothing reads these pages now (`src` is gone; the parsed
     // headers lie before the data); dropping a read-only shared file

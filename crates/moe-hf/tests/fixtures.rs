@@ -186,6 +186,15 @@ fn gpt_oss_matches_transformers() {
     check_scaled("gpt_oss", "yarn");
 }
 
+/// The hub's format: experts as MXFP4 blocks and scales, dequantised on
+/// load (the values transformers dequantises to).
+#[test]
+fn gpt_oss_with_mxfp4_experts_matches_transformers() {
+    let pretrained = load(&fixture("gpt_oss_mxfp4"));
+    assert_eq!(pretrained.config.expert_width(), 32);
+    check("gpt_oss_mxfp4");
+}
+
 #[test]
 fn llama_with_llama3_rope_scaling_matches_transformers() {
     check_scaled("llama_rope3", "llama3");

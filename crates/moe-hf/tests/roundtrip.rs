@@ -67,7 +67,10 @@ fn saved_folders_load_back_with_identical_logits() {
             Some([("format".to_string(), "pt".to_string())].into())
         );
         let saved = read_raw(&dir.join("model.safetensors"));
-        let reference = read_raw(&fixture(name).join("model.safetensors"));
+        // MXFP4 is read, not written: gpt-oss is saved with float experts,
+        // under the names of `gpt_oss`'s fixture.
+        let names_of = name.strip_suffix("_mxfp4").unwrap_or(name);
+        let reference = read_raw(&fixture(names_of).join("model.safetensors"));
         assert_eq!(
             saved.keys().collect::<Vec<_>>(),
             reference.keys().collect::<Vec<_>>(),
@@ -104,7 +107,9 @@ fn same_json(a: &serde_json::Value, b: &serde_json::Value) -> bool {
 
 #[test]
 fn saving_in_bf16_reproduces_transformers_files_byte_for_byte() {
-    for name in FAMILIES {
+    // Not MXFP4, which is read, not written (its float save is checked by
+    // `saved_folders_load_back_with_identical_logits`).
+    for name in FAMILIES.into_iter().filter(|n| !n.ends_with("_mxfp4")) {
         let original = load(&fixture(name));
         let dir = temp_dir(&format!("bf16-{name}"));
         original

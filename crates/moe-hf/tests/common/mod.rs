@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use tch::Tensor;
 
 /// Every fixture folder: one per family, two with RoPE scaling,
-/// DeepSeek-V2's second router and three with sliding windows.
-pub const FAMILIES: [&str; 15] = [
+/// DeepSeek-V2's second router, three with sliding windows and gpt-oss's
+/// MXFP4 experts.
+pub const FAMILIES: [&str; 16] = [
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
@@ -28,6 +29,7 @@ pub const FAMILIES: [&str; 15] = [
     "qwen3_moe_window",
     "qwen2_moe_window",
     "gpt_oss",
+    "gpt_oss_mxfp4",
 ];
 
 /// `tests/data/hf/NAME` of the workspace.
