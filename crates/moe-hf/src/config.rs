@@ -1339,22 +1339,11 @@ impl HfConfig {
                     Some((n, k)) => ("group_limited_greedy", json!(n), json!(k)),
                     None => ("greedy", Value::Null, Value::Null),
                 };
-                j.insert("n_routed_experts".into(), json!(c.num_local_experts));
-                j.insert("num_experts_per_tok".into(), json!(c.num_experts_per_tok));
-                j.insert("moe_intermediate_size".into(), json!(c.expert_width()));
-                j.insert("n_shared_experts".into(), json!(c.n_shared_experts));
-                j.insert(
-                    "first_k_dense_replace".into(),
-                    json!(c.first_k_dense_replace),
-                );
+                write_deepseek_experts(&mut j, c);
                 j.insert("topk_method".into(), json!(method));
                 j.insert("n_group".into(), n_group);
                 j.insert("topk_group".into(), topk_group);
                 j.insert("norm_topk_prob".into(), json!(false));
-                j.insert(
-                    "routed_scaling_factor".into(),
-                    json!(r.routed_scaling_factor),
-                );
                 write_latent_attention(&mut j, c);
                 j.insert("attention_bias".into(), json!(c.attention_bias));
                 j.insert("mlp_bias".into(), json!(false));
@@ -1403,6 +1392,13 @@ fn write_sigmoid_moe(j: &mut Map<String, Value>, c: &DecoderConfig, norm_topk_pr
         j.insert("n_group".into(), json!(n_group));
         j.insert("topk_group".into(), json!(topk_group));
     }
+    write_deepseek_experts(j, c);
+    j.insert("norm_topk_prob".into(), json!(norm_topk_prob));
+}
+
+/// The expert keys DeepSeek-V2, DeepSeek-V3 and GLM-4.5 share: routed and
+/// shared experts, their width, the dense prefix, the routed scaling.
+fn write_deepseek_experts(j: &mut Map<String, Value>, c: &DecoderConfig) {
     j.insert("n_routed_experts".into(), json!(c.num_local_experts));
     j.insert("num_experts_per_tok".into(), json!(c.num_experts_per_tok));
     j.insert("moe_intermediate_size".into(), json!(c.expert_width()));
@@ -1411,7 +1407,6 @@ fn write_sigmoid_moe(j: &mut Map<String, Value>, c: &DecoderConfig, norm_topk_pr
         "first_k_dense_replace".into(),
         json!(c.first_k_dense_replace),
     );
-    j.insert("norm_topk_prob".into(), json!(norm_topk_prob));
     j.insert(
         "routed_scaling_factor".into(),
         json!(c.router.routed_scaling_factor),

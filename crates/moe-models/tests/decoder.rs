@@ -144,24 +144,31 @@ fn later_tokens_never_change_earlier_logits() {
     }
 }
 
+/// Two rows of 20 random tokens fed through the KV cache in chunks of 7,
+/// 1, 5, 1 and 6 (prefill, single steps, several positions after a
+/// non-empty cache): the logits equal the full forward's.
+fn assert_cached_chunks_equal_the_full_forward(label: &str, model: &DecoderModel) {
+    let idx = Tensor::randint(30, [2, 20], (Kind::Int64, Device::Cpu));
+    let full = model.forward_t(&idx, false).unwrap().logits;
+    let mut cache = ModelCache::default();
+    let mut parts = Vec::new();
+    for (start, len) in [(0, 7), (7, 1), (8, 5), (13, 1), (14, 6)] {
+        let chunk = idx.narrow(1, start, len);
+        parts.push(model.forward_cached(&chunk, &mut cache).unwrap().logits);
+    }
+    let diff = (Tensor::cat(&parts, 1) - &full)
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(diff < 1e-4, "{label}: cached logits differ by {diff}");
+}
+
 #[test]
 fn cached_logits_and_greedy_generation_equal_full_recomputation() {
     let _rng = rng_lock();
     for preset in PRESETS {
         let (_vs, model) = build(&support::small_decoder(preset, 30), 3);
-        let idx = Tensor::randint(30, [2, 20], (Kind::Int64, Device::Cpu));
-        let full = model.forward_t(&idx, false).unwrap().logits;
-        let mut cache = ModelCache::default();
-        let mut parts = Vec::new();
-        for (start, len) in [(0, 7), (7, 1), (8, 5), (13, 1), (14, 6)] {
-            let chunk = idx.narrow(1, start, len);
-            parts.push(model.forward_cached(&chunk, &mut cache).unwrap().logits);
-        }
-        let diff = (Tensor::cat(&parts, 1) - &full)
-            .abs()
-            .max()
-            .double_value(&[]);
-        assert!(diff < 1e-4, "{preset:?}: cached logits differ by {diff}");
+        assert_cached_chunks_equal_the_full_forward(&format!("{preset:?}"), &model);
 
         // Greedy decoding within the context, token for token.
         let prompt = [3i64, 14, 15, 9];
@@ -193,19 +200,7 @@ fn sliding_windows_and_sinks_decode_like_full_recomputation() {
             }
         });
         let label = format!("window {window}, sinks {sinks}");
-        let idx = Tensor::randint(30, [2, 20], (Kind::Int64, Device::Cpu));
-        let full = model.forward_t(&idx, false).unwrap().logits;
-        let mut cache = ModelCache::default();
-        let mut parts = Vec::new();
-        for (start, len) in [(0, 7), (7, 1), (8, 5), (13, 1), (14, 6)] {
-            let chunk = idx.narrow(1, start, len);
-            parts.push(model.forward_cached(&chunk, &mut cache).unwrap().logits);
-        }
-        let diff = (Tensor::cat(&parts, 1) - &full)
-            .abs()
-            .max()
-            .double_value(&[]);
-        assert!(diff < 1e-4, "{label}: cached logits differ by {diff}");
+        assert_cached_chunks_equal_the_full_forward(&label, &model);
         support::assert_cached_greedy_is_argmax(&label, &model, &[3, 14, 15, 9], 16);
 
         let prompts = vec![vec![4i64, 9, 2, 7, 7, 1], vec![1, 5]];
