@@ -198,16 +198,10 @@ impl HfFamily {
                 rms_norm_eps: 1e-6,
                 rope_theta: 10000.0,
             },
+            // DeepseekV2Config keeps LlamaConfig's defaults but the vocabulary.
             HfFamily::DeepseekV2 => Defaults {
                 vocab_size: 102400,
-                hidden_size: 4096,
-                intermediate_size: 11008,
-                num_hidden_layers: 32,
-                num_attention_heads: 32,
-                num_key_value_heads: None,
-                max_position_embeddings: 2048,
-                rms_norm_eps: 1e-6,
-                rope_theta: 10000.0,
+                ..HfFamily::Llama.defaults()
             },
             HfFamily::GptOss => Defaults {
                 vocab_size: 201088,
