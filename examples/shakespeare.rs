@@ -9,7 +9,8 @@
 //! `cargo xtask shakespeare -- --family decoder [--preset yuan]` trains a
 //! decoder-family model with the same CLI, metrics, checkpoints and resume.
 //! `--config FILE` (TOML or JSON) sets model, training and tokenizer; flags
-//! override it; `--print-config` prints the resolved config and exits.
+//! override it, then `--set path.to.field=value` any field of it;
+//! `--print-config` prints the resolved config and exits.
 //! `cargo xtask shakespeare -- --nproc 2 --expert-parallel` trains on two
 //! processes launched by torchrun, the experts spread over them.
 
@@ -40,6 +41,11 @@ struct Args {
     /// Print the resolved config (TOML) and exit
     #[arg(long)]
     print_config: bool,
+    /// Set any field of the config, after the file and the flags:
+    /// `--set train.max_iters=100 --set model.router.n_group=4` (a path as
+    /// --print-config shows it, a TOML value; repeatable)
+    #[arg(long = "set", value_name = "PATH=VALUE")]
+    set: Vec<String>,
     /// Continue the run saved in this folder (its model and tokenizer; flags may change training)
     #[arg(long)]
     resume: Option<PathBuf>,
@@ -170,7 +176,8 @@ fn main() {
     }
 }
 
-/// The config file (or the preset's defaults), then the flags on top.
+/// The config file (or the preset's defaults), then the flags on top, then
+/// the `--set` overrides.
 fn resolve_config(args: &Args) -> Result<RunConfig> {
     let mut config = match &args.config {
         Some(path) => RunConfig::from_file(path)?,
@@ -213,7 +220,7 @@ fn resolve_config(args: &Args) -> Result<RunConfig> {
         config.tokenizer.kind = kind;
     }
     config.tokenizer.vocab_size = args.vocab_size.unwrap_or(config.tokenizer.vocab_size);
-    Ok(config)
+    config.with_overrides(&args.set)
 }
 
 /// The model flags, on makeMoE's config.

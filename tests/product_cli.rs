@@ -43,6 +43,40 @@ fn config_checkpoints_resume_mlflow_plot_and_generate() {
         "{printed}"
     );
     assert!(printed.contains("vocab_size = 65"), "{printed}");
+    // `--set` reaches any field, after the flags; a wrong path names the choices.
+    let printed = ok(&run(
+        "shakespeare",
+        &[
+            "--config",
+            cfg,
+            "--max-iters",
+            "9",
+            "--set",
+            "train.max_iters=7",
+            "--set",
+            "model.router.norm_topk_prob=false",
+            "--print-config",
+        ],
+    ));
+    assert!(
+        printed.contains("max_iters = 7") && printed.contains("norm_topk_prob = false"),
+        "{printed}"
+    );
+    let wrong = run(
+        "shakespeare",
+        &[
+            "--config",
+            cfg,
+            "--set",
+            "train.max_iter=7",
+            "--print-config",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        !wrong.status.success() && stderr.contains("max_iters"),
+        "{stderr}"
+    );
     // The router's table; `--dispatch capacity:F` sets the strategy and the
     // router's capacity factor.
     let printed = ok(&run(
