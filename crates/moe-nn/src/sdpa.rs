@@ -33,7 +33,8 @@ use tch::{Device, Kind, Tensor};
 ///   of weights is empty; what it computes is never read by a real
 ///   position);
 /// - a sliding window `W` hides keys `j` with `past + i - j >= W`
-///   (libtorch's kernel under that explicit mask);
+///   (libtorch's kernel under that explicit mask; a single unpadded query
+///   reads the last `W` keys alone);
 /// - attention sinks add a logit per head to the softmax's denominator
 ///   (the math path: libtorch's kernels have no sink; the softmax in f32
 ///   for bf16/f16 inputs).
@@ -56,12 +57,24 @@ pub(crate) fn causal_attention(
     } = visibility;
     // A window at least as long as the sequence never hides a key.
     let window = window.filter(|&w| w < past + t);
+    if let (Some(w), None, 1) = (window, real, t) {
+        // One query per unpadded row (decoding): its window is the last `w`
+        // keys, so the others are not even read.
+        let (k, v) = (k.narrow(-2, past + 1 - w, w), v.narrow(-2, past + 1 - w, w));
+        let visibility = Visibility {
+            sinks,
+            ..Visibility::default()
+        };
+        return causal_attention(q, &k, &v, w - 1, scale, p, visibility);
+    }
     if real.is_some() || window.is_some() || sinks.is_some() {
-        let mut visible = visible_keys(past, t, window, q.device());
+        let q_pos = Tensor::arange_start(past, past + t, (Kind::Int64, q.device())).unsqueeze(1);
+        let k_pos = Tensor::arange(past + t, (Kind::Int64, q.device())).unsqueeze(0);
+        let mut visible = k_pos.le_tensor(&q_pos);
+        if let Some(w) = window {
+            visible = visible.logical_and(&(&q_pos - &k_pos).lt(w));
+        }
         if let Some(real) = real {
-            let q_pos =
-                Tensor::arange_start(past, past + t, (Kind::Int64, q.device())).unsqueeze(1);
-            let k_pos = Tensor::arange(past + t, (Kind::Int64, q.device())).unsqueeze(0);
             visible = real
                 .unsqueeze(1)
                 .logical_or(&k_pos.eq_tensor(&q_pos))
@@ -107,18 +120,6 @@ pub(crate) struct Visibility<'a> {
     /// Xiao et al. 2023, arXiv 2309.17453):
     /// `w_ij = exp(l_ij) / (exp(s_h) + sum_j' exp(l_ij'))`.
     pub sinks: Option<&'a Tensor>,
-}
-
-/// `[T, past + T]` bool: query `i` (position `past + i`) sees key `j` when
-/// `j <= past + i` and, with a window `W`, `past + i - j < W`.
-fn visible_keys(past: i64, t: i64, window: Option<i64>, device: Device) -> Tensor {
-    let q_pos = Tensor::arange_start(past, past + t, (Kind::Int64, device)).unsqueeze(1);
-    let k_pos = Tensor::arange(past + t, (Kind::Int64, device)).unsqueeze(0);
-    let causal = k_pos.le_tensor(&q_pos);
-    match window {
-        Some(w) => causal.logical_and(&(&q_pos - &k_pos).lt(w)),
-        None => causal,
-    }
 }
 
 /// `Dropout_p(softmax([s Q K^T + M, s_h])[..., :S]) V`: the keys `visible`
@@ -325,6 +326,9 @@ mod tests {
             (0, 6, None, true, false),
             (2, 4, Some(2), true, true),
             (4, 1, Some(1), false, false),
+            // Decoding: one query, the window's keys alone.
+            (9, 1, Some(3), true, false),
+            (9, 1, Some(3), false, true),
         ] {
             let s = past + t;
             let (q, k, v) = (
