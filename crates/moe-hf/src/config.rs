@@ -483,14 +483,7 @@ impl<'a> Reader<'a> {
             }
             return Ok(());
         }
-        let window = self.int("sliding_window", 4096)?;
-        if window < 1 {
-            return Err(self.err(format!(
-                "`sliding_window` = {window} with use_sliding_window: a window holds at least \
-                 the query's own position"
-            )));
-        }
-        c.sliding_window = (window < max_position_embeddings).then_some(window);
+        c.sliding_window = self.sliding_window(Some(4096), max_position_embeddings)?;
         if self.family == HfFamily::Qwen2Moe {
             // transformers 5's `layer_types`, or its default: every other
             // layer below `max_window_layers` slides (layers 0, 2, ...).
@@ -512,6 +505,21 @@ impl<'a> Reader<'a> {
             self.informational(&["max_window_layers"]);
         }
         Ok(())
+    }
+
+    /// `sliding_window` (`default` when missing or `null`) as the decoder's
+    /// window: at least 1 (a query sees itself); `None` when it is at least
+    /// the context, where it never hides a key.
+    fn sliding_window(&mut self, default: Option<i64>, context: i64) -> Result<Option<i64>> {
+        let Some(window) = self.opt_int("sliding_window")?.or(default) else {
+            return Ok(None);
+        };
+        if window < 1 {
+            return Err(self.err(format!(
+                "`sliding_window` = {window}: a window holds at least the query's own position"
+            )));
+        }
+        Ok((window < context).then_some(window))
     }
 
     /// transformers 5's `layer_types` (`full_attention` or
@@ -749,16 +757,8 @@ impl HfConfig {
                     |v| v.as_f64() == Some(0.0),
                     "router_jitter_noise 0 (no jitter on the router input)",
                 )?;
-                // Every layer slides; a window as long as the context never masks.
-                if let Some(window) = r.opt_int("sliding_window")? {
-                    if window < 1 {
-                        return Err(r.err(format!(
-                            "`sliding_window` = {window}: a window holds at least the query's \
-                             own position"
-                        )));
-                    }
-                    c.sliding_window = (window < max_position_embeddings).then_some(window);
-                }
+                // Every layer slides.
+                c.sliding_window = r.sliding_window(None, max_position_embeddings)?;
             }
             HfFamily::Qwen2Moe => {
                 let num_experts = r.int("num_experts", 60)?;
@@ -937,7 +937,7 @@ impl HfConfig {
                 (c.attention_bias, c.o_proj_bias) = (bias, bias);
                 c.attention_sinks = true;
                 // transformers' default: layers 0, 2, ... slide.
-                let window = r.int("sliding_window", 128)?;
+                c.sliding_window = r.sliding_window(Some(128), max_position_embeddings)?;
                 let types = r.layer_types()?.unwrap_or_else(|| {
                     (0..c.num_hidden_layers)
                         .map(|i| match i % 2 {
@@ -946,13 +946,6 @@ impl HfConfig {
                         })
                         .collect()
                 });
-                if window < 1 {
-                    return Err(r.err(format!(
-                        "`sliding_window` = {window}: a window holds at least the query's own \
-                         position"
-                    )));
-                }
-                c.sliding_window = (window < max_position_embeddings).then_some(window);
                 set_windowed_layers(&mut c, types);
                 // GptOssConfig's RoPE when the file has none: YaRN over 4096
                 // original positions, factor 32, not truncated.
