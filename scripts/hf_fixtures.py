@@ -415,8 +415,9 @@ def write_mxfp4_weights(path):
 
     tensors = load_file(path / "model.safetensors")
     for name in [n for n in tensors if n.endswith("experts.gate_up_proj") or n.endswith("experts.down_proj")]:
-        blocks, scales = to_mxfp4(tensors.pop(name).float().transpose(1, 2))
-        assert torch.equal(from_mxfp4(blocks, scales).transpose(1, 2).bfloat16(), load_file(path / "model.safetensors")[name])
+        saved = tensors.pop(name)
+        blocks, scales = to_mxfp4(saved.float().transpose(1, 2))
+        assert torch.equal(from_mxfp4(blocks, scales).transpose(1, 2).bfloat16(), saved)  # lossless
         tensors[name + "_blocks"], tensors[name + "_scales"] = blocks.contiguous(), scales.contiguous()
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((path / "config.json").read_text())

@@ -49,6 +49,39 @@ pub enum Placement {
     },
 }
 
+impl Placement {
+    /// Whether an expert bank's matrix stored this way is, per expert, a
+    /// view of the file in the bank's orientation (an expert's transposed
+    /// `nn.Linear` weight, or packed rows), from which the experts can
+    /// compute in place. Interleaved columns (gpt-oss) and a whole stored
+    /// bank (its rows in the file's order) are copied instead.
+    pub(crate) fn views_experts(self) -> bool {
+        matches!(
+            self,
+            Placement::ExpertTransposed(_) | Placement::PackedRows { .. }
+        )
+    }
+}
+
+/// A routed expert bank's variable (not a shared expert's).
+pub(crate) fn is_routed_bank(var: &str) -> bool {
+    var.contains(".mlp.experts.")
+}
+
+/// Whether the routed experts' matrices of a `family` checkpoint for
+/// `config` can stay in its files, in every layout the reader may meet
+/// ([`Placement::views_experts`]).
+pub(crate) fn experts_stay_in_files(family: HfFamily, config: &DecoderConfig) -> bool {
+    let matrix = |var: &str| ["w_in", "w_gate", "w_out"].iter().any(|m| var.ends_with(m));
+    groups(family, config)
+        .iter()
+        .flat_map(|g| &g.alternatives)
+        .flat_map(|a| &a.tensors)
+        .flat_map(|t| &t.parts)
+        .filter(|part| is_routed_bank(&part.var) && matrix(&part.var))
+        .all(|part| part.placement.views_experts())
+}
+
 /// One of the variables a checkpoint tensor fills, and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorPart {

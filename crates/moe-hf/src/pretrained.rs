@@ -349,8 +349,8 @@ pub fn from_pretrained(dir: &Path, options: &LoadOptions) -> Result<Pretrained> 
 /// That the routed experts of `dir` can stay in its files
 /// ([`ExpertStorage::Mapped`]): on the CPU, in the files' dtype, with a
 /// cache of at least one layer's `top_k` experts, stored so that each
-/// expert's matrices are views of the files (not gpt-oss's interleaved
-/// gate and up columns).
+/// expert's matrices are views of the files
+/// ([`crate::names::experts_stay_in_files`]).
 fn check_mappable(
     dir: &Path,
     family: HfFamily,
@@ -359,11 +359,12 @@ fn check_mappable(
     device: Device,
     cache_bytes: u64,
 ) -> Result<()> {
-    if family == HfFamily::GptOss {
-        return Err(MoeError::config(
-            "gpt-oss's files interleave each expert's gate and up columns, which the experts \
-             cannot compute from in place: load them resident (without an expert cache)",
-        ));
+    if !crate::names::experts_stay_in_files(family, config) {
+        return Err(MoeError::config(format!(
+            "model_type `{family}` stores its experts so that they cannot compute from the files \
+             in place (gpt-oss interleaves each expert's gate and up columns): load them \
+             resident (without an expert cache)"
+        )));
     }
     if device != Device::Cpu {
         return Err(MoeError::config(format!(

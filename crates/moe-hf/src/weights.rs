@@ -1,7 +1,9 @@
 //! safetensors weights: read through a memory map and checked whole before
 //! any variable changes; written with the safetensors crate.
 
-use crate::names::{groups, ignorable, tensor_map, ExpertLayout, HfTensor, Placement, TensorPart};
+use crate::names::{
+    groups, ignorable, is_routed_bank, tensor_map, ExpertLayout, HfTensor, Placement, TensorPart,
+};
 use crate::HfFamily;
 use memmap2::{Advice, Mmap, UncheckedAdvice};
 use moe_core::{safetensors_dtype, write_safetensors};
@@ -387,11 +389,6 @@ pub(crate) enum Fill {
 /// column-major view).
 pub(crate) type MappedExperts = HashMap<String, Vec<Option<Tensor>>>;
 
-/// A routed expert bank's variable (not a shared expert's).
-fn is_routed_bank(var: &str) -> bool {
-    var.contains(".mlp.experts.")
-}
-
 /// What loading did with a checkpoint's bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LoadStats {
@@ -661,38 +658,47 @@ const E2M1: [f32; 16] = [
 /// Formats v1.0; transformers' `convert_moe_packed_tensors`): each byte of
 /// `blocks` holds two E2M1 codes, the first in its low nibble; a block of
 /// 32 values shares the scale `2^(s - 127)` of its E8M0 byte `s`;
-/// `[E, out, in]` is then seen as gpt-oss's `[E, in, out]`. Returns the
-/// bytes read.
+/// `[E, out, in]` is then seen as gpt-oss's `[E, in, out]`. One expert at
+/// a time, through a table of the 256 bytes' value pairs, so that only one
+/// expert's f32 values are ever held besides the variables (a gpt-oss-20b
+/// layer's `gate_up_proj` is 530 M values). Returns the bytes read.
 fn fill_mxfp4(p: &PlannedMxfp4<'_, '_>, vars: &HashMap<String, Tensor>) -> Result<u64> {
     let shape = |v: &TensorView<'_>| v.shape().iter().map(|&d| d as i64).collect::<Vec<_>>();
     let (bs, ss) = (shape(p.blocks), shape(p.scales));
-    let blocks = Tensor::f_from_data_size(p.blocks.data(), &bs, Kind::Uint8)?.to_kind(Kind::Int64);
+    let (experts, rows, groups) = (bs[0], bs[1], bs[2]);
+    let blocks = Tensor::f_from_data_size(p.blocks.data(), &bs, Kind::Uint8)?;
     let scales = Tensor::f_from_data_size(p.scales.data(), &ss, Kind::Uint8)?;
-    let codes = Tensor::stack(&[blocks.remainder(16), blocks.floor_divide_scalar(16)], -1)
-        .view([bs[0], bs[1], bs[2], 32]);
-    let factor = (scales.to_kind(Kind::Float) - 127.0).exp2().unsqueeze(-1);
-    let values = (Tensor::from_slice(&E2M1).take(&codes) * factor)
-        .view([bs[0], bs[1], 32 * bs[2]])
-        .transpose(1, 2);
-    place(&values, &p.tensor.parts, vars)?;
+    let pairs: Vec<f32> = (0..256)
+        .flat_map(|byte| [E2M1[byte & 0x0F], E2M1[byte >> 4]])
+        .collect();
+    let pairs = Tensor::from_slice(&pairs).view([256, 2]);
+    for e in 0..experts {
+        let codes = blocks.get(e).reshape([-1]).to_kind(Kind::Int64);
+        let factor = (scales.get(e).to_kind(Kind::Float) - 127.0)
+            .exp2()
+            .unsqueeze(-1);
+        let values = (pairs.index_select(0, &codes).view([rows, groups, 32]) * factor)
+            .view([1, rows, 32 * groups])
+            .transpose(1, 2);
+        place(&values, &p.tensor.parts, |var| vars[var].narrow(0, e, 1))?;
+    }
     Ok((p.blocks.data().len() + p.scales.data().len()) as u64)
 }
 
-/// Copies `src`, a checkpoint tensor, into the variables its `parts` name.
-fn place(src: &Tensor, parts: &[TensorPart], vars: &HashMap<String, Tensor>) -> Result<()> {
+/// Copies `src`, a checkpoint tensor (or the rows of it that `dest` gives
+/// the variables of), into the variables its `parts` name.
+fn place(src: &Tensor, parts: &[TensorPart], dest: impl Fn(&str) -> Tensor) -> Result<()> {
     for part in parts {
-        let var = &vars[&part.var];
+        let var = dest(&part.var);
         let (mut dest, piece) = match part.placement {
-            Placement::Same => (var.shallow_clone(), src.shallow_clone()),
-            Placement::Transposed => (var.shallow_clone(), src.tr()),
+            Placement::Same => (var, src.shallow_clone()),
+            Placement::Transposed => (var, src.tr()),
             Placement::ExpertTransposed(e) => (var.select(0, e), src.tr()),
-            Placement::PackedRows { offset } => (
-                var.shallow_clone(),
-                src.narrow(1, offset, var.size()[2]).transpose(1, 2),
-            ),
-            Placement::Interleaved { offset } => {
-                (var.shallow_clone(), src.slice(-1, offset, None, 2))
+            Placement::PackedRows { offset } => {
+                let rows = var.size()[2];
+                (var, src.narrow(1, offset, rows).transpose(1, 2))
             }
+            Placement::Interleaved { offset } => (var, src.slice(-1, offset, None, 2)),
         };
         dest.f_copy_(&piece)?;
     }
@@ -752,15 +758,11 @@ fn fill_all(
         let bank_matrix = is_routed_bank(&first.var) && var.dim() == 3;
         let as_stored =
             p.tensor.parts.len() == 1 && first.placement == Placement::Same && !bank_matrix;
-        // Interleaved columns (gpt-oss) are copied apart, not viewed.
         let expert = map_experts
-            && p.tensor.parts.iter().all(|part| {
-                is_routed_bank(&part.var)
-                    && matches!(
-                        part.placement,
-                        Placement::ExpertTransposed(_) | Placement::PackedRows { .. }
-                    )
-            });
+            && p.tensor
+                .parts
+                .iter()
+                .all(|part| is_routed_bank(&part.var) && part.placement.views_experts());
         if !(mappable && (as_stored || expert)) {
             copy_into(p, &shape, kind, aligned, vars, m, offset)?;
             stats.copied_bytes += bytes.len() as u64;
@@ -827,7 +829,7 @@ fn copy_into(
     } else {
         Tensor::f_from_data_size(bytes, shape, kind)?
     };
-    place(&src, &p.tensor.parts, vars)?;
+    place(&src, &p.tensor.parts, |var| vars[var].shallow_clone())?;
     drop(src);
     // SAFETY: nothing reads these pages now (`src` is gone; the parsed
     // headers lie before the data); dropping a read-only shared file

@@ -293,6 +293,16 @@ fn bad_expert_storage_and_quantisation_requests_are_errors() {
     )
     .unwrap();
     assert!(int8.residency.is_none());
+    for layer in int8.model.layers() {
+        let moe_models::decoder::FeedForward::Moe(moe) = layer.feed_forward_network() else {
+            panic!("gpt-oss's layers are all MoE")
+        };
+        assert_eq!(
+            moe.experts().quantization(),
+            Some(moe_experts::ExpertQuantization::Int8)
+        );
+        assert!(moe.experts().b_gate.is_some(), "the gate biases stay float");
+    }
 }
 
 #[test]
