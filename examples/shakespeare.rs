@@ -81,7 +81,7 @@ struct Args {
     family: Option<Family>,
     /// make_moe: makemoe (the tutorial's quirks) or default (textbook
     /// attention scale, no eval noise), makemoe unless a config file is
-    /// given; decoder: mixtral (default), qwen2_moe, qwen3_moe, glm4_moe, deepseek_v3, deepseek_v2, gpt_oss, olmoe, yuan or llama
+    /// given; decoder: mixtral (default), qwen2_moe, qwen3_moe, glm4_moe, deepseek_v3, deepseek_v2, gpt_oss, llama4, olmoe, yuan or llama
     #[arg(long, value_parser = preset_names())]
     preset: Option<String>,
     /// auto (default), mask_loop, indexed_loop, grouped, capacity[:FACTOR] or dense_reference;

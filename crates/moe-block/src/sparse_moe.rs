@@ -5,7 +5,7 @@ use moe_core::{
 };
 use moe_dispatch::{Dispatch, ExpertParallel, ExpertParallelism};
 use moe_experts::ExpertBank;
-use moe_routers::Router;
+use moe_routers::{Router, WeightsOn};
 use tch::{nn, Device, Kind, Tensor};
 
 /// Sparse Mixture-of-Experts feed-forward layer (Shazeer et al. 2017;
@@ -15,7 +15,9 @@ use tch::{nn, Device, Kind, Tensor};
 ///
 /// `y(x) = sum_{e in TopK(x)} G(x)_e * FFN_e(x) + c(x) sum_{s < K_s} FFN^shared_s(x)`,
 ///
-/// `c(x) = sigmoid(x w_g)` with a shared-expert gate, else 1.
+/// `c(x) = sigmoid(x w_g)` with a shared-expert gate, else 1. With the
+/// weights on the experts' inputs ([`moe_routers::WeightsOn::Input`], Llama
+/// 4) the routed term is `sum_{e in TopK(x)} FFN_e(G(x)_e x)`.
 ///
 /// The router picks `k` experts per token (or, with expert choice, each
 /// expert picks its tokens and `TopK(x)` is the experts that chose `x`); the
@@ -245,19 +247,29 @@ impl SparseMoe {
             self.router
                 .route_sequences(&flat.to_kind(self.experts.w_in.kind()), seq_len, train)
         })?;
+        // Weights on the inputs (Llama 4): each slot is a token of its own.
+        let per_slot = match self.config.router.weights_on {
+            WeightsOn::Output => None,
+            WeightsOn::Input => Some(weighted_slots(&flat, &routing)),
+        };
+        let (tokens, slots) = match &per_slot {
+            Some((inputs, slots)) => (inputs, slots),
+            None => (&flat, &routing),
+        };
         // One token on the CPU (batch-1 decoding): only its experts, with a
         // few ops each, instead of a dispatch strategy's sorting and
         // gathering (the same sum, `ExpertBank::one_token`).
         let one_token = !train && flat.size()[0] == 1 && flat.device() == Device::Cpu;
         let mut output = span("experts", || match &self.expert_parallel {
-            Some(parallel) => parallel.combine(&flat, &routing, &self.experts, train),
-            None if one_token => {
-                Ok(self
-                    .experts
-                    .one_token(&flat, &routing.expert, &routing.weight))
+            Some(parallel) => parallel.combine(tokens, slots, &self.experts, train),
+            None if one_token && tokens.size()[0] == 1 => {
+                Ok(self.experts.one_token(tokens, &slots.expert, &slots.weight))
             }
-            None => Ok(self.dispatch.combine(&flat, &routing, &self.experts, train)),
+            None => Ok(self.dispatch.combine(tokens, slots, &self.experts, train)),
         })?;
+        if per_slot.is_some() {
+            output = flat.zeros_like().index_add(0, &routing.token, &output);
+        }
         if let Some(shared) = &self.shared_experts {
             output += span("shared_experts", || {
                 let y = if one_token {
@@ -293,4 +305,30 @@ impl SparseMoe {
             aux_loss,
         })
     }
+}
+
+/// The slots of `routing` as tokens of their own, for weights applied to
+/// the experts' inputs: slot `s`'s input `w_s x_{token[s]}` (`[S, d]`), and
+/// a routing that sends slot `s` to its expert with weight 1 (0 when a
+/// capacity limit dropped it). The experts' outputs for these inputs are
+/// the slots' outputs, to be summed onto their tokens.
+fn weighted_slots(flat: &Tensor, routing: &Routing) -> (Tensor, Routing) {
+    let inputs =
+        flat.index_select(0, &routing.token) * routing.weight.to_kind(flat.kind()).unsqueeze(1);
+    let weight = match &routing.dropped {
+        Some(dropped) => dropped.logical_not().to_kind(routing.weight.kind()),
+        None => routing.weight.ones_like(),
+    };
+    let slots = Routing {
+        token: Tensor::arange(routing.num_slots(), (Kind::Int64, flat.device())),
+        expert: routing.expert.shallow_clone(),
+        weight,
+        top_k: Some(1),
+        logits: routing.logits.index_select(0, &routing.token),
+        probs: routing.probs.index_select(0, &routing.token),
+        dropped: routing.dropped.as_ref().map(Tensor::shallow_clone),
+        capacity: routing.capacity,
+        num_experts: routing.num_experts,
+    };
+    (inputs, slots)
 }

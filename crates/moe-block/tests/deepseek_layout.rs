@@ -123,7 +123,7 @@ fn fine_grained_shared_and_capped_layers_match_a_per_token_loop() {
             },
             bias: false,
             routed_scaling_factor: 2.5,
-            capacity_factor: None,
+            ..RouterConfig::default()
         },
         ..config("sigmoid_aux_free", 2, 0)
     };

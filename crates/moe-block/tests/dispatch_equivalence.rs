@@ -5,7 +5,7 @@
 use moe_block::{SparseMoe, SparseMoeConfig};
 use moe_dispatch::DispatchKind;
 use moe_experts::Activation;
-use moe_routers::{ExpertChoiceScope, Gate, RouterConfig};
+use moe_routers::{ExpertChoiceScope, Gate, RouterConfig, WeightsOn};
 use std::sync::{Mutex, MutexGuard};
 use tch::{nn, Device, Kind, Tensor};
 
@@ -54,8 +54,17 @@ fn run(
     x: &Tensor,
 ) -> Vec<(String, Tensor)> {
     moe.set_dispatch(kind.build());
+    run_with(vs, x, |x| moe.forward_t(x, false).unwrap().output)
+}
+
+/// Output and gradients (input first, then every parameter by name) of `forward`.
+fn run_with(
+    vs: &nn::VarStore,
+    x: &Tensor,
+    forward: impl FnOnce(&Tensor) -> Tensor,
+) -> Vec<(String, Tensor)> {
     let x = x.detach().set_requires_grad(true);
-    let y = moe.forward_t(&x, false).unwrap().output;
+    let y = forward(&x);
     // Weight outputs unevenly so every gradient entry matters.
     let w = Tensor::arange(y.numel() as i64, (Kind::Float, Device::Cpu))
         .view(y.size().as_slice())
@@ -403,5 +412,76 @@ fn expert_choice_matches_the_dense_reference() {
     ];
     for (i, case) in cases.iter().enumerate() {
         check(case, 300 + i as i64);
+    }
+}
+
+/// Llama 4's weights on the experts' inputs with its sigmoid gate: every
+/// strategy, expert-capacity included, equals the dense sum written out,
+/// `y = sum_e FFN_e(G[:, e] x)` over every expert with the routing's gate
+/// matrix `G` (0 off the chosen experts, and these bias-free SwiGLU experts
+/// map 0 to 0, as in Hugging Face's `Llama4TextMoe`, which runs every
+/// expert on every token), in outputs and gradients.
+#[test]
+fn weights_on_the_inputs_match_the_dense_sum() {
+    tch::set_num_threads(1);
+    for (k, seed) in [(1, 21), (2, 22)] {
+        let rng = rng();
+        tch::manual_seed(seed);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let e = 6;
+        let config = SparseMoeConfig {
+            n_embd: 8,
+            num_experts: e,
+            top_k: k,
+            expert_hidden: 12,
+            dropout: 0.0,
+            router: RouterConfig {
+                gate: Gate::SigmoidTopK,
+                bias: false,
+                weights_on: WeightsOn::Input,
+                capacity_factor: Some(e as f64),
+                ..Default::default()
+            },
+            activation: Activation::SwiGlu,
+            expert_bias: false,
+            ..Default::default()
+        };
+        let mut moe = SparseMoe::new(&vs.root(), config).unwrap();
+        let x = Tensor::randn([20, 8], (Kind::Float, Device::Cpu));
+        drop(rng);
+        let reference = run_with(&vs, &x, |x| {
+            let gates = moe.router().route(x, false).unwrap().dense_gates();
+            (0..e)
+                .map(|i| {
+                    moe.experts()
+                        .forward_expert(i, &(x * gates.narrow(1, i, 1)), false)
+                })
+                .fold(x.zeros_like(), |acc, y| acc + y)
+        });
+        for kind in [
+            DispatchKind::DenseReference,
+            DispatchKind::MaskLoop,
+            DispatchKind::IndexedLoop,
+            DispatchKind::Grouped,
+            DispatchKind::Auto,
+            DispatchKind::Capacity,
+        ] {
+            let got = run(&vs, &mut moe, kind, &x);
+            for ((name, want), (_, have)) in reference.iter().zip(&got) {
+                let diff = (want - have).abs().max().double_value(&[]);
+                let scale = want.abs().max().double_value(&[]).max(1.0);
+                assert!(
+                    diff <= TOL * scale,
+                    "{kind:?}, k = {k}: {name} differs from the dense sum by {diff}"
+                );
+            }
+        }
+        // One token at a time on the CPU (decoding's path) gives the same rows.
+        let rows = moe.forward_t(&x.narrow(0, 3, 1), false).unwrap().output;
+        let diff = (rows - reference[0].1.narrow(0, 3, 1))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(diff <= TOL, "one token, k = {k}: {diff}");
     }
 }

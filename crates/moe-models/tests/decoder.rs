@@ -17,7 +17,7 @@ fn rng_lock() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-const PRESETS: [DecoderPreset; 10] = [
+const PRESETS: [DecoderPreset; 11] = [
     DecoderPreset::Mixtral,
     DecoderPreset::Qwen2Moe,
     DecoderPreset::Qwen3Moe,
@@ -25,6 +25,7 @@ const PRESETS: [DecoderPreset; 10] = [
     DecoderPreset::DeepseekV3,
     DecoderPreset::DeepseekV2,
     DecoderPreset::GptOss,
+    DecoderPreset::Llama4,
     DecoderPreset::Olmoe,
     DecoderPreset::Yuan,
     DecoderPreset::Llama,
@@ -103,6 +104,11 @@ fn each_preset_builds_its_familys_structure() {
     assert!(has(DecoderPreset::Yuan, "self_attn.lf_gate.conv1"));
     assert!(has(DecoderPreset::Yuan, "mlp.router.query"));
     assert!(has(DecoderPreset::Llama, "layers.1.mlp.down_proj"));
+    // Llama 4: layer 0 dense, layer 1 MoE with a shared expert; no QK-norm weights.
+    assert!(has(DecoderPreset::Llama4, "layers.0.mlp.down_proj"));
+    assert!(has(DecoderPreset::Llama4, "layers.1.mlp.shared_experts"));
+    assert!(!has(DecoderPreset::Llama4, "layers.0.mlp.experts"));
+    assert!(!has(DecoderPreset::Llama4, "q_norm"));
     assert!(!has(DecoderPreset::Llama, "experts"));
     for preset in PRESETS {
         let config = support::small_decoder(preset, 30);
@@ -231,6 +237,44 @@ fn sliding_windows_and_sinks_decode_like_full_recomputation() {
     assert!(matches!(bad.validate(), Err(MoeError::Config(_))));
 }
 
+/// Llama 4's attention (chunks of 3 with RoPE on adjacent pairs and the L2
+/// QK-norm in layer 0; no RoPE and temperature-tuned queries in layer 1,
+/// with a floor scale of 2 so that the temperature changes every other
+/// position), with its input-weighted sigmoid experts: KV-cached chunks
+/// equal the full forward, greedy decoding is the argmax of full
+/// recomputation, and a left-padded batch generates what each prompt alone
+/// does (chunks and temperatures count positions from the first real token).
+#[test]
+fn chunks_and_nope_layers_decode_like_full_recomputation() {
+    use moe_models::{generate_batch, GenerateOptions, Sampling};
+    use moe_nn::TemperatureTuning;
+    use std::ops::ControlFlow;
+    let _rng = rng_lock();
+    let config = DecoderConfig {
+        attention_chunk_size: Some(3),
+        attn_temperature_tuning: Some(TemperatureTuning {
+            floor_scale: 2.0,
+            attn_scale: 0.5,
+        }),
+        ..support::small_decoder(DecoderPreset::Llama4, 30)
+    };
+    let (_vs, model) = build(&config, 5);
+    assert_cached_chunks_equal_the_full_forward("llama4", &model);
+    support::assert_cached_greedy_is_argmax("llama4", &model, &[3, 14, 15, 9], 16);
+    let prompts = vec![vec![4i64, 9, 2, 7, 7, 1, 3], vec![1, 5], vec![6, 6, 2, 8]];
+    let options = GenerateOptions {
+        max_new_tokens: 8,
+        sampling: Sampling::greedy(),
+        eos_token_ids: Vec::new(),
+    };
+    let batched =
+        generate_batch(&model, &prompts, &options, |_, _| ControlFlow::Continue(())).unwrap();
+    for (prompt, got) in prompts.iter().zip(&batched) {
+        let alone = moe_models::generate(&model, prompt, 8, Sampling::greedy(), |_| {}).unwrap();
+        assert_eq!(got, &alone, "llama4: prompt {prompt:?}");
+    }
+}
+
 #[test]
 fn wrong_inputs_are_errors() {
     let _rng = rng_lock();
@@ -264,6 +308,7 @@ fn wrong_inputs_are_errors() {
 fn every_config_error_is_a_moe_error() {
     let base = support::small_decoder(DecoderPreset::Mixtral, 30);
     let deepseek = support::small_decoder(DecoderPreset::DeepseekV3, 30);
+    let llama4 = support::small_decoder(DecoderPreset::Llama4, 30);
     let with_gate = |gate: Gate| DecoderConfig {
         router: moe_routers::RouterConfig {
             gate,
@@ -339,6 +384,66 @@ fn every_config_error_is_a_moe_error() {
                 ..base.clone()
             },
             "",
+        ),
+        (
+            DecoderConfig {
+                attention_chunk_size: None,
+                ..llama4.clone()
+            },
+            "attention_chunk_size",
+        ),
+        (
+            DecoderConfig {
+                attention_chunk_size: Some(0),
+                ..llama4.clone()
+            },
+            "attention_chunk_size",
+        ),
+        (
+            DecoderConfig {
+                nope_layers: vec![2],
+                ..llama4.clone()
+            },
+            "nope_layers",
+        ),
+        (
+            DecoderConfig {
+                interleave_moe_layer_step: 0,
+                ..llama4.clone()
+            },
+            "interleave_moe_layer_step",
+        ),
+        (
+            DecoderConfig {
+                layer_types: Vec::new(),
+                sliding_window: Some(4),
+                ..llama4.clone()
+            },
+            "layer_types",
+        ),
+        (
+            DecoderConfig {
+                partial_rotary_factor: 0.5,
+                ..llama4.clone()
+            },
+            "rope_interleave",
+        ),
+        (
+            DecoderConfig {
+                attn_temperature_tuning: Some(moe_nn::TemperatureTuning {
+                    floor_scale: 0.0,
+                    attn_scale: 0.1,
+                }),
+                ..llama4.clone()
+            },
+            "floor_scale",
+        ),
+        (
+            DecoderConfig {
+                nope_layers: vec![1],
+                ..deepseek.clone()
+            },
+            "latent attention",
         ),
     ];
     for (config, needle) in cases {

@@ -1,8 +1,9 @@
+use crate::norm::rms_normalize;
 use crate::sdpa::{causal_attention, check_attention_input, project_heads, Visibility};
 use crate::{GqaConfig, KvCache, LocalizedFiltering, QkNorm, RmsNorm, Rope};
 use moe_core::profile::span;
 use moe_core::{check_same_device, linear, linear_in_input_dtype, MoeError, Result};
-use tch::{nn, Tensor};
+use tch::{nn, Kind, Tensor};
 
 /// Grouped-query causal self-attention with rotary position embeddings, the
 /// attention of Llama-style decoders (Mixtral, Qwen2-MoE, DeepSeek-V3 without
@@ -25,8 +26,14 @@ use tch::{nn, Tensor};
 /// filtering, which computes `Q` and `K` from `LF(x)`
 /// ([`LocalizedFiltering`]) and `V` from `x`, a sliding window
 /// ([`GqaConfig::sliding_window`]: `M[i, j] = -inf` also for `i - j >= W`)
-/// and learned attention sinks ([`GqaConfig::attention_sinks`], gpt-oss:
-/// `softmax([Q_h K_g^T / sqrt(head_dim) + M, s_h])` without its last column).
+/// learned attention sinks ([`GqaConfig::attention_sinks`], gpt-oss:
+/// `softmax([Q_h K_g^T / sqrt(head_dim) + M, s_h])` without its last column),
+/// and Llama 4's options: RoPE on adjacent pairs
+/// ([`GqaConfig::rope_interleave`]), the weightless L2 QK-norm after RoPE
+/// ([`QkNorm::L2`]), chunked attention ([`GqaConfig::attention_chunk_size`]:
+/// `M[i, j] = -inf` also across chunks), and layers without RoPE
+/// ([`GqaConfig::use_rope`]) whose queries are temperature-tuned
+/// ([`GqaConfig::attn_temperature_tuning`]: `Q_i <- tau(i) Q_i`).
 ///
 /// Parameters: `p/q_proj`, `p/k_proj`, `p/v_proj`, `p/o_proj` (`nn::Linear`,
 /// `o_proj` with a bias only with [`GqaConfig::o_proj_bias`]), `p/q_norm/weight`, `p/k_norm/weight` with
@@ -66,7 +73,7 @@ impl GroupedQueryAttention {
         let (bias, init) = (config.attention_bias, config.init);
         let eps = config.rms_norm_eps;
         let qk_norm = match config.qk_norm {
-            QkNorm::None => None,
+            QkNorm::None | QkNorm::L2 => None,
             QkNorm::Projection => Some((
                 RmsNorm::try_new(&(p / "q_norm"), q_width, eps)?,
                 RmsNorm::try_new(&(p / "k_norm"), kv_width, eps)?,
@@ -119,7 +126,8 @@ impl GroupedQueryAttention {
             Some(lf) => lf.forward_with_state(x, None).0,
             None => x.shallow_clone(),
         };
-        let (q, k, v) = self.project(x, &qk_input, 0);
+        let positions = Tensor::arange(x.size()[1], (Kind::Int64, x.device()));
+        let (q, k, v) = self.project(x, &qk_input, 0, &positions);
         let p = if train {
             self.config.attention_dropout
         } else {
@@ -158,7 +166,13 @@ impl GroupedQueryAttention {
             }
             None => x.shallow_clone(),
         };
-        let (q, k, v) = self.project(x, &qk_input, past);
+        let t = x.size()[1];
+        // Positions from each row's first real token (temperature tuning).
+        let positions = match &real {
+            Some(real) => (real.cumsum(1, Kind::Int64) - 1).narrow(1, past, t),
+            None => Tensor::arange_start(past, past + t, (Kind::Int64, x.device())),
+        };
+        let (q, k, v) = self.project(x, &qk_input, past, &positions);
         let (keys, values) = span("kv_cache", || cache.append(k, v))?;
         let scale = self.config.scale_factor();
         let visibility = self.visibility(real.as_ref());
@@ -168,9 +182,18 @@ impl GroupedQueryAttention {
         Ok(self.output(&heads))
     }
 
-    /// Queries `[B, H, T, d]`, keys and values `[B, H_kv, T, d]` of positions
-    /// `start..start + T`: projections, QK-norm, RoPE.
-    fn project(&self, x: &Tensor, qk_input: &Tensor, start: i64) -> (Tensor, Tensor, Tensor) {
+    /// Queries `[B, H, T, d]`, keys and values `[B, H_kv, T, d]` of the
+    /// rows `start..start + T` of the cache: projections, QK-norm, RoPE (at
+    /// `start..`, which only differences of positions reach), Llama 4's L2
+    /// norm after it, and the temperature of the queries at `positions`
+    /// (`[T]` or `[B, T]`, counted from each row's first real token).
+    fn project(
+        &self,
+        x: &Tensor,
+        qk_input: &Tensor,
+        start: i64,
+        positions: &Tensor,
+    ) -> (Tensor, Tensor, Tensor) {
         let (b, t, _) = x.size3().expect("checked rank 3");
         let d = self.config.head_dim();
         let (mut q, mut k, v) = span("projections", || {
@@ -192,15 +215,28 @@ impl GroupedQueryAttention {
             q = q_norm.forward(&q);
             k = k_norm.forward(&k);
         }
-        span("rope", || {
-            (self.rotate(&q, start), self.rotate(&k, start), v)
-        })
+        if self.config.use_rope {
+            (q, k) = span("rope", || (self.rotate(&q, start), self.rotate(&k, start)));
+            if self.config.qk_norm == QkNorm::L2 {
+                let eps = self.config.rms_norm_eps;
+                (q, k) = (rms_normalize(&q, eps), rms_normalize(&k, eps));
+            }
+        }
+        if let Some(tuning) = &self.config.attn_temperature_tuning {
+            // [T] -> [1, 1, T, 1]; [B, T] -> [B, 1, T, 1].
+            let scales = tuning.scales(positions).unsqueeze(-1).unsqueeze(-3);
+            q = (q * scales).to_kind(x.kind());
+        }
+        (q, k, v)
     }
 
     /// RoPE on `[B, H, T, d]` heads: all `d` dimensions, or with a partial
     /// factor the first `rotary_dim`, the rest passed through.
     fn rotate(&self, x: &Tensor, start: i64) -> Tensor {
         let (d, r) = (self.config.head_dim(), self.config.rotary_dim());
+        if self.config.rope_interleave {
+            return self.rope.rotate_interleaved(x, start);
+        }
         if r == d {
             return self.rope.rotate(x, start);
         }
@@ -213,6 +249,7 @@ impl GroupedQueryAttention {
         Visibility {
             real,
             window: self.config.sliding_window,
+            chunk: self.config.attention_chunk_size,
             sinks: self.sinks.as_ref(),
         }
     }

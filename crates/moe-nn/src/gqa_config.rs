@@ -2,6 +2,7 @@ use crate::rope_scaling::check_rope_norm_dropout;
 use crate::RopeScaling;
 use moe_core::{MoeError, Result, WeightInit};
 use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
 
 /// Normalisation of queries and keys before RoPE (QK-norm), which keeps
 /// attention logits from growing during training.
@@ -20,6 +21,38 @@ pub enum QkNorm {
     /// Qwen3's (Hugging Face's `modeling_qwen3.py`): one `RMSNorm(head_dim)`
     /// for queries and one for keys, applied to every head.
     Head,
+    /// Llama 4's (Hugging Face's `Llama4TextL2Norm`): every head of the
+    /// queries and keys divided by its root mean square, without a gain,
+    /// `x / sqrt(mean(x^2) + eps)`, after RoPE, in layers that turn
+    /// positions ([`GqaConfig::use_rope`]).
+    L2,
+}
+
+/// Llama 4's attention temperature tuning (Nakanishi 2025, "Scalable-Softmax
+/// Is Superior for Attention", arXiv 2501.19399; Hugging Face's
+/// `Llama4TextAttention`): in a layer without RoPE, the query at position
+/// `m` is multiplied by
+///
+/// `tau(m) = 1 + attn_scale * ln(1 + floor((m + 1) / floor_scale))`,
+///
+/// which sharpens attention at long positions.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TemperatureTuning {
+    /// Positions per step of the logarithm (Llama 4: 8192).
+    pub floor_scale: f64,
+    /// Strength (Llama 4: 0.1).
+    pub attn_scale: f64,
+}
+
+impl TemperatureTuning {
+    /// `tau` at `positions` (int64, any shape), f32, same shape.
+    pub fn scales(&self, positions: &Tensor) -> Tensor {
+        ((positions.to_kind(Kind::Float) + 1.0) / self.floor_scale)
+            .floor()
+            .log1p()
+            * self.attn_scale
+            + 1.0
+    }
 }
 
 /// Configuration of a [`crate::GroupedQueryAttention`] layer, with Hugging
@@ -59,6 +92,23 @@ pub struct GqaConfig {
     pub o_proj_bias: bool,
     /// QK-norm before RoPE, if any.
     pub qk_norm: QkNorm,
+    /// Whether the layer turns queries and keys by their positions (RoPE);
+    /// false: a layer without positional encoding (Llama 4's NoPE layers,
+    /// Kazemnejad et al. 2023, arXiv 2305.19466), where causality alone
+    /// orders the tokens.
+    pub use_rope: bool,
+    /// RoPE turns adjacent pairs of a head's dimensions (`2i`, `2i + 1`:
+    /// Meta's complex-number form, Llama 4) instead of its two halves
+    /// (`i`, `i + head_dim / 2`, Hugging Face's `rotate_half`). Whole heads
+    /// only (`partial_rotary_factor` 1).
+    pub rope_interleave: bool,
+    /// Chunked attention (Llama 4): positions form chunks of this many,
+    /// `0..c`, `c..2c`, ..., and a query sees the earlier positions of its
+    /// own chunk only (`floor(i / c) = floor(j / c)`, positions counted
+    /// from the first real token of a left-padded row). `None`: no chunks.
+    pub attention_chunk_size: Option<i64>,
+    /// Llama 4's temperature tuning of the queries ([`TemperatureTuning`]).
+    pub attn_temperature_tuning: Option<TemperatureTuning>,
     /// `eps` of the QK-norm and localized-filtering RMSNorms.
     pub rms_norm_eps: f64,
     /// Dropout on the attention weights in training.
@@ -95,6 +145,10 @@ impl Default for GqaConfig {
             attention_bias: false,
             o_proj_bias: false,
             qk_norm: QkNorm::None,
+            use_rope: true,
+            rope_interleave: false,
+            attention_chunk_size: None,
+            attn_temperature_tuning: None,
             rms_norm_eps: 1e-6,
             attention_dropout: 0.0,
             localized_filtering: false,
@@ -161,6 +215,31 @@ impl GqaConfig {
             return Err(MoeError::config(format!(
                 "sliding_window must be at least 1 (a query sees itself), got {w}"
             )));
+        }
+        if let Some(c) = self.attention_chunk_size.filter(|&c| c < 1) {
+            return Err(MoeError::config(format!(
+                "attention_chunk_size must be at least 1 (a query sees itself), got {c}"
+            )));
+        }
+        if self.sliding_window.is_some() && self.attention_chunk_size.is_some() {
+            return Err(MoeError::config(
+                "a layer has a sliding window or chunked attention, not both",
+            ));
+        }
+        if self.rope_interleave && rotary != self.head_dim() {
+            return Err(MoeError::config(format!(
+                "rope_interleave turns whole heads: partial_rotary_factor must be 1, got {}",
+                self.partial_rotary_factor
+            )));
+        }
+        if let Some(t) = self.attn_temperature_tuning {
+            if !(t.floor_scale > 0.0 && t.floor_scale.is_finite() && t.attn_scale.is_finite()) {
+                return Err(MoeError::config(format!(
+                    "attention temperature tuning needs a finite floor_scale > 0 and a finite \
+                     attn_scale, got floor_scale = {} and attn_scale = {}",
+                    t.floor_scale, t.attn_scale
+                )));
+            }
         }
         if self.localized_filtering && self.hidden_size % 2 != 0 {
             return Err(MoeError::config(format!(

@@ -62,7 +62,7 @@ mod sdpa;
 pub use causal_self_attention::CausalSelfAttention;
 pub use config::{AttentionConfig, AttentionPath, AttentionScale};
 pub use gqa::GroupedQueryAttention;
-pub use gqa_config::{GqaConfig, QkNorm};
+pub use gqa_config::{GqaConfig, QkNorm, TemperatureTuning};
 pub use kv_cache::KvCache;
 pub use lfa::LocalizedFiltering;
 pub use mla::MultiHeadLatentAttention;

@@ -54,11 +54,7 @@ impl RmsNorm {
     /// Normalises `x` (`[..., dim]`, floating point, on the weight's device).
     /// Panics (in libtorch) on other shapes; [`Self::try_forward`] checks.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let wide = accumulation_kind(x.kind());
-        let x32 = x.to_kind(wide);
-        let mean_square = x32.square().mean_dim(-1, true, wide);
-        let normed = (x32 * (mean_square + self.eps).rsqrt()).to_kind(x.kind());
-        normed * self.weight.to_kind(x.kind())
+        rms_normalize(x, self.eps) * self.weight.to_kind(x.kind())
     }
 
     /// [`Self::forward`] after checking that `x` is floating point, has last
@@ -82,4 +78,14 @@ impl nn::Module for RmsNorm {
     fn forward(&self, xs: &Tensor) -> Tensor {
         RmsNorm::forward(self, xs)
     }
+}
+
+/// RMSNorm without a gain, `x / sqrt(mean(x^2) + eps)` over the last
+/// dimension, accumulated in f32 (f64 for f64) and returned in `x`'s dtype
+/// (Hugging Face's `*RMSNorm._norm`; Llama 4's `Llama4TextL2Norm` is this).
+pub fn rms_normalize(x: &Tensor, eps: f64) -> Tensor {
+    let wide = accumulation_kind(x.kind());
+    let x32 = x.to_kind(wide);
+    let mean_square = x32.square().mean_dim(-1, true, wide);
+    (x32 * (mean_square + eps).rsqrt()).to_kind(x.kind())
 }

@@ -35,6 +35,10 @@ use tch::{Device, Kind, Tensor};
 /// - a sliding window `W` hides keys `j` with `past + i - j >= W`
 ///   (libtorch's kernel under that explicit mask; a single unpadded query
 ///   reads the last `W` keys alone);
+/// - chunks of `c` positions hide keys outside the query's chunk,
+///   `floor(m_j / c) != floor(m_i / c)` with `m` the position counted from
+///   the row's first real key (a single unpadded query reads its chunk's
+///   keys alone);
 /// - attention sinks add a logit per head to the softmax's denominator
 ///   (the math path: libtorch's kernels have no sink; the softmax in f32
 ///   for bf16/f16 inputs).
@@ -53,21 +57,29 @@ pub(crate) fn causal_attention(
     let Visibility {
         real,
         window,
+        chunk,
         sinks,
     } = visibility;
-    // A window at least as long as the sequence never hides a key.
+    // A window or chunk at least as long as the sequence never hides a key.
     let window = window.filter(|&w| w < past + t);
-    if let (Some(w), None, 1) = (window, real, t) {
-        // One query per unpadded row (decoding): its window is the last `w`
-        // keys, so the others are not even read.
-        let (k, v) = (k.narrow(-2, past + 1 - w, w), v.narrow(-2, past + 1 - w, w));
+    let chunk = chunk.filter(|&c| c < past + t);
+    // One query per unpadded row (decoding): its window, or its chunk so
+    // far, is the last keys, so the others are not even read.
+    let first_seen = match (window, chunk) {
+        (Some(w), _) => Some(past + 1 - w),
+        (None, Some(c)) => Some(past / c * c),
+        (None, None) => None,
+    };
+    if let (Some(first), None, 1) = (first_seen, real, t) {
+        let seen = past + 1 - first;
+        let (k, v) = (k.narrow(-2, first, seen), v.narrow(-2, first, seen));
         let visibility = Visibility {
             sinks,
             ..Visibility::default()
         };
-        return causal_attention(q, &k, &v, w - 1, scale, p, visibility);
+        return causal_attention(q, &k, &v, seen - 1, scale, p, visibility);
     }
-    if real.is_some() || window.is_some() || sinks.is_some() {
+    if real.is_some() || window.is_some() || chunk.is_some() || sinks.is_some() {
         let q_pos = Tensor::arange_start(past, past + t, (Kind::Int64, q.device())).unsqueeze(1);
         let k_pos = Tensor::arange(past + t, (Kind::Int64, q.device())).unsqueeze(0);
         let mut visible = k_pos.le_tensor(&q_pos);
@@ -78,8 +90,25 @@ pub(crate) fn causal_attention(
             visible = real
                 .unsqueeze(1)
                 .logical_or(&k_pos.eq_tensor(&q_pos))
-                .logical_and(&visible)
-                .unsqueeze(1);
+                .logical_and(&visible);
+        }
+        if let Some(c) = chunk {
+            // Chunk of every key: [S] unpadded, [B, S] from each row's first
+            // real key (padding falls in chunk -1 with its own query).
+            let key_chunk = match real {
+                Some(real) => real.cumsum(-1, Kind::Int64) - 1,
+                None => k_pos.squeeze_dim(0),
+            }
+            .floor_divide_scalar(c);
+            let query_chunk = key_chunk.narrow(-1, past, t);
+            visible = visible.logical_and(
+                &key_chunk
+                    .unsqueeze(-2)
+                    .eq_tensor(&query_chunk.unsqueeze(-1)),
+            );
+        }
+        if real.is_some() {
+            visible = visible.unsqueeze(1);
         }
         return match sinks {
             None => {
@@ -115,6 +144,11 @@ pub(crate) struct Visibility<'a> {
     /// (the `W` latest positions, itself included; Mistral's and
     /// transformers' `sliding_window`).
     pub window: Option<i64>,
+    /// Chunked attention of `c` positions: query `i` sees key `j` only in
+    /// its own chunk, `floor(m_i / c) = floor(m_j / c)` (Llama 4's
+    /// `attention_chunk_size`), positions `m` counted from the row's first
+    /// real key.
+    pub chunk: Option<i64>,
     /// Learned attention sinks `s_h` (`[H]`): one more logit per head in
     /// the softmax's denominator, whose weight is dropped (gpt-oss;
     /// Xiao et al. 2023, arXiv 2309.17453):
@@ -309,26 +343,34 @@ pub(crate) fn project_heads(heads: &Tensor, o_proj: &tch::nn::Linear) -> Tensor 
 mod tests {
     use super::*;
 
-    /// The window and the sinks against the formula written out per query
+    /// The window, the chunks and the sinks against the formula written out per query
     /// in f64: `w_j = exp(l_j) / (exp(s_h) + sum_{j visible} exp(l_j))` over
     /// the keys `j <= past + i` with `past + i - j < W`, `out = sum_j w_j v_j`;
     /// grouped-query heads, cached positions and a padded sequence included.
     /// Both sides compute in f64: the difference is rounding, `1e-12`.
     #[test]
-    fn window_and_sinks_are_the_written_out_softmax() {
+    fn windows_chunks_and_sinks_are_the_written_out_softmax() {
         tch::manual_seed(5);
         let f64s = |shape: &[i64]| Tensor::randn(shape, (Kind::Double, Device::Cpu));
         let (b, h, h_kv, d) = (2, 4, 2, 8);
-        for (past, t, window, with_sinks, padded) in [
-            (0, 7, Some(3), false, false),
-            (0, 7, Some(3), true, false),
-            (5, 3, Some(4), true, false),
-            (0, 6, None, true, false),
-            (2, 4, Some(2), true, true),
-            (4, 1, Some(1), false, false),
+        for (past, t, window, chunk, with_sinks, padded) in [
+            (0, 7, Some(3), None, false, false),
+            (0, 7, Some(3), None, true, false),
+            (5, 3, Some(4), None, true, false),
+            (0, 6, None, None, true, false),
+            (2, 4, Some(2), None, true, true),
+            (4, 1, Some(1), None, false, false),
             // Decoding: one query, the window's keys alone.
-            (9, 1, Some(3), true, false),
-            (9, 1, Some(3), false, true),
+            (9, 1, Some(3), None, true, false),
+            (9, 1, Some(3), None, false, true),
+            // Chunks of 3 (Llama 4), counted from the first real key.
+            (0, 8, None, Some(3), false, false),
+            (4, 4, None, Some(3), true, false),
+            (0, 8, None, Some(3), false, true),
+            (3, 5, None, Some(2), true, true),
+            (9, 1, None, Some(4), false, false),
+            (8, 1, None, Some(4), true, false),
+            (9, 1, None, Some(4), false, true),
         ] {
             let s = past + t;
             let (q, k, v) = (
@@ -345,6 +387,7 @@ mod tests {
             let visibility = Visibility {
                 real: padded.then_some(&real),
                 window,
+                chunk,
                 sinks: with_sinks.then_some(&sinks),
             };
             let got = causal_attention(&q, &k, &v, past, 0.3, 0.0, visibility);
@@ -354,8 +397,12 @@ mod tests {
                     let g = hi / (h / h_kv);
                     for i in 0..t {
                         let pos = past + i;
+                        // Positions from the row's first real key.
+                        let first_real = if padded && bi == 1 { 2 } else { 0 };
+                        let chunk_of = |j: i64, c: i64| (j - first_real).div_euclid(c);
                         let seen: Vec<i64> = (0..=pos)
                             .filter(|&j| window.is_none_or(|w| pos - j < w))
+                            .filter(|&j| chunk.is_none_or(|c| chunk_of(j, c) == chunk_of(pos, c)))
                             .filter(|&j| !padded || j == pos || real.int64_value(&[bi, j]) != 0)
                             .collect();
                         let logits: Vec<f64> = seen

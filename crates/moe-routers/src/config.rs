@@ -100,6 +100,13 @@ pub enum Gate {
         #[serde(default = "default_one")]
         topk_group: i64,
     },
+    /// Llama 4's sigmoid gate (HF `Llama4Router`): the `k` largest logits
+    /// chosen, each weighted by its own sigmoid, `g_i = sigmoid(l_i)` for
+    /// `i in TopK(l, k)`, not renormalised (a token's weights need not sum
+    /// to 1). Llama 4 applies the weights to the experts' inputs
+    /// ([`RouterConfig::weights_on`] = [`WeightsOn::Input`]). The balance
+    /// losses read the normalised affinities `sigmoid(l) / sum sigmoid(l)`.
+    SigmoidTopK,
     /// Expert choice (Zhou et al. 2022, arXiv 2202.09368, §3.1;
     /// [`crate::expert_choice`]): `S = softmax(l)` over the experts of each
     /// token; each expert takes the `C` tokens of highest `S[:, e]` among
@@ -152,13 +159,14 @@ impl Default for Gate {
 impl Gate {
     /// The gate names [`Gate::from_str`](std::str::FromStr) accepts, in the
     /// order of the router comparison.
-    pub const NAMES: [&'static str; 7] = [
+    pub const NAMES: [&'static str; 8] = [
         "top_k",
         "noisy_top_k",
         "attention",
         "deepseek_moe",
         "group_limited_greedy",
         "sigmoid_aux_free",
+        "sigmoid_top_k",
         "expert_choice",
     ];
 
@@ -213,6 +221,7 @@ impl Gate {
             Gate::TopK { .. }
             | Gate::GroupLimitedGreedy { .. }
             | Gate::SigmoidAuxFree { .. }
+            | Gate::SigmoidTopK
             | Gate::ExpertChoice { .. } => 1,
             Gate::NoisyTopK { .. } => 2,
             Gate::Attention { .. } => 3,
@@ -272,7 +281,8 @@ impl std::str::FromStr for Gate {
     /// renormalised; DeepSeekMoE's gate has no bias, which is
     /// [`RouterConfig::bias`]), `group_limited_greedy` (DeepSeek-V2's
     /// gate, one group until `n_group` and `topk_group` are set),
-    /// `sigmoid_aux_free` (DeepSeek-V3's defaults) or `expert_choice` (causal, per position, capacity factor
+    /// `sigmoid_aux_free` (DeepSeek-V3's defaults), `sigmoid_top_k` (Llama
+    /// 4's) or `expert_choice` (causal, per position, capacity factor
     /// 1; [`Gate::expert_choice`]); `-` may replace `_`.
     fn from_str(s: &str) -> Result<Self> {
         match s.to_ascii_lowercase().replace('-', "_").as_str() {
@@ -292,6 +302,7 @@ impl std::str::FromStr for Gate {
                 topk_group: 1,
             }),
             "sigmoid_aux_free" | "aux_free" => Ok(Gate::sigmoid_aux_free()),
+            "sigmoid_top_k" => Ok(Gate::SigmoidTopK),
             "expert_choice" | "ec" => Ok(Gate::expert_choice()),
             other => Err(MoeError::config(format!(
                 "unknown router gate `{other}`: expected one of {}",
@@ -377,6 +388,23 @@ pub struct RouterConfig {
     /// the routing. Token-choice gates only: expert choice
     /// ([`Gate::ExpertChoice`]) has its own capacity factor and drops nothing.
     pub capacity_factor: Option<f64>,
+    /// What a slot's weight multiplies: the expert's output (default,
+    /// `y = sum_i g_i E_i(x)`) or its input (Llama 4, `y = sum_i E_i(g_i x)`).
+    pub weights_on: WeightsOn,
+}
+
+/// Where the MoE layer applies the routing weights
+/// ([`RouterConfig::weights_on`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightsOn {
+    /// `y = sum_i g_i E_i(x)`: every family but Llama 4.
+    #[default]
+    Output,
+    /// `y = sum_i E_i(g_i x)`: Llama 4 (HF `Llama4TextMoe` scales the
+    /// tokens by their router scores before the experts and sums the
+    /// experts' outputs unweighted).
+    Input,
 }
 
 impl Default for RouterConfig {
@@ -386,6 +414,7 @@ impl Default for RouterConfig {
             bias: true,
             routed_scaling_factor: 1.0,
             capacity_factor: None,
+            weights_on: WeightsOn::Output,
         }
     }
 }
@@ -436,7 +465,7 @@ impl RouterConfig {
         init: WeightInit,
     ) -> Result<Box<dyn Router>> {
         Ok(match self.gate {
-            Gate::TopK { .. } | Gate::GroupLimitedGreedy { .. } => {
+            Gate::TopK { .. } | Gate::GroupLimitedGreedy { .. } | Gate::SigmoidTopK => {
                 Box::new(TopKRouter::new(p, dims, self, init)?)
             }
             Gate::NoisyTopK { .. } => Box::new(NoisyTopKRouter::new(p, dims, self, init)?),

@@ -20,9 +20,15 @@ use tch::{nn, Tensor};
 /// are chosen among the experts of the `topk_group` groups of highest
 /// `max p` ([`group_limited_selection`], [`GroupScore::Max`]), weighted by
 /// `p_i` (renormalised when `norm_topk_prob`).
+///
+/// Llama 4's gate ([`Gate::SigmoidTopK`]) chooses the `k` largest logits
+/// and weights each by `sigmoid(l_i)` ([`crate::top_k_of_affinities`] of the
+/// sigmoid affinities, not renormalised).
 #[derive(Debug)]
 pub struct TopKRouter {
     gate: nn::Linear,
+    /// Sigmoid affinities (Llama 4) instead of softmax probabilities.
+    sigmoid: bool,
     norm_topk_prob: bool,
     /// `(n_group, topk_group)`; `(1, 1)` without a group limit.
     groups: (i64, i64),
@@ -42,10 +48,11 @@ impl TopKRouter {
             Gate::TopK { norm_topk_prob } | Gate::GroupLimitedGreedy { norm_topk_prob, .. } => {
                 norm_topk_prob
             }
+            Gate::SigmoidTopK => false,
             _ => {
                 return Err(wrong_gate(
                     "TopKRouter",
-                    "top_k or group_limited_greedy",
+                    "top_k, group_limited_greedy or sigmoid_top_k",
                     &config.gate,
                 ))
             }
@@ -54,6 +61,7 @@ impl TopKRouter {
         let (d, e) = (dims.input_dim, dims.num_experts);
         Ok(TopKRouter {
             gate: linear(p / "gate", d, e, config.bias, init),
+            sigmoid: config.gate == Gate::SigmoidTopK,
             norm_topk_prob,
             groups: config.gate.groups().unwrap_or((1, 1)),
             dims,
@@ -66,6 +74,19 @@ impl Router for TopKRouter {
     fn select(&self, x: &Tensor, _train: bool) -> Result<Routing> {
         self.check_input(x, self.gate.ws.device())?;
         let logits = moe_core::router_logits(x, &self.gate);
+        if self.sigmoid {
+            let affinity = logits.sigmoid();
+            let probs = &affinity / affinity.sum_dim_intlist(-1, true, None);
+            let selection = logits.detach();
+            return Ok(top_k_of_affinities(
+                logits,
+                &affinity,
+                &selection,
+                probs,
+                self.dims.top_k,
+                false,
+            ));
+        }
         let (n_group, topk_group) = self.groups;
         if n_group == 1 {
             return Ok(softmax_top_k(logits, self.dims.top_k, self.norm_topk_prob));

@@ -3,6 +3,7 @@ use moe_core::{MoeError, WeightInit};
 use moe_routers::{
     group_limited_selection, AttentionRouter, AuxFreeSigmoidRouter, ExpertChoiceScope, Gate,
     GroupScore, NoisyTopKRouter, Router, RouterConfig, RouterDims, RoutingStats, TopKRouter,
+    WeightsOn,
 };
 use tch::{nn, Device, Kind, Tensor};
 
@@ -86,6 +87,32 @@ fn top_k_router_hand_computed_case() {
     assert_eq!(to_vec_i(&r.expert_counts()), vec![2, 1, 1]);
 }
 
+/// Llama 4's gate by hand: the top-k logits, each weighted by its own
+/// sigmoid; the balance losses' probabilities are the normalised sigmoids.
+#[test]
+fn sigmoid_top_k_router_hand_computed_case() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let router = RouterConfig {
+        bias: false,
+        ..RouterConfig::with_gate(Gate::SigmoidTopK)
+    }
+    .build(&vs.root(), dims(2, 3, 2), init())
+    .unwrap();
+    set(&vs, "gate.weight", &[1., 0., 0., 1., 1., 1.], &[3, 2]);
+    // x0 = (3, -1): logits (3, -1, 2) -> experts 0, 2 with sigmoid(3), sigmoid(2).
+    // x1 = (-1, -2): logits (-1, -2, -3) -> experts 0, 1 with sigmoid(-1), sigmoid(-2).
+    let x = Tensor::from_slice(&[3f32, -1., -1., -2.]).view([2, 2]);
+    let r = router.route(&x, false).unwrap();
+    assert_eq!(to_vec_i(&r.indices().unwrap()), vec![0, 2, 0, 1]);
+    let sigmoid = |l: f32| 1. / (1. + (-l).exp());
+    let expected = [sigmoid(3.), sigmoid(2.), sigmoid(-1.), sigmoid(-2.)];
+    for (got, want) in to_vec_f(&r.weights().unwrap()).iter().zip(expected) {
+        assert_abs_diff_eq!(*got, want, epsilon = 1e-6);
+    }
+    let total: f32 = [3., -1., 2.].into_iter().map(sigmoid).sum();
+    assert_abs_diff_eq!(to_vec_f(&r.probs)[1], sigmoid(-1.) / total, epsilon = 1e-6);
+}
+
 #[test]
 fn weights_sum_to_one_with_exactly_k_distinct_experts() {
     tch::manual_seed(3);
@@ -106,6 +133,7 @@ fn weights_sum_to_one_with_exactly_k_distinct_experts() {
             if !matches!(
                 gate,
                 DEEPSEEK_MOE
+                    | Gate::SigmoidTopK
                     | Gate::GroupLimitedGreedy {
                         norm_topk_prob: false,
                         ..
@@ -248,6 +276,7 @@ fn gate_names_parse_with_clear_errors() {
                 topk_group: 1,
             },
             Gate::sigmoid_aux_free(),
+            Gate::SigmoidTopK,
             Gate::ExpertChoice {
                 capacity_factor: 1.0,
                 scope: ExpertChoiceScope::PerPosition,
@@ -286,6 +315,7 @@ fn router_configs_read_and_write_the_gate_flat() {
             bias: false,
             routed_scaling_factor: 2.5,
             capacity_factor: None,
+            weights_on: WeightsOn::Output,
         }
     );
     let json = serde_json::to_value(&config).unwrap();

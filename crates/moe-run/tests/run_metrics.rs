@@ -1,7 +1,7 @@
 //! MLflow's legacy file-store runs, loss-curve plots and run config files.
 
 use moe_data::TokenizerKind;
-use moe_routers::{Gate, RouterConfig};
+use moe_routers::{Gate, RouterConfig, WeightsOn};
 use moe_run::{
     plot_loss_curve, plot_series, JsonlWriter, LossCurves, MlflowFileStoreRun, RunConfig, RunStatus,
 };
@@ -184,6 +184,7 @@ fn run_configs_read_toml_and_json_with_defaults_and_reject_unknown_fields() {
             bias: false,
             routed_scaling_factor: 2.5,
             capacity_factor: None,
+            weights_on: WeightsOn::Output,
         }
     );
     let default = RunConfig::default();

@@ -2,8 +2,8 @@ use moe_block::{SharedExperts, SparseMoeConfig};
 use moe_core::{MoeError, Precision, Result, WeightInit};
 use moe_dispatch::{DispatchKind, DispatchSpec};
 use moe_experts::Activation;
-use moe_nn::{GqaConfig, MlaConfig, QkNorm, RopeScaling};
-use moe_routers::{BalanceLossConfig, Gate, RouterConfig};
+use moe_nn::{GqaConfig, MlaConfig, QkNorm, RopeScaling, TemperatureTuning};
+use moe_routers::{BalanceLossConfig, Gate, RouterConfig, WeightsOn};
 use serde::{Deserialize, Serialize};
 use std::str::FromStr;
 
@@ -84,6 +84,20 @@ pub struct DecoderConfig {
     pub layer_types: Vec<LayerType>,
     /// Learned attention sinks in every layer (gpt-oss; [`GqaConfig::attention_sinks`]).
     pub attention_sinks: bool,
+    /// The chunk of the `chunked_attention` layers (Llama 4;
+    /// [`GqaConfig::attention_chunk_size`]): a query there sees the earlier
+    /// positions of its own chunk of this many.
+    pub attention_chunk_size: Option<i64>,
+    /// Layers without RoPE (Llama 4's NoPE layers, every fourth; Hugging
+    /// Face's `no_rope_layers` flags are 0 at these), by index.
+    pub nope_layers: Vec<i64>,
+    /// Llama 4's temperature tuning of the queries in the NoPE layers
+    /// ([`TemperatureTuning`]).
+    pub attn_temperature_tuning: Option<TemperatureTuning>,
+    /// Grouped-query attention turns adjacent pairs of a head's dimensions
+    /// (Llama 4; [`GqaConfig::rope_interleave`]). Latent attention has its
+    /// own ([`LatentAttention::rope_interleave`]).
+    pub rope_interleave: bool,
     /// The routed (and shared) experts' non-linearity: SwiGLU, or gpt-oss's
     /// clamped SwiGLU (its `swiglu_alpha` and `swiglu_limit`).
     pub expert_activation: Activation,
@@ -101,6 +115,11 @@ pub struct DecoderConfig {
     pub shared_expert_intermediate_size: Option<i64>,
     /// DeepSeek: the first this many layers have a dense MLP instead of MoE.
     pub first_k_dense_replace: i64,
+    /// Of the layers after the dense prefix, every this-many-th is MoE,
+    /// the others dense: layer `i` is MoE when `(i + 1) % step == 0`
+    /// (Llama 4's `interleave_moe_layer_step`, Qwen's `decoder_sparse_step`;
+    /// 1: all of them).
+    pub interleave_moe_layer_step: i64,
     /// Gate, gate bias, scaling factor, capacity.
     pub router: RouterConfig,
     /// Switch load-balance coefficient (Mixtral's `router_aux_loss_coef`,
@@ -143,6 +162,10 @@ impl Default for DecoderConfig {
             sliding_window: None,
             layer_types: Vec::new(),
             attention_sinks: false,
+            attention_chunk_size: None,
+            nope_layers: Vec::new(),
+            attn_temperature_tuning: None,
+            rope_interleave: false,
             expert_activation: Activation::SwiGlu,
             expert_bias: false,
             num_local_experts: 8,
@@ -150,6 +173,7 @@ impl Default for DecoderConfig {
             n_shared_experts: 0,
             shared_expert_intermediate_size: None,
             first_k_dense_replace: 0,
+            interleave_moe_layer_step: 1,
             router: RouterConfig {
                 gate: Gate::TopK {
                     norm_topk_prob: true,
@@ -174,6 +198,9 @@ pub enum LayerType {
     FullAttention,
     /// The [`DecoderConfig::sliding_window`] latest positions.
     SlidingAttention,
+    /// The earlier positions of the query's chunk of
+    /// [`DecoderConfig::attention_chunk_size`] (Llama 4).
+    ChunkedAttention,
 }
 
 /// The sizes of Multi-head Latent Attention (DeepSeek-V2, arXiv 2405.04434
@@ -247,6 +274,12 @@ pub enum DecoderPreset {
     /// `layer_types`), a biased router softmaxing its top-2 logits, biased
     /// experts with the clamped SwiGLU.
     GptOss,
+    /// Llama 4: MoE in every other layer (a sigmoid top-1 router whose
+    /// weight scales the expert's input, and a shared expert), dense MLPs
+    /// twice as wide between them; RoPE on adjacent pairs with the L2
+    /// QK-norm and chunks of 8 positions, every fourth layer without RoPE
+    /// (attending to all, its queries temperature-tuned).
+    Llama4,
     /// OLMoE: QK-norm, softmax top-2 without renormalisation.
     Olmoe,
     /// Yuan 2.0-M32: localized filtering attention and the attention router.
@@ -267,12 +300,13 @@ impl FromStr for DecoderPreset {
             "deepseek_v2" => Ok(DecoderPreset::DeepseekV2),
             "glm4_moe" | "glm" => Ok(DecoderPreset::Glm4Moe),
             "gpt_oss" => Ok(DecoderPreset::GptOss),
+            "llama4" | "llama4_text" => Ok(DecoderPreset::Llama4),
             "olmoe" => Ok(DecoderPreset::Olmoe),
             "yuan" => Ok(DecoderPreset::Yuan),
             "llama" => Ok(DecoderPreset::Llama),
             other => Err(MoeError::config(format!(
                 "unknown decoder preset `{other}`: expected mixtral, qwen2_moe, qwen3_moe, \
-                 deepseek_v3, deepseek_v2, glm4_moe, gpt_oss, olmoe, yuan or llama"
+                 deepseek_v3, deepseek_v2, glm4_moe, gpt_oss, llama4, olmoe, yuan or llama"
             ))),
         }
     }
@@ -383,6 +417,41 @@ impl DecoderConfig {
                 router_aux_loss_coef: 0.001,
                 ..base
             },
+            DecoderPreset::Llama4 => {
+                let nope_layers: Vec<i64> = (0..base.num_hidden_layers)
+                    .filter(|i| (i + 1) % 4 == 0)
+                    .collect();
+                DecoderConfig {
+                    interleave_moe_layer_step: 2,
+                    intermediate_size: 2 * base.intermediate_size,
+                    moe_intermediate_size: Some(base.intermediate_size),
+                    num_experts_per_tok: 1,
+                    n_shared_experts: 1,
+                    router: RouterConfig {
+                        gate: Gate::SigmoidTopK,
+                        bias: false,
+                        weights_on: WeightsOn::Input,
+                        ..base.router.clone()
+                    },
+                    router_aux_loss_coef: 0.001,
+                    qk_norm: QkNorm::L2,
+                    rope_interleave: true,
+                    attention_chunk_size: Some(8),
+                    layer_types: (0..base.num_hidden_layers)
+                        .map(|i| match nope_layers.contains(&i) {
+                            true => LayerType::FullAttention,
+                            false => LayerType::ChunkedAttention,
+                        })
+                        .collect(),
+                    nope_layers,
+                    attn_temperature_tuning: Some(TemperatureTuning {
+                        floor_scale: 8.0,
+                        attn_scale: 0.1,
+                    }),
+                    tie_word_embeddings: false,
+                    ..base
+                }
+            }
             DecoderPreset::Olmoe => DecoderConfig {
                 qk_norm: QkNorm::Projection,
                 router: RouterConfig {
@@ -423,9 +492,13 @@ impl DecoderConfig {
         self.moe_intermediate_size.unwrap_or(self.intermediate_size)
     }
 
-    /// Whether layer `i` has an MoE feed-forward network (else a dense MLP).
+    /// Whether layer `i` has an MoE feed-forward network (else a dense
+    /// MLP): there are experts, `i` is past the dense prefix and on the
+    /// interleaving step.
     pub fn is_moe_layer(&self, i: i64) -> bool {
-        self.num_local_experts > 0 && i >= self.first_k_dense_replace
+        self.num_local_experts > 0
+            && i >= self.first_k_dense_replace
+            && (i + 1) % self.interleave_moe_layer_step.max(1) == 0
     }
 
     /// Number of MoE layers.
@@ -454,6 +527,10 @@ impl DecoderConfig {
             localized_filtering: self.localized_filtering,
             // Set per layer by `attention_config_of`.
             sliding_window: None,
+            attention_chunk_size: None,
+            use_rope: true,
+            attn_temperature_tuning: None,
+            rope_interleave: self.rope_interleave,
             attention_sinks: self.attention_sinks,
             init: self.init,
         }
@@ -463,19 +540,50 @@ impl DecoderConfig {
     /// [`Self::layer_types`] says `sliding_attention` (every layer when it
     /// is empty), `None` elsewhere.
     pub fn sliding_window_of(&self, layer: i64) -> Option<i64> {
-        let slides = match self.layer_types.get(layer as usize) {
-            Some(kind) => *kind == LayerType::SlidingAttention,
+        self.sliding_window
+            .filter(|_| self.layer_is(layer, LayerType::SlidingAttention))
+    }
+
+    /// The chunk of layer `layer`'s attention: `attention_chunk_size` where
+    /// [`Self::layer_types`] says `chunked_attention` (every layer when it
+    /// is empty), `None` elsewhere.
+    pub fn attention_chunk_of(&self, layer: i64) -> Option<i64> {
+        self.attention_chunk_size
+            .filter(|_| self.layer_is(layer, LayerType::ChunkedAttention))
+    }
+
+    /// Whether [`Self::layer_types`] gives layer `layer` the attention
+    /// `kind`; an empty list gives it every layer.
+    fn layer_is(&self, layer: i64, kind: LayerType) -> bool {
+        match self.layer_types.get(layer as usize) {
+            Some(of_layer) => *of_layer == kind,
             None => self.layer_types.is_empty(),
-        };
-        self.sliding_window.filter(|_| slides)
+        }
+    }
+
+    /// Whether layer `layer` turns positions with RoPE (not one of
+    /// [`Self::nope_layers`]).
+    pub fn uses_rope(&self, layer: i64) -> bool {
+        !self.nope_layers.contains(&layer)
     }
 
     /// Layer `layer`'s grouped-query attention: [`Self::attention_config`]
-    /// with that layer's window.
+    /// with that layer's window or chunk and, in a NoPE layer, no RoPE, no
+    /// L2 QK-norm (Llama 4 normalises the rotated heads only) and the
+    /// temperature tuning.
     pub fn attention_config_of(&self, layer: i64) -> GqaConfig {
+        let base = self.attention_config();
+        let use_rope = self.uses_rope(layer);
         GqaConfig {
             sliding_window: self.sliding_window_of(layer),
-            ..self.attention_config()
+            attention_chunk_size: self.attention_chunk_of(layer),
+            use_rope,
+            qk_norm: match base.qk_norm {
+                QkNorm::L2 if !use_rope => QkNorm::None,
+                other => other,
+            },
+            attn_temperature_tuning: self.attn_temperature_tuning.filter(|_| !use_rope),
+            ..base
         }
     }
 
@@ -598,12 +706,51 @@ impl DecoderConfig {
                 "layer_types has sliding_attention layers but sliding_window is not set",
             ));
         }
-        if self.latent_attention.is_some()
-            && (self.sliding_window.is_some() || self.attention_sinks)
+        if self.attention_chunk_size.is_none()
+            && self.layer_types.contains(&LayerType::ChunkedAttention)
         {
             return Err(MoeError::config(
-                "sliding_window and attention_sinks apply to grouped-query attention; latent \
-                 attention (DeepSeek) has neither",
+                "layer_types has chunked_attention layers but attention_chunk_size is not set",
+            ));
+        }
+        if self.layer_types.is_empty()
+            && self.sliding_window.is_some()
+            && self.attention_chunk_size.is_some()
+        {
+            return Err(MoeError::config(
+                "sliding_window and attention_chunk_size are both set: layer_types must say \
+                 which layers slide and which attend in chunks",
+            ));
+        }
+        if let Some(&layer) = self
+            .nope_layers
+            .iter()
+            .find(|&&i| i < 0 || i >= self.num_hidden_layers)
+        {
+            return Err(MoeError::config(format!(
+                "nope_layers names layer {layer}; the model has layers 0..{}",
+                self.num_hidden_layers
+            )));
+        }
+        if self.interleave_moe_layer_step < 1 {
+            return Err(MoeError::config(format!(
+                "interleave_moe_layer_step must be at least 1 (every layer MoE), got {}",
+                self.interleave_moe_layer_step
+            )));
+        }
+        if self.latent_attention.is_some()
+            && (self.sliding_window.is_some()
+                || self.attention_sinks
+                || self.attention_chunk_size.is_some()
+                || !self.nope_layers.is_empty()
+                || self.attn_temperature_tuning.is_some()
+                || self.rope_interleave)
+        {
+            return Err(MoeError::config(
+                "sliding_window, attention_sinks, attention_chunk_size, nope_layers, \
+                 attn_temperature_tuning and rope_interleave apply to grouped-query attention; \
+                 latent attention (DeepSeek) has none of them (its own rope_interleave is \
+                 latent_attention.rope_interleave)",
             ));
         }
         if self.latent_attention.is_some() && self.partial_rotary_factor != 1.0 {
@@ -615,7 +762,11 @@ impl DecoderConfig {
         }
         match self.latent_attention_config() {
             Some(mla) => mla.validate()?,
-            None => self.attention_config_of(0).validate()?,
+            None => {
+                for layer in 0..self.num_hidden_layers {
+                    self.attention_config_of(layer).validate()?;
+                }
+            }
         }
         if let Some(w) = self.sliding_window.filter(|&w| w < 1) {
             return Err(MoeError::config(format!(

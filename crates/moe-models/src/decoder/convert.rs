@@ -94,7 +94,7 @@ impl MoeConversion {
                 },
                 bias: false,
                 routed_scaling_factor: scale,
-                capacity_factor: None,
+                ..RouterConfig::default()
             },
             ..dense.clone()
         };

@@ -7,10 +7,22 @@ use tch::Tensor;
 
 /// A preset on small sizes, fast enough for tests: 2 layers of width 32,
 /// 4 query and 2 KV heads, 24 positions; the preset's MoE and shared-expert
-/// widths, where it has them, shrunk to 16 and 24.
+/// widths, where it has them, shrunk to 16 and 24. Per-layer settings
+/// keep the preset's first layer and give the second its NoPE layer's
+/// (Llama 4: layer 0 chunked with RoPE, layer 1 without RoPE, attending to
+/// all).
 pub fn small_decoder(preset: DecoderPreset, vocab_size: i64) -> DecoderConfig {
     let c = DecoderConfig::preset(preset);
+    let (layer_types, nope_layers) = match c.nope_layers.first() {
+        Some(&nope) => (
+            vec![c.layer_types[0], c.layer_types[nope as usize]],
+            vec![1],
+        ),
+        None => (c.layer_types.iter().copied().take(2).collect(), Vec::new()),
+    };
     DecoderConfig {
+        layer_types,
+        nope_layers,
         vocab_size,
         hidden_size: 32,
         num_hidden_layers: 2,
