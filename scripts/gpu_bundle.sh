@@ -10,8 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(cargo xtask env)"
-examples=(shakespeare train_bench dispatch_bench compare_routers generate)
+examples=(shakespeare generate)
+lab=(train_bench dispatch_bench compare_routers)
 cargo build --release $(printf -- '--example %s ' "${examples[@]}")
+cargo build --release -p moe-lab $(printf -- '--bin %s ' "${lab[@]}")
 # The CUDA tests (tests/cuda.rs), as a test binary. They are #[ignore]d, so
 # that machines without a GPU count them as skipped: gpu_run.sh passes --ignored.
 test_bin=$(cargo test --release --test cuda --no-run --message-format=json 2>/dev/null \
@@ -33,6 +35,7 @@ for l in sys.stdin:
 rm -rf .gpu && mkdir -p .gpu
 cp "$dist_bin" .gpu/dist_tests
 for e in "${examples[@]}"; do cp "target/release/examples/$e" .gpu/; done
+for b in "${lab[@]}"; do cp "target/release/$b" .gpu/; done
 cp "$test_bin" .gpu/cuda_tests
 cp data/tinyshakespeare.txt .gpu/
 cp scripts/gpu_run.sh scripts/makemoe_reference.py scripts/check_host_syncs.py .gpu/

@@ -1,7 +1,7 @@
 """Batch-1 greedy inference benchmark of Hugging Face transformers on a checkpoint folder.
 
 The transformers side of `scripts/inference_compare.py` (our side is
-`examples/inference_bench.rs`, same flags, same JSON fields). One process,
+`lab/src/bin/inference_bench.rs`, same flags, same JSON fields). One process,
 one run, on the CPU:
 
 - `load_s`: `from_pretrained(dir, dtype=...)` of the config's causal-LM class,

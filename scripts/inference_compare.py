@@ -1,7 +1,7 @@
 """Side-by-side batch-1 greedy inference: transformers against moe-layers.
 
 For each checkpoint folder, runs `scripts/hf_inference_bench.py` (transformers)
-and `target/release/examples/inference_bench` (ours), each in a process of
+and `target/release/inference_bench` (ours), each in a process of
 its own with the same flags and `OMP_NUM_THREADS`, in the order
 transformers, ours (once per `--ours-run`), transformers (a noisy machine's drift shows as the gap
 between the two transformers runs), then prints a table: load s, prefill
@@ -14,7 +14,7 @@ shared machine: compare runs made under similar load). Every run's
 JSON goes to `--out-dir`, and the table to `--out-dir/table.md`.
 
 Build ours first (release, for timings):
-    cargo build --release --example inference_bench
+    cargo build --release -p moe-lab --bin inference_bench
 
 transformers runs in this interpreter: another version installed beside
 `.venv` (`pip install --target /work/tf/5.25.0 transformers==5.25.0`) is
@@ -35,7 +35,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-OURS = ROOT / "target" / "release" / "examples" / "inference_bench"
+OURS = ROOT / "target" / "release" / "inference_bench"
 HF = ROOT / "scripts" / "hf_inference_bench.py"
 SHORT_DTYPE = {"bfloat16": "bf16", "float32": "f32", "auto": "auto"}
 
@@ -140,7 +140,7 @@ def main():
     parser.add_argument("--out-dir", type=Path, default=Path("/work/bench/results"))
     args = parser.parse_args()
     if args.only != "transformers" and not args.ours.is_file():
-        sys.exit(f"{args.ours} is missing: cargo build --release --example inference_bench")
+        sys.exit(f"{args.ours} is missing: cargo build --release -p moe-lab --bin inference_bench")
 
     ours_runs = [tuple(a.split()) for a in (args.ours_run or [""])]
     order = [("transformers", ())] + [("ours", extra) for extra in ours_runs]

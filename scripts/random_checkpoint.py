@@ -34,7 +34,7 @@ Usage (the folders live outside the repository):
 `--self-test` writes tiny OLMoE and Qwen2-MoE folders into a temporary
 folder and checks them: transformers' `from_pretrained` finds exactly the
 tensors it expects, with the values written (a packed expert against its
-per-expert tensor); and, when `target/release/examples/inference_bench`
+per-expert tensor); and, when `target/release/inference_bench`
 is built, our `moe_hf::from_pretrained` loads them and its float32 greedy
 tokens are transformers' (`scripts/hf_inference_bench.py`).
 """

@@ -4,8 +4,8 @@ use moe_experts::ExpertBank;
 use tch::Tensor;
 
 /// The default strategy: dropless, no host synchronisation, chosen from the
-/// measurements in `docs/performance.md` (`cargo bench --bench dispatch`,
-/// `examples/dispatch_bench.rs`).
+/// measurements in `docs/performance.md` (`cargo bench -p moe-lab --bench dispatch`,
+/// `lab/src/bin/dispatch_bench.rs`).
 ///
 /// It is [`Grouped`], except for forward passes in evaluation mode on CPU,
 /// where it is [`IndexedLoop`]. On an H200 (bf16, forward +

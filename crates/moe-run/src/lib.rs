@@ -3,34 +3,28 @@
 //! tokenizer in one TOML or JSON file), [`JsonlWriter`] for `metrics.jsonl`,
 //! MLflow logging to a tracking server ([`MlflowClient`], [`MlflowRun`]; the
 //! legacy file-store writer [`MlflowFileStoreRun`]), the loss plot
-//! ([`plot_loss_curve`]) and the terminal [`Progress`] bar; runs in child
-//! processes ([`ProcessPool`]) and generated sections of Markdown files
-//! ([`write_generated_section`]) for programs that compare many runs.
+//! ([`plot_loss_curve`]) and the terminal [`Progress`] bar.
 //!
 //! Features: `mlflow` (the REST client, through `ureq` with rustls) and
 //! `plot` (through `plotters`); the facade's `lm` turns both on.
 #![warn(missing_docs)]
 
-mod markdown;
 mod metrics;
 #[cfg(feature = "mlflow")]
 mod mlflow;
 mod mlflow_file_store;
 #[cfg(feature = "plot")]
 mod plot;
-mod processes;
 mod progress;
 mod run_config;
 mod run_status;
 
-pub use markdown::write_generated_section;
 pub use metrics::JsonlWriter;
 #[cfg(feature = "mlflow")]
 pub use mlflow::{MlflowClient, MlflowRun};
 pub use mlflow_file_store::MlflowFileStoreRun;
 #[cfg(feature = "plot")]
 pub use plot::{plot_loss_curve, plot_series, plot_val_losses, LossCurves, FONT_PATHS};
-pub use processes::{print_result, threads_per_run, Finished, ProcessPool, RESULT_PREFIX};
 pub use progress::{format_secs, Progress};
 pub use run_config::RunConfig;
 pub use run_status::RunStatus;

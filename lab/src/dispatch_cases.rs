@@ -1,7 +1,6 @@
-#![allow(dead_code)] // each including target uses a different subset
-//! Benchmark cases shared by `benches/dispatch.rs` (criterion) and
-//! `examples/dispatch_bench.rs` (JSON lines, CPU and CUDA): one sparse MoE
-//! FFN layer per strategy, and the dense FFN with the same active FLOPs.
+//! Benchmark cases shared by `lab/benches/dispatch.rs` (criterion) and
+//! `dispatch_bench` (JSON lines, CPU and CUDA): one sparse MoE FFN layer
+//! per strategy, and the dense FFN with the same active FLOPs.
 
 use moe_layers::block::{SparseMoe, SparseMoeConfig};
 use moe_layers::dispatch::{DispatchKind, DEFAULT_CAPACITY_FACTOR};

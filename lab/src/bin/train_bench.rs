@@ -3,7 +3,7 @@
 //! JSON line per strategy: `{"device":..,"dispatch":..,"ms_per_step":..,
 //! "tokens_per_s":..,"eval_s":..}`.
 //!
-//! `cargo xtask run run --release --example train_bench -- --device cpu --steps 30`
+//! `cargo xtask run run --release -p moe-lab --bin train_bench -- --device cpu --steps 30`
 //!
 //! With `--versus-makemoe` it times makeMoE's own PyTorch step
 //! (`scripts/makemoe_reference.py`, run by the `python` on `PATH`, which
@@ -11,7 +11,7 @@
 //! number of threads, in rounds alternating with ours so that both see the
 //! same machine load, and prints a last line with both medians and their ratio:
 //!
-//! `cargo xtask run run --release --example train_bench -- --device cpu --dispatch auto --eval-iters 0 --versus-makemoe`
+//! `cargo xtask run run --release -p moe-lab --bin train_bench -- --device cpu --dispatch auto --eval-iters 0 --versus-makemoe`
 
 use clap::{Parser, ValueEnum};
 use moe_layers::dispatch::DispatchSpec;
@@ -50,7 +50,7 @@ struct Args {
     #[arg(long, default_value_t = 400)]
     eval_iters: i64,
     /// The corpus
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/tinyshakespeare.txt"))]
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/tinyshakespeare.txt"))]
     data: PathBuf,
     /// AdamW's update
     #[arg(long, value_enum, default_value_t = AdamWUpdate::Fused)]
@@ -70,7 +70,7 @@ struct Args {
     #[arg(long, default_value = "python")]
     python: String,
     /// The reference script
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/makemoe_reference.py"))]
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/makemoe_reference.py"))]
     reference_script: PathBuf,
 }
 

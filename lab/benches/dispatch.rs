@@ -1,15 +1,13 @@
 //! Criterion benchmarks of one sparse MoE FFN layer per dispatch strategy
 //! against the dense FFN with the same active FLOPs (d -> k h -> d), CPU fp32.
 //!
-//! `cargo xtask run bench --bench dispatch` (add `-- makemoe` to filter).
+//! `cargo xtask run bench -p moe-lab --bench dispatch` (add `-- makemoe` to filter).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use std::time::Duration;
 use tch::{Device, Kind};
 
-#[path = "common/dispatch_cases.rs"]
-mod cases;
-use cases::{dense_layer, moe_layer, CPU_CASES, STRATEGIES};
+use moe_lab::dispatch_cases::{dense_layer, moe_layer, CPU_CASES, STRATEGIES};
 
 fn dispatch(c: &mut Criterion) {
     for case in CPU_CASES {

@@ -4,7 +4,7 @@
 //! `{"case":"mid","device":"cpu","dtype":"f32","mode":"fwd_bwd","dense_ms":..,
 //!   "strategies":{"grouped":{"ms":..,"ratio":..},..}}`
 //!
-//! `cargo xtask run run --release --example dispatch_bench -- [--quick] [--device cuda]`
+//! `cargo xtask run run --release -p moe-lab --bin dispatch_bench -- [--quick] [--device cuda]`
 //! CPU runs the fp32 cases; `--device cuda` runs the bf16 cases on the GPU.
 
 use clap::Parser;
@@ -13,9 +13,9 @@ use serde_json::{json, Map, Value};
 use std::time::{Duration, Instant};
 use tch::{Device, Kind};
 
-#[path = "../benches/common/dispatch_cases.rs"]
-mod cases;
-use cases::{dense_layer, moe_layer, Case, Layer, CPU_CASES, CUDA_CASES, STRATEGIES};
+use moe_lab::dispatch_cases::{
+    dense_layer, moe_layer, Case, Layer, CPU_CASES, CUDA_CASES, STRATEGIES,
+};
 
 #[derive(Parser, Debug)]
 #[command(version)]

@@ -2,7 +2,7 @@
 //! text between its two marker comments (a table of results, a plot
 //! link) and leaves the rest of the file as the author wrote it.
 
-use moe_core::{MoeError, Result};
+use moe_layers::{MoeError, Result};
 use std::path::Path;
 
 /// Replaces the text between the lines `begin` and `end` of `path` with

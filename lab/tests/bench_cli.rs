@@ -1,4 +1,4 @@
-//! The measuring examples as a user runs them, at toy sizes: `compare_routers`
+//! The measuring programs as a user runs them, at toy sizes: `compare_routers`
 //! with its runs in parallel processes, and `train_bench` timing makeMoE's own
 //! PyTorch step side by side with ours.
 
@@ -21,7 +21,7 @@ fn compare_routers_runs_in_parallel_processes_and_merges_their_results() {
     let dir = temp_dir("routers");
     let (table, metrics) = (dir.join("routers.md"), dir.join("runs.jsonl"));
     std::fs::write(&table, "# Routers\n\nhand-written text\n").unwrap();
-    let out = Command::new(common::example("compare_routers"))
+    let out = Command::new(env!("CARGO_BIN_EXE_compare_routers"))
         .args(["--max-iters", "2", "--seeds", "2", "--eval-iters", "1"])
         .args(["--jobs", "3", "--threads", "1", "--device", "cpu"])
         .arg("--out")
@@ -95,7 +95,7 @@ fn train_bench_times_makemoe_pytorch_side_by_side() {
     // One thread for ours and for makeMoE's child process: this test runs
     // beside the parallel compare_routers runs, and libtorch's OpenMP
     // threads stall badly when a 2-core machine is oversubscribed.
-    let out = Command::new(common::example("train_bench"))
+    let out = Command::new(env!("CARGO_BIN_EXE_train_bench"))
         .env("OMP_NUM_THREADS", "1")
         .args(["--device", "cpu", "--steps", "2", "--eval-iters", "0"])
         .args(["--dispatch", "auto", "--versus-makemoe", "--rounds", "2"])
@@ -124,7 +124,7 @@ fn train_bench_times_makemoe_pytorch_side_by_side() {
     );
 
     // Only the makeMoE preset is comparable with makeMoE's code.
-    let out = Command::new(common::example("train_bench"))
+    let out = Command::new(env!("CARGO_BIN_EXE_train_bench"))
         .args([
             "--device",
             "cpu",

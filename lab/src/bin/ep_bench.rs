@@ -6,7 +6,7 @@
 //! local copy).
 //!
 //! ```sh
-//! cargo xtask run run --release --example ep_bench -- --out docs/results/cpu/ep_bench.json
+//! cargo xtask run run --release -p moe-lab --bin ep_bench -- --out docs/results/cpu/ep_bench.json
 //! ```
 //!
 //! The ranks share this machine's cores, so the absolute times measure the

@@ -11,7 +11,7 @@
 //! is bound by host-side launches, so runs in parallel processes fill the
 //! device.
 
-use moe_core::{MoeError, Result};
+use moe_layers::{MoeError, Result};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::HashMap;

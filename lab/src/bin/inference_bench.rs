@@ -8,8 +8,8 @@
 //! JSON's `build` says which):
 //!
 //! ```sh
-//! cargo build --release --example inference_bench
-//! OMP_NUM_THREADS=2 target/release/examples/inference_bench --model /work/bench/olmoe-0.5b \
+//! cargo build --release -p moe-lab --bin inference_bench
+//! OMP_NUM_THREADS=2 target/release/inference_bench --model /work/bench/olmoe-0.5b \
 //!     --dtype bf16 --prompt-len 128 --new-tokens 64 --threads 2 --out /tmp/ours.json
 //! ```
 //!
