@@ -386,6 +386,15 @@ pub(crate) fn groups(family: HfFamily, c: &DecoderConfig) -> Vec<Group> {
         last.push(same("lm_head.weight", "lm_head.weight"));
     }
     groups.push(Group::one(last));
+    if !t.prefix.is_empty() {
+        for tensor in groups
+            .iter_mut()
+            .flat_map(|g| &mut g.alternatives)
+            .flat_map(|a| &mut a.tensors)
+        {
+            tensor.name.insert_str(0, t.prefix);
+        }
+    }
     groups
 }
 
@@ -407,6 +416,8 @@ pub fn tensor_map(family: HfFamily, config: &DecoderConfig, layout: ExpertLayout
 /// (`model.layers.N.*` past the last decoder layer, which the causal LM does
 /// not run; transformers skips them too).
 pub(crate) fn ignorable(name: &str, family: HfFamily, config: &DecoderConfig) -> bool {
+    let t = &family.table().tensors;
+    let name = name.strip_prefix(t.prefix).unwrap_or(name);
     let past_last_layer = || {
         name.strip_prefix("model.layers.")
             .and_then(|rest| rest.split('.').next())
@@ -415,5 +426,5 @@ pub(crate) fn ignorable(name: &str, family: HfFamily, config: &DecoderConfig) ->
     };
     name.ends_with("rotary_emb.inv_freq")
         || (config.tie_word_embeddings && name == "lm_head.weight")
-        || (family.table().tensors.extra_layers_skipped && past_last_layer())
+        || (t.extra_layers_skipped && past_last_layer())
 }

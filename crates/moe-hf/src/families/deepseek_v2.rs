@@ -5,14 +5,15 @@
 
 use super::rules::{self, is_moe, norm_topk_prob, ExpertDefaults, LATENT_ATTENTION};
 use super::{
-    field, Check, Defaults, Dflt, Entry, Family, Fixed, Gates, Key, Layers, Lit, Rule, Tensors,
+    field, Check, Defaults, Entry, Family, Fixed, Gates, Key, KeyDefault, Layers, Lit, Rule,
+    Tensors,
 };
 use moe_routers::Gate;
 use serde_json::{json, Value};
 
 static EXPERTS: [Entry; 6] = rules::deepseek_experts(ExpertDefaults {
     n_routed_experts: rules::routed_experts(64).or("num_experts"),
-    num_experts_per_tok: Dflt::Required(
+    num_experts_per_tok: KeyDefault::Required(
         "`num_experts_per_tok` is missing: DeepSeek-V2 has no default for it",
     ),
     moe_intermediate_size: 1407,
@@ -81,10 +82,8 @@ pub(crate) static FAMILY: Family = Family {
     },
     layers: Layers {
         latent_attention: true,
-        ungated_shared_experts: true,
-        routed_scaling: true,
         gates: Gates::TopKOrGroupLimited,
-        ..Layers::PLAIN
+        ..rules::DEEPSEEK_MOE
     },
     keys: &[
         rules::FULL_ATTENTION,

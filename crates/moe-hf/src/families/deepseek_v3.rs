@@ -4,11 +4,11 @@
 //! (`first_k_dense_replace`).
 
 use super::rules::{self, ExpertDefaults, LATENT_ATTENTION, ROUTED_AND_UNGATED_SHARED};
-use super::{field, Defaults, Dflt, Entry, Family, Fixed, Gates, Key, Layers, Lit, Tensors};
+use super::{field, Defaults, Entry, Family, Fixed, Key, KeyDefault, Layers, Lit, Tensors};
 
 static EXPERTS: [Entry; 6] = rules::deepseek_experts(ExpertDefaults {
     n_routed_experts: rules::routed_experts(256),
-    num_experts_per_tok: Dflt::Is(8),
+    num_experts_per_tok: KeyDefault::Is(8),
     moe_intermediate_size: 2048,
     n_shared_experts: 1,
     first_k_dense_replace: 3,
@@ -34,10 +34,7 @@ pub(crate) static FAMILY: Family = Family {
     },
     layers: Layers {
         latent_attention: true,
-        ungated_shared_experts: true,
-        routed_scaling: true,
-        gates: Gates::SigmoidAuxFree,
-        ..Layers::PLAIN
+        ..rules::DEEPSEEK_MOE
     },
     keys: &[
         rules::FULL_ATTENTION,

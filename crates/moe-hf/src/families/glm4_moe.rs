@@ -5,13 +5,13 @@
 
 use super::rules::{self, ExpertDefaults, NO_WINDOW, ROUTED_AND_UNGATED_SHARED};
 use super::{
-    field, Defaults, Dflt, Entry, Family, Field, Gates, Key, Layers, Lit, QkNorms, Tensors,
+    field, Defaults, Entry, Family, Field, Key, KeyDefault, Layers, Lit, QkNorms, Tensors,
 };
 use moe_nn::QkNorm;
 
 static EXPERTS: [Entry; 6] = rules::deepseek_experts(ExpertDefaults {
     n_routed_experts: rules::routed_experts(128),
-    num_experts_per_tok: Dflt::Is(8),
+    num_experts_per_tok: KeyDefault::Is(8),
     moe_intermediate_size: 1408,
     n_shared_experts: 1,
     first_k_dense_replace: 1,
@@ -37,11 +37,8 @@ pub(crate) static FAMILY: Family = Family {
     },
     layers: Layers {
         partial_rope: true,
-        ungated_shared_experts: true,
         qk_norm: QkNorms::PerHeadOrNone,
-        routed_scaling: true,
-        gates: Gates::SigmoidAuxFree,
-        ..Layers::PLAIN
+        ..rules::DEEPSEEK_MOE
     },
     keys: &[
         rules::FULL_ATTENTION,

@@ -140,17 +140,22 @@ pub(crate) struct Key<T: 'static> {
     /// The decoder field.
     pub field: Field<T>,
     /// The value of a missing or `null` key.
-    pub default: Dflt<T>,
+    pub default: KeyDefault<T>,
 }
 
 impl<T: Copy> Key<T> {
     /// `name` for `field`, `default` when missing.
     pub const fn new(name: &'static str, field: Field<T>, default: T) -> Self {
+        Self::with(name, field, KeyDefault::Is(default))
+    }
+
+    /// `name` for `field`, with any [`KeyDefault`].
+    pub const fn with(name: &'static str, field: Field<T>, default: KeyDefault<T>) -> Self {
         Key {
             name,
             alias: None,
             field,
-            default: Dflt::Is(default),
+            default,
         }
     }
 
@@ -193,7 +198,7 @@ macro_rules! field {
 pub(crate) use field;
 
 /// The value of a key when `config.json` lacks it (or has `null`).
-pub(crate) enum Dflt<T: 'static> {
+pub(crate) enum KeyDefault<T: 'static> {
     /// This value.
     Is(T),
     /// The family's [`Defaults`], given the config read so far.
@@ -212,34 +217,26 @@ pub(crate) trait KeyValue: Copy + PartialEq + 'static {
     fn to_json(self) -> Option<Value>;
 }
 
-impl KeyValue for i64 {
-    const WHAT: &'static str = "an integer";
-    fn from_json(v: &Value) -> Option<Self> {
-        v.as_i64()
-    }
-    fn to_json(self) -> Option<Value> {
-        Some(json!(self))
-    }
+/// [`KeyValue`] for a JSON scalar type: what it must be, and its
+/// `serde_json::Value::as_*` reader.
+macro_rules! scalar_key_value {
+    ($($t:ty: $what:literal, $as:ident;)*) => {$(
+        impl KeyValue for $t {
+            const WHAT: &'static str = $what;
+            fn from_json(v: &Value) -> Option<Self> {
+                v.$as()
+            }
+            fn to_json(self) -> Option<Value> {
+                Some(json!(self))
+            }
+        }
+    )*};
 }
 
-impl KeyValue for f64 {
-    const WHAT: &'static str = "a number";
-    fn from_json(v: &Value) -> Option<Self> {
-        v.as_f64()
-    }
-    fn to_json(self) -> Option<Value> {
-        Some(json!(self))
-    }
-}
-
-impl KeyValue for bool {
-    const WHAT: &'static str = "true or false";
-    fn from_json(v: &Value) -> Option<Self> {
-        v.as_bool()
-    }
-    fn to_json(self) -> Option<Value> {
-        Some(json!(self))
-    }
+scalar_key_value! {
+    i64: "an integer", as_i64;
+    f64: "a number", as_f64;
+    bool: "true or false", as_bool;
 }
 
 impl KeyValue for Option<i64> {
@@ -261,9 +258,9 @@ impl<T: KeyValue> Key<T> {
         };
         let value = match (value, &self.default) {
             (Some(v), _) => v,
-            (None, Dflt::Is(v)) => *v,
-            (None, Dflt::Family(f)) => f(&r.family.defaults, c),
-            (None, Dflt::Required(why)) => return Err(r.err(why)),
+            (None, KeyDefault::Is(v)) => *v,
+            (None, KeyDefault::Family(f)) => f(&r.family.defaults, c),
+            (None, KeyDefault::Required(why)) => return Err(r.err(why)),
         };
         (self.field.set)(c, value);
         Ok(())
@@ -433,6 +430,9 @@ pub(crate) enum Gates {
 /// How a family's checkpoints name the decoder's tensors (see the crate
 /// docs' table).
 pub(crate) struct Tensors {
+    /// Put before every name of the checkpoint (a multimodal class's
+    /// `language_model.`; empty for a causal LM's own checkpoint).
+    pub prefix: &'static str,
     /// A per-expert checkpoint's names of an expert's gate, up and down
     /// projections.
     pub projections: [&'static str; 3],
@@ -458,6 +458,7 @@ impl Tensors {
     /// transformers' usual names: `mlp.experts.N.{gate,up,down}_proj`,
     /// `mlp.gate`, `mlp.shared_experts`.
     pub const PLAIN: Tensors = Tensors {
+        prefix: "",
         projections: ["gate_proj", "up_proj", "down_proj"],
         per_expert_module: "mlp",
         router: ["mlp.gate", "mlp.gate"],

@@ -3,7 +3,7 @@
 //! are no plain decoder field, and the [`Rule`]s of keys that map onto
 //! several fields (RoPE, windows, layer layouts, routers, latent attention).
 
-use super::{field, Check, Dflt, Entry, Field, Fixed, Key, Lit, Rule};
+use super::{field, Check, Entry, Field, Fixed, Gates, Key, KeyDefault, Layers, Lit, Rule};
 use crate::config::Reader;
 use moe_core::{MoeError, Result};
 use moe_experts::Activation;
@@ -85,45 +85,21 @@ pub(crate) const INFORMATIONAL: &[&str] = &[
 /// The keys every family maps, walked before the family's own: the sizes,
 /// the attention's shape, RoPE, the norms' epsilon, SiLU.
 pub(crate) static COMMON: [Entry; 13] = [
-    Entry::Int(Key {
-        default: Dflt::Family(|d, _| d.num_attention_heads),
-        ..Key::new("num_attention_heads", field!(num_attention_heads), 0)
-    }),
-    Entry::Int(Key {
-        default: Dflt::Family(|d, _| d.max_position_embeddings),
-        ..Key::new(
-            "max_position_embeddings",
-            field!(max_position_embeddings),
-            0,
-        )
-    }),
+    family_default!(Int, num_attention_heads),
+    family_default!(Int, max_position_embeddings),
     Entry::Rule(&ROPE),
-    Entry::Int(Key {
-        default: Dflt::Family(|d, _| d.vocab_size),
-        ..Key::new("vocab_size", field!(vocab_size), 0)
-    }),
-    Entry::Int(Key {
-        default: Dflt::Family(|d, _| d.hidden_size),
-        ..Key::new("hidden_size", field!(hidden_size), 0)
-    }),
+    family_default!(Int, vocab_size),
+    family_default!(Int, hidden_size),
     // The dense MLPs' width ([`EXPERT_WIDTH`] where the experts have it).
-    Entry::Int(Key {
-        default: Dflt::Family(|d, _| d.intermediate_size),
-        ..Key::new("intermediate_size", field!(intermediate_size), 0)
-    }),
-    Entry::Int(Key {
-        default: Dflt::Family(|d, _| d.num_hidden_layers),
-        ..Key::new("num_hidden_layers", field!(num_hidden_layers), 0)
-    }),
-    Entry::Int(Key {
-        default: Dflt::Family(|d, c| d.num_key_value_heads.unwrap_or(c.num_attention_heads)),
-        ..Key::new("num_key_value_heads", field!(num_key_value_heads), 0)
-    }),
+    family_default!(Int, intermediate_size),
+    family_default!(Int, num_hidden_layers),
+    Entry::Int(Key::with(
+        "num_key_value_heads",
+        field!(num_key_value_heads),
+        KeyDefault::Family(|d, c| d.num_key_value_heads.unwrap_or(c.num_attention_heads)),
+    )),
     Entry::OptInt(Key::new("head_dim", field!(head_dim), None)),
-    Entry::Float(Key {
-        default: Dflt::Family(|d, _| d.rms_norm_eps),
-        ..Key::new("rms_norm_eps", field!(rms_norm_eps), 0.0)
-    }),
+    family_default!(Float, rms_norm_eps),
     Entry::Float(Key::new(
         "attention_dropout",
         field!(attention_dropout),
@@ -142,6 +118,19 @@ pub(crate) static COMMON: [Entry; 13] = [
         written: true,
     }),
 ];
+
+/// The entry of a key named as the decoder field it holds, whose default is
+/// the family's [`super::Defaults`] field of that name.
+macro_rules! family_default {
+    ($kind:ident, $name:ident) => {
+        Entry::$kind(Key::with(
+            stringify!($name),
+            field!($name),
+            KeyDefault::Family(|d, _| d.$name),
+        ))
+    };
+}
+use family_default;
 
 /// transformers 5's `layer_types` of a family without windows: every layer
 /// `full_attention`.
@@ -181,17 +170,14 @@ pub(crate) const fn no_attention_bias(supported: &'static str) -> Entry {
 /// The experts' width where `intermediate_size` is it (Mixtral, OLMoE,
 /// gpt-oss: no dense MLP of another width); read as the common entry
 /// reads it.
-pub(crate) const EXPERT_WIDTH: Entry = Entry::Int(Key {
-    default: Dflt::Family(|d, _| d.intermediate_size),
-    ..Key::new(
-        "intermediate_size",
-        Field {
-            get: DecoderConfig::expert_width,
-            set: |c, v| c.intermediate_size = v,
-        },
-        0,
-    )
-});
+pub(crate) const EXPERT_WIDTH: Entry = Entry::Int(Key::with(
+    "intermediate_size",
+    Field {
+        get: DecoderConfig::expert_width,
+        set: |c, v| c.intermediate_size = v,
+    },
+    KeyDefault::Family(|d, _| d.intermediate_size),
+));
 
 /// `moe_intermediate_size`: the experts' width beside the dense MLPs'.
 pub(crate) const fn moe_width(default: i64) -> Entry {
@@ -252,7 +238,7 @@ pub(crate) const fn experts_per_token(default: i64) -> Entry {
 /// GLM-4.5 share.
 pub(crate) struct ExpertDefaults {
     pub n_routed_experts: Key<i64>,
-    pub num_experts_per_tok: Dflt<i64>,
+    pub num_experts_per_tok: KeyDefault<i64>,
     pub moe_intermediate_size: i64,
     pub n_shared_experts: i64,
     pub first_k_dense_replace: i64,
@@ -269,10 +255,11 @@ pub(crate) const fn routed_experts(default: i64) -> Key<i64> {
 pub(crate) const fn deepseek_experts(d: ExpertDefaults) -> [Entry; 6] {
     [
         Entry::Int(d.n_routed_experts),
-        Entry::Int(Key {
-            default: d.num_experts_per_tok,
-            ..Key::new("num_experts_per_tok", field!(num_experts_per_tok), 0)
-        }),
+        Entry::Int(Key::with(
+            "num_experts_per_tok",
+            field!(num_experts_per_tok),
+            d.num_experts_per_tok,
+        )),
         moe_width(d.moe_intermediate_size),
         Entry::Int(Key::new(
             "n_shared_experts",
@@ -291,6 +278,16 @@ pub(crate) const fn deepseek_experts(d: ExpertDefaults) -> [Entry; 6] {
         )),
     ]
 }
+
+/// The MoE layers of DeepSeek-V3 (and GLM-4.5): ungated shared experts,
+/// routed scaling and the sigmoid router with the aux-free bias; DeepSeek-V2
+/// changes the router, the DeepSeeks add latent attention.
+pub(crate) const DEEPSEEK_MOE: Layers = Layers {
+    ungated_shared_experts: true,
+    routed_scaling: true,
+    gates: Gates::SigmoidAuxFree,
+    ..Layers::PLAIN
+};
 
 /// DeepSeek-V3's router (GLM-4.5's too): sigmoid scores with the aux-free
 /// bias and group-limited top-k (`norm_topk_prob`, `n_group`,
@@ -313,32 +310,33 @@ pub(crate) const fn sigmoid_gate(n_group: i64, topk_group: i64) -> [Entry; 3] {
             },
             true,
         )),
-        Entry::Int(Key::new(
-            "n_group",
-            Field {
-                get: |c| c.router.gate.groups().map_or(1, |(n, _)| n),
-                set: |c, v| {
-                    if let Gate::SigmoidAuxFree { n_group, .. } = &mut c.router.gate {
-                        *n_group = v;
-                    }
-                },
-            },
-            n_group,
-        )),
-        Entry::Int(Key::new(
-            "topk_group",
-            Field {
-                get: |c| c.router.gate.groups().map_or(1, |(_, k)| k),
-                set: |c, v| {
-                    if let Gate::SigmoidAuxFree { topk_group, .. } = &mut c.router.gate {
-                        *topk_group = v;
-                    }
-                },
-            },
-            topk_group,
-        )),
+        sigmoid_group!("n_group", n_group),
+        sigmoid_group!("topk_group", topk_group),
     ]
 }
+
+/// The entry of one of the sigmoid gate's group settings (`n_group`,
+/// `topk_group`; the field and the default are alike named).
+macro_rules! sigmoid_group {
+    ($key:literal, $part:ident) => {
+        Entry::Int(Key::new(
+            $key,
+            Field {
+                get: |c| match c.router.gate {
+                    Gate::SigmoidAuxFree { $part, .. } => $part,
+                    _ => 1,
+                },
+                set: |c, v| {
+                    if let Gate::SigmoidAuxFree { $part, .. } = &mut c.router.gate {
+                        *$part = v;
+                    }
+                },
+            },
+            $part,
+        ))
+    };
+}
+use sigmoid_group;
 
 /// Keys of DeepSeek's original checkpoints (its own modeling code) that
 /// transformers' classes do not read, after `scoring_func` (the family's
