@@ -252,12 +252,13 @@ fn packed(i: i64, h: i64) -> Vec<HfTensor> {
     ]
 }
 
-/// gpt-oss's MoE layer `i`: the biased router `mlp.router`, the experts
-/// fused with gate and up columns interleaved (`gate_up_proj [E, H, 2I]`,
-/// already in our `x @ w` orientation), `down_proj [E, I, H]`, and their
-/// biases.
-fn gpt_oss_mlp(i: i64) -> Vec<HfTensor> {
+/// MoE layer `i` in one fused layout (gpt-oss's): the biased router
+/// (`router`, gpt-oss's `mlp.router`), the experts fused with gate and up
+/// columns interleaved (`gate_up_proj [E, H, 2I]`, already in our `x @ w`
+/// orientation), `down_proj [E, I, H]`, and their biases.
+fn fused_interleaved_mlp(router: &str, i: i64) -> Vec<HfTensor> {
     let mlp = format!("model.layers.{i}.mlp");
+    let router = format!("model.layers.{i}.{router}");
     let interleaved = |name: &str, gate: &str, up: &str| HfTensor {
         name: format!("{mlp}.experts.{name}"),
         parts: [(gate, 0), (up, 1)]
@@ -270,13 +271,10 @@ fn gpt_oss_mlp(i: i64) -> Vec<HfTensor> {
     };
     vec![
         same(
-            format!("{mlp}.router.weight"),
+            format!("{router}.weight"),
             format!("{mlp}.router.gate.weight"),
         ),
-        same(
-            format!("{mlp}.router.bias"),
-            format!("{mlp}.router.gate.bias"),
-        ),
+        same(format!("{router}.bias"), format!("{mlp}.router.gate.bias")),
         interleaved("gate_up_proj", "w_gate", "w_in"),
         interleaved("gate_up_proj_bias", "b_gate", "b_in"),
         same(
@@ -328,7 +326,7 @@ pub(crate) fn groups(family: HfFamily, c: &DecoderConfig) -> Vec<Group> {
         }
         if t.experts == ExpertTensors::FusedInterleaved {
             // One layout: the hub's and transformers' files alike.
-            plain.extend(gpt_oss_mlp(i));
+            plain.extend(fused_interleaved_mlp(t.router[0], i));
             groups.push(Group::one(plain));
             continue;
         }

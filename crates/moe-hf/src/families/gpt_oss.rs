@@ -126,6 +126,7 @@ pub(crate) static FAMILY: Family = Family {
         },
     ],
     tensors: Tensors {
+        router: ["mlp.router", "mlp.router"],
         experts: ExpertTensors::FusedInterleaved,
         mxfp4: true,
         ..Tensors::PLAIN

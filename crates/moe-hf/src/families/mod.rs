@@ -475,7 +475,10 @@ impl Tensors {
 pub(crate) enum ExpertTensors {
     /// Per expert, or packed by transformers 5 ([`crate::ExpertLayout`]).
     PerExpertOrPacked,
-    /// gpt-oss's: one layout, the router `mlp.router` with a bias, the
-    /// experts fused with gate and up columns interleaved and biases.
+    /// gpt-oss's: one layout, the router with a bias, the experts fused
+    /// (`experts.gate_up_proj` `[E, H, 2I]`, gate and up columns
+    /// interleaved; `experts.down_proj` `[E, I, H]`) with biases. Another
+    /// fused layout (gate and up halves) would be another variant and its
+    /// [`crate::Placement`].
     FusedInterleaved,
 }
