@@ -2,13 +2,12 @@
 //! of the family tables ([`crate::families`], whose docs give the key
 //! policy), [`HfConfig::to_decoder`] and [`HfConfig::from_decoder`].
 
-use crate::families::{rules, Entry, Family, Fixed, Gates, KeyValue, Layers, QkNorms, Windows};
+use crate::families::{rules, Entry, Family, Fixed, KeyValue, Layers, QkNorms, Windows};
 use crate::HfFamily;
 use moe_core::{MoeError, Result};
 use moe_experts::Activation;
 use moe_models::{DecoderConfig, LayerType};
 use moe_nn::{QkNorm, RopeScaling};
-use moe_routers::Gate;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -553,20 +552,12 @@ fn check_layers(family: &Family, c: &DecoderConfig) -> Option<String> {
             r.routed_scaling_factor
         ));
     }
-    let (expressible, router) = match (layers.gates, &r.gate) {
-        (Gates::TopK, Gate::TopK { .. }) => (true, ""),
-        (Gates::TopK, _) => (false, "softmax top-k"),
-        (Gates::TopKOrGroupLimited, Gate::TopK { .. } | Gate::GroupLimitedGreedy { .. }) => {
-            (true, "")
-        }
-        (Gates::TopKOrGroupLimited, _) => (
-            false,
-            "softmax top-k (TopK), group-limited or not (GroupLimitedGreedy)",
-        ),
-        (Gates::SigmoidAuxFree, Gate::SigmoidAuxFree { .. }) => (true, ""),
-        (Gates::SigmoidAuxFree, _) => (false, "sigmoid with the aux-free bias (SigmoidAuxFree)"),
-    };
-    (!expressible).then(|| format!("router gate {:?}; the family's router is {router}", r.gate))
+    (!(layers.gates.accepts)(&r.gate)).then(|| {
+        format!(
+            "router gate {:?}; the family's router is {}",
+            r.gate, layers.gates.are
+        )
+    })
 }
 
 /// The message of a [`MoeError::Config`] without its "invalid configuration: " prefix.

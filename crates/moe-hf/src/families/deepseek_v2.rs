@@ -82,7 +82,7 @@ pub(crate) static FAMILY: Family = Family {
     },
     layers: Layers {
         latent_attention: true,
-        gates: Gates::TopKOrGroupLimited,
+        gates: Gates::TOP_K_OR_GROUP_LIMITED,
         ..rules::DEEPSEEK_MOE
     },
     keys: &[

@@ -69,6 +69,7 @@ use crate::config::Reader;
 use moe_core::Result;
 use moe_models::DecoderConfig;
 use moe_nn::QkNorm;
+use moe_routers::Gate;
 use serde_json::{json, Map, Value};
 
 /// A Hugging Face family: everything the crate knows of one `model_type`.
@@ -392,7 +393,7 @@ impl Layers {
         qk_norm: QkNorms::Is(QkNorm::None),
         router_bias: false,
         routed_scaling: false,
-        gates: Gates::TopK,
+        gates: Gates::TOP_K,
     };
 }
 
@@ -416,15 +417,33 @@ pub(crate) enum QkNorms {
     PerHeadOrNone,
 }
 
-/// A family's router gates.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Gates {
+/// The router gates a family has.
+#[derive(Clone, Copy)]
+pub(crate) struct Gates {
+    /// Whether the family's router is this gate.
+    pub accepts: fn(&Gate) -> bool,
+    /// The family's router, for messages.
+    pub are: &'static str,
+}
+
+impl Gates {
     /// Softmax top-k (`Gate::TopK`).
-    TopK,
+    pub const TOP_K: Gates = Gates {
+        accepts: |g| matches!(g, Gate::TopK { .. }),
+        are: "softmax top-k",
+    };
+
     /// Softmax top-k, group-limited or not (DeepSeek-V2).
-    TopKOrGroupLimited,
+    pub const TOP_K_OR_GROUP_LIMITED: Gates = Gates {
+        accepts: |g| matches!(g, Gate::TopK { .. } | Gate::GroupLimitedGreedy { .. }),
+        are: "softmax top-k (TopK), group-limited or not (GroupLimitedGreedy)",
+    };
+
     /// Sigmoid with the aux-free bias (DeepSeek-V3).
-    SigmoidAuxFree,
+    pub const SIGMOID_AUX_FREE: Gates = Gates {
+        accepts: |g| matches!(g, Gate::SigmoidAuxFree { .. }),
+        are: "sigmoid with the aux-free bias (SigmoidAuxFree)",
+    };
 }
 
 /// How a family's checkpoints name the decoder's tensors (see the crate

@@ -285,7 +285,7 @@ pub(crate) const fn deepseek_experts(d: ExpertDefaults) -> [Entry; 6] {
 pub(crate) const DEEPSEEK_MOE: Layers = Layers {
     ungated_shared_experts: true,
     routed_scaling: true,
-    gates: Gates::SigmoidAuxFree,
+    gates: Gates::SIGMOID_AUX_FREE,
     ..Layers::PLAIN
 };
 
@@ -310,17 +310,18 @@ pub(crate) const fn sigmoid_gate(n_group: i64, topk_group: i64) -> [Entry; 3] {
             },
             true,
         )),
-        sigmoid_group!("n_group", n_group),
-        sigmoid_group!("topk_group", topk_group),
+        sigmoid_group!(n_group),
+        sigmoid_group!(topk_group),
     ]
 }
 
 /// The entry of one of the sigmoid gate's group settings (`n_group`,
-/// `topk_group`; the field and the default are alike named).
+/// `topk_group`: the key, the gate's field and the default are alike
+/// named).
 macro_rules! sigmoid_group {
-    ($key:literal, $part:ident) => {
+    ($part:ident) => {
         Entry::Int(Key::new(
-            $key,
+            stringify!($part),
             Field {
                 get: |c| match c.router.gate {
                     Gate::SigmoidAuxFree { $part, .. } => $part,
