@@ -501,3 +501,17 @@ pub(crate) enum ExpertTensors {
     /// [`crate::Placement`].
     FusedInterleaved,
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::HfFamily;
+
+    #[test]
+    fn each_variant_has_its_own_table() {
+        for family in HfFamily::ALL {
+            let table = family.table();
+            assert_eq!(table.model_type.parse::<HfFamily>().unwrap(), family);
+            assert!(table.architecture.ends_with("ForCausalLM"), "{family}");
+        }
+    }
+}
