@@ -313,15 +313,17 @@ impl HfConfig {
         })
     }
 
-    /// The decoder config of this `config.json` under the key policy of
-    /// [`crate::families`]; keys in `ignore` are ignored. Errors (a
+    /// The decoder config of this `config.json` under the key policy (see
+    /// `families/mod.rs`): every key is mapped onto the decoder, fixed at
+    /// the one value the decoder implements, or informational; any other
+    /// is an error. Keys in `ignore` are ignored. Errors (a
     /// [`MoeError::Checkpoint`] naming the file) on a key set to a value the
     /// decoder does not implement, an unknown key, a layer layout it cannot
     /// express, or sizes the decoder rejects.
     ///
-    /// Walks [`rules::COMMON`] and the family's key table, reading each
-    /// entry into the decoder config, after the settings its [`Layers`]
-    /// imply.
+    /// Walks the keys every family maps and the family's key table, reading
+    /// each entry into the decoder config, after the settings its layers
+    /// always have.
     pub fn to_decoder(&self, ignore: &[String]) -> Result<DecoderConfig> {
         let family = self.family.table();
         let mut r = Reader {
@@ -368,8 +370,9 @@ impl HfConfig {
     /// a dense layer in Mixtral, ...) is a [`MoeError::Config`] naming the
     /// setting.
     ///
-    /// Checks the family's [`Layers`] and checks, then walks the same
-    /// entries as [`HfConfig::to_decoder`], writing each.
+    /// Checks what the family's layers always are and the family's checks,
+    /// then walks the same entries as [`HfConfig::to_decoder`], writing
+    /// each.
     pub fn from_decoder(family: HfFamily, c: &DecoderConfig) -> Result<Self> {
         c.validate()?;
         let table = family.table();
