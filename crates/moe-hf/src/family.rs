@@ -1,5 +1,6 @@
 //! The Hugging Face model types this crate reads and writes.
 
+use crate::families::{self, Family};
 use moe_core::{MoeError, Result};
 use std::fmt;
 use std::str::FromStr;
@@ -60,34 +61,29 @@ impl HfFamily {
         HfFamily::Llama,
     ];
 
+    /// The family's table: its keys, defaults, checks and tensor names.
+    pub(crate) fn table(self) -> &'static Family {
+        match self {
+            HfFamily::Mixtral => &families::mixtral::FAMILY,
+            HfFamily::Qwen2Moe => &families::qwen2_moe::FAMILY,
+            HfFamily::Qwen3Moe => &families::qwen3_moe::FAMILY,
+            HfFamily::Olmoe => &families::olmoe::FAMILY,
+            HfFamily::Llama => &families::llama::FAMILY,
+            HfFamily::DeepseekV3 => &families::deepseek_v3::FAMILY,
+            HfFamily::DeepseekV2 => &families::deepseek_v2::FAMILY,
+            HfFamily::Glm4Moe => &families::glm4_moe::FAMILY,
+            HfFamily::GptOss => &families::gpt_oss::FAMILY,
+        }
+    }
+
     /// `config.json`'s `model_type`.
     pub fn model_type(self) -> &'static str {
-        match self {
-            HfFamily::Mixtral => "mixtral",
-            HfFamily::Qwen2Moe => "qwen2_moe",
-            HfFamily::Qwen3Moe => "qwen3_moe",
-            HfFamily::Olmoe => "olmoe",
-            HfFamily::Llama => "llama",
-            HfFamily::DeepseekV3 => "deepseek_v3",
-            HfFamily::DeepseekV2 => "deepseek_v2",
-            HfFamily::Glm4Moe => "glm4_moe",
-            HfFamily::GptOss => "gpt_oss",
-        }
+        self.table().model_type
     }
 
     /// The causal-LM class transformers builds (`config.json`'s `architectures`).
     pub fn architecture(self) -> &'static str {
-        match self {
-            HfFamily::Mixtral => "MixtralForCausalLM",
-            HfFamily::Qwen2Moe => "Qwen2MoeForCausalLM",
-            HfFamily::Qwen3Moe => "Qwen3MoeForCausalLM",
-            HfFamily::Olmoe => "OlmoeForCausalLM",
-            HfFamily::Llama => "LlamaForCausalLM",
-            HfFamily::DeepseekV3 => "DeepseekV3ForCausalLM",
-            HfFamily::DeepseekV2 => "DeepseekV2ForCausalLM",
-            HfFamily::Glm4Moe => "Glm4MoeForCausalLM",
-            HfFamily::GptOss => "GptOssForCausalLM",
-        }
+        self.table().architecture
     }
 
     /// Whether the family has MoE layers (LLaMA is dense).

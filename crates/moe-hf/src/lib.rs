@@ -5,11 +5,15 @@
 //! [`save_pretrained`] writes a decoder back as such a folder.
 //!
 //! - `family.rs`: [`HfFamily`], the supported `model_type`s;
+//! - `families/`: one table per family (`families/<model_type>.rs`): its
+//!   `config.json` keys, transformers' defaults, the decoder configs it
+//!   cannot express and its tensor names, with the key policy (unknown
+//!   keys that may change the model are errors);
 //! - `config.rs`: [`HfConfig`], `config.json` to
-//!   [`DecoderConfig`](moe_models::DecoderConfig) and back, with the key
-//!   policy (unknown keys that may change the model are errors);
+//!   [`DecoderConfig`](moe_models::DecoderConfig) and back, two
+//!   interpreters of the tables;
 //! - `names.rs`: [`tensor_map`], which checkpoint tensor fills which
-//!   variable, for both [`ExpertLayout`]s;
+//!   variable, for both [`ExpertLayout`]s, from the tables' names;
 //! - `weights.rs`: [`load_weights`] (memory-mapped, checked whole before any
 //!   copy) and the safetensors writer;
 //! - `generation.rs`: [`GenerationConfig`];
@@ -73,6 +77,7 @@
 #![warn(missing_docs)]
 
 mod config;
+mod families;
 mod family;
 mod fs;
 mod generation;

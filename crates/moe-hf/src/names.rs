@@ -1,6 +1,7 @@
 //! Which tensor of a Hugging Face checkpoint holds which of the decoder's
 //! variables, per family and expert layout.
 
+use crate::families::{ExpertTensors, Tensors};
 use crate::HfFamily;
 use moe_models::DecoderConfig;
 
@@ -144,15 +145,6 @@ fn same(name: impl Into<String>, var: impl Into<String>) -> HfTensor {
     }
 }
 
-/// Per-expert HF names of the gate, up and down projections: Mixtral's
-/// `w1`, `w3`, `w2`; the others' `gate_proj`, `up_proj`, `down_proj`.
-fn projection_names(family: HfFamily) -> [&'static str; 3] {
-    match family {
-        HfFamily::Mixtral => ["w1", "w3", "w2"],
-        _ => ["gate_proj", "up_proj", "down_proj"],
-    }
-}
-
 /// Our stacked bank's variables, in the order gate, up, down.
 const BANK: [&str; 3] = ["w_gate", "w_in", "w_out"];
 
@@ -220,23 +212,22 @@ fn attention_params(c: &DecoderConfig) -> Vec<String> {
 }
 
 /// The experts of MoE layer `i`, per expert.
-fn per_expert(family: HfFamily, i: i64, num_experts: i64) -> Vec<HfTensor> {
-    let prefix = match family {
-        HfFamily::Mixtral => format!("model.layers.{i}.block_sparse_moe.experts"),
-        _ => format!("model.layers.{i}.mlp.experts"),
-    };
+fn per_expert(t: &Tensors, i: i64, num_experts: i64) -> Vec<HfTensor> {
+    let prefix = format!("model.layers.{i}.{}.experts", t.per_expert_module);
     let ours = format!("model.layers.{i}.mlp.experts");
-    let names = projection_names(family);
     (0..num_experts)
         .flat_map(|e| {
             let (prefix, ours) = (&prefix, &ours);
-            names.iter().zip(BANK).map(move |(hf, var)| HfTensor {
-                name: format!("{prefix}.{e}.{hf}.weight"),
-                parts: vec![TensorPart {
-                    var: format!("{ours}.{var}"),
-                    placement: Placement::ExpertTransposed(e),
-                }],
-            })
+            t.projections
+                .iter()
+                .zip(BANK)
+                .map(move |(hf, var)| HfTensor {
+                    name: format!("{prefix}.{e}.{hf}.weight"),
+                    parts: vec![TensorPart {
+                        var: format!("{ours}.{var}"),
+                        placement: Placement::ExpertTransposed(e),
+                    }],
+                })
         })
         .collect()
 }
@@ -261,12 +252,13 @@ fn packed(i: i64, h: i64) -> Vec<HfTensor> {
     ]
 }
 
-/// gpt-oss's MoE layer `i`: the biased router `mlp.router`, the experts
-/// fused with gate and up columns interleaved (`gate_up_proj [E, H, 2I]`,
-/// already in our `x @ w` orientation), `down_proj [E, I, H]`, and their
-/// biases.
-fn gpt_oss_mlp(i: i64) -> Vec<HfTensor> {
+/// MoE layer `i` in one fused layout (gpt-oss's): the biased router
+/// (`router`, gpt-oss's `mlp.router`), the experts fused with gate and up
+/// columns interleaved (`gate_up_proj [E, H, 2I]`, already in our `x @ w`
+/// orientation), `down_proj [E, I, H]`, and their biases.
+fn fused_interleaved_mlp(router: &str, i: i64) -> Vec<HfTensor> {
     let mlp = format!("model.layers.{i}.mlp");
+    let router = format!("model.layers.{i}.{router}");
     let interleaved = |name: &str, gate: &str, up: &str| HfTensor {
         name: format!("{mlp}.experts.{name}"),
         parts: [(gate, 0), (up, 1)]
@@ -279,13 +271,10 @@ fn gpt_oss_mlp(i: i64) -> Vec<HfTensor> {
     };
     vec![
         same(
-            format!("{mlp}.router.weight"),
+            format!("{router}.weight"),
             format!("{mlp}.router.gate.weight"),
         ),
-        same(
-            format!("{mlp}.router.bias"),
-            format!("{mlp}.router.gate.bias"),
-        ),
+        same(format!("{router}.bias"), format!("{mlp}.router.gate.bias")),
         interleaved("gate_up_proj", "w_gate", "w_in"),
         interleaved("gate_up_proj_bias", "b_gate", "b_in"),
         same(
@@ -303,6 +292,7 @@ fn gpt_oss_mlp(i: i64) -> Vec<HfTensor> {
 /// embeddings, every layer's norms, attention and feed-forward network, the
 /// final norm and the untied head.
 pub(crate) fn groups(family: HfFamily, c: &DecoderConfig) -> Vec<Group> {
+    let t = &family.table().tensors;
     let mut groups = vec![Group::one(vec![same(
         "model.embed_tokens.weight",
         "model.embed_tokens.weight",
@@ -334,32 +324,31 @@ pub(crate) fn groups(family: HfFamily, c: &DecoderConfig) -> Vec<Group> {
             groups.push(Group::one(plain));
             continue;
         }
-        if family == HfFamily::GptOss {
+        if t.experts == ExpertTensors::FusedInterleaved {
             // One layout: the hub's and transformers' files alike.
-            plain.extend(gpt_oss_mlp(i));
+            plain.extend(fused_interleaved_mlp(t.router[0], i));
             groups.push(Group::one(plain));
             continue;
         }
         // The router: Mixtral's per-expert checkpoints name it
         // `block_sparse_moe.gate`, transformers 5's packed ones `mlp.gate`.
         let router = format!("{mlp}.router.gate.weight");
-        match family {
-            HfFamily::Mixtral => groups.push(Group {
+        let [per_expert_router, packed_router] = t.router;
+        if per_expert_router == packed_router {
+            plain.push(same(format!("{layer}.{per_expert_router}.weight"), &router));
+        } else {
+            groups.push(Group {
                 alternatives: vec![
                     Alternative {
                         layout: Some(ExpertLayout::PerExpert),
-                        tensors: vec![same(
-                            format!("{layer}.block_sparse_moe.gate.weight"),
-                            &router,
-                        )],
+                        tensors: vec![same(format!("{layer}.{per_expert_router}.weight"), &router)],
                     },
                     Alternative {
                         layout: Some(ExpertLayout::Packed),
-                        tensors: vec![same(format!("{mlp}.gate.weight"), &router)],
+                        tensors: vec![same(format!("{layer}.{packed_router}.weight"), &router)],
                     },
                 ],
-            }),
-            _ => plain.push(same(format!("{mlp}.gate.weight"), &router)),
+            });
         }
         if matches!(c.router.gate, moe_routers::Gate::SigmoidAuxFree { .. }) {
             // DeepSeek-V3's balancing bias.
@@ -369,15 +358,10 @@ pub(crate) fn groups(family: HfFamily, c: &DecoderConfig) -> Vec<Group> {
             ));
         }
         if c.shared_experts().is_some() {
-            let (hf, gate) = match family {
-                HfFamily::DeepseekV3 | HfFamily::DeepseekV2 | HfFamily::Glm4Moe => {
-                    (format!("{mlp}.shared_experts"), false)
-                }
-                _ => (format!("{mlp}.shared_expert"), true),
-            };
+            let hf = format!("{layer}.{}", t.shared_experts);
             plain.extend(mlp_as_expert(&hf, &format!("{mlp}.shared_experts")));
-            if gate {
-                let name = format!("{mlp}.shared_expert_gate.weight");
+            if let Some(gate) = t.shared_expert_gate {
+                let name = format!("{layer}.{gate}.weight");
                 plain.push(same(&name, &name));
             }
         }
@@ -386,7 +370,7 @@ pub(crate) fn groups(family: HfFamily, c: &DecoderConfig) -> Vec<Group> {
             alternatives: vec![
                 Alternative {
                     layout: Some(ExpertLayout::PerExpert),
-                    tensors: per_expert(family, i, c.num_local_experts),
+                    tensors: per_expert(t, i, c.num_local_experts),
                 },
                 Alternative {
                     layout: Some(ExpertLayout::Packed),
@@ -400,6 +384,15 @@ pub(crate) fn groups(family: HfFamily, c: &DecoderConfig) -> Vec<Group> {
         last.push(same("lm_head.weight", "lm_head.weight"));
     }
     groups.push(Group::one(last));
+    if !t.prefix.is_empty() {
+        for tensor in groups
+            .iter_mut()
+            .flat_map(|g| &mut g.alternatives)
+            .flat_map(|a| &mut a.tensors)
+        {
+            tensor.name.insert_str(0, t.prefix);
+        }
+    }
     groups
 }
 
@@ -421,6 +414,8 @@ pub fn tensor_map(family: HfFamily, config: &DecoderConfig, layout: ExpertLayout
 /// (`model.layers.N.*` past the last decoder layer, which the causal LM does
 /// not run; transformers skips them too).
 pub(crate) fn ignorable(name: &str, family: HfFamily, config: &DecoderConfig) -> bool {
+    let t = &family.table().tensors;
+    let name = name.strip_prefix(t.prefix).unwrap_or(name);
     let past_last_layer = || {
         name.strip_prefix("model.layers.")
             .and_then(|rest| rest.split('.').next())
@@ -429,5 +424,5 @@ pub(crate) fn ignorable(name: &str, family: HfFamily, config: &DecoderConfig) ->
     };
     name.ends_with("rotary_emb.inv_freq")
         || (config.tie_word_embeddings && name == "lm_head.weight")
-        || (matches!(family, HfFamily::DeepseekV3 | HfFamily::Glm4Moe) && past_last_layer())
+        || (t.extra_layers_skipped && past_last_layer())
 }

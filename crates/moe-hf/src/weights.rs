@@ -486,7 +486,7 @@ pub(crate) fn load_weights_as(
     // gpt-oss's hub files hold its experts' matrices in MXFP4: `X_blocks`
     // and `X_scales` for a tensor `X`.
     let in_mxfp4 = |name: &str| {
-        family == HfFamily::GptOss
+        family.table().tensors.mxfp4
             && table.contains_key(format!("{name}_blocks").as_str())
             && table.contains_key(format!("{name}_scales").as_str())
     };
