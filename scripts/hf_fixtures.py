@@ -356,6 +356,61 @@ def family_specs(tf):
     # The hub's format: experts in MXFP4 (widths that are multiples of its
     # 32-value blocks), everything else in bf16.
     specs.append(variant_of(specs[-1], "gpt_oss_mxfp4", intermediate_size=32))
+    llama4_text = dict(
+        common,
+        num_hidden_layers=4,  # layers 0-2 chunked with RoPE, layer 3 NoPE (no_rope_layer_interval 4)
+        intermediate_size=16,  # experts and the shared expert
+        intermediate_size_mlp=48,  # the dense layers
+        interleave_moe_layer_step=2,  # layers 1 and 3 MoE, 0 and 2 dense
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,  # not hidden_size / num_attention_heads (8)
+        num_local_experts=8,
+        num_experts_per_tok=1,
+        attention_chunk_size=4,  # shorter than every prompt
+        floor_scale=4,  # the temperature changes within the prompts (the hub's: 8192)
+        attn_scale=0.5,
+        rope_parameters={  # Scout's llama3 scaling, on this context
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 4.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    )
+    specs.append(("llama4_text", tf.Llama4TextConfig, tf.Llama4ForCausalLM, llama4_text, 4.0))
+    # The hub's Llama 4 folders are the multimodal model: its text model
+    # under `language_model.`, a vision tower beside it (tiny here); without
+    # the QK-norm, as Maverick.
+    text_only = {k: v for k, v in llama4_text.items() if k not in ("attn_implementation", "experts_implementation")}
+    text_only["use_qk_norm"] = False
+    specs.append(
+        (
+            "llama4",
+            tf.Llama4Config,
+            tf.Llama4ForConditionalGeneration,
+            dict(
+                text_config=text_only,
+                vision_config=dict(
+                    hidden_size=16,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                    intermediate_size=32,
+                    image_size=28,
+                    patch_size=14,
+                    vision_output_dim=32,
+                    projector_input_dim=32,
+                    projector_output_dim=32,
+                    pixel_shuffle_ratio=0.5,
+                ),
+                tie_word_embeddings=False,
+                attn_implementation="eager",
+                experts_implementation="eager",
+            ),
+            4.0,
+        )
+    )
     return specs
 
 
@@ -430,7 +485,7 @@ def write_mxfp4_weights(path):
 
 def is_router(module):
     name = type(module).__name__
-    return name.endswith("TopKRouter") or name.endswith("TopkRouter")
+    return name.endswith("TopKRouter") or name.endswith("TopkRouter") or name == "Llama4Router"
 
 
 def routers(model):
@@ -490,7 +545,11 @@ class RouterCapture:
         self.handles = [m.register_forward_hook(self._hook) for m in self.modules]
 
     def _hook(self, module, inputs, output):
-        logits, _, indices = output
+        if type(module).__name__ == "Llama4Router":  # (scores, logits): the top-k of the logits
+            _, logits = output
+            indices = logits.topk(module.top_k, dim=-1).indices
+        else:
+            logits, _, indices = output
         self.calls.append((module, logits.detach().float().clone(), indices.detach().clone()))
 
     def take(self):
@@ -724,9 +783,13 @@ def train_tokenizer(path):
 def load_fp32(tf, path):
     """The folder loaded by transformers in float32, eval mode, with the names
     of the tensors it expected and did not find, or found and did not expect."""
-    quantized = "quantization_config" in json.loads((Path(path) / "config.json").read_text())
+    config = json.loads((Path(path) / "config.json").read_text())
+    quantized = "quantization_config" in config
     extra = dict(quantization_config=tf.Mxfp4Config(dequantize=True)) if quantized else {}
-    model, info = tf.AutoModelForCausalLM.from_pretrained(
+    # A multimodal folder as the class that wrote it (AutoModelForCausalLM
+    # would take its text model and leave the vision tower unexpected).
+    auto = tf.Llama4ForConditionalGeneration if config["model_type"] == "llama4" else tf.AutoModelForCausalLM
+    model, info = auto.from_pretrained(
         path,
         dtype=torch.float32,
         attn_implementation="eager",

@@ -2,12 +2,15 @@
 //! of the family tables ([`crate::families`], whose docs give the key
 //! policy), [`HfConfig::to_decoder`] and [`HfConfig::from_decoder`].
 
-use crate::families::{rules, Entry, Family, Fixed, KeyValue, Layers, QkNorms, Windows};
+use crate::families::{
+    rules, Entry, Family, Fixed, KeyValue, Layers, Multimodal, QkNorms, Windows,
+};
 use crate::HfFamily;
 use moe_core::{MoeError, Result};
 use moe_experts::Activation;
 use moe_models::{DecoderConfig, LayerType};
 use moe_nn::{QkNorm, RopeScaling};
+use moe_routers::WeightsOn;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -150,16 +153,16 @@ impl<'a> Reader<'a> {
         Ok((window < context).then_some(window))
     }
 
-    /// transformers 5's `layer_types` (`full_attention` or
-    /// `sliding_attention` per layer), when present.
+    /// transformers 5's `layer_types` (`full_attention`,
+    /// `sliding_attention` or `chunked_attention` per layer), when present.
     pub fn layer_types(&mut self) -> Result<Option<Vec<LayerType>>> {
         let Some(v) = self.value("layer_types") else {
             return Ok(None);
         };
         serde_json::from_value(v.clone()).map(Some).map_err(|e| {
             self.err(format!(
-                "`layer_types` must list \"full_attention\" or \"sliding_attention\" per \
-                 layer, got {v}: {e}"
+                "`layer_types` must list \"full_attention\", \"sliding_attention\" or \
+                 \"chunked_attention\" per layer, got {v}: {e}"
             ))
         })
     }
@@ -326,8 +329,12 @@ impl HfConfig {
     /// always have.
     pub fn to_decoder(&self, ignore: &[String]) -> Result<DecoderConfig> {
         let family = self.family.table();
+        let json = match &family.multimodal {
+            Some(multimodal) => self.text_config(multimodal, ignore)?,
+            None => &self.json,
+        };
         let mut r = Reader {
-            json: &self.json,
+            json,
             path: self.path.as_path(),
             family,
             used: BTreeSet::new(),
@@ -339,7 +346,7 @@ impl HfConfig {
             attention_bias: false,
             qk_norm: match layers.qk_norm {
                 QkNorms::Is(norm) => norm,
-                QkNorms::PerHeadOrNone => QkNorm::None,
+                QkNorms::OrNone(_) => QkNorm::None,
             },
             localized_filtering: false,
             attention_sinks: layers.attention_sinks,
@@ -355,6 +362,9 @@ impl HfConfig {
             ..DecoderConfig::default()
         };
         c.router.bias = layers.router_bias;
+        if layers.weights_on_input {
+            c.router.weights_on = WeightsOn::Input;
+        }
         for entry in rules::COMMON.iter().chain(family.keys) {
             read_entry(entry, &mut r, &mut c)?;
         }
@@ -376,6 +386,13 @@ impl HfConfig {
     pub fn from_decoder(family: HfFamily, c: &DecoderConfig) -> Result<Self> {
         c.validate()?;
         let table = family.table();
+        if let Some(multimodal) = &table.multimodal {
+            return Err(MoeError::config(format!(
+                "model_type `{family}` is a multimodal folder, read for its text model: write \
+                 the text model as `{}`",
+                multimodal.text_model_type
+            )));
+        }
         let refused = check_layers(table, c).or_else(|| {
             table
                 .checks
@@ -404,6 +421,53 @@ impl HfConfig {
     /// The JSON object of the file.
     pub fn to_json(&self) -> Value {
         Value::Object(self.json.clone())
+    }
+
+    /// A multimodal file's `text_config`, after checking that every key
+    /// beside it (but those in `ignore`) leaves the text model's logits
+    /// alone and that it is a config of the text model's family.
+    fn text_config(
+        &self,
+        multimodal: &Multimodal,
+        ignore: &[String],
+    ) -> Result<&Map<String, Value>> {
+        let err = |reason: String| MoeError::Checkpoint {
+            path: self.path.clone(),
+            reason: format!("model_type `{}`: {reason}", self.family),
+        };
+        let beside: Vec<String> = self
+            .json
+            .iter()
+            .filter(|(k, _)| {
+                k.as_str() != "text_config"
+                    && !rules::INFORMATIONAL.contains(&k.as_str())
+                    && !multimodal.informational.contains(&k.as_str())
+                    && !ignore.contains(*k)
+            })
+            .map(|(k, v)| format!("`{k}` = {v}"))
+            .collect();
+        if !beside.is_empty() {
+            return Err(err(format!(
+                "unknown key(s) {} beside text_config: this reader does not know whether they \
+                 change the text model (LoadOptions::ignore_keys ignores keys known to be \
+                 harmless)",
+                beside.join(", ")
+            )));
+        }
+        let Some(Value::Object(text)) = self.json.get("text_config") else {
+            return Err(err(
+                "a multimodal config needs its text model's config as the object `text_config`"
+                    .into(),
+            ));
+        };
+        match text.get("model_type").and_then(Value::as_str) {
+            None => Ok(text),
+            Some(t) if t == multimodal.text_model_type => Ok(text),
+            Some(other) => Err(err(format!(
+                "text_config has model_type `{other}`, expected `{}`",
+                multimodal.text_model_type
+            ))),
+        }
     }
 }
 
@@ -506,6 +570,25 @@ fn check_layers(family: &Family, c: &DecoderConfig) -> Option<String> {
             ));
         }
     }
+    let llama4_attention = c.attention_chunk_size.is_some()
+        || !c.nope_layers.is_empty()
+        || c.attn_temperature_tuning.is_some();
+    if (llama4_attention && !layers.llama4_attention)
+        || c.rope_interleave != layers.llama4_attention
+    {
+        return Some(format!(
+            "attention_chunk_size = {:?}, nope_layers = {:?}, attn_temperature_tuning = {:?}, \
+             rope_interleave = {}; Llama 4's attention (RoPE on adjacent pairs, chunks, NoPE \
+             layers) has no counterpart in the family",
+            c.attention_chunk_size, c.nope_layers, c.attn_temperature_tuning, c.rope_interleave
+        ));
+    }
+    if c.interleave_moe_layer_step != 1 && !layers.interleaved_moe {
+        return Some(format!(
+            "interleave_moe_layer_step = {} (Llama 4's MoE layers between dense ones)",
+            c.interleave_moe_layer_step
+        ));
+    }
     if c.latent_attention.is_some() != layers.latent_attention {
         return Some(if layers.latent_attention {
             "DeepSeek's attention is Multi-head Latent Attention (latent_attention)".into()
@@ -521,13 +604,13 @@ fn check_layers(family: &Family, c: &DecoderConfig) -> Option<String> {
     }
     let expected_qk = match layers.qk_norm {
         QkNorms::Is(norm) => norm,
-        QkNorms::PerHeadOrNone if c.qk_norm == QkNorm::Projection => {
+        QkNorms::OrNone(norm) if c.qk_norm != norm && c.qk_norm != QkNorm::None => {
             return Some(format!(
-                "qk_norm = Projection; {}'s QK-norm is per head (Head)",
-                family.name
+                "qk_norm = {:?}; {}'s QK-norm is {norm:?} or none",
+                c.qk_norm, family.name
             ));
         }
-        QkNorms::PerHeadOrNone => c.qk_norm,
+        QkNorms::OrNone(_) => c.qk_norm,
     };
     if c.qk_norm != expected_qk {
         return Some(format!(
@@ -546,6 +629,13 @@ fn check_layers(family: &Family, c: &DecoderConfig) -> Option<String> {
             r.bias,
             r.capacity_factor,
             if layers.router_bias { "a" } else { "no" }
+        ));
+    }
+    if (r.weights_on == WeightsOn::Input) != layers.weights_on_input {
+        return Some(format!(
+            "router weights_on = {:?}; Llama 4's weights scale the experts' inputs, the other \
+             families' their outputs",
+            r.weights_on
         ));
     }
     if !layers.routed_scaling && r.routed_scaling_factor != 1.0 {

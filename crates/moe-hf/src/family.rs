@@ -45,11 +45,23 @@ pub enum HfFamily {
     /// clamped SwiGLU (`swiglu_alpha`, `swiglu_limit`), fused as
     /// `gate_up_proj` `[E, H, 2I]` with gate and up columns interleaved.
     GptOss,
+    /// `llama4_text` (`Llama4ForCausalLM`, Llama 4's text model): MoE
+    /// layers between dense ones, a sigmoid top-1 router scaling the
+    /// expert's input and a shared expert; RoPE on adjacent pairs with the
+    /// L2 QK-norm and chunked attention, every fourth layer without RoPE
+    /// with temperature-tuned queries; experts fused as `gate_up_proj`
+    /// `[E, H, 2I]` in gate and up halves.
+    Llama4Text,
+    /// `llama4` (`Llama4ForConditionalGeneration`, the Hub's Llama 4
+    /// folders): its `text_config` and the weights under `language_model.`
+    /// are read as [`HfFamily::Llama4Text`], the vision tower skipped; a
+    /// save writes `llama4_text`.
+    Llama4,
 }
 
 impl HfFamily {
     /// Every model type this crate reads and writes.
-    pub const ALL: [HfFamily; 9] = [
+    pub const ALL: [HfFamily; 11] = [
         HfFamily::Mixtral,
         HfFamily::Qwen2Moe,
         HfFamily::Qwen3Moe,
@@ -57,6 +69,8 @@ impl HfFamily {
         HfFamily::DeepseekV2,
         HfFamily::Glm4Moe,
         HfFamily::GptOss,
+        HfFamily::Llama4Text,
+        HfFamily::Llama4,
         HfFamily::Olmoe,
         HfFamily::Llama,
     ];
@@ -73,6 +87,8 @@ impl HfFamily {
             HfFamily::DeepseekV2 => &families::deepseek_v2::FAMILY,
             HfFamily::Glm4Moe => &families::glm4_moe::FAMILY,
             HfFamily::GptOss => &families::gpt_oss::FAMILY,
+            HfFamily::Llama4Text => &families::llama4_text::FAMILY,
+            HfFamily::Llama4 => &families::llama4::FAMILY,
         }
     }
 
@@ -81,9 +97,18 @@ impl HfFamily {
         self.table().model_type
     }
 
-    /// The causal-LM class transformers builds (`config.json`'s `architectures`).
+    /// The class transformers builds (`config.json`'s `architectures`).
     pub fn architecture(self) -> &'static str {
         self.table().architecture
+    }
+
+    /// The family a model loaded from this one saves as: its own, or a
+    /// multimodal family's text model (`llama4` -> `llama4_text`).
+    pub fn saved_as(self) -> HfFamily {
+        match &self.table().multimodal {
+            Some(m) => m.text_model_type.parse().unwrap_or(self),
+            None => self,
+        }
     }
 
     /// Whether the family has MoE layers (LLaMA is dense).
@@ -91,7 +116,9 @@ impl HfFamily {
         self != HfFamily::Llama
     }
 
-    /// The model types, for messages: "mixtral, qwen2_moe, qwen3_moe, deepseek_v3, deepseek_v2, glm4_moe, gpt_oss, olmoe, llama".
+    /// The model types, for messages: "mixtral, qwen2_moe, qwen3_moe,
+    /// deepseek_v3, deepseek_v2, glm4_moe, gpt_oss, llama4_text, llama4,
+    /// olmoe, llama".
     pub fn supported_list() -> String {
         Self::ALL
             .iter()
@@ -110,8 +137,8 @@ impl fmt::Display for HfFamily {
 impl FromStr for HfFamily {
     type Err = MoeError;
 
-    /// A `model_type` (`mixtral`, `qwen2_moe`, `qwen3_moe`, `olmoe`,
-    /// `llama`, `deepseek_v3`, `deepseek_v2`, `glm4_moe`, `gpt_oss`); any other is an error naming the supported ones.
+    /// A `model_type` of [`HfFamily::ALL`]; any other is an error naming
+    /// the supported ones.
     fn from_str(s: &str) -> Result<Self> {
         Self::ALL
             .into_iter()

@@ -48,14 +48,23 @@ pub enum Placement {
         /// First entry, 0 or 1.
         offset: i64,
     },
+    /// Entries `offset..offset + b` of the last dimension are the variable
+    /// (`[..., b]`): `hf[..., offset..offset + b] = var` (Llama 4's
+    /// `gate_up_proj` `[E, H, 2I]`: the gate's `I` columns, then the up
+    /// projection's).
+    Columns {
+        /// First entry of the last dimension.
+        offset: i64,
+    },
 }
 
 impl Placement {
     /// Whether an expert bank's matrix stored this way is, per expert, a
     /// view of the file in the bank's orientation (an expert's transposed
     /// `nn.Linear` weight, or packed rows), from which the experts can
-    /// compute in place. Interleaved columns (gpt-oss) and a whole stored
-    /// bank (its rows in the file's order) are copied instead.
+    /// compute in place. Interleaved columns (gpt-oss), halves of the
+    /// columns (Llama 4) and a whole stored bank (its rows in the file's
+    /// order) are copied instead.
     pub(crate) fn views_experts(self) -> bool {
         matches!(
             self,
@@ -199,7 +208,8 @@ fn attention_params(c: &DecoderConfig) -> Vec<String> {
                 layer(proj, bias);
             }
             layer("o_proj", c.o_proj_bias);
-            if c.qk_norm != moe_nn::QkNorm::None {
+            // Llama 4's L2 QK-norm has no weights.
+            if matches!(c.qk_norm, moe_nn::QkNorm::Projection | moe_nn::QkNorm::Head) {
                 layer("q_norm", false);
                 layer("k_norm", false);
             }
@@ -288,6 +298,26 @@ fn fused_interleaved_mlp(router: &str, i: i64) -> Vec<HfTensor> {
     ]
 }
 
+/// The routed experts of MoE layer `i` fused with gate and up halves
+/// (Llama 4's `experts.gate_up_proj [E, H, 2I]` and `experts.down_proj
+/// [E, I, H]`, in our `x @ w` orientation) under `module`; `h` the expert
+/// width.
+fn fused_halves(module: &str, i: i64, h: i64) -> Vec<HfTensor> {
+    let hf = format!("model.layers.{i}.{module}.experts");
+    let ours = format!("model.layers.{i}.mlp.experts");
+    let part = |var: &str, offset: i64| TensorPart {
+        var: format!("{ours}.{var}"),
+        placement: Placement::Columns { offset },
+    };
+    vec![
+        HfTensor {
+            name: format!("{hf}.gate_up_proj"),
+            parts: vec![part("w_gate", 0), part("w_in", h)],
+        },
+        same(format!("{hf}.down_proj"), format!("{ours}.w_out")),
+    ]
+}
+
 /// The groups of tensors of a `family` checkpoint for a decoder `config`:
 /// embeddings, every layer's norms, attention and feed-forward network, the
 /// final norm and the untied head.
@@ -318,8 +348,10 @@ pub(crate) fn groups(family: HfFamily, c: &DecoderConfig) -> Vec<Group> {
         let mlp = format!("{layer}.mlp");
         if !c.is_moe_layer(i) {
             for proj in ["gate_proj", "up_proj", "down_proj"] {
-                let name = format!("{mlp}.{proj}.weight");
-                plain.push(same(&name, &name));
+                plain.push(same(
+                    format!("{layer}.{}.{proj}.weight", t.mlp_module),
+                    format!("{mlp}.{proj}.weight"),
+                ));
             }
             groups.push(Group::one(plain));
             continue;
@@ -364,6 +396,12 @@ pub(crate) fn groups(family: HfFamily, c: &DecoderConfig) -> Vec<Group> {
                 let name = format!("{layer}.{gate}.weight");
                 plain.push(same(&name, &name));
             }
+        }
+        if t.experts == ExpertTensors::FusedHalves {
+            // One layout: the hub's and transformers' files alike.
+            plain.extend(fused_halves(t.mlp_module, i, c.expert_width()));
+            groups.push(Group::one(plain));
+            continue;
         }
         groups.push(Group::one(plain));
         groups.push(Group {
@@ -410,7 +448,9 @@ pub fn tensor_map(family: HfFamily, config: &DecoderConfig, layout: ExpertLayout
 /// Whether a checkpoint tensor that no variable takes may be skipped:
 /// rotary tables (`...rotary_emb.inv_freq`, recomputed), with tied
 /// embeddings a stored `lm_head.weight` (transformers ties it to the
-/// embeddings too), and DeepSeek-V3's and GLM-4.5's multi-token-prediction layers
+/// embeddings too), another tower of a multimodal checkpoint (Llama 4's
+/// `vision_model.*`, `multi_modal_projector.*`), and DeepSeek-V3's and
+/// GLM-4.5's multi-token-prediction layers
 /// (`model.layers.N.*` past the last decoder layer, which the causal LM does
 /// not run; transformers skips them too).
 pub(crate) fn ignorable(name: &str, family: HfFamily, config: &DecoderConfig) -> bool {
@@ -423,6 +463,7 @@ pub(crate) fn ignorable(name: &str, family: HfFamily, config: &DecoderConfig) ->
             .is_some_and(|i| i >= config.num_hidden_layers)
     };
     name.ends_with("rotary_emb.inv_freq")
+        || t.other_towers.iter().any(|tower| name.starts_with(tower))
         || (config.tie_word_embeddings && name == "lm_head.weight")
         || (t.extra_layers_skipped && past_last_layer())
 }

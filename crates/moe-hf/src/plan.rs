@@ -105,7 +105,12 @@ impl fmt::Display for MemoryPlan {
 pub fn memory_plan(dir: &Path, dtype: Option<Kind>, ignore_keys: &[String]) -> Result<MemoryPlan> {
     let source = HfConfig::read(&dir.join(CONFIG_FILE))?;
     let config = source.to_decoder(ignore_keys)?;
-    let sizes = tensor_sizes(dir)?;
+    // What loading skips (another tower, multi-token-prediction layers)
+    // is not planned.
+    let sizes: Vec<_> = tensor_sizes(dir)?
+        .into_iter()
+        .filter(|s| !crate::names::ignorable(&s.name, source.family, &config))
+        .collect();
     let total_params: usize = sizes.iter().map(|s| s.params).sum();
     let mut file_bytes: BTreeMap<String, u64> = BTreeMap::new();
     for s in &sizes {

@@ -175,7 +175,8 @@ impl Pretrained {
             .find(|&kind| name.as_str() == Some(dtype_name(kind)))
     }
 
-    /// Writes the model back as a folder of its own family, with its
+    /// Writes the model back as a folder of its own family (a multimodal
+    /// folder's text model as its text family, [`HfFamily::saved_as`]), with its
     /// tokenizer and (unless `options` gives one) its generation config.
     pub fn save(&self, dir: &Path, options: &SaveOptions) -> Result<()> {
         let options = SaveOptions {
@@ -188,7 +189,7 @@ impl Pretrained {
         save_pretrained_with(
             &self.model,
             &self.vs,
-            self.family().model_type(),
+            self.family().saved_as().model_type(),
             dir,
             self.tokenizer.as_ref(),
             &options,

@@ -163,6 +163,7 @@ pub(crate) fn tensor_sizes(dir: &Path) -> Result<Vec<TensorSize>> {
             let elements: usize = view.shape().iter().product();
             let mxfp4 = view.dtype() == Dtype::U8;
             sizes.push(TensorSize {
+                name: name.to_string(),
                 dtype: view.dtype(),
                 // MXFP4: two values a byte of `*_blocks`; `*_scales` scale them.
                 params: match (mxfp4, name.ends_with("_blocks"), name.ends_with("_scales")) {
@@ -179,6 +180,8 @@ pub(crate) fn tensor_sizes(dir: &Path) -> Result<Vec<TensorSize>> {
 
 /// A tensor of a checkpoint's files, from its header.
 pub(crate) struct TensorSize {
+    /// Its name in the file.
+    pub name: String,
     pub dtype: Dtype,
     /// The parameters it holds (an MXFP4 byte holds two).
     pub params: usize,
@@ -287,6 +290,27 @@ fn expected_shape(
                 }
             }
             Ok(vec![s[0], rows, s[1]])
+        }
+        Placement::Columns { .. } if !s.is_empty() => {
+            let lead = &s[..s.len() - 1];
+            let mut columns = 0;
+            for part in &t.parts {
+                let p = var(&part.var)?;
+                match part.placement {
+                    Placement::Columns { offset }
+                        if offset == columns && p.len() == s.len() && p[..p.len() - 1] == *lead =>
+                    {
+                        columns += p[p.len() - 1];
+                    }
+                    _ => {
+                        return Err(format!(
+                            "variables {:?} cannot be laid side by side in `{}`",
+                            t.parts, t.name
+                        ))
+                    }
+                }
+            }
+            Ok([lead, &[columns]].concat())
         }
         Placement::Interleaved { .. } if !s.is_empty() => {
             let fits = t.parts.len() == 2
@@ -699,6 +723,10 @@ fn place(src: &Tensor, parts: &[TensorPart], dest: impl Fn(&str) -> Tensor) -> R
                 (var, src.narrow(1, offset, rows).transpose(1, 2))
             }
             Placement::Interleaved { offset } => (var, src.slice(-1, offset, None, 2)),
+            Placement::Columns { offset } => {
+                let columns = *var.size().last().unwrap_or(&0);
+                (var, src.narrow(-1, offset, columns))
+            }
         };
         dest.f_copy_(&piece)?;
     }
@@ -795,7 +823,10 @@ fn fill_all(
                         *slot = Some(bank.select(0, e as i64));
                     }
                 }
-                Placement::Same | Placement::Transposed | Placement::Interleaved { .. } => {
+                Placement::Same
+                | Placement::Transposed
+                | Placement::Interleaved { .. }
+                | Placement::Columns { .. } => {
                     unreachable!("only per-expert and packed experts are mapped")
                 }
             }
@@ -888,7 +919,9 @@ impl Assembled {
                 Placement::Transposed => var.f_tr(),
                 Placement::ExpertTransposed(e) => var.f_select(0, *e)?.f_tr(),
                 Placement::PackedRows { .. } => var.f_transpose(1, 2),
-                Placement::Interleaved { .. } => Ok(var.shallow_clone()),
+                Placement::Interleaved { .. } | Placement::Columns { .. } => {
+                    Ok(var.shallow_clone())
+                }
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let interleaved = matches!(self.parts[0].1, Placement::Interleaved { .. });
@@ -897,6 +930,8 @@ impl Assembled {
         } else if interleaved {
             // [..., n] twice -> [..., n, 2] -> [..., 2n]: entries alternate.
             Tensor::f_stack(&pieces, -1)?.f_flatten(-2, -1)?
+        } else if matches!(self.parts[0].1, Placement::Columns { .. }) {
+            Tensor::f_cat(&pieces, -1)?
         } else {
             Tensor::f_cat(&pieces, 1)?
         };
@@ -968,7 +1003,9 @@ pub(crate) fn write_weights(
             .map(|p| (vars[&p.var].shallow_clone(), p.placement))
             .collect();
         parts.sort_by_key(|(_, p)| match p {
-            Placement::PackedRows { offset } | Placement::Interleaved { offset } => *offset,
+            Placement::PackedRows { offset }
+            | Placement::Interleaved { offset }
+            | Placement::Columns { offset } => *offset,
             _ => 0,
         });
         views.push((

@@ -250,7 +250,8 @@ fn an_unknown_model_type_names_the_supported_ones() {
         &dir,
         &[
             "`gpt2`",
-            "mixtral, qwen2_moe, qwen3_moe, deepseek_v3, deepseek_v2, glm4_moe, gpt_oss, olmoe, llama",
+            "mixtral, qwen2_moe, qwen3_moe, deepseek_v3, deepseek_v2, glm4_moe, gpt_oss, llama4_text, \
+             llama4, olmoe, llama",
         ],
     );
 }
@@ -472,6 +473,97 @@ fn keys_that_change_the_model_are_not_ignored() {
     )
     .unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Llama 4's keys the decoder cannot express, and a multimodal folder's
+/// keys beside its text model, are named; its MoE layers may follow a dense
+/// prefix.
+#[test]
+fn llama4_configs_the_decoder_cannot_express_are_named() {
+    let cases: [(&str, serde_json::Value, &str); 5] = [
+        // Layers 0 and 3 MoE: no dense prefix and step give them.
+        (
+            "moe_layers",
+            serde_json::json!([0, 3]),
+            "moe_layers = [0, 3]",
+        ),
+        (
+            "no_rope_layers",
+            serde_json::json!([1, 1, 0]),
+            "`no_rope_layers` must flag",
+        ),
+        (
+            "no_rope_layers",
+            serde_json::json!([1, 1, 2, 0]),
+            "`no_rope_layers` must flag",
+        ),
+        (
+            "layer_types",
+            serde_json::json!([
+                "sliding_attention",
+                "full_attention",
+                "full_attention",
+                "full_attention"
+            ]),
+            "none slides",
+        ),
+        (
+            "interleave_moe_layer_step",
+            0.into(),
+            "`interleave_moe_layer_step` must be >= 1",
+        ),
+    ];
+    for (key, value, needle) in cases {
+        let dir = edited_config("llama4_text", &format!("llama4-{key}"), |c| {
+            c.insert(key.into(), value.clone());
+        });
+        assert_config_rejected(&dir, &[needle, "model_type `llama4_text`"]);
+    }
+    // A dense first layer, then MoE every layer: moe_layers [1, 2, 3].
+    let dir = edited_config("llama4_text", "llama4-prefix", |c| {
+        c.insert("moe_layers".into(), serde_json::json!([1, 2, 3]));
+        c.insert("interleave_moe_layer_step".into(), 1.into());
+    });
+    let config = moe_hf::HfConfig::read(&dir.join("config.json"))
+        .unwrap()
+        .to_decoder(&[])
+        .unwrap();
+    assert_eq!(
+        (
+            config.first_k_dense_replace,
+            config.interleave_moe_layer_step
+        ),
+        (1, 1)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    // The multimodal folder: an unknown key beside text_config, a text
+    // model of another family, no text model.
+    let dir = edited_config("llama4", "llama4-beside", |c| {
+        c.insert("audio_config".into(), serde_json::json!({}));
+    });
+    assert_config_rejected(&dir, &["`audio_config`", "beside text_config"]);
+    let dir = edited_config("llama4", "llama4-text-type", |c| {
+        c["text_config"]["model_type"] = "mixtral".into();
+    });
+    assert_config_rejected(&dir, &["text_config has model_type `mixtral`"]);
+    let dir = edited_config("llama4", "llama4-no-text", |c| {
+        c.remove("text_config");
+    });
+    assert_config_rejected(&dir, &["`text_config`", "model_type `llama4`"]);
+    // Writing: the multimodal family is read only, and another family
+    // refuses Llama 4's attention.
+    let llama4 = load(&fixture("llama4_text")).config;
+    for (family, needle) in [
+        (
+            moe_hf::HfFamily::Llama4,
+            "write the text model as `llama4_text`",
+        ),
+        (moe_hf::HfFamily::Mixtral, "attention_chunk_size = Some(4)"),
+    ] {
+        let err = moe_hf::HfConfig::from_decoder(family, &llama4).unwrap_err();
+        assert!(matches!(err, MoeError::Config(_)), "{err}");
+        assert!(err.to_string().contains(needle), "{needle}: {err}");
+    }
 }
 
 #[test]

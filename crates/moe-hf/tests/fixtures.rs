@@ -200,6 +200,47 @@ fn llama_with_llama3_rope_scaling_matches_transformers() {
     check_scaled("llama_rope3", "llama3");
 }
 
+/// Llama 4's text model: MoE layers 1 and 3 between dense ones (a sigmoid
+/// top-1 router scaling the expert's input, a shared expert), chunks of 4
+/// positions with RoPE on adjacent pairs and the L2 QK-norm in layers 0-2,
+/// layer 3 without RoPE attending to all with temperature-tuned queries
+/// (floor scale 4), Llama 3's RoPE scaling, fused `[E, H, 2I]` experts.
+#[test]
+fn llama4_text_matches_transformers() {
+    use moe_models::LayerType::{ChunkedAttention, FullAttention};
+    let config = load(&fixture("llama4_text")).config;
+    assert_eq!(config.interleave_moe_layer_step, 2);
+    assert_eq!(config.nope_layers, [3]);
+    assert_eq!(config.attention_chunk_size, Some(4));
+    assert_eq!(
+        config.layer_types,
+        [
+            ChunkedAttention,
+            ChunkedAttention,
+            ChunkedAttention,
+            FullAttention
+        ]
+    );
+    assert_eq!(config.qk_norm, moe_nn::QkNorm::L2);
+    assert_eq!(
+        config.attn_temperature_tuning.map(|t| t.floor_scale),
+        Some(4.0)
+    );
+    check_scaled("llama4_text", "llama3");
+}
+
+/// The Hub's Llama 4 folders: the multimodal class, its text model under
+/// `language_model.` read (without the QK-norm, as Maverick), the vision
+/// tower skipped; a save writes the text model's family.
+#[test]
+fn llama4_multimodal_folder_reads_its_text_model() {
+    let pretrained = load(&fixture("llama4"));
+    assert_eq!(pretrained.family(), moe_hf::HfFamily::Llama4);
+    assert_eq!(pretrained.family().saved_as(), moe_hf::HfFamily::Llama4Text);
+    assert_eq!(pretrained.config.qk_norm, moe_nn::QkNorm::None);
+    check("llama4");
+}
+
 #[test]
 fn every_supported_fixture_is_checked() {
     // A family folder the fixtures add later must get its test above.

@@ -202,7 +202,42 @@ fn cases() -> Vec<Case> {
         ..small(DecoderPreset::Mixtral)
     };
     gpt_oss.router.bias = true;
+    // Llama 4 with what its fixture lacks: a dense first layer, then MoE
+    // in every layer (explicit `moe_layers`), top-2, a NoPE layer between
+    // chunked ones (`no_rope_layers` off the default), chunks of 3, biases
+    // on q, k, v and o, tied embeddings.
+    let llama4 = DecoderConfig {
+        num_hidden_layers: 3,
+        intermediate_size: 48,
+        moe_intermediate_size: Some(16),
+        num_local_experts: 4,
+        num_experts_per_tok: 2,
+        first_k_dense_replace: 1,
+        interleave_moe_layer_step: 1,
+        attention_chunk_size: Some(3),
+        nope_layers: vec![1],
+        layer_types: vec![
+            LayerType::ChunkedAttention,
+            LayerType::FullAttention,
+            LayerType::ChunkedAttention,
+        ],
+        attn_temperature_tuning: Some(moe_nn::TemperatureTuning {
+            floor_scale: 3.0,
+            attn_scale: 0.3,
+        }),
+        attention_bias: true,
+        o_proj_bias: true,
+        head_dim: Some(16),
+        tie_word_embeddings: true,
+        ..small(DecoderPreset::Llama4)
+    };
     vec![
+        Case {
+            name: "llama4_text",
+            family: HfFamily::Llama4Text,
+            config: llama4,
+            layout: ExpertLayout::PerExpert,
+        },
         Case {
             name: "gpt_oss",
             family: HfFamily::GptOss,

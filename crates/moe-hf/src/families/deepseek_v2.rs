@@ -117,4 +117,5 @@ pub(crate) static FAMILY: Family = Family {
         },
     ],
     tensors: Tensors::PLAIN,
+    multimodal: None,
 };

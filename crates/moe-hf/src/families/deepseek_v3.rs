@@ -64,4 +64,5 @@ pub(crate) static FAMILY: Family = Family {
         extra_layers_skipped: true,
         ..Tensors::PLAIN
     },
+    multimodal: None,
 };

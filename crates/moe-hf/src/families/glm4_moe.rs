@@ -37,7 +37,7 @@ pub(crate) static FAMILY: Family = Family {
     },
     layers: Layers {
         partial_rope: true,
-        qk_norm: QkNorms::PerHeadOrNone,
+        qk_norm: QkNorms::OrNone(QkNorm::Head),
         ..rules::DEEPSEEK_MOE
     },
     keys: &[
@@ -69,4 +69,5 @@ pub(crate) static FAMILY: Family = Family {
         extra_layers_skipped: true,
         ..Tensors::PLAIN
     },
+    multimodal: None,
 };

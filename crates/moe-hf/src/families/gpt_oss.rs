@@ -9,8 +9,7 @@ use super::rules::{
     self, norm_topk_prob, ALTERNATE_WINDOWS, CLAMPED_SWIGLU, EXPERT_WIDTH, MOE_ONLY,
 };
 use super::{
-    field, Check, Defaults, Entry, ExpertTensors, Family, Field, Key, Layers, Rule, Tensors,
-    Windows,
+    field, Check, Defaults, Entry, ExpertTensors, Family, Key, Layers, Rule, Tensors, Windows,
 };
 use moe_experts::Activation;
 use moe_nn::RopeScaling;
@@ -88,28 +87,9 @@ pub(crate) static FAMILY: Family = Family {
         Entry::Int(Key::new("num_local_experts", field!(num_local_experts), 128).or("num_experts")),
         rules::experts_per_token(4),
         rules::aux_loss(0.001),
-        // GptOssConfig's default is 64, not hidden_size / num_attention_heads
-        // (which the decoder's `None` means).
-        Entry::Int(Key::new(
-            "head_dim",
-            Field {
-                get: |c| c.attention_config().head_dim(),
-                set: |c, h| {
-                    c.head_dim = (h * c.num_attention_heads != c.hidden_size).then_some(h);
-                },
-            },
-            64,
-        )),
+        rules::head_dim(64),
         Entry::Rule(&CLAMPED_SWIGLU),
-        // q, k, v and o together.
-        Entry::Bool(Key::new(
-            "attention_bias",
-            Field {
-                get: |c| c.attention_bias,
-                set: |c, bias| (c.attention_bias, c.o_proj_bias) = (bias, bias),
-            },
-            true,
-        )),
+        rules::qkvo_bias(true),
         Entry::Rule(&ALTERNATE_WINDOWS),
         Entry::Rule(&DEFAULT_ROPE),
         Entry::Rule(&MXFP4),
@@ -131,4 +111,5 @@ pub(crate) static FAMILY: Family = Family {
         mxfp4: true,
         ..Tensors::PLAIN
     },
+    multimodal: None,
 };

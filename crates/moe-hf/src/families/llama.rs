@@ -43,4 +43,5 @@ pub(crate) static FAMILY: Family = Family {
         NO_O_PROJ_BIAS,
     ],
     tensors: Tensors::PLAIN,
+    multimodal: None,
 };

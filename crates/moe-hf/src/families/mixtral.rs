@@ -66,4 +66,5 @@ pub(crate) static FAMILY: Family = Family {
         router: ["block_sparse_moe.gate", "mlp.gate"],
         ..Tensors::PLAIN
     },
+    multimodal: None,
 };

@@ -60,6 +60,8 @@ pub(crate) mod deepseek_v3;
 pub(crate) mod glm4_moe;
 pub(crate) mod gpt_oss;
 pub(crate) mod llama;
+pub(crate) mod llama4;
+pub(crate) mod llama4_text;
 pub(crate) mod mixtral;
 pub(crate) mod olmoe;
 pub(crate) mod qwen2_moe;
@@ -91,6 +93,20 @@ pub(crate) struct Family {
     pub checks: &'static [Check],
     /// How its checkpoints name the decoder's tensors.
     pub tensors: Tensors,
+    /// For a multimodal family, its text model (read, not written).
+    pub multimodal: Option<Multimodal>,
+}
+
+/// A multimodal family whose text model is another family's (Llama 4's
+/// `llama4`: a `llama4_text` config as `text_config`, its weights under
+/// `language_model.`, a vision tower beside them). The text model is read
+/// from it; saving writes the text model's own family.
+pub(crate) struct Multimodal {
+    /// The text model's `model_type`, what a save writes.
+    pub text_model_type: &'static str,
+    /// The keys beside `text_config` that do not change the text model's
+    /// logits (the vision tower's, the image tokens').
+    pub informational: &'static [&'static str],
 }
 
 /// transformers' defaults of the keys every family maps (its config class's
@@ -377,6 +393,14 @@ pub(crate) struct Layers {
     pub routed_scaling: bool,
     /// The router's gates.
     pub gates: Gates,
+    /// The router's weights scale the experts' inputs (Llama 4).
+    pub weights_on_input: bool,
+    /// MoE layers may alternate with dense ones
+    /// (`interleave_moe_layer_step`).
+    pub interleaved_moe: bool,
+    /// Llama 4's attention: RoPE on adjacent pairs, chunked layers, NoPE
+    /// layers with temperature tuning.
+    pub llama4_attention: bool,
 }
 
 impl Layers {
@@ -394,6 +418,9 @@ impl Layers {
         router_bias: false,
         routed_scaling: false,
         gates: Gates::TOP_K,
+        weights_on_input: false,
+        interleaved_moe: false,
+        llama4_attention: false,
     };
 }
 
@@ -413,8 +440,9 @@ pub(crate) enum Windows {
 pub(crate) enum QkNorms {
     /// Always this one.
     Is(QkNorm),
-    /// Per head or none (a key says which).
-    PerHeadOrNone,
+    /// This one or none (a key says which: GLM-4.5's per head, Llama 4's
+    /// L2).
+    OrNone(QkNorm),
 }
 
 /// The router gates a family has.
@@ -439,6 +467,12 @@ impl Gates {
         are: "softmax top-k (TopK), group-limited or not (GroupLimitedGreedy)",
     };
 
+    /// The sigmoid of the top-k logits (Llama 4).
+    pub const SIGMOID_TOP_K: Gates = Gates {
+        accepts: |g| matches!(g, Gate::SigmoidTopK),
+        are: "the sigmoid of the top-k logits (SigmoidTopK)",
+    };
+
     /// Sigmoid with the aux-free bias (DeepSeek-V3).
     pub const SIGMOID_AUX_FREE: Gates = Gates {
         accepts: |g| matches!(g, Gate::SigmoidAuxFree { .. }),
@@ -452,6 +486,9 @@ pub(crate) struct Tensors {
     /// Put before every name of the checkpoint (a multimodal class's
     /// `language_model.`; empty for a causal LM's own checkpoint).
     pub prefix: &'static str,
+    /// The module of a layer's feed-forward network, dense or MoE (`mlp`;
+    /// Llama 4's `feed_forward`).
+    pub mlp_module: &'static str,
     /// A per-expert checkpoint's names of an expert's gate, up and down
     /// projections.
     pub projections: [&'static str; 3],
@@ -471,6 +508,9 @@ pub(crate) struct Tensors {
     pub extra_layers_skipped: bool,
     /// Expert matrices may be stored in MXFP4 (`X_blocks`, `X_scales`).
     pub mxfp4: bool,
+    /// Modules of other towers in the checkpoint (a multimodal class's
+    /// vision tower), skipped on load.
+    pub other_towers: &'static [&'static str],
 }
 
 impl Tensors {
@@ -478,6 +518,7 @@ impl Tensors {
     /// `mlp.gate`, `mlp.shared_experts`.
     pub const PLAIN: Tensors = Tensors {
         prefix: "",
+        mlp_module: "mlp",
         projections: ["gate_proj", "up_proj", "down_proj"],
         per_expert_module: "mlp",
         router: ["mlp.gate", "mlp.gate"],
@@ -486,6 +527,7 @@ impl Tensors {
         experts: ExpertTensors::PerExpertOrPacked,
         extra_layers_skipped: false,
         mxfp4: false,
+        other_towers: &[],
     };
 }
 
@@ -496,10 +538,12 @@ pub(crate) enum ExpertTensors {
     PerExpertOrPacked,
     /// gpt-oss's: one layout, the router with a bias, the experts fused
     /// (`experts.gate_up_proj` `[E, H, 2I]`, gate and up columns
-    /// interleaved; `experts.down_proj` `[E, I, H]`) with biases. Another
-    /// fused layout (gate and up halves) would be another variant and its
-    /// [`crate::Placement`].
+    /// interleaved; `experts.down_proj` `[E, I, H]`) with biases.
     FusedInterleaved,
+    /// Llama 4's: one layout, the experts fused without biases
+    /// (`experts.gate_up_proj` `[E, H, 2I]`, the gate's `I` columns then
+    /// the up projection's; `experts.down_proj` `[E, I, H]`).
+    FusedHalves,
 }
 
 #[cfg(test)]
@@ -511,7 +555,11 @@ mod tests {
         for family in HfFamily::ALL {
             let table = family.table();
             assert_eq!(table.model_type.parse::<HfFamily>().unwrap(), family);
-            assert!(table.architecture.ends_with("ForCausalLM"), "{family}");
+            let class = match table.multimodal {
+                Some(_) => "ForConditionalGeneration",
+                None => "ForCausalLM",
+            };
+            assert!(table.architecture.ends_with(class), "{family}");
         }
     }
 }

@@ -56,4 +56,5 @@ pub(crate) static FAMILY: Family = Family {
         },
     ],
     tensors: Tensors::PLAIN,
+    multimodal: None,
 };

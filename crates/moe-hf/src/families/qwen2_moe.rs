@@ -55,4 +55,5 @@ pub(crate) static FAMILY: Family = Family {
         shared_expert_gate: Some("mlp.shared_expert_gate"),
         ..Tensors::PLAIN
     },
+    multimodal: None,
 };

@@ -50,4 +50,5 @@ pub(crate) static FAMILY: Family = Family {
         rules::NO_O_PROJ_BIAS,
     ],
     tensors: Tensors::PLAIN,
+    multimodal: None,
 };

@@ -191,6 +191,34 @@ pub(crate) const fn moe_width(default: i64) -> Entry {
     ))
 }
 
+/// `head_dim` where the family's default is a number of its own, not
+/// `hidden_size / num_attention_heads` (which the decoder's `None` means):
+/// gpt-oss's 64, Llama 4's 128.
+pub(crate) const fn head_dim(default: i64) -> Entry {
+    Entry::Int(Key::new(
+        "head_dim",
+        Field {
+            get: |c| c.attention_config().head_dim(),
+            set: |c, h| {
+                c.head_dim = (h * c.num_attention_heads != c.hidden_size).then_some(h);
+            },
+        },
+        default,
+    ))
+}
+
+/// `attention_bias` on q, k, v and o together (gpt-oss, Llama 4).
+pub(crate) const fn qkvo_bias(default: bool) -> Entry {
+    Entry::Bool(Key::new(
+        "attention_bias",
+        Field {
+            get: |c| c.attention_bias,
+            set: |c, bias| (c.attention_bias, c.o_proj_bias) = (bias, bias),
+        },
+        default,
+    ))
+}
+
 /// `norm_topk_prob` of a softmax top-k router (`Gate::TopK`); a dense
 /// config writes `true`.
 pub(crate) const fn topk_norm(default: bool) -> Entry {

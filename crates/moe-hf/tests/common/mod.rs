@@ -13,7 +13,7 @@ use tch::Tensor;
 /// Every fixture folder: one per family, two with RoPE scaling,
 /// DeepSeek-V2's second router, three with sliding windows and gpt-oss's
 /// MXFP4 experts.
-pub const FAMILIES: [&str; 16] = [
+pub const FAMILIES: [&str; 18] = [
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
@@ -30,6 +30,8 @@ pub const FAMILIES: [&str; 16] = [
     "qwen2_moe_window",
     "gpt_oss",
     "gpt_oss_mxfp4",
+    "llama4_text",
+    "llama4",
 ];
 
 /// `tests/data/hf/NAME` of the workspace.
