@@ -23,6 +23,16 @@ fn rng() -> MutexGuard<'static, ()> {
 /// (gradients of router weights sum over every token).
 const TOL: f64 = 1e-5;
 
+/// Every dispatch strategy, the dense reference included.
+const EVERY_STRATEGY: [DispatchKind; 6] = [
+    DispatchKind::DenseReference,
+    DispatchKind::MaskLoop,
+    DispatchKind::IndexedLoop,
+    DispatchKind::Grouped,
+    DispatchKind::Auto,
+    DispatchKind::Capacity,
+];
+
 /// Mixtral's gate (with gate bias, so that `skew` can favour expert 0).
 const TOP_K: Gate = Gate::TopK {
     norm_topk_prob: true,
@@ -325,15 +335,7 @@ fn bf16_compute_with_f32_parameters_matches_the_f32_reference() {
         .to_kind(Kind::Float);
     drop(rng);
     let reference = run(&vs, &mut moe, DispatchKind::DenseReference, &x);
-    let strategies = [
-        DispatchKind::DenseReference,
-        DispatchKind::MaskLoop,
-        DispatchKind::IndexedLoop,
-        DispatchKind::Grouped,
-        DispatchKind::Auto,
-        DispatchKind::Capacity,
-    ];
-    for kind in strategies {
+    for kind in EVERY_STRATEGY {
         let got = run(&vs, &mut moe, kind, &x.to_kind(Kind::BFloat16));
         assert_eq!(got[0].1.kind(), Kind::BFloat16, "{kind:?}: output dtype");
         for ((name, want), (_, have)) in reference.iter().zip(&got) {
@@ -458,14 +460,7 @@ fn weights_on_the_inputs_match_the_dense_sum() {
                 })
                 .fold(x.zeros_like(), |acc, y| acc + y)
         });
-        for kind in [
-            DispatchKind::DenseReference,
-            DispatchKind::MaskLoop,
-            DispatchKind::IndexedLoop,
-            DispatchKind::Grouped,
-            DispatchKind::Auto,
-            DispatchKind::Capacity,
-        ] {
+        for kind in EVERY_STRATEGY {
             let got = run(&vs, &mut moe, kind, &x);
             for ((name, want), (_, have)) in reference.iter().zip(&got) {
                 let diff = (want - have).abs().max().double_value(&[]);

@@ -187,8 +187,7 @@ fn cached_logits_and_greedy_generation_equal_full_recomputation() {
 /// recomputation, a left-padded batch generates what each prompt alone does.
 #[test]
 fn sliding_windows_and_sinks_decode_like_full_recomputation() {
-    use moe_models::{generate_batch, GenerateOptions, LayerType, Sampling};
-    use std::ops::ControlFlow;
+    use moe_models::LayerType;
     let _rng = rng_lock();
     for (window, sinks) in [(3, false), (5, true), (1, true)] {
         let config = DecoderConfig {
@@ -209,19 +208,7 @@ fn sliding_windows_and_sinks_decode_like_full_recomputation() {
         assert_cached_chunks_equal_the_full_forward(&label, &model);
         support::assert_cached_greedy_is_argmax(&label, &model, &[3, 14, 15, 9], 16);
 
-        let prompts = vec![vec![4i64, 9, 2, 7, 7, 1], vec![1, 5]];
-        let options = GenerateOptions {
-            max_new_tokens: 8,
-            sampling: Sampling::greedy(),
-            eos_token_ids: Vec::new(),
-        };
-        let batched =
-            generate_batch(&model, &prompts, &options, |_, _| ControlFlow::Continue(())).unwrap();
-        for (prompt, got) in prompts.iter().zip(&batched) {
-            let alone =
-                moe_models::generate(&model, prompt, 8, Sampling::greedy(), |_| {}).unwrap();
-            assert_eq!(got, &alone, "{label}: prompt {prompt:?}");
-        }
+        assert_batch_generates_each_prompt_alone(&label, &model, &[&[4, 9, 2, 7, 7, 1], &[1, 5]]);
     }
     // A window without sliding layers to apply to, or layer kinds for
     // other layers, are config errors.
@@ -246,9 +233,7 @@ fn sliding_windows_and_sinks_decode_like_full_recomputation() {
 /// does (chunks and temperatures count positions from the first real token).
 #[test]
 fn chunks_and_nope_layers_decode_like_full_recomputation() {
-    use moe_models::{generate_batch, GenerateOptions, Sampling};
     use moe_nn::TemperatureTuning;
-    use std::ops::ControlFlow;
     let _rng = rng_lock();
     let config = DecoderConfig {
         attention_chunk_size: Some(3),
@@ -261,17 +246,29 @@ fn chunks_and_nope_layers_decode_like_full_recomputation() {
     let (_vs, model) = build(&config, 5);
     assert_cached_chunks_equal_the_full_forward("llama4", &model);
     support::assert_cached_greedy_is_argmax("llama4", &model, &[3, 14, 15, 9], 16);
-    let prompts = vec![vec![4i64, 9, 2, 7, 7, 1, 3], vec![1, 5], vec![6, 6, 2, 8]];
+    assert_batch_generates_each_prompt_alone(
+        "llama4",
+        &model,
+        &[&[4, 9, 2, 7, 7, 1, 3], &[1, 5], &[6, 6, 2, 8]],
+    );
+}
+
+/// A left-padded batch of `prompts` generates, greedily for 8 tokens, what
+/// each prompt alone does.
+fn assert_batch_generates_each_prompt_alone(label: &str, model: &DecoderModel, prompts: &[&[i64]]) {
+    use moe_models::{generate_batch, GenerateOptions, Sampling};
+    use std::ops::ControlFlow;
+    let prompts: Vec<Vec<i64>> = prompts.iter().map(|p| p.to_vec()).collect();
     let options = GenerateOptions {
         max_new_tokens: 8,
         sampling: Sampling::greedy(),
         eos_token_ids: Vec::new(),
     };
     let batched =
-        generate_batch(&model, &prompts, &options, |_, _| ControlFlow::Continue(())).unwrap();
+        generate_batch(model, &prompts, &options, |_, _| ControlFlow::Continue(())).unwrap();
     for (prompt, got) in prompts.iter().zip(&batched) {
-        let alone = moe_models::generate(&model, prompt, 8, Sampling::greedy(), |_| {}).unwrap();
-        assert_eq!(got, &alone, "llama4: prompt {prompt:?}");
+        let alone = moe_models::generate(model, prompt, 8, Sampling::greedy(), |_| {}).unwrap();
+        assert_eq!(got, &alone, "{label}: prompt {prompt:?}");
     }
 }
 

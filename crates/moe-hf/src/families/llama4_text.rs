@@ -12,8 +12,8 @@
 
 use super::rules::{self, is_moe};
 use super::{
-    field, Check, Defaults, Entry, ExpertTensors, Family, Field, Fixed, Gates, Key, Layers, Lit,
-    QkNorms, Rule, Tensors,
+    field, Check, Defaults, Entry, ExpertTensors, Family, Field, Gates, Key, Layers, QkNorms, Rule,
+    Tensors,
 };
 use moe_models::{DecoderConfig, LayerType};
 use moe_nn::{QkNorm, TemperatureTuning};
@@ -226,12 +226,7 @@ pub(crate) static KEYS: [Entry; 12] = [
     Entry::Int(Key::new("num_local_experts", field!(num_local_experts), 16)),
     rules::experts_per_token(1),
     rules::aux_loss(0.001),
-    Entry::Fixed(Fixed {
-        key: "router_jitter_noise",
-        accepts: &[Lit::Float(0.0)],
-        supported: "router_jitter_noise 0 (no jitter on the router input)",
-        written: true,
-    }),
+    rules::NO_ROUTER_JITTER,
     Entry::Rule(&MOE_LAYERS),
     Entry::Rule(&ROUTER),
     rules::head_dim(128),

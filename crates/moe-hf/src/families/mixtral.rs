@@ -3,7 +3,7 @@
 //! layer or none.
 
 use super::rules::{self, is_moe, norm_topk_prob, EVERY_LAYER_WINDOW, EXPERT_WIDTH};
-use super::{field, Check, Defaults, Entry, Family, Fixed, Key, Layers, Lit, Tensors, Windows};
+use super::{field, Check, Defaults, Entry, Family, Key, Layers, Tensors, Windows};
 
 pub(crate) static FAMILY: Family = Family {
     model_type: "mixtral",
@@ -31,12 +31,7 @@ pub(crate) static FAMILY: Family = Family {
         Entry::Int(Key::new("num_local_experts", field!(num_local_experts), 8)),
         rules::experts_per_token(2),
         rules::aux_loss(0.001),
-        Entry::Fixed(Fixed {
-            key: "router_jitter_noise",
-            accepts: &[Lit::Float(0.0)],
-            supported: "router_jitter_noise 0 (no jitter on the router input)",
-            written: true,
-        }),
+        rules::NO_ROUTER_JITTER,
         Entry::Rule(&EVERY_LAYER_WINDOW),
     ],
     checks: &[

@@ -144,6 +144,14 @@ const FULL_ATTENTION_LAYERS: Fixed = Fixed {
     written: false,
 };
 
+/// `router_jitter_noise` 0 (Mixtral, Llama 4).
+pub(crate) const NO_ROUTER_JITTER: Entry = Entry::Fixed(Fixed {
+    key: "router_jitter_noise",
+    accepts: &[Lit::Float(0.0)],
+    supported: "router_jitter_noise 0 (no jitter on the router input)",
+    written: true,
+});
+
 /// `mlp_bias` false (LLaMA's and DeepSeek-V2's MLPs have no bias).
 pub(crate) const NO_MLP_BIAS: Entry = Entry::Fixed(Fixed {
     key: "mlp_bias",
