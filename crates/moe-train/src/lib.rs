@@ -9,6 +9,7 @@
 //! | `eval.rs` | [`estimate_loss`], routing statistics |
 //! | `events.rs` | [`TrainEvent`], the typed records of a run |
 //! | `checkpoint.rs` | resumable checkpoints (safetensors + `config.json`) |
+//! | `topology.rs` | [`Topology`]: where the steps run ([`Single`], [`DataParallel`], [`SimulatedRanks`]), called by the trainer for batches, gradients, metrics and checkpoints |
 //! | `data_parallel.rs` | [`DataParallel`]: training on the ranks of a c10d group beside expert parallelism |
 #![warn(missing_docs)]
 
@@ -20,6 +21,7 @@ mod eval;
 mod events;
 mod optimizer;
 mod tensor_file;
+mod topology;
 mod trainer;
 
 pub use adamw::{AdamW, AdamWConfig};
@@ -32,4 +34,5 @@ pub use data_parallel::DataParallel;
 pub use eval::{estimate_loss, estimate_routing_stats, parameter_count, EvalLosses};
 pub use events::TrainEvent;
 pub use optimizer::{clip_grad_norm, Optimizer};
+pub use topology::{SimulatedRanks, Single, Topology};
 pub use trainer::{Checkpointing, StepPhases, Trainer};

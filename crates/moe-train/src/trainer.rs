@@ -4,17 +4,16 @@
 //! and typed [`TrainEvent`]s for whoever records the run.
 
 use crate::checkpoint::{
-    config_differences, copy_into, load_checkpoint_meta, named_variables, read_weights, save_files,
-    CONFIG_FILE, OPTIMIZER_FILE,
+    config_differences, copy_into, load_checkpoint_meta, named_variables, CONFIG_FILE,
 };
-use crate::data_parallel::{rank_seed, DataParallel};
-use crate::eval::draw_seeded;
+use crate::data_parallel::DataParallel;
+use crate::topology::{SimulatedRanks, Single, Topology};
 use crate::{
-    clip_grad_norm, estimate_loss, estimate_routing_stats, parameter_count, AdamW, AdamWConfig,
-    CheckpointMeta, DecayGroups, EvalLosses, Optimizer, TrainConfig, TrainEvent,
+    estimate_loss, estimate_routing_stats, parameter_count, AdamW, AdamWConfig, CheckpointMeta,
+    DecayGroups, EvalLosses, Optimizer, TrainConfig, TrainEvent,
 };
 use moe_core::{MoeError, Result, Routing};
-use moe_data::{Batch, Dataset, Split, Tokenizer};
+use moe_data::{Dataset, Tokenizer};
 use moe_models::CausalLm;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -90,20 +89,9 @@ pub struct Trainer<'a, M: CausalLm + ?Sized, O: Optimizer = AdamW> {
     last_grad_norm: Option<Tensor>,
     last_saved: Option<i64>,
     phases: Option<StepPhases>,
-    /// Ranks this trainer runs on, or one process standing in for them.
-    ranks: Ranks,
-}
-
-/// Where the batches of a step come from.
-#[derive(Debug, Clone)]
-enum Ranks {
-    /// One process, one batch per micro-batch.
-    Single,
-    /// This process is one rank of a data- and expert-parallel group.
-    Parallel(DataParallel),
-    /// One process draws the global batch of this many ranks, part by part
-    /// with each rank's seed: what a parallel run computes, in one process.
-    Simulated(i64),
+    /// Where the steps run: one process, the ranks of a group, or one
+    /// process standing in for them.
+    topology: Box<dyn Topology>,
 }
 
 impl<'a, M: CausalLm + ?Sized> Trainer<'a, M, AdamW> {
@@ -172,7 +160,7 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
             last_grad_norm: None,
             last_saved: None,
             phases: None,
-            ranks: Ranks::Single,
+            topology: Box::new(Single),
         })
     }
 
@@ -211,30 +199,20 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
         // This rank holds only its share of the experts: the start event
         // reports the whole model's count, and the active count from it.
         self.parameters = parallel.global_parameter_count(&self.variables)?;
-        self.ranks = Ranks::Parallel(parallel);
+        self.topology = Box::new(parallel);
         Ok(self)
     }
 
-    /// One process computing what `ranks` data-parallel ranks compute: each
-    /// micro-batch is the concatenation of the ranks' batches, each drawn
-    /// with its rank's seed ([`rank_seed`]). Dropout and router noise draw
-    /// differently from the ranks', so a comparison runs without them.
+    /// One process computing what `ranks` data-parallel ranks compute
+    /// ([`SimulatedRanks`]).
     pub fn with_simulated_ranks(mut self, ranks: i64) -> Result<Self> {
-        if ranks < 1 {
-            return Err(MoeError::config(format!(
-                "simulated ranks must be >= 1, got {ranks}"
-            )));
-        }
-        self.ranks = Ranks::Simulated(ranks);
+        self.topology = Box::new(SimulatedRanks::new(ranks)?);
         Ok(self)
     }
 
     /// This process's rank (0 without data parallelism).
     pub fn rank(&self) -> i64 {
-        match &self.ranks {
-            Ranks::Parallel(p) => p.rank(),
-            _ => 0,
-        }
+        self.topology.rank()
     }
 
     /// Optimisation steps taken so far (including those before a resume).
@@ -278,10 +256,7 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
     pub fn step(&mut self) -> Result<Tensor> {
         let mut clock = self.phases.map(|_| PhaseClock::start(self.model.device()));
         let mut laps = StepPhases::default();
-        if !matches!(self.ranks, Ranks::Parallel(_)) {
-            // (A rank seeds with its own seed right before each batch.)
-            tch::manual_seed(self.config.seed + self.step);
-        }
+        self.topology.seed_step(self.config.seed, self.step);
         let lr = self.config.lr_schedule.lr_at(
             self.step,
             self.config.learning_rate,
@@ -294,7 +269,13 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
         let mut loss_sum: Option<Tensor> = None;
         let mut routings = Vec::with_capacity(micro_batches as usize);
         for micro in 0..micro_batches {
-            let batch = self.draw_batch(micro);
+            let batch = self.topology.batch(
+                self.data,
+                self.config.batch_size,
+                self.config.seed,
+                self.step,
+                micro,
+            );
             laps.batch_s += clock.as_mut().map_or(0.0, PhaseClock::lap);
             let objective = self.model.batch_objective(&batch.x, &batch.y, true)?;
             laps.forward_s += clock.as_mut().map_or(0.0, PhaseClock::lap);
@@ -314,14 +295,13 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
             routings.push(objective.routings);
         }
 
-        if let Ranks::Parallel(parallel) = &self.ranks {
-            parallel.reduce_gradients(&self.variables)?;
-        }
+        self.topology.reduce_gradients(&self.variables)?;
         if let Some(max_norm) = self.config.grad_clip {
-            self.last_grad_norm = Some(match &self.ranks {
-                Ranks::Parallel(parallel) => parallel.clip_grad_norm(&self.variables, max_norm)?,
-                _ => clip_grad_norm(&self.trainable, max_norm),
-            });
+            self.last_grad_norm = Some(self.topology.clip_grad_norm(
+                &self.variables,
+                &self.trainable,
+                max_norm,
+            )?);
         }
         self.optimizer.step()?;
         self.model
@@ -331,42 +311,14 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
             phases.add(&laps);
         }
         self.step += 1;
-        let mut loss = loss_sum.expect("grad_accum_steps >= 1") / micro_batches as f64;
-        if let Ranks::Parallel(parallel) = &self.ranks {
-            loss = parallel.mean(&loss)?;
-        }
+        let loss = self
+            .topology
+            .mean(loss_sum.expect("grad_accum_steps >= 1") / micro_batches as f64)?;
         self.unchecked_loss = Some(match self.unchecked_loss.take() {
             Some(sum) => sum + &loss,
             None => loss.shallow_clone(),
         });
         Ok(loss)
-    }
-
-    /// Micro-batch `micro` of this step: drawn after the step's seed, or
-    /// with this rank's seed, or as the parts of the simulated ranks.
-    fn draw_batch(&self, micro: i64) -> Batch {
-        let (seed, step, size) = (self.config.seed, self.step, self.config.batch_size);
-        match &self.ranks {
-            Ranks::Single => self.data.batch(Split::Train, size),
-            Ranks::Parallel(parallel) => {
-                let rank_seed = rank_seed(seed, step, micro, parallel.rank());
-                draw_seeded(self.data, Split::Train, size, rank_seed)
-            }
-            Ranks::Simulated(ranks) => {
-                let parts: Vec<Batch> = (0..*ranks)
-                    .map(|rank| {
-                        let rank_seed = rank_seed(seed, step, micro, rank);
-                        draw_seeded(self.data, Split::Train, size, rank_seed)
-                    })
-                    .collect();
-                let xs: Vec<&Tensor> = parts.iter().map(|b| &b.x).collect();
-                let ys: Vec<&Tensor> = parts.iter().map(|b| &b.y).collect();
-                Batch {
-                    x: Tensor::cat(&xs, 0),
-                    y: Tensor::cat(&ys, 0),
-                }
-            }
-        }
     }
 
     /// Writes a training checkpoint (weights, optimizer state, configs,
@@ -381,22 +333,8 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
             train: Some(self.config.clone()),
             step: self.step,
         };
-        match &self.ranks {
-            Ranks::Parallel(parallel) => {
-                // The whole model in one file a single process loads; each
-                // rank's optimizer state (with its expert shards) beside it.
-                let variables = parallel.gather_variables(&self.variables)?;
-                std::fs::create_dir_all(dir).map_err(|e| MoeError::io(dir, e))?;
-                self.optimizer
-                    .save(&dir.join(rank_optimizer_file(parallel.rank())))?;
-                parallel.barrier()?;
-                if parallel.rank() == 0 {
-                    save_files(dir, &variables, None, &meta)?;
-                }
-                parallel.barrier()?;
-            }
-            _ => save_files(dir, &self.variables, Some(&self.optimizer), &meta)?,
-        }
+        self.topology
+            .save_checkpoint(dir, &self.variables, &self.optimizer, &meta)?;
         self.last_saved = Some(self.step);
         Ok(())
     }
@@ -417,25 +355,9 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
                 ),
             });
         }
-        let weights = match &self.ranks {
-            Ranks::Parallel(parallel) => {
-                // The file holds whole banks; this rank takes its shards.
-                let whole = parallel.gather_variables(&self.variables)?;
-                let mut weights = read_weights(dir, &whole)?;
-                for (name, value) in weights.iter_mut() {
-                    *value = parallel.shard_of(name, value)?;
-                }
-                self.optimizer
-                    .load_checked(&dir.join(rank_optimizer_file(parallel.rank())), meta.step)?;
-                weights
-            }
-            _ => {
-                let weights = read_weights(dir, &self.variables)?;
-                self.optimizer
-                    .load_checked(&dir.join(OPTIMIZER_FILE), meta.step)?;
-                weights
-            }
-        };
+        let weights =
+            self.topology
+                .load_checkpoint(dir, &self.variables, &mut self.optimizer, meta.step)?;
         copy_into(&self.variables, weights);
         self.step = meta.step;
         self.unchecked_loss = None;
@@ -488,18 +410,10 @@ impl<'a, M: CausalLm + ?Sized, O: Optimizer> Trainer<'a, M, O> {
         for step in first..cfg.max_iters {
             if is_eval_step(step) {
                 let started = Instant::now();
-                let mut losses = estimate_loss(self.model, self.data, &cfg)?;
-                let mut routing = estimate_routing_stats(self.model, self.data, &cfg)?;
-                if let Ranks::Parallel(parallel) = &self.ranks {
-                    let mean = |v: f64| -> Result<f64> {
-                        Ok(parallel.mean(&Tensor::from(v))?.double_value(&[]))
-                    };
-                    losses = EvalLosses {
-                        train: mean(losses.train)?,
-                        val: mean(losses.val)?,
-                    };
-                    routing = parallel.global_routing_stats(routing)?;
-                }
+                let (losses, routing) = self.topology.combine_eval(
+                    estimate_loss(self.model, self.data, &cfg)?,
+                    estimate_routing_stats(self.model, self.data, &cfg)?,
+                )?;
                 let eval_s = started.elapsed().as_secs_f64();
                 eval_s_total += eval_s;
                 evals_done += 1;
@@ -646,9 +560,4 @@ impl PhaseClock {
         self.last = now;
         secs
     }
-}
-
-/// Rank `rank`'s optimizer state in a data-parallel checkpoint.
-fn rank_optimizer_file(rank: i64) -> String {
-    format!("optimizer.rank{rank}.safetensors")
 }
