@@ -13,6 +13,10 @@
 //!
 //! `cargo xtask run run --release -p moe-lab --bin train_bench -- --device cpu --dispatch auto --eval-iters 0 --versus-makemoe`
 
+// The flags' help text (clap reads the doc comments) writes option syntax
+// such as `capacity[:FACTOR]`, not links.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 use clap::{Parser, ValueEnum};
 use moe_layers::dispatch::DispatchSpec;
 use moe_layers::lm::{
