@@ -313,7 +313,7 @@ fn run(args: Args) -> Result<()> {
     let model = model_config.build_with(&vs.root(), parallelism.as_ref())?;
     let data_parallel = parallelism
         .as_ref()
-        .map(|p| DataParallel::new(p.group.clone()));
+        .map(|p| DataParallel::new(p.group.clone(), &vs, model.as_ref()));
     if let Some(data_parallel) = &data_parallel {
         // Every rank starts from the model one process would draw: the
         // whole model with the same seed, of which each rank takes its share.

@@ -143,6 +143,22 @@ impl SparseMoe {
         &self.experts
     }
 
+    /// The variables this process holds only a share of: with expert
+    /// parallelism, the routed bank's tensors (`E / P` experts each);
+    /// nothing otherwise. The layer that owns them says so, so that data
+    /// parallelism reduces their gradients as shards whatever their names.
+    pub fn expert_shards(&self) -> Vec<Tensor> {
+        match &self.expert_parallel {
+            Some(_) => self
+                .experts
+                .tensors()
+                .into_iter()
+                .map(Tensor::shallow_clone)
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
     /// The routed experts, e.g. to load weights split from a dense FFN.
     pub fn experts_mut(&mut self) -> &mut ExpertBank {
         &mut self.experts

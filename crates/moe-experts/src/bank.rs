@@ -130,6 +130,15 @@ pub fn plus_bias(t: Tensor, b: Option<Tensor>) -> Tensor {
 }
 
 impl ExpertBank {
+    /// The bank's tensors: `w_in`, `w_gate`, `w_out` and the biases it has.
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        [Some(&self.w_in), self.b_in.as_ref(), self.w_gate.as_ref()]
+            .into_iter()
+            .chain([self.b_gate.as_ref(), Some(&self.w_out), self.b_out.as_ref()])
+            .flatten()
+            .collect()
+    }
+
     /// Parameters: `p/w_in`, `p/w_out` and, with a SwiGLU, `p/w_gate`, each
     /// weight drawn by `config.init` for its fans; with `config.bias`,
     /// `p/b_in`, `p/b_out` (and `p/b_gate` with a gate) drawn as PyTorch's

@@ -68,6 +68,13 @@ pub trait CausalLm: std::fmt::Debug {
     /// (DeepSeek-V3's balancing bias) update it.
     fn after_optimizer_step(&self, routings: &[Routing]) -> Result<()>;
 
+    /// The variables this process holds only a share of (the expert banks
+    /// of expert-parallel MoE layers, [`moe_block::SparseMoe::expert_shards`]);
+    /// none by default.
+    fn expert_shards(&self) -> Vec<Tensor> {
+        Vec::new()
+    }
+
     /// Whether the trainable variable `name` is exempt from weight decay
     /// when the training config asks for decay on weight matrices only
     /// (nanoGPT's groups): biases, norms and embeddings.

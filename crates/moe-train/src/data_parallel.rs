@@ -16,7 +16,9 @@
 use crate::optimizer::scale_to_norm;
 use moe_aten::dist::{Group, ReduceOp};
 use moe_core::{MoeError, Result};
+use moe_models::CausalLm;
 use moe_routers::RoutingStats;
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tch::{nn, Kind, Tensor};
 
@@ -37,38 +39,57 @@ pub fn rank_seed(seed: i64, step: i64, micro: i64, rank: i64) -> i64 {
     seed + step + RANK_SEED_STRIDE * (rank + 1) + 7_919 * micro
 }
 
-/// Whether a variable is a shard of an expert-parallel bank: its last path
-/// component is a bank tensor under a component named `experts`
-/// (`model.layers.3.mlp.experts.w_in`, not `...shared_experts.w_in`).
-pub fn is_expert_shard(name: &str) -> bool {
-    let mut parts = name.rsplit('.');
-    let (Some(last), Some(parent)) = (parts.next(), parts.next()) else {
-        return false;
-    };
-    parent == "experts"
-        && matches!(
-            last,
-            "w_in" | "w_gate" | "w_out" | "b_in" | "b_gate" | "b_out"
-        )
-}
-
 /// The ranks a [`crate::Trainer`] runs on and what each variable is.
 #[derive(Debug, Clone)]
 pub struct DataParallel {
     group: Arc<Mutex<Group>>,
     rank: i64,
     size: i64,
+    /// The names of the variables that are expert shards, as the model's
+    /// layers register them ([`CausalLm::expert_shards`]).
+    expert_shards: Arc<BTreeSet<String>>,
 }
 
 impl DataParallel {
-    /// Training over `group` (the group the model's expert-parallel layers
-    /// use, or any group for a model without them).
-    pub fn new(group: Arc<Mutex<Group>>) -> Self {
+    /// Training `model`, whose variables are those of `vs`, over `group`
+    /// (the group its expert-parallel layers use, or any group for a model
+    /// without them). Its expert shards are the variables its layers
+    /// register ([`CausalLm::expert_shards`]): their gradients are scaled,
+    /// not averaged, and checkpoints gather them; every other variable is
+    /// replicated.
+    pub fn new(
+        group: Arc<Mutex<Group>>,
+        vs: &nn::VarStore,
+        model: &(impl CausalLm + ?Sized),
+    ) -> Self {
         let (rank, size) = {
             let g = lock(&group);
             (g.rank(), g.size())
         };
-        DataParallel { group, rank, size }
+        let shards = model.expert_shards();
+        let is_shard = |t: &Tensor| {
+            shards
+                .iter()
+                .any(|s| s.data_ptr() == t.data_ptr() && s.size() == t.size())
+        };
+        let expert_shards = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| is_shard(t))
+            .map(|(name, _)| name)
+            .collect();
+        DataParallel {
+            group,
+            rank,
+            size,
+            expert_shards: Arc::new(expert_shards),
+        }
+    }
+
+    /// Whether the variable `name` is an expert shard (registered by its
+    /// layer, see [`DataParallel::new`]).
+    pub fn is_expert_shard(&self, name: &str) -> bool {
+        self.expert_shards.contains(name)
     }
 
     /// This rank.
@@ -90,7 +111,7 @@ impl DataParallel {
     pub fn broadcast_parameters(&self, variables: &[(String, Tensor)]) -> Result<()> {
         let replicated: Vec<Tensor> = variables
             .iter()
-            .filter(|(name, _)| !is_expert_shard(name))
+            .filter(|(name, _)| !self.is_expert_shard(name))
             .map(|(_, t)| t.shallow_clone())
             .collect();
         let device = self.group().device();
@@ -114,7 +135,7 @@ impl DataParallel {
                 // Defines a zero gradient (the variable took no part here).
                 moe_aten::backward(&(var.sum(Kind::Float) * 0.0))?;
             }
-            if is_expert_shard(name) {
+            if self.is_expert_shard(name) {
                 tch::no_grad(|| {
                     let _ = var.grad().g_div_scalar_(p);
                 });
@@ -141,7 +162,7 @@ impl DataParallel {
         let sum_sq = |expert: bool| {
             variables
                 .iter()
-                .filter(|(name, v)| is_expert_shard(name) == expert && v.grad().defined())
+                .filter(|(name, v)| self.is_expert_shard(name) == expert && v.grad().defined())
                 .map(|(_, v)| v.grad().to_kind(Kind::Float).square().sum(Kind::Float))
                 .fold(Tensor::zeros([], (Kind::Float, device)), |a, b| {
                     a + b.to_device(device)
@@ -177,7 +198,7 @@ impl DataParallel {
         let (mut replicated, mut experts) = (0i64, 0i64);
         for (name, var) in variables.iter().filter(|(_, v)| v.requires_grad()) {
             let n = var.numel() as i64;
-            match is_expert_shard(name) {
+            match self.is_expert_shard(name) {
                 true => experts += n,
                 false => replicated += n,
             }
@@ -209,7 +230,7 @@ impl DataParallel {
         variables
             .iter()
             .map(|(name, t)| {
-                if !is_expert_shard(name) {
+                if !self.is_expert_shard(name) {
                     return Ok((name.clone(), t.shallow_clone()));
                 }
                 let group = self.group();
@@ -224,7 +245,7 @@ impl DataParallel {
     /// This rank's slice of whole-model `values` (the inverse of
     /// [`DataParallel::gather_variables`]).
     pub fn shard_of(&self, name: &str, value: &Tensor) -> Result<Tensor> {
-        if !is_expert_shard(name) {
+        if !self.is_expert_shard(name) {
             return Ok(value.shallow_clone());
         }
         let rows = value.size()[0];

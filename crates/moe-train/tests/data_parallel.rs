@@ -11,7 +11,6 @@ use moe_aten::dist::{Group, GroupOptions};
 use moe_data::{CharTokenizer, Tokenizer};
 use moe_dispatch::{ExchangeMode, ExpertParallelism};
 use moe_models::{CausalLm, DecoderConfig, DecoderModel};
-use moe_train::data_parallel::is_expert_shard;
 use moe_train::{load_checkpoint, Checkpointing, DataParallel, TrainConfig, TrainEvent, Trainer};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -108,7 +107,7 @@ fn rank_run(
     };
     let vs = nn::VarStore::new(Device::Cpu);
     let model = DecoderModel::with_parallelism(&vs.root(), &config, Some(&parallelism)).unwrap();
-    let dp = DataParallel::new(group);
+    let dp = DataParallel::new(group, &vs, &model);
     let vars = vs.variables();
     tch::no_grad(|| {
         for (name, value) in &weights {
@@ -204,13 +203,16 @@ fn two_ranks_train_as_one_process_on_the_same_global_batches() {
     // computes what the reference computes.
     let loaded = load_checkpoint(&dir, Device::Cpu).unwrap();
     assert_eq!(loaded.meta.step, 20);
-    let shards = loaded
-        .vs
-        .variables()
-        .into_iter()
-        .filter(|(n, _)| is_expert_shard(n))
+    // The ranks held half of each bank; the file holds them whole.
+    let whole = loaded.vs.variables();
+    let experts = model.config().num_local_experts;
+    let banks = (0..model.config().num_hidden_layers)
+        .flat_map(|i| {
+            ["w_gate", "w_in", "w_out"].map(|w| format!("model.layers.{i}.mlp.experts.{w}"))
+        })
+        .filter(|name| whole.get(name).is_some_and(|t| t.size()[0] == experts))
         .count();
-    assert_eq!(shards, 2 * 3, "two layers of w_gate, w_in, w_out");
+    assert_eq!(banks, 2 * 3, "two layers of w_gate, w_in, w_out");
     let idx = Tensor::from_slice(&[1i64, 5, 9, 3, 7, 2]).view([2, 3]);
     let a = tch::no_grad(|| model.forward_t(&idx, false))
         .unwrap()
@@ -250,4 +252,52 @@ fn a_resumed_parallel_run_goes_on_as_the_uninterrupted_one() {
             .is_file());
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The expert shards are what the layers register, not what the names
+/// look like: a model without expert parallelism has none (its banks,
+/// named `...mlp.experts.w_in`, are replicated like any variable), one
+/// with it has its routed banks, and not its shared experts.
+#[test]
+fn expert_shards_are_registered_by_their_layers() {
+    let _rng = RNG.lock().unwrap_or_else(|p| p.into_inner());
+    let config = DecoderConfig {
+        n_shared_experts: 1,
+        ..model_config(30)
+    };
+    let group = Group::in_process(1, &GroupOptions::default())
+        .unwrap()
+        .pop()
+        .unwrap();
+    let group = Arc::new(Mutex::new(group));
+    let vs = nn::VarStore::new(Device::Cpu);
+    let plain = DecoderModel::new(&vs.root(), &config).unwrap();
+    let dp = DataParallel::new(group.clone(), &vs, &plain);
+    assert!(vs
+        .variables()
+        .keys()
+        .any(|n| n.ends_with("mlp.experts.w_in")));
+    assert!(vs.variables().keys().all(|n| !dp.is_expert_shard(n)));
+
+    let parallelism = ExpertParallelism {
+        group: group.clone(),
+        mode: ExchangeMode::Dropless,
+    };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let sharded = DecoderModel::with_parallelism(&vs.root(), &config, Some(&parallelism)).unwrap();
+    let dp = DataParallel::new(group, &vs, &sharded);
+    let mut shards: Vec<String> = vs
+        .variables()
+        .into_keys()
+        .filter(|n| dp.is_expert_shard(n))
+        .collect();
+    shards.sort();
+    let want: Vec<String> = (0..config.num_hidden_layers)
+        .flat_map(|i| {
+            ["w_gate", "w_in", "w_out"].map(|w| format!("model.layers.{i}.mlp.experts.{w}"))
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(shards, want);
 }

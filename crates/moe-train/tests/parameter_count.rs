@@ -43,7 +43,7 @@ fn rank_counts(group: Group, config: &LmConfig, text: &str) -> (i64, Option<(i64
     };
     let mut trainer = Trainer::new(&vs, model.as_ref(), &data, train)
         .unwrap()
-        .with_data_parallel(DataParallel::new(group))
+        .with_data_parallel(DataParallel::new(group, &vs, model.as_ref()))
         .unwrap();
     let mut start = None;
     trainer

@@ -64,7 +64,8 @@ fn rank(rank: i64, port: u16) -> (nn::VarStore, DecoderModel, Dataset, DataParal
     let vs = nn::VarStore::new(Device::Cpu);
     let config = model_config(tok.vocab_size());
     let model = DecoderModel::with_parallelism(&vs.root(), &config, Some(&parallelism)).unwrap();
-    (vs, model, data, DataParallel::new(group))
+    let dp = DataParallel::new(group, &vs, &model);
+    (vs, model, data, dp)
 }
 
 #[test]

@@ -198,4 +198,10 @@ impl CausalLm for DecoderModel {
     fn is_no_decay(&self, name: &str, shape: &[i64]) -> bool {
         shape.len() < 2 || name.contains("embed_tokens")
     }
+
+    fn expert_shards(&self) -> Vec<Tensor> {
+        self.moe_layers()
+            .flat_map(|moe| moe.expert_shards())
+            .collect()
+    }
 }

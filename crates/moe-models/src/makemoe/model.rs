@@ -157,4 +157,11 @@ impl CausalLm for MakeMoeModel {
         }
         Ok(())
     }
+
+    fn expert_shards(&self) -> Vec<Tensor> {
+        self.blocks
+            .iter()
+            .flat_map(|block| block.moe().expert_shards())
+            .collect()
+    }
 }
