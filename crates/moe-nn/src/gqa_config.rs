@@ -4,8 +4,8 @@ use moe_core::{MoeError, Result, WeightInit};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-/// Normalisation of queries and keys before RoPE (QK-norm), which keeps
-/// attention logits from growing during training.
+/// Normalisation of queries and keys (QK-norm), which keeps attention
+/// logits from growing during training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
@@ -90,7 +90,8 @@ pub struct GqaConfig {
     /// Bias on the output projection `o_proj` (gpt-oss, with
     /// `attention_bias`).
     pub o_proj_bias: bool,
-    /// QK-norm before RoPE, if any.
+    /// QK-norm, if any: before RoPE (OLMoE's, Qwen3's), or after it in
+    /// the layers that turn positions (Llama 4's weightless L2).
     pub qk_norm: QkNorm,
     /// Whether the layer turns queries and keys by their positions (RoPE);
     /// false: a layer without positional encoding (Llama 4's NoPE layers,

@@ -207,7 +207,7 @@ fn set_chunked_layers(c: &mut DecoderConfig, chunk: Option<i64>, types: Vec<Laye
 }
 
 /// The keys of Llama 4's text model; the multimodal family reads them too.
-pub(crate) static KEYS: [Entry; 12] = [
+pub(crate) static KEYS: [Entry; 11] = [
     // The experts' (and shared expert's) width; the dense MLPs' is
     // `intermediate_size_mlp`.
     Entry::Int(Key::new(
@@ -232,7 +232,6 @@ pub(crate) static KEYS: [Entry; 12] = [
     rules::head_dim(128),
     rules::qkvo_bias(false),
     Entry::Rule(&ATTENTION),
-    Entry::Info(&["no_rope_layer_interval"]),
 ];
 
 /// Llama 4's text model's layers.

@@ -763,7 +763,11 @@ impl DecoderConfig {
         match self.latent_attention_config() {
             Some(mla) => mla.validate()?,
             None => {
-                for layer in 0..self.num_hidden_layers {
+                // The layers differ by their window, chunk and RoPE, checked
+                // above: the first layer, and the first NoPE layer for its
+                // temperature tuning, stand for all of them.
+                let nope = self.nope_layers.first().copied();
+                for layer in std::iter::once(0).chain(nope) {
                     self.attention_config_of(layer).validate()?;
                 }
             }
