@@ -20,8 +20,8 @@ use moe_layers::dispatch::{ExchangeMode, ExpertParallelism};
 use moe_layers::lm::{
     generate, load_checkpoint_meta, plot_loss_curve, CausalLm, Checkpointing, DataParallel,
     Dataset, DecoderConfig, DecoderPreset, JsonlWriter, LmConfig, LossCurves, MakeMoeConfig,
-    MlflowClient, MlflowFileStoreRun, MlflowRun, Preset, Progress, RunConfig, RunStatus, Sampling,
-    TextStream, Tokenizer, TokenizerKind, TrainEvent, Trainer,
+    MlflowLog, MlflowOptions, Preset, Progress, RunConfig, RunLog, RunStatus, Sampling, TextStream,
+    Tokenizer, TokenizerKind, Trainer,
 };
 use moe_layers::prelude::{DeviceChoice, DispatchSpec, Precision, WeightInit};
 use moe_layers::{MoeError, Result};
@@ -302,7 +302,12 @@ fn run(args: Args) -> Result<()> {
         } else {
             JsonlWriter::create(&metrics_path)?
         };
-        let mlflow = Mlflow::start(&args, &run_name, &config)?;
+        let mlflow = MlflowOptions {
+            uri: args.mlflow_uri.clone(),
+            experiment: args.mlflow_experiment.clone(),
+            file_store: args.mlflow_file_store.clone(),
+        };
+        let mlflow = MlflowLog::start(&mlflow, "shakespeare", &run_name, &config)?;
         Some((metrics, mlflow))
     } else {
         None
@@ -348,66 +353,14 @@ fn run(args: Args) -> Result<()> {
         trainer.resume(dir)?;
         println!("resumed {} at step {}", dir.display(), trainer.steps_done());
     }
-    let progress = Progress::new(train_config.max_iters, trainer.steps_done());
     // Every event goes to metrics.jsonl; the progress bar and MLflow show
     // what a person follows (the trainer reports on rank 0 only).
-    let result = trainer.run(|event| {
-        let Some((metrics, mlflow)) = outputs.as_mut() else {
-            return Ok(());
-        };
-        metrics.write(event)?;
-        match *event {
-            TrainEvent::Start {
-                parameters,
-                active_parameters,
-                ref device,
-                ..
-            } => progress.println(&format!(
-                "{:.6} M parameters ({:.3} M active per token), device {device}, vocabulary {}",
-                parameters as f64 / 1e6,
-                active_parameters as f64 / 1e6,
-                tokenizer.vocab_size()
-            )),
-            TrainEvent::Step {
-                step,
-                loss,
-                lr,
-                ms_per_step,
-                tokens_per_s,
-                eta_s,
-                ..
-            } => {
-                progress.step(step, loss, ms_per_step, tokens_per_s, eta_s);
-                mlflow.metrics(step, &[("loss", loss), ("lr", lr)], false, &progress)?;
-            }
-            TrainEvent::Eval {
-                step,
-                train_loss,
-                val_loss,
-                tokens_per_s,
-                eval_s,
-                load_cv,
-                ..
-            } => {
-                progress.println(&format!(
-                    "step {step}: train loss {train_loss:.4}, val loss {val_loss:.4} (eval {eval_s:.1} s)"
-                ));
-                let values = [
-                    ("train_loss", train_loss),
-                    ("val_loss", val_loss),
-                    ("tokens_per_s", tokens_per_s),
-                    ("load_cv", load_cv),
-                ];
-                // Sent now: a person following the run sees each evaluation.
-                mlflow.metrics(step, &values, true, &progress)?;
-            }
-            // The end, and events a later trainer may add: metrics.jsonl has them.
-            _ => {}
-        }
-        Ok(())
+    let mut log = outputs.take().map(|(metrics, mlflow)| {
+        let progress = Progress::new(train_config.max_iters, trainer.steps_done());
+        RunLog::new(metrics, progress, mlflow)
     });
-    progress.finish();
-    let Some((_, mut mlflow)) = outputs else {
+    let result = trainer.run(|event| log.as_mut().map_or(Ok(()), |log| log.event(event)));
+    let Some(mut mlflow) = log.map(RunLog::finish) else {
         // Another rank: the sample's forward passes are collectives.
         result?;
         if args.sample_chars > 0 {
@@ -459,168 +412,6 @@ fn expert_parallelism(args: &Args, device: tch::Device) -> Result<Option<ExpertP
         group: Arc::new(Mutex::new(group)),
         mode,
     }))
-}
-
-/// Every field of the config as an MLflow parameter (`model.n_embd`, ...).
-fn config_params(config: &RunConfig) -> Result<Vec<(String, String)>> {
-    let value = serde_json::to_value(config)
-        .map_err(|e| MoeError::config(format!("cannot serialise the config: {e}")))?;
-    let mut params = Vec::new();
-    for (section, fields) in value.as_object().into_iter().flatten() {
-        for (key, v) in fields.as_object().into_iter().flatten() {
-            let text = v.as_str().map_or(v.to_string(), str::to_string);
-            params.push((format!("{section}.{key}"), text));
-        }
-    }
-    Ok(params)
-}
-
-/// Where the run is logged besides metrics.jsonl: an MLflow tracking
-/// server, whose first failure prints one warning and ends the logging to
-/// it (never the training), and the legacy file store, a local folder whose
-/// errors stop the run as metrics.jsonl's do.
-struct Mlflow {
-    server: Option<MlflowRun>,
-    /// The server's address, for the warning.
-    uri: String,
-    warned: bool,
-    file_store: Option<MlflowFileStoreRun>,
-}
-
-impl Mlflow {
-    /// Starts the run on the server (`--mlflow-uri`, else
-    /// `MLFLOW_TRACKING_URI`) and in the file store, logging the config as
-    /// parameters. A bad `--mlflow-uri` is an error; a server that fails
-    /// is a warning.
-    fn start(args: &Args, run_name: &str, config: &RunConfig) -> Result<Self> {
-        let env = |key: &str| std::env::var(key).ok().filter(|v| !v.is_empty());
-        let mut mlflow = Mlflow {
-            server: None,
-            uri: String::new(),
-            warned: false,
-            file_store: None,
-        };
-        let params = config_params(config)?;
-        let experiment = (args.mlflow_experiment.clone())
-            .or_else(|| env("MLFLOW_EXPERIMENT_NAME"))
-            .unwrap_or_else(|| "shakespeare".into());
-        if let Some(dir) = &args.mlflow_file_store {
-            let run = MlflowFileStoreRun::create(dir, &experiment, run_name)?;
-            for (key, value) in &params {
-                run.log_param(key, value)?;
-            }
-            mlflow.file_store = Some(run);
-        }
-        let client = match (&args.mlflow_uri, env("MLFLOW_TRACKING_URI")) {
-            (Some(uri), _) => MlflowClient::new(uri)?,
-            (None, None) => return Ok(mlflow),
-            (None, Some(uri)) => match MlflowClient::new(&uri) {
-                Ok(client) => client,
-                Err(_) => {
-                    eprintln!(
-                        "warning: MLFLOW_TRACKING_URI={uri} is not an http(s) tracking server: \
-                         the run is not logged to MLflow"
-                    );
-                    return Ok(mlflow);
-                }
-            },
-        };
-        let client = match (
-            env("MLFLOW_TRACKING_TOKEN"),
-            env("MLFLOW_TRACKING_USERNAME"),
-        ) {
-            (Some(token), _) => client.with_bearer_token(&token),
-            (None, Some(user)) => {
-                let password = env("MLFLOW_TRACKING_PASSWORD").unwrap_or_default();
-                client.with_basic_auth(&user, &password)
-            }
-            (None, None) => client,
-        };
-        mlflow.uri = client.uri().to_string();
-        let started = client.start_run(&experiment, run_name).and_then(|mut run| {
-            run.log_params(params)?;
-            Ok(run)
-        });
-        match started {
-            Ok(run) => {
-                println!(
-                    "MLflow: {}/#/experiments/{}/runs/{}",
-                    mlflow.uri,
-                    run.experiment_id(),
-                    run.run_id()
-                );
-                mlflow.server = Some(run);
-            }
-            Err(e) => mlflow.warn("logging stopped", &e, None),
-        }
-        Ok(mlflow)
-    }
-
-    /// Prints the one warning of the run about the server: `what`
-    /// happened (the logging stopped, a file was not uploaded) because of `e`.
-    fn warn(&mut self, what: &str, e: &MoeError, progress: Option<&Progress>) {
-        if std::mem::replace(&mut self.warned, true) {
-            return;
-        }
-        let line = format!(
-            "warning: MLflow at {}: {what} ({e}); the training goes on and \
-             metrics.jsonl keeps every record",
-            self.uri
-        );
-        match progress {
-            Some(progress) => progress.eprintln(&line),
-            None => eprintln!("{line}"),
-        }
-    }
-
-    /// Logs the metrics of `step`, sent to the server at once when `flush`.
-    fn metrics(
-        &mut self,
-        step: i64,
-        values: &[(&str, f64)],
-        flush: bool,
-        progress: &Progress,
-    ) -> Result<()> {
-        if let Some(run) = &self.file_store {
-            for &(key, value) in values {
-                run.log_metric(key, value, step)?;
-            }
-        }
-        if let Some(run) = self.server.as_mut() {
-            let logged = values
-                .iter()
-                .try_for_each(|&(key, value)| run.log_metric(key, value, step))
-                .and_then(|()| if flush { run.flush() } else { Ok(()) });
-            if let Err(e) = logged {
-                self.server = None;
-                self.warn("logging stopped", &e, Some(progress));
-            }
-        }
-        Ok(())
-    }
-
-    /// Uploads a file of the run. The server's run goes on after a failed
-    /// upload (a server that keeps artifacts elsewhere still takes metrics).
-    fn artifact(&mut self, path: &std::path::Path) -> Result<()> {
-        if let Some(run) = &self.file_store {
-            run.log_artifact(path)?;
-        }
-        if let Some(Err(e)) = self.server.as_ref().map(|run| run.log_artifact(path)) {
-            let what = format!("{} not uploaded", path.display());
-            self.warn(&what, &e, None);
-        }
-        Ok(())
-    }
-
-    /// Marks the run finished or failed.
-    fn finish(mut self, status: RunStatus) -> Result<()> {
-        if let Some(Err(e)) = self.server.take().map(|run| run.finish(status)) {
-            self.warn("the run's end not recorded", &e, None);
-        }
-        self.file_store
-            .take()
-            .map_or(Ok(()), |run| run.finish(status))
-    }
 }
 
 /// Generates `n` tokens from an empty prompt, printing the text as it comes.

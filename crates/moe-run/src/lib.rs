@@ -3,7 +3,10 @@
 //! tokenizer in one TOML or JSON file), [`JsonlWriter`] for `metrics.jsonl`,
 //! MLflow logging to a tracking server ([`MlflowClient`], [`MlflowRun`]; the
 //! legacy file-store writer [`MlflowFileStoreRun`]), the loss plot
-//! ([`plot_loss_curve`]) and the terminal [`Progress`] bar.
+//! ([`plot_loss_curve`]) and the terminal [`Progress`] bar; [`RunLog`] sends
+//! a run's typed events to `metrics.jsonl`, the progress bar and MLflow
+//! ([`MlflowLog`], fail-soft: a failing server is warned about once and
+//! left).
 //!
 //! Features: `mlflow` (the REST client, through `ureq` with rustls) and
 //! `plot` (through `plotters`); the facade's `lm` turns both on.
@@ -17,6 +20,8 @@ mod mlflow_file_store;
 mod plot;
 mod progress;
 mod run_config;
+#[cfg(feature = "mlflow")]
+mod run_log;
 mod run_status;
 
 pub use metrics::JsonlWriter;
@@ -27,4 +32,6 @@ pub use mlflow_file_store::MlflowFileStoreRun;
 pub use plot::{plot_loss_curve, plot_series, plot_val_losses, LossCurves, FONT_PATHS};
 pub use progress::{format_secs, Progress};
 pub use run_config::RunConfig;
+#[cfg(feature = "mlflow")]
+pub use run_log::{MlflowLog, MlflowOptions, RunLog};
 pub use run_status::RunStatus;
