@@ -18,10 +18,9 @@ use clap::{Parser, ValueEnum};
 use moe_layers::aten::dist::{Group, GroupOptions};
 use moe_layers::dispatch::{ExchangeMode, ExpertParallelism};
 use moe_layers::lm::{
-    generate, load_checkpoint_meta, plot_loss_curve, CausalLm, Checkpointing, DataParallel,
-    Dataset, DecoderConfig, DecoderPreset, JsonlWriter, LmConfig, LossCurves, MakeMoeConfig,
-    MlflowLog, MlflowOptions, Preset, Progress, RunConfig, RunLog, RunStatus, Sampling, TextStream,
-    Tokenizer, TokenizerKind, Trainer,
+    generate, plot_loss_curve, CausalLm, DecoderConfig, DecoderPreset, JsonlWriter, LmConfig,
+    LossCurves, MakeMoeConfig, MlflowLog, MlflowOptions, Preset, Progress, Run, RunConfig, RunLog,
+    RunStatus, Sampling, TextStream, Tokenizer, TokenizerKind, TrainEvent,
 };
 use moe_layers::prelude::{DeviceChoice, DispatchSpec, Precision, WeightInit};
 use moe_layers::{MoeError, Result};
@@ -259,7 +258,6 @@ fn apply_decoder_flags(args: &Args, d: &mut DecoderConfig) -> Result<()> {
 
 fn run(args: Args) -> Result<()> {
     let device = args.device.resolve()?;
-    let mut config = resolve_config(&args)?;
     let text = std::fs::read_to_string(&args.data).map_err(|e| {
         MoeError::Data(format!(
             "cannot read the corpus {}: {e}",
@@ -267,40 +265,31 @@ fn run(args: Args) -> Result<()> {
         ))
     })?;
     // A resumed run keeps its model and tokenizer; training flags still apply.
-    let resumed = match &args.resume {
-        Some(dir) => Some(load_checkpoint_meta(dir)?),
-        None => None,
-    };
-    let tokenizer = match &resumed {
-        Some(meta) => {
-            config.model = meta.model.clone();
-            meta.tokenizer.clone()
-        }
-        None => Tokenizer::train(&text, &config.tokenizer)?,
-    };
-    config.model.set_vocab_size(tokenizer.vocab_size());
-    config.model.validate()?;
-    config.train.validate()?;
+    let prepared = Run::new(resolve_config(&args)?)
+        .device(device)
+        .checkpoints(&args.out, args.checkpoint_interval)
+        .resume(args.resume.clone())
+        .expert_parallel(expert_parallelism(&args, device)?)
+        .simulated_ranks(args.simulate_ranks)
+        .prepare(&text)?;
     if args.print_config {
-        print!("{}", config.to_toml()?);
+        print!("{}", prepared.config().to_toml()?);
         return Ok(());
     }
-    let (model_config, train_config) = (config.model.clone(), config.train.clone());
-    let parallelism = expert_parallelism(&args, device)?;
-    // With expert parallelism every rank trains; rank 0 alone writes.
-    let main = parallelism.as_ref().is_none_or(|p| p.rank() == 0);
+    let (config, resumed) = (prepared.config().clone(), prepared.resumes().is_some());
 
+    // Every event goes to metrics.jsonl; the progress bar and MLflow show
+    // what a person follows (rank 0 alone writes and reports).
     std::fs::create_dir_all(&args.out).map_err(|e| MoeError::io(&args.out, e))?;
     let metrics_path = args.out.join("metrics.jsonl");
     let run_name = std::path::absolute(&args.out)
         .ok()
         .and_then(|dir| dir.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "run".into());
-    let mut outputs = if main {
-        let metrics = if resumed.is_some() {
-            JsonlWriter::append(&metrics_path)?
-        } else {
-            JsonlWriter::create(&metrics_path)?
+    let mut log = if prepared.reports() {
+        let metrics = match resumed {
+            true => JsonlWriter::append(&metrics_path)?,
+            false => JsonlWriter::create(&metrics_path)?,
         };
         let mlflow = MlflowOptions {
             uri: args.mlflow_uri.clone(),
@@ -308,76 +297,39 @@ fn run(args: Args) -> Result<()> {
             file_store: args.mlflow_file_store.clone(),
         };
         let mlflow = MlflowLog::start(&mlflow, "shakespeare", &run_name, &config)?;
-        Some((metrics, mlflow))
+        let progress = Progress::new(config.train.max_iters, prepared.first_step());
+        Some(RunLog::new(metrics, progress, mlflow))
     } else {
         None
     };
-
-    tch::manual_seed(train_config.seed);
-    let vs = tch::nn::VarStore::new(device);
-    let model = model_config.build_with(&vs.root(), parallelism.as_ref())?;
-    let data_parallel = parallelism
-        .as_ref()
-        .map(|p| DataParallel::new(p.group.clone(), &vs, model.as_ref()));
-    if let Some(data_parallel) = &data_parallel {
-        // Every rank starts from the model one process would draw: the
-        // whole model with the same seed, of which each rank takes its share.
-        tch::manual_seed(train_config.seed);
-        let whole = tch::nn::VarStore::new(device);
-        model_config.build(&whole.root())?;
-        data_parallel.copy_from_whole(&whole, &vs)?;
-    }
-    let tokens = tokenizer.encode(&text)?;
-    let data = Dataset::new(
-        &tokens,
-        tokenizer.vocab_size(),
-        train_config.train_fraction,
-        model_config.max_context(),
-        device,
-    )?;
-    let mut trainer = Trainer::new(&vs, model.as_ref(), &data, train_config.clone())?
-        .with_checkpointing(Checkpointing {
-            dir: args.out.clone(),
-            interval: args
-                .checkpoint_interval
-                .unwrap_or(train_config.max_iters.max(1)),
-            tokenizer: tokenizer.clone(),
-        })?;
-    if let Some(data_parallel) = data_parallel {
-        trainer = trainer.with_data_parallel(data_parallel)?;
-    }
-    if let Some(ranks) = args.simulate_ranks {
-        trainer = trainer.with_simulated_ranks(ranks)?;
-    }
-    if let Some(dir) = &args.resume {
-        trainer.resume(dir)?;
-        println!("resumed {} at step {}", dir.display(), trainer.steps_done());
-    }
-    // Every event goes to metrics.jsonl; the progress bar and MLflow show
-    // what a person follows (the trainer reports on rank 0 only).
-    let mut log = outputs.take().map(|(metrics, mlflow)| {
-        let progress = Progress::new(train_config.max_iters, trainer.steps_done());
-        RunLog::new(metrics, progress, mlflow)
+    let trained = prepared.train(&text, |event| {
+        if let (TrainEvent::Start { step, .. }, Some(dir)) = (event, &args.resume) {
+            println!("resumed {} at step {step}", dir.display());
+        }
+        log.as_mut().map_or(Ok(()), |log| log.event(event))
     });
-    let result = trainer.run(|event| log.as_mut().map_or(Ok(()), |log| log.event(event)));
     let Some(mut mlflow) = log.map(RunLog::finish) else {
         // Another rank: the sample's forward passes are collectives.
-        result?;
+        let trained = trained?;
         if args.sample_chars > 0 {
-            tch::manual_seed(train_config.seed);
-            print_sample(model.as_ref(), &tokenizer, args.sample_chars, false)?;
+            tch::manual_seed(config.train.seed);
+            print_sample(
+                trained.model.as_ref(),
+                &trained.tokenizer,
+                args.sample_chars,
+                false,
+            )?;
         }
         return Ok(());
     };
-    if let Err(e) = result {
-        let _ = mlflow.finish(RunStatus::Failed);
-        return Err(e);
-    }
-    println!(
-        "saved {} (step {})",
-        args.out.display(),
-        trainer.steps_done()
-    );
+    let trained = match trained {
+        Ok(trained) => trained,
+        Err(e) => {
+            let _ = mlflow.finish(RunStatus::Failed);
+            return Err(e);
+        }
+    };
+    println!("saved {} (step {})", args.out.display(), trained.steps);
 
     if args.plot {
         let png = args.out.join("loss_curve.png");
@@ -387,10 +339,15 @@ fn run(args: Args) -> Result<()> {
     }
     if args.sample_chars > 0 {
         // Every rank samples alike (same seed), so their collectives line up.
-        if parallelism.is_some() {
-            tch::manual_seed(train_config.seed);
+        if args.expert_parallel {
+            tch::manual_seed(config.train.seed);
         }
-        print_sample(model.as_ref(), &tokenizer, args.sample_chars, true)?;
+        print_sample(
+            trained.model.as_ref(),
+            &trained.tokenizer,
+            args.sample_chars,
+            true,
+        )?;
     }
     mlflow.finish(RunStatus::Finished)
 }

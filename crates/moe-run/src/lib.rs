@@ -1,5 +1,8 @@
 //! Run tooling of `moe-layers`: what turns a training loop into a run a
-//! person can follow and compare. [`RunConfig`] (model family, training and
+//! person can follow and compare. [`Run`] is the training recipe every
+//! program shares (tokenizer, config completed and validated, seeded model,
+//! each rank its share, dataset, trainer, checkpoints, resume, events to
+//! sinks). [`RunConfig`] (model family, training and
 //! tokenizer in one TOML or JSON file), [`JsonlWriter`] for `metrics.jsonl`,
 //! MLflow logging to a tracking server ([`MlflowClient`], [`MlflowRun`]; the
 //! legacy file-store writer [`MlflowFileStoreRun`]), the loss plot
@@ -19,6 +22,7 @@ mod mlflow_file_store;
 #[cfg(feature = "plot")]
 mod plot;
 mod progress;
+mod run;
 mod run_config;
 #[cfg(feature = "mlflow")]
 mod run_log;
@@ -31,6 +35,7 @@ pub use mlflow_file_store::MlflowFileStoreRun;
 #[cfg(feature = "plot")]
 pub use plot::{plot_loss_curve, plot_series, plot_val_losses, LossCurves, FONT_PATHS};
 pub use progress::{format_secs, Progress};
+pub use run::{PreparedRun, Run, TrainedRun};
 pub use run_config::RunConfig;
 #[cfg(feature = "mlflow")]
 pub use run_log::{MlflowLog, MlflowOptions, RunLog};
