@@ -18,11 +18,11 @@ use clap::{Parser, ValueEnum};
 use moe_layers::aten::dist::{Group, GroupOptions};
 use moe_layers::dispatch::{ExchangeMode, ExpertParallelism};
 use moe_layers::lm::{
-    generate, plot_loss_curve, CausalLm, DecoderConfig, DecoderPreset, JsonlWriter, LmConfig,
-    LossCurves, MakeMoeConfig, MlflowLog, MlflowOptions, Preset, Progress, Run, RunConfig, RunLog,
-    RunStatus, Sampling, TextStream, Tokenizer, TokenizerKind, TrainEvent,
+    generate, plot_loss_curve, CausalLm, CommonModelSettings, DecoderConfig, DecoderPreset,
+    JsonlWriter, LmConfig, LossCurves, MakeMoeConfig, MlflowLog, MlflowOptions, Preset, Progress,
+    Run, RunConfig, RunLog, RunStatus, Sampling, TextStream, Tokenizer, TokenizerKind, TrainEvent,
 };
-use moe_layers::prelude::{DeviceChoice, DispatchSpec, Precision, WeightInit};
+use moe_layers::prelude::{DeviceChoice, Precision, WeightInit};
 use moe_layers::{MoeError, Result};
 use std::io::Write;
 use std::path::PathBuf;
@@ -205,16 +205,15 @@ fn resolve_config(args: &Args) -> Result<RunConfig> {
     set(&mut t.batch_size, args.batch_size);
     set(&mut t.seed, args.seed);
     t.learning_rate = args.lr.unwrap_or(t.learning_rate);
-    match &mut config.model {
-        LmConfig::MakeMoe(m) => apply_make_moe_flags(args, m)?,
-        LmConfig::Decoder(d) => apply_decoder_flags(args, d)?,
-        other => {
-            return Err(MoeError::config(format!(
-                "the model flags know the make_moe and decoder families, not {}",
-                other.family()
-            )))
-        }
+    if let Some(preset) = &args.preset {
+        apply_preset(&mut config.model, preset)?;
     }
+    config.model.set_common(&CommonModelSettings {
+        max_context: args.block_size,
+        init: args.init,
+        precision: args.precision,
+        dispatch: args.dispatch.as_deref().map(str::parse).transpose()?,
+    });
     if let Some(kind) = args.tokenizer {
         config.tokenizer.kind = kind;
     }
@@ -222,36 +221,25 @@ fn resolve_config(args: &Args) -> Result<RunConfig> {
     config.with_overrides(&args.set)
 }
 
-/// The model flags, on makeMoE's config.
-fn apply_make_moe_flags(args: &Args, m: &mut MakeMoeConfig) -> Result<()> {
-    if let Some(preset) = &args.preset {
-        m.apply_preset(preset.parse::<Preset>()?);
-    }
-    m.block_size = args.block_size.unwrap_or(m.block_size);
-    m.init = args.init.unwrap_or(m.init);
-    m.precision = args.precision.unwrap_or(m.precision);
-    if let Some(dispatch) = &args.dispatch {
-        m.set_dispatch(dispatch.parse::<DispatchSpec>()?);
-    }
-    Ok(())
-}
-
-/// The model flags, on the decoder's config (`--block-size` is its
-/// context, `max_position_embeddings`).
-fn apply_decoder_flags(args: &Args, d: &mut DecoderConfig) -> Result<()> {
-    if let Some(preset) = &args.preset {
-        let sizes = d.clone();
-        *d = DecoderConfig {
-            vocab_size: sizes.vocab_size,
-            max_position_embeddings: sizes.max_position_embeddings,
-            ..DecoderConfig::preset(preset.parse()?)
-        };
-    }
-    d.max_position_embeddings = args.block_size.unwrap_or(d.max_position_embeddings);
-    d.init = args.init.unwrap_or(d.init);
-    d.precision = args.precision.unwrap_or(d.precision);
-    if let Some(dispatch) = &args.dispatch {
-        d.set_dispatch(dispatch.parse::<DispatchSpec>()?);
+/// `--preset` on the config's family: makeMoE's presets change its
+/// options; a decoder preset replaces the config but its vocabulary and
+/// context.
+fn apply_preset(model: &mut LmConfig, preset: &str) -> Result<()> {
+    match model {
+        LmConfig::MakeMoe(m) => m.apply_preset(preset.parse::<Preset>()?),
+        LmConfig::Decoder(d) => {
+            *d = DecoderConfig {
+                vocab_size: d.vocab_size,
+                max_position_embeddings: d.max_position_embeddings,
+                ..DecoderConfig::preset(preset.parse()?)
+            }
+        }
+        other => {
+            return Err(MoeError::config(format!(
+                "--preset knows the make_moe and decoder families, not {}",
+                other.family()
+            )))
+        }
     }
     Ok(())
 }

@@ -4,8 +4,8 @@
 use crate::decoder::{DecoderConfig, DecoderModel};
 use crate::makemoe::{MakeMoeConfig, MakeMoeModel};
 use crate::CausalLm;
-use moe_core::{MoeError, Result};
-use moe_dispatch::ExpertParallelism;
+use moe_core::{MoeError, Precision, Result, WeightInit};
+use moe_dispatch::{DispatchSpec, ExpertParallelism};
 use serde::{Deserialize, Deserializer, Serialize};
 use tch::nn;
 
@@ -109,6 +109,31 @@ impl LmConfig {
         }
     }
 
+    /// Sets what every family has: the longest sequence (makeMoE's
+    /// `block_size`, the decoder's `max_position_embeddings`), the weight
+    /// initialisation, the compute precision and the dispatch strategy
+    /// (`capacity[:F]` also the router's capacity factor). `None` leaves a
+    /// setting as it is.
+    pub fn set_common(&mut self, common: &CommonModelSettings) {
+        let (context, init, precision) = match self {
+            LmConfig::MakeMoe(c) => (&mut c.block_size, &mut c.init, &mut c.precision),
+            LmConfig::Decoder(c) => (
+                &mut c.max_position_embeddings,
+                &mut c.init,
+                &mut c.precision,
+            ),
+        };
+        *context = common.max_context.unwrap_or(*context);
+        *init = common.init.unwrap_or(*init);
+        *precision = common.precision.unwrap_or(*precision);
+        if let Some(spec) = common.dispatch {
+            match self {
+                LmConfig::MakeMoe(c) => c.set_dispatch(spec),
+                LmConfig::Decoder(c) => c.set_dispatch(spec),
+            }
+        }
+    }
+
     /// The longest sequence the model takes.
     pub fn max_context(&self) -> i64 {
         match self {
@@ -166,4 +191,18 @@ impl From<MakeMoeConfig> for LmConfig {
     fn from(c: MakeMoeConfig) -> Self {
         LmConfig::MakeMoe(c)
     }
+}
+
+/// The settings every model family has, as a program's common flags give
+/// them ([`LmConfig::set_common`]); `None` leaves the config's.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CommonModelSettings {
+    /// The longest sequence.
+    pub max_context: Option<i64>,
+    /// The weight initialisation.
+    pub init: Option<WeightInit>,
+    /// The compute precision.
+    pub precision: Option<Precision>,
+    /// The dispatch strategy.
+    pub dispatch: Option<DispatchSpec>,
 }

@@ -25,7 +25,7 @@ pub use decoder::{
     resize_vocab, DecoderConfig, DecoderModel, DecoderPreset, ExpertConstruction, LatentAttention,
     LayerType, MoeConversion,
 };
-pub use family::LmConfig;
+pub use family::{CommonModelSettings, LmConfig};
 pub use generate::{generate, generate_batch, generate_recompute, generate_with, GenerateOptions};
 pub use makemoe::{MakeMoeConfig, MakeMoeModel, Preset};
 pub use sampling::Sampling;

@@ -468,3 +468,31 @@ fn configs_round_trip_through_json_with_the_family_tag() {
     let err = serde_json::from_value::<LmConfig>(unknown).unwrap_err();
     assert!(err.to_string().contains("unknown model family"), "{err}");
 }
+
+/// The settings every family has land in each family's own fields.
+#[test]
+fn common_settings_reach_every_family() {
+    use moe_core::{Precision, WeightInit};
+    use moe_models::{CommonModelSettings, LmConfig, MakeMoeConfig};
+    let common = CommonModelSettings {
+        max_context: Some(48),
+        init: Some(WeightInit::Xavier),
+        precision: Some(Precision::Bf16),
+        dispatch: Some("capacity:2".parse().unwrap()),
+    };
+    let mut decoder = LmConfig::Decoder(DecoderConfig::default());
+    decoder.set_common(&common);
+    let LmConfig::Decoder(d) = &decoder else {
+        unreachable!()
+    };
+    assert_eq!(d.max_position_embeddings, 48);
+    assert_eq!((d.init, d.precision), (WeightInit::Xavier, Precision::Bf16));
+    assert_eq!(d.router.capacity_factor, Some(2.0));
+    let mut make_moe = LmConfig::MakeMoe(MakeMoeConfig::default());
+    make_moe.set_common(&common);
+    assert_eq!(make_moe.max_context(), 48);
+    // Nothing set leaves the config as it was.
+    let before = decoder.clone();
+    decoder.set_common(&CommonModelSettings::default());
+    assert_eq!(decoder, before);
+}
