@@ -103,6 +103,19 @@ fn run_with(
     out
 }
 
+/// Every output and gradient of `got` within [`TOL`] of `reference`'s,
+/// relative to its magnitude where that exceeds 1; `label` names the run.
+fn assert_close(reference: &[(String, Tensor)], got: &[(String, Tensor)], label: &str) {
+    for ((name, want), (_, have)) in reference.iter().zip(got) {
+        let diff = (want - have).abs().max().double_value(&[]);
+        let scale = want.abs().max().double_value(&[]).max(1.0);
+        assert!(
+            diff <= TOL * scale,
+            "{label}: {name} differs from the reference by {diff}"
+        );
+    }
+}
+
 fn check(case: &Case, seed: i64) {
     // Tiny tensors: threads only add synchronisation.
     tch::set_num_threads(1);
@@ -155,20 +168,12 @@ fn check(case: &Case, seed: i64) {
     ];
     for kind in strategies {
         let got = run(&vs, &mut moe, kind, &x);
-        for ((name, want), (_, have)) in reference.iter().zip(&got) {
-            let diff = (want - have).abs().max().double_value(&[]);
-            let scale = want.abs().max().double_value(&[]).max(1.0);
-            assert!(
-                diff <= TOL * scale,
-                "{kind:?} differs from the dense reference in {name} by {diff} \
-                 (seed {seed}, N={} d={} h={} E={} k={})",
-                case.n,
-                case.d,
-                case.h,
-                case.e,
-                case.k
-            );
-        }
+        let (n, d, h, e, k) = (case.n, case.d, case.h, case.e, case.k);
+        assert_close(
+            &reference,
+            &got,
+            &format!("{kind:?}, seed {seed}, N={n} d={d} h={h} E={e} k={k}"),
+        );
     }
 }
 
@@ -462,14 +467,7 @@ fn weights_on_the_inputs_match_the_dense_sum() {
         });
         for kind in EVERY_STRATEGY {
             let got = run(&vs, &mut moe, kind, &x);
-            for ((name, want), (_, have)) in reference.iter().zip(&got) {
-                let diff = (want - have).abs().max().double_value(&[]);
-                let scale = want.abs().max().double_value(&[]).max(1.0);
-                assert!(
-                    diff <= TOL * scale,
-                    "{kind:?}, k = {k}: {name} differs from the dense sum by {diff}"
-                );
-            }
+            assert_close(&reference, &got, &format!("{kind:?}, k = {k}"));
         }
         // One token at a time on the CPU (decoding's path) gives the same rows.
         let rows = moe.forward_t(&x.narrow(0, 3, 1), false).unwrap().output;
