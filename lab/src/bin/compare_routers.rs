@@ -15,8 +15,8 @@
 use clap::Parser;
 use moe_lab::{print_result, threads_per_run, write_generated_section, Finished, ProcessPool};
 use moe_layers::lm::{
-    parameter_count, CharTokenizer, Dataset, JsonlWriter, MakeMoeConfig, MakeMoeModel, TrainConfig,
-    TrainEvent, Trainer,
+    CharTokenizer, JsonlWriter, LmConfig, MakeMoeConfig, Run, RunConfig, TokenizerConfig,
+    TrainConfig, TrainEvent,
 };
 use moe_layers::prelude::DeviceChoice;
 use moe_layers::routers::{BalanceLossConfig, Gate, RoutingStats};
@@ -200,14 +200,6 @@ fn run(args: Args) -> Result<()> {
         eval_iters: args.eval_iters,
         ..TrainConfig::default()
     };
-    let tokens = tokenizer.encode(&text)?;
-    let data = Dataset::new(
-        &tokens,
-        tokenizer.vocab_size(),
-        train.train_fraction,
-        base.block_size,
-        device,
-    )?;
     let designs = designs(&base);
     let threads = threads_per_run(args.threads, args.jobs);
     if let Some(t) = threads {
@@ -219,7 +211,7 @@ fn run(args: Args) -> Result<()> {
             &designs[d],
             seed,
             &train,
-            (&data, device),
+            (&text, device),
             args.metrics.as_deref(),
         )?;
         return print_result(&result);
@@ -235,7 +227,7 @@ fn run(args: Args) -> Result<()> {
                 &designs[d],
                 seed,
                 &train,
-                (&data, device),
+                (&text, device),
                 part.as_deref(),
             )?);
         }
@@ -279,30 +271,41 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Trains one design with one seed and measures it.
+/// Trains one design with one seed on the character-level `corpus` and
+/// measures it.
 fn train_one(
     design: &Design,
     seed: i64,
     train: &TrainConfig,
-    (data, device): (&Dataset, tch::Device),
+    (corpus, device): (&str, tch::Device),
     metrics: Option<&Path>,
 ) -> Result<RunResult> {
-    tch::manual_seed(seed);
-    let vs = tch::nn::VarStore::new(device);
-    let model = MakeMoeModel::new(&vs.root(), &design.config)?;
-    let total_params = parameter_count(&vs);
-    let active_params = design.config.active_params(total_params)?;
-    println!(
-        "{} (seed {seed}): {total_params} parameters, {active_params} active",
-        design.name
-    );
-    let config = TrainConfig {
-        seed,
-        ..train.clone()
+    let config = RunConfig {
+        model: LmConfig::MakeMoe(design.config.clone()),
+        train: TrainConfig {
+            seed,
+            ..train.clone()
+        },
+        // Characters (the default).
+        tokenizer: TokenizerConfig::default(),
     };
     let mut metrics = metrics.map(JsonlWriter::create).transpose()?;
     let mut last: Option<(f64, f64, Vec<RoutingStats>)> = None;
-    Trainer::new(&vs, &model, data, config)?.run(|event| {
+    let mut params = (0, 0);
+    let run = Run::new(config).device(device).prepare(corpus)?;
+    run.train(corpus, |event| {
+        if let TrainEvent::Start {
+            parameters,
+            active_parameters,
+            ..
+        } = *event
+        {
+            params = (parameters, active_parameters);
+            println!(
+                "{} (seed {seed}): {parameters} parameters, {active_parameters} active",
+                design.name
+            );
+        }
         if let TrainEvent::Eval {
             step,
             train_loss,
@@ -337,8 +340,8 @@ fn train_one(
         max_violation: per_layer(|s| s.max_violation),
         dropped: per_layer(|s| s.dropped_fraction),
         unrouted: per_layer(|s| s.unrouted_fraction),
-        total_params,
-        active_params,
+        total_params: params.0,
+        active_params: params.1,
     })
 }
 
