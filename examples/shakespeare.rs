@@ -20,9 +20,10 @@ use moe_layers::dispatch::{ExchangeMode, ExpertParallelism};
 use moe_layers::lm::{
     generate, plot_loss_curve, CausalLm, CommonModelSettings, DecoderConfig, DecoderPreset,
     JsonlWriter, LmConfig, LossCurves, MakeMoeConfig, MlflowLog, MlflowOptions, Preset, Progress,
-    Run, RunConfig, RunLog, RunStatus, Sampling, TextStream, Tokenizer, TokenizerKind, TrainEvent,
+    Run, RunArgs, RunConfig, RunLog, RunStatus, Sampling, TextStream, Tokenizer, TokenizerKind,
+    TrainEvent,
 };
-use moe_layers::prelude::{DeviceChoice, Precision, WeightInit};
+use moe_layers::prelude::{Precision, WeightInit};
 use moe_layers::{MoeError, Result};
 use std::io::Write;
 use std::path::PathBuf;
@@ -34,44 +35,16 @@ use std::sync::{Arc, Mutex};
     about = "Train a sparse MoE language model (makeMoE or the decoder family) on tinyshakespeare"
 )]
 struct Args {
-    /// TOML or JSON file with [model], [train] and [tokenizer] sections
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Print the resolved config (TOML) and exit
-    #[arg(long)]
-    print_config: bool,
-    /// Set any field of the config, after the file and the flags:
-    /// `--set train.max_iters=100 --set model.router.n_group=4` (a path as
-    /// --print-config shows it, a TOML value; repeatable)
-    #[arg(long = "set", value_name = "PATH=VALUE")]
-    set: Vec<String>,
+    /// The flags every training program has: --config, --set,
+    /// --print-config, --max-iters (default 5000, makeMoE's), --device, ...
+    #[command(flatten)]
+    run: RunArgs,
     /// Continue the run saved in this folder (its model and tokenizer; flags may change training)
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// Optimisation steps (default 5000, makeMoE's)
-    #[arg(long)]
-    max_iters: Option<i64>,
-    /// Evaluate both splits every this many steps
-    #[arg(long)]
-    eval_interval: Option<i64>,
-    /// Batches per split in each evaluation
-    #[arg(long)]
-    eval_iters: Option<i64>,
-    /// Sequences per batch
-    #[arg(long)]
-    batch_size: Option<i64>,
     /// Context length (makeMoE's block_size, the decoder's max_position_embeddings)
     #[arg(long)]
     block_size: Option<i64>,
-    /// Peak learning rate
-    #[arg(long)]
-    lr: Option<f64>,
-    /// Seed of libtorch's generator (weights, batches, dropout, router noise)
-    #[arg(long)]
-    seed: Option<i64>,
-    /// Where to train
-    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-    device: DeviceChoice,
     /// Weight initialisation
     #[arg(long, value_enum)]
     init: Option<WeightInit>,
@@ -175,50 +148,41 @@ fn main() {
     }
 }
 
-/// The config file (or the preset's defaults), then the flags on top, then
-/// the `--set` overrides.
+/// The config file (or makeMoE's preset), then the flags on top, then the
+/// `--set` overrides ([`RunArgs::resolve`]).
 fn resolve_config(args: &Args) -> Result<RunConfig> {
-    let mut config = match &args.config {
-        Some(path) => RunConfig::from_file(path)?,
-        None => RunConfig {
-            model: LmConfig::MakeMoe(MakeMoeConfig::preset(Preset::MakeMoe)),
-            ..RunConfig::default()
-        },
+    let base = || RunConfig {
+        model: LmConfig::MakeMoe(MakeMoeConfig::preset(Preset::MakeMoe)),
+        ..RunConfig::default()
     };
-    match (args.family, &config.model) {
-        (None, _)
-        | (Some(Family::MakeMoe), LmConfig::MakeMoe(_))
-        | (Some(Family::Decoder), LmConfig::Decoder(_)) => {}
-        (Some(Family::Decoder), _) => {
-            let preset = args.preset.as_deref().unwrap_or("mixtral");
-            config.model = LmConfig::Decoder(DecoderConfig::preset(preset.parse()?));
+    args.run.resolve(base, |config| {
+        match (args.family, &config.model) {
+            (None, _)
+            | (Some(Family::MakeMoe), LmConfig::MakeMoe(_))
+            | (Some(Family::Decoder), LmConfig::Decoder(_)) => {}
+            (Some(Family::Decoder), _) => {
+                let preset = args.preset.as_deref().unwrap_or("mixtral");
+                config.model = LmConfig::Decoder(DecoderConfig::preset(preset.parse()?));
+            }
+            (Some(Family::MakeMoe), _) => {
+                config.model = LmConfig::MakeMoe(MakeMoeConfig::preset(Preset::MakeMoe));
+            }
         }
-        (Some(Family::MakeMoe), _) => {
-            config.model = LmConfig::MakeMoe(MakeMoeConfig::preset(Preset::MakeMoe));
+        if let Some(preset) = &args.preset {
+            apply_preset(&mut config.model, preset)?;
         }
-    }
-    let t = &mut config.train;
-    let set = |dst: &mut i64, src: Option<i64>| *dst = src.unwrap_or(*dst);
-    set(&mut t.max_iters, args.max_iters);
-    set(&mut t.eval_interval, args.eval_interval);
-    set(&mut t.eval_iters, args.eval_iters);
-    set(&mut t.batch_size, args.batch_size);
-    set(&mut t.seed, args.seed);
-    t.learning_rate = args.lr.unwrap_or(t.learning_rate);
-    if let Some(preset) = &args.preset {
-        apply_preset(&mut config.model, preset)?;
-    }
-    config.model.set_common(&CommonModelSettings {
-        max_context: args.block_size,
-        init: args.init,
-        precision: args.precision,
-        dispatch: args.dispatch.as_deref().map(str::parse).transpose()?,
-    });
-    if let Some(kind) = args.tokenizer {
-        config.tokenizer.kind = kind;
-    }
-    config.tokenizer.vocab_size = args.vocab_size.unwrap_or(config.tokenizer.vocab_size);
-    config.with_overrides(&args.set)
+        config.model.set_common(&CommonModelSettings {
+            max_context: args.block_size,
+            init: args.init,
+            precision: args.precision,
+            dispatch: args.dispatch.as_deref().map(str::parse).transpose()?,
+        });
+        if let Some(kind) = args.tokenizer {
+            config.tokenizer.kind = kind;
+        }
+        config.tokenizer.vocab_size = args.vocab_size.unwrap_or(config.tokenizer.vocab_size);
+        Ok(())
+    })
 }
 
 /// `--preset` on the config's family: makeMoE's presets change its
@@ -245,7 +209,7 @@ fn apply_preset(model: &mut LmConfig, preset: &str) -> Result<()> {
 }
 
 fn run(args: Args) -> Result<()> {
-    let device = args.device.resolve()?;
+    let device = args.run.device.resolve()?;
     let text = std::fs::read_to_string(&args.data).map_err(|e| {
         MoeError::Data(format!(
             "cannot read the corpus {}: {e}",
@@ -260,7 +224,7 @@ fn run(args: Args) -> Result<()> {
         .expert_parallel(expert_parallelism(&args, device)?)
         .simulated_ranks(args.simulate_ranks)
         .prepare(&text)?;
-    if args.print_config {
+    if args.run.print_config {
         print!("{}", prepared.config().to_toml()?);
         return Ok(());
     }

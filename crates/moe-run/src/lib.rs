@@ -23,6 +23,8 @@ mod mlflow_file_store;
 mod plot;
 mod progress;
 mod run;
+#[cfg(feature = "cli")]
+mod run_args;
 mod run_config;
 #[cfg(feature = "mlflow")]
 mod run_log;
@@ -36,6 +38,8 @@ pub use mlflow_file_store::MlflowFileStoreRun;
 pub use plot::{plot_loss_curve, plot_series, plot_val_losses, LossCurves, FONT_PATHS};
 pub use progress::{format_secs, Progress};
 pub use run::{PreparedRun, Run, TrainedRun};
+#[cfg(feature = "cli")]
+pub use run_args::RunArgs;
 pub use run_config::RunConfig;
 #[cfg(feature = "mlflow")]
 pub use run_log::{MlflowLog, MlflowOptions, RunLog};
