@@ -10,7 +10,7 @@ use std::path::PathBuf;
 /// The flags of a training program that every one of them has (`#[command(flatten)]`).
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
-    /// TOML or JSON file with [model], [train] and [tokenizer] sections
+    /// TOML or JSON file with the model, train and tokenizer tables
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Print the resolved config (TOML) and exit
