@@ -283,7 +283,9 @@ impl SparseMoe {
             }
             None => Ok(self.dispatch.combine(tokens, slots, &self.experts, train)),
         })?;
-        if per_slot.is_some() {
+        // Slots back onto their tokens; under top-1 token choice slot `n`
+        // is token `n`'s, already in place.
+        if per_slot.is_some() && routing.top_k != Some(1) {
             output = flat.zeros_like().index_add(0, &routing.token, &output);
         }
         if let Some(shared) = &self.shared_experts {

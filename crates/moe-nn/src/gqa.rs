@@ -126,8 +126,7 @@ impl GroupedQueryAttention {
             Some(lf) => lf.forward_with_state(x, None).0,
             None => x.shallow_clone(),
         };
-        let positions = Tensor::arange(x.size()[1], (Kind::Int64, x.device()));
-        let (q, k, v) = self.project(x, &qk_input, 0, &positions);
+        let (q, k, v) = self.project(x, &qk_input, 0, None);
         let p = if train {
             self.config.attention_dropout
         } else {
@@ -166,13 +165,7 @@ impl GroupedQueryAttention {
             }
             None => x.shallow_clone(),
         };
-        let t = x.size()[1];
-        // Positions from each row's first real token (temperature tuning).
-        let positions = match &real {
-            Some(real) => (real.cumsum(1, Kind::Int64) - 1).narrow(1, past, t),
-            None => Tensor::arange_start(past, past + t, (Kind::Int64, x.device())),
-        };
-        let (q, k, v) = self.project(x, &qk_input, past, &positions);
+        let (q, k, v) = self.project(x, &qk_input, past, real.as_ref());
         let (keys, values) = span("kv_cache", || cache.append(k, v))?;
         let scale = self.config.scale_factor();
         let visibility = self.visibility(real.as_ref());
@@ -185,14 +178,15 @@ impl GroupedQueryAttention {
     /// Queries `[B, H, T, d]`, keys and values `[B, H_kv, T, d]` of the
     /// rows `start..start + T` of the cache: projections, QK-norm, RoPE (at
     /// `start..`, which only differences of positions reach), Llama 4's L2
-    /// norm after it, and the temperature of the queries at `positions`
-    /// (`[T]` or `[B, T]`, counted from each row's first real token).
+    /// norm after it, and the temperature of the queries at their positions
+    /// counted from each row's first real key (`real`, `[B, start + T]`, with
+    /// left padding).
     fn project(
         &self,
         x: &Tensor,
         qk_input: &Tensor,
         start: i64,
-        positions: &Tensor,
+        real: Option<&Tensor>,
     ) -> (Tensor, Tensor, Tensor) {
         let (b, t, _) = x.size3().expect("checked rank 3");
         let d = self.config.head_dim();
@@ -223,8 +217,12 @@ impl GroupedQueryAttention {
             }
         }
         if let Some(tuning) = &self.config.attn_temperature_tuning {
+            let positions = match real {
+                Some(real) => (real.cumsum(1, Kind::Int64) - 1).narrow(1, start, t),
+                None => Tensor::arange_start(start, start + t, (Kind::Int64, x.device())),
+            };
             // [T] -> [1, 1, T, 1]; [B, T] -> [B, 1, T, 1].
-            let scales = tuning.scales(positions).unsqueeze(-1).unsqueeze(-3);
+            let scales = tuning.scales(&positions).unsqueeze(-1).unsqueeze(-3);
             q = (q * scales).to_kind(x.kind());
         }
         (q, k, v)

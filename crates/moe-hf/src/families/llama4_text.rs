@@ -10,7 +10,7 @@
 //! `attn_scale`); experts fused as `gate_up_proj` `[E, H, 2I]` (gate and up
 //! halves) and `down_proj` `[E, I, H]`.
 
-use super::rules::{self, is_moe};
+use super::rules::{self, is_moe, set_layer_kinds};
 use super::{
     field, Check, Defaults, Entry, ExpertTensors, Family, Field, Gates, Key, Layers, QkNorms, Rule,
     Tensors,
@@ -140,7 +140,14 @@ static ATTENTION: Rule = Rule {
                 "layer_types = {types:?}: Llama 4's layers attend in chunks or fully, none slides"
             )));
         }
-        set_chunked_layers(c, chunk, types);
+        // No chunk when none applies (`null`, or at least the context).
+        c.attention_chunk_size = chunk.filter(|&size| size < c.max_position_embeddings);
+        set_layer_kinds(
+            c,
+            LayerType::ChunkedAttention,
+            |c| &mut c.attention_chunk_size,
+            types,
+        );
         c.qk_norm = match r.boolean("use_qk_norm", true)? {
             true => QkNorm::L2,
             false => QkNorm::None,
@@ -187,24 +194,6 @@ static ATTENTION: Rule = Rule {
         Ok(())
     },
 };
-
-/// The per-layer chunks in the decoder's canonical form, so that a config
-/// survives a round trip unchanged: no chunk when none applies (`null`, at
-/// least the context, or no chunked layer); every layer chunked as the
-/// empty list; a mix kept. A list of the wrong length is kept for
-/// [`DecoderConfig::validate`] to name.
-fn set_chunked_layers(c: &mut DecoderConfig, chunk: Option<i64>, types: Vec<LayerType>) {
-    let chunk = chunk.filter(|&size| size < c.max_position_embeddings);
-    let all = |kind: LayerType| types.iter().all(|t| *t == kind);
-    (c.attention_chunk_size, c.layer_types) = (chunk, Vec::new());
-    if types.len() as i64 != c.num_hidden_layers {
-        c.layer_types = types;
-    } else if chunk.is_none() || all(LayerType::FullAttention) {
-        c.attention_chunk_size = None;
-    } else if !all(LayerType::ChunkedAttention) {
-        c.layer_types = types;
-    }
-}
 
 /// The keys of Llama 4's text model; the multimodal family reads them too.
 pub(crate) static KEYS: [Entry; 11] = [

@@ -633,19 +633,36 @@ fn qwen2_dense_prefix(
     Ok(k)
 }
 
-/// A family's per-layer windows (`layer_types`) in the decoder's canonical
-/// form, so that a config survives a round trip unchanged: a list that
-/// mixes sliding and full layers is kept; all sliding is the empty list
-/// (every layer slides); all full is no window at all. A list of the wrong
-/// length is kept for [`DecoderConfig::validate`] to name.
+/// A family's per-layer windows (`layer_types`, the window already read)
+/// in the decoder's canonical form ([`set_layer_kinds`]).
 fn set_windowed_layers(c: &mut DecoderConfig, types: Vec<LayerType>) {
-    let all = |kind: LayerType| types.iter().all(|t| *t == kind);
+    set_layer_kinds(
+        c,
+        LayerType::SlidingAttention,
+        |c| &mut c.sliding_window,
+        types,
+    );
+}
+
+/// Per-layer attention kinds (`layer_types`) that mix `kind` (sliding or
+/// chunked, of the size `size` gives) with full attention, in the decoder's
+/// canonical form, so that a config survives a round trip unchanged: a mix
+/// is kept; every layer of `kind` is the empty list; no layer of `kind` (or
+/// no size) is no size and the empty list. A list of the wrong length is
+/// kept for [`DecoderConfig::validate`] to name.
+pub(crate) fn set_layer_kinds(
+    c: &mut DecoderConfig,
+    kind: LayerType,
+    size: fn(&mut DecoderConfig) -> &mut Option<i64>,
+    types: Vec<LayerType>,
+) {
+    let all = |k: LayerType| types.iter().all(|t| *t == k);
     c.layer_types = Vec::new();
     if types.len() as i64 != c.num_hidden_layers {
         c.layer_types = types;
-    } else if c.sliding_window.is_none() || all(LayerType::FullAttention) {
-        c.sliding_window = None;
-    } else if !all(LayerType::SlidingAttention) {
+    } else if size(c).is_none() || all(LayerType::FullAttention) {
+        *size(c) = None;
+    } else if !all(kind) {
         c.layer_types = types;
     }
 }
