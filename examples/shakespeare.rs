@@ -18,10 +18,9 @@ use clap::{Parser, ValueEnum};
 use moe_layers::aten::dist::{Group, GroupOptions};
 use moe_layers::dispatch::{ExchangeMode, ExpertParallelism};
 use moe_layers::lm::{
-    generate, plot_loss_curve, CausalLm, CommonModelSettings, DecoderConfig, DecoderPreset,
-    JsonlWriter, LmConfig, LossCurves, MakeMoeConfig, MlflowLog, MlflowOptions, Preset, Progress,
-    Run, RunArgs, RunConfig, RunLog, RunStatus, Sampling, TextStream, Tokenizer, TokenizerKind,
-    TrainEvent,
+    generate, plot_loss_curve, run_name, CausalLm, CommonModelSettings, DecoderConfig,
+    DecoderPreset, LmConfig, LossCurves, MakeMoeConfig, MlflowOptions, Preset, Run, RunArgs,
+    RunConfig, RunLog, RunStatus, Sampling, TextStream, Tokenizer, TokenizerKind, TrainEvent,
 };
 use moe_layers::prelude::{Precision, WeightInit};
 use moe_layers::{MoeError, Result};
@@ -76,21 +75,10 @@ struct Args {
     /// Run folder: metrics.jsonl, the checkpoint, the plot (its name names the MLflow run)
     #[arg(long, default_value = "runs/shakespeare")]
     out: PathBuf,
-    /// Log the run to the MLflow tracking server at this address
-    /// (http://HOST:PORT or https://...; MLFLOW_TRACKING_URI when not
-    /// given): parameters, metrics per step and per evaluation, the plot. A
-    /// server that is down or answers an error is warned about once and
-    /// left; the training goes on and metrics.jsonl keeps every record
-    #[arg(long)]
-    mlflow_uri: Option<String>,
-    /// The MLflow experiment (MLFLOW_EXPERIMENT_NAME, else "shakespeare")
-    #[arg(long)]
-    mlflow_experiment: Option<String>,
-    /// Legacy: also write the run in MLflow's file-store layout under DIR
-    /// (MLflow 3 reads it only with MLFLOW_ALLOW_FILE_STORE=true; newer
-    /// versions not at all)
-    #[arg(long, value_name = "DIR")]
-    mlflow_file_store: Option<PathBuf>,
+    /// MLflow: --mlflow-uri (else MLFLOW_TRACKING_URI), --mlflow-experiment
+    /// (else "shakespeare"), --mlflow-file-store
+    #[command(flatten)]
+    mlflow: MlflowOptions,
     /// Save a training checkpoint in OUT every this many steps (and at the end)
     #[arg(long)]
     checkpoint_interval: Option<i64>,
@@ -228,32 +216,11 @@ fn run(args: Args) -> Result<()> {
         print!("{}", prepared.config().to_toml()?);
         return Ok(());
     }
-    let (config, resumed) = (prepared.config().clone(), prepared.resumes().is_some());
+    let config = prepared.config().clone();
 
     // Every event goes to metrics.jsonl; the progress bar and MLflow show
     // what a person follows (rank 0 alone writes and reports).
-    std::fs::create_dir_all(&args.out).map_err(|e| MoeError::io(&args.out, e))?;
-    let metrics_path = args.out.join("metrics.jsonl");
-    let run_name = std::path::absolute(&args.out)
-        .ok()
-        .and_then(|dir| dir.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| "run".into());
-    let mut log = if prepared.reports() {
-        let metrics = match resumed {
-            true => JsonlWriter::append(&metrics_path)?,
-            false => JsonlWriter::create(&metrics_path)?,
-        };
-        let mlflow = MlflowOptions {
-            uri: args.mlflow_uri.clone(),
-            experiment: args.mlflow_experiment.clone(),
-            file_store: args.mlflow_file_store.clone(),
-        };
-        let mlflow = MlflowLog::start(&mlflow, "shakespeare", &run_name, &config)?;
-        let progress = Progress::new(config.train.max_iters, prepared.first_step());
-        Some(RunLog::new(metrics, progress, mlflow))
-    } else {
-        None
-    };
+    let mut log = RunLog::for_run(&prepared, &args.out, &args.mlflow, "shakespeare")?;
     let trained = prepared.train(&text, |event| {
         if let (TrainEvent::Start { step, .. }, Some(dir)) = (event, &args.resume) {
             println!("resumed {} at step {step}", dir.display());
@@ -285,7 +252,8 @@ fn run(args: Args) -> Result<()> {
 
     if args.plot {
         let png = args.out.join("loss_curve.png");
-        plot_loss_curve(&png, &run_name, &LossCurves::from_jsonl(&metrics_path)?)?;
+        let curves = LossCurves::from_jsonl(&args.out.join("metrics.jsonl"))?;
+        plot_loss_curve(&png, &run_name(&args.out), &curves)?;
         println!("plotted {}", png.display());
         mlflow.artifact(&png)?;
     }

@@ -139,7 +139,7 @@ fn llama_moe_converts_a_hugging_face_llama() {
             "2",
         ])
         .args([
-            "--moe-steps",
+            "--max-iters",
             "3",
             "--eval-interval",
             "2",

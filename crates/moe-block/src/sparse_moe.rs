@@ -58,8 +58,9 @@ impl SparseMoe {
 
     /// The layer with its routed experts spread over the ranks of
     /// `parallel`'s group: `p/experts/...` holds this rank's `E / P`
-    /// experts (global ids `r E / P ..`), every other parameter is whole on
-    /// every rank. [`SparseMoe::forward_t`] is then a collective: every rank
+    /// experts (global ids `r E / P ..`, drawn as the rows of the whole
+    /// bank one process draws, [`ExpertBank::new_shard`]), every other
+    /// parameter is whole on every rank. [`SparseMoe::forward_t`] is then a collective: every rank
     /// calls it, with as many tokens as the others in the capacity mode.
     pub fn new_expert_parallel(
         p: &nn::Path,
@@ -98,10 +99,14 @@ impl SparseMoe {
         expert_parallel: Option<ExpertParallel>,
     ) -> Result<Self> {
         config.validate()?;
-        let mut expert_config = config.expert_config();
-        if let Some(parallel) = &expert_parallel {
-            expert_config.num_experts = parallel.local_experts();
-        }
+        // A rank draws the whole bank and keeps its experts: the ranks
+        // start from the model one process draws with the same seed.
+        let experts = match &expert_parallel {
+            Some(parallel) => {
+                parallel.first_expert()..parallel.first_expert() + parallel.local_experts()
+            }
+            None => 0..config.num_experts,
+        };
         let shared_experts = match config.shared_expert_config() {
             Some(c) => Some(ExpertBank::new(&(p / "shared_experts"), &c)?),
             None => None,
@@ -119,7 +124,7 @@ impl SparseMoe {
             router: config
                 .router
                 .build(&(p / "router"), config.router_dims(), config.init)?,
-            experts: ExpertBank::new(&(p / "experts"), &expert_config)?,
+            experts: ExpertBank::new_shard(&(p / "experts"), &config.expert_config(), experts)?,
             shared_experts,
             shared_expert_gate,
             dispatch: config.dispatch.build(),

@@ -52,6 +52,35 @@ pub fn var(p: &nn::Path, name: &str, dims: &[i64], init: nn::Init) -> Tensor {
     }
 }
 
+/// Rows `rows` (of the first dimension) of the variable [`var`] creates
+/// for `dims`: the whole `dims` is drawn, as [`var`] draws it, and only
+/// these rows are kept, as the variable `name` of shape
+/// `[rows.len(), dims[1..]]`. Expert parallelism builds a rank's share of
+/// an expert bank so: the generator advances as it does for the whole
+/// bank, so the ranks together hold the model one process draws with the
+/// same seed, and the layers after the bank draw what they draw there.
+pub fn var_rows(
+    p: &nn::Path,
+    name: &str,
+    dims: &[i64],
+    init: nn::Init,
+    rows: std::ops::Range<i64>,
+) -> Tensor {
+    let mut shape = dims.to_vec();
+    shape[0] = rows.end - rows.start;
+    if ALLOCATE_ONLY.with(Cell::get) {
+        return p.add(name, Tensor::empty(&shape, (p.kind(), p.device())), true);
+    }
+    DRAWN.with(|n| n.set(n.get() + 1));
+    let drawn = nn::f_init(init, dims, p.device(), p.kind())
+        .expect("drawing initial values with libtorch's initialisers");
+    p.add(
+        name,
+        drawn.narrow(0, rows.start, shape[0]).contiguous(),
+        true,
+    )
+}
+
 /// How the weight matrices of linear layers (and expert banks) are drawn.
 /// Biases always follow PyTorch's `nn.Linear` default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -113,14 +142,29 @@ impl std::str::FromStr for WeightInit {
 /// way, so loading copies whole contiguous matrices. The initial values
 /// are those [`var`] draws for `dims`.
 pub fn var_column_major(p: &nn::Path, name: &str, dims: [i64; 3], init: nn::Init) -> Tensor {
-    let [n, a, b] = dims;
+    var_column_major_rows(p, name, dims, init, 0..dims[0])
+}
+
+/// [`var_column_major`] keeping the matrices `rows` of the stack only, as
+/// [`var_rows`] does: the whole stack is drawn, these matrices are kept.
+pub fn var_column_major_rows(
+    p: &nn::Path,
+    name: &str,
+    dims: [i64; 3],
+    init: nn::Init,
+    rows: std::ops::Range<i64>,
+) -> Tensor {
+    let [_, a, b] = dims;
+    let n = rows.end - rows.start;
     let stored = Tensor::empty([n, b, a], (p.kind(), p.device())).transpose(1, 2);
     if !ALLOCATE_ONLY.with(Cell::get) {
         DRAWN.with(|k| k.set(k.get() + 1));
         tch::no_grad(|| {
             let drawn = nn::f_init(init, &dims, p.device(), p.kind())
                 .expect("drawing initial values with libtorch's initialisers");
-            stored.shallow_clone().copy_(&drawn)
+            stored
+                .shallow_clone()
+                .copy_(&drawn.narrow(0, rows.start, n))
         });
     }
     p.add(name, stored, true)

@@ -25,7 +25,10 @@ pub use check::{check_float, check_rank, check_same_device};
 pub use device::DeviceChoice;
 pub use dropout::{dropout, keep_mask};
 pub use error::{MoeError, Result};
-pub use init::{allocate_only, linear, var, var_column_major, variables_drawn, WeightInit};
+pub use init::{
+    allocate_only, linear, var, var_column_major, var_column_major_rows, var_rows, variables_drawn,
+    WeightInit,
+};
 pub use precision::{
     accumulation_kind, as_kind_of, linear_in_input_dtype, router_logits, Precision,
 };

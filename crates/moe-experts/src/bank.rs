@@ -2,7 +2,9 @@ use crate::quantize::{int8_matmul_auto, tensor_bytes, ExpertQuantization, Int8We
 use crate::{Activation, BankWeights, ExpertConfig, ExpertKey, ExpertResidency};
 use moe_core::gemv::{self, Product};
 use moe_core::profile::span;
-use moe_core::{as_kind_of, dropout, var, var_column_major, MoeError, Result, WeightInit};
+use moe_core::{
+    as_kind_of, dropout, var_column_major_rows, var_rows, MoeError, Result, WeightInit,
+};
 use tch::{nn, Device, Kind, Tensor};
 
 /// `E` two-layer experts, stacked (makeMoE's `Expert`, or a SwiGLU FFN):
@@ -144,20 +146,49 @@ impl ExpertBank {
     /// `p/b_in`, `p/b_out` (and `p/b_gate` with a gate) drawn as PyTorch's
     /// `nn.Linear` biases.
     pub fn new(p: &nn::Path, config: &ExpertConfig) -> Result<Self> {
+        Self::new_shard(p, config, 0..config.num_experts)
+    }
+
+    /// Experts `experts` of the bank `config` describes (an expert-parallel
+    /// rank's share), as `experts.len()` experts: each tensor is drawn for
+    /// the whole bank as [`ExpertBank::new`] draws it and only these
+    /// experts' rows are kept ([`var_rows`]), so the ranks' shards together
+    /// are the bank one process draws with the same seed. An empty range or
+    /// one outside `0..num_experts` is an error.
+    pub fn new_shard(
+        p: &nn::Path,
+        config: &ExpertConfig,
+        experts: std::ops::Range<i64>,
+    ) -> Result<Self> {
         config.validate()?;
         let (e, d, h) = (config.num_experts, config.input_dim, config.hidden_dim);
+        if experts.is_empty() || experts.start < 0 || experts.end > e {
+            return Err(MoeError::config(format!(
+                "a shard of a bank of {e} experts takes a non-empty range within 0..{e}, got \
+                 {experts:?}"
+            )));
+        }
         let init = config.init;
         let gated = config.activation.is_gated();
-        let w_gate = gated.then(|| var_column_major(p, "w_gate", [e, d, h], init.weight(d, h)));
         let bias = config.bias;
+        let matrices =
+            |name, dims, init| var_column_major_rows(p, name, dims, init, experts.clone());
+        let biases = |name, width, fan_in| {
+            let init = WeightInit::bias(fan_in);
+            var_rows(p, name, &[e, width], init, experts.clone())
+        };
+        let w_gate = gated.then(|| matrices("w_gate", [e, d, h], init.weight(d, h)));
         Ok(ExpertBank {
-            w_in: var_column_major(p, "w_in", [e, d, h], init.weight(d, h)),
-            b_in: bias.then(|| var(p, "b_in", &[e, h], WeightInit::bias(d))),
+            w_in: matrices("w_in", [e, d, h], init.weight(d, h)),
+            b_in: bias.then(|| biases("b_in", h, d)),
             w_gate,
-            b_gate: (bias && gated).then(|| var(p, "b_gate", &[e, h], WeightInit::bias(d))),
-            w_out: var_column_major(p, "w_out", [e, h, d], init.weight(h, d)),
-            b_out: bias.then(|| var(p, "b_out", &[e, d], WeightInit::bias(h))),
-            config: config.clone(),
+            b_gate: (bias && gated).then(|| biases("b_gate", h, d)),
+            w_out: matrices("w_out", [e, h, d], init.weight(h, d)),
+            b_out: bias.then(|| biases("b_out", d, h)),
+            config: ExpertConfig {
+                num_experts: experts.end - experts.start,
+                ..config.clone()
+            },
             int8: None,
             mapped: None,
         })

@@ -37,10 +37,10 @@ pub use mlflow_file_store::MlflowFileStoreRun;
 #[cfg(feature = "plot")]
 pub use plot::{plot_loss_curve, plot_series, plot_val_losses, LossCurves, FONT_PATHS};
 pub use progress::{format_secs, Progress};
-pub use run::{PreparedRun, Run, TrainedRun};
+pub use run::{BuiltRun, PreparedRun, Run, TrainedRun};
 #[cfg(feature = "cli")]
 pub use run_args::RunArgs;
 pub use run_config::RunConfig;
 #[cfg(feature = "mlflow")]
-pub use run_log::{MlflowLog, MlflowOptions, RunLog};
+pub use run_log::{run_name, MlflowLog, MlflowOptions, RunLog};
 pub use run_status::RunStatus;

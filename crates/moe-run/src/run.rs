@@ -1,11 +1,14 @@
 //! [`Run`]: the training recipe a program shares with every other, written
 //! once. From a [`RunConfig`] and a corpus: the tokenizer (trained on the
-//! corpus as the config says, or the resumed run's), the config completed
-//! with its vocabulary and validated ([`Run::prepare`]); then the seeded
-//! model (under expert parallelism each rank takes its share of the model
-//! one process would draw), the dataset, the trainer with its topology and
-//! checkpoints, the resume, and the run to `max_iters` with every event
-//! handed to the caller's sinks ([`PreparedRun::train`]).
+//! corpus as the config says, the caller's, or the resumed run's), the
+//! config completed with its vocabulary and validated ([`Run::prepare`]);
+//! then the seeded model (under expert parallelism each rank draws only its
+//! share of the model one process would draw) or the caller's, and the
+//! dataset ([`PreparedRun::build`]); the trainer with its topology and
+//! checkpoints, resumed ([`BuiltRun::trainer`]); and the run to `max_iters`
+//! with every event handed to the caller's sinks ([`BuiltRun::train`], or
+//! [`PreparedRun::train`] for all of it). A benchmark or a search that
+//! drives the steps itself takes the trainer; every other program trains.
 
 use crate::RunConfig;
 use moe_core::Result;
@@ -29,6 +32,7 @@ pub struct Run {
     resume: Option<PathBuf>,
     parallelism: Option<ExpertParallelism>,
     simulated_ranks: Option<i64>,
+    tokenizer: Option<Tokenizer>,
 }
 
 impl Run {
@@ -42,6 +46,16 @@ impl Run {
             resume: None,
             parallelism: None,
             simulated_ranks: None,
+            tokenizer: None,
+        }
+    }
+
+    /// Encodes the corpus with `tokenizer` instead of training one on it
+    /// (a pretrained model's, say).
+    pub fn tokenizer(self, tokenizer: Tokenizer) -> Self {
+        Run {
+            tokenizer: Some(tokenizer),
+            ..self
         }
     }
 
@@ -86,17 +100,18 @@ impl Run {
         }
     }
 
-    /// The tokenizer of the run, trained on `corpus` (or the resumed run's,
-    /// with its model), and the config completed with its vocabulary and
-    /// validated.
+    /// The tokenizer of the run, trained on `corpus` (or the one given to
+    /// [`Run::tokenizer`], or the resumed run's, with its model), and the
+    /// config completed with its vocabulary and validated.
     pub fn prepare(mut self, corpus: &str) -> Result<PreparedRun> {
-        let (tokenizer, first_step) = match &self.resume {
-            Some(dir) => {
+        let (tokenizer, first_step) = match (&self.resume, self.tokenizer.take()) {
+            (Some(dir), _) => {
                 let meta = load_checkpoint_meta(dir)?;
                 self.config.model = meta.model;
                 (meta.tokenizer, meta.step)
             }
-            None => (Tokenizer::train(corpus, &self.config.tokenizer)?, 0),
+            (None, Some(tokenizer)) => (tokenizer, 0),
+            (None, None) => (Tokenizer::train(corpus, &self.config.tokenizer)?, 0),
         };
         self.config.model.set_vocab_size(tokenizer.vocab_size());
         self.config.model.validate()?;
@@ -115,6 +130,21 @@ pub struct PreparedRun {
     run: Run,
     tokenizer: Tokenizer,
     first_step: i64,
+}
+
+/// A run with its model and dataset ([`PreparedRun::build`]), ready to
+/// train.
+pub struct BuiltRun {
+    /// The parameters (under expert parallelism, this rank's share of the
+    /// experts).
+    pub vs: nn::VarStore,
+    /// The model, in `vs`.
+    pub model: Box<dyn CausalLm>,
+    /// The corpus, tokenized and split.
+    pub data: Dataset,
+    /// The tokenizer.
+    pub tokenizer: Tokenizer,
+    run: Run,
 }
 
 /// What a run leaves: its model (in `vs`) and tokenizer, the steps done.
@@ -158,48 +188,82 @@ impl PreparedRun {
         self.first_step
     }
 
-    /// Builds the model, the dataset of `corpus` and the trainer, resumes,
-    /// and trains to `max_iters`, handing every event to `on_event` (on
-    /// the reporting process, [`Self::reports`]). A failed step, save or
-    /// sink stops the run with its error.
+    /// Draws the model with the run's seed (under expert parallelism each
+    /// rank draws its share only: the replicated variables whole, its
+    /// experts as rows of the banks one process draws) and tokenizes
+    /// `corpus` into the dataset.
+    pub fn build(self, corpus: &str) -> Result<BuiltRun> {
+        let run = &self.run;
+        tch::manual_seed(run.config.train.seed);
+        let vs = nn::VarStore::new(run.device);
+        let model = (run.config.model).build_with(&vs.root(), run.parallelism.as_ref())?;
+        self.build_from(vs, model, corpus)
+    }
+
+    /// The run of a model the caller built in `vs` (converted, loaded):
+    /// the config's model becomes the model's own; the corpus is tokenized
+    /// into the dataset. Expert parallelism needs a model built on its
+    /// ranks ([`PreparedRun::build`]).
+    pub fn build_from(
+        self,
+        vs: nn::VarStore,
+        model: Box<dyn CausalLm>,
+        corpus: &str,
+    ) -> Result<BuiltRun> {
+        let PreparedRun {
+            mut run, tokenizer, ..
+        } = self;
+        run.config.model = model.lm_config();
+        let data = Dataset::new(
+            &tokenizer.encode(corpus)?,
+            tokenizer.vocab_size(),
+            run.config.train.train_fraction,
+            run.config.model.max_context(),
+            run.device,
+        )?;
+        Ok(BuiltRun {
+            vs,
+            model,
+            data,
+            tokenizer,
+            run,
+        })
+    }
+
+    /// Builds the model and the dataset of `corpus` and trains
+    /// ([`PreparedRun::build`], [`BuiltRun::train`]).
     pub fn train(
         self,
         corpus: &str,
         on_event: impl FnMut(&TrainEvent) -> Result<()>,
     ) -> Result<TrainedRun> {
-        let PreparedRun { run, tokenizer, .. } = self;
-        let (model_config, train) = (&run.config.model, &run.config.train);
-        tch::manual_seed(train.seed);
-        let vs = nn::VarStore::new(run.device);
-        let model = model_config.build_with(&vs.root(), run.parallelism.as_ref())?;
-        let data_parallel = run
-            .parallelism
-            .as_ref()
-            .map(|p| DataParallel::new(p.group.clone(), &vs, model.as_ref()));
-        if let Some(data_parallel) = &data_parallel {
-            // Every rank starts from the model one process would draw: the
-            // whole model with the same seed, of which each rank takes its share.
-            tch::manual_seed(train.seed);
-            let whole = nn::VarStore::new(run.device);
-            model_config.build(&whole.root())?;
-            data_parallel.copy_from_whole(&whole, &vs)?;
-        }
-        let data = Dataset::new(
-            &tokenizer.encode(corpus)?,
-            tokenizer.vocab_size(),
-            train.train_fraction,
-            model_config.max_context(),
-            run.device,
-        )?;
-        let mut trainer = Trainer::new(&vs, model.as_ref(), &data, train.clone())?;
+        self.build(corpus)?.train(on_event)
+    }
+}
+
+impl BuiltRun {
+    /// The complete config (the model's own after
+    /// [`PreparedRun::build_from`]).
+    pub fn config(&self) -> &RunConfig {
+        &self.run.config
+    }
+
+    /// The trainer of the run: its topology (one process, a rank of the
+    /// expert-parallel group, or simulated ranks), its checkpoints, and the
+    /// saved run's weights and optimizer state when it resumes.
+    pub fn trainer(&self) -> Result<Trainer<'_, dyn CausalLm>> {
+        let (run, train) = (&self.run, &self.run.config.train);
+        let mut trainer = Trainer::new(&self.vs, self.model.as_ref(), &self.data, train.clone())?;
         if let Some(dir) = &run.out {
             trainer = trainer.with_checkpointing(Checkpointing {
                 dir: dir.clone(),
                 interval: run.checkpoint_interval.unwrap_or(train.max_iters.max(1)),
-                tokenizer: tokenizer.clone(),
+                tokenizer: self.tokenizer.clone(),
             })?;
         }
-        if let Some(data_parallel) = data_parallel {
+        if let Some(parallelism) = &run.parallelism {
+            let group = parallelism.group.clone();
+            let data_parallel = DataParallel::new(group, &self.vs, self.model.as_ref());
             trainer = trainer.with_data_parallel(data_parallel)?;
         }
         if let Some(ranks) = run.simulated_ranks {
@@ -208,13 +272,21 @@ impl PreparedRun {
         if let Some(dir) = &run.resume {
             trainer.resume(dir)?;
         }
-        let last_eval = trainer.run(on_event)?;
-        let steps = trainer.steps_done();
-        drop(trainer);
+        Ok(trainer)
+    }
+
+    /// Trains to `max_iters`, handing every event to `on_event` (on the
+    /// reporting process, [`PreparedRun::reports`]). A failed step, save or
+    /// sink stops the run with its error.
+    pub fn train(self, on_event: impl FnMut(&TrainEvent) -> Result<()>) -> Result<TrainedRun> {
+        let (last_eval, steps) = {
+            let mut trainer = self.trainer()?;
+            (trainer.run(on_event)?, trainer.steps_done())
+        };
         Ok(TrainedRun {
-            vs,
-            model,
-            tokenizer,
+            vs: self.vs,
+            model: self.model,
+            tokenizer: self.tokenizer,
             steps,
             last_eval,
         })

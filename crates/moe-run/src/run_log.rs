@@ -5,7 +5,8 @@
 //! each event to all of them.
 
 use crate::{
-    JsonlWriter, MlflowClient, MlflowFileStoreRun, MlflowRun, Progress, RunConfig, RunStatus,
+    JsonlWriter, MlflowClient, MlflowFileStoreRun, MlflowRun, PreparedRun, Progress, RunConfig,
+    RunStatus,
 };
 use moe_core::{MoeError, Result};
 use moe_train::TrainEvent;
@@ -13,13 +14,25 @@ use std::path::{Path, PathBuf};
 
 /// Where a run is logged to MLflow; each setting falls back to MLflow's
 /// environment variable (`MLFLOW_TRACKING_URI`, `MLFLOW_EXPERIMENT_NAME`).
+/// With the `cli` feature, the flags `--mlflow-uri`, `--mlflow-experiment`
+/// and `--mlflow-file-store` of every program that logs (`#[command(flatten)]`).
 #[derive(Debug, Clone, Default)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
 pub struct MlflowOptions {
-    /// The tracking server (`http://HOST:PORT` or `https://...`).
+    /// Log the run to the MLflow tracking server at this address
+    /// (http://HOST:PORT or https://...; MLFLOW_TRACKING_URI when not
+    /// given): parameters, metrics per step and per evaluation, the plot. A
+    /// server that is down or answers an error is warned about once and
+    /// left; the training goes on and metrics.jsonl keeps every record
+    #[cfg_attr(feature = "cli", arg(long = "mlflow-uri"))]
     pub uri: Option<String>,
-    /// The experiment (else `MLFLOW_EXPERIMENT_NAME`, else `default_experiment`).
+    /// The MLflow experiment (else MLFLOW_EXPERIMENT_NAME, else the program's)
+    #[cfg_attr(feature = "cli", arg(long = "mlflow-experiment"))]
     pub experiment: Option<String>,
-    /// Legacy: also write the run in MLflow's file-store layout here.
+    /// Legacy: also write the run in MLflow's file-store layout under DIR
+    /// (MLflow 3 reads it only with MLFLOW_ALLOW_FILE_STORE=true; newer
+    /// versions not at all)
+    #[cfg_attr(feature = "cli", arg(long = "mlflow-file-store", value_name = "DIR"))]
     pub file_store: Option<PathBuf>,
 }
 
@@ -202,6 +215,15 @@ pub struct RunLog {
     mlflow: MlflowLog,
 }
 
+/// The name of the run whose folder is `dir`: the folder's name (`run`
+/// when it has none).
+pub fn run_name(dir: &Path) -> String {
+    std::path::absolute(dir)
+        .ok()
+        .and_then(|dir| dir.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "run".into())
+}
+
 impl RunLog {
     /// Sinks writing `metrics`, showing `progress` and logging to `mlflow`.
     pub fn new(metrics: JsonlWriter, progress: Progress, mlflow: MlflowLog) -> Self {
@@ -210,6 +232,33 @@ impl RunLog {
             progress,
             mlflow,
         }
+    }
+
+    /// The sinks of `run` in its folder `dir`, on the process that reports
+    /// ([`PreparedRun::reports`]; `None` on the other ranks):
+    /// `dir/metrics.jsonl` (appended to when the run resumes), the progress
+    /// bar from the run's first step to `max_iters`, and MLflow as `mlflow`
+    /// says, the run named after `dir` ([`run_name`]) in
+    /// `default_experiment` unless `mlflow` or the environment names another.
+    pub fn for_run(
+        run: &PreparedRun,
+        dir: &Path,
+        mlflow: &MlflowOptions,
+        default_experiment: &str,
+    ) -> Result<Option<Self>> {
+        if !run.reports() {
+            return Ok(None);
+        }
+        std::fs::create_dir_all(dir).map_err(|e| MoeError::io(dir, e))?;
+        let path = dir.join("metrics.jsonl");
+        let metrics = match run.resumes() {
+            Some(_) => JsonlWriter::append(&path)?,
+            None => JsonlWriter::create(&path)?,
+        };
+        let config = run.config();
+        let mlflow = MlflowLog::start(mlflow, default_experiment, &run_name(dir), config)?;
+        let progress = Progress::new(config.train.max_iters, run.first_step());
+        Ok(Some(RunLog::new(metrics, progress, mlflow)))
     }
 
     /// Sends `event` to every sink.

@@ -273,31 +273,6 @@ impl DataParallel {
             .collect()
     }
 
-    /// Sets this rank's variables (`target`) from the whole model's
-    /// (`whole`, e.g. built with the same seed as one process would):
-    /// replicated variables copied, expert banks sliced to this rank's
-    /// shard. Then every rank starts from the model one process would.
-    pub fn copy_from_whole(&self, whole: &nn::VarStore, target: &nn::VarStore) -> Result<()> {
-        let whole = whole.variables();
-        tch::no_grad(|| {
-            for (name, mut var) in target.variables() {
-                let source = whole.get(&name).ok_or_else(|| {
-                    MoeError::config(format!("the whole model has no variable `{name}`"))
-                })?;
-                let shard = self.shard_of(&name, source)?;
-                if shard.size() != var.size() {
-                    return Err(MoeError::Shape {
-                        what: format!("{name}, this rank's share of the whole model's"),
-                        expected: format!("{:?}", var.size()),
-                        got: shard.size(),
-                    });
-                }
-                var.copy_(&shard);
-            }
-            Ok(())
-        })
-    }
-
     /// Waits for every rank.
     pub fn barrier(&self) -> Result<()> {
         self.group().barrier()

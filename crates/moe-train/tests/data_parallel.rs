@@ -301,3 +301,56 @@ fn expert_shards_are_registered_by_their_layers() {
         .collect();
     assert_eq!(shards, want);
 }
+
+/// Each rank draws only its share of the model, and the shares are the
+/// model one process draws with the same seed: the replicated variables
+/// equal, each rank's expert banks the rows of the whole banks it owns.
+#[test]
+fn each_rank_draws_its_share_of_the_model_one_process_draws() {
+    let _rng = RNG.lock().unwrap_or_else(|p| p.into_inner());
+    let config = model_config(40);
+    let whole = initial(&config);
+    let groups = Group::in_process(P, &GroupOptions::default()).unwrap();
+    // The ranks draw from the process's one generator: one after the other.
+    let drawing = Mutex::new(());
+    let shares: Vec<i64> = std::thread::scope(|scope| {
+        let handles: Vec<_> = groups
+            .into_iter()
+            .map(|group| {
+                let whole: BTreeMap<String, Tensor> = (whole.iter())
+                    .map(|(n, t)| (n.clone(), t.detach().copy()))
+                    .collect();
+                let (config, drawing) = (&config, &drawing);
+                scope.spawn(move || {
+                    let group = Arc::new(Mutex::new(group));
+                    let parallelism = ExpertParallelism {
+                        group: group.clone(),
+                        mode: ExchangeMode::Dropless,
+                    };
+                    let vs = nn::VarStore::new(Device::Cpu);
+                    let model = {
+                        let _turn = drawing.lock().unwrap();
+                        tch::manual_seed(3);
+                        DecoderModel::with_parallelism(&vs.root(), config, Some(&parallelism))
+                            .unwrap()
+                    };
+                    let dp = DataParallel::new(group, &vs, &model);
+                    let mut sharded = 0;
+                    for (name, value) in vs.variables() {
+                        let want = dp.shard_of(&name, &whole[&name]).unwrap();
+                        sharded += i64::from(want.size() != whole[&name].size());
+                        assert!(
+                            value.size() == want.size() && value.equal(&want),
+                            "{name} on rank {}",
+                            dp.rank()
+                        );
+                    }
+                    sharded
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    // Two MoE layers of w_gate, w_in and w_out on each rank.
+    assert_eq!(shares, vec![6; P as usize]);
+}

@@ -20,8 +20,8 @@ use clap::{Parser, ValueEnum};
 use egobox_ego::{EgorServiceBuilder, InfillStrategy, XType};
 use moe_lab::{print_result, threads_per_run, write_generated_section, ProcessPool};
 use moe_layers::lm::{
-    estimate_loss, estimate_routing_stats, parameter_count, plot_series, CharTokenizer, Dataset,
-    JsonlWriter, MakeMoeConfig, MakeMoeModel, TrainConfig, Trainer,
+    estimate_loss, estimate_routing_stats, parameter_count, plot_series, JsonlWriter, LmConfig,
+    MakeMoeConfig, Run, RunConfig, TrainConfig,
 };
 use moe_layers::prelude::DeviceChoice;
 use moe_layers::routers::{BalanceLossConfig, Gate, RouterConfig};
@@ -461,10 +461,9 @@ fn parse_trial(spec: &str) -> Result<Config> {
 /// `active_hidden`, whatever `E`, `k` and `m`. The gate is a softmax top-k
 /// without renormalisation (Switch for k = 1, DeepSeekMoE), so that the
 /// router learns from the loss even at k = 1, with Switch's balance loss.
-fn model_config(args: &Args, c: Config, vocab_size: i64) -> Result<MakeMoeConfig> {
+fn model_config(args: &Args, c: Config) -> MakeMoeConfig {
     let fine_width = ((args.active_hidden as f64) / ((c.k * c.m) as f64)).round() as i64;
-    let config = MakeMoeConfig {
-        vocab_size,
+    MakeMoeConfig {
         block_size: args.block_size,
         n_embd: args.n_embd,
         n_head: args.n_head,
@@ -482,9 +481,7 @@ fn model_config(args: &Args, c: Config, vocab_size: i64) -> Result<MakeMoeConfig
         },
         balance: BalanceLossConfig::switch(),
         ..MakeMoeConfig::default()
-    };
-    config.validate()?;
-    Ok(config)
+    }
 }
 
 /// Trains one trial (the child process's job) and evaluates it on the
@@ -493,29 +490,26 @@ fn train_trial(args: &Args, c: Config) -> Result<Measured> {
     let device = args.device.resolve()?;
     let text = std::fs::read_to_string(&args.data)
         .map_err(|e| MoeError::Data(format!("cannot read {}: {e}", args.data.display())))?;
-    let tokenizer = CharTokenizer::from_text(&text)?;
-    let config = model_config(args, c, tokenizer.vocab_size())?;
-    let train = TrainConfig {
-        batch_size: args.batch_size,
-        max_iters: args.max_iters,
-        eval_interval: args.max_iters,
-        eval_iters: args.eval_iters,
-        seed: args.seed,
-        ..TrainConfig::default()
+    let config = RunConfig {
+        model: LmConfig::MakeMoe(model_config(args, c)),
+        train: TrainConfig {
+            batch_size: args.batch_size,
+            max_iters: args.max_iters,
+            eval_interval: args.max_iters,
+            eval_iters: args.eval_iters,
+            seed: args.seed,
+            ..TrainConfig::default()
+        },
+        ..RunConfig::default()
     };
-    let data = Dataset::new(
-        &tokenizer.encode(&text)?,
-        tokenizer.vocab_size(),
-        train.train_fraction,
-        config.block_size,
-        device,
-    )?;
-    tch::manual_seed(args.seed);
-    let vs = tch::nn::VarStore::new(device);
-    let model = MakeMoeModel::new(&vs.root(), &config)?;
-    let total_params = parameter_count(&vs);
-    let active_params = config.active_params(total_params)?;
-    let mut trainer = Trainer::new(&vs, &model, &data, train.clone())?;
+    let built = Run::new(config)
+        .device(device)
+        .prepare(&text)?
+        .build(&text)?;
+    let (model, data, train) = (built.model.as_ref(), &built.data, &built.config().train);
+    let total_params = parameter_count(&built.vs);
+    let active_params = built.config().model.active_params(total_params)?;
+    let mut trainer = built.trainer()?;
     let log_every = (args.max_iters / 4).max(1);
     let started = Instant::now();
     for step in 1..=args.max_iters {
@@ -530,8 +524,8 @@ fn train_trial(args: &Args, c: Config) -> Result<Measured> {
     }
     let ms_per_step = 1e3 * started.elapsed().as_secs_f64() / args.max_iters as f64;
     tch::manual_seed(EVAL_SEED);
-    let losses = estimate_loss(&model, &data, &train)?;
-    let routing = estimate_routing_stats(&model, &data, &train)?;
+    let losses = estimate_loss(model, data, train)?;
+    let routing = estimate_routing_stats(model, data, train)?;
     let load_cv = routing.iter().map(|s| s.cv).sum::<f64>() / routing.len().max(1) as f64;
     let finite = |v: f64| v.is_finite().then_some(v);
     Ok(Measured {

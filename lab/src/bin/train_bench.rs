@@ -20,8 +20,7 @@
 use clap::{Parser, ValueEnum};
 use moe_layers::dispatch::DispatchSpec;
 use moe_layers::lm::{
-    estimate_loss, CharTokenizer, Dataset, MakeMoeConfig, MakeMoeModel, Preset, TrainConfig,
-    Trainer,
+    estimate_loss, CausalLm, LmConfig, MakeMoeConfig, Preset, Run, RunConfig, TrainConfig, Trainer,
 };
 use moe_layers::prelude::{DeviceChoice, Precision};
 use moe_layers::Result;
@@ -98,8 +97,6 @@ fn run(args: Args) -> Result<()> {
     let device = args.device.resolve()?;
     let text =
         std::fs::read_to_string(&args.data).map_err(|e| moe_layers::MoeError::io(&args.data, e))?;
-    let tokenizer = CharTokenizer::from_text(&text)?;
-    let tokens = tokenizer.encode(&text)?;
     let dispatches = args
         .dispatch
         .split(',')
@@ -110,21 +107,25 @@ fn run(args: Args) -> Result<()> {
         .iter()
         .flat_map(|&p| dispatches.iter().map(move |&d| (p, d)))
     {
-        let mut config = MakeMoeConfig {
-            vocab_size: tokenizer.vocab_size(),
+        let mut model = MakeMoeConfig {
             precision,
             ..MakeMoeConfig::preset(args.preset)
         };
-        config.set_dispatch(dispatch);
-        let train = TrainConfig {
-            eval_iters: args.eval_iters.max(1),
-            ..TrainConfig::default()
+        model.set_dispatch(dispatch);
+        let config = RunConfig {
+            model: LmConfig::MakeMoe(model),
+            train: TrainConfig {
+                eval_iters: args.eval_iters.max(1),
+                ..TrainConfig::default()
+            },
+            ..RunConfig::default()
         };
-        tch::manual_seed(1337);
-        let vs = tch::nn::VarStore::new(device);
-        let model = MakeMoeModel::new(&vs.root(), &config)?;
-        let data = Dataset::new(&tokens, config.vocab_size, 0.9, config.block_size, device)?;
-        let mut trainer = Trainer::new(&vs, &model, &data, train.clone())?;
+        let built = Run::new(config)
+            .device(device)
+            .prepare(&text)?
+            .build(&text)?;
+        let train = &built.config().train;
+        let mut trainer = built.trainer()?;
         trainer
             .optimizer_mut()
             .set_fused(args.optimizer == AdamWUpdate::Fused);
@@ -153,13 +154,13 @@ fn run(args: Args) -> Result<()> {
         };
         let eval_s = if args.eval_iters > 0 {
             let t = Instant::now();
-            estimate_loss(&model, &data, &train)?;
+            estimate_loss(built.model.as_ref(), &built.data, train)?;
             sync();
             Some(t.elapsed().as_secs_f64())
         } else {
             None
         };
-        let tokens_per_step = (train.batch_size * config.block_size) as f64;
+        let tokens_per_step = (train.batch_size * built.data.block_size()) as f64;
         println!(
             "{}",
             json!({
@@ -183,7 +184,7 @@ fn sync_device(device: tch::Device) {
 
 /// Milliseconds per step over `steps` steps, and the last step's loss.
 fn time_steps(
-    trainer: &mut Trainer<MakeMoeModel>,
+    trainer: &mut Trainer<dyn CausalLm>,
     steps: i64,
     device: tch::Device,
 ) -> Result<(f64, Option<f64>)> {
@@ -244,7 +245,7 @@ fn median(values: &[f64]) -> f64 {
 /// `--versus-makemoe`: alternating rounds of makeMoE's step and ours.
 fn versus_makemoe(
     args: &Args,
-    trainer: &mut Trainer<MakeMoeModel>,
+    trainer: &mut Trainer<dyn CausalLm>,
     device: tch::Device,
     first: f64,
 ) -> Result<()> {

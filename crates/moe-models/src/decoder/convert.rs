@@ -4,6 +4,7 @@
 //! Everything else (embeddings, attention, norms, head) is copied.
 
 use super::{DecoderConfig, DecoderModel};
+use crate::CausalLm;
 use moe_core::{MoeError, Result};
 use moe_experts::{
     split_dense_ffn, upcycle_dense_ffn, BankWeights, DenseFfnWeights, NeuronPartition,
@@ -28,6 +29,30 @@ pub enum ExpertConstruction {
     /// Upcycling (Komatsuzaki et al. 2022, arXiv 2212.05055): every expert
     /// is a copy of the dense MLP.
     Upcycle,
+}
+
+impl std::str::FromStr for ExpertConstruction {
+    type Err = MoeError;
+
+    /// `split` (a random neuron split, seed 0), `balanced` (balanced
+    /// k-means, 10 rounds, seed 0) or `upcycle`.
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "split" => Ok(ExpertConstruction::Split {
+                partition: NeuronPartition::Random { seed: 0 },
+            }),
+            "balanced" => Ok(ExpertConstruction::Split {
+                partition: NeuronPartition::BalancedKMeans {
+                    iterations: 10,
+                    seed: 0,
+                },
+            }),
+            "upcycle" => Ok(ExpertConstruction::Upcycle),
+            other => Err(MoeError::config(format!(
+                "unknown expert construction `{other}`: expected split, balanced or upcycle"
+            ))),
+        }
+    }
 }
 
 /// A dense-to-MoE conversion.
@@ -100,6 +125,35 @@ impl MoeConversion {
         };
         config.validate()?;
         Ok(config)
+    }
+
+    /// The conversion's own check: the largest difference between the
+    /// logits of the dense model `dense` (its variables `vs`) and those of
+    /// this conversion with every expert active and zero gates (uniform
+    /// routing), on the token ids `probe`. Split experts sum to the dense
+    /// MLP (scaled by `E`) and upcycled ones average to it, so the
+    /// difference is rounding only.
+    pub fn all_active_error(
+        &self,
+        dense: &dyn CausalLm,
+        vs: &nn::VarStore,
+        probe: &Tensor,
+    ) -> Result<f64> {
+        let all_active = MoeConversion {
+            top_k: self.num_experts,
+            gate_std: 0.0,
+            ..self.clone()
+        };
+        let check_vs = nn::VarStore::new(vs.device());
+        let dense_config = dense.lm_config();
+        let check = all_active.convert(vs, dense_config.as_decoder()?, &check_vs)?;
+        tch::no_grad(|| {
+            let (a, b) = (
+                dense.forward_t(probe, false)?,
+                check.forward_t(probe, false)?,
+            );
+            Ok((a.logits - b.logits).abs().max().double_value(&[]))
+        })
     }
 
     /// Builds the MoE model in `vs` from the dense model's variables
