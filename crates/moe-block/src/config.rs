@@ -172,6 +172,12 @@ impl Default for SparseMoeConfig {
     }
 }
 
+impl moe_core::Validate for SparseMoeConfig {
+    fn validate(&self) -> Result<()> {
+        SparseMoeConfig::validate(self)
+    }
+}
+
 impl SparseMoeConfig {
     /// `self` with the sizes of DeepSeekMoE's fine-grained `layout`: routed
     /// `E = m N - K_s` experts of width `h / m`, `k = m K - K_s`, and `K_s`

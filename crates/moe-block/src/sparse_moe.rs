@@ -1,11 +1,12 @@
 use crate::SparseMoeConfig;
 use moe_core::profile::span;
 use moe_core::{
-    check_float, check_same_device, linear, linear_in_input_dtype, MoeError, Result, Routing,
+    check_float, check_same_device, linear, linear_in_input_dtype, Checked, IntoChecked, MoeError,
+    Result, Routing,
 };
 use moe_dispatch::{Dispatch, ExpertParallel, ExpertParallelism};
 use moe_experts::ExpertBank;
-use moe_routers::{Router, WeightsOn};
+use moe_routers::{build_router, Router, RouterSpec, WeightsOn};
 use tch::{nn, Device, Kind, Tensor};
 
 /// Sparse Mixture-of-Experts feed-forward layer (Shazeer et al. 2017;
@@ -52,8 +53,8 @@ impl SparseMoe {
     /// (the biases with `expert_bias`, `w_gate` with SwiGLU) and, with
     /// shared experts, `p/shared_experts/...` and, with their sigmoid gate,
     /// `p/shared_expert_gate.weight` (`[1, d]`).
-    pub fn new(p: &nn::Path, config: SparseMoeConfig) -> Result<Self> {
-        Self::build(p, config, None)
+    pub fn new(p: &nn::Path, config: impl IntoChecked<SparseMoeConfig>) -> Result<Self> {
+        Self::build(p, config.into_checked()?, None)
     }
 
     /// The layer with its routed experts spread over the ranks of
@@ -64,9 +65,10 @@ impl SparseMoe {
     /// calls it, with as many tokens as the others in the capacity mode.
     pub fn new_expert_parallel(
         p: &nn::Path,
-        config: SparseMoeConfig,
+        config: impl IntoChecked<SparseMoeConfig>,
         parallel: ExpertParallel,
     ) -> Result<Self> {
+        let config = config.into_checked()?;
         if parallel.num_experts() != config.num_experts {
             return Err(MoeError::config(format!(
                 "the expert-parallel split is for {} experts, the layer has {}",
@@ -81,9 +83,10 @@ impl SparseMoe {
     /// split `parallelism` gives a layer of this many experts.
     pub fn with_parallelism(
         p: &nn::Path,
-        config: SparseMoeConfig,
+        config: impl IntoChecked<SparseMoeConfig>,
         parallelism: Option<&ExpertParallelism>,
     ) -> Result<Self> {
+        let config = config.into_checked()?;
         match parallelism {
             Some(parallelism) => {
                 let parallel = parallelism.layer(config.num_experts)?;
@@ -93,12 +96,13 @@ impl SparseMoe {
         }
     }
 
+    /// The layer of a checked config: its banks and router take the
+    /// configs derived from it, which its check covers.
     fn build(
         p: &nn::Path,
-        config: SparseMoeConfig,
+        config: Checked<SparseMoeConfig>,
         expert_parallel: Option<ExpertParallel>,
     ) -> Result<Self> {
-        config.validate()?;
         // A rank draws the whole bank and keeps its experts: the ranks
         // start from the model one process draws with the same seed.
         let experts = match &expert_parallel {
@@ -107,8 +111,16 @@ impl SparseMoe {
             }
             None => 0..config.num_experts,
         };
+        let bank = config.expert_config();
+        let router = RouterSpec {
+            config: config.router.clone(),
+            dims: config.router_dims(),
+        };
         let shared_experts = match config.shared_expert_config() {
-            Some(c) => Some(ExpertBank::new(&(p / "shared_experts"), &c)?),
+            Some(c) => Some(ExpertBank::new(
+                &(p / "shared_experts"),
+                Checked::derived(c),
+            )?),
             None => None,
         };
         let shared_expert_gate = config.shared_experts.filter(|s| s.sigmoid_gate).map(|_| {
@@ -121,15 +133,13 @@ impl SparseMoe {
             )
         });
         Ok(SparseMoe {
-            router: config
-                .router
-                .build(&(p / "router"), config.router_dims(), config.init)?,
-            experts: ExpertBank::new_shard(&(p / "experts"), &config.expert_config(), experts)?,
+            router: build_router(&(p / "router"), Checked::derived(router), config.init)?,
+            experts: ExpertBank::new_shard(&(p / "experts"), Checked::derived(bank), experts)?,
             shared_experts,
             shared_expert_gate,
             dispatch: config.dispatch.build(),
             expert_parallel,
-            config,
+            config: config.into_inner(),
         })
     }
 

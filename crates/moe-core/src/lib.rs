@@ -1,8 +1,9 @@
 //! Shared foundations of `moe-layers`: the [`MoeError`] type every crate
 //! returns, weight-initialisation schemes, device selection, dropout, the [`Routing`]
 //! that routers produce and dispatchers consume, small tensor checks, the
-//! one-row CPU kernels of batch-1 decoding ([`gemv`]) and the spans that
-//! time a forward pass ([`profile`]).
+//! one-row CPU kernels of batch-1 decoding ([`gemv`]), the spans that
+//! time a forward pass ([`profile`]), and configs checked once where they
+//! enter ([`Checked`], [`IntoChecked`]).
 //!
 //! Every other crate of the workspace depends on this one and on nothing
 //! above it.
@@ -10,6 +11,7 @@
 
 mod atomic_file;
 mod check;
+mod checked;
 mod device;
 mod dropout;
 mod error;
@@ -22,6 +24,7 @@ mod safetensors_file;
 
 pub use atomic_file::{commit, temp_path, write_atomic};
 pub use check::{check_float, check_rank, check_same_device};
+pub use checked::{Checked, IntoChecked, Validate};
 pub use device::DeviceChoice;
 pub use dropout::{dropout, keep_mask};
 pub use error::{MoeError, Result};

@@ -3,7 +3,7 @@ use crate::{Activation, BankWeights, ExpertConfig, ExpertKey, ExpertResidency};
 use moe_core::gemv::{self, Product};
 use moe_core::profile::span;
 use moe_core::{
-    as_kind_of, dropout, var_column_major_rows, var_rows, MoeError, Result, WeightInit,
+    as_kind_of, dropout, var_column_major_rows, var_rows, IntoChecked, MoeError, Result, WeightInit,
 };
 use tch::{nn, Device, Kind, Tensor};
 
@@ -145,8 +145,10 @@ impl ExpertBank {
     /// weight drawn by `config.init` for its fans; with `config.bias`,
     /// `p/b_in`, `p/b_out` (and `p/b_gate` with a gate) drawn as PyTorch's
     /// `nn.Linear` biases.
-    pub fn new(p: &nn::Path, config: &ExpertConfig) -> Result<Self> {
-        Self::new_shard(p, config, 0..config.num_experts)
+    pub fn new(p: &nn::Path, config: impl IntoChecked<ExpertConfig>) -> Result<Self> {
+        let config = config.into_checked()?;
+        let experts = 0..config.num_experts;
+        Self::new_shard(p, config, experts)
     }
 
     /// Experts `experts` of the bank `config` describes (an expert-parallel
@@ -157,10 +159,10 @@ impl ExpertBank {
     /// one outside `0..num_experts` is an error.
     pub fn new_shard(
         p: &nn::Path,
-        config: &ExpertConfig,
+        config: impl IntoChecked<ExpertConfig>,
         experts: std::ops::Range<i64>,
     ) -> Result<Self> {
-        config.validate()?;
+        let config = config.into_checked()?.into_inner();
         let (e, d, h) = (config.num_experts, config.input_dim, config.hidden_dim);
         if experts.is_empty() || experts.start < 0 || experts.end > e {
             return Err(MoeError::config(format!(
@@ -187,7 +189,7 @@ impl ExpertBank {
             b_out: bias.then(|| biases("b_out", d, h)),
             config: ExpertConfig {
                 num_experts: experts.end - experts.start,
-                ..config.clone()
+                ..config
             },
             int8: None,
             mapped: None,

@@ -68,6 +68,12 @@ impl Default for ExpertConfig {
     }
 }
 
+impl moe_core::Validate for ExpertConfig {
+    fn validate(&self) -> Result<()> {
+        ExpertConfig::validate(self)
+    }
+}
+
 impl ExpertConfig {
     /// Checks the sizes: an error names a non-positive width or a dropout outside `[0, 1)`.
     pub fn validate(&self) -> Result<()> {

@@ -4,7 +4,7 @@
 use crate::decoder::{DecoderConfig, DecoderModel};
 use crate::makemoe::{MakeMoeConfig, MakeMoeModel};
 use crate::CausalLm;
-use moe_core::{MoeError, Precision, Result, WeightInit};
+use moe_core::{Checked, IntoChecked, MoeError, Precision, Result, WeightInit};
 use moe_dispatch::{DispatchSpec, ExpertParallelism};
 use serde::{Deserialize, Deserializer, Serialize};
 use tch::nn;
@@ -63,25 +63,38 @@ impl<'de> Deserialize<'de> for LmConfig {
     }
 }
 
+impl moe_core::Validate for LmConfig {
+    fn validate(&self) -> Result<()> {
+        LmConfig::validate(self)
+    }
+}
+
 impl LmConfig {
     /// The `family` tags.
     pub const FAMILIES: [&'static str; 2] = ["make_moe", "decoder"];
 
     /// Builds the model under `p`.
     pub fn build(&self, p: &nn::Path) -> Result<Box<dyn CausalLm>> {
-        self.build_with(p, None)
+        Self::build_with(self, p, None)
     }
 
     /// [`LmConfig::build`] with every MoE layer's experts spread over the
-    /// ranks of `parallelism`, when given.
+    /// ranks of `parallelism`, when given; a [`Checked`] config is not
+    /// checked again.
     pub fn build_with(
-        &self,
+        config: impl IntoChecked<LmConfig>,
         p: &nn::Path,
         parallelism: Option<&ExpertParallelism>,
     ) -> Result<Box<dyn CausalLm>> {
-        Ok(match self {
-            LmConfig::MakeMoe(c) => Box::new(MakeMoeModel::with_parallelism(p, c, parallelism)?),
-            LmConfig::Decoder(c) => Box::new(DecoderModel::with_parallelism(p, c, parallelism)?),
+        Ok(match config.into_checked()?.into_inner() {
+            LmConfig::MakeMoe(c) => {
+                let c = Checked::derived(c);
+                Box::new(MakeMoeModel::with_parallelism(p, c, parallelism)?)
+            }
+            LmConfig::Decoder(c) => {
+                let c = Checked::derived(c);
+                Box::new(DecoderModel::with_parallelism(p, c, parallelism)?)
+            }
         })
     }
 

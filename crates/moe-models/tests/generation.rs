@@ -14,7 +14,7 @@ use tch::{nn, Device, Kind, Tensor};
 fn model(seed: i64) -> (nn::VarStore, MakeMoeModel) {
     tch::manual_seed(seed);
     let vs = nn::VarStore::new(Device::Cpu);
-    let model = MakeMoeModel::new(&vs.root(), &tiny_config(30)).unwrap();
+    let model = MakeMoeModel::new(&vs.root(), tiny_config(30)).unwrap();
     (vs, model)
 }
 

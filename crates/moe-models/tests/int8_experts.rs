@@ -70,7 +70,7 @@ fn config(precision: Precision) -> DecoderConfig {
 fn model(precision: Precision, kind: Kind) -> (nn::VarStore, DecoderModel) {
     tch::manual_seed(0);
     let mut vs = nn::VarStore::new(Device::Cpu);
-    let model = DecoderModel::new(&vs.root(), &config(precision)).unwrap();
+    let model = DecoderModel::new(&vs.root(), config(precision)).unwrap();
     vs.bfloat16();
     vs.set_kind(kind);
     (vs, model)

@@ -67,7 +67,7 @@ fn the_makemoe_preset_adds_router_noise_at_evaluation_and_dispatch_specs_set_cap
 fn changing_token_t_never_changes_logits_before_t() {
     tch::manual_seed(7);
     let vs = nn::VarStore::new(Device::Cpu);
-    let model = MakeMoeModel::new(&vs.root(), &tiny_config(20)).unwrap();
+    let model = MakeMoeModel::new(&vs.root(), tiny_config(20)).unwrap();
     let idx = Tensor::randint(20, [2, 16], (Kind::Int64, Device::Cpu));
     let logits = model.forward_t(&idx, false).unwrap().logits;
     for t in [0i64, 7, 15] {
@@ -93,7 +93,7 @@ fn changing_token_t_never_changes_logits_before_t() {
 #[test]
 fn bad_token_inputs_are_errors() {
     let vs = nn::VarStore::new(Device::Cpu);
-    let model = MakeMoeModel::new(&vs.root(), &tiny_config(20)).unwrap();
+    let model = MakeMoeModel::new(&vs.root(), tiny_config(20)).unwrap();
     let too_big = Tensor::from_slice(&[1i64, 2, 20]).view([1, 3]);
     match model.forward_t(&too_big, false) {
         Err(MoeError::TokenOutOfVocab {
@@ -239,7 +239,7 @@ fn generation_returns_vocabulary_tokens_of_the_asked_length() {
     tch::manual_seed(5);
     let tok = CharTokenizer::from_text(&common::corpus()).unwrap();
     let vs = nn::VarStore::new(Device::Cpu);
-    let model = MakeMoeModel::new(&vs.root(), &tiny_config(tok.vocab_size())).unwrap();
+    let model = MakeMoeModel::new(&vs.root(), tiny_config(tok.vocab_size())).unwrap();
     let prompt = tok.encode("ROMEO:").unwrap();
     let mut streamed = Vec::new();
     // Longer than the context, so the window slides.

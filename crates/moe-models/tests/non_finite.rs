@@ -165,7 +165,7 @@ fn extreme_settings_and_bad_shapes_are_errors_or_exact_not_panics() {
 fn model(seed: i64) -> (nn::VarStore, MakeMoeModel) {
     tch::manual_seed(seed);
     let vs = nn::VarStore::new(Device::Cpu);
-    let model = MakeMoeModel::new(&vs.root(), &tiny_config(VOCAB)).unwrap();
+    let model = MakeMoeModel::new(&vs.root(), tiny_config(VOCAB)).unwrap();
     (vs, model)
 }
 

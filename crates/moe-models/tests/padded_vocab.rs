@@ -18,7 +18,7 @@ fn ids_past_the_tokenizer_stream_as_nothing_and_generation_goes_on() {
     // Nine padding rows past the tokenizer's 21 tokens.
     tch::manual_seed(7);
     let vs = nn::VarStore::new(Device::Cpu);
-    let model = MakeMoeModel::new(&vs.root(), &tiny_config(30)).unwrap();
+    let model = MakeMoeModel::new(&vs.root(), tiny_config(30)).unwrap();
     let prompt = tok.encode("abc").unwrap();
     let clean = generate(&model, &prompt, 12, Sampling::greedy(), |_| {}).unwrap();
     // Make padding id 27 the greedy choice wherever the clean model chose

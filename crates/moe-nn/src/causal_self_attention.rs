@@ -2,7 +2,7 @@ use crate::sdpa::{causal_attention, causal_attention_math, Visibility};
 use crate::{AttentionConfig, AttentionPath, KvCache};
 use moe_core::{
     as_kind_of, check_float, check_rank, check_same_device, dropout, linear, linear_in_input_dtype,
-    MoeError, Result,
+    IntoChecked, MoeError, Result,
 };
 use tch::{nn, Tensor};
 
@@ -25,8 +25,8 @@ pub struct CausalSelfAttention {
 
 impl CausalSelfAttention {
     /// Creates the layer's parameters under `p` (`p/qkv`, `p/proj`).
-    pub fn new(p: &nn::Path, config: AttentionConfig) -> Result<Self> {
-        config.validate()?;
+    pub fn new(p: &nn::Path, config: impl IntoChecked<AttentionConfig>) -> Result<Self> {
+        let config = config.into_checked()?;
         let c = config.n_embd;
         let qkv = moe_core::var(
             p,
@@ -35,7 +35,11 @@ impl CausalSelfAttention {
             config.init.weight(c, config.head_size()),
         );
         let proj = linear(p / "proj", c, c, true, config.init);
-        Ok(CausalSelfAttention { qkv, proj, config })
+        Ok(CausalSelfAttention {
+            qkv,
+            proj,
+            config: config.into_inner(),
+        })
     }
 
     /// The layer's configuration.

@@ -61,6 +61,12 @@ impl Default for AttentionConfig {
     }
 }
 
+impl moe_core::Validate for AttentionConfig {
+    fn validate(&self) -> Result<()> {
+        AttentionConfig::validate(self)
+    }
+}
+
 impl AttentionConfig {
     /// Checks the sizes; every constructor calls it.
     pub fn validate(&self) -> Result<()> {

@@ -2,7 +2,7 @@ use crate::norm::rms_normalize;
 use crate::sdpa::{causal_attention, check_attention_input, project_heads, Visibility};
 use crate::{GqaConfig, KvCache, LocalizedFiltering, QkNorm, RmsNorm, Rope};
 use moe_core::profile::span;
-use moe_core::{check_same_device, linear, linear_in_input_dtype, MoeError, Result};
+use moe_core::{check_same_device, linear, linear_in_input_dtype, IntoChecked, MoeError, Result};
 use tch::{nn, Kind, Tensor};
 
 /// Grouped-query causal self-attention with rotary position embeddings, the
@@ -62,8 +62,8 @@ pub struct GroupedQueryAttention {
 impl GroupedQueryAttention {
     /// Creates the layer's parameters under `p` and its RoPE tables on
     /// `p`'s device.
-    pub fn new(p: &nn::Path, config: &GqaConfig) -> Result<Self> {
-        config.validate()?;
+    pub fn new(p: &nn::Path, config: impl IntoChecked<GqaConfig>) -> Result<Self> {
+        let config = config.into_checked()?;
         let c = config.hidden_size;
         let d = config.head_dim();
         let (q_width, kv_width) = (
@@ -104,7 +104,7 @@ impl GroupedQueryAttention {
                 config.rope_scaling.as_ref(),
                 p.device(),
             )?,
-            config: config.clone(),
+            config: config.into_inner(),
         })
     }
 

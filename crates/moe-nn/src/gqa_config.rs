@@ -160,6 +160,12 @@ impl Default for GqaConfig {
     }
 }
 
+impl moe_core::Validate for GqaConfig {
+    fn validate(&self) -> Result<()> {
+        GqaConfig::validate(self)
+    }
+}
+
 impl GqaConfig {
     /// Checks the sizes and ranges; every constructor calls it.
     pub fn validate(&self) -> Result<()> {

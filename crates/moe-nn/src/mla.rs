@@ -1,6 +1,6 @@
 use crate::sdpa::{causal_attention, check_attention_input, project_heads, Visibility};
 use crate::{KvCache, MlaConfig, RmsNorm, Rope};
-use moe_core::{check_same_device, linear, linear_in_input_dtype, MoeError, Result};
+use moe_core::{check_same_device, linear, linear_in_input_dtype, IntoChecked, MoeError, Result};
 use tch::{nn, Tensor};
 
 /// Multi-head Latent Attention (MLA), DeepSeek-V2/V3's causal
@@ -68,8 +68,8 @@ enum QueryProjection {
 impl MultiHeadLatentAttention {
     /// Creates the layer's parameters under `p` and its RoPE tables (width
     /// `qk_rope_head_dim`) on `p`'s device.
-    pub fn new(p: &nn::Path, config: &MlaConfig) -> Result<Self> {
-        config.validate()?;
+    pub fn new(p: &nn::Path, config: impl IntoChecked<MlaConfig>) -> Result<Self> {
+        let config = config.into_checked()?;
         let c = config.hidden_size;
         let h = config.num_attention_heads;
         let r = config.kv_lora_rank;
@@ -103,7 +103,7 @@ impl MultiHeadLatentAttention {
                 config.rope_scaling.as_ref(),
                 p.device(),
             )?,
-            config: config.clone(),
+            config: config.into_inner(),
         })
     }
 

@@ -83,6 +83,12 @@ impl Default for MlaConfig {
     }
 }
 
+impl moe_core::Validate for MlaConfig {
+    fn validate(&self) -> Result<()> {
+        MlaConfig::validate(self)
+    }
+}
+
 impl MlaConfig {
     /// DeepSeek-V3's (and R1's) attention, from its `config.json`: C = 7168,
     /// 128 heads, q_lora_rank 1536, kv_lora_rank 512, d_n = 128, d_r = 64,

@@ -1,5 +1,7 @@
 use crate::config::wrong_gate;
+use crate::RouterSpec;
 use crate::{softmax_top_k, Gate, Router, RouterConfig, RouterDims};
+use moe_core::Checked;
 use moe_core::{linear, Result, Routing, WeightInit};
 use tch::{nn, nn::Module, Kind, Tensor};
 
@@ -34,10 +36,23 @@ impl AttentionRouter {
         config: &RouterConfig,
         init: WeightInit,
     ) -> Result<Self> {
+        let spec = RouterSpec {
+            config: config.clone(),
+            dims,
+        };
+        Self::from_spec(p, &Checked::new(spec)?, init)
+    }
+
+    /// [`Self::new`] from a checked spec (not checked again).
+    pub(crate) fn from_spec(
+        p: &nn::Path,
+        spec: &Checked<RouterSpec>,
+        init: WeightInit,
+    ) -> Result<Self> {
+        let (dims, config) = (spec.dims, &spec.config);
         let Gate::Attention { norm_topk_prob } = config.gate else {
             return Err(wrong_gate("AttentionRouter", "attention", &config.gate));
         };
-        config.validate(dims)?;
         let (d, e, bias) = (dims.input_dim, dims.num_experts, config.bias);
         Ok(AttentionRouter {
             query: linear(p / "query", d, e, bias, init),

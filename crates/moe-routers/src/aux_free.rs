@@ -1,8 +1,10 @@
 use crate::config::wrong_gate;
+use crate::RouterSpec;
 use crate::{
     group_limited_selection, top_k_of_affinities, Gate, GroupScore, Router, RouterConfig,
     RouterDims,
 };
+use moe_core::Checked;
 use moe_core::{linear, MoeError, Result, Routing, WeightInit};
 use tch::{nn, Kind, Tensor};
 
@@ -45,6 +47,20 @@ impl AuxFreeSigmoidRouter {
         config: &RouterConfig,
         init: WeightInit,
     ) -> Result<Self> {
+        let spec = RouterSpec {
+            config: config.clone(),
+            dims,
+        };
+        Self::from_spec(p, &Checked::new(spec)?, init)
+    }
+
+    /// [`Self::new`] from a checked spec (not checked again).
+    pub(crate) fn from_spec(
+        p: &nn::Path,
+        spec: &Checked<RouterSpec>,
+        init: WeightInit,
+    ) -> Result<Self> {
+        let (dims, config) = (spec.dims, &spec.config);
         let Gate::SigmoidAuxFree {
             norm_topk_prob,
             bias_update_rate,
@@ -58,7 +74,6 @@ impl AuxFreeSigmoidRouter {
                 &config.gate,
             ));
         };
-        config.validate(dims)?;
         let (d, e) = (dims.input_dim, dims.num_experts);
         Ok(AuxFreeSigmoidRouter {
             gate: linear(p / "gate", d, e, config.bias, init),

@@ -2,7 +2,7 @@ use crate::{
     apply_capacity, check_groups, AttentionRouter, AuxFreeSigmoidRouter, ExpertChoiceRouter,
     ExpertChoiceScope, NoisyTopKRouter, Router, TopKRouter,
 };
-use moe_core::{MoeError, Result, Routing, WeightInit};
+use moe_core::{IntoChecked, MoeError, Result, Routing, WeightInit};
 use serde::{Deserialize, Serialize};
 use tch::nn;
 
@@ -464,17 +464,11 @@ impl RouterConfig {
         dims: RouterDims,
         init: WeightInit,
     ) -> Result<Box<dyn Router>> {
-        Ok(match self.gate {
-            Gate::TopK { .. } | Gate::GroupLimitedGreedy { .. } | Gate::SigmoidTopK => {
-                Box::new(TopKRouter::new(p, dims, self, init)?)
-            }
-            Gate::NoisyTopK { .. } => Box::new(NoisyTopKRouter::new(p, dims, self, init)?),
-            Gate::Attention { .. } => Box::new(AttentionRouter::new(p, dims, self, init)?),
-            Gate::SigmoidAuxFree { .. } => {
-                Box::new(AuxFreeSigmoidRouter::new(p, dims, self, init)?)
-            }
-            Gate::ExpertChoice { .. } => Box::new(ExpertChoiceRouter::new(p, dims, self, init)?),
-        })
+        let spec = RouterSpec {
+            config: self.clone(),
+            dims,
+        };
+        build_router(p, spec, init)
     }
 
     /// Trainable parameters of the router: `E d` per linear map of the gate
@@ -503,6 +497,42 @@ impl RouterConfig {
             None => Ok(routing),
         }
     }
+}
+
+/// A router's settings with the sizes it routes for: what a router is
+/// built from, and checked as ([`RouterConfig::validate`] needs both).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouterSpec {
+    /// The router's settings.
+    pub config: RouterConfig,
+    /// Its sizes.
+    pub dims: RouterDims,
+}
+
+impl moe_core::Validate for RouterSpec {
+    fn validate(&self) -> Result<()> {
+        self.config.validate(self.dims)
+    }
+}
+
+/// The router of `spec`'s gate under `p`, its weight matrices drawn with
+/// `init` ([`RouterConfig::build`]); a spec already checked (a checked
+/// MoE layer's, [`moe_core::Checked::derived`]) is not checked again.
+pub fn build_router(
+    p: &nn::Path,
+    spec: impl IntoChecked<RouterSpec>,
+    init: WeightInit,
+) -> Result<Box<dyn Router>> {
+    let spec = &spec.into_checked()?;
+    Ok(match spec.config.gate {
+        Gate::TopK { .. } | Gate::GroupLimitedGreedy { .. } | Gate::SigmoidTopK => {
+            Box::new(TopKRouter::from_spec(p, spec, init)?)
+        }
+        Gate::NoisyTopK { .. } => Box::new(NoisyTopKRouter::from_spec(p, spec, init)?),
+        Gate::Attention { .. } => Box::new(AttentionRouter::from_spec(p, spec, init)?),
+        Gate::SigmoidAuxFree { .. } => Box::new(AuxFreeSigmoidRouter::from_spec(p, spec, init)?),
+        Gate::ExpertChoice { .. } => Box::new(ExpertChoiceRouter::from_spec(p, spec, init)?),
+    })
 }
 
 /// A capacity factor must be a finite number `> 0`.

@@ -2,7 +2,9 @@
 //! Choice Routing", arXiv 2202.09368): the experts choose their tokens.
 
 use crate::config::wrong_gate;
+use crate::RouterSpec;
 use crate::{top_k_of_affinities, Gate, Router, RouterConfig, RouterDims};
+use moe_core::Checked;
 use moe_core::{accumulation_kind, linear, MoeError, Result, Routing, WeightInit};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
@@ -155,6 +157,20 @@ impl ExpertChoiceRouter {
         config: &RouterConfig,
         init: WeightInit,
     ) -> Result<Self> {
+        let spec = RouterSpec {
+            config: config.clone(),
+            dims,
+        };
+        Self::from_spec(p, &Checked::new(spec)?, init)
+    }
+
+    /// [`Self::new`] from a checked spec (not checked again).
+    pub(crate) fn from_spec(
+        p: &nn::Path,
+        spec: &Checked<RouterSpec>,
+        init: WeightInit,
+    ) -> Result<Self> {
+        let (dims, config) = (spec.dims, &spec.config);
         let Gate::ExpertChoice {
             capacity_factor,
             scope,
@@ -166,7 +182,6 @@ impl ExpertChoiceRouter {
                 &config.gate,
             ));
         };
-        config.validate(dims)?;
         let (d, e) = (dims.input_dim, dims.num_experts);
         Ok(ExpertChoiceRouter {
             gate: linear(p / "gate", d, e, config.bias, init),

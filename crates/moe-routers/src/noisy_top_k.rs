@@ -1,5 +1,7 @@
 use crate::config::wrong_gate;
+use crate::RouterSpec;
 use crate::{softmax_top_k, Gate, Router, RouterConfig, RouterDims};
+use moe_core::Checked;
 use moe_core::{linear, Result, Routing, WeightInit};
 use tch::{nn, nn::Module, Tensor};
 
@@ -32,6 +34,20 @@ impl NoisyTopKRouter {
         config: &RouterConfig,
         init: WeightInit,
     ) -> Result<Self> {
+        let spec = RouterSpec {
+            config: config.clone(),
+            dims,
+        };
+        Self::from_spec(p, &Checked::new(spec)?, init)
+    }
+
+    /// [`Self::new`] from a checked spec (not checked again).
+    pub(crate) fn from_spec(
+        p: &nn::Path,
+        spec: &Checked<RouterSpec>,
+        init: WeightInit,
+    ) -> Result<Self> {
+        let (dims, config) = (spec.dims, &spec.config);
         let Gate::NoisyTopK {
             noise_at_eval,
             norm_topk_prob,
@@ -39,7 +55,6 @@ impl NoisyTopKRouter {
         else {
             return Err(wrong_gate("NoisyTopKRouter", "noisy_top_k", &config.gate));
         };
-        config.validate(dims)?;
         let (d, e) = (dims.input_dim, dims.num_experts);
         Ok(NoisyTopKRouter {
             gate: linear(p / "gate", d, e, config.bias, init),

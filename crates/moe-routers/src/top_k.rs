@@ -1,8 +1,10 @@
 use crate::config::wrong_gate;
+use crate::RouterSpec;
 use crate::{
     group_limited_selection, softmax_top_k, top_k_of_affinities, Gate, GroupScore, Router,
     RouterConfig, RouterDims,
 };
+use moe_core::Checked;
 use moe_core::{accumulation_kind, linear, Result, Routing, WeightInit};
 use tch::{nn, Tensor};
 
@@ -44,6 +46,20 @@ impl TopKRouter {
         config: &RouterConfig,
         init: WeightInit,
     ) -> Result<Self> {
+        let spec = RouterSpec {
+            config: config.clone(),
+            dims,
+        };
+        Self::from_spec(p, &Checked::new(spec)?, init)
+    }
+
+    /// [`Self::new`] from a checked spec (not checked again).
+    pub(crate) fn from_spec(
+        p: &nn::Path,
+        spec: &Checked<RouterSpec>,
+        init: WeightInit,
+    ) -> Result<Self> {
+        let (dims, config) = (spec.dims, &spec.config);
         let norm_topk_prob = match config.gate {
             Gate::TopK { norm_topk_prob } | Gate::GroupLimitedGreedy { norm_topk_prob, .. } => {
                 norm_topk_prob
@@ -57,7 +73,6 @@ impl TopKRouter {
                 ))
             }
         };
-        config.validate(dims)?;
         let (d, e) = (dims.input_dim, dims.num_experts);
         Ok(TopKRouter {
             gate: linear(p / "gate", d, e, config.bias, init),

@@ -11,10 +11,10 @@
 //! drives the steps itself takes the trainer; every other program trains.
 
 use crate::RunConfig;
-use moe_core::Result;
+use moe_core::{Checked, Result};
 use moe_data::{Dataset, Tokenizer};
 use moe_dispatch::ExpertParallelism;
-use moe_models::CausalLm;
+use moe_models::{CausalLm, LmConfig};
 use moe_train::{
     load_checkpoint_meta, Checkpointing, DataParallel, EvalLosses, TrainEvent, Trainer,
 };
@@ -114,10 +114,12 @@ impl Run {
             (None, None) => (Tokenizer::train(corpus, &self.config.tokenizer)?, 0),
         };
         self.config.model.set_vocab_size(tokenizer.vocab_size());
-        self.config.model.validate()?;
+        // The one check of the model's config: the model takes it checked.
+        let model = Checked::new(self.config.model.clone())?;
         self.config.train.validate()?;
         Ok(PreparedRun {
             run: self,
+            model,
             tokenizer,
             first_step,
         })
@@ -128,6 +130,7 @@ impl Run {
 #[derive(Debug)]
 pub struct PreparedRun {
     run: Run,
+    model: Checked<LmConfig>,
     tokenizer: Tokenizer,
     first_step: i64,
 }
@@ -196,7 +199,7 @@ impl PreparedRun {
         let run = &self.run;
         tch::manual_seed(run.config.train.seed);
         let vs = nn::VarStore::new(run.device);
-        let model = (run.config.model).build_with(&vs.root(), run.parallelism.as_ref())?;
+        let model = LmConfig::build_with(&self.model, &vs.root(), run.parallelism.as_ref())?;
         self.build_from(vs, model, corpus)
     }
 

@@ -31,7 +31,7 @@ fn rank_counts(group: Group, config: &LmConfig, text: &str) -> (i64, Option<(i64
         mode: ExchangeMode::Dropless,
     };
     let vs = nn::VarStore::new(Device::Cpu);
-    let model = config.build_with(&vs.root(), Some(&parallelism)).unwrap();
+    let model = LmConfig::build_with(config, &vs.root(), Some(&parallelism)).unwrap();
     let tok = CharTokenizer::from_text(text).unwrap();
     let data = common::corpus_dataset(&tok, text, 16);
     let train = TrainConfig {

@@ -312,6 +312,12 @@ impl FromStr for DecoderPreset {
     }
 }
 
+impl moe_core::Validate for DecoderConfig {
+    fn validate(&self) -> Result<()> {
+        DecoderConfig::validate(self)
+    }
+}
+
 impl DecoderConfig {
     /// The preset's family settings on the default sizes.
     pub fn preset(preset: DecoderPreset) -> Self {

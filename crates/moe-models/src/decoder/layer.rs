@@ -1,7 +1,7 @@
 use super::DecoderConfig;
 use moe_block::{MoeOutput, SparseMoe};
 use moe_core::profile::span;
-use moe_core::{Result, Routing};
+use moe_core::{Checked, Result, Routing};
 use moe_dispatch::ExpertParallelism;
 use moe_nn::{GroupedQueryAttention, KvCache, MultiHeadLatentAttention, RmsNorm, SwiGluMlp};
 use tch::{nn, Kind, Tensor};
@@ -69,11 +69,12 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    /// Layer `index` of a model with `config`; an MoE layer's experts are
-    /// spread over the ranks of `parallelism` when given.
+    /// Layer `index` of a model with the checked `config` (whose check
+    /// covers every layer's attention and MoE config); an MoE layer's
+    /// experts are spread over the ranks of `parallelism` when given.
     pub fn new(
         p: &nn::Path,
-        config: &DecoderConfig,
+        config: &Checked<DecoderConfig>,
         index: i64,
         parallelism: Option<&ExpertParallelism>,
     ) -> Result<Self> {
@@ -81,7 +82,7 @@ impl DecoderLayer {
         let mlp = if config.is_moe_layer(index) {
             FeedForward::Moe(Box::new(SparseMoe::with_parallelism(
                 &(p / "mlp"),
-                config.moe_config(),
+                Checked::derived(config.moe_config()),
                 parallelism,
             )?))
         } else {
@@ -96,12 +97,13 @@ impl DecoderLayer {
         Ok(DecoderLayer {
             input_layernorm: RmsNorm::new(&(p / "input_layernorm"), d, config.rms_norm_eps),
             self_attn: match config.latent_attention_config() {
-                Some(mla) => {
-                    Attention::Latent(MultiHeadLatentAttention::new(&(p / "self_attn"), &mla)?)
-                }
+                Some(mla) => Attention::Latent(MultiHeadLatentAttention::new(
+                    &(p / "self_attn"),
+                    Checked::derived(mla),
+                )?),
                 None => Attention::GroupedQuery(GroupedQueryAttention::new(
                     &(p / "self_attn"),
-                    &config.attention_config_of(index),
+                    Checked::derived(config.attention_config_of(index)),
                 )?),
             },
             post_attention_layernorm: RmsNorm::new(

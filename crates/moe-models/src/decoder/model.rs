@@ -1,7 +1,7 @@
 use super::{DecoderConfig, DecoderLayer, LayerOutput};
 use crate::{check_context, CausalLm, ForwardOutput, LmConfig, ModelCache};
 use moe_core::profile::span;
-use moe_core::{linear, MoeError, Result, Routing};
+use moe_core::{linear, IntoChecked, MoeError, Result, Routing};
 use moe_dispatch::ExpertParallelism;
 use moe_nn::{KvCache, RmsNorm};
 use tch::{nn, Device, Tensor};
@@ -30,7 +30,7 @@ impl DecoderModel {
     /// Creates the parameters under `p`: embeddings N(0, 0.02^2) (as
     /// Hugging Face's `initializer_range`), RMSNorm gains 1, linear layers
     /// by `config.init`.
-    pub fn new(p: &nn::Path, config: &DecoderConfig) -> Result<Self> {
+    pub fn new(p: &nn::Path, config: impl IntoChecked<DecoderConfig>) -> Result<Self> {
         Self::with_parallelism(p, config, None)
     }
 
@@ -39,10 +39,10 @@ impl DecoderModel {
     /// everything else whole).
     pub fn with_parallelism(
         p: &nn::Path,
-        config: &DecoderConfig,
+        config: impl IntoChecked<DecoderConfig>,
         parallelism: Option<&ExpertParallelism>,
     ) -> Result<Self> {
-        config.validate()?;
+        let config = config.into_checked()?;
         let (v, d) = (config.vocab_size, config.hidden_size);
         let model = p / "model";
         let embed_tokens = moe_core::var(
@@ -55,7 +55,7 @@ impl DecoderModel {
             },
         );
         let layers = (0..config.num_hidden_layers)
-            .map(|i| DecoderLayer::new(&(&model / "layers" / i), config, i, parallelism))
+            .map(|i| DecoderLayer::new(&(&model / "layers" / i), &config, i, parallelism))
             .collect::<Result<Vec<_>>>()?;
         let lm_head =
             (!config.tie_word_embeddings).then(|| linear(p / "lm_head", d, v, false, config.init));
@@ -64,7 +64,7 @@ impl DecoderModel {
             layers,
             norm: RmsNorm::new(&(&model / "norm"), d, config.rms_norm_eps),
             lm_head,
-            config: config.clone(),
+            config: config.into_inner(),
         })
     }
 

@@ -1,6 +1,6 @@
 use super::MakeMoeConfig;
 use moe_block::{MoeOutput, SparseMoe};
-use moe_core::Result;
+use moe_core::{Checked, Result};
 use moe_dispatch::ExpertParallelism;
 use moe_nn::{CausalSelfAttention, KvCache};
 use tch::{nn, nn::Module, Kind, Tensor};
@@ -23,18 +23,26 @@ pub struct Block {
 }
 
 impl Block {
-    /// Parameters: `p/{ln1,attn,ln2,moe}`.
+    /// Parameters: `p/{ln1,attn,ln2,moe}`, of a checked model config
+    /// (whose check covers the attention's and the MoE layer's).
     pub fn new(
         p: &nn::Path,
-        config: &MakeMoeConfig,
+        config: &Checked<MakeMoeConfig>,
         parallelism: Option<&ExpertParallelism>,
     ) -> Result<Self> {
         let c = config.n_embd;
         Ok(Block {
             ln1: nn::layer_norm(p / "ln1", vec![c], Default::default()),
-            attn: CausalSelfAttention::new(&(p / "attn"), config.attention_config())?,
+            attn: CausalSelfAttention::new(
+                &(p / "attn"),
+                Checked::derived(config.attention_config()),
+            )?,
             ln2: nn::layer_norm(p / "ln2", vec![c], Default::default()),
-            moe: SparseMoe::with_parallelism(&(p / "moe"), config.moe_config()?, parallelism)?,
+            moe: SparseMoe::with_parallelism(
+                &(p / "moe"),
+                Checked::derived(config.moe_config()?),
+                parallelism,
+            )?,
             compute: config.precision.kind(),
         })
     }

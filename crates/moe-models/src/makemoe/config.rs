@@ -108,6 +108,12 @@ impl FromStr for Preset {
     }
 }
 
+impl moe_core::Validate for MakeMoeConfig {
+    fn validate(&self) -> Result<()> {
+        MakeMoeConfig::validate(self)
+    }
+}
+
 impl MakeMoeConfig {
     /// makeMoE's sizes with the given preset's behaviour.
     pub fn preset(preset: Preset) -> Self {

@@ -1,7 +1,7 @@
 use super::{Block, MakeMoeConfig};
 use crate::{check_context, CausalLm, ForwardOutput, LmConfig, ModelCache};
 use moe_block::MoeOutput;
-use moe_core::{MoeError, Result, Routing};
+use moe_core::{IntoChecked, MoeError, Result, Routing};
 use moe_dispatch::ExpertParallelism;
 use moe_nn::KvCache;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
@@ -24,7 +24,7 @@ pub struct MakeMoeModel {
 impl MakeMoeModel {
     /// Creates the model's parameters under `p`. Embeddings are N(0, 1) and
     /// LayerNorms (1, 0), as in PyTorch; linear weights follow `config.init`.
-    pub fn new(p: &nn::Path, config: &MakeMoeConfig) -> Result<Self> {
+    pub fn new(p: &nn::Path, config: impl IntoChecked<MakeMoeConfig>) -> Result<Self> {
         Self::with_parallelism(p, config, None)
     }
 
@@ -32,10 +32,10 @@ impl MakeMoeModel {
     /// the ranks of `parallelism`.
     pub fn with_parallelism(
         p: &nn::Path,
-        config: &MakeMoeConfig,
+        config: impl IntoChecked<MakeMoeConfig>,
         parallelism: Option<&ExpertParallelism>,
     ) -> Result<Self> {
-        config.validate()?;
+        let config = config.into_checked()?;
         let (v, c) = (config.vocab_size, config.n_embd);
         let emb = nn::EmbeddingConfig {
             ws_init: nn::Init::Randn {
@@ -45,7 +45,7 @@ impl MakeMoeModel {
             ..Default::default()
         };
         let blocks = (0..config.n_layer)
-            .map(|i| Block::new(&(p / "blocks" / i), config, parallelism))
+            .map(|i| Block::new(&(p / "blocks" / i), &config, parallelism))
             .collect::<Result<Vec<_>>>()?;
         Ok(MakeMoeModel {
             tok_emb: nn::embedding(p / "tok_emb", v, c, emb),
@@ -53,7 +53,7 @@ impl MakeMoeModel {
             blocks,
             ln_f: nn::layer_norm(p / "ln_f", vec![c], Default::default()),
             lm_head: moe_core::linear(p / "lm_head", c, v, true, config.init),
-            config: config.clone(),
+            config: config.into_inner(),
         })
     }
 
