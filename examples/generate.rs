@@ -40,20 +40,21 @@
 //!     --model tests/data/hf/mixtral --plan --dtype auto
 //! ```
 //!
-//! `--bench` instead times the KV-cached generation against makeMoE's
-//! recomputation of the whole context for every token, and prints the ratio.
+//! (`lab/src/bin/kv_cache_bench.rs` times the KV-cached generation against
+//! the recomputation of the whole context for every token.)
 
 use clap::Parser;
 use moe_layers::experts::{ExpertQuantization, ExpertResidency};
-use moe_layers::hf::{dtype_by_name, from_pretrained, memory_plan, ExpertStorage, LoadOptions};
+use moe_layers::hf::{
+    available_memory, dtype_by_name, from_pretrained, memory_plan, ExpertStorage, LoadOptions,
+};
 use moe_layers::lm::{
-    generate_batch, generate_recompute, generate_with, load_checkpoint, CausalLm, GenerateOptions,
-    Sampling, TextStream, Tokenizer,
+    generate_batch, generate_with, load_checkpoint, CausalLm, Continuation, GenerateOptions,
+    Sampling, Tokenizer,
 };
 use moe_layers::prelude::DeviceChoice;
 use moe_layers::{MoeError, Result};
 use std::io::Write;
-use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -97,9 +98,6 @@ struct Args {
     /// Where to run
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
-    /// Time KV-cached generation against full recomputation instead
-    #[arg(long)]
-    bench: bool,
     /// With --model: the parameters' dtype, auto (the dtype holding most
     /// of the checkpoint's weight bytes, as transformers' dtype="auto"),
     /// f32, bf16, f16 or f64. bf16 and f64 models compute in their dtype;
@@ -127,41 +125,21 @@ struct Args {
     expert_cache_gib: Option<f64>,
 }
 
-/// The machine's available memory in bytes (/proc/meminfo's MemAvailable).
-fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
 /// `--plan`: the memory plan of `dir` and whether it fits.
 fn print_plan(args: &Args, dir: &std::path::Path) -> Result<()> {
     let plan = memory_plan(dir, dtype_by_name(&args.dtype)?, &[])?;
-    println!("{plan}");
     let budget = match args.memory_gib {
         Some(gib) if gib > 0.0 && gib.is_finite() => (gib * (1u64 << 30) as f64) as u64,
         Some(gib) => {
             return Err(MoeError::config(format!(
-                "--memory-gib must be a positive number of GiB, got {gib}"
+                "--memory-gib must be > 0, got {gib}"
             )))
         }
         None => available_memory().ok_or_else(|| {
             MoeError::config("cannot read MemAvailable from /proc/meminfo: give --memory-gib")
         })?,
     };
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    println!(
-        "needs:               {:.2} GiB (weights and one sequence's KV cache at the full context) \
-         of {:.2} GiB: {}",
-        gib(plan.resident_bytes()),
-        gib(budget),
-        if plan.fits(budget) {
-            "fits"
-        } else {
-            "does not fit"
-        }
-    );
+    println!("{plan}\n{}", plan.verdict(budget));
     Ok(())
 }
 
@@ -256,32 +234,22 @@ fn run(args: Args) -> Result<()> {
         return generate_rows(model, tokenizer, &texts, &prompts, &options, &args.stop);
     }
     let (text, prompt) = (&texts[0], &prompts[0]);
-    if args.bench {
-        return bench(model, prompt, args.max_new_tokens, sampling, args.seed);
-    }
     print!("{text}");
-    let mut row = Continuation::new(tokenizer, prompt, &args.stop, true)?;
-    let start = Instant::now();
-    let mut generated = 0usize;
+    let mut row = Continuation::new(tokenizer, prompt, &args.stop)?;
+    let (start, mut generated, mut shown) = (Instant::now(), 0usize, 0);
     generate_with(model, prompt, &options, |id| {
         generated += 1;
-        row.push(id)
+        let flow = row.push(id);
+        print!("{}", &row.text()[shown..]);
+        let _ = std::io::stdout().flush();
+        shown = row.text().len();
+        flow
     })?;
     if let Some(residency) = &loaded.residency {
-        let s = residency.stats();
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        let speed = generated as f64 / start.elapsed().as_secs_f64();
         eprintln!(
-            "\nexperts from the files: hit rate {:.3} ({} hits, {} misses, {} prefetched, {} \
-             evicted), {:.2} GiB read in, {:.2} of {:.2} GiB resident; {:.3} tokens/s",
-            s.hit_rate(),
-            s.hits,
-            s.misses,
-            s.prefetches,
-            s.evictions,
-            gib(s.bytes_loaded),
-            gib(s.resident_bytes),
-            gib(s.capacity_bytes),
-            generated as f64 / start.elapsed().as_secs_f64()
+            "\nexperts from the files: {}; {speed:.3} tokens/s",
+            residency.stats()
         );
     }
     println!();
@@ -300,102 +268,11 @@ fn generate_rows(
 ) -> Result<()> {
     let mut rows = prompts
         .iter()
-        .map(|prompt| Continuation::new(tokenizer, prompt, stop, false))
+        .map(|prompt| Continuation::new(tokenizer, prompt, stop))
         .collect::<Result<Vec<_>>>()?;
     generate_batch(model, prompts, options, |row, id| rows[row].push(id))?;
     for (row, (text, continuation)) in texts.iter().zip(rows).enumerate() {
         println!("--- prompt {row}\n{text}{}", continuation.finish()?);
     }
-    Ok(())
-}
-
-/// The text of one generated row as its tokens arrive: decoded in context
-/// (the prompt's tokens go through the stream first, for SentencePiece's
-/// leading spaces), echoed to stdout if asked, ended by a stop string.
-struct Continuation<'a> {
-    stream: TextStream<'a>,
-    stop: &'a [String],
-    echo: bool,
-    text: String,
-    error: Option<MoeError>,
-}
-
-impl<'a> Continuation<'a> {
-    fn new(
-        tokenizer: &'a Tokenizer,
-        prompt: &[i64],
-        stop: &'a [String],
-        echo: bool,
-    ) -> Result<Self> {
-        let mut stream = TextStream::new(tokenizer);
-        for &id in prompt {
-            stream.push(id)?;
-        }
-        Ok(Continuation {
-            stream,
-            stop,
-            echo,
-            text: String::new(),
-            error: None,
-        })
-    }
-
-    /// Adds a token; breaks once the text holds a stop string (or on an error).
-    fn push(&mut self, id: i64) -> ControlFlow<()> {
-        match self.stream.push(id) {
-            Ok(piece) => {
-                if self.echo {
-                    print!("{piece}");
-                    let _ = std::io::stdout().flush();
-                }
-                self.text.push_str(&piece);
-                match self.stop.iter().any(|s| self.text.contains(s.as_str())) {
-                    true => ControlFlow::Break(()),
-                    false => ControlFlow::Continue(()),
-                }
-            }
-            Err(e) => {
-                self.error.get_or_insert(e);
-                ControlFlow::Break(())
-            }
-        }
-    }
-
-    /// The generated text, or the first decoding error.
-    fn finish(self) -> Result<String> {
-        self.error.map_or(Ok(self.text), Err)
-    }
-}
-
-/// Times both generators on the same task and prints the speed-up.
-fn bench(
-    model: &dyn CausalLm,
-    prompt: &[i64],
-    n: usize,
-    sampling: Sampling,
-    seed: i64,
-) -> Result<()> {
-    let context = model.max_context();
-    let time = |cached: bool| -> Result<f64> {
-        tch::manual_seed(seed);
-        let started = Instant::now();
-        if cached {
-            moe_layers::lm::generate(model, prompt, n, sampling, |_| {})?;
-        } else {
-            generate_recompute(model, prompt, n, sampling, |_| {})?;
-        }
-        Ok(started.elapsed().as_secs_f64())
-    };
-    let cached_s = time(true)?;
-    let recompute_s = time(false)?;
-    println!(
-        "{n} tokens, context {context}, {} MoE layers: \
-         KV cache {cached_s:.2} s ({:.2} ms/token), recompute {recompute_s:.2} s \
-         ({:.2} ms/token), speed-up {:.1}x",
-        model.num_moe_layers(),
-        1e3 * cached_s / n as f64,
-        1e3 * recompute_s / n as f64,
-        recompute_s / cached_s
-    );
     Ok(())
 }

@@ -17,4 +17,6 @@ pub use bpe::BpeTokenizer;
 pub use dataset::{Batch, Dataset, Split};
 pub use extend::{ExtendOptions, VocabExtension};
 pub use hf::HfTokenizer;
-pub use tokenizer::{CharTokenizer, TextStream, Tokenizer, TokenizerConfig, TokenizerKind};
+pub use tokenizer::{
+    CharTokenizer, Continuation, TextStream, Tokenizer, TokenizerConfig, TokenizerKind,
+};

@@ -2,6 +2,7 @@ use crate::bpe::vocab_ids;
 use crate::{BpeTokenizer, HfTokenizer};
 use moe_core::{MoeError, Result};
 use serde::{Deserialize, Serialize};
+use std::ops::ControlFlow;
 use std::str::FromStr;
 
 /// The kind of tokenizer a run trains (`char`: makeMoE's, `bpe`: subwords).
@@ -252,6 +253,64 @@ pub struct TextStream<'a> {
     inner: Stream<'a>,
     vocab_size: i64,
     unknown: usize,
+}
+
+/// The text of one generated sequence as its tokens arrive: decoded in
+/// context (the prompt's tokens go through the [`TextStream`] first, so
+/// that SentencePiece's leading spaces and byte-level characters split
+/// over tokens come out as [`Tokenizer::decode`] gives them), ended by the
+/// first stop string the text contains. A decoding error ends it too and
+/// is returned by [`Continuation::finish`].
+#[derive(Debug)]
+pub struct Continuation<'a> {
+    stream: TextStream<'a>,
+    stop: &'a [String],
+    text: String,
+    error: Option<MoeError>,
+}
+
+impl<'a> Continuation<'a> {
+    /// The continuation of `prompt`, ended by any of `stop`.
+    pub fn new(tokenizer: &'a Tokenizer, prompt: &[i64], stop: &'a [String]) -> Result<Self> {
+        let mut stream = TextStream::new(tokenizer);
+        for &id in prompt {
+            stream.push(id)?;
+        }
+        Ok(Continuation {
+            stream,
+            stop,
+            text: String::new(),
+            error: None,
+        })
+    }
+
+    /// Adds a generated token; `Break` once the text holds a stop string
+    /// (or on a decoding error), for the generator's callback.
+    pub fn push(&mut self, id: i64) -> ControlFlow<()> {
+        match self.stream.push(id) {
+            Ok(piece) => {
+                self.text.push_str(&piece);
+                match self.stop.iter().any(|s| self.text.contains(s.as_str())) {
+                    true => ControlFlow::Break(()),
+                    false => ControlFlow::Continue(()),
+                }
+            }
+            Err(e) => {
+                self.error.get_or_insert(e);
+                ControlFlow::Break(())
+            }
+        }
+    }
+
+    /// The text generated so far.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The generated text, or the first decoding error.
+    pub fn finish(self) -> Result<String> {
+        self.error.map_or(Ok(self.text), Err)
+    }
 }
 
 /// The decoder behind a [`TextStream`].

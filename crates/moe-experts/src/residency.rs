@@ -52,6 +52,27 @@ pub struct ResidencyStats {
     pub capacity_bytes: u64,
 }
 
+impl std::fmt::Display for ResidencyStats {
+    /// `hit rate 0.950 (95 hits, 5 misses, 3 prefetched, 2 evicted), 0.12
+    /// GiB read in, 0.50 of 1.00 GiB resident`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        write!(
+            f,
+            "hit rate {:.3} ({} hits, {} misses, {} prefetched, {} evicted), {:.2} GiB read in, \
+             {:.2} of {:.2} GiB resident",
+            self.hit_rate(),
+            self.hits,
+            self.misses,
+            self.prefetches,
+            self.evictions,
+            gib(self.bytes_loaded),
+            gib(self.resident_bytes),
+            gib(self.capacity_bytes)
+        )
+    }
+}
+
 impl ResidencyStats {
     /// `hits / (hits + misses)`; 0 before any use.
     pub fn hit_rate(&self) -> f64 {

@@ -90,7 +90,7 @@ pub use config::HfConfig;
 pub use family::HfFamily;
 pub use generation::GenerationConfig;
 pub use names::{tensor_map, ExpertLayout, HfTensor, Placement, TensorPart};
-pub use plan::{memory_plan, MemoryPlan};
+pub use plan::{available_memory, memory_plan, MemoryPlan};
 pub use pretrained::{
     checkpoint_dtype, dtype_by_name, from_pretrained, save_pretrained, save_pretrained_with,
     ExpertStorage, LoadOptions, Pretrained, SaveOptions, CONFIG_FILE, GENERATION_FILE,

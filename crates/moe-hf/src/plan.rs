@@ -52,6 +52,22 @@ impl MemoryPlan {
         self.resident_bytes() <= budget
     }
 
+    /// One line: what the plan needs ([`MemoryPlan::resident_bytes`]) of
+    /// `budget` bytes, and whether it fits.
+    pub fn verdict(&self, budget: u64) -> String {
+        format!(
+            "needs:               {:.2} GiB (weights and one sequence's KV cache at the full \
+             context) of {:.2} GiB: {}",
+            self.resident_bytes() as f64 / GIB,
+            budget as f64 / GIB,
+            if self.fits(budget) {
+                "fits"
+            } else {
+                "does not fit"
+            }
+        )
+    }
+
     /// Bytes a decoded token reads at least (every active weight once):
     /// with a memory bandwidth in bytes/s, the floor of its time.
     pub fn active_bytes(&self) -> u64 {
@@ -60,6 +76,15 @@ impl MemoryPlan {
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
+
+/// The memory this machine has available, bytes (`/proc/meminfo`'s
+/// `MemAvailable`; `None` where there is none to read).
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
 
 impl fmt::Display for MemoryPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
