@@ -40,6 +40,11 @@ impl ExpertParallel {
         match *self {}
     }
 
+    /// The global id of this rank's first expert (unreachable without `dist`).
+    pub fn first_expert(&self) -> i64 {
+        match *self {}
+    }
+
     /// The layer's output (unreachable without `dist`).
     pub fn combine(&self, _: &Tensor, _: &Routing, _: &ExpertBank, _: bool) -> Result<Tensor> {
         match *self {}

@@ -170,7 +170,9 @@ impl MoeConversion {
         let config = self.moe_config(dense_config)?;
         let model = DecoderModel::new(&vs.root(), &config)?;
         let source = dense.variables();
-        let target = vs.variables();
+        // In name order: the new gates are drawn one after the other, and a
+        // seeded conversion draws the same gates in every process.
+        let target: std::collections::BTreeMap<_, _> = vs.variables().into_iter().collect();
         let take = |name: &str| {
             source.get(name).ok_or_else(|| {
                 MoeError::config(format!("the dense model has no variable `{name}`"))
