@@ -18,11 +18,10 @@ use clap::{Parser, ValueEnum};
 use moe_layers::aten::dist::{Group, GroupOptions};
 use moe_layers::dispatch::{ExchangeMode, ExpertParallelism};
 use moe_layers::lm::{
-    generate, plot_loss_curve, run_name, CausalLm, CommonModelSettings, DecoderConfig,
-    DecoderPreset, LmConfig, LossCurves, MakeMoeConfig, MlflowOptions, Preset, Run, RunArgs,
-    RunConfig, RunLog, RunStatus, Sampling, TextStream, Tokenizer, TokenizerKind, TrainEvent,
+    generate, plot_loss_curve, run_name, CausalLm, DecoderConfig, DecoderPreset, LmConfig,
+    LossCurves, MakeMoeConfig, MlflowOptions, Preset, Run, RunArgs, RunConfig, RunLog, RunStatus,
+    Sampling, TextStream, Tokenizer, TrainEvent,
 };
-use moe_layers::prelude::{Precision, WeightInit};
 use moe_layers::{MoeError, Result};
 use std::io::Write;
 use std::path::PathBuf;
@@ -35,18 +34,13 @@ use std::sync::{Arc, Mutex};
 )]
 struct Args {
     /// The flags every training program has: --config, --set,
-    /// --print-config, --max-iters (default 5000, makeMoE's), --device, ...
+    /// --print-config, --max-iters (default 5000, makeMoE's), --device,
+    /// --block-size, --dispatch, --precision, --tokenizer, ...
     #[command(flatten)]
     run: RunArgs,
     /// Continue the run saved in this folder (its model and tokenizer; flags may change training)
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// Context length (makeMoE's block_size, the decoder's max_position_embeddings)
-    #[arg(long)]
-    block_size: Option<i64>,
-    /// Weight initialisation
-    #[arg(long, value_enum)]
-    init: Option<WeightInit>,
     /// Model family; make_moe unless a config file says otherwise
     #[arg(long, value_enum)]
     family: Option<Family>,
@@ -55,20 +49,6 @@ struct Args {
     /// given; decoder: mixtral (default), qwen2_moe, qwen3_moe, glm4_moe, deepseek_v3, deepseek_v2, gpt_oss, llama4, olmoe, yuan or llama
     #[arg(long, value_parser = preset_names())]
     preset: Option<String>,
-    /// auto (default), mask_loop, indexed_loop, grouped, capacity[:FACTOR] or dense_reference;
-    /// capacity[:FACTOR] also sets the router's capacity factor (default 1.25)
-    #[arg(long)]
-    dispatch: Option<String>,
-    /// Compute dtype of attention and experts (mixed precision; parameters
-    /// stay f32); fp32 unless a config file says otherwise
-    #[arg(long, value_enum)]
-    precision: Option<Precision>,
-    /// The tokenizer trained on the corpus; char unless a config file says otherwise
-    #[arg(long, value_enum)]
-    tokenizer: Option<TokenizerKind>,
-    /// Vocabulary size of the BPE tokenizer
-    #[arg(long)]
-    vocab_size: Option<usize>,
     /// The corpus
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/tinyshakespeare.txt"))]
     data: PathBuf,
@@ -159,16 +139,6 @@ fn resolve_config(args: &Args) -> Result<RunConfig> {
         if let Some(preset) = &args.preset {
             apply_preset(&mut config.model, preset)?;
         }
-        config.model.set_common(&CommonModelSettings {
-            max_context: args.block_size,
-            init: args.init,
-            precision: args.precision,
-            dispatch: args.dispatch.as_deref().map(str::parse).transpose()?,
-        });
-        if let Some(kind) = args.tokenizer {
-            config.tokenizer.kind = kind;
-        }
-        config.tokenizer.vocab_size = args.vocab_size.unwrap_or(config.tokenizer.vocab_size);
         Ok(())
     })
 }

@@ -1,10 +1,13 @@
 //! [`RunArgs`]: the flags every training program shares, and the one order
 //! in which a run's config is resolved from them: the config file (or the
-//! program's base config), then the flags, then `--set` overrides of any
-//! field ([`RunConfig::with_overrides`]).
+//! program's base config), the training flags, the program's own flags (a
+//! preset that replaces the model), the model and tokenizer flags, then
+//! `--set` overrides of any field ([`RunConfig::with_overrides`]).
 
 use crate::RunConfig;
-use moe_core::{DeviceChoice, Result};
+use moe_core::{DeviceChoice, Precision, Result, WeightInit};
+use moe_data::TokenizerKind;
+use moe_models::CommonModelSettings;
 use std::path::PathBuf;
 
 /// The flags of a training program that every one of them has (`#[command(flatten)]`).
@@ -42,12 +45,33 @@ pub struct RunArgs {
     /// Where to train
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    /// Context length (makeMoE's block_size, the decoder's max_position_embeddings)
+    #[arg(long)]
+    pub block_size: Option<i64>,
+    /// Weight initialisation
+    #[arg(long, value_enum)]
+    pub init: Option<WeightInit>,
+    /// Compute dtype of attention and experts (mixed precision; parameters
+    /// stay f32)
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
+    /// auto, mask_loop, indexed_loop, grouped, capacity:FACTOR or
+    /// dense_reference; capacity:FACTOR also sets the router's capacity
+    /// factor (capacity alone: 1.25)
+    #[arg(long)]
+    pub dispatch: Option<String>,
+    /// The tokenizer trained on the corpus
+    #[arg(long, value_enum)]
+    pub tokenizer: Option<TokenizerKind>,
+    /// Vocabulary size of the BPE tokenizer
+    #[arg(long)]
+    pub vocab_size: Option<usize>,
 }
 
 impl RunArgs {
     /// The run's config: `--config`'s file, else `base`; then the training
     /// flags; then the program's own flags (`program_flags`); then the
-    /// `--set` overrides.
+    /// model's and the tokenizer's flags; then the `--set` overrides.
     pub fn resolve(
         &self,
         base: impl FnOnce() -> RunConfig,
@@ -66,6 +90,15 @@ impl RunArgs {
         set(&mut t.seed, self.seed);
         t.learning_rate = self.lr.unwrap_or(t.learning_rate);
         program_flags(&mut config)?;
+        config.model.set_common(&CommonModelSettings {
+            max_context: self.block_size,
+            init: self.init,
+            precision: self.precision,
+            dispatch: self.dispatch.as_deref().map(str::parse).transpose()?,
+        });
+        let tokenizer = &mut config.tokenizer;
+        tokenizer.kind = self.tokenizer.unwrap_or(tokenizer.kind);
+        tokenizer.vocab_size = self.vocab_size.unwrap_or(tokenizer.vocab_size);
         config.with_overrides(&self.set)
     }
 }
