@@ -15,17 +15,15 @@
 //! processes launched by torchrun, the experts spread over them.
 
 use clap::{Parser, ValueEnum};
-use moe_layers::aten::dist::{Group, GroupOptions};
 use moe_layers::dispatch::{ExchangeMode, ExpertParallelism};
 use moe_layers::lm::{
-    generate, plot_loss_curve, run_name, CausalLm, DecoderConfig, DecoderPreset, LmConfig,
-    LossCurves, MakeMoeConfig, MlflowOptions, Preset, Run, RunArgs, RunConfig, RunLog, RunStatus,
-    Sampling, TextStream, Tokenizer, TrainEvent,
+    generate, plot_loss_curve, run_name, CausalLm, Continuation, DecoderConfig, DecoderPreset,
+    LmConfig, LossCurves, MakeMoeConfig, MlflowOptions, Preset, Run, RunArgs, RunConfig, RunLog,
+    RunStatus, Sampling, Tokenizer, TrainEvent,
 };
 use moe_layers::{MoeError, Result};
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 
 #[derive(Parser, Debug)]
 #[command(version)]
@@ -168,18 +166,24 @@ fn apply_preset(model: &mut LmConfig, preset: &str) -> Result<()> {
 
 fn run(args: Args) -> Result<()> {
     let device = args.run.device.resolve()?;
-    let text = std::fs::read_to_string(&args.data).map_err(|e| {
-        MoeError::Data(format!(
-            "cannot read the corpus {}: {e}",
-            args.data.display()
-        ))
-    })?;
+    let text = std::fs::read_to_string(&args.data).map_err(|e| MoeError::io(&args.data, e))?;
+    // With --expert-parallel: this process is one rank of torchrun's group
+    // (Gloo, CPU tensors).
+    let parallelism = match (args.expert_parallel, device) {
+        (false, _) => None,
+        (true, tch::Device::Cpu) => Some(ExpertParallelism::from_env(args.exchange)?),
+        (true, _) => {
+            return Err(MoeError::config(
+                "--expert-parallel runs on Gloo with CPU tensors: add --device cpu",
+            ))
+        }
+    };
     // A resumed run keeps its model and tokenizer; training flags still apply.
     let prepared = Run::new(resolve_config(&args)?)
         .device(device)
         .checkpoints(&args.out, args.checkpoint_interval)
         .resume(args.resume.clone())
-        .expert_parallel(expert_parallelism(&args, device)?)
+        .expert_parallel(parallelism)
         .simulated_ranks(args.simulate_ranks)
         .prepare(&text)?;
     if args.run.print_config {
@@ -197,92 +201,48 @@ fn run(args: Args) -> Result<()> {
         }
         log.as_mut().map_or(Ok(()), |log| log.event(event))
     });
-    let Some(mut mlflow) = log.map(RunLog::finish) else {
-        // Another rank: the sample's forward passes are collectives.
-        let trained = trained?;
-        if args.sample_chars > 0 {
-            tch::manual_seed(config.train.seed);
-            print_sample(
-                trained.model.as_ref(),
-                &trained.tokenizer,
-                args.sample_chars,
-                false,
-            )?;
+    let mut mlflow = log.map(RunLog::finish);
+    let trained = trained.inspect_err(|_| {
+        mlflow.take().map(|run| run.finish(RunStatus::Failed));
+    })?;
+    if let Some(mlflow) = mlflow.as_mut() {
+        println!("saved {} (step {})", args.out.display(), trained.steps);
+        if args.plot {
+            let png = args.out.join("loss_curve.png");
+            let curves = LossCurves::from_jsonl(&args.out.join("metrics.jsonl"))?;
+            plot_loss_curve(&png, &run_name(&args.out), &curves)?;
+            println!("plotted {}", png.display());
+            mlflow.artifact(&png)?;
         }
-        return Ok(());
-    };
-    let trained = match trained {
-        Ok(trained) => trained,
-        Err(e) => {
-            let _ = mlflow.finish(RunStatus::Failed);
-            return Err(e);
-        }
-    };
-    println!("saved {} (step {})", args.out.display(), trained.steps);
-
-    if args.plot {
-        let png = args.out.join("loss_curve.png");
-        let curves = LossCurves::from_jsonl(&args.out.join("metrics.jsonl"))?;
-        plot_loss_curve(&png, &run_name(&args.out), &curves)?;
-        println!("plotted {}", png.display());
-        mlflow.artifact(&png)?;
     }
     if args.sample_chars > 0 {
-        // Every rank samples alike (same seed), so their collectives line up.
+        // Every rank samples alike (same seed): the forward passes of an
+        // expert-parallel model are collectives. Rank 0 shows the text.
         if args.expert_parallel {
             tch::manual_seed(config.train.seed);
         }
-        print_sample(
-            trained.model.as_ref(),
-            &trained.tokenizer,
-            args.sample_chars,
-            true,
-        )?;
+        let (model, tokenizer) = (trained.model.as_ref(), &trained.tokenizer);
+        print_sample(model, tokenizer, args.sample_chars, mlflow.is_some())?;
     }
-    mlflow.finish(RunStatus::Finished)
+    mlflow.map_or(Ok(()), |run| run.finish(RunStatus::Finished))
 }
 
-/// With `--expert-parallel`: this process's group from torchrun's
-/// environment (Gloo, CPU tensors).
-fn expert_parallelism(args: &Args, device: tch::Device) -> Result<Option<ExpertParallelism>> {
-    if !args.expert_parallel {
-        return Ok(None);
-    }
-    if device != tch::Device::Cpu {
-        return Err(MoeError::config(
-            "--expert-parallel runs on Gloo with CPU tensors: add --device cpu",
-        ));
-    }
-    let mode = args.exchange;
-    let group = Group::from_env(&GroupOptions::default())?;
-    Ok(Some(ExpertParallelism {
-        group: Arc::new(Mutex::new(group)),
-        mode,
-    }))
-}
-
-/// Generates `n` tokens from an empty prompt, printing the text as it comes.
-/// Generates `n` tokens from nothing, streaming them when `show`.
+/// Generates `n` tokens from nothing, streaming their text when `show`.
 fn print_sample(model: &dyn CausalLm, tokenizer: &Tokenizer, n: usize, show: bool) -> Result<()> {
+    let mut sample = Continuation::new(tokenizer, &[], &[])?;
     if show {
         println!("--- sample ---");
     }
-    let mut stream = TextStream::new(tokenizer);
-    let mut error = None;
     generate(model, &[], n, Sampling::default(), |id| {
-        match stream.push(id) {
-            Ok(text) if show => {
-                print!("{text}");
-                let _ = std::io::stdout().flush();
-            }
-            Ok(_) => {}
-            Err(e) => {
-                error.get_or_insert(e);
-            }
+        let shown = sample.text().len();
+        let _ = sample.push(id);
+        if show {
+            print!("{}", &sample.text()[shown..]);
+            let _ = std::io::stdout().flush();
         }
     })?;
     if show {
         println!("\n--------------");
     }
-    error.map_or(Ok(()), Err)
+    sample.finish().map(|_| ())
 }

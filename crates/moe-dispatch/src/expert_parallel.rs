@@ -2,7 +2,7 @@ use crate::capacity::{combine_rows, fill_buffer};
 use crate::dispatch::gather_weighted_sum;
 use crate::grouped::{run_segments, Segments};
 use crate::{Capacity, SortedSlots};
-use moe_aten::dist::{Group, ReduceOp};
+use moe_aten::dist::{Group, GroupOptions, ReduceOp};
 use moe_core::{MoeError, Result, Routing};
 use moe_experts::ExpertBank;
 use serde::{Deserialize, Serialize};
@@ -60,6 +60,18 @@ pub struct ExpertParallelism {
 }
 
 impl ExpertParallelism {
+    /// This process as one rank of the group its launcher describes
+    /// (torchrun's `RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`;
+    /// [`Group::from_env`]), over Gloo with CPU tensors, exchanging tokens
+    /// by `mode`.
+    pub fn from_env(mode: ExchangeMode) -> Result<Self> {
+        let group = Group::from_env(&GroupOptions::default())?;
+        Ok(ExpertParallelism {
+            group: Arc::new(Mutex::new(group)),
+            mode,
+        })
+    }
+
     /// The split of a layer of `num_experts` experts (a multiple of the
     /// group's size).
     pub fn layer(&self, num_experts: i64) -> Result<ExpertParallel> {
