@@ -1,5 +1,6 @@
 //! A seeded LLaMA-MoE conversion draws the same gates every time (in name
-//! order, not a hash map's), and its all-active check is rounding only.
+//! order, not a hash map's: with six gates, two hash maps' orders agree
+//! with probability 1/720), and its all-active check is rounding only.
 //! One test in its own process: it reseeds libtorch's one generator.
 
 use moe_models::{DecoderConfig, DecoderModel, DecoderPreset, ExpertConstruction, MoeConversion};
@@ -11,7 +12,7 @@ fn a_seeded_conversion_is_the_same_every_time() {
     let config = DecoderConfig {
         vocab_size: 40,
         hidden_size: 32,
-        num_hidden_layers: 3,
+        num_hidden_layers: 6,
         num_attention_heads: 4,
         num_key_value_heads: 2,
         intermediate_size: 64,

@@ -1,6 +1,6 @@
 use crate::config::wrong_gate;
-use crate::RouterSpec;
 use crate::{softmax_top_k, Gate, Router, RouterConfig, RouterDims};
+use crate::{FromRouterSpec, RouterSpec};
 use moe_core::Checked;
 use moe_core::{linear, Result, Routing, WeightInit};
 use tch::{nn, nn::Module, Kind, Tensor};
@@ -27,28 +27,10 @@ pub struct AttentionRouter {
     config: RouterConfig,
 }
 
-impl AttentionRouter {
+impl FromRouterSpec for AttentionRouter {
     /// Parameters: `p/{query,key,value}.weight`, each `[E, d]`, and with
     /// `config.bias` `p/{query,key,value}.bias`, each `[E]`.
-    pub fn new(
-        p: &nn::Path,
-        dims: RouterDims,
-        config: &RouterConfig,
-        init: WeightInit,
-    ) -> Result<Self> {
-        let spec = RouterSpec {
-            config: config.clone(),
-            dims,
-        };
-        Self::from_spec(p, &Checked::new(spec)?, init)
-    }
-
-    /// [`Self::new`] from a checked spec (not checked again).
-    pub(crate) fn from_spec(
-        p: &nn::Path,
-        spec: &Checked<RouterSpec>,
-        init: WeightInit,
-    ) -> Result<Self> {
+    fn from_spec(p: &nn::Path, spec: &Checked<RouterSpec>, init: WeightInit) -> Result<Self> {
         let (dims, config) = (spec.dims, &spec.config);
         let Gate::Attention { norm_topk_prob } = config.gate else {
             return Err(wrong_gate("AttentionRouter", "attention", &config.gate));
@@ -63,7 +45,9 @@ impl AttentionRouter {
             config: config.clone(),
         })
     }
+}
 
+impl AttentionRouter {
     /// `P`, `[N, E]` in fp32.
     pub fn expert_attention(&self, x: &Tensor) -> Tensor {
         let q = self.query.forward(x).to_kind(Kind::Float); // [N, E]

@@ -1,9 +1,9 @@
 use crate::config::wrong_gate;
-use crate::RouterSpec;
 use crate::{
     group_limited_selection, top_k_of_affinities, Gate, GroupScore, Router, RouterConfig,
     RouterDims,
 };
+use crate::{FromRouterSpec, RouterSpec};
 use moe_core::Checked;
 use moe_core::{linear, MoeError, Result, Routing, WeightInit};
 use tch::{nn, Kind, Tensor};
@@ -38,28 +38,10 @@ pub struct AuxFreeSigmoidRouter {
     config: RouterConfig,
 }
 
-impl AuxFreeSigmoidRouter {
+impl FromRouterSpec for AuxFreeSigmoidRouter {
     /// Parameters: `p/gate.weight` (`[E, d]`), `p/gate.bias` (`[E]`, with
     /// `config.bias`) and the buffer `p/expert_bias` (`[E]`).
-    pub fn new(
-        p: &nn::Path,
-        dims: RouterDims,
-        config: &RouterConfig,
-        init: WeightInit,
-    ) -> Result<Self> {
-        let spec = RouterSpec {
-            config: config.clone(),
-            dims,
-        };
-        Self::from_spec(p, &Checked::new(spec)?, init)
-    }
-
-    /// [`Self::new`] from a checked spec (not checked again).
-    pub(crate) fn from_spec(
-        p: &nn::Path,
-        spec: &Checked<RouterSpec>,
-        init: WeightInit,
-    ) -> Result<Self> {
+    fn from_spec(p: &nn::Path, spec: &Checked<RouterSpec>, init: WeightInit) -> Result<Self> {
         let (dims, config) = (spec.dims, &spec.config);
         let Gate::SigmoidAuxFree {
             norm_topk_prob,
@@ -91,7 +73,9 @@ impl AuxFreeSigmoidRouter {
             config: config.clone(),
         })
     }
+}
 
+impl AuxFreeSigmoidRouter {
     /// The balancing bias `b`, `[E]`.
     pub fn expert_bias(&self) -> &Tensor {
         &self.expert_bias

@@ -2,7 +2,7 @@ use crate::{
     apply_capacity, check_groups, AttentionRouter, AuxFreeSigmoidRouter, ExpertChoiceRouter,
     ExpertChoiceScope, NoisyTopKRouter, Router, TopKRouter,
 };
-use moe_core::{IntoChecked, MoeError, Result, Routing, WeightInit};
+use moe_core::{Checked, IntoChecked, MoeError, Result, Routing, WeightInit};
 use serde::{Deserialize, Serialize};
 use tch::nn;
 
@@ -512,6 +512,29 @@ pub struct RouterSpec {
 impl moe_core::Validate for RouterSpec {
     fn validate(&self) -> Result<()> {
         self.config.validate(self.dims)
+    }
+}
+
+/// A concrete router, built from a checked [`RouterSpec`].
+pub trait FromRouterSpec: Sized {
+    /// The router of `spec` under `p`, its weight matrices drawn with
+    /// `init`; the spec is not checked again. Another gate than this
+    /// router's is an error.
+    fn from_spec(p: &nn::Path, spec: &Checked<RouterSpec>, init: WeightInit) -> Result<Self>;
+
+    /// The router of `config` for `dims` under `p`, the pair checked here
+    /// ([`RouterConfig::validate`]).
+    fn new(
+        p: &nn::Path,
+        dims: RouterDims,
+        config: &RouterConfig,
+        init: WeightInit,
+    ) -> Result<Self> {
+        let spec = RouterSpec {
+            config: config.clone(),
+            dims,
+        };
+        Self::from_spec(p, &Checked::new(spec)?, init)
     }
 }
 

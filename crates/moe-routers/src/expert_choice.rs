@@ -2,8 +2,8 @@
 //! Choice Routing", arXiv 2202.09368): the experts choose their tokens.
 
 use crate::config::wrong_gate;
-use crate::RouterSpec;
 use crate::{top_k_of_affinities, Gate, Router, RouterConfig, RouterDims};
+use crate::{FromRouterSpec, RouterSpec};
 use moe_core::Checked;
 use moe_core::{accumulation_kind, linear, MoeError, Result, Routing, WeightInit};
 use serde::{Deserialize, Serialize};
@@ -149,27 +149,9 @@ pub struct ExpertChoiceRouter {
     config: RouterConfig,
 }
 
-impl ExpertChoiceRouter {
+impl FromRouterSpec for ExpertChoiceRouter {
     /// Parameters: `p/gate` (`weight [E, d]`, `bias [E]` with `config.bias`).
-    pub fn new(
-        p: &nn::Path,
-        dims: RouterDims,
-        config: &RouterConfig,
-        init: WeightInit,
-    ) -> Result<Self> {
-        let spec = RouterSpec {
-            config: config.clone(),
-            dims,
-        };
-        Self::from_spec(p, &Checked::new(spec)?, init)
-    }
-
-    /// [`Self::new`] from a checked spec (not checked again).
-    pub(crate) fn from_spec(
-        p: &nn::Path,
-        spec: &Checked<RouterSpec>,
-        init: WeightInit,
-    ) -> Result<Self> {
+    fn from_spec(p: &nn::Path, spec: &Checked<RouterSpec>, init: WeightInit) -> Result<Self> {
         let (dims, config) = (spec.dims, &spec.config);
         let Gate::ExpertChoice {
             capacity_factor,

@@ -31,8 +31,8 @@ pub use aux_free::AuxFreeSigmoidRouter;
 pub use balance::BalanceLossConfig;
 pub use capacity::apply_capacity;
 pub use config::{
-    build_router, check_top_k, Gate, RouterConfig, RouterDims, RouterSpec, WeightsOn,
-    DEFAULT_BIAS_UPDATE_RATE,
+    build_router, check_top_k, FromRouterSpec, Gate, RouterConfig, RouterDims, RouterSpec,
+    WeightsOn, DEFAULT_BIAS_UPDATE_RATE,
 };
 pub use expert_choice::{
     expert_choice, expert_choice_capacity, ExpertChoiceRouter, ExpertChoiceScope,

@@ -1,6 +1,6 @@
 use crate::config::wrong_gate;
-use crate::RouterSpec;
 use crate::{softmax_top_k, Gate, Router, RouterConfig, RouterDims};
+use crate::{FromRouterSpec, RouterSpec};
 use moe_core::Checked;
 use moe_core::{linear, Result, Routing, WeightInit};
 use tch::{nn, nn::Module, Tensor};
@@ -25,28 +25,10 @@ pub struct NoisyTopKRouter {
     config: RouterConfig,
 }
 
-impl NoisyTopKRouter {
+impl FromRouterSpec for NoisyTopKRouter {
     /// Parameters: `p/gate` (logits) and `p/noise` (noise scale logits),
     /// each `weight [E, d]` and, with `config.bias`, `bias [E]`.
-    pub fn new(
-        p: &nn::Path,
-        dims: RouterDims,
-        config: &RouterConfig,
-        init: WeightInit,
-    ) -> Result<Self> {
-        let spec = RouterSpec {
-            config: config.clone(),
-            dims,
-        };
-        Self::from_spec(p, &Checked::new(spec)?, init)
-    }
-
-    /// [`Self::new`] from a checked spec (not checked again).
-    pub(crate) fn from_spec(
-        p: &nn::Path,
-        spec: &Checked<RouterSpec>,
-        init: WeightInit,
-    ) -> Result<Self> {
+    fn from_spec(p: &nn::Path, spec: &Checked<RouterSpec>, init: WeightInit) -> Result<Self> {
         let (dims, config) = (spec.dims, &spec.config);
         let Gate::NoisyTopK {
             noise_at_eval,
@@ -65,7 +47,9 @@ impl NoisyTopKRouter {
             config: config.clone(),
         })
     }
+}
 
+impl NoisyTopKRouter {
     /// Whether noise is added in this mode.
     pub fn adds_noise(&self, train: bool) -> bool {
         train || self.noise_at_eval

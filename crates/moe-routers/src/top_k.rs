@@ -1,9 +1,9 @@
 use crate::config::wrong_gate;
-use crate::RouterSpec;
 use crate::{
     group_limited_selection, softmax_top_k, top_k_of_affinities, Gate, GroupScore, Router,
     RouterConfig, RouterDims,
 };
+use crate::{FromRouterSpec, RouterSpec};
 use moe_core::Checked;
 use moe_core::{accumulation_kind, linear, Result, Routing, WeightInit};
 use tch::{nn, Tensor};
@@ -38,27 +38,9 @@ pub struct TopKRouter {
     config: RouterConfig,
 }
 
-impl TopKRouter {
+impl FromRouterSpec for TopKRouter {
     /// Parameters: `p/gate` (`weight [E, d]`, `bias [E]` with `config.bias`).
-    pub fn new(
-        p: &nn::Path,
-        dims: RouterDims,
-        config: &RouterConfig,
-        init: WeightInit,
-    ) -> Result<Self> {
-        let spec = RouterSpec {
-            config: config.clone(),
-            dims,
-        };
-        Self::from_spec(p, &Checked::new(spec)?, init)
-    }
-
-    /// [`Self::new`] from a checked spec (not checked again).
-    pub(crate) fn from_spec(
-        p: &nn::Path,
-        spec: &Checked<RouterSpec>,
-        init: WeightInit,
-    ) -> Result<Self> {
+    fn from_spec(p: &nn::Path, spec: &Checked<RouterSpec>, init: WeightInit) -> Result<Self> {
         let (dims, config) = (spec.dims, &spec.config);
         let norm_topk_prob = match config.gate {
             Gate::TopK { norm_topk_prob } | Gate::GroupLimitedGreedy { norm_topk_prob, .. } => {

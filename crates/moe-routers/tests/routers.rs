@@ -1,9 +1,9 @@
 use approx::assert_abs_diff_eq;
 use moe_core::{MoeError, WeightInit};
 use moe_routers::{
-    group_limited_selection, AttentionRouter, AuxFreeSigmoidRouter, ExpertChoiceScope, Gate,
-    GroupScore, NoisyTopKRouter, Router, RouterConfig, RouterDims, RoutingStats, TopKRouter,
-    WeightsOn,
+    group_limited_selection, AttentionRouter, AuxFreeSigmoidRouter, ExpertChoiceScope,
+    FromRouterSpec, Gate, GroupScore, NoisyTopKRouter, Router, RouterConfig, RouterDims,
+    RoutingStats, TopKRouter, WeightsOn,
 };
 use tch::{nn, Device, Kind, Tensor};
 

@@ -100,6 +100,12 @@ impl Run {
         }
     }
 
+    /// [`Run::prepare`] and [`PreparedRun::build`] on `corpus`: the run
+    /// with its model and dataset, for a program that drives the steps.
+    pub fn build(self, corpus: &str) -> Result<BuiltRun> {
+        self.prepare(corpus)?.build(corpus)
+    }
+
     /// The tokenizer of the run, trained on `corpus` (or the one given to
     /// [`Run::tokenizer`], or the resumed run's, with its model), and the
     /// config completed with its vocabulary and validated.

@@ -502,10 +502,7 @@ fn train_trial(args: &Args, c: Config) -> Result<Measured> {
         },
         ..RunConfig::default()
     };
-    let built = Run::new(config)
-        .device(device)
-        .prepare(&text)?
-        .build(&text)?;
+    let built = Run::new(config).device(device).build(&text)?;
     let (model, data, train) = (built.model.as_ref(), &built.data, &built.config().train);
     let total_params = parameter_count(&built.vs);
     let active_params = built.config().model.active_params(total_params)?;

@@ -120,10 +120,7 @@ fn run(args: Args) -> Result<()> {
             },
             ..RunConfig::default()
         };
-        let built = Run::new(config)
-            .device(device)
-            .prepare(&text)?
-            .build(&text)?;
+        let built = Run::new(config).device(device).build(&text)?;
         let train = &built.config().train;
         let mut trainer = built.trainer()?;
         trainer
