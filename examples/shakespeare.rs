@@ -14,12 +14,12 @@
 //! `cargo xtask shakespeare -- --nproc 2 --expert-parallel` trains on two
 //! processes launched by torchrun, the experts spread over them.
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use moe_layers::dispatch::{ExchangeMode, ExpertParallelism};
 use moe_layers::lm::{
-    generate, plot_loss_curve, run_name, CausalLm, Continuation, DecoderConfig, DecoderPreset,
-    LmConfig, LossCurves, MakeMoeConfig, MlflowOptions, Preset, Run, RunArgs, RunConfig, RunLog,
-    RunStatus, Sampling, Tokenizer, TrainEvent,
+    generate, plot_loss_curve, run_name, CausalLm, Continuation, LmConfig, LossCurves,
+    MakeMoeConfig, MlflowOptions, Preset, Run, RunArgs, RunConfig, RunLog, RunStatus, Sampling,
+    Tokenizer, TrainEvent,
 };
 use moe_layers::{MoeError, Result};
 use std::io::Write;
@@ -39,13 +39,16 @@ struct Args {
     /// Continue the run saved in this folder (its model and tokenizer; flags may change training)
     #[arg(long)]
     resume: Option<PathBuf>,
-    /// Model family; make_moe unless a config file says otherwise
-    #[arg(long, value_enum)]
-    family: Option<Family>,
-    /// make_moe: makemoe (the tutorial's quirks) or default (textbook
-    /// attention scale, no eval noise), makemoe unless a config file is
-    /// given; decoder: mixtral (default), qwen2_moe, qwen3_moe, glm4_moe, deepseek_v3, deepseek_v2, gpt_oss, llama4, olmoe, yuan or llama
-    #[arg(long, value_parser = preset_names())]
+    /// Model family: make_moe (the tutorial's model; unless a config file
+    /// says otherwise) or decoder (Mixtral-style: RMSNorm, RoPE, grouped-query
+    /// attention, SwiGLU experts)
+    #[arg(long, value_parser = ["make_moe", "makemoe", "decoder"])]
+    family: Option<String>,
+    /// make_moe: makemoe (the tutorial's quirks; unless a config file is
+    /// given) or default (textbook attention scale, no eval noise); decoder:
+    /// mixtral (default), qwen2_moe, qwen3_moe, glm4_moe, deepseek_v3,
+    /// deepseek_v2, gpt_oss, llama4, olmoe, yuan or llama
+    #[arg(long)]
     preset: Option<String>,
     /// The corpus
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/tinyshakespeare.txt"))]
@@ -83,30 +86,6 @@ struct Args {
     simulate_ranks: Option<i64>,
 }
 
-/// The model families `--family` chooses between.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-#[value(rename_all = "snake_case")]
-enum Family {
-    /// The tutorial's model (LayerNorm, learned positions, biases)
-    #[value(alias = "makemoe")]
-    MakeMoe,
-    /// Mixtral-style: RMSNorm, RoPE, grouped-query attention, SwiGLU experts
-    Decoder,
-}
-
-/// `--preset`'s values: makeMoE's presets, then the decoder's.
-fn preset_names() -> clap::builder::PossibleValuesParser {
-    let names = Preset::value_variants()
-        .iter()
-        .filter_map(ValueEnum::to_possible_value)
-        .chain(
-            DecoderPreset::value_variants()
-                .iter()
-                .filter_map(ValueEnum::to_possible_value),
-        );
-    clap::builder::PossibleValuesParser::new(names)
-}
-
 fn main() {
     if let Err(e) = run(Args::parse()) {
         eprintln!("error: {e}");
@@ -122,46 +101,8 @@ fn resolve_config(args: &Args) -> Result<RunConfig> {
         ..RunConfig::default()
     };
     args.run.resolve(base, |config| {
-        match (args.family, &config.model) {
-            (None, _)
-            | (Some(Family::MakeMoe), LmConfig::MakeMoe(_))
-            | (Some(Family::Decoder), LmConfig::Decoder(_)) => {}
-            (Some(Family::Decoder), _) => {
-                let preset = args.preset.as_deref().unwrap_or("mixtral");
-                config.model = LmConfig::Decoder(DecoderConfig::preset(preset.parse()?));
-            }
-            (Some(Family::MakeMoe), _) => {
-                config.model = LmConfig::MakeMoe(MakeMoeConfig::preset(Preset::MakeMoe));
-            }
-        }
-        if let Some(preset) = &args.preset {
-            apply_preset(&mut config.model, preset)?;
-        }
-        Ok(())
+        (config.model).choose(args.family.as_deref(), args.preset.as_deref())
     })
-}
-
-/// `--preset` on the config's family: makeMoE's presets change its
-/// options; a decoder preset replaces the config but its vocabulary and
-/// context.
-fn apply_preset(model: &mut LmConfig, preset: &str) -> Result<()> {
-    match model {
-        LmConfig::MakeMoe(m) => m.apply_preset(preset.parse::<Preset>()?),
-        LmConfig::Decoder(d) => {
-            *d = DecoderConfig {
-                vocab_size: d.vocab_size,
-                max_position_embeddings: d.max_position_embeddings,
-                ..DecoderConfig::preset(preset.parse()?)
-            }
-        }
-        other => {
-            return Err(MoeError::config(format!(
-                "--preset knows the make_moe and decoder families, not {}",
-                other.family()
-            )))
-        }
-    }
-    Ok(())
 }
 
 fn run(args: Args) -> Result<()> {

@@ -2,7 +2,7 @@
 //! and run configs store it; [`LmConfig::build`] makes the model.
 
 use crate::decoder::{DecoderConfig, DecoderModel};
-use crate::makemoe::{MakeMoeConfig, MakeMoeModel};
+use crate::makemoe::{MakeMoeConfig, MakeMoeModel, Preset};
 use crate::CausalLm;
 use moe_core::{Checked, IntoChecked, MoeError, Precision, Result, WeightInit};
 use moe_dispatch::{DispatchSpec, ExpertParallelism};
@@ -96,6 +96,52 @@ impl LmConfig {
                 Box::new(DecoderModel::with_parallelism(p, c, parallelism)?)
             }
         })
+    }
+
+    /// The config a program's `--family` and `--preset` choose, starting
+    /// from `self` (a config file's, or the program's base): another family
+    /// than `self`'s starts from that family's preset (`preset`, else
+    /// makeMoE's `makemoe` or the decoder's `mixtral`); then `preset`, if
+    /// given, applies to the family ([`LmConfig::apply_preset`]). `family`
+    /// is one of [`LmConfig::FAMILIES`] (or `makemoe`).
+    pub fn choose(&mut self, family: Option<&str>, preset: Option<&str>) -> Result<()> {
+        match (family, &*self) {
+            (None, _)
+            | (Some("make_moe" | "makemoe"), LmConfig::MakeMoe(_))
+            | (Some("decoder"), LmConfig::Decoder(_)) => {}
+            (Some("decoder"), _) => {
+                let name = preset.unwrap_or("mixtral");
+                *self = LmConfig::Decoder(DecoderConfig::preset(name.parse()?));
+            }
+            (Some("make_moe" | "makemoe"), _) => {
+                *self = LmConfig::MakeMoe(MakeMoeConfig::preset(Preset::MakeMoe));
+            }
+            (Some(other), _) => {
+                return Err(MoeError::config(format!(
+                    "unknown model family `{other}`: expected {}",
+                    LmConfig::FAMILIES.join(" or ")
+                )))
+            }
+        }
+        preset.map_or(Ok(()), |name| self.apply_preset(name))
+    }
+
+    /// The preset `name` on this config's family: makeMoE's presets
+    /// (`makemoe`, `default`) change its options; a decoder preset
+    /// (`mixtral`, `deepseek_v3`, ...) replaces the config but its
+    /// vocabulary and context.
+    pub fn apply_preset(&mut self, name: &str) -> Result<()> {
+        match self {
+            LmConfig::MakeMoe(m) => m.apply_preset(name.parse()?),
+            LmConfig::Decoder(d) => {
+                *d = DecoderConfig {
+                    vocab_size: d.vocab_size,
+                    max_position_embeddings: d.max_position_embeddings,
+                    ..DecoderConfig::preset(name.parse()?)
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Checks the config.
