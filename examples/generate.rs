@@ -50,7 +50,7 @@ use moe_layers::hf::{
 };
 use moe_layers::lm::{
     generate_batch, generate_with, load_checkpoint, CausalLm, Continuation, GenerateOptions,
-    Sampling, Tokenizer,
+    Sampling, SamplingFlags, Tokenizer,
 };
 use moe_layers::prelude::DeviceChoice;
 use moe_layers::{MoeError, Result};
@@ -78,18 +78,10 @@ struct Args {
     prompt: Vec<String>,
     #[arg(long, default_value_t = 500)]
     max_new_tokens: usize,
-    /// Softmax temperature (default 1.0, or the generation config's with --model)
-    #[arg(long)]
-    temperature: Option<f64>,
-    /// Sample among the k most likely tokens only (1: greedy)
-    #[arg(long)]
-    top_k: Option<i64>,
-    /// Nucleus sampling: among the most likely tokens whose probabilities add up to P
-    #[arg(long)]
-    top_p: Option<f64>,
-    /// CTRL's repetition penalty on tokens already in the text (1: off)
-    #[arg(long)]
-    repetition_penalty: Option<f64>,
+    /// --temperature, --top-k, --top-p, --repetition-penalty (each over the
+    /// checkpoint's generation config with --model)
+    #[command(flatten)]
+    sampling: SamplingFlags,
     /// Stop once the generated text contains this string (repeatable)
     #[arg(long)]
     stop: Vec<String>,
@@ -215,14 +207,7 @@ fn run(args: Args) -> Result<()> {
         .iter()
         .map(|t| tokenizer.encode(t))
         .collect::<Result<Vec<_>>>()?;
-    // The checkpoint's sampling, each flag overriding its own setting.
-    let base = loaded.sampling;
-    let sampling = Sampling {
-        temperature: args.temperature.unwrap_or(base.temperature),
-        top_k: args.top_k.or(base.top_k),
-        top_p: args.top_p.or(base.top_p),
-        repetition_penalty: args.repetition_penalty.unwrap_or(base.repetition_penalty),
-    };
+    let sampling = args.sampling.over(loaded.sampling);
     let model = loaded.model.as_ref();
     let options = GenerateOptions {
         max_new_tokens: args.max_new_tokens,

@@ -28,4 +28,4 @@ pub use decoder::{
 pub use family::{CommonModelSettings, LmConfig};
 pub use generate::{generate, generate_batch, generate_recompute, generate_with, GenerateOptions};
 pub use makemoe::{MakeMoeConfig, MakeMoeModel, Preset};
-pub use sampling::Sampling;
+pub use sampling::{Sampling, SamplingFlags};

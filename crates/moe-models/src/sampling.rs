@@ -33,6 +33,40 @@ impl Default for Sampling {
     }
 }
 
+/// Sampling settings a program's flags give, each overriding its setting of
+/// a base [`Sampling`] (a checkpoint's generation config) when given
+/// ([`SamplingFlags::over`]); with the `clap` feature, the flags
+/// `--temperature`, `--top-k`, `--top-p` and `--repetition-penalty`
+/// (`#[command(flatten)]`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
+pub struct SamplingFlags {
+    /// Softmax temperature (default 1.0, or the checkpoint's generation config's)
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub temperature: Option<f64>,
+    /// Sample among the k most likely tokens only (1: greedy)
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub top_k: Option<i64>,
+    /// Nucleus sampling: among the most likely tokens whose probabilities add up to P
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub top_p: Option<f64>,
+    /// CTRL's repetition penalty on tokens already in the text (1: off)
+    #[cfg_attr(feature = "clap", arg(long))]
+    pub repetition_penalty: Option<f64>,
+}
+
+impl SamplingFlags {
+    /// `base` with every setting these flags give.
+    pub fn over(&self, base: Sampling) -> Sampling {
+        Sampling {
+            temperature: self.temperature.unwrap_or(base.temperature),
+            top_k: self.top_k.or(base.top_k),
+            top_p: self.top_p.or(base.top_p),
+            repetition_penalty: self.repetition_penalty.unwrap_or(base.repetition_penalty),
+        }
+    }
+}
+
 impl Sampling {
     /// Always the most likely token.
     pub fn greedy() -> Self {

@@ -18,7 +18,10 @@ fn family_and_preset_choose_the_config() {
     let mixtral = LmConfig::Decoder(DecoderConfig::preset(DecoderPreset::Mixtral));
     assert_eq!(chosen(makemoe.clone(), Some("decoder"), None), mixtral);
     let deepseek = LmConfig::Decoder(DecoderConfig::preset(DecoderPreset::DeepseekV3));
-    assert_eq!(chosen(makemoe.clone(), Some("decoder"), Some("deepseek_v3")), deepseek);
+    assert_eq!(
+        chosen(makemoe.clone(), Some("decoder"), Some("deepseek_v3")),
+        deepseek
+    );
     assert_eq!(chosen(mixtral.clone(), Some("make_moe"), None), makemoe);
     // A decoder preset replaces the config but its vocabulary and context.
     let file = LmConfig::Decoder(DecoderConfig {
@@ -37,7 +40,8 @@ fn family_and_preset_choose_the_config() {
     // makeMoE's presets change its options, not its sizes.
     let mut sized = MakeMoeConfig::preset(Preset::MakeMoe);
     sized.n_layer = 3;
-    let LmConfig::MakeMoe(textbook) = chosen(LmConfig::MakeMoe(sized), None, Some("default")) else {
+    let LmConfig::MakeMoe(textbook) = chosen(LmConfig::MakeMoe(sized), None, Some("default"))
+    else {
         panic!("still makeMoE")
     };
     let mut want = MakeMoeConfig::preset(Preset::MakeMoe);
