@@ -163,11 +163,8 @@ fn load(args: &Args) -> Result<Loaded> {
             quantize_experts: args.quantize_experts,
             ..LoadOptions::default()
         };
-        let pretrained = from_pretrained(dir, &options)?;
-        let tokenizer = pretrained.tokenizer.ok_or_else(|| MoeError::Checkpoint {
-            path: dir.join("tokenizer.json"),
-            reason: "the checkpoint has no tokenizer.json to encode the prompt with".into(),
-        })?;
+        let mut pretrained = from_pretrained(dir, &options)?;
+        let tokenizer = pretrained.take_tokenizer()?;
         return Ok(Loaded {
             sampling: pretrained.generation.sampling(pretrained.config.vocab_size),
             stop_tokens: pretrained.generation.eos_token_id.clone(),

@@ -110,11 +110,8 @@ fn run(args: Args) -> Result<()> {
             dtype: Some(Kind::Float),
             ..Default::default()
         };
-        let dense = from_pretrained(dir, &options)?;
-        let tokenizer = dense.tokenizer.ok_or_else(|| MoeError::Checkpoint {
-            path: dir.join("tokenizer.json"),
-            reason: "the checkpoint has no tokenizer.json to encode the corpus with".into(),
-        })?;
+        let mut dense = from_pretrained(dir, &options)?;
+        let tokenizer = dense.take_tokenizer()?;
         println!(
             "loaded {} ({} layers)",
             dir.display(),

@@ -158,6 +158,16 @@ pub struct Pretrained {
 }
 
 impl Pretrained {
+    /// The checkpoint's `tokenizer.json`, taken out: an error naming the
+    /// file when the folder has none.
+    pub fn take_tokenizer(&mut self) -> Result<Tokenizer> {
+        self.tokenizer.take().ok_or_else(|| MoeError::Checkpoint {
+            path: self.source.path.with_file_name(TOKENIZER_FILE),
+            reason: "the checkpoint has no tokenizer.json (a program that encodes text needs it)"
+                .into(),
+        })
+    }
+
     /// The checkpoint's model type.
     pub fn family(&self) -> HfFamily {
         self.source.family
