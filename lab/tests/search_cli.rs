@@ -12,9 +12,23 @@ use std::process::{Command, Output};
 
 fn search(dir: &Path, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_search_experts"))
-        .args(["--init", "2", "--jobs", "2", "--device", "cpu"])
-        .args(["--max-iters", "3", "--eval-iters", "2", "--n-layer", "1"])
-        .args(["--n-embd", "16", "--n-head", "2", "--block-size", "8"])
+        .args(["--initial-trials", "2", "--jobs", "2", "--device", "cpu"])
+        .args([
+            "--max-iters",
+            "3",
+            "--eval-iters",
+            "2",
+            "--set",
+            "model.n_layer=1",
+        ])
+        .args([
+            "--set",
+            "model.n_embd=16",
+            "--set",
+            "model.n_head=2",
+            "--block-size",
+            "8",
+        ])
         .args(["--batch-size", "4", "--active-hidden", "64"])
         .arg("--log")
         .arg(dir.join("trials.jsonl"))

@@ -21,9 +21,8 @@ use egobox_ego::{EgorServiceBuilder, InfillStrategy, XType};
 use moe_lab::{print_result, threads_per_run, write_generated_section, ProcessPool};
 use moe_layers::lm::{
     estimate_loss, estimate_routing_stats, parameter_count, plot_series, JsonlWriter, LmConfig,
-    MakeMoeConfig, Run, RunConfig, TrainConfig,
+    MakeMoeConfig, Run, RunArgs, RunConfig, TrainConfig,
 };
-use moe_layers::prelude::DeviceChoice;
 use moe_layers::routers::{BalanceLossConfig, Gate, RouterConfig};
 use moe_layers::{MoeError, Result};
 use serde::{Deserialize, Serialize};
@@ -58,42 +57,25 @@ struct Args {
     /// Which searches to run.
     #[arg(long, value_enum, default_value_t = Searches::Both)]
     search: Searches,
+    /// The model and its training, resolved from the program's base
+    /// (makeMoE's model, n_layer 4, n_embd 128, 8 heads, block 32; batch
+    /// 16, 300 steps, 50 evaluation batches, seed 1337): --config, --set
+    /// model.n_layer=..., --max-iters, --eval-iters, --batch-size,
+    /// --block-size, --seed, --device, ...; each trial sets the experts
+    #[command(flatten)]
+    run: RunArgs,
     /// Trials of the Bayesian search drawn at random before the surrogate
     /// proposes (its initial design; at least 2).
     #[arg(long, default_value_t = 5)]
-    init: usize,
+    initial_trials: usize,
     /// Also search DeepSeekMoE's fine-grained factor m in {1, 2, 4}: each of
     /// the E experts is split into m of width 1/m, m k of them per token.
     #[arg(long)]
     fine_grained: bool,
-    /// Training steps of each trial.
-    #[arg(long, default_value_t = 300)]
-    max_iters: i64,
-    /// Batches per split in each trial's final evaluation.
-    #[arg(long, default_value_t = 50)]
-    eval_iters: i64,
-    /// Transformer blocks of the model.
-    #[arg(long, default_value_t = 4)]
-    n_layer: i64,
-    /// Token width d.
-    #[arg(long, default_value_t = 128)]
-    n_embd: i64,
-    /// Attention heads.
-    #[arg(long, default_value_t = 8)]
-    n_head: i64,
-    /// Context length in characters.
-    #[arg(long, default_value_t = 32)]
-    block_size: i64,
-    /// Sequences per training batch.
-    #[arg(long, default_value_t = 16)]
-    batch_size: i64,
     /// The budget: the expert hidden width a token passes through, k experts
     /// of width ACTIVE_HIDDEN / k (840 divides by every k in 1..=8).
     #[arg(long, default_value_t = 840)]
     active_hidden: i64,
-    /// Training seed of every trial of both searches.
-    #[arg(long, default_value_t = 1337)]
-    seed: i64,
     /// Seed of the searches: the random search's draws (this seed), the
     /// Bayesian search's initial design and optimiser (this seed + 1).
     #[arg(long, default_value_t = 0)]
@@ -104,9 +86,6 @@ struct Args {
     /// libtorch threads per trial (0: libtorch's default divided by --jobs).
     #[arg(long, default_value_t = 0)]
     threads: i32,
-    /// Device of the trials.
-    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
-    device: DeviceChoice,
     /// The training text (character-level).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/tinyshakespeare.txt"))]
     data: PathBuf,
@@ -204,18 +183,54 @@ struct Setup {
 }
 
 impl Setup {
-    fn of(args: &Args) -> Self {
+    fn of(args: &Args, base: &Base) -> Self {
+        let (m, t) = (&base.model, &base.config.train);
         Setup {
-            steps: args.max_iters,
-            eval_iters: args.eval_iters,
-            n_layer: args.n_layer,
-            n_embd: args.n_embd,
-            n_head: args.n_head,
-            block_size: args.block_size,
-            batch_size: args.batch_size,
+            steps: t.max_iters,
+            eval_iters: t.eval_iters,
+            n_layer: m.n_layer,
+            n_embd: m.n_embd,
+            n_head: m.n_head,
+            block_size: m.block_size,
+            batch_size: t.batch_size,
             active_hidden: args.active_hidden,
-            seed: args.seed,
+            seed: t.seed,
         }
+    }
+}
+
+/// The run every trial starts from: the resolved config and its makeMoE
+/// model.
+struct Base {
+    config: RunConfig,
+    model: MakeMoeConfig,
+}
+
+impl Base {
+    /// `--config`, the flags and `--set` over the program's base.
+    fn resolve(args: &Args) -> Result<Self> {
+        let base = || RunConfig {
+            model: LmConfig::MakeMoe(MakeMoeConfig {
+                n_layer: 4,
+                n_embd: 128,
+                n_head: 8,
+                block_size: 32,
+                ..MakeMoeConfig::default()
+            }),
+            train: TrainConfig {
+                batch_size: 16,
+                max_iters: 300,
+                eval_iters: 50,
+                seed: 1337,
+                ..TrainConfig::default()
+            },
+            ..RunConfig::default()
+        };
+        let mut config = args.run.resolve(base, |_| Ok(()))?;
+        // One evaluation, at the end, of the trial's model.
+        config.train.eval_interval = config.train.max_iters.max(1);
+        let model = config.model.as_make_moe()?.clone();
+        Ok(Base { config, model })
     }
 }
 
@@ -360,14 +375,20 @@ fn main() {
 }
 
 fn run(args: Args) -> Result<()> {
-    if args.max_iters < 1 || args.eval_iters < 1 || args.trials < 1 {
+    let base = Base::resolve(&args)?;
+    if args.run.print_config {
+        print!("{}", base.config.to_toml()?);
+        return Ok(());
+    }
+    let train = &base.config.train;
+    if train.max_iters < 1 || train.eval_iters < 1 || args.trials < 1 {
         return Err(MoeError::config(
             "--max-iters, --eval-iters and --trials must be at least 1",
         ));
     }
-    if args.init < 2 {
+    if args.initial_trials < 2 {
         return Err(MoeError::config(
-            "--init must be at least 2: the surrogate needs points to fit",
+            "--initial-trials must be at least 2: the surrogate needs points to fit",
         ));
     }
     if args.active_hidden < K_MAX * FINE_GRAINED[2] {
@@ -380,7 +401,7 @@ fn run(args: Args) -> Result<()> {
         if let Some(t) = threads_per_run(args.threads, 1) {
             tch::set_num_threads(t);
         }
-        let measured = train_trial(&args, parse_trial(spec)?)?;
+        let measured = train_trial(&args, &base, parse_trial(spec)?)?;
         return print_result(&measured);
     }
     if !args.data.is_file() {
@@ -389,7 +410,7 @@ fn run(args: Args) -> Result<()> {
             args.data.display()
         )));
     }
-    let setup = Setup::of(&args);
+    let setup = Setup::of(&args, &base);
     let space = Space::new(args.fine_grained);
     let mut trials = read_log(&args.log, &setup, &space)?;
     let searches: Vec<Search> = match args.search {
@@ -397,7 +418,7 @@ fn run(args: Args) -> Result<()> {
         Searches::Bayes => vec![Search::Bayes],
         Searches::Random => vec![Search::Random],
     };
-    run_trials(&args, &space, &searches, &mut trials)?;
+    run_trials(&args, &base, &space, &searches, &mut trials)?;
     let trials: Vec<Trial> = trials
         .into_iter()
         .filter(|t| searches.contains(&t.search) && t.trial <= args.trials)
@@ -423,13 +444,13 @@ fn run(args: Args) -> Result<()> {
         &args.plot,
         &format!(
             "Best validation loss so far (k x expert width = {}, {} steps a trial)",
-            args.active_hidden, args.max_iters
+            args.active_hidden, train.max_iters
         ),
         ("trial", "best validation loss so far"),
         &named,
     )?;
-    let device = format!("{:?}", args.device.resolve()?);
-    let report = render(&args, &device, &searches, &trials, &curves);
+    let device = format!("{:?}", args.run.device.resolve()?);
+    let report = render(&args, &base, &device, &searches, &trials, &curves);
     println!("{report}");
     write_generated_section(&args.out, BEGIN, END, &report)?;
     eprintln!(
@@ -461,13 +482,9 @@ fn parse_trial(spec: &str) -> Result<Config> {
 /// `active_hidden`, whatever `E`, `k` and `m`. The gate is a softmax top-k
 /// without renormalisation (Switch for k = 1, DeepSeekMoE), so that the
 /// router learns from the loss even at k = 1, with Switch's balance loss.
-fn model_config(args: &Args, c: Config) -> MakeMoeConfig {
+fn model_config(args: &Args, base: &MakeMoeConfig, c: Config) -> MakeMoeConfig {
     let fine_width = ((args.active_hidden as f64) / ((c.k * c.m) as f64)).round() as i64;
     MakeMoeConfig {
-        block_size: args.block_size,
-        n_embd: args.n_embd,
-        n_head: args.n_head,
-        n_layer: args.n_layer,
         num_experts: c.e,
         top_k: c.k,
         expert_hidden: Some(fine_width.max(1) * c.m),
@@ -480,46 +497,38 @@ fn model_config(args: &Args, c: Config) -> MakeMoeConfig {
             ..RouterConfig::default()
         },
         balance: BalanceLossConfig::switch(),
-        ..MakeMoeConfig::default()
+        ..base.clone()
     }
 }
 
 /// Trains one trial (the child process's job) and evaluates it on the
 /// batches every trial is evaluated on.
-fn train_trial(args: &Args, c: Config) -> Result<Measured> {
-    let device = args.device.resolve()?;
+fn train_trial(args: &Args, base: &Base, c: Config) -> Result<Measured> {
+    let device = args.run.device.resolve()?;
     let text = std::fs::read_to_string(&args.data)
         .map_err(|e| MoeError::Data(format!("cannot read {}: {e}", args.data.display())))?;
     let config = RunConfig {
-        model: LmConfig::MakeMoe(model_config(args, c)),
-        train: TrainConfig {
-            batch_size: args.batch_size,
-            max_iters: args.max_iters,
-            eval_interval: args.max_iters,
-            eval_iters: args.eval_iters,
-            seed: args.seed,
-            ..TrainConfig::default()
-        },
-        ..RunConfig::default()
+        model: LmConfig::MakeMoe(model_config(args, &base.model, c)),
+        ..base.config.clone()
     };
     let built = Run::new(config).device(device).build(&text)?;
     let (model, data, train) = (built.model.as_ref(), &built.data, &built.config().train);
     let total_params = parameter_count(&built.vs);
     let active_params = built.config().model.active_params(total_params)?;
     let mut trainer = built.trainer()?;
-    let log_every = (args.max_iters / 4).max(1);
+    let max_iters = train.max_iters;
+    let log_every = (max_iters / 4).max(1);
     let started = Instant::now();
-    for step in 1..=args.max_iters {
+    for step in 1..=max_iters {
         let loss = trainer.step()?;
-        if step % log_every == 0 || step == args.max_iters {
+        if step % log_every == 0 || step == max_iters {
             eprintln!(
-                "  [{c}] step {step}/{}: loss {:.4}",
-                args.max_iters,
+                "  [{c}] step {step}/{max_iters}: loss {:.4}",
                 loss.double_value(&[])
             );
         }
     }
-    let ms_per_step = 1e3 * started.elapsed().as_secs_f64() / args.max_iters as f64;
+    let ms_per_step = 1e3 * started.elapsed().as_secs_f64() / max_iters as f64;
     tch::manual_seed(EVAL_SEED);
     let losses = estimate_loss(model, data, train)?;
     let routing = estimate_routing_stats(model, data, train)?;
@@ -596,6 +605,7 @@ struct Launched {
 /// random search's start as soon as every Bayesian trial is launched.
 fn run_trials(
     args: &Args,
+    base: &Base,
     space: &Space,
     searches: &[Search],
     trials: &mut Vec<Trial>,
@@ -627,11 +637,20 @@ fn run_trials(
     let mut log = JsonlWriter::append(&args.log)?;
     let valid = space.valid();
     let random = draws(&valid, args.search_seed, args.trials);
-    let initial = draws(&valid, args.search_seed + 1, args.init.min(args.trials));
+    let initial = draws(
+        &valid,
+        args.search_seed + 1,
+        args.initial_trials.min(args.trials),
+    );
     let exe = std::env::current_exe()
         .map_err(|e| MoeError::Data(format!("cannot find this program: {e}")))?;
     let threads = threads_per_run(args.threads, args.jobs).unwrap_or(0);
-    let setup = Setup::of(args);
+    let setup = Setup::of(args, base);
+    // The trials' processes read the resolved config from one file.
+    let config_file =
+        std::env::temp_dir().join(format!("search_experts-{}.toml", std::process::id()));
+    std::fs::write(&config_file, base.config.to_toml()?)
+        .map_err(|e| MoeError::io(&config_file, e))?;
     let search_started = Instant::now();
     let total = todo.len();
     let mut todo = todo.into_iter();
@@ -654,7 +673,7 @@ fn run_trials(
             };
             eprintln!("start {} trial {t}: {config} ({proposal:?})", search.name());
             let mut cmd = Command::new(&exe);
-            cmd.args(trial_args(args, threads)).args([
+            cmd.args(trial_args(args, &config_file, threads)).args([
                 "--trial",
                 &format!("{}:{}:{}", config.e, config.k, config.m),
             ]);
@@ -701,30 +720,23 @@ fn run_trials(
         );
         trials.push(trial);
     }
+    let _ = std::fs::remove_file(&config_file);
     Ok(())
 }
 
-/// The flags a trial's process shares with this one.
-fn trial_args(args: &Args, threads: i32) -> Vec<String> {
-    let mut v: Vec<String> = [
-        ("--max-iters", args.max_iters.to_string()),
-        ("--eval-iters", args.eval_iters.to_string()),
-        ("--n-layer", args.n_layer.to_string()),
-        ("--n-embd", args.n_embd.to_string()),
-        ("--n-head", args.n_head.to_string()),
-        ("--block-size", args.block_size.to_string()),
-        ("--batch-size", args.batch_size.to_string()),
+/// The flags a trial's process shares with this one: the resolved config
+/// (`config_file`), the device, the budget, the threads and the corpus.
+fn trial_args(args: &Args, config_file: &Path, threads: i32) -> Vec<String> {
+    [
+        ("--config", config_file.display().to_string()),
+        ("--device", args.run.device.to_string()),
         ("--active-hidden", args.active_hidden.to_string()),
-        ("--seed", args.seed.to_string()),
-        ("--device", args.device.to_string()),
         ("--threads", threads.to_string()),
+        ("--data", args.data.display().to_string()),
     ]
     .into_iter()
     .flat_map(|(flag, value)| [flag.to_string(), value])
-    .collect();
-    v.push("--data".into());
-    v.push(args.data.display().to_string());
-    v
+    .collect()
 }
 
 /// The Bayesian search's next configuration: egobox's ask-and-tell service
@@ -866,75 +878,22 @@ fn link(doc: &Path, target: &Path) -> String {
 
 fn render(
     args: &Args,
+    base: &Base,
     device: &str,
     searches: &[Search],
     trials: &[Trial],
     curves: &[(Search, Vec<(i64, f64)>)],
 ) -> String {
     let mut s = String::new();
-    // The command, with the flags that differ from their defaults.
-    let d = Args::parse_from(["search_experts"]);
-    let mut flags = format!("--trials {}", args.trials);
-    for (name, value, default) in [
-        (
-            "search",
-            format!("{:?}", args.search),
-            format!("{:?}", d.search),
-        ),
-        ("init", args.init.to_string(), d.init.to_string()),
-        (
-            "max-iters",
-            args.max_iters.to_string(),
-            d.max_iters.to_string(),
-        ),
-        (
-            "eval-iters",
-            args.eval_iters.to_string(),
-            d.eval_iters.to_string(),
-        ),
-        ("n-layer", args.n_layer.to_string(), d.n_layer.to_string()),
-        ("n-embd", args.n_embd.to_string(), d.n_embd.to_string()),
-        ("n-head", args.n_head.to_string(), d.n_head.to_string()),
-        (
-            "block-size",
-            args.block_size.to_string(),
-            d.block_size.to_string(),
-        ),
-        (
-            "batch-size",
-            args.batch_size.to_string(),
-            d.batch_size.to_string(),
-        ),
-        (
-            "active-hidden",
-            args.active_hidden.to_string(),
-            d.active_hidden.to_string(),
-        ),
-        ("seed", args.seed.to_string(), d.seed.to_string()),
-        (
-            "search-seed",
-            args.search_seed.to_string(),
-            d.search_seed.to_string(),
-        ),
-        ("jobs", args.jobs.to_string(), d.jobs.to_string()),
-    ] {
-        if value != default {
-            let _ = write!(flags, " --{name} {}", value.to_lowercase());
-        }
-    }
-    if args.fine_grained {
-        flags.push_str(" --fine-grained");
-    }
-    // Paths as they were given (not lower-cased), where they are not the defaults.
-    for (name, value, default) in [
-        ("log", &args.log, &d.log),
-        ("out", &args.out, &d.out),
-        ("plot", &args.plot, &d.plot),
-    ] {
-        if value != default {
-            let _ = write!(flags, " --{name} {}", value.display());
-        }
-    }
+    // The command as it was given.
+    let flags: Vec<String> = std::env::args()
+        .skip(1)
+        .map(|a| match a.contains(char::is_whitespace) {
+            true => format!("'{a}'"),
+            false => a,
+        })
+        .collect();
+    let flags = flags.join(" ");
     let _ = writeln!(
         s,
         "Generated by `cargo xtask run run --release -p moe-lab --bin search_experts -- {flags}` \
@@ -952,20 +911,20 @@ fn render(
          of width {} / k per token (softmax top-k gate, Switch balance loss 0.01). Space: \
          {space}. Each trial: {} AdamW steps (lr 1e-3, seed {}), then the loss over {} \
          batches per split (the same batches for every trial).{}\n",
-        args.n_layer,
-        args.n_embd,
-        args.n_head,
-        args.block_size,
-        args.batch_size,
+        base.model.n_layer,
+        base.model.n_embd,
+        base.model.n_head,
+        base.model.block_size,
+        base.config.train.batch_size,
         args.active_hidden,
-        args.max_iters,
-        args.seed,
-        args.eval_iters,
+        base.config.train.max_iters,
+        base.config.train.seed,
+        base.config.train.eval_iters,
         if searches.contains(&Search::Bayes) {
             format!(
                 " Bayesian search: {} random initial trials, then egobox's Gaussian process \
                  and expected improvement.",
-                args.init.min(args.trials)
+                args.initial_trials.min(args.trials)
             )
         } else {
             String::new()
