@@ -18,6 +18,7 @@
 //! | `dispatch_bench` | one MoE layer per dispatch strategy against a dense FFN |
 //! | `ep_bench` | one expert-parallel layer at 1, 2 and 4 ranks (docs/scale-out.md) |
 //! | `inference_bench` | decoding of a Hugging Face folder, for `scripts/inference_compare.py` |
+//! | `kv_cache_bench` | KV-cached generation against recomputing the context per token |
 //!
 //! Run one with `cargo xtask run run --release -p moe-lab --bin NAME -- ARGS`.
 
@@ -25,5 +26,5 @@ pub mod dispatch_cases;
 pub mod markdown;
 pub mod processes;
 
-pub use markdown::write_generated_section;
+pub use markdown::{given_args, write_generated_section};
 pub use processes::{print_result, threads_per_run, Finished, ProcessPool, RESULT_PREFIX};

@@ -24,6 +24,19 @@ pub fn write_generated_section(path: &Path, begin: &str, end: &str, body: &str) 
     std::fs::write(path, new).map_err(|e| MoeError::io(path, e))
 }
 
+/// This program's arguments as they were given, joined by spaces (one with
+/// whitespace in single quotes): the command a generated section names.
+pub fn given_args() -> String {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .map(|a| match a.contains(char::is_whitespace) {
+            true => format!("'{a}'"),
+            false => a,
+        })
+        .collect();
+    args.join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
