@@ -211,8 +211,9 @@ impl PreparedRun {
 
     /// The run of a model the caller built in `vs` (converted, loaded):
     /// the config's model becomes the model's own; the corpus is tokenized
-    /// into the dataset. Expert parallelism needs a model built on its
-    /// ranks ([`PreparedRun::build`]).
+    /// into the dataset. Under expert parallelism `model` must be this
+    /// rank's share, built with the run's `ExpertParallelism` (as
+    /// [`PreparedRun::build`] builds it).
     pub fn build_from(
         self,
         vs: nn::VarStore,
