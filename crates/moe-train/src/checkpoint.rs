@@ -124,7 +124,15 @@ pub(crate) fn read_weights(
         .iter()
         .map(|(n, t)| (n.clone(), t.size()))
         .collect();
-    read_tensors(&dir.join(WEIGHTS_FILE), "weights", &expected)
+    read_weights_of_sizes(dir, &expected)
+}
+
+/// [`read_weights`] against the names and sizes `expected`.
+pub(crate) fn read_weights_of_sizes(
+    dir: &Path,
+    expected: &[(String, Vec<i64>)],
+) -> Result<HashMap<String, Tensor>> {
+    read_tensors(&dir.join(WEIGHTS_FILE), "weights", expected)
 }
 
 /// Copies checked tensors into the variables of the same names.

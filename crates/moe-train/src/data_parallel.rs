@@ -235,11 +235,21 @@ impl DataParallel {
                 }
                 let group = self.group();
                 let gathered = group.all_gather(&t.detach().to_device(group.device()))?;
-                let mut size = t.size();
-                size[0] *= self.size;
+                let size = self.whole_size(name, t);
                 Ok((name.clone(), gathered.reshape(size.as_slice())))
             })
             .collect()
+    }
+
+    /// The size of the whole model's variable of which this rank holds
+    /// `t`: an expert shard `[E / P, ...]` stands for `[E, ...]`, a
+    /// replicated variable for itself. No communication.
+    pub fn whole_size(&self, name: &str, t: &Tensor) -> Vec<i64> {
+        let mut size = t.size();
+        if self.is_expert_shard(name) {
+            size[0] *= self.size;
+        }
+        size
     }
 
     /// This rank's slice of whole-model `values` (the inverse of

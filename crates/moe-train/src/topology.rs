@@ -7,7 +7,7 @@
 //! gradients, the gradient norm and metrics combine over the ranks, and how
 //! a checkpoint is written and read.
 
-use crate::checkpoint::{read_weights, save_files};
+use crate::checkpoint::{read_weights, read_weights_of_sizes, save_files};
 use crate::data_parallel::{rank_seed, DataParallel};
 use crate::eval::draw_seeded;
 use crate::{clip_grad_norm, CheckpointMeta, EvalLosses, Optimizer, OPTIMIZER_FILE};
@@ -224,9 +224,12 @@ impl Topology for DataParallel {
         optimizer: &mut dyn Optimizer,
         step: i64,
     ) -> Result<HashMap<String, Tensor>> {
-        // The file holds whole banks; this rank takes its shards.
-        let whole = self.gather_variables(variables)?;
-        let mut weights = read_weights(dir, &whole)?;
+        // The file holds whole banks (checked against their sizes, without
+        // gathering them); this rank takes its shards.
+        let whole: Vec<(String, Vec<i64>)> = (variables.iter())
+            .map(|(name, t)| (name.clone(), self.whole_size(name, t)))
+            .collect();
+        let mut weights = read_weights_of_sizes(dir, &whole)?;
         for (name, value) in weights.iter_mut() {
             *value = self.shard_of(name, value)?;
         }
