@@ -290,7 +290,17 @@ impl<'a> Continuation<'a> {
         match self.stream.push(id) {
             Ok(piece) => {
                 self.text.push_str(&piece);
-                match self.stop.iter().any(|s| self.text.contains(s.as_str())) {
+                // A stop string that is new ends within the new piece: only
+                // the text's tail is searched, not the whole text each token.
+                let tail = |len: usize| {
+                    let mut from = self.text.len().saturating_sub(len);
+                    while !self.text.is_char_boundary(from) {
+                        from -= 1;
+                    }
+                    &self.text[from..]
+                };
+                let stop = |s: &String| tail(piece.len() + s.len()).contains(s.as_str());
+                match self.stop.iter().any(stop) {
                     true => ControlFlow::Break(()),
                     false => ControlFlow::Continue(()),
                 }

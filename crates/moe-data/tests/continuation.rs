@@ -24,3 +24,20 @@ fn a_continuation_decodes_after_its_prompt_and_stops_at_a_stop_string() {
     assert_eq!(row.push(-1), ControlFlow::Break(()));
     assert!(row.finish().is_err());
 }
+
+#[test]
+fn a_stop_string_across_tokens_and_characters_is_found() {
+    // Multi-byte characters: the tail searched starts on a character.
+    let text = "éàü stop";
+    let tokenizer = Tokenizer::Char(CharTokenizer::from_text(text).unwrap());
+    let ids = tokenizer.encode(text).unwrap();
+    let stop = vec!["ü st".to_string()];
+    let mut row = Continuation::new(&tokenizer, &[], &stop).unwrap();
+    let pushed = ids
+        .iter()
+        .take_while(|&&id| row.push(id).is_continue())
+        .count();
+    // The sixth token ("t") completes the stop string.
+    assert_eq!(pushed, 5);
+    assert_eq!(row.text(), "éàü st");
+}
