@@ -242,22 +242,32 @@ fn per_expert(t: &Tensors, i: i64, num_experts: i64) -> Vec<HfTensor> {
         .collect()
 }
 
-/// The experts of MoE layer `i`, packed (transformers 5); `h` the expert width.
-fn packed(i: i64, h: i64) -> Vec<HfTensor> {
-    let hf = format!("model.layers.{i}.mlp.experts");
-    let ours = format!("model.layers.{i}.mlp.experts");
+/// `{hf}.gate_up_proj`: the gate and up projections of the experts
+/// `ours` in one tensor, gate half first, each half `h` wide and lying
+/// where `placement` of its offset says.
+fn gate_up(hf: &str, ours: &str, h: i64, placement: fn(i64) -> Placement) -> HfTensor {
     let part = |var: &str, offset: i64| TensorPart {
         var: format!("{ours}.{var}"),
-        placement: Placement::PackedRows { offset },
+        placement: placement(offset),
     };
+    HfTensor {
+        name: format!("{hf}.gate_up_proj"),
+        parts: vec![part("w_gate", 0), part("w_in", h)],
+    }
+}
+
+/// The experts of MoE layer `i`, packed (transformers 5); `h` the expert width.
+fn packed(i: i64, h: i64) -> Vec<HfTensor> {
+    let experts = format!("model.layers.{i}.mlp.experts");
+    let rows = |offset| Placement::PackedRows { offset };
     vec![
+        gate_up(&experts, &experts, h, rows),
         HfTensor {
-            name: format!("{hf}.gate_up_proj"),
-            parts: vec![part("w_gate", 0), part("w_in", h)],
-        },
-        HfTensor {
-            name: format!("{hf}.down_proj"),
-            parts: vec![part("w_out", 0)],
+            name: format!("{experts}.down_proj"),
+            parts: vec![TensorPart {
+                var: format!("{experts}.w_out"),
+                placement: rows(0),
+            }],
         },
     ]
 }
@@ -305,15 +315,9 @@ fn fused_interleaved_mlp(router: &str, i: i64) -> Vec<HfTensor> {
 fn fused_halves(module: &str, i: i64, h: i64) -> Vec<HfTensor> {
     let hf = format!("model.layers.{i}.{module}.experts");
     let ours = format!("model.layers.{i}.mlp.experts");
-    let part = |var: &str, offset: i64| TensorPart {
-        var: format!("{ours}.{var}"),
-        placement: Placement::Columns { offset },
-    };
+    let columns = |offset| Placement::Columns { offset };
     vec![
-        HfTensor {
-            name: format!("{hf}.gate_up_proj"),
-            parts: vec![part("w_gate", 0), part("w_in", h)],
-        },
+        gate_up(&hf, &ours, h, columns),
         same(format!("{hf}.down_proj"), format!("{ours}.w_out")),
     ]
 }
