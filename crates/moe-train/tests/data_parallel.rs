@@ -86,6 +86,22 @@ fn reference(text: &str, steps: i64) -> (Vec<f64>, DecoderModel, nn::VarStore) {
     (step_losses(&events), model, vs)
 }
 
+/// This rank's share of `config`'s model, its experts spread over
+/// `group` (dropless exchange), with the model's data parallelism.
+fn rank_model(
+    group: Arc<Mutex<Group>>,
+    config: &DecoderConfig,
+) -> (nn::VarStore, DecoderModel, DataParallel) {
+    let parallelism = ExpertParallelism {
+        group: group.clone(),
+        mode: ExchangeMode::Dropless,
+    };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = DecoderModel::with_parallelism(&vs.root(), config, Some(&parallelism)).unwrap();
+    let dp = DataParallel::new(group, &vs, &model);
+    (vs, model, dp)
+}
+
 /// Rank `rank` of a parallel run: `steps` steps, optionally resumed from
 /// and checkpointing into `dir`; rank 0's events.
 fn rank_run(
@@ -100,14 +116,7 @@ fn rank_run(
     let tok = CharTokenizer::from_text(&text).unwrap();
     let data = common::corpus_dataset(&tok, &text, 16);
     let config = model_config(tok.vocab_size());
-    let group = Arc::new(Mutex::new(group));
-    let parallelism = ExpertParallelism {
-        group: group.clone(),
-        mode: ExchangeMode::Dropless,
-    };
-    let vs = nn::VarStore::new(Device::Cpu);
-    let model = DecoderModel::with_parallelism(&vs.root(), &config, Some(&parallelism)).unwrap();
-    let dp = DataParallel::new(group, &vs, &model);
+    let (vs, model, dp) = rank_model(Arc::new(Mutex::new(group)), &config);
     let vars = vs.variables();
     tch::no_grad(|| {
         for (name, value) in &weights {
@@ -279,13 +288,7 @@ fn expert_shards_are_registered_by_their_layers() {
         .any(|n| n.ends_with("mlp.experts.w_in")));
     assert!(vs.variables().keys().all(|n| !dp.is_expert_shard(n)));
 
-    let parallelism = ExpertParallelism {
-        group: group.clone(),
-        mode: ExchangeMode::Dropless,
-    };
-    let vs = nn::VarStore::new(Device::Cpu);
-    let sharded = DecoderModel::with_parallelism(&vs.root(), &config, Some(&parallelism)).unwrap();
-    let dp = DataParallel::new(group, &vs, &sharded);
+    let (vs, _sharded, dp) = rank_model(group, &config);
     let mut shards: Vec<String> = vs
         .variables()
         .into_keys()
@@ -322,19 +325,11 @@ fn each_rank_draws_its_share_of_the_model_one_process_draws() {
                     .collect();
                 let (config, drawing) = (&config, &drawing);
                 scope.spawn(move || {
-                    let group = Arc::new(Mutex::new(group));
-                    let parallelism = ExpertParallelism {
-                        group: group.clone(),
-                        mode: ExchangeMode::Dropless,
-                    };
-                    let vs = nn::VarStore::new(Device::Cpu);
-                    let model = {
+                    let (vs, _model, dp) = {
                         let _turn = drawing.lock().unwrap();
                         tch::manual_seed(3);
-                        DecoderModel::with_parallelism(&vs.root(), config, Some(&parallelism))
-                            .unwrap()
+                        rank_model(Arc::new(Mutex::new(group)), config)
                     };
-                    let dp = DataParallel::new(group, &vs, &model);
                     let mut sharded = 0;
                     for (name, value) in vs.variables() {
                         let want = dp.shard_of(&name, &whole[&name]).unwrap();
