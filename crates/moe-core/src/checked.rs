@@ -8,7 +8,6 @@
 //! each router and bank.
 
 use crate::Result;
-use serde::Serialize;
 
 /// A config that can check itself: every value and every relation
 /// between values that its layer needs, the error naming the field and
@@ -22,8 +21,7 @@ pub trait Validate {
 /// from one whose check covers it ([`Checked::derived`]). It reads as the
 /// config (`Deref`); changing it takes [`Checked::into_inner`] and a new
 /// check.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(transparent)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Checked<C>(C);
 
 impl<C: Validate> Checked<C> {
